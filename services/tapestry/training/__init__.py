@@ -1,0 +1,1 @@
+"""Training cores (no network): see :mod:`tapestry.training.consortium`."""

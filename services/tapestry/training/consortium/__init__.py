@@ -1,0 +1,53 @@
+"""In-process consortium training core (the proof of concept's public API).
+
+>>> from tapestry.training.consortium import (ConsortiumCoordinator, ContributionPolicy,
+...     SovereignTrainingNode, TinyCausalModel)
+
+The gRPC services in :mod:`tapestry.node` and :mod:`tapestry.coordinator` are transport
+around exactly this code.
+"""
+
+from tapestry.training.consortium import types
+from tapestry.training.consortium.coordinator import ConsortiumCoordinator, ConsortiumNode
+from tapestry.training.consortium.integration import (
+    InvalidContribution,
+    check_contribution,
+    integrate,
+)
+from tapestry.training.consortium.messages import (
+    ConsortiumRoundResult,
+    ModelState,
+    SovereignContribution,
+    SovereignCycleResult,
+    SovereignModelArtifact,
+)
+from tapestry.training.consortium.model import ModelSpec, TinyCausalModel
+from tapestry.training.consortium.node import SovereignTrainingNode, cycle_seed
+from tapestry.training.consortium.policy import (
+    ContributionPolicy,
+    ContributionWeighting,
+    PolicyDecision,
+)
+from tapestry.training.consortium.tensors import state_digest
+
+__all__ = [
+    "ConsortiumCoordinator",
+    "ConsortiumNode",
+    "ConsortiumRoundResult",
+    "ContributionPolicy",
+    "ContributionWeighting",
+    "InvalidContribution",
+    "ModelSpec",
+    "ModelState",
+    "PolicyDecision",
+    "SovereignContribution",
+    "SovereignCycleResult",
+    "SovereignModelArtifact",
+    "SovereignTrainingNode",
+    "TinyCausalModel",
+    "check_contribution",
+    "cycle_seed",
+    "integrate",
+    "state_digest",
+    "types",
+]

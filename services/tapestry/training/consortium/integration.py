@@ -1,0 +1,68 @@
+"""Checking contributions against the base and integrating them (pure tensor maths)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from tapestry.training.consortium.messages import ModelState, SovereignContribution
+
+
+class InvalidContribution(ValueError):
+    """A contribution that cannot be integrated; the message says what and where."""
+
+
+def check_contribution(
+    contribution: SovereignContribution,
+    base: Mapping[str, torch.Tensor],
+    *,
+    node_id: str,
+    round_num: int,
+) -> None:
+    """Refuse a contribution that speaks for another node or round, or whose delta does not
+    match the base key for key (same keys, shapes, dtypes) or holds NaN/Inf."""
+    if contribution.node_id != node_id:
+        raise InvalidContribution(
+            f"contribution claims node_id {contribution.node_id!r} but came from {node_id!r}"
+        )
+    if contribution.round_num != round_num:
+        raise InvalidContribution(
+            f"contribution is for round {contribution.round_num}, expected round {round_num}"
+        )
+    delta = contribution.weight_delta
+    missing = sorted(set(base) - set(delta))
+    extra = sorted(set(delta) - set(base))
+    if missing or extra:
+        raise InvalidContribution(
+            f"delta keys differ from the base: missing {missing}, unexpected {extra}"
+        )
+    for name, expected in base.items():
+        got = delta[name]
+        if got.dtype != expected.dtype or got.shape != expected.shape:
+            raise InvalidContribution(
+                f"delta {name!r}: expected {expected.dtype} {tuple(expected.shape)}, "
+                f"got {got.dtype} {tuple(got.shape)}"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise InvalidContribution(f"delta {name!r} holds NaN or Inf values")
+
+
+def integrate(
+    base: Mapping[str, torch.Tensor],
+    weighted_deltas: Sequence[tuple[float, Mapping[str, torch.Tensor]]],
+) -> ModelState:
+    """``base[k] + Σ wᵢ·Δᵢ[k]`` for every key, adding the deltas in the order given.
+
+    The one implementation used in-process and by the coordinator service, so both give the
+    same bits. Non-floating entries (counters, masks) are kept from the base: a weighted
+    average of integer deltas has no meaning. The inputs are never modified.
+    """
+    merged: ModelState = {}
+    for name, tensor in base.items():
+        out = tensor.detach().clone()
+        if out.is_floating_point() or out.is_complex():
+            for weight, delta in weighted_deltas:
+                out.add_(delta[name], alpha=weight)
+        merged[name] = out
+    return merged

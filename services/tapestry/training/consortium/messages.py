@@ -1,0 +1,74 @@
+"""The frozen messages exchanged in a consortium round (the proof of concept's dataclasses).
+
+The first fields of every class are the proof of concept's, in its order; fields added since
+have defaults, so code written against the proof of concept keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+ModelState = dict[str, torch.Tensor]
+"""A model's ``state_dict``: parameter name -> tensor."""
+
+
+@dataclass(frozen=True)
+class SovereignModelArtifact:
+    """The full model a node keeps after local training: it never leaves the node.
+
+    Over gRPC only its metadata travels; there ``model_state`` is empty and
+    ``model_state_sha256`` / ``model_state_bytes`` describe the weights the node retains.
+    """
+
+    node_id: str
+    jurisdiction: str
+    stage: str
+    model_state: ModelState
+    metrics: Mapping[str, float]
+    round_num: int = 0
+    model_state_sha256: str = ""
+    model_state_bytes: int = 0
+    stored_at: str = ""
+
+
+@dataclass(frozen=True)
+class SovereignContribution:
+    """What a node offers the consortium: ``weight_delta[k] = trained[k] - base[k]``."""
+
+    node_id: str
+    round_num: int
+    weight_delta: ModelState
+    quality_score: float
+    token_count: int
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class SovereignCycleResult:
+    """One node's local cycle: the artifact it keeps and the contribution it sends."""
+
+    artifact: SovereignModelArtifact
+    contribution: SovereignContribution
+
+
+@dataclass(frozen=True)
+class ConsortiumRoundResult:
+    """Outcome of one round.
+
+    ``rejected_nodes`` were dropped by the contribution policy (reasons in
+    ``rejection_reasons``); ``failed_nodes`` maps nodes whose cycle raised or whose
+    contribution failed validation to the reason. Neither kind changes the base.
+    """
+
+    round_num: int
+    previous_base_state: ModelState
+    shared_base_state: ModelState
+    accepted_nodes: list[str]
+    rejected_nodes: list[str]
+    contribution_weights: dict[str, float]
+    rejection_reasons: dict[str, str] = field(default_factory=dict)
+    failed_nodes: dict[str, str] = field(default_factory=dict)
+    contributions: dict[str, SovereignContribution] = field(default_factory=dict)

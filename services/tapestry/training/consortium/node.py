@@ -1,0 +1,168 @@
+"""A sovereign node: local continued pre-training on data that never leaves it."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import threading
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tapestry.training.consortium.messages import (
+    ModelState,
+    SovereignContribution,
+    SovereignCycleResult,
+    SovereignModelArtifact,
+)
+from tapestry.training.consortium.tensors import clone_state, state_digest, state_nbytes
+
+PAD_TOKEN = 0
+IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it add no loss
+STAGE = "continued_pretraining"
+
+
+def cycle_seed(seed: int, node_id: str, round_num: int) -> int:
+    """The seed of one node's generator in one round, from (consortium seed, node, round).
+
+    Independent of process, thread and run order, so a round gives the same bits in-process
+    or through the services.
+    """
+    material = f"{seed}\0{node_id}\0{round_num}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "little") & (2**63 - 1)
+
+
+def pad_corpus(corpus: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (N, T-1), from sequences right-padded with 0 to the longest (T).
+
+    A documented fix of the proof of concept: padded positions get the target
+    ``IGNORE_INDEX`` so padding is never trained as a real next token (byte 0 may be real
+    data, so padding is tracked by length, not by value). Sequences under 2 tokens have no
+    next-token target and are left out of training (they still count in ``token_count``).
+    """
+    trainable = [list(seq) for seq in corpus if len(seq) >= 2]
+    longest = max(len(seq) for seq in trainable)
+    tokens = torch.full((len(trainable), longest), PAD_TOKEN, dtype=torch.long)
+    targets = torch.full((len(trainable), longest - 1), IGNORE_INDEX, dtype=torch.long)
+    for row, seq in enumerate(trainable):
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        targets[row, : len(seq) - 1] = tokens[row, 1 : len(seq)]
+    return tokens[:, :-1], targets
+
+
+class SovereignTrainingNode:
+    """One jurisdiction's node. Keeps a deep copy of ``model``; trains it from each round's
+    base on ``sovereign_corpus`` (a list of token-id lists) and keeps the result as
+    ``latest_artifact``; only the delta goes into the contribution.
+
+    ``seed`` (keyword-only, an addition to the proof of concept) is the consortium seed: the
+    node's shuffling draws from its own generator seeded by :func:`cycle_seed`, never from
+    the global RNG.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        jurisdiction: str,
+        model: nn.Module,
+        sovereign_corpus: Sequence[Sequence[int]],
+        quality_score: float,
+        local_epochs: int = 3,
+        lr: float = 1e-3,
+        batch_size: int = 8,
+        *,
+        seed: int = 0,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id must be a non-empty string")
+        if not sovereign_corpus:
+            raise ValueError(f"node {node_id!r}: sovereign_corpus is empty")
+        longest = max(len(seq) for seq in sovereign_corpus)
+        if longest < 2:
+            raise ValueError(
+                f"node {node_id!r}: the longest corpus sequence has {longest} token(s); "
+                "next-token training needs at least 2"
+            )
+        if not math.isfinite(quality_score):
+            raise ValueError(f"node {node_id!r}: quality_score must be finite, got {quality_score}")
+        if local_epochs < 1 or batch_size < 1 or not lr > 0:
+            raise ValueError(
+                f"node {node_id!r}: need local_epochs >= 1, batch_size >= 1 and lr > 0; got "
+                f"{local_epochs}, {batch_size}, {lr}"
+            )
+        vocab = getattr(model, "vocab_size", None)
+        for index, seq in enumerate(sovereign_corpus):
+            bad = [t for t in seq if not 0 <= t < (vocab if vocab is not None else 2**63)]
+            if bad:
+                raise ValueError(
+                    f"node {node_id!r}: sequence {index} has token id {bad[0]} outside "
+                    f"[0, {vocab})"
+                )
+        self.node_id = node_id
+        self.jurisdiction = jurisdiction
+        self.model = copy.deepcopy(model)
+        self.sovereign_corpus = [list(seq) for seq in sovereign_corpus]
+        self.quality_score = float(quality_score)
+        self.local_epochs = local_epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.seed = seed
+        self.token_count = sum(len(seq) for seq in sovereign_corpus)
+        self.latest_artifact: SovereignModelArtifact | None = None
+        self._inputs, self._targets = pad_corpus(self.sovereign_corpus)
+        self._lock = threading.Lock()  # one cycle at a time: the model is trained in place
+
+    def run_sovereign_cycle(self, round_num: int, base_state: Mapping[str, torch.Tensor]
+                            ) -> SovereignCycleResult:
+        """Train from ``base_state`` and return the retained artifact and the delta."""
+        with self._lock:
+            self.model.load_state_dict(clone_state(base_state))
+            mean_loss = self._train(round_num)
+            trained = clone_state(self.model.state_dict())
+            delta: ModelState = {name: trained[name] - base_state[name] for name in trained}
+            metrics = {"loss": mean_loss}
+            artifact = SovereignModelArtifact(
+                node_id=self.node_id,
+                jurisdiction=self.jurisdiction,
+                stage=STAGE,
+                model_state=trained,
+                metrics=dict(metrics),
+                round_num=round_num,
+                model_state_sha256=state_digest(trained),
+                model_state_bytes=state_nbytes(trained),
+            )
+            self.latest_artifact = artifact
+            contribution = SovereignContribution(
+                node_id=self.node_id,
+                round_num=round_num,
+                weight_delta=delta,
+                quality_score=self.quality_score,
+                token_count=self.token_count,
+                metrics=dict(metrics),
+            )
+            return SovereignCycleResult(artifact=artifact, contribution=contribution)
+
+    def _train(self, round_num: int) -> float:
+        generator = torch.Generator().manual_seed(cycle_seed(self.seed, self.node_id, round_num))
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+        self.model.train()
+        losses: list[float] = []
+        n = self._inputs.shape[0]
+        for _ in range(self.local_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, self.batch_size):
+                batch = order[start : start + self.batch_size]
+                logits = self.model(self._inputs[batch])  # (B, T, V)
+                loss = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]),
+                    self._targets[batch].reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        return sum(losses) / len(losses)

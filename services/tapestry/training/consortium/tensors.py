@@ -1,0 +1,62 @@
+"""Byte-level views of tensors and the state digest shared by the core, the wire and stores."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+
+# Element dtypes a model state may hold. Names are torch's without the "torch." prefix and
+# are what travels on the wire; anything else is refused before any work is done.
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in (
+        "float64", "float32", "float16", "bfloat16",
+        "int64", "int32", "int16", "int8", "uint8", "bool",
+        "complex64", "complex128",
+    )
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``; refuses dtypes outside :data:`DTYPES`."""
+    name = str(dtype).removeprefix("torch.")
+    if DTYPES.get(name) is not dtype:
+        raise ValueError(f"unsupported tensor dtype {dtype}; supported: {sorted(DTYPES)}")
+    return name
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's elements as contiguous row-major bytes (native order: little-endian on
+    every platform torch supports), without copying when it is already contiguous on CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in sorted key order.
+
+    Two states have the same digest exactly when they are bitwise identical.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        header = f"{name}\0{dtype_name(tensor.dtype)}\0{list(tensor.shape)}\0".encode()
+        digest.update(len(header).to_bytes(8, "little"))
+        digest.update(header)
+        data = tensor_bytes(tensor)
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Independent copies (no shared storage, so tied weights stay safe to save)."""
+    return {name: tensor.detach().clone() for name, tensor in state.items()}

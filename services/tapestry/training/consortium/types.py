@@ -1,0 +1,17 @@
+"""Re-exports of the round messages and ``ModelState`` (the proof of concept's ``types``)."""
+
+from tapestry.training.consortium.messages import (
+    ConsortiumRoundResult,
+    ModelState,
+    SovereignContribution,
+    SovereignCycleResult,
+    SovereignModelArtifact,
+)
+
+__all__ = [
+    "ConsortiumRoundResult",
+    "ModelState",
+    "SovereignContribution",
+    "SovereignCycleResult",
+    "SovereignModelArtifact",
+]
