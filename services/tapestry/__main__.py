@@ -1,0 +1,3 @@
+from tapestry.cli import main
+
+main()

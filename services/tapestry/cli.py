@@ -1,0 +1,195 @@
+"""``tapestry``: serve a coordinator or a node, trigger and inspect rounds, run the demo.
+
+Options can also come from the environment (for containers): TAPESTRY_CONFIG,
+TAPESTRY_LISTEN, TAPESTRY_DATA_DIR, TAPESTRY_COORDINATOR.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import grpc
+
+from tapestry.client import CoordinatorClient, describe_rpc_error
+from tapestry.config import ConfigError, ConsortiumConfig, NodeConfig, load_config
+from tapestry.coordinator.store import StoreError
+from tapestry.local import LaunchError
+from tapestry.node.corpus import CorpusError
+from tapestry.wire.messages import message_to_dict
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_COORDINATOR = "127.0.0.1:50051"
+
+
+def _friendly_errors(command: F) -> F:
+    """Turn the errors a user can fix into one clear line and a non-zero exit."""
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, CorpusError, StoreError, LaunchError) as error:
+            raise click.ClickException(str(error)) from None
+        except grpc.RpcError as error:
+            raise click.ClickException(describe_rpc_error(error)) from None
+
+    return run  # type: ignore[return-value]
+
+
+@click.group()
+@click.option("--log-level", default="INFO", envvar="TAPESTRY_LOG_LEVEL", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(log_level: str) -> None:
+    """Tapestry Consortium: one shared base model, one sovereign model per jurisdiction."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _serve_options(command: F) -> F:
+    command = click.option("--ready-file", type=click.Path(path_type=Path),
+                           help="Write {\"port\": N} here once serving.")(command)
+    command = click.option("--data-dir", type=click.Path(path_type=Path), required=True,
+                           envvar="TAPESTRY_DATA_DIR", help="Where state is persisted.")(command)
+    command = click.option("--listen", default="127.0.0.1:0", envvar="TAPESTRY_LISTEN",
+                           show_default=True, help="host:port; port 0 picks a free one.")(command)
+    command = click.option("--config", "config_path", type=click.Path(path_type=Path),
+                           required=True, envvar="TAPESTRY_CONFIG")(command)
+    return command
+
+
+@main.group()
+def coordinator() -> None:
+    """The coordinator service."""
+
+
+@coordinator.command("serve")
+@_serve_options
+@_friendly_errors
+def coordinator_serve(config_path: Path, listen: str, data_dir: Path,
+                      ready_file: Path | None) -> None:
+    """Serve the Coordinator gRPC service."""
+    from tapestry.coordinator.server import SERVICE_NAME, build_coordinator_server
+    from tapestry.serving import serve_forever
+
+    config = load_config(config_path, ConsortiumConfig)
+    server, port, health = build_coordinator_server(config, listen, data_dir)
+    serve_forever(server, port, health, [SERVICE_NAME], ready_file)  # type: ignore[arg-type]
+
+
+@main.group()
+def node() -> None:
+    """A sovereign node service."""
+
+
+@node.command("serve")
+@_serve_options
+@_friendly_errors
+def node_serve(config_path: Path, listen: str, data_dir: Path, ready_file: Path | None) -> None:
+    """Serve the SovereignNode gRPC service for one jurisdiction."""
+    from tapestry.node.server import SERVICE_NAME, build_node_server
+    from tapestry.serving import serve_forever
+
+    config = load_config(config_path, NodeConfig)
+    server, port, health = build_node_server(config, listen, data_dir)
+    serve_forever(server, port, health, [SERVICE_NAME], ready_file)  # type: ignore[arg-type]
+
+
+_coordinator_option = click.option(
+    "--coordinator", "address", default=DEFAULT_COORDINATOR, envvar="TAPESTRY_COORDINATOR",
+    show_default=True, help="Coordinator address, host:port.")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@main.group("round")
+def round_group() -> None:
+    """Trigger rounds."""
+
+
+@round_group.command("run")
+@_coordinator_option
+@_json_option
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@_friendly_errors
+def round_run(address: str, as_json: bool, timeout: float | None) -> None:
+    """Trigger one round over gRPC and print its result."""
+    from tapestry import report
+
+    out = report.console()
+    with CoordinatorClient(address) as client:
+        if as_json:
+            result = client.run_round(timeout_s=timeout)
+            click.echo(json.dumps(message_to_dict(result), indent=2, sort_keys=True))
+            return
+        result = client.run_round(lambda e: out.print(report.progress_line(e)), timeout)
+        out.print(report.round_table(result))
+
+
+@main.command()
+@_coordinator_option
+@_json_option
+@_friendly_errors
+def rounds(address: str, as_json: bool) -> None:
+    """List the committed rounds."""
+    from tapestry import report
+
+    with CoordinatorClient(address) as client:
+        results = client.list_rounds()
+    if as_json:
+        click.echo(json.dumps([message_to_dict(r) for r in results], indent=2, sort_keys=True))
+    else:
+        report.console().print(report.rounds_table(results))
+
+
+@main.command()
+@_coordinator_option
+@_json_option
+@_friendly_errors
+def artifacts(address: str, as_json: bool) -> None:
+    """List the sovereign artifacts the nodes retain (metadata only)."""
+    from tapestry import report
+
+    with CoordinatorClient(address) as client:
+        found = client.list_artifacts()
+    if as_json:
+        click.echo(json.dumps([message_to_dict(a) for a in found], indent=2, sort_keys=True))
+    else:
+        report.console().print(report.artifacts_table(found))
+
+
+@main.command()
+@click.option("--address", required=True, help="host:port of any Tapestry server.")
+@click.option("--service", default="", help="Service name; empty = the whole server.")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def health(address: str, service: str, timeout: float) -> None:
+    """Exit 0 when the server reports SERVING through grpc.health.v1 (container healthchecks)."""
+    from tapestry.wire.grpc_plumbing import check_health
+
+    try:
+        status = check_health(address, service, timeout)
+    except grpc.RpcError as error:
+        raise click.ClickException(describe_rpc_error(error)) from None
+    click.echo(status)
+    if status != "SERVING":
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--rounds", "round_count", type=click.IntRange(1, 1000), default=3,
+              show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where configs, logs and data go (default: a new temporary folder).")
+@_friendly_errors
+def demo(round_count: int, workdir: Path | None) -> None:
+    """Start a coordinator and three nodes on 127.0.0.1 and run rounds over gRPC."""
+    from tapestry.demo.run import run_demo
+
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="tapestry-demo-"))
+    run_demo(round_count, workdir)

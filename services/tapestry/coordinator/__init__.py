@@ -1,0 +1,1 @@
+"""The coordinator service: runs rounds of the core coordinator over remote nodes."""

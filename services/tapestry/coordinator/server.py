@@ -1,0 +1,62 @@
+"""Build a coordinator server from a consortium file, resuming from its data directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from tapestry.config import ConsortiumConfig
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.coordinator.remote import RemoteSovereignNode
+from tapestry.coordinator.servicer import CoordinatorServicer
+from tapestry.coordinator.store import CoordinatorStore
+from tapestry.training.consortium.coordinator import ConsortiumCoordinator
+from tapestry.wire import messages
+from tapestry.wire.grpc_plumbing import build_server
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+log = logging.getLogger(__name__)
+
+
+def build_coordinator_server(
+    config: ConsortiumConfig, listen: str, data_dir: Path
+) -> tuple[grpc.Server, int, object]:
+    """``(server, port, health)``, bound and not started, at the last committed round."""
+    spec = config.model.spec()
+    store = CoordinatorStore(data_dir)
+    store.check_identity({
+        "consortium_id": config.consortium_id,
+        "seed": config.seed,
+        "model": config.model.model_dump(),
+    })
+    base_model = spec.build(config.seed)
+    core = ConsortiumCoordinator(base_model, config.policy.policy())
+    resumed = store.latest()
+    records: list[pb.RoundRecord] = []
+    if resumed is None:
+        store.save_initial_base(core.shared_base_state)
+        log.info("new consortium %s: initial base saved in %s", config.consortium_id, data_dir)
+    else:
+        round_num, state, records = resumed
+        core.load_base_state(state, round_num)
+        for record in records:
+            for artifact in record.artifacts:
+                core.sovereign_artifacts[artifact.node_id] = messages.artifact_from_proto(artifact)
+        log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
+    nodes = [
+        RemoteSovereignNode(
+            member.node_id, member.jurisdiction, member.address,
+            consortium_id=config.consortium_id, timeout_s=config.node_timeout_s,
+            chunk_bytes=config.chunk_bytes,
+        )
+        for member in config.nodes
+    ]
+    servicer = CoordinatorServicer(core, nodes, store, spec, records, config.chunk_bytes)
+    return build_server(
+        listen,
+        [lambda server: pb_grpc.add_CoordinatorServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+    )

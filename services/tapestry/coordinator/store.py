@@ -1,0 +1,97 @@
+"""The coordinator's durable state: the shared base per round and the round journal.
+
+Layout under ``<data-dir>``::
+
+    consortium.json               identity: consortium id, seed, model spec
+    base/round-000003.safetensors the shared base after round 3 (round 0: the initial base)
+    rounds/round-000003.json      RoundRecord (proto JSON): result + artifact metadata
+
+A round is committed when its journal entry is renamed into place, after its base file.
+On start the store resumes at the newest journal entry whose base file exists and matches
+the recorded digest, so a crash mid-commit leaves the previous round in force.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.storage import load_state, read_json, save_state, write_json, write_text
+from tapestry.training.consortium.messages import ModelState
+from tapestry.training.consortium.tensors import state_digest
+from tapestry.wire.messages import message_from_json, message_to_json
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(RuntimeError):
+    """The data directory belongs to another consortium or cannot be used."""
+
+
+class CoordinatorStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir
+        self.base_dir = data_dir / "base"
+        self.rounds_dir = data_dir / "rounds"
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds_dir.mkdir(parents=True, exist_ok=True)
+
+    def check_identity(self, identity: dict[str, object]) -> None:
+        """Refuse to resume a data directory written for another consortium or model."""
+        path = self.root / "consortium.json"
+        if not path.exists():
+            write_json(path, identity)
+            return
+        found = read_json(path)
+        if found != identity:
+            raise StoreError(
+                f"{self.root} holds state of {found}, not of this configuration {identity}; "
+                "use another --data-dir or restore the matching configuration"
+            )
+
+    def _base_path(self, round_num: int) -> Path:
+        return self.base_dir / f"round-{round_num:06d}.safetensors"
+
+    def _record_path(self, round_num: int) -> Path:
+        return self.rounds_dir / f"round-{round_num:06d}.json"
+
+    def save_initial_base(self, state: ModelState) -> None:
+        save_state(self._base_path(0), state, {"round_num": "0", "sha256": state_digest(state)})
+
+    def commit(self, record: pb.RoundRecord, base: ModelState) -> None:
+        round_num = record.result.round_num
+        save_state(
+            self._base_path(round_num), base,
+            {"round_num": str(round_num), "sha256": record.result.shared_base_sha256},
+        )
+        write_text(self._record_path(round_num), message_to_json(record))
+
+    def records(self) -> list[pb.RoundRecord]:
+        """Every committed round, oldest first."""
+        out = []
+        for path in sorted(self.rounds_dir.glob("round-*.json")):
+            try:
+                out.append(message_from_json(path.read_text(encoding="utf-8"), pb.RoundRecord))
+            except Exception as error:  # a damaged entry is reported, never fatal
+                log.error("ignoring unreadable journal entry %s: %s", path, error)
+        return out
+
+    def latest(self) -> tuple[int, ModelState, list[pb.RoundRecord]] | None:
+        """``(round_num, base, records)`` of the newest intact commit, or None when empty."""
+        records = self.records()
+        while records:
+            record = records[-1]
+            path = self._base_path(record.result.round_num)
+            if path.exists():
+                state, _ = load_state(path)
+                if state_digest(state) == record.result.shared_base_sha256:
+                    return record.result.round_num, state, records
+            log.error("round %d's base is missing or damaged; resuming from the round before",
+                      record.result.round_num)
+            records.pop()
+        initial = self._base_path(0)
+        if initial.exists():
+            state, _ = load_state(initial)
+            return 0, state, []
+        return None

@@ -1,0 +1,222 @@
+"""A consortium of real processes on 127.0.0.1: the demo and the integration tests use it.
+
+Every server binds port 0 and reports the port it got through a ready file, so there is no
+race for a port chosen in advance; readiness is then confirmed through ``grpc.health.v1``.
+Every process started here is stopped by :meth:`LocalConsortium.stop` (also on errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+
+from tapestry.wire.grpc_plumbing import check_health
+
+START_TIMEOUT_S = 120.0
+
+
+class LaunchError(RuntimeError):
+    """A local server did not come up; the message includes the end of its log."""
+
+
+@dataclass
+class LocalNodeSpec:
+    node_id: str
+    jurisdiction: str
+    quality_score: float
+    corpus: list[Path]
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    address: str = ""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_toml(path: Path, top: dict[str, Any], tables: dict[str, dict[str, Any]],
+               arrays: dict[str, list[dict[str, Any]]] | None = None) -> Path:
+    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items()]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    for name, rows in (arrays or {}).items():
+        for row in rows:
+            lines += ["", f"[[{name}]]"] + [f"{k} = {_toml_value(v)}" for k, v in row.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+class LocalConsortium:
+    """Writes the configuration files under ``workdir`` and starts the servers."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: Sequence[LocalNodeSpec],
+        *,
+        consortium_id: str = "tapestry-local",
+        seed: int = 2026,
+        model: dict[str, Any] | None = None,
+        policy: dict[str, Any] | None = None,
+        extra_members: Sequence[dict[str, str]] = (),
+    ) -> None:
+        self.workdir = workdir
+        self.nodes = list(nodes)
+        self.consortium_id = consortium_id
+        self.seed = seed
+        self.model = model or {"architecture": "tiny-causal", "vocab_size": 256, "hidden_size": 32}
+        self.policy = policy or {}
+        self.extra_members = list(extra_members)
+        self.processes: dict[str, Process] = {}
+        self.coordinator_address = ""
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def __enter__(self) -> LocalConsortium:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def node_config_path(self, node_id: str) -> Path:
+        return self.workdir / "config" / "nodes" / f"{node_id}.toml"
+
+    def node_data_dir(self, node_id: str) -> Path:
+        return self.workdir / "data" / node_id
+
+    @property
+    def coordinator_data_dir(self) -> Path:
+        return self.workdir / "data" / "coordinator"
+
+    def start(self) -> None:
+        for spec in self.nodes:
+            config = write_toml(
+                self.node_config_path(spec.node_id),
+                {
+                    "node_id": spec.node_id,
+                    "jurisdiction": spec.jurisdiction,
+                    "quality_score": spec.quality_score,
+                    "corpus": [str(p) for p in spec.corpus],
+                    "seed": self.seed,
+                },
+                {"model": self.model, "training": spec.training},
+            )
+            self._spawn(spec.node_id, ["node", "serve", "--config", str(config),
+                                       "--data-dir", str(self.node_data_dir(spec.node_id))])
+        for spec in self.nodes:
+            self._await_ready(spec.node_id)
+        members = [
+            {"node_id": s.node_id, "jurisdiction": s.jurisdiction,
+             "address": self.processes[s.node_id].address}
+            for s in self.nodes
+        ] + self.extra_members
+        config = write_toml(
+            self.workdir / "config" / "consortium.toml",
+            {"consortium_id": self.consortium_id, "seed": self.seed},
+            {"model": self.model, "policy": self.policy},
+            {"nodes": members},
+        )
+        self._spawn("coordinator", ["coordinator", "serve", "--config", str(config),
+                                    "--data-dir", str(self.coordinator_data_dir)])
+        self.coordinator_address = self._await_ready("coordinator")
+
+    def restart_coordinator(self) -> str:
+        """Stop and start the coordinator on the same data (a restart, for resume tests)."""
+        self._stop_one("coordinator")
+        config = self.workdir / "config" / "consortium.toml"
+        self._spawn("coordinator", ["coordinator", "serve", "--config", str(config),
+                                    "--data-dir", str(self.coordinator_data_dir)])
+        self.coordinator_address = self._await_ready("coordinator")
+        return self.coordinator_address
+
+    def stop_node(self, node_id: str) -> None:
+        self._stop_one(node_id)
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            self._stop_one(name)
+
+    # -- processes --------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        ready = logs / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        log_path = logs / f"{name}.log"
+        log_file: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - lives with the process
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "tapestry", *args,
+             "--listen", "127.0.0.1:0", "--ready-file", str(ready)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+        )
+        log_file.close()
+        self.processes[name] = Process(name, popen, log_path)
+
+    def _await_ready(self, name: str) -> str:
+        process = self.processes[name]
+        ready = self.workdir / "logs" / f"{name}.ready"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready.exists():
+            if process.popen.poll() is not None:
+                raise LaunchError(f"{name} exited with {process.popen.returncode} before "
+                                  f"serving:\n{self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{name} not ready after {START_TIMEOUT_S:.0f} s:\n"
+                                  f"{self.log_tail(name)}")
+            time.sleep(0.05)
+        port = json.loads(ready.read_text())["port"]
+        process.address = f"127.0.0.1:{port}"
+        try:
+            status = check_health(process.address)
+        except grpc.RpcError as error:
+            raise LaunchError(f"{name} health check failed: {error}") from None
+        if status != "SERVING":
+            raise LaunchError(f"{name} reports {status}")
+        return process.address
+
+    def _stop_one(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process is None:
+            return
+        if process.popen.poll() is None:
+            process.popen.terminate()
+            try:
+                process.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.workdir / "logs" / f"{name}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,50 @@
+"""Build and run a node server from its configuration file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from tapestry.config import NodeConfig
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.node.corpus import load_corpus
+from tapestry.node.servicer import SovereignNodeServicer
+from tapestry.node.store import ArtifactStore
+from tapestry.training.consortium.node import SovereignTrainingNode
+from tapestry.wire.grpc_plumbing import build_server
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SovereignNode"].full_name
+log = logging.getLogger(__name__)
+
+
+def build_node_server(
+    config: NodeConfig, listen: str, data_dir: Path
+) -> tuple[grpc.Server, int, object]:
+    """``(server, port, health)``, bound and not started. Corpus and data directory are
+    checked here, so a bad configuration fails before the port answers."""
+    corpus = load_corpus(config.corpus, config.training.max_seq_len)
+    spec = config.model.spec()
+    node = SovereignTrainingNode(
+        config.node_id,
+        config.jurisdiction,
+        spec.build(config.seed),  # replaced by the base each round; fixes keys and shapes
+        corpus,
+        config.quality_score,
+        local_epochs=config.training.local_epochs,
+        lr=config.training.lr,
+        batch_size=config.training.batch_size,
+        seed=config.seed,
+    )
+    store = ArtifactStore(data_dir)
+    servicer = SovereignNodeServicer(node, spec, store)
+    log.info("node %s (%s): %d sequences, %d tokens, quality %.3f, data in %s",
+             config.node_id, config.jurisdiction, len(corpus), node.token_count,
+             config.quality_score, data_dir)
+    return build_server(
+        listen,
+        [lambda server: pb_grpc.add_SovereignNodeServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+    )

@@ -1,0 +1,113 @@
+"""``SovereignNode`` over gRPC: decode the base, run the core node's cycle, persist the full
+artifact, stream back only the delta."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.node.store import ArtifactStore
+from tapestry.training.consortium.model import ModelSpec
+from tapestry.training.consortium.node import SovereignTrainingNode
+from tapestry.training.consortium.tensors import state_digest
+from tapestry.wire import messages
+from tapestry.wire.errors import Busy, NotFound, abort
+from tapestry.wire.tensor_stream import (
+    StateAssembler,
+    WireError,
+    spec_of,
+    state_to_chunks,
+    state_trailer,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
+    def __init__(
+        self,
+        node: SovereignTrainingNode,
+        spec: ModelSpec,
+        store: ArtifactStore,
+        chunk_bytes: int = 1 << 20,
+    ) -> None:
+        self._node = node
+        self._spec = spec
+        self._store = store
+        self._chunk_bytes = chunk_bytes
+        self._expected = spec_of(node.model.state_dict())
+        self._busy = threading.Lock()
+
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext
+                 ) -> pb.NodeDescription:
+        latest = self._store.get()
+        return pb.NodeDescription(
+            node_id=self._node.node_id,
+            jurisdiction=self._node.jurisdiction,
+            model=messages.model_spec_to_proto(self._spec),
+            token_count=self._node.token_count,
+            quality_score=self._node.quality_score,
+            latest_round=latest.round_num if latest else 0,
+        )
+
+    def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.ServicerContext
+                    ) -> pb.SovereignModelArtifact:
+        artifact = self._store.get(request.round_num)
+        if artifact is None:
+            which = "any round" if request.round_num == 0 else f"round {request.round_num}"
+            abort(context, NotFound(f"node {self._node.node_id!r} retains no artifact for {which}"))
+        return messages.artifact_to_proto(artifact)
+
+    def RunSovereignCycle(
+        self,
+        request_iterator: Iterator[pb.RunSovereignCycleRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[pb.RunSovereignCycleResponse]:
+        if not self._busy.acquire(blocking=False):
+            abort(context, Busy(f"node {self._node.node_id!r} is already running a cycle"))
+        try:
+            try:
+                round_num, base = self._receive_base(request_iterator)
+                log.info("round %d: base %s received, training", round_num, state_digest(base)[:12])
+                result = self._node.run_sovereign_cycle(round_num, base)
+                # Persist before replying: a contribution is only sent for a model we keep.
+                artifact = self._store.save(result.artifact)
+                delta = result.contribution.weight_delta
+                trailer = state_trailer(delta)
+                header = messages.cycle_result_to_proto(result, trailer.sha256)
+                header.artifact.CopyFrom(messages.artifact_to_proto(artifact))
+            except Exception as error:
+                log.warning("cycle refused or failed: %s", error)
+                abort(context, error)
+            log.info("round %d: artifact stored at %s, streaming delta", round_num,
+                     artifact.stored_at)
+            yield pb.RunSovereignCycleResponse(result=header)
+            for chunk in state_to_chunks(delta, self._chunk_bytes):
+                yield pb.RunSovereignCycleResponse(delta_chunk=chunk)
+            yield pb.RunSovereignCycleResponse(delta_end=trailer)
+        finally:
+            self._busy.release()
+
+    def _receive_base(self, requests: Iterator[pb.RunSovereignCycleRequest]
+                      ) -> tuple[int, dict]:
+        first = next(requests, None)
+        if first is None or first.WhichOneof("item") != "start":
+            raise WireError("the request stream must begin with a CycleStart message")
+        round_num = first.start.round_num
+        if round_num < 1:
+            raise WireError(f"round_num must be >= 1, got {round_num}")
+        assembler = StateAssembler(self._expected)
+        for message in requests:
+            kind = message.WhichOneof("item")
+            if kind == "base_chunk":
+                assembler.add(message.base_chunk)
+            elif kind == "base_end":
+                return round_num, assembler.finish(message.base_end)
+            else:
+                raise WireError(f"unexpected {kind!r} message inside the base stream")
+        raise WireError("the base stream ended before its trailer (truncated)")

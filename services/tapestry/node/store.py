@@ -1,0 +1,92 @@
+"""The node's artifact store: every sovereign model it trains, kept on its own disk.
+
+Layout under ``<data-dir>/artifacts/``::
+
+    round-000003/model.safetensors   the full trained state (safetensors)
+    round-000003/manifest.json       node, jurisdiction, stage, round, metrics, sha256, bytes
+
+The manifest is written last, so a round directory without one is an interrupted write
+and is ignored (and replaced when that round runs again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tapestry.storage import read_json, save_state, write_json
+from tapestry.training.consortium.messages import SovereignModelArtifact
+from tapestry.training.consortium.tensors import state_digest
+
+
+class ArtifactStore:
+    def __init__(self, data_dir: Path) -> None:
+        self.root = data_dir / "artifacts"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, round_num: int) -> Path:
+        return self.root / f"round-{round_num:06d}"
+
+    def save(self, artifact: SovereignModelArtifact) -> SovereignModelArtifact:
+        """Persist the full artifact; returns its metadata with ``stored_at`` set."""
+        directory = self._dir(artifact.round_num)
+        model_path = directory / "model.safetensors"
+        digest = artifact.model_state_sha256 or state_digest(artifact.model_state)
+        save_state(
+            model_path,
+            artifact.model_state,
+            {"node_id": artifact.node_id, "round_num": str(artifact.round_num), "sha256": digest},
+        )
+        stored = dataclasses.replace(
+            artifact, model_state_sha256=digest, stored_at=str(model_path)
+        )
+        write_json(directory / "manifest.json", manifest_of(stored))
+        return stored
+
+    def rounds(self) -> list[int]:
+        found = []
+        for manifest in self.root.glob("round-*/manifest.json"):
+            try:
+                found.append(int(manifest.parent.name.removeprefix("round-")))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def get(self, round_num: int = 0) -> SovereignModelArtifact | None:
+        """Metadata of one round's artifact (0 = latest); ``None`` when there is none."""
+        rounds = self.rounds()
+        if not rounds:
+            return None
+        wanted = rounds[-1] if round_num == 0 else round_num
+        if wanted not in rounds:
+            return None
+        try:
+            manifest = read_json(self._dir(wanted) / "manifest.json")
+        except (OSError, json.JSONDecodeError):
+            return None
+        return SovereignModelArtifact(
+            node_id=manifest["node_id"],
+            jurisdiction=manifest["jurisdiction"],
+            stage=manifest["stage"],
+            model_state={},
+            metrics=manifest["metrics"],
+            round_num=manifest["round_num"],
+            model_state_sha256=manifest["model_state_sha256"],
+            model_state_bytes=manifest["model_state_bytes"],
+            stored_at=manifest["stored_at"],
+        )
+
+
+def manifest_of(artifact: SovereignModelArtifact) -> dict[str, object]:
+    return {
+        "node_id": artifact.node_id,
+        "jurisdiction": artifact.jurisdiction,
+        "stage": artifact.stage,
+        "round_num": artifact.round_num,
+        "metrics": dict(artifact.metrics),
+        "model_state_sha256": artifact.model_state_sha256,
+        "model_state_bytes": artifact.model_state_bytes,
+        "stored_at": artifact.stored_at,
+        "format": "safetensors",
+    }

@@ -1,0 +1,69 @@
+"""Crash-safe files: every write goes to a temporary file, is fsynced, then renamed over the
+target (and the directory fsynced), so a reader sees the old file or the new one, never half.
+
+Model states are stored with safetensors (no pickle), manifests as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tapestry.training.consortium.messages import ModelState
+from tapestry.training.consortium.tensors import clone_state
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _commit(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _commit(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def save_state(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Save a state with safetensors. Tensors are cloned first, so tied weights (one storage
+    under two keys, which safetensors refuses) are stored as two entries."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(clone_state(state), str(tmp), metadata=dict(metadata))
+    _commit(tmp, path)
+
+
+def load_state(path: Path) -> tuple[ModelState, dict[str, str]]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    return state, metadata

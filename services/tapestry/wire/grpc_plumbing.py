@@ -1,0 +1,95 @@
+"""gRPC options and the server factory every Tapestry service uses.
+
+Each option is set on purpose:
+- message limits: tensors travel in 1 MiB chunks, so 8 MiB leaves room for headers while
+  still refusing a peer that sends one huge message;
+- keepalive: a node may train for minutes without sending a byte on an open call; client
+  pings every 30 s keep NAT and proxies from dropping it, and servers accept pings that
+  often (a stricter server would answer GOAWAY "too_many_pings").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.so_reuseport", 0),  # a port chosen at bind time must be ours alone
+]
+
+
+def insecure_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def build_server(
+    listen: str,
+    register: Sequence[Callable[[grpc.Server], None]],
+    service_names: Sequence[str],
+    *,
+    max_workers: int = 16,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A server with our services, ``grpc.health.v1`` and reflection, bound but not started.
+
+    Returns ``(server, port, health)``; ``listen`` may end in ``:0`` for a free port.
+    Health starts NOT_SERVING; call :func:`mark_serving` once the server is started.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS
+    )
+    for add in register:
+        add(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *service_names):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"could not bind {listen}")
+    return server, port, health_servicer
+
+
+def mark_serving(health_servicer: health.HealthServicer, service_names: Sequence[str]) -> None:
+    for name in ("", *service_names):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def write_ready_file(path: Path, port: int) -> None:
+    """Tell whoever started us which port we bound (written atomically, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+def check_health(address: str, service: str = "", timeout_s: float = 5.0) -> str:
+    """The health status name of ``service`` at ``address`` (e.g. ``"SERVING"``)."""
+    with insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

@@ -1,0 +1,182 @@
+"""Model states as streams of :class:`TensorChunk` messages, and their validated reassembly.
+
+A state is sent tensor by tensor in key order, each cut into byte ranges of at most
+``chunk_bytes``, and closed by a :class:`StateTrailer` (count, bytes, digest), so no message
+exceeds a few MiB whatever the model size, and a truncated or tampered stream is refused.
+Bytes from a peer are only ever reinterpreted as plain numbers: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.training.consortium.messages import ModelState
+from tapestry.training.consortium.tensors import (
+    DTYPES,
+    dtype_name,
+    state_digest,
+    state_nbytes,
+    tensor_bytes,
+)
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message limit
+
+
+class WireError(ValueError):
+    """A stream that does not decode to the state it announces; says what and where."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def spec_of(state: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    return {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in state.items()}
+
+
+def state_to_chunks(
+    state: Mapping[str, torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.TensorChunk]:
+    """Every tensor of ``state`` in sorted key order, as chunks of at most ``chunk_bytes``."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    for name in sorted(state):
+        tensor = state[name]
+        dtype = dtype_name(tensor.dtype)
+        data = tensor_bytes(tensor)
+        total = len(data)
+        offset = 0
+        while True:  # an empty tensor still sends one (empty) chunk carrying its shape
+            piece = data[offset : offset + chunk_bytes]
+            yield pb.TensorChunk(
+                name=name, dtype=dtype, shape=list(tensor.shape), offset=offset,
+                data=piece.tobytes(), total_bytes=total,
+            )
+            offset += len(piece)
+            if offset >= total:
+                break
+
+
+def state_trailer(state: Mapping[str, torch.Tensor]) -> pb.StateTrailer:
+    return pb.StateTrailer(
+        tensor_count=len(state), total_bytes=state_nbytes(state), sha256=state_digest(state)
+    )
+
+
+class StateAssembler:
+    """Rebuilds a state from chunks, checking every chunk before it is accepted.
+
+    With ``expected`` (name -> dtype and shape), anything else is refused as it arrives, so a
+    peer can neither send unexpected keys nor make the receiver allocate more than the
+    expected state's bytes.
+    """
+
+    def __init__(self, expected: Mapping[str, TensorSpec] | None = None) -> None:
+        self._expected = expected
+        self._done: ModelState = {}
+        self._name: str | None = None
+        self._spec: TensorSpec | None = None
+        self._buffer = bytearray()
+        self._filled = 0
+        self._finished = False
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        if self._finished:
+            raise WireError(f"tensor {chunk.name!r} arrived after the stream's trailer")
+        if chunk.name != self._name:
+            self._close_current()
+            self._open(chunk)
+        assert self._spec is not None
+        if chunk.dtype != dtype_name(self._spec.dtype) or tuple(chunk.shape) != self._spec.shape:
+            raise WireError(
+                f"tensor {chunk.name!r}: chunk says {chunk.dtype} {tuple(chunk.shape)} but the "
+                f"tensor began as {dtype_name(self._spec.dtype)} {self._spec.shape}"
+            )
+        if chunk.offset != self._filled:
+            raise WireError(
+                f"tensor {chunk.name!r}: chunk at byte {chunk.offset}, expected byte "
+                f"{self._filled} (chunks must arrive in order, without gaps or overlaps)"
+            )
+        end = self._filled + len(chunk.data)
+        if end > len(self._buffer):
+            raise WireError(
+                f"tensor {chunk.name!r}: {end} bytes received, more than its "
+                f"{len(self._buffer)} bytes"
+            )
+        self._buffer[self._filled : end] = chunk.data
+        self._filled = end
+
+    def finish(self, trailer: pb.StateTrailer) -> ModelState:
+        """The whole state, once the trailer confirms count, size and digest."""
+        self._close_current()
+        self._finished = True
+        if self._expected is not None:
+            missing = sorted(set(self._expected) - set(self._done))
+            if missing:
+                raise WireError(f"stream ended without tensors {missing}")
+        state = self._done
+        if trailer.tensor_count != len(state) or trailer.total_bytes != state_nbytes(state):
+            raise WireError(
+                f"trailer announces {trailer.tensor_count} tensors / {trailer.total_bytes} "
+                f"bytes, stream carried {len(state)} / {state_nbytes(state)}"
+            )
+        digest = state_digest(state)
+        if trailer.sha256 != digest:
+            raise WireError(f"state digest mismatch: trailer {trailer.sha256}, received {digest}")
+        return state
+
+    def _open(self, chunk: pb.TensorChunk) -> None:
+        name = chunk.name
+        if not name:
+            raise WireError("tensor chunk without a name")
+        if name in self._done:
+            raise WireError(f"tensor {name!r} sent twice")
+        dtype = DTYPES.get(chunk.dtype)
+        if dtype is None:
+            raise WireError(
+                f"tensor {name!r}: unsupported dtype {chunk.dtype!r}; supported: {sorted(DTYPES)}"
+            )
+        shape = tuple(int(d) for d in chunk.shape)
+        if any(d < 0 for d in shape):
+            raise WireError(f"tensor {name!r}: negative dimension in shape {shape}")
+        if self._expected is not None:
+            want = self._expected.get(name)
+            if want is None:
+                raise WireError(
+                    f"unexpected tensor {name!r}; expected keys: {sorted(self._expected)}"
+                )
+            if (want.dtype, want.shape) != (dtype, shape):
+                raise WireError(
+                    f"tensor {name!r}: expected {dtype_name(want.dtype)} {want.shape}, "
+                    f"got {chunk.dtype} {shape}"
+                )
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if chunk.total_bytes != nbytes:
+            raise WireError(
+                f"tensor {name!r}: total_bytes {chunk.total_bytes} does not match "
+                f"{chunk.dtype} {shape} ({nbytes} bytes)"
+            )
+        self._name, self._spec = name, TensorSpec(dtype, shape)
+        self._buffer = bytearray(nbytes)
+        self._filled = 0
+
+    def _close_current(self) -> None:
+        if self._name is None or self._spec is None:
+            return
+        if self._filled != len(self._buffer):
+            raise WireError(
+                f"tensor {self._name!r} truncated: {self._filled} of {len(self._buffer)} bytes"
+            )
+        if self._buffer:
+            flat = torch.frombuffer(self._buffer, dtype=self._spec.dtype)
+        else:
+            flat = torch.empty(0, dtype=self._spec.dtype)
+        self._done[self._name] = flat.reshape(self._spec.shape)
+        self._name, self._spec, self._buffer = None, None, bytearray()
