@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -81,7 +81,11 @@ class LocalConsortium:
         model: dict[str, Any] | None = None,
         policy: dict[str, Any] | None = None,
         extra_members: Sequence[dict[str, str]] = (),
+        route: Callable[[str, str], str] | None = None,
     ) -> None:
+        """``extra_members`` are added to the consortium file as they are (e.g. a node that
+        is not running); ``route(node_id, address)`` may give the coordinator another address
+        to reach a node by (e.g. a recording proxy in tests)."""
         self.workdir = workdir
         self.nodes = list(nodes)
         self.consortium_id = consortium_id
@@ -89,6 +93,7 @@ class LocalConsortium:
         self.model = model or {"architecture": "tiny-causal", "vocab_size": 256, "hidden_size": 32}
         self.policy = policy or {}
         self.extra_members = list(extra_members)
+        self.route = route
         self.processes: dict[str, Process] = {}
         self.coordinator_address = ""
 
@@ -134,7 +139,7 @@ class LocalConsortium:
             self._await_ready(spec.node_id)
         members = [
             {"node_id": s.node_id, "jurisdiction": s.jurisdiction,
-             "address": self.processes[s.node_id].address}
+             "address": self._route(s.node_id)}
             for s in self.nodes
         ] + self.extra_members
         config = write_toml(
@@ -146,6 +151,10 @@ class LocalConsortium:
         self._spawn("coordinator", ["coordinator", "serve", "--config", str(config),
                                     "--data-dir", str(self.coordinator_data_dir)])
         self.coordinator_address = self._await_ready("coordinator")
+
+    def _route(self, node_id: str) -> str:
+        address = self.processes[node_id].address
+        return self.route(node_id, address) if self.route else address
 
     def restart_coordinator(self) -> str:
         """Stop and start the coordinator on the same data (a restart, for resume tests)."""

@@ -52,8 +52,14 @@ def artifacts_table(artifacts: Sequence[pb.SovereignModelArtifact]) -> Table:
     for a in artifacts:
         table.add_row(a.node_id, a.jurisdiction, str(a.round_num), a.stage,
                       f"{a.metrics['loss']:.4f}" if "loss" in a.metrics else "-",
-                      a.model_state_sha256[:16], str(a.model_state_bytes), a.stored_at)
+                      a.model_state_sha256[:16], str(a.model_state_bytes), _short(a.stored_at))
     return table
+
+
+def _short(path: str) -> str:
+    """The node-local path from its ``artifacts/`` folder on (the rest is the data dir)."""
+    head, found, tail = path.partition("/artifacts/")
+    return f"<data-dir>/artifacts/{tail}" if found else path
 
 
 def rounds_table(rounds: Sequence[pb.ConsortiumRoundResult]) -> Table:

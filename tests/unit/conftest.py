@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 from tapestry.training.consortium import ModelSpec, SovereignTrainingNode
+from torch import nn
 
 CONSORTIUM_SEED = 7
 STATE_KEYS = ["embedding.weight", "lm_head.weight", "lm_head.bias"]
@@ -100,7 +99,9 @@ def make_node(base_model: nn.Module) -> MakeNode:
 def make_nodes(make_node: MakeNode) -> MakeNodes:
     """Fresh, identically built nodes for the three jurisdictions (or the ids given)."""
 
-    def make(ids: Sequence[str] = ("vn", "ch", "in"), **overrides: Any) -> list[SovereignTrainingNode]:
+    def make(
+        ids: Sequence[str] = ("vn", "ch", "in"), **overrides: Any
+    ) -> list[SovereignTrainingNode]:
         return [make_node(node_id, **overrides) for node_id in ids]
 
     return make

@@ -9,10 +9,9 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-from torch import nn
-
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
+    ConsortiumNode,
     ConsortiumRoundResult,
     ContributionPolicy,
     ModelState,
@@ -22,6 +21,7 @@ from tapestry.training.consortium import (
     integrate,
     state_digest,
 )
+from torch import nn
 
 MakeNode = Callable[..., SovereignTrainingNode]
 MakeNodes = Callable[..., list[SovereignTrainingNode]]
@@ -40,8 +40,11 @@ class RaisingNode:
 class TamperingNode:
     """A real node whose contribution is altered on the way out."""
 
-    def __init__(self, inner: SovereignTrainingNode,
-                 tamper: Callable[[SovereignContribution], SovereignContribution]) -> None:
+    def __init__(
+        self,
+        inner: SovereignTrainingNode,
+        tamper: Callable[[SovereignContribution], SovereignContribution],
+    ) -> None:
         self.node_id = inner.node_id
         self.inner = inner
         self.tamper = tamper
@@ -64,8 +67,12 @@ class BarrierNode:
         return self.inner.run_sovereign_cycle(round_num, base_state)
 
 
-def run_by_hand(nodes: Sequence[SovereignTrainingNode], policy: ContributionPolicy,
-                base: ModelState, round_num: int = 1) -> tuple[ModelState, dict[str, float]]:
+def run_by_hand(
+    nodes: Sequence[SovereignTrainingNode],
+    policy: ContributionPolicy,
+    base: ModelState,
+    round_num: int = 1,
+) -> tuple[ModelState, dict[str, float]]:
     """One round done step by step: nodes one after another, then policy and integrate."""
     results = {node.node_id: node.run_sovereign_cycle(round_num, base) for node in nodes}
     weights = policy.weights({n: r.contribution.quality_score for n, r in results.items()})
@@ -74,15 +81,10 @@ def run_by_hand(nodes: Sequence[SovereignTrainingNode], policy: ContributionPoli
     return merged, weights
 
 
-def digests(state: ModelState) -> str:
-    return state_digest(state)
-
-
 # --- construction and the shared base ------------------------------------------------------
 
 
-def test_coordinator_deep_copies_the_base(base_model: nn.Module,
-                                          states_equal: StatesEqual) -> None:
+def test_coordinator_deep_copies_the_base(base_model: nn.Module, states_equal: StatesEqual) -> None:
     before = {k: v.clone() for k, v in base_model.state_dict().items()}
     coordinator = ConsortiumCoordinator(base_model)
 
@@ -100,13 +102,10 @@ def test_defaults(base_model: nn.Module) -> None:
     assert coordinator.round_num == 0
     assert coordinator.sovereign_artifacts == {}
     policy = coordinator.contribution_policy
-    assert (policy.quality_floor, policy.max_node_weight, policy.weighting) == (
-        0.0, 1.0, "quality"
-    )
+    assert (policy.quality_floor, policy.max_node_weight, policy.weighting) == (0.0, 1.0, "quality")
 
 
-def test_shared_base_state_returns_clones(base_model: nn.Module,
-                                          states_equal: StatesEqual) -> None:
+def test_shared_base_state_returns_clones(base_model: nn.Module, states_equal: StatesEqual) -> None:
     coordinator = ConsortiumCoordinator(base_model)
     before = coordinator.shared_base_state
 
@@ -122,8 +121,9 @@ def test_shared_base_state_returns_clones(base_model: nn.Module,
 # --- a round -----------------------------------------------------------------------------
 
 
-def test_round_result_fields(base_model: nn.Module, make_nodes: MakeNodes,
-                             states_equal: StatesEqual) -> None:
+def test_round_result_fields(
+    base_model: nn.Module, make_nodes: MakeNodes, states_equal: StatesEqual
+) -> None:
     policy = ContributionPolicy(quality_floor=0.75, max_node_weight=0.5)
     coordinator = ConsortiumCoordinator(base_model, policy)
     before = coordinator.shared_base_state
@@ -134,7 +134,7 @@ def test_round_result_fields(base_model: nn.Module, make_nodes: MakeNodes,
     assert result.round_num == 1 == coordinator.round_num
     states_equal(result.previous_base_state, before)
     states_equal(result.shared_base_state, coordinator.shared_base_state)
-    assert digests(result.shared_base_state) != digests(before)
+    assert state_digest(result.shared_base_state) != state_digest(before)
     assert result.accepted_nodes == ["vn", "ch", "in"]
     assert result.rejected_nodes == []
     assert result.contribution_weights == pytest.approx(
@@ -145,8 +145,9 @@ def test_round_result_fields(base_model: nn.Module, make_nodes: MakeNodes,
     assert list(result.contributions) == ["vn", "ch", "in"]
 
 
-def test_integration_is_base_plus_weighted_deltas(base_model: nn.Module, make_nodes: MakeNodes,
-                                                  states_equal: StatesEqual) -> None:
+def test_integration_is_base_plus_weighted_deltas(
+    base_model: nn.Module, make_nodes: MakeNodes, states_equal: StatesEqual
+) -> None:
     policy = ContributionPolicy(max_node_weight=0.4)
     base = base_model.state_dict()
     coordinator = ConsortiumCoordinator(base_model, policy)
@@ -158,8 +159,9 @@ def test_integration_is_base_plus_weighted_deltas(base_model: nn.Module, make_no
     states_equal(coordinator.shared_base_state, expected)
     assert result.contribution_weights == weights
     # ... and numerically base + Σ wᵢ·Δᵢ, summed here in float64
-    deltas = {n.node_id: n.run_sovereign_cycle(1, base).contribution.weight_delta
-              for n in make_nodes()}
+    deltas = {
+        n.node_id: n.run_sovereign_cycle(1, base).contribution.weight_delta for n in make_nodes()
+    }
     for name, tensor in base.items():
         by_hand = tensor.double() + sum(weights[n] * deltas[n][name].double() for n in deltas)
         assert torch.allclose(coordinator.shared_base_state[name].double(), by_hand, atol=1e-6)
@@ -178,12 +180,13 @@ def test_parallel_round_matches_nodes_run_one_after_another(
     states_equal(coordinator.shared_base_state, sequential)
 
 
-def test_same_setup_gives_the_same_bits_every_time(base_model: nn.Module,
-                                                   make_nodes: MakeNodes) -> None:
+def test_same_setup_gives_the_same_bits_every_time(
+    base_model: nn.Module, make_nodes: MakeNodes
+) -> None:
     def three_rounds() -> list[str]:
         coordinator = ConsortiumCoordinator(base_model, ContributionPolicy(max_node_weight=0.5))
         nodes = make_nodes()
-        return [digests(coordinator.run_round(nodes).shared_base_state) for _ in range(3)]
+        return [state_digest(coordinator.run_round(nodes).shared_base_state) for _ in range(3)]
 
     first, second = three_rounds(), three_rounds()
 
@@ -201,8 +204,9 @@ def test_nodes_run_concurrently(base_model: nn.Module, make_nodes: MakeNodes) ->
     assert result.accepted_nodes == ["vn", "ch", "in"]
 
 
-def test_every_node_trains_from_the_same_snapshot(base_model: nn.Module, make_nodes: MakeNodes,
-                                                  states_equal: StatesEqual) -> None:
+def test_every_node_trains_from_the_same_snapshot(
+    base_model: nn.Module, make_nodes: MakeNodes, states_equal: StatesEqual
+) -> None:
     coordinator = ConsortiumCoordinator(base_model)
     coordinator.run_round(make_nodes())
     before_round_2 = coordinator.shared_base_state
@@ -212,8 +216,7 @@ def test_every_node_trains_from_the_same_snapshot(base_model: nn.Module, make_no
 
     states_equal(result.previous_base_state, before_round_2)
     for node in nodes:
-        delta = result.contributions[node.node_id]  # metadata only
-        assert delta.round_num == 2
+        assert result.contributions[node.node_id].round_num == 2
         artifact = node.latest_artifact
         assert artifact is not None
         # trained = snapshot + delta, so the node started from exactly the snapshot
@@ -221,16 +224,18 @@ def test_every_node_trains_from_the_same_snapshot(base_model: nn.Module, make_no
         states_equal(artifact.model_state, rerun.artifact.model_state)
 
 
-def test_accepted_nodes_keep_the_order_they_were_given(base_model: nn.Module,
-                                                       make_nodes: MakeNodes) -> None:
+def test_accepted_nodes_keep_the_order_they_were_given(
+    base_model: nn.Module, make_nodes: MakeNodes
+) -> None:
     result = ConsortiumCoordinator(base_model).run_round(make_nodes(["in", "vn", "ch"]))
 
     assert result.accepted_nodes == ["in", "vn", "ch"]
     assert list(result.contribution_weights) == ["in", "vn", "ch"]
 
 
-def test_every_artifact_is_retained_including_rejected_nodes(base_model: nn.Module,
-                                                             make_node: MakeNode) -> None:
+def test_every_artifact_is_retained_including_rejected_nodes(
+    base_model: nn.Module, make_node: MakeNode
+) -> None:
     nodes = [make_node("vn"), make_node("ch", quality_score=0.5), make_node("in")]
     coordinator = ConsortiumCoordinator(base_model, ContributionPolicy(quality_floor=0.75))
 
@@ -246,21 +251,21 @@ def test_every_artifact_is_retained_including_rejected_nodes(base_model: nn.Modu
         assert coordinator.sovereign_artifacts[node.node_id] is node.latest_artifact
 
 
-def test_rejected_node_does_not_move_the_base(base_model: nn.Module, make_node: MakeNode,
-                                              make_nodes: MakeNodes,
-                                              states_equal: StatesEqual) -> None:
+def test_rejected_node_does_not_move_the_base(
+    base_model: nn.Module, make_node: MakeNode, make_nodes: MakeNodes, states_equal: StatesEqual
+) -> None:
     policy = ContributionPolicy(quality_floor=0.75)
     with_rejected = ConsortiumCoordinator(base_model, policy)
-    with_rejected.run_round([make_node("vn"), make_node("ch", quality_score=0.1),
-                             make_node("in")])
+    with_rejected.run_round([make_node("vn"), make_node("ch", quality_score=0.1), make_node("in")])
     without = ConsortiumCoordinator(base_model, policy)
     without.run_round(make_nodes(["vn", "in"]))
 
     states_equal(with_rejected.shared_base_state, without.shared_base_state)
 
 
-def test_artifacts_are_replaced_each_round(base_model: nn.Module, make_nodes: MakeNodes,
-                                           states_equal: StatesEqual) -> None:
+def test_artifacts_are_replaced_each_round(
+    base_model: nn.Module, make_nodes: MakeNodes, states_equal: StatesEqual
+) -> None:
     coordinator = ConsortiumCoordinator(base_model)
     nodes = make_nodes()
 
@@ -275,8 +280,9 @@ def test_artifacts_are_replaced_each_round(base_model: nn.Module, make_nodes: Ma
         assert artifact.model_state_sha256 != first_artifacts[node_id].model_state_sha256
 
 
-def test_round_numbers_continue_from_the_one_given(base_model: nn.Module,
-                                                   make_nodes: MakeNodes) -> None:
+def test_round_numbers_continue_from_the_one_given(
+    base_model: nn.Module, make_nodes: MakeNodes
+) -> None:
     coordinator = ConsortiumCoordinator(base_model, round_num=5)
 
     result = coordinator.run_round(make_nodes())
@@ -285,13 +291,15 @@ def test_round_numbers_continue_from_the_one_given(base_model: nn.Module,
     assert all(c.round_num == 6 for c in result.contributions.values())
 
 
-def test_on_contribution_sees_each_valid_contribution(base_model: nn.Module,
-                                                      make_nodes: MakeNodes) -> None:
+def test_on_contribution_sees_each_valid_contribution(
+    base_model: nn.Module, make_nodes: MakeNodes
+) -> None:
     seen: list[str] = []
-    nodes = [*make_nodes(), RaisingNode("down", RuntimeError("down"))]
+    nodes: list[ConsortiumNode] = [*make_nodes(), RaisingNode("down", RuntimeError("down"))]
 
-    ConsortiumCoordinator(base_model).run_round(nodes, on_contribution=lambda c: seen.append(
-        c.node_id))
+    ConsortiumCoordinator(base_model).run_round(
+        nodes, on_contribution=lambda c: seen.append(c.node_id)
+    )
 
     assert seen == ["vn", "ch", "in"]
 
@@ -317,7 +325,7 @@ def test_round_counter_advances_even_when_everything_is_rejected(
         "in": "quality score 0.88 is below the floor 0.99",
     }
     states_equal(coordinator.shared_base_state, before)
-    assert digests(coordinator.shared_base_state) == digests(before)
+    assert state_digest(coordinator.shared_base_state) == state_digest(before)
     assert set(coordinator.sovereign_artifacts) == {"vn", "ch", "in"}
 
 
@@ -363,8 +371,9 @@ def test_a_node_that_raises_is_failed_and_the_round_goes_on(
     coordinator = ConsortiumCoordinator(base_model)
     vn, ch, india = make_nodes()
 
-    result = coordinator.run_round([vn, RaisingNode("down", RuntimeError("disk on fire")), ch,
-                                    india])
+    result = coordinator.run_round(
+        [vn, RaisingNode("down", RuntimeError("disk on fire")), ch, india]
+    )
 
     assert result.failed_nodes == {"down": "RuntimeError: disk on fire"}
     assert result.accepted_nodes == ["vn", "ch", "in"]
@@ -375,13 +384,15 @@ def test_a_node_that_raises_is_failed_and_the_round_goes_on(
     states_equal(coordinator.shared_base_state, reference.shared_base_state)
 
 
-def test_every_node_failing_leaves_the_base_unchanged(base_model: nn.Module,
-                                                      states_equal: StatesEqual) -> None:
+def test_every_node_failing_leaves_the_base_unchanged(
+    base_model: nn.Module, states_equal: StatesEqual
+) -> None:
     coordinator = ConsortiumCoordinator(base_model)
     before = coordinator.shared_base_state
 
-    result = coordinator.run_round([RaisingNode("a", ValueError("no data")),
-                                    RaisingNode("b", OSError("unreachable"))])
+    result = coordinator.run_round(
+        [RaisingNode("a", ValueError("no data")), RaisingNode("b", OSError("unreachable"))]
+    )
 
     assert result.failed_nodes == {"a": "ValueError: no data", "b": "OSError: unreachable"}
     assert (result.accepted_nodes, result.rejected_nodes) == ([], [])
@@ -389,14 +400,11 @@ def test_every_node_failing_leaves_the_base_unchanged(base_model: nn.Module,
     states_equal(coordinator.shared_base_state, before)
 
 
-def _replace_delta(c: SovereignContribution, **changes: torch.Tensor | None
-                   ) -> SovereignContribution:
-    delta = dict(c.weight_delta)
-    for name, tensor in changes.items():
-        if tensor is None:
-            del delta[name.replace("__", ".")]
-        else:
-            delta[name.replace("__", ".")] = tensor
+def _with_delta(
+    c: SovereignContribution, drop: Sequence[str] = (), put: dict[str, torch.Tensor] | None = None
+) -> SovereignContribution:
+    """``c`` with the delta keys in ``drop`` removed and those in ``put`` set."""
+    delta = {k: v for k, v in c.weight_delta.items() if k not in drop} | (put or {})
     return dataclasses.replace(c, weight_delta=delta)
 
 
@@ -420,31 +428,31 @@ TAMPERS: dict[str, tuple[Callable[[SovereignContribution], SovereignContribution
         "contribution is for round 7, expected round 1",
     ),
     "missing-key": (
-        lambda c: _replace_delta(c, lm_head__bias=None),
+        lambda c: _with_delta(c, drop=["lm_head.bias"]),
         "delta keys differ from the base: missing ['lm_head.bias'], unexpected []",
     ),
     "extra-key": (
-        lambda c: _replace_delta(c, extra=torch.zeros(2)),
+        lambda c: _with_delta(c, put={"extra": torch.zeros(2)}),
         "delta keys differ from the base: missing [], unexpected ['extra']",
     ),
     "renamed-key": (
-        lambda c: _replace_delta(c, lm_head__bias=None, lm_head__b=_bias(c)),
+        lambda c: _with_delta(c, drop=["lm_head.bias"], put={"lm_head.b": _bias(c)}),
         "delta keys differ from the base: missing ['lm_head.bias'], unexpected ['lm_head.b']",
     ),
     "shape": (
-        lambda c: _replace_delta(c, lm_head__bias=_bias(c)[:-1]),
+        lambda c: _with_delta(c, put={"lm_head.bias": _bias(c)[:-1]}),
         "delta 'lm_head.bias': expected torch.float32 (256,), got torch.float32 (255,)",
     ),
     "dtype": (
-        lambda c: _replace_delta(c, lm_head__bias=_bias(c).double()),
+        lambda c: _with_delta(c, put={"lm_head.bias": _bias(c).double()}),
         "delta 'lm_head.bias': expected torch.float32 (256,), got torch.float64 (256,)",
     ),
     "nan": (
-        lambda c: _replace_delta(c, lm_head__bias=_poisoned(c, math.nan)),
+        lambda c: _with_delta(c, put={"lm_head.bias": _poisoned(c, math.nan)}),
         "delta 'lm_head.bias' holds NaN or Inf values",
     ),
     "inf": (
-        lambda c: _replace_delta(c, lm_head__bias=_poisoned(c, -math.inf)),
+        lambda c: _with_delta(c, put={"lm_head.bias": _poisoned(c, -math.inf)}),
         "delta 'lm_head.bias' holds NaN or Inf values",
     ),
 }
@@ -469,13 +477,53 @@ def test_an_invalid_contribution_is_failed_and_does_not_touch_the_base(
     states_equal(coordinator.shared_base_state, reference.shared_base_state)
 
 
-def test_duplicate_node_ids_are_refused(base_model: nn.Module, make_node: MakeNode,
-                                        states_equal: StatesEqual) -> None:
+def test_duplicate_node_ids_are_refused(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
     coordinator = ConsortiumCoordinator(base_model)
     before = coordinator.shared_base_state
 
-    with pytest.raises(ValueError, match=r"node ids must be unique in a round, got \['vn', 'ch', 'vn'\]"):
+    expected = r"^node ids must be unique in a round, got \['vn', 'ch', 'vn'\]$"
+    with pytest.raises(ValueError, match=expected):
         coordinator.run_round([make_node("vn"), make_node("ch"), make_node("vn")])
 
     assert coordinator.round_num == 0
     states_equal(coordinator.shared_base_state, before)
+
+
+class MalformedNode:
+    """A node whose cycle returns something that is not a well-formed cycle result."""
+
+    def __init__(self, inner: SovereignTrainingNode, kind: str) -> None:
+        self.node_id = inner.node_id
+        self.inner = inner
+        self.kind = kind
+
+    def run_sovereign_cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
+        result = self.inner.run_sovereign_cycle(round_num, base_state)
+        if self.kind == "no-result":
+            return None  # type: ignore[return-value]
+        delta: dict[str, object] = dict(result.contribution.weight_delta)
+        delta["lm_head.bias"] = [0.0] * 256  # a list, not a tensor
+        contribution = dataclasses.replace(result.contribution, weight_delta=delta)  # type: ignore[arg-type]
+        return dataclasses.replace(result, contribution=contribution)
+
+
+@pytest.mark.parametrize("kind", ["no-result", "non-tensor-delta"])
+def test_a_malformed_cycle_result_fails_the_node_not_the_round(
+    kind: str, base_model: nn.Module, make_nodes: MakeNodes, states_equal: StatesEqual
+) -> None:
+    # Documented: a node raising or sending an invalid contribution goes to failed_nodes and
+    # the round continues. Today these raise AttributeError out of run_round instead, after
+    # sovereign_artifacts already holds this round's artifacts of the nodes before it.
+    vn, ch, india = make_nodes()
+    coordinator = ConsortiumCoordinator(base_model)
+
+    result = coordinator.run_round([vn, MalformedNode(ch, kind), india])
+
+    assert set(result.failed_nodes) == {"ch"}
+    assert result.accepted_nodes == ["vn", "in"]
+    assert coordinator.round_num == 1
+    reference = ConsortiumCoordinator(base_model)
+    reference.run_round(make_nodes(["vn", "in"]))
+    states_equal(coordinator.shared_base_state, reference.shared_base_state)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
 from tapestry.training.consortium import (
     InvalidContribution,
     ModelState,
@@ -23,11 +22,16 @@ def small_base() -> ModelState:
     return {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.5])}
 
 
-def contribution(delta: ModelState, *, node_id: str = "vn", round_num: int = 1
-                 ) -> SovereignContribution:
+def contribution(
+    delta: ModelState, *, node_id: str = "vn", round_num: int = 1
+) -> SovereignContribution:
     return SovereignContribution(
-        node_id=node_id, round_num=round_num, weight_delta=delta, quality_score=0.9,
-        token_count=10, metrics={"loss": 1.0},
+        node_id=node_id,
+        round_num=round_num,
+        weight_delta=delta,
+        quality_score=0.9,
+        token_count=10,
+        metrics={"loss": 1.0},
     )
 
 
@@ -172,8 +176,9 @@ def test_invalid_contribution_is_a_value_error() -> None:
     ],
     ids=["node-id", "round", "missing-key", "extra-key", "shape", "rank", "dtype", "nan", "inf"],
 )
-def test_check_contribution_refuses(delta: ModelState, kwargs: dict[str, object],
-                                    message: str) -> None:
+def test_check_contribution_refuses(
+    delta: ModelState, kwargs: dict[str, object], message: str
+) -> None:
     claimed = {"node_id": "vn", "round_num": 1} | kwargs
 
     with pytest.raises(InvalidContribution) as caught:

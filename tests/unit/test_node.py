@@ -8,8 +8,6 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from tapestry.training.consortium import (
     ModelState,
     SovereignContribution,
@@ -21,6 +19,7 @@ from tapestry.training.consortium import (
     state_digest,
 )
 from tapestry.training.consortium.node import pad_corpus
+from torch import nn
 
 MakeNode = Callable[..., SovereignTrainingNode]
 StatesEqual = Callable[[ModelState, ModelState], None]
@@ -84,8 +83,9 @@ def pair_loss(base_state: ModelState, pairs: Sequence[tuple[int, int]]) -> float
 # --- construction -----------------------------------------------------------------------
 
 
-def test_node_keeps_a_deep_copy_of_the_model(base_model: nn.Module, make_node: MakeNode,
-                                              states_equal: StatesEqual) -> None:
+def test_node_keeps_a_deep_copy_of_the_model(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
     before = {k: v.clone() for k, v in base_model.state_dict().items()}
     node = make_node("vn", model=base_model)
 
@@ -117,8 +117,9 @@ def test_empty_corpus_is_refused(make_node: MakeNode) -> None:
 
 
 @pytest.mark.parametrize("corpus", [[[]], [[7]], [[1], [2], []]])
-def test_corpus_without_a_two_token_sequence_is_refused(make_node: MakeNode,
-                                                        corpus: list[list[int]]) -> None:
+def test_corpus_without_a_two_token_sequence_is_refused(
+    make_node: MakeNode, corpus: list[list[int]]
+) -> None:
     longest = max(len(seq) for seq in corpus)
     with pytest.raises(ValueError, match=rf"longest corpus sequence has {longest} token\(s\)"):
         make_node("vn", corpus=corpus)
@@ -149,8 +150,9 @@ def test_vocabulary_check_follows_the_model(make_node: MakeNode) -> None:
         ({"lr": 0.0}, "need local_epochs >= 1"),
     ],
 )
-def test_other_invalid_settings_are_refused(make_node: MakeNode, overrides: dict[str, float],
-                                            message: str) -> None:
+def test_other_invalid_settings_are_refused(
+    make_node: MakeNode, overrides: dict[str, float], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         make_node("vn", **overrides)
 
@@ -173,8 +175,9 @@ def test_pad_corpus_right_pads_with_zero_and_ignores_padding_by_length() -> None
     assert inputs.dtype == targets.dtype == torch.long
 
 
-def test_byte_zero_inside_a_sequence_is_a_real_target(base_model: nn.Module,
-                                                      make_node: MakeNode) -> None:
+def test_byte_zero_inside_a_sequence_is_a_real_target(
+    base_model: nn.Module, make_node: MakeNode
+) -> None:
     base = base_model.state_dict()
     node = make_node("vn", corpus=[[1, 0, 2], [3, 4]], local_epochs=1, batch_size=8)
 
@@ -190,8 +193,9 @@ def test_padding_is_not_trained(base_model: nn.Module, make_node: MakeNode) -> N
     base = base_model.state_dict()
     padded = make_node("vn", corpus=[[1, 2, 3, 4], [5, 6]], local_epochs=1, batch_size=8)
     # The same next-token pairs with no padding at all (the model is position-free).
-    unpadded = make_node("vn", corpus=[[1, 2], [2, 3], [3, 4], [5, 6]], local_epochs=1,
-                         batch_size=8)
+    unpadded = make_node(
+        "vn", corpus=[[1, 2], [2, 3], [3, 4], [5, 6]], local_epochs=1, batch_size=8
+    )
 
     padded_result = padded.run_sovereign_cycle(1, base)
     unpadded_result = unpadded.run_sovereign_cycle(1, base)
@@ -223,8 +227,9 @@ def test_short_sequences_are_left_out_of_training_but_counted(
 # --- the sovereign cycle ----------------------------------------------------------------
 
 
-def test_cycle_trains_as_documented(base_model: nn.Module, make_node: MakeNode,
-                                    states_equal: StatesEqual) -> None:
+def test_cycle_trains_as_documented(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
     base = base_model.state_dict()
     corpus = [[1, 2, 3, 0, 4], [5, 6], [7], [8, 9, 10], [11, 12, 13, 14, 15, 16], [17, 18]]
     node = make_node("vn", corpus=corpus, local_epochs=3, lr=0.05, batch_size=2, seed=42)
@@ -232,7 +237,13 @@ def test_cycle_trains_as_documented(base_model: nn.Module, make_node: MakeNode,
     result = node.run_sovereign_cycle(4, base)
 
     expected_state, expected_loss = reference_cycle(
-        base, corpus, node_id="vn", round_num=4, seed=42, local_epochs=3, lr=0.05,
+        base,
+        corpus,
+        node_id="vn",
+        round_num=4,
+        seed=42,
+        local_epochs=3,
+        lr=0.05,
         batch_size=2,
     )
     states_equal(result.artifact.model_state, expected_state)
@@ -252,7 +263,10 @@ def test_cycle_result_carries_the_artifact_and_the_contribution(
     artifact, contribution = result.artifact, result.contribution
     assert isinstance(artifact, SovereignModelArtifact)
     assert (artifact.node_id, artifact.jurisdiction, artifact.stage, artifact.round_num) == (
-        "ch", "Switzerland", "continued_pretraining", 3
+        "ch",
+        "Switzerland",
+        "continued_pretraining",
+        3,
     )
     assert set(artifact.metrics) == {"loss"}
     assert math.isfinite(artifact.metrics["loss"]) and artifact.metrics["loss"] > 0
@@ -265,15 +279,18 @@ def test_cycle_result_carries_the_artifact_and_the_contribution(
 
     assert isinstance(contribution, SovereignContribution)
     assert (contribution.node_id, contribution.round_num, contribution.quality_score) == (
-        "ch", 3, 0.86
+        "ch",
+        3,
+        0.86,
     )
     corpus_tokens = sum(len(line) for line in node.sovereign_corpus)
     assert contribution.token_count == corpus_tokens
     assert contribution.metrics == artifact.metrics
 
 
-def test_delta_is_trained_minus_base_for_every_key(base_model: nn.Module,
-                                                   make_node: MakeNode) -> None:
+def test_delta_is_trained_minus_base_for_every_key(
+    base_model: nn.Module, make_node: MakeNode
+) -> None:
     base = base_model.state_dict()
     result = make_node("in").run_sovereign_cycle(1, base)
 
@@ -285,9 +302,9 @@ def test_delta_is_trained_minus_base_for_every_key(base_model: nn.Module,
         assert delta[name].abs().sum() > 0, f"{name} did not train"
 
 
-def test_cycle_does_not_modify_the_base_state_it_is_given(base_model: nn.Module,
-                                                          make_node: MakeNode,
-                                                          states_equal: StatesEqual) -> None:
+def test_cycle_does_not_modify_the_base_state_it_is_given(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
     base = {k: v.clone() for k, v in base_model.state_dict().items()}
     pristine = {k: v.clone() for k, v in base.items()}
     node = make_node("vn")
@@ -301,9 +318,9 @@ def test_cycle_does_not_modify_the_base_state_it_is_given(base_model: nn.Module,
         assert tensor.data_ptr() != node.model.state_dict()[name].data_ptr()
 
 
-def test_later_cycles_start_from_the_base_they_are_given(base_model: nn.Module,
-                                                         make_node: MakeNode,
-                                                         states_equal: StatesEqual) -> None:
+def test_later_cycles_start_from_the_base_they_are_given(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
     base = base_model.state_dict()
     node = make_node("vn")
 
@@ -318,8 +335,9 @@ def test_later_cycles_start_from_the_base_they_are_given(base_model: nn.Module,
 # --- determinism ------------------------------------------------------------------------
 
 
-def test_identically_built_nodes_give_identical_bits(base_model: nn.Module, make_node: MakeNode,
-                                                     states_equal: StatesEqual) -> None:
+def test_identically_built_nodes_give_identical_bits(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
     base = base_model.state_dict()
 
     a = make_node("ch").run_sovereign_cycle(2, base)
@@ -331,8 +349,9 @@ def test_identically_built_nodes_give_identical_bits(base_model: nn.Module, make
     assert a.artifact.model_state_sha256 == b.artifact.model_state_sha256
 
 
-def test_rounds_shuffle_differently(base_model: nn.Module, make_node: MakeNode,
-                                    states_equal: StatesEqual) -> None:
+def test_rounds_shuffle_differently(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
     base = base_model.state_dict()
     corpus = [[i, i + 1, i + 2] for i in range(1, 30, 3)]  # 10 rows, batches of 2
     node = make_node("vn", corpus=corpus)
@@ -342,8 +361,16 @@ def test_rounds_shuffle_differently(base_model: nn.Module, make_node: MakeNode,
 
     assert round_1.artifact.model_state_sha256 != round_2.artifact.model_state_sha256
     for round_num, result in ((1, round_1), (2, round_2)):
-        expected, loss = reference_cycle(base, corpus, node_id="vn", round_num=round_num,
-                                         seed=7, local_epochs=2, lr=1e-2, batch_size=2)
+        expected, loss = reference_cycle(
+            base,
+            corpus,
+            node_id="vn",
+            round_num=round_num,
+            seed=7,
+            local_epochs=2,
+            lr=1e-2,
+            batch_size=2,
+        )
         states_equal(result.artifact.model_state, expected)
         assert result.contribution.metrics["loss"] == loss
 
@@ -358,9 +385,9 @@ def test_consortium_seed_changes_the_shuffle(base_model: nn.Module, make_node: M
     assert a.artifact.model_state_sha256 != b.artifact.model_state_sha256
 
 
-def test_training_neither_uses_nor_disturbs_the_global_rng(base_model: nn.Module,
-                                                           make_node: MakeNode,
-                                                           states_equal: StatesEqual) -> None:
+def test_training_neither_uses_nor_disturbs_the_global_rng(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
     base = base_model.state_dict()
     node = make_node("in")
 

@@ -8,7 +8,6 @@ import random
 import re
 
 import pytest
-
 from tapestry.training.consortium import (
     ContributionPolicy,
     ContributionWeighting,
@@ -45,7 +44,8 @@ def test_cap_bounds_that_are_accepted(cap: float) -> None:
 
 @pytest.mark.parametrize("weighting", ["median", "QUALITY", "", None])
 def test_unknown_weighting_is_refused(weighting: object) -> None:
-    expected = rf"^weighting must be one of \['quality', 'equal'\], got {re.escape(repr(weighting))}$"
+    got = re.escape(repr(weighting))
+    expected = rf"^weighting must be one of \['quality', 'equal'\], got {got}$"
     with pytest.raises(ValueError, match=expected):
         ContributionPolicy(weighting=weighting)  # type: ignore[arg-type]
 
@@ -215,8 +215,10 @@ def test_weights_sum_to_one_and_respect_a_feasible_cap(cap: float) -> None:
     checked = 0
     for _ in range(300):
         k = rng.randint(1, 10)
-        scores = {f"n{i}": rng.choice([rng.uniform(1e-3, 10.0), rng.expovariate(0.5) + 1e-6])
-                  for i in range(k)}
+        scores = {
+            f"n{i}": rng.choice([rng.uniform(1e-3, 10.0), rng.expovariate(0.5) + 1e-6])
+            for i in range(k)
+        }
         weights = policy.weights(scores)
         if k * cap < 1:
             assert weights == {}
@@ -229,7 +231,7 @@ def test_weights_sum_to_one_and_respect_a_feasible_cap(cap: float) -> None:
         assert min(weights.values()) > 0
         # A higher score never gets a smaller weight.
         ranked = sorted(scores, key=scores.__getitem__)
-        for low, high in zip(ranked, ranked[1:]):
+        for low, high in zip(ranked, ranked[1:], strict=False):
             assert weights[low] <= weights[high] + 1e-12
     assert checked > 0
 

@@ -86,6 +86,10 @@ class ConsortiumCoordinator:
             if isinstance(outcome, BaseException):
                 failed[node_id] = describe_failure(outcome)
                 continue
+            if not isinstance(outcome, SovereignCycleResult):
+                failed[node_id] = (f"invalid contribution: run_sovereign_cycle returned "
+                                   f"{type(outcome).__name__}, not a SovereignCycleResult")
+                continue
             try:
                 check_contribution(
                     outcome.contribution, snapshot, node_id=node_id, round_num=round_num

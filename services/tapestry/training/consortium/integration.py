@@ -22,6 +22,10 @@ def check_contribution(
 ) -> None:
     """Refuse a contribution that speaks for another node or round, or whose delta does not
     match the base key for key (same keys, shapes, dtypes) or holds NaN/Inf."""
+    if not isinstance(contribution, SovereignContribution):
+        raise InvalidContribution(
+            f"expected a SovereignContribution, got {type(contribution).__name__}"
+        )
     if contribution.node_id != node_id:
         raise InvalidContribution(
             f"contribution claims node_id {contribution.node_id!r} but came from {node_id!r}"
@@ -39,6 +43,8 @@ def check_contribution(
         )
     for name, expected in base.items():
         got = delta[name]
+        if not isinstance(got, torch.Tensor):
+            raise InvalidContribution(f"delta {name!r} is a {type(got).__name__}, not a tensor")
         if got.dtype != expected.dtype or got.shape != expected.shape:
             raise InvalidContribution(
                 f"delta {name!r}: expected {expected.dtype} {tuple(expected.shape)}, "

@@ -7,14 +7,15 @@ from collections.abc import Mapping
 
 import torch
 
-# Element dtypes a model state may hold. Names are torch's without the "torch." prefix and
-# are what travels on the wire; anything else is refused before any work is done.
+# Element dtypes a model state may hold: those safetensors can persist (so whatever crosses
+# the wire can also be stored). Names are torch's without the "torch." prefix and are what
+# travels on the wire; anything else is refused before any work is done.
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
     for name in (
         "float64", "float32", "float16", "bfloat16",
         "int64", "int32", "int16", "int8", "uint8", "bool",
-        "complex64", "complex128",
+        "complex64",
     )
 }
 
@@ -30,7 +31,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's elements as contiguous row-major bytes (native order: little-endian on
     every platform torch supports), without copying when it is already contiguous on CPU."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy())
@@ -58,5 +59,10 @@ def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Independent copies (no shared storage, so tied weights stay safe to save)."""
-    return {name: tensor.detach().clone() for name, tensor in state.items()}
+    """Independent, contiguous copies (no shared storage, so tied weights and strided views
+    are safe to save)."""
+    return {
+        name: tensor.detach().resolve_conj().resolve_neg().clone(
+            memory_format=torch.contiguous_format)
+        for name, tensor in state.items()
+    }

@@ -1,0 +1,180 @@
+"""Rounds through real coordinator and node processes over gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from tapestry.client import CoordinatorClient
+from tapestry.config import NodeConfig, load_config
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.node.corpus import load_corpus
+from tapestry.storage import load_state, read_json
+from tapestry.training.consortium import (
+    ConsortiumCoordinator,
+    ContributionPolicy,
+    ModelSpec,
+    SovereignTrainingNode,
+    state_digest,
+)
+
+from .conftest import POLICY
+
+NODES = ["vietnam", "switzerland", "india"]
+
+
+def test_round_retains_one_artifact_per_node_on_disk_and_in_listing(shared_consortium):
+    with CoordinatorClient(shared_consortium.coordinator_address) as client:
+        result = client.run_round()
+        listed = {a.node_id: a for a in client.list_artifacts()}
+
+    assert result.accepted_nodes == NODES
+    assert list(result.rejected_nodes) == [] and dict(result.failed_nodes) == {}
+    assert sum(result.contribution_weights.values()) == pytest.approx(1.0, abs=1e-12)
+    assert sorted(listed) == sorted(NODES)
+    for node_id in NODES:
+        folder = shared_consortium.node_data_dir(node_id) / "artifacts" / (
+            f"round-{result.round_num:06d}")
+        state, metadata = load_state(folder / "model.safetensors")
+        manifest = read_json(folder / "manifest.json")
+        artifact = listed[node_id]
+        assert artifact.round_num == result.round_num
+        assert artifact.stage == "continued_pretraining"
+        assert artifact.model_state_sha256 == state_digest(state) == manifest["model_state_sha256"]
+        assert artifact.model_state_bytes == sum(t.numel() * t.element_size()
+                                                 for t in state.values())
+        assert artifact.metrics["loss"] > 0
+        assert metadata["node_id"] == node_id
+
+
+def test_accepted_round_changes_the_base_and_commits_it(shared_consortium):
+    with CoordinatorClient(shared_consortium.coordinator_address) as client:
+        before_round, before = client.get_base()
+        result = client.run_round()
+        after_round, after = client.get_base()
+        listed = client.list_rounds()
+
+    assert after_round == before_round + 1 == result.round_num
+    assert result.previous_base_sha256 == state_digest(before)
+    assert result.shared_base_sha256 == state_digest(after)
+    assert result.previous_base_sha256 != result.shared_base_sha256
+    assert [r.round_num for r in listed] == list(range(1, result.round_num + 1))
+
+
+def test_all_rejected_leaves_the_base_bitwise_identical(consortium_factory):
+    consortium = consortium_factory(policy={"quality_floor": 0.95})
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        _, before = client.get_base()
+        result = client.run_round()
+        _, after = client.get_base()
+
+    assert list(result.accepted_nodes) == []
+    assert list(result.rejected_nodes) == NODES
+    assert "below the floor 0.95" in result.rejection_reasons["vietnam"]
+    assert result.previous_base_sha256 == result.shared_base_sha256
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype
+        assert torch.equal(before[name].view(torch.uint8), after[name].view(torch.uint8))
+    # Sovereign artifacts are kept even when the consortium declines the contribution.
+    for node_id in NODES:
+        assert (consortium.node_data_dir(node_id) / "artifacts" / "round-000001"
+                / "model.safetensors").exists()
+
+
+def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
+    consortium = consortium_factory()
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        for _ in range(2):
+            client.run_round()
+        _, served = client.get_base()
+
+    # The same seeds, corpora and settings, run by the in-process core.
+    spec, seed = ModelSpec(), consortium.seed
+    nodes = []
+    for node_id in NODES:
+        config = load_config(consortium.node_config_path(node_id), NodeConfig)
+        nodes.append(SovereignTrainingNode(
+            node_id, config.jurisdiction, spec.build(seed),
+            load_corpus(config.corpus, config.training.max_seq_len), config.quality_score,
+            config.training.local_epochs, config.training.lr, config.training.batch_size,
+            seed=seed))
+    core = ConsortiumCoordinator(spec.build(seed), ContributionPolicy(**POLICY))
+    for _ in range(2):
+        core.run_round(nodes)
+    expected = core.shared_base_state
+
+    assert served.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(served[name], expected[name]), name
+    assert state_digest(served) == state_digest(expected)
+
+
+def test_a_node_that_is_down_is_reported_and_the_round_completes(consortium_factory):
+    consortium = consortium_factory()
+    consortium.stop_node("switzerland")
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        result = client.run_round()
+
+    assert list(result.accepted_nodes) == ["vietnam", "india"]
+    assert list(result.failed_nodes) == ["switzerland"]
+    assert "UNAVAILABLE" in result.failed_nodes["switzerland"]
+    assert sum(result.contribution_weights.values()) == pytest.approx(1.0, abs=1e-12)
+    assert result.previous_base_sha256 != result.shared_base_sha256
+
+
+def test_a_member_that_never_existed_is_reported_failed(consortium_factory):
+    consortium = consortium_factory(extra_members=[
+        {"node_id": "atlantis", "jurisdiction": "Atlantis", "address": "127.0.0.1:1"}])
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        result = client.run_round()
+    assert list(result.accepted_nodes) == NODES
+    assert "UNAVAILABLE" in result.failed_nodes["atlantis"]
+
+
+def test_a_second_round_while_one_runs_is_refused(consortium_factory):
+    consortium = consortium_factory()
+    refused: list[grpc.RpcError] = []
+    asked = threading.Event()
+
+    def on_progress(event: pb.NodeProgress) -> None:
+        # The first round is certainly running while its nodes report progress.
+        if asked.is_set():
+            return
+        asked.set()
+        with CoordinatorClient(consortium.coordinator_address) as other:
+            try:
+                other.run_round()
+            except grpc.RpcError as error:
+                refused.append(error)
+
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        first = client.run_round(on_progress)
+        rounds = client.list_rounds()
+
+    assert first.round_num == 1
+    assert len(refused) == 1
+    assert refused[0].code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already running" in refused[0].details()
+    assert [r.round_num for r in rounds] == [1]
+
+
+def test_a_restarted_coordinator_resumes_at_its_last_committed_round(consortium_factory):
+    consortium = consortium_factory()
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        first = client.run_round()
+        _, base_before = client.get_base()
+    address = consortium.restart_coordinator()
+    with CoordinatorClient(address) as client:
+        round_num, base_after = client.get_base()
+        listed = client.list_artifacts()
+        second = client.run_round()
+
+    assert round_num == 1
+    assert state_digest(base_after) == state_digest(base_before) == first.shared_base_sha256
+    assert sorted(a.node_id for a in listed) == sorted(NODES)
+    assert second.round_num == 2
+    assert second.previous_base_sha256 == first.shared_base_sha256

@@ -1,0 +1,64 @@
+"""What a node puts on the wire: the delta, never its full state or its corpus text."""
+
+from __future__ import annotations
+
+import torch
+
+from tapestry.client import CoordinatorClient
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.storage import load_state
+from tapestry.training.consortium.tensors import tensor_bytes
+from tapestry.wire.tensor_stream import StateAssembler
+
+from .conftest import CORPORA
+from .recorder import RecordingProxy, data_payloads, grpc_messages
+
+
+def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory):
+    proxies: dict[str, RecordingProxy] = {}
+
+    def through_proxy(node_id: str, address: str) -> str:
+        if node_id != "vietnam":
+            return address
+        proxies[node_id] = RecordingProxy(address)
+        return proxies[node_id].address
+
+    consortium = consortium_factory(route=through_proxy)
+    try:
+        with CoordinatorClient(consortium.coordinator_address) as client:
+            _, base = client.get_base()
+            result = client.run_round()
+        recording = proxies["vietnam"].recording
+    finally:
+        for proxy in proxies.values():
+            proxy.close()
+    assert "vietnam" in result.accepted_nodes
+
+    # Decode every gRPC message the node sent back, exactly as it crossed the socket.
+    sent = b"".join(bytes(p) for p in data_payloads(bytes(recording.downstream)).values())
+    replies = [pb.RunSovereignCycleResponse.FromString(m)
+               for stream in data_payloads(bytes(recording.downstream)).values()
+               for m in grpc_messages(bytes(stream))]
+    kinds = [r.WhichOneof("item") for r in replies]
+    assert kinds[0] == "result" and kinds[-1] == "delta_end"
+    assert set(kinds[1:-1]) == {"delta_chunk"}
+
+    assembler = StateAssembler()
+    for reply in replies[1:-1]:
+        assembler.add(reply.delta_chunk)
+    delta = assembler.finish(replies[-1].delta_end)
+
+    trained, _ = load_state(consortium.node_data_dir("vietnam") / "artifacts" / "round-000001"
+                            / "model.safetensors")
+    assert delta.keys() == trained.keys() == base.keys()
+    for name in trained:
+        assert torch.equal(delta[name], trained[name] - base[name])
+        # The full trained tensor's bytes appear nowhere in what the node sent.
+        assert bytes(tensor_bytes(trained[name])[:64]) not in sent
+    for line in CORPORA["vietnam"]:
+        for fragment in (line.encode(), line[:12].encode()):
+            assert fragment not in sent
+            assert fragment not in bytes(recording.downstream)
+    header = replies[0].result
+    assert header.artifact.model_state_sha256  # the state is described, not sent
+    assert header.contribution.weight_delta_sha256 == replies[-1].delta_end.sha256

@@ -1,0 +1,316 @@
+"""Core dataclasses <-> protobuf messages: every field crosses, weights only as digests."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.training.consortium import (
+    ConsortiumRoundResult,
+    ModelSpec,
+    SovereignContribution,
+    SovereignCycleResult,
+    SovereignModelArtifact,
+)
+from tapestry.training.consortium.tensors import state_digest
+from tapestry.wire.messages import (
+    artifact_from_proto,
+    artifact_to_proto,
+    contribution_from_proto,
+    contribution_to_proto,
+    cycle_result_from_proto,
+    cycle_result_to_proto,
+    message_from_json,
+    message_to_dict,
+    message_to_json,
+    model_spec_from_proto,
+    model_spec_to_proto,
+    round_result_to_proto,
+)
+
+# doubles whose shortest decimal form is long: any rounding on the way would show
+THIRD = 1 / 3
+POINT3 = 0.1 + 0.2
+TINY = 5e-324
+
+
+def make_artifact(node_id: str = "vn", round_num: int = 4) -> SovereignModelArtifact:
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    return SovereignModelArtifact(
+        node_id=node_id,
+        jurisdiction="Vietnam",
+        stage="sovereign",
+        model_state=weights,
+        metrics={"loss": POINT3, "perplexity": THIRD, "tiny": TINY},
+        round_num=round_num,
+        model_state_sha256=state_digest(weights),
+        model_state_bytes=(1 << 40) + 3,  # past 32 bits
+        stored_at="/var/lib/tapestry/vn/round-0004.safetensors",
+    )
+
+
+def make_contribution(node_id: str = "vn", round_num: int = 4) -> SovereignContribution:
+    return SovereignContribution(
+        node_id=node_id,
+        round_num=round_num,
+        weight_delta={"w": torch.full((2, 3), 0.25), "b": torch.tensor([-0.0])},
+        quality_score=0.9 - 1e-12,
+        token_count=(1 << 33) + 1,
+        metrics={"loss": THIRD, "delta_norm": POINT3},
+    )
+
+
+def make_round_result() -> ConsortiumRoundResult:
+    return ConsortiumRoundResult(
+        round_num=3,
+        previous_base_state={"w": torch.zeros(2)},
+        shared_base_state={"w": torch.ones(2)},
+        accepted_nodes=["vn", "ch"],
+        rejected_nodes=["in"],
+        contribution_weights={"vn": THIRD, "ch": 1 - THIRD},
+        rejection_reasons={"in": "quality_score 0.5 below min_quality 0.8"},
+        failed_nodes={"br": "UNAVAILABLE: connection refused"},
+        contributions={
+            "vn": make_contribution("vn", 3),
+            "ch": make_contribution("ch", 3),
+            "in": make_contribution("in", 3),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Converter pairs
+# ---------------------------------------------------------------------------------------
+
+
+def test_model_spec_round_trips() -> None:
+    spec = ModelSpec(architecture="tiny-causal", vocab_size=259, hidden_size=48)
+    msg = model_spec_to_proto(spec)
+    assert (msg.architecture, msg.vocab_size, msg.hidden_size) == ("tiny-causal", 259, 48)
+    assert model_spec_from_proto(msg) == spec
+    assert model_spec_from_proto(pb.ModelSpec.FromString(msg.SerializeToString())) == spec
+
+
+def test_artifact_to_proto_maps_every_metadata_field() -> None:
+    artifact = make_artifact()
+    msg = artifact_to_proto(artifact)
+
+    assert msg.node_id == "vn"
+    assert msg.jurisdiction == "Vietnam"
+    assert msg.stage == "sovereign"
+    assert msg.model_state_sha256 == state_digest(artifact.model_state)
+    assert msg.model_state_bytes == (1 << 40) + 3
+    assert dict(msg.metrics) == {"loss": POINT3, "perplexity": THIRD, "tiny": TINY}
+    assert msg.round_num == 4
+    assert msg.stored_at == "/var/lib/tapestry/vn/round-0004.safetensors"
+
+
+def test_artifact_from_proto_gives_metadata_and_an_empty_model_state() -> None:
+    artifact = make_artifact()
+    wire = pb.SovereignModelArtifact.FromString(artifact_to_proto(artifact).SerializeToString())
+
+    back = artifact_from_proto(wire)
+
+    assert back.model_state == {}
+    assert back == dataclasses.replace(artifact, model_state={})
+    for field in dataclasses.fields(SovereignModelArtifact):
+        if field.name != "model_state":
+            assert getattr(back, field.name) == getattr(artifact, field.name), field.name
+    assert back.metrics["loss"] == POINT3 and back.metrics["perplexity"] == THIRD
+    assert artifact_to_proto(back) == artifact_to_proto(artifact)
+
+
+def test_contribution_header_round_trips_with_its_delta_digest() -> None:
+    contribution = make_contribution()
+    msg = contribution_to_proto(contribution)
+
+    assert msg.node_id == "vn"
+    assert msg.round_num == 4
+    assert msg.weight_delta_sha256 == state_digest(contribution.weight_delta)
+    assert msg.quality_score == 0.9 - 1e-12
+    assert msg.token_count == (1 << 33) + 1
+    assert dict(msg.metrics) == {"loss": THIRD, "delta_norm": POINT3}
+
+    wire = pb.SovereignContribution.FromString(msg.SerializeToString())
+    delta = {"w": torch.full((2, 3), 0.25), "b": torch.tensor([-0.0])}
+    back = contribution_from_proto(wire, delta)
+    assert back.weight_delta is delta
+    for field in dataclasses.fields(SovereignContribution):
+        if field.name != "weight_delta":
+            assert getattr(back, field.name) == getattr(contribution, field.name), field.name
+
+
+def test_contribution_digest_given_or_absent() -> None:
+    contribution = make_contribution()
+    assert contribution_to_proto(contribution, "f" * 64).weight_delta_sha256 == "f" * 64
+    assert contribution_to_proto(contribution, "").weight_delta_sha256 == ""
+    empty = dataclasses.replace(contribution, weight_delta={})
+    assert contribution_to_proto(empty).weight_delta_sha256 == ""
+
+
+def test_cycle_result_round_trips() -> None:
+    result = SovereignCycleResult(artifact=make_artifact(), contribution=make_contribution())
+    delta_sha = state_digest(result.contribution.weight_delta)
+    msg = cycle_result_to_proto(result, delta_sha)
+
+    assert msg.artifact == artifact_to_proto(result.artifact)
+    assert msg.contribution == contribution_to_proto(result.contribution)
+    assert msg.contribution.weight_delta_sha256 == delta_sha
+
+    wire = pb.SovereignCycleResult.FromString(msg.SerializeToString())
+    back = cycle_result_from_proto(wire, result.contribution.weight_delta)
+    assert back.artifact == dataclasses.replace(result.artifact, model_state={})
+    assert back.contribution.weight_delta is result.contribution.weight_delta
+    assert back.contribution == result.contribution
+
+
+def test_round_result_to_proto_maps_every_field() -> None:
+    result = make_round_result()
+    previous_sha = state_digest(result.previous_base_state)
+    shared_sha = state_digest(result.shared_base_state)
+
+    msg = round_result_to_proto(
+        result,
+        previous_base_sha256=previous_sha,
+        shared_base_sha256=shared_sha,
+        started_at=1_700_000_000.125,
+        finished_at=1_700_000_003.5,
+    )
+
+    assert msg.round_num == 3
+    assert msg.previous_base_sha256 == previous_sha
+    assert msg.shared_base_sha256 == shared_sha
+    assert list(msg.accepted_nodes) == ["vn", "ch"]
+    assert list(msg.rejected_nodes) == ["in"]
+    assert dict(msg.contribution_weights) == {"vn": THIRD, "ch": 1 - THIRD}
+    assert msg.contribution_weights["vn"] == THIRD  # exact double, not a float32
+    assert dict(msg.rejection_reasons) == {"in": "quality_score 0.5 below min_quality 0.8"}
+    assert dict(msg.failed_nodes) == {"br": "UNAVAILABLE: connection refused"}
+    assert msg.started_at == 1_700_000_000.125
+    assert msg.finished_at == 1_700_000_003.5
+    assert [c.node_id for c in msg.contributions] == ["vn", "ch", "in"]
+    for sent, contribution in zip(msg.contributions, result.contributions.values(), strict=True):
+        assert sent.round_num == contribution.round_num
+        assert sent.quality_score == contribution.quality_score
+        assert sent.token_count == contribution.token_count
+        assert dict(sent.metrics) == dict(contribution.metrics)
+
+    wire = pb.ConsortiumRoundResult.FromString(msg.SerializeToString())
+    assert wire == msg
+
+
+def test_round_result_timestamps_default_to_zero() -> None:
+    msg = round_result_to_proto(
+        make_round_result(), previous_base_sha256="a", shared_base_sha256="b"
+    )
+    assert (msg.started_at, msg.finished_at) == (0.0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# JSON
+# ---------------------------------------------------------------------------------------
+
+
+def test_message_to_dict_uses_proto_field_names_and_includes_empty_fields() -> None:
+    result = dataclasses.replace(
+        make_round_result(),
+        rejected_nodes=[],
+        rejection_reasons={},
+        failed_nodes={},
+        contributions={},
+    )
+    msg = round_result_to_proto(result, previous_base_sha256="p" * 64, shared_base_sha256="")
+
+    as_dict = message_to_dict(msg)
+
+    assert set(as_dict) == set(pb.ConsortiumRoundResult.DESCRIPTOR.fields_by_name)
+    assert as_dict["round_num"] == 3
+    assert as_dict["accepted_nodes"] == ["vn", "ch"]
+    assert as_dict["contribution_weights"] == {"vn": THIRD, "ch": 1 - THIRD}
+    assert as_dict["previous_base_sha256"] == "p" * 64
+    assert as_dict["shared_base_sha256"] == ""
+    assert as_dict["failed_nodes"] == {}
+    assert as_dict["rejected_nodes"] == []
+    assert as_dict["rejection_reasons"] == {}
+    assert as_dict["contributions"] == []
+    assert as_dict["started_at"] == 0
+    assert "roundNum" not in as_dict and "acceptedNodes" not in as_dict
+
+    artifact = message_to_dict(artifact_to_proto(make_artifact()))
+    assert set(artifact) == set(pb.SovereignModelArtifact.DESCRIPTOR.fields_by_name)
+    assert artifact["model_state_sha256"] == state_digest(make_artifact().model_state)
+
+
+def test_round_record_json_round_trip() -> None:
+    result = make_round_result()
+    record = pb.RoundRecord(
+        result=round_result_to_proto(
+            result,
+            previous_base_sha256=state_digest(result.previous_base_state),
+            shared_base_sha256=state_digest(result.shared_base_state),
+            started_at=1_700_000_000.125,
+            finished_at=1_700_000_003.5,
+        ),
+        artifacts=[
+            artifact_to_proto(make_artifact("vn", 3)),
+            artifact_to_proto(make_artifact("ch", 3)),
+        ],
+    )
+
+    text = message_to_json(record)
+    back = message_from_json(text, pb.RoundRecord)
+
+    assert isinstance(back, pb.RoundRecord)
+    assert back == record
+    assert back.result.contribution_weights["vn"] == THIRD
+    assert back.artifacts[0].metrics["tiny"] == TINY
+    assert back.artifacts[0].model_state_bytes == (1 << 40) + 3
+    assert message_to_json(back) == text  # stable text: same record, same bytes on disk
+    parsed = json.loads(text)
+    assert parsed["result"]["shared_base_sha256"] == state_digest(result.shared_base_state)
+    assert parsed["artifacts"][1]["node_id"] == "ch"
+
+
+def test_message_from_json_refuses_unknown_fields() -> None:
+    with pytest.raises(json_format.ParseError, match='has no field named "bogus"'):
+        message_from_json('{"result": {"bogus": 1}}', pb.RoundRecord)
+
+
+# ---------------------------------------------------------------------------------------
+# Every dataclass field has a counterpart on the wire
+# ---------------------------------------------------------------------------------------
+
+STATE_FIELDS = {
+    "model_state": ("model_state_sha256", "model_state_bytes"),
+    "weight_delta": ("weight_delta_sha256",),
+    "previous_base_state": ("previous_base_sha256",),
+    "shared_base_state": ("shared_base_sha256",),
+}
+
+
+@pytest.mark.parametrize(
+    ("dataclass", "message"),
+    [
+        (SovereignModelArtifact, pb.SovereignModelArtifact),
+        (SovereignContribution, pb.SovereignContribution),
+        (SovereignCycleResult, pb.SovereignCycleResult),
+        (ConsortiumRoundResult, pb.ConsortiumRoundResult),
+    ],
+    ids=lambda cls: cls.__name__,
+)
+def test_every_dataclass_field_has_a_proto_counterpart(
+    dataclass: type, message: type[Message]
+) -> None:
+    wire_fields = message.DESCRIPTOR.fields_by_name
+    missing = [
+        (field.name, counterpart)
+        for field in dataclasses.fields(dataclass)
+        for counterpart in STATE_FIELDS.get(field.name, (field.name,))
+        if counterpart not in wire_fields
+    ]
+    assert missing == [], f"{dataclass.__name__} fields without a {message.__name__} field"
