@@ -53,6 +53,8 @@ class MemberConfig(_Strict):
     node_id: str = Field(pattern=NODE_ID_PATTERN)
     jurisdiction: str = Field(min_length=1)
     address: str
+    # The consortium's own assessment of this member; replaces its self-reported score.
+    quality_score: float | None = Field(None, ge=0, le=1e6)
 
     @field_validator("address")
     @classmethod

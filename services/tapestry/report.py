@@ -32,7 +32,7 @@ def round_table(result: pb.ConsortiumRoundResult) -> Table:
         table.add_row(
             node_id, outcome,
             f"{weight:.4f}" if weight is not None else "-",
-            f"{c.quality_score:.2f}" if c else "-",
+            _quality(result, node_id),
             str(c.token_count) if c else "-",
             f"{c.metrics['loss']:.4f}" if c and "loss" in c.metrics else "-",
             reason,
@@ -41,6 +41,17 @@ def round_table(result: pb.ConsortiumRoundResult) -> Table:
                      f"  ({result.finished_at - result.started_at:.2f} s)")
     table.caption_justify = "left"
     return table
+
+
+def _quality(result: pb.ConsortiumRoundResult, node_id: str) -> str:
+    """The score the policy weighed; marked when it differs from the node's own report."""
+    reported = {c.node_id: c.quality_score for c in result.contributions}.get(node_id)
+    weighed = result.quality_scores.get(node_id, reported)
+    if weighed is None:
+        return "-"
+    if reported is not None and reported != weighed:
+        return f"{weighed:.2f} (reported {reported:.2f})"
+    return f"{weighed:.2f}"
 
 
 def artifacts_table(artifacts: Sequence[pb.SovereignModelArtifact]) -> Table:

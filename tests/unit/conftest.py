@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from tapestry.training.consortium import ModelSpec, SovereignTrainingNode
 from torch import nn
+
+from tapestry.training.consortium import ModelSpec, SovereignTrainingNode
 
 CONSORTIUM_SEED = 7
 STATE_KEYS = ["embedding.weight", "lm_head.weight", "lm_head.bias"]

@@ -108,3 +108,12 @@ def test_corpus_errors_name_the_file(tmp_path):
     _write(tmp_path / "tiny.txt", "a\nb\n")
     with pytest.raises(CorpusError, match="no line of 2 or more bytes"):
         load_corpus([tmp_path / "tiny.txt"], 16)
+
+
+def test_a_member_may_carry_the_consortiums_own_quality_assessment(tmp_path):
+    text = CONSORTIUM.replace('address = "vietnam:50061"',
+                              'address = "vietnam:50061"\nquality_score = 0.8')
+    config = load_config(_write(tmp_path / "c.toml", text), ConsortiumConfig)
+    assert config.nodes[0].quality_score == 0.8
+    assert load_config(_write(tmp_path / "d.toml", CONSORTIUM),
+                       ConsortiumConfig).nodes[0].quality_score is None

@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from torch import nn
+
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ConsortiumNode,
@@ -21,7 +23,6 @@ from tapestry.training.consortium import (
     integrate,
     state_digest,
 )
-from torch import nn
 
 MakeNode = Callable[..., SovereignTrainingNode]
 MakeNodes = Callable[..., list[SovereignTrainingNode]]
@@ -513,17 +514,42 @@ class MalformedNode:
 def test_a_malformed_cycle_result_fails_the_node_not_the_round(
     kind: str, base_model: nn.Module, make_nodes: MakeNodes, states_equal: StatesEqual
 ) -> None:
-    # Documented: a node raising or sending an invalid contribution goes to failed_nodes and
-    # the round continues. Today these raise AttributeError out of run_round instead, after
-    # sovereign_artifacts already holds this round's artifacts of the nodes before it.
+    # A node raising or sending an invalid contribution goes to failed_nodes and the round
+    # continues; a result that is not even well-formed must not escape as an AttributeError
+    # (which used to abort the round after storing the other nodes' artifacts).
     vn, ch, india = make_nodes()
     coordinator = ConsortiumCoordinator(base_model)
 
     result = coordinator.run_round([vn, MalformedNode(ch, kind), india])
 
     assert set(result.failed_nodes) == {"ch"}
+    assert result.failed_nodes["ch"].startswith("invalid contribution: ")
     assert result.accepted_nodes == ["vn", "in"]
     assert coordinator.round_num == 1
+    assert "ch" not in coordinator.sovereign_artifacts
     reference = ConsortiumCoordinator(base_model)
     reference.run_round(make_nodes(["vn", "in"]))
     states_equal(coordinator.shared_base_state, reference.shared_base_state)
+
+
+def test_assessed_quality_replaces_the_self_reported_score(make_nodes) -> None:
+    """A documented fix: the consortium's own assessment, where it has one, is what the
+    policy weighs; nodes without one keep their self-reported score."""
+    from tapestry.training.consortium import ConsortiumCoordinator, ContributionPolicy, ModelSpec
+
+    nodes = make_nodes()
+    ids = [n.node_id for n in nodes]
+    coordinator = ConsortiumCoordinator(
+        ModelSpec().build(seed=3), ContributionPolicy(quality_floor=0.5),
+        assessed_quality={ids[0]: 0.1},
+    )
+    result = coordinator.run_round(nodes)
+
+    assert result.quality_scores[ids[0]] == 0.1
+    assert ids[0] in result.rejected_nodes
+    assert "quality score 0.1 is below the floor 0.5" in result.rejection_reasons[ids[0]]
+    for node in nodes[1:]:
+        assert result.quality_scores[node.node_id] == node.quality_score
+        assert node.node_id in result.accepted_nodes
+    # The node's own report is kept in the contribution's metadata.
+    assert result.contributions[ids[0]].quality_score == nodes[0].quality_score

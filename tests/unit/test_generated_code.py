@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tapestry.consortium.v1 import consortium_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]

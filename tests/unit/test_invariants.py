@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
+
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ContributionPolicy,
@@ -18,7 +20,6 @@ from tapestry.training.consortium import (
     integrate,
     state_digest,
 )
-from torch import nn
 
 MakeNode = Callable[..., SovereignTrainingNode]
 MakeNodes = Callable[..., list[SovereignTrainingNode]]

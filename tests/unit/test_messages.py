@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import tapestry.training.consortium as consortium
 import torch
+
+import tapestry.training.consortium as consortium
 from tapestry.training.consortium import (
     ConsortiumRoundResult,
     ModelState,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tapestry.training.consortium import ModelSpec, TinyCausalModel, state_digest
 from torch import nn
+
+from tapestry.training.consortium import ModelSpec, TinyCausalModel, state_digest
 
 
 def test_tiny_causal_model_defaults() -> None:

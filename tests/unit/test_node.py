@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from tapestry.training.consortium import (
     ModelState,
     SovereignContribution,
@@ -19,7 +21,6 @@ from tapestry.training.consortium import (
     state_digest,
 )
 from tapestry.training.consortium.node import pad_corpus
-from torch import nn
 
 MakeNode = Callable[..., SovereignTrainingNode]
 StatesEqual = Callable[[ModelState, ModelState], None]
@@ -125,9 +126,10 @@ def test_corpus_without_a_two_token_sequence_is_refused(
         make_node("vn", corpus=corpus)
 
 
-@pytest.mark.parametrize("token", [256, 1000, -1])
+@pytest.mark.parametrize("token", [256, 1000, -1, 1.5, True])
 def test_token_outside_the_vocabulary_is_refused(make_node: MakeNode, token: int) -> None:
-    expected = rf"^node 'vn': sequence 1 has token id {token} outside \[0, 256\)$"
+    expected = (rf"^node 'vn': sequence 1 has token id {token!r}; "
+                rf"token ids are integers in \[0, 256\)$")
     with pytest.raises(ValueError, match=expected):
         make_node("vn", corpus=[[1, 2], [3, token, 4]])
 
@@ -136,7 +138,7 @@ def test_vocabulary_check_follows_the_model(make_node: MakeNode) -> None:
     small = TinyCausalModel(vocab_size=16, hidden_size=4)
 
     make_node("vn", model=small, corpus=[[0, 15]])
-    with pytest.raises(ValueError, match=r"token id 16 outside \[0, 16\)"):
+    with pytest.raises(ValueError, match=r"token id 16; token ids are integers in \[0, 16\)"):
         make_node("vn", model=small, corpus=[[0, 16]])
 
 

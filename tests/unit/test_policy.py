@@ -8,6 +8,7 @@ import random
 import re
 
 import pytest
+
 from tapestry.training.consortium import (
     ContributionPolicy,
     ContributionWeighting,

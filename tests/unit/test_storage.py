@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tapestry.storage import load_state, read_json, save_state, write_json
 from tapestry.training.consortium.tensors import DTYPES, state_digest, tensor_bytes
 

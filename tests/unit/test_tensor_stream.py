@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import pytest
 import torch
+
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium.tensors import (
     DTYPES,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from google.protobuf import json_format
 from google.protobuf.message import Message
+
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium import (
     ConsortiumRoundResult,

@@ -24,7 +24,7 @@ from tapestry.wire.tensor_stream import (
     state_trailer,
 )
 
-ProgressListener = Callable[[str, "pb.NodeProgress.Stage.ValueType", str], None]
+ProgressListener = Callable[[str, "pb.NodeProgress.Stage", str], None]
 
 
 class NodeCallFailed(RuntimeError):
@@ -55,7 +55,7 @@ class RemoteSovereignNode:
     def close(self) -> None:
         self._channel.close()
 
-    def _tell(self, stage: pb.NodeProgress.Stage.ValueType, detail: str) -> None:
+    def _tell(self, stage: pb.NodeProgress.Stage, detail: str) -> None:
         if self.listener is not None:
             self.listener(self.node_id, stage, detail)
 

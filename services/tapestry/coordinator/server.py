@@ -33,7 +33,12 @@ def build_coordinator_server(
         "model": config.model.model_dump(),
     })
     base_model = spec.build(config.seed)
-    core = ConsortiumCoordinator(base_model, config.policy.policy())
+    core = ConsortiumCoordinator(
+        base_model,
+        config.policy.policy(),
+        assessed_quality={m.node_id: m.quality_score for m in config.nodes
+                          if m.quality_score is not None},
+    )
     resumed = store.latest()
     records: list[pb.RoundRecord] = []
     if resumed is None:

@@ -57,7 +57,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             ))
         events: queue.Queue[pb.RoundEvent | pb.RoundRecord | BaseException] = queue.Queue()
 
-        def tell(node_id: str, stage: pb.NodeProgress.Stage.ValueType, detail: str) -> None:
+        def tell(node_id: str, stage: pb.NodeProgress.Stage, detail: str) -> None:
             events.put(pb.RoundEvent(
                 progress=pb.NodeProgress(node_id=node_id, stage=stage, detail=detail)))
 

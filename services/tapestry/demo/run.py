@@ -23,4 +23,5 @@ def run_demo(round_count: int, workdir: Path) -> None:
                 result = client.run_round(lambda e: out.print(report.progress_line(e)))
                 out.print(report.round_table(result))
                 out.print(report.artifacts_table(client.list_artifacts()))
-    out.print(f"All processes stopped. Sovereign models and the base are kept under {workdir}/data.")
+    out.print(f"All processes stopped. The base and the sovereign models are kept under "
+              f"{workdir}/data.")

@@ -90,7 +90,9 @@ def contribution_from_proto(
     )
 
 
-def cycle_result_to_proto(result: SovereignCycleResult, delta_sha256: str) -> pb.SovereignCycleResult:
+def cycle_result_to_proto(
+    result: SovereignCycleResult, delta_sha256: str
+) -> pb.SovereignCycleResult:
     return pb.SovereignCycleResult(
         artifact=artifact_to_proto(result.artifact),
         contribution=contribution_to_proto(result.contribution, delta_sha256),
@@ -125,6 +127,7 @@ def round_result_to_proto(
         rejection_reasons=result.rejection_reasons,
         failed_nodes=result.failed_nodes,
         contributions=[contribution_to_proto(c, "") for c in result.contributions.values()],
+        quality_scores=result.quality_scores,
         started_at=started_at,
         finished_at=finished_at,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -52,8 +52,13 @@ class ConsortiumCoordinator:
         contribution_policy: ContributionPolicy | None = None,
         *,
         round_num: int = 0,
+        assessed_quality: Mapping[str, float] | None = None,
     ) -> None:
+        """``assessed_quality`` (node id -> score) is the consortium's own assessment of a
+        member, e.g. from evaluation on held-out data; where given it replaces the score the
+        node reports about itself when the policy weighs contributions."""
         self.base_model = copy.deepcopy(base_model)
+        self.assessed_quality = dict(assessed_quality or {})
         self.contribution_policy = contribution_policy or ContributionPolicy()
         self.round_num = round_num
         self.sovereign_artifacts: dict[str, SovereignModelArtifact] = {}
@@ -78,7 +83,9 @@ class ConsortiumCoordinator:
             raise ValueError(f"node ids must be unique in a round, got {node_ids}")
         round_num = self.round_num + 1
         snapshot = self.shared_base_state
-        outcomes = self._run_cycles(nodes, round_num, snapshot)
+        # Nodes get their own copy: one that edits its input in place cannot shift the base
+        # everyone's deltas are integrated into.
+        outcomes = self._run_cycles(nodes, round_num, self.shared_base_state)
 
         contributions: dict[str, SovereignContribution] = {}
         failed: dict[str, str] = {}
@@ -102,9 +109,11 @@ class ConsortiumCoordinator:
             if on_contribution is not None:
                 on_contribution(outcome.contribution)
 
-        decision = self.contribution_policy.decide(
-            {node_id: c.quality_score for node_id, c in contributions.items()}
-        )
+        scores = {
+            node_id: self.assessed_quality.get(node_id, c.quality_score)
+            for node_id, c in contributions.items()
+        }
+        decision = self.contribution_policy.decide(scores)
         accepted = [n for n in node_ids if n in decision.weights]
         rejected = [n for n in node_ids if n in contributions and n not in decision.weights]
         if accepted:
@@ -123,6 +132,7 @@ class ConsortiumCoordinator:
             contribution_weights={n: decision.weights[n] for n in accepted},
             rejection_reasons={n: decision.rejection_reasons[n] for n in rejected},
             failed_nodes=failed,
+            quality_scores=scores,
             # Metadata only: the deltas are integrated and need not outlive the round.
             contributions={
                 n: dataclasses.replace(c, weight_delta={}) for n, c in contributions.items()

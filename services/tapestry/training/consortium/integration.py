@@ -50,7 +50,7 @@ def check_contribution(
                 f"delta {name!r}: expected {expected.dtype} {tuple(expected.shape)}, "
                 f"got {got.dtype} {tuple(got.shape)}"
             )
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+        if (got.is_floating_point() or got.is_complex()) and not bool(torch.isfinite(got).all()):
             raise InvalidContribution(f"delta {name!r} holds NaN or Inf values")
 
 

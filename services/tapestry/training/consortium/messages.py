@@ -61,6 +61,9 @@ class ConsortiumRoundResult:
     ``rejected_nodes`` were dropped by the contribution policy (reasons in
     ``rejection_reasons``); ``failed_nodes`` maps nodes whose cycle raised or whose
     contribution failed validation to the reason. Neither kind changes the base.
+    ``contributions`` holds every received contribution's metadata (its delta emptied) and
+    ``quality_scores`` the scores the policy weighed (assessed where the coordinator has an
+    assessment, else self-reported).
     """
 
     round_num: int
@@ -72,3 +75,4 @@ class ConsortiumRoundResult:
     rejection_reasons: dict[str, str] = field(default_factory=dict)
     failed_nodes: dict[str, str] = field(default_factory=dict)
     contributions: dict[str, SovereignContribution] = field(default_factory=dict)
+    quality_scores: dict[str, float] = field(default_factory=dict)

@@ -95,11 +95,12 @@ class SovereignTrainingNode:
             )
         vocab = getattr(model, "vocab_size", None)
         for index, seq in enumerate(sovereign_corpus):
-            bad = [t for t in seq if not 0 <= t < (vocab if vocab is not None else 2**63)]
+            bad = [t for t in seq if not isinstance(t, int) or isinstance(t, bool)
+                   or not 0 <= t < (vocab if vocab is not None else 2**63)]
             if bad:
                 raise ValueError(
-                    f"node {node_id!r}: sequence {index} has token id {bad[0]} outside "
-                    f"[0, {vocab})"
+                    f"node {node_id!r}: sequence {index} has token id {bad[0]!r}; token ids "
+                    f"are integers in [0, {vocab})"
                 )
         self.node_id = node_id
         self.jurisdiction = jurisdiction

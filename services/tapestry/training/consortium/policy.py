@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 # Shares within this of the cap count as at the cap: keeps float noise from re-capping a
 # node the previous pass already fixed.
 _CAP_TOLERANCE = 1e-12
 
 
-class ContributionWeighting(str, Enum):
+class ContributionWeighting(StrEnum):
+    """How accepted contributions are weighted (a str enum: ``"quality"`` or ``"equal"``)."""
+
     QUALITY = "quality"
     EQUAL = "equal"
 
