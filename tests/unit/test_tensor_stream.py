@@ -592,3 +592,12 @@ def test_chunk_after_finish_is_refused() -> None:
 
 def test_wire_error_is_a_value_error() -> None:
     assert issubclass(WireError, ValueError)
+
+
+def test_tensors_out_of_sorted_order_are_refused() -> None:
+    state = {"a": torch.zeros(2), "b": torch.ones(2)}
+    chunks = list(state_to_chunks(state))
+    assembler = StateAssembler()
+    assembler.add(chunks[1])
+    with pytest.raises(WireError, match="tensor 'a' arrived after 'b': tensors must be sent in sorted key order"):
+        assembler.add(chunks[0])

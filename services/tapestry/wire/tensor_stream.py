@@ -18,6 +18,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.tensors import (
     DTYPES,
+    StateHasher,
     dtype_name,
     state_digest,
     state_nbytes,
@@ -73,6 +74,8 @@ def state_trailer(state: Mapping[str, torch.Tensor]) -> pb.StateTrailer:
 class StateAssembler:
     """Rebuilds a state from chunks, checking every chunk before it is accepted.
 
+    Tensors must arrive in sorted key order (as :func:`state_to_chunks` sends them); the
+    digest is computed as the bytes arrive, so checking the trailer costs no second pass.
     With ``expected`` (name -> dtype and shape), anything else is refused as it arrives, so a
     peer can neither send unexpected keys nor make the receiver allocate more than the
     expected state's bytes.
@@ -86,6 +89,8 @@ class StateAssembler:
         self._buffer = bytearray()
         self._filled = 0
         self._finished = False
+        self._hasher = StateHasher()
+        self._last = ""
 
     def add(self, chunk: pb.TensorChunk) -> None:
         if self._finished:
@@ -110,7 +115,9 @@ class StateAssembler:
                 f"tensor {chunk.name!r}: {end} bytes received, more than its "
                 f"{len(self._buffer)} bytes"
             )
-        self._buffer[self._filled : end] = chunk.data
+        data = chunk.data
+        self._buffer[self._filled : end] = data
+        self._hasher.data(data)
         self._filled = end
 
     def finish(self, trailer: pb.StateTrailer) -> ModelState:
@@ -127,7 +134,7 @@ class StateAssembler:
                 f"trailer announces {trailer.tensor_count} tensors / {trailer.total_bytes} "
                 f"bytes, stream carried {len(state)} / {state_nbytes(state)}"
             )
-        digest = state_digest(state)
+        digest = self._hasher.hexdigest()
         if trailer.sha256 != digest:
             raise WireError(f"state digest mismatch: trailer {trailer.sha256}, received {digest}")
         return state
@@ -138,6 +145,12 @@ class StateAssembler:
             raise WireError("tensor chunk without a name")
         if name in self._done:
             raise WireError(f"tensor {name!r} sent twice")
+        if self._done and name < self._last:
+            raise WireError(
+                f"tensor {name!r} arrived after {self._last!r}: tensors must be sent in "
+                "sorted key order"
+            )
+        self._last = name
         dtype = DTYPES.get(chunk.dtype)
         if dtype is None:
             raise WireError(
@@ -164,6 +177,7 @@ class StateAssembler:
                 f"{chunk.dtype} {shape} ({nbytes} bytes)"
             )
         self._name, self._spec = name, TensorSpec(dtype, shape)
+        self._hasher.tensor(name, chunk.dtype, shape, nbytes)
         self._buffer = bytearray(nbytes)
         self._filled = 0
 

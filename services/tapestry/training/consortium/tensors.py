@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -37,21 +37,38 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data
 
 
+class StateHasher:
+    """Incremental :func:`state_digest`: announce each tensor, in sorted key order, then feed
+    its bytes in as many pieces as they arrive (so a receiver hashes while it reads)."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def tensor(self, name: str, dtype: str, shape: Sequence[int], nbytes: int) -> None:
+        header = f"{name}\0{dtype}\0{list(shape)}\0".encode()
+        self._sha.update(len(header).to_bytes(8, "little"))
+        self._sha.update(header)
+        self._sha.update(nbytes.to_bytes(8, "little"))
+
+    def data(self, piece: bytes | memoryview) -> None:
+        self._sha.update(piece)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in sorted key order.
 
     Two states have the same digest exactly when they are bitwise identical.
     """
-    digest = hashlib.sha256()
+    hasher = StateHasher()
     for name in sorted(state):
         tensor = state[name]
-        header = f"{name}\0{dtype_name(tensor.dtype)}\0{list(tensor.shape)}\0".encode()
-        digest.update(len(header).to_bytes(8, "little"))
-        digest.update(header)
         data = tensor_bytes(tensor)
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
+        hasher.tensor(name, dtype_name(tensor.dtype), tuple(tensor.shape), len(data))
+        hasher.data(data)
+    return hasher.hexdigest()
 
 
 def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:

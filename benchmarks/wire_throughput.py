@@ -1,0 +1,115 @@
+"""Streaming a model state over gRPC (TensorChunk stream + validated reassembly) against raw
+loopback TCP moving the same bytes. DESIGN §4: the wire's overhead should stay within 2x.
+
+    .venv/bin/python benchmarks/wire_throughput.py [--mib 64 256] [--repeats 3]
+
+Both sides run in one process on 127.0.0.1 (server in a thread), like the CI machine's
+loopback; numbers are the best of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import torch
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.training.consortium.tensors import state_digest, tensor_bytes
+from tapestry.wire.grpc_plumbing import CHANNEL_OPTIONS, SERVER_OPTIONS
+from tapestry.wire.tensor_stream import StateAssembler, spec_of, state_to_chunks, state_trailer
+
+
+def make_state(mib: int) -> dict[str, torch.Tensor]:
+    per = mib * (1 << 20) // 4 // 4
+    g = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(4)}
+
+
+class BaseServer(pb_grpc.CoordinatorServicer):
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+        self.trailer = state_trailer(state)
+
+    def GetBase(self, request, context):  # noqa: N802 - gRPC method name
+        yield pb.BaseChunk(header=pb.BaseHeader(round_num=0))
+        for chunk in state_to_chunks(self.state):
+            yield pb.BaseChunk(chunk=chunk)
+        yield pb.BaseChunk(end=self.trailer)
+
+
+def grpc_seconds(state: dict[str, torch.Tensor]) -> float:
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS)
+    pb_grpc.add_CoordinatorServicer_to_server(BaseServer(state), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            start = time.perf_counter()
+            assembler = StateAssembler(spec_of(state))
+            for message in stub.GetBase(pb.GetBaseRequest()):
+                kind = message.WhichOneof("item")
+                if kind == "chunk":
+                    assembler.add(message.chunk)
+                elif kind == "end":
+                    received = assembler.finish(message.end)  # includes the digest check
+            elapsed = time.perf_counter() - start
+        assert state_digest(received) == state_digest(state)
+        return elapsed
+    finally:
+        server.stop(0)
+
+
+def tcp_seconds(state: dict[str, torch.Tensor]) -> float:
+    payload = [tensor_bytes(t) for t in state.values()]
+    total = sum(len(p) for p in payload)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def send() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for part in payload:
+                conn.sendall(part)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    buffer = bytearray(total)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        got = 0
+        while got < total:
+            n = conn.recv_into(view[got:], min(1 << 20, total - got))
+            if n == 0:
+                raise RuntimeError("short read")
+            got += n
+    elapsed = time.perf_counter() - start
+    sender.join()
+    listener.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mib", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print("| state | raw TCP | gRPC stream (chunks + checks + digest) | ratio |")
+    print("|---|---|---|---|")
+    for mib in args.mib:
+        state = make_state(mib)
+        tcp = min(tcp_seconds(state) for _ in range(args.repeats))
+        rpc = min(grpc_seconds(state) for _ in range(args.repeats))
+        print(f"| {mib} MiB | {tcp:.3f} s ({mib / tcp:.0f} MiB/s) | "
+              f"{rpc:.3f} s ({mib / rpc:.0f} MiB/s) | {rpc / tcp:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
