@@ -82,10 +82,12 @@ class LocalConsortium:
         policy: dict[str, Any] | None = None,
         extra_members: Sequence[dict[str, str]] = (),
         route: Callable[[str, str], str] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         """``extra_members`` are added to the consortium file as they are (e.g. a node that
         is not running); ``route(node_id, address)`` may give the coordinator another address
-        to reach a node by (e.g. a recording proxy in tests)."""
+        to reach a node by (e.g. a recording proxy in tests); ``settings`` are further
+        top-level keys of the consortium file (e.g. ``node_timeout_s``)."""
         self.workdir = workdir
         self.nodes = list(nodes)
         self.consortium_id = consortium_id
@@ -94,6 +96,7 @@ class LocalConsortium:
         self.policy = policy or {}
         self.extra_members = list(extra_members)
         self.route = route
+        self.settings = dict(settings or {})
         self.processes: dict[str, Process] = {}
         self.coordinator_address = ""
 
@@ -144,7 +147,7 @@ class LocalConsortium:
         ] + self.extra_members
         config = write_toml(
             self.workdir / "config" / "consortium.toml",
-            {"consortium_id": self.consortium_id, "seed": self.seed},
+            {"consortium_id": self.consortium_id, "seed": self.seed, **self.settings},
             {"model": self.model, "policy": self.policy},
             {"nodes": members},
         )

@@ -178,3 +178,16 @@ def test_a_restarted_coordinator_resumes_at_its_last_committed_round(consortium_
     assert sorted(a.node_id for a in listed) == sorted(NODES)
     assert second.round_num == 2
     assert second.previous_base_sha256 == first.shared_base_sha256
+
+
+def test_a_node_past_its_deadline_is_reported_and_the_base_is_untouched(consortium_factory):
+    consortium = consortium_factory(settings={"node_timeout_s": 0.001})
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        _, before = client.get_base()
+        result = client.run_round()
+        _, after = client.get_base()
+
+    assert sorted(result.failed_nodes) == sorted(NODES)
+    assert all("DEADLINE_EXCEEDED" in why for why in result.failed_nodes.values())
+    assert list(result.accepted_nodes) == []
+    assert state_digest(before) == state_digest(after) == result.shared_base_sha256
