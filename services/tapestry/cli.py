@@ -18,12 +18,10 @@ from typing import Any, TypeVar
 import click
 import grpc
 
-from tapestry.client import CoordinatorClient, describe_rpc_error
-from tapestry.config import ConfigError, ConsortiumConfig, NodeConfig, load_config
-from tapestry.coordinator.store import StoreError
-from tapestry.local import LaunchError
-from tapestry.node.corpus import CorpusError
-from tapestry.wire.messages import message_to_dict
+from tapestry.errors import UserError, describe_rpc_error
+
+# Heavy modules (torch, the services) are imported inside the commands that need them, so
+# `tapestry health` (run every few seconds by container healthchecks) starts fast.
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
@@ -36,7 +34,7 @@ def _friendly_errors(command: F) -> F:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ConfigError, CorpusError, StoreError, LaunchError) as error:
+        except UserError as error:
             raise click.ClickException(str(error)) from None
         except grpc.RpcError as error:
             raise click.ClickException(describe_rpc_error(error)) from None
@@ -76,6 +74,7 @@ def coordinator() -> None:
 def coordinator_serve(config_path: Path, listen: str, data_dir: Path,
                       ready_file: Path | None) -> None:
     """Serve the Coordinator gRPC service."""
+    from tapestry.config import ConsortiumConfig, load_config
     from tapestry.coordinator.server import SERVICE_NAME, build_coordinator_server
     from tapestry.serving import serve_forever
 
@@ -94,6 +93,7 @@ def node() -> None:
 @_friendly_errors
 def node_serve(config_path: Path, listen: str, data_dir: Path, ready_file: Path | None) -> None:
     """Serve the SovereignNode gRPC service for one jurisdiction."""
+    from tapestry.config import NodeConfig, load_config
     from tapestry.node.server import SERVICE_NAME, build_node_server
     from tapestry.serving import serve_forever
 
@@ -121,6 +121,8 @@ def round_group() -> None:
 def round_run(address: str, as_json: bool, timeout: float | None) -> None:
     """Trigger one round over gRPC and print its result."""
     from tapestry import report
+    from tapestry.client import CoordinatorClient
+    from tapestry.wire.messages import message_to_dict
 
     out = report.console()
     with CoordinatorClient(address) as client:
@@ -139,6 +141,8 @@ def round_run(address: str, as_json: bool, timeout: float | None) -> None:
 def rounds(address: str, as_json: bool) -> None:
     """List the committed rounds."""
     from tapestry import report
+    from tapestry.client import CoordinatorClient
+    from tapestry.wire.messages import message_to_dict
 
     with CoordinatorClient(address) as client:
         results = client.list_rounds()
@@ -155,6 +159,8 @@ def rounds(address: str, as_json: bool) -> None:
 def artifacts(address: str, as_json: bool) -> None:
     """List the sovereign artifacts the nodes retain (metadata only)."""
     from tapestry import report
+    from tapestry.client import CoordinatorClient
+    from tapestry.wire.messages import message_to_dict
 
     with CoordinatorClient(address) as client:
         found = client.list_artifacts()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import grpc
-
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.training.consortium.messages import ModelState
@@ -64,6 +62,3 @@ class CoordinatorClient:
                 return round_num, assembler.finish(message.end)
         raise WireError("GetBase stream ended before its trailer (truncated)")
 
-
-def describe_rpc_error(error: grpc.RpcError) -> str:
-    return f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]

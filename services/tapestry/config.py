@@ -12,18 +12,21 @@ import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tapestry.training.consortium.model import ModelSpec
-from tapestry.training.consortium.policy import ContributionPolicy
+from tapestry.errors import UserError
+
+if TYPE_CHECKING:  # the core imports torch; configuration checks must stay light
+    from tapestry.training.consortium.model import ModelSpec
+    from tapestry.training.consortium.policy import ContributionPolicy
 
 NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file that cannot be used; the message says where and why."""
 
 
@@ -37,6 +40,8 @@ class ModelConfig(_Strict):
     hidden_size: int = Field(32, ge=1, le=1 << 16)
 
     def spec(self) -> ModelSpec:
+        from tapestry.training.consortium.model import ModelSpec
+
         return ModelSpec(self.architecture, self.vocab_size, self.hidden_size)
 
 
@@ -46,6 +51,8 @@ class PolicyConfig(_Strict):
     weighting: Literal["quality", "equal"] = "quality"
 
     def policy(self) -> ContributionPolicy:
+        from tapestry.training.consortium.policy import ContributionPolicy
+
         return ContributionPolicy(self.quality_floor, self.max_node_weight, self.weighting)
 
 

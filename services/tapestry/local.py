@@ -19,12 +19,13 @@ from typing import IO, Any
 
 import grpc
 
+from tapestry.errors import UserError
 from tapestry.wire.grpc_plumbing import check_health
 
 START_TIMEOUT_S = 120.0
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """A local server did not come up; the message includes the end of its log."""
 
 

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.errors import UserError
 from tapestry.storage import load_state, read_json, save_state, write_json, write_text
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.tensors import state_digest
@@ -25,7 +26,7 @@ from tapestry.wire.messages import message_from_json, message_to_json
 log = logging.getLogger(__name__)
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The data directory belongs to another consortium or cannot be used."""
 
 

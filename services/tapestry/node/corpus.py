@@ -11,8 +11,10 @@ import glob
 from collections.abc import Sequence
 from pathlib import Path
 
+from tapestry.errors import UserError
 
-class CorpusError(ValueError):
+
+class CorpusError(UserError, ValueError):
     """The corpus cannot be used; the message names the file and what is wrong."""
 
 
