@@ -62,3 +62,5 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
     header = replies[0].result
     assert header.artifact.model_state_sha256  # the state is described, not sent
     assert header.contribution.weight_delta_sha256 == replies[-1].delta_end.sha256
+    recorded = {c.node_id: c for c in result.contributions}["vietnam"]
+    assert recorded.weight_delta_sha256 == header.contribution.weight_delta_sha256

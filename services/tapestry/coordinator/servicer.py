@@ -17,7 +17,7 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.coordinator.remote import RemoteSovereignNode
 from tapestry.coordinator.store import CoordinatorStore
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
-from tapestry.training.consortium.messages import ModelState
+from tapestry.training.consortium.messages import ModelState, SovereignContribution
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire import messages
@@ -89,7 +89,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         previous_round = self._core.round_num
         previous_artifacts = dict(self._core.sovereign_artifacts)
         log.info("round %d: starting with %d nodes", previous_round + 1, len(self._nodes))
-        result = self._core.run_round(self._nodes)
+        delta_sha256: dict[str, str] = {}
+
+        def note_delta(contribution: SovereignContribution) -> None:
+            delta_sha256[contribution.node_id] = state_digest(contribution.weight_delta)
+
+        result = self._core.run_round(self._nodes, on_contribution=note_delta)
         record = pb.RoundRecord(
             result=messages.round_result_to_proto(
                 result,
@@ -97,6 +102,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 shared_base_sha256=state_digest(result.shared_base_state),
                 started_at=started,
                 finished_at=time.time(),
+                delta_sha256=delta_sha256,
             ),
             artifacts=[
                 messages.artifact_to_proto(self._core.sovereign_artifacts[node_id])

@@ -7,6 +7,7 @@ over the wire its ``model_state`` is empty and its digest and size describe it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import json_format
@@ -115,8 +116,12 @@ def round_result_to_proto(
     shared_base_sha256: str,
     started_at: float = 0.0,
     finished_at: float = 0.0,
+    delta_sha256: Mapping[str, str] | None = None,
 ) -> pb.ConsortiumRoundResult:
-    """The base states travel as digests (the coordinator computes them once per round)."""
+    """The base states travel as digests (the coordinator computes them once per round);
+    ``delta_sha256`` gives each contribution's delta digest (the deltas themselves are
+    integrated and gone by the time the result is written)."""
+    delta_sha256 = delta_sha256 or {}
     return pb.ConsortiumRoundResult(
         round_num=result.round_num,
         previous_base_sha256=previous_base_sha256,
@@ -126,7 +131,8 @@ def round_result_to_proto(
         contribution_weights=result.contribution_weights,
         rejection_reasons=result.rejection_reasons,
         failed_nodes=result.failed_nodes,
-        contributions=[contribution_to_proto(c, "") for c in result.contributions.values()],
+        contributions=[contribution_to_proto(c, delta_sha256.get(node_id, ""))
+                       for node_id, c in result.contributions.items()],
         quality_scores=result.quality_scores,
         started_at=started_at,
         finished_at=finished_at,
