@@ -134,22 +134,29 @@ def round_run(address: str, as_json: bool, timeout: float | None) -> None:
         out.print(report.round_table(result))
 
 
+def _print_listing(address: str, as_json: bool, what: str) -> None:
+    """Fetch a listing from the coordinator; print it as a table or as JSON."""
+    from tapestry import report
+    from tapestry.client import CoordinatorClient
+    from tapestry.wire.messages import message_to_dict
+
+    with CoordinatorClient(address) as client:
+        items = client.list_rounds() if what == "rounds" else client.list_artifacts()
+    if as_json:
+        click.echo(json.dumps([message_to_dict(i) for i in items], indent=2, sort_keys=True))
+    elif what == "rounds":
+        report.console().print(report.rounds_table(items))  # type: ignore[arg-type]
+    else:
+        report.console().print(report.artifacts_table(items))  # type: ignore[arg-type]
+
+
 @main.command()
 @_coordinator_option
 @_json_option
 @_friendly_errors
 def rounds(address: str, as_json: bool) -> None:
     """List the committed rounds."""
-    from tapestry import report
-    from tapestry.client import CoordinatorClient
-    from tapestry.wire.messages import message_to_dict
-
-    with CoordinatorClient(address) as client:
-        results = client.list_rounds()
-    if as_json:
-        click.echo(json.dumps([message_to_dict(r) for r in results], indent=2, sort_keys=True))
-    else:
-        report.console().print(report.rounds_table(results))
+    _print_listing(address, as_json, "rounds")
 
 
 @main.command()
@@ -158,16 +165,7 @@ def rounds(address: str, as_json: bool) -> None:
 @_friendly_errors
 def artifacts(address: str, as_json: bool) -> None:
     """List the sovereign artifacts the nodes retain (metadata only)."""
-    from tapestry import report
-    from tapestry.client import CoordinatorClient
-    from tapestry.wire.messages import message_to_dict
-
-    with CoordinatorClient(address) as client:
-        found = client.list_artifacts()
-    if as_json:
-        click.echo(json.dumps([message_to_dict(a) for a in found], indent=2, sort_keys=True))
-    else:
-        report.console().print(report.artifacts_table(found))
+    _print_listing(address, as_json, "artifacts")
 
 
 @main.command()

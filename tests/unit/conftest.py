@@ -61,6 +61,7 @@ NODE_DEFAULTS: dict[str, Any] = {"local_epochs": 2, "batch_size": 2, "lr": 1e-2}
 
 MakeNode = Callable[..., SovereignTrainingNode]
 MakeNodes = Callable[..., list[SovereignTrainingNode]]
+StatesEqual = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
 
 
 @pytest.fixture

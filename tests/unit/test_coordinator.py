@@ -24,9 +24,7 @@ from tapestry.training.consortium import (
     state_digest,
 )
 
-MakeNode = Callable[..., SovereignTrainingNode]
-MakeNodes = Callable[..., list[SovereignTrainingNode]]
-StatesEqual = Callable[[ModelState, ModelState], None]
+from .conftest import MakeNode, MakeNodes, StatesEqual
 
 
 class RaisingNode:

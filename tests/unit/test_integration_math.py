@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from tapestry.training.consortium import (
     integrate,
 )
 
-StatesEqual = Callable[[ModelState, ModelState], None]
+from .conftest import StatesEqual
 
 
 def small_base() -> ModelState:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,9 +20,7 @@ from tapestry.training.consortium import (
     state_digest,
 )
 
-MakeNode = Callable[..., SovereignTrainingNode]
-MakeNodes = Callable[..., list[SovereignTrainingNode]]
-StatesEqual = Callable[[ModelState, ModelState], None]
+from .conftest import MakeNode, MakeNodes, StatesEqual
 
 
 class AccessRecorder:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -22,8 +22,7 @@ from tapestry.training.consortium import (
 )
 from tapestry.training.consortium.node import pad_corpus
 
-MakeNode = Callable[..., SovereignTrainingNode]
-StatesEqual = Callable[[ModelState, ModelState], None]
+from .conftest import MakeNode, StatesEqual
 
 
 def reference_cycle(
