@@ -116,27 +116,28 @@ class ConsortiumCoordinator:
         decision = self.contribution_policy.decide(scores)
         accepted = [n for n in node_ids if n in decision.weights]
         rejected = [n for n in node_ids if n in contributions and n not in decision.weights]
-        if accepted:
-            new_state = integrate(
-                snapshot,
-                [(decision.weights[n], contributions[n].weight_delta) for n in accepted],
-            )
+        weighted = [(decision.weights[n], contributions[n].weight_delta) for n in accepted]
+        # Metadata only from here on: each delta is released as soon as it is integrated.
+        received = {n: dataclasses.replace(c, weight_delta={}) for n, c in contributions.items()}
+        del outcomes, contributions
+        if weighted:
+            new_state = integrate(snapshot, weighted)
+            del weighted
             self.base_model.load_state_dict(new_state)
+        else:
+            new_state = clone_state(snapshot)
         self.round_num = round_num
         return ConsortiumRoundResult(
             round_num=round_num,
             previous_base_state=snapshot,
-            shared_base_state=self.shared_base_state,
+            shared_base_state=new_state,
             accepted_nodes=accepted,
             rejected_nodes=rejected,
             contribution_weights={n: decision.weights[n] for n in accepted},
             rejection_reasons={n: decision.rejection_reasons[n] for n in rejected},
             failed_nodes=failed,
             quality_scores=scores,
-            # Metadata only: the deltas are integrated and need not outlive the round.
-            contributions={
-                n: dataclasses.replace(c, weight_delta={}) for n, c in contributions.items()
-            },
+            contributions=received,
         )
 
     @staticmethod
