@@ -36,6 +36,8 @@ def _friendly_errors(command: F) -> F:
             return command(*args, **kwargs)
         except UserError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:  # e.g. a data directory that cannot be created or written
+            raise click.ClickException(f"{type(error).__name__}: {error}") from None
         except grpc.RpcError as error:
             raise click.ClickException(describe_rpc_error(error)) from None
 

@@ -134,3 +134,26 @@ def test_write_json_replaces_the_file_atomically(tmp_path: Path) -> None:
     assert path.stat().st_ino != old_inode
     assert read_json(path) == {"version": 2}
     assert files_in(tmp_path) == ["manifest.json"]
+
+
+def test_a_node_never_overwrites_a_stored_artifact(tmp_path: Path) -> None:
+    from tapestry.node.store import ArtifactStore
+    from tapestry.training.consortium import SovereignModelArtifact, state_digest
+
+    def artifact(value: float) -> SovereignModelArtifact:
+        state = {"w": torch.full((2,), value)}
+        return SovereignModelArtifact("vn", "Vietnam", "continued_pretraining", state,
+                                      {"loss": value}, round_num=2,
+                                      model_state_sha256=state_digest(state),
+                                      model_state_bytes=8)
+
+    store = ArtifactStore(tmp_path)
+    first = store.save(artifact(1.0))
+    second = store.save(artifact(2.0))
+
+    assert store.rounds() == [2]
+    latest = store.get()
+    assert latest is not None and latest.model_state_sha256 == second.model_state_sha256
+    aside = tmp_path / "artifacts" / f"round-000002.superseded-{first.model_state_sha256[:16]}"
+    kept, _ = load_state(aside / "model.safetensors")
+    assert torch.equal(kept["w"], torch.full((2,), 1.0))

@@ -83,11 +83,9 @@ class CoordinatorStore:
         records = self.records()
         while records:
             record = records[-1]
-            path = self._base_path(record.result.round_num)
-            if path.exists():
-                state, _ = load_state(path)
-                if state_digest(state) == record.result.shared_base_sha256:
-                    return record.result.round_num, state, records
+            state = self._load_intact(record.result.round_num, record.result.shared_base_sha256)
+            if state is not None:
+                return record.result.round_num, state, records
             log.error("round %d's base is missing or damaged; resuming from the round before",
                       record.result.round_num)
             records.pop()
@@ -96,3 +94,12 @@ class CoordinatorStore:
             state, _ = load_state(initial)
             return 0, state, []
         return None
+
+    def _load_intact(self, round_num: int, sha256: str) -> ModelState | None:
+        path = self._base_path(round_num)
+        try:
+            state, _ = load_state(path)
+        except Exception as error:  # missing, truncated or not safetensors at all
+            log.error("cannot read %s: %s", path, error)
+            return None
+        return state if state_digest(state) == sha256 else None

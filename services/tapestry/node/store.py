@@ -6,13 +6,16 @@ Layout under ``<data-dir>/artifacts/``::
     round-000003/manifest.json       node, jurisdiction, stage, round, metrics, sha256, bytes
 
 The manifest is written last, so a round directory without one is an interrupted write
-and is ignored (and replaced when that round runs again).
+and is ignored (and replaced when that round runs again). When a round runs again after it
+completed (the coordinator rolled it back, say), the earlier artifact is kept, renamed to
+``round-NNNNNN.superseded-<sha256 prefix>/``: a stored sovereign model is never overwritten.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 from tapestry.storage import read_json, save_state, write_json
@@ -31,6 +34,7 @@ class ArtifactStore:
     def save(self, artifact: SovereignModelArtifact) -> SovereignModelArtifact:
         """Persist the full artifact; returns its metadata with ``stored_at`` set."""
         directory = self._dir(artifact.round_num)
+        self._keep_earlier(directory)
         model_path = directory / "model.safetensors"
         digest = artifact.model_state_sha256 or state_digest(artifact.model_state)
         save_state(
@@ -43,6 +47,19 @@ class ArtifactStore:
         )
         write_json(directory / "manifest.json", manifest_of(stored))
         return stored
+
+    @staticmethod
+    def _keep_earlier(directory: Path) -> None:
+        try:
+            earlier = read_json(directory / "manifest.json")
+        except (OSError, json.JSONDecodeError):
+            return  # nothing complete there: an interrupted write may be replaced
+        aside = directory.with_name(
+            f"{directory.name}.superseded-{earlier['model_state_sha256'][:16]}")
+        if aside.exists():  # the very same model was kept aside before
+            shutil.rmtree(directory)
+        else:
+            directory.rename(aside)
 
     def rounds(self) -> list[int]:
         found = []
