@@ -14,7 +14,7 @@ import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.remote import RemoteSovereignNode
+from tapestry.coordinator.remote import ProgressListener, RemoteSovereignNode
 from tapestry.coordinator.store import CoordinatorStore
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
 from tapestry.training.consortium.messages import ModelState, SovereignContribution
@@ -43,7 +43,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._spec = spec
         self._chunk_bytes = chunk_bytes
         self._records = list(records)
-        self._committed_base: ModelState = core.shared_base_state
+        # (round, base) of the last commit, replaced as one tuple and never mutated, so a
+        # reader always sees a base with its own round number.
+        self._committed: tuple[int, ModelState] = (core.round_num, core.shared_base_state)
         self._round_lock = threading.Lock()
 
     # -- rounds ------------------------------------------------------------------------
@@ -82,9 +84,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             else:
                 abort(context, item)
 
-    def _run_round(self, tell: object) -> pb.RoundRecord:
+    def _run_round(self, tell: ProgressListener) -> pb.RoundRecord:
         for node in self._nodes:
-            node.listener = tell  # type: ignore[assignment]
+            node.listener = tell
         started = time.time()
         previous_round = self._core.round_num
         previous_artifacts = dict(self._core.sovereign_artifacts)
@@ -117,7 +119,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self._core.sovereign_artifacts = previous_artifacts
             raise
         self._records.append(record)
-        self._committed_base = result.shared_base_state
+        self._committed = (result.round_num, result.shared_base_state)
         r = record.result
         log.info("round %d committed: accepted %s, rejected %s, failed %s, base %s -> %s",
                  r.round_num, list(r.accepted_nodes), list(r.rejected_nodes),
@@ -146,8 +148,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def GetBase(self, request: pb.GetBaseRequest, context: grpc.ServicerContext
                 ) -> Iterator[pb.BaseChunk]:
-        base = self._committed_base  # replaced, never mutated: a consistent snapshot
-        round_num = self._records[-1].result.round_num if self._records else 0
+        round_num, base = self._committed
         yield pb.BaseChunk(header=pb.BaseHeader(
             round_num=round_num, model=messages.model_spec_to_proto(self._spec)))
         for chunk in state_to_chunks(base, self._chunk_bytes):
