@@ -59,6 +59,6 @@ class CoordinatorClient:
             elif kind == "chunk":
                 assembler.add(message.chunk)
             elif kind == "end":
-                return round_num, assembler.finish(message.end)
+                return round_num, dict(assembler.finish(message.end))
         raise WireError("GetBase stream ended before its trailer (truncated)")
 

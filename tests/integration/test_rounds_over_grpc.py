@@ -33,6 +33,8 @@ def test_round_retains_one_artifact_per_node_on_disk_and_in_listing(shared_conso
 
     assert result.accepted_nodes == NODES
     assert list(result.rejected_nodes) == [] and dict(result.failed_nodes) == {}
+    # Deltas were spilled while they waited for the weights, and are gone with the round.
+    assert not (shared_consortium.coordinator_data_dir / "spill").exists()
     assert sum(result.contribution_weights.values()) == pytest.approx(1.0, abs=1e-12)
     assert sorted(listed) == sorted(NODES)
     for node_id in NODES:

@@ -7,6 +7,7 @@ except that the returned artifact is metadata only: the node keeps its weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 
@@ -15,6 +16,7 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
 from tapestry.wire import messages
 from tapestry.wire.grpc_plumbing import insecure_channel
+from tapestry.wire.spill import SpillingAssembler
 from tapestry.wire.tensor_stream import (
     DEFAULT_CHUNK_BYTES,
     StateAssembler,
@@ -41,13 +43,17 @@ class RemoteSovereignNode:
         consortium_id: str = "",
         timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        spill_dir: Path | None = None,
     ) -> None:
+        """With ``spill_dir``, the delta is written to ``<spill_dir>/<node_id>.delta`` as it
+        arrives instead of being held in memory (see :mod:`tapestry.wire.spill`)."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.address = address
         self.consortium_id = consortium_id
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
+        self.spill_dir = spill_dir
         self.listener: ProgressListener | None = None
         self._channel = insecure_channel(address)
         self._stub = pb_grpc.SovereignNodeStub(self._channel)
@@ -88,14 +94,18 @@ class RemoteSovereignNode:
                 yield pb.RunSovereignCycleRequest(base_chunk=chunk)
             yield pb.RunSovereignCycleRequest(base_end=state_trailer(base_state))
 
+        # The delta must match the base key for key: anything else is refused on arrival.
+        expected = spec_of(base_state)
+        assembler = (
+            SpillingAssembler(self.spill_dir / f"{self.node_id}.delta", expected)
+            if self.spill_dir is not None else StateAssembler(expected)
+        )
         responses = self._stub.RunSovereignCycle(requests(), timeout=self.timeout_s)
         try:
             first = next(responses, None)
             if first is None or first.WhichOneof("item") != "result":
                 raise WireError("the node's reply must begin with its cycle result")
             header = first.result
-            # The delta must match the base key for key: anything else is refused on arrival.
-            assembler = StateAssembler(spec_of(base_state))
             for message in responses:
                 kind = message.WhichOneof("item")
                 if kind == "delta_chunk":
@@ -108,5 +118,10 @@ class RemoteSovereignNode:
                 else:
                     raise WireError(f"unexpected {kind!r} message in the delta stream")
             raise WireError("the delta stream ended before its trailer (truncated)")
+        except BaseException:
+            if isinstance(assembler, SpillingAssembler):
+                assembler.close()
+                assembler.path.unlink(missing_ok=True)
+            raise
         finally:
             responses.cancel()

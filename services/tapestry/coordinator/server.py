@@ -55,7 +55,7 @@ def build_coordinator_server(
         RemoteSovereignNode(
             member.node_id, member.jurisdiction, member.address,
             consortium_id=config.consortium_id, timeout_s=config.node_timeout_s,
-            chunk_bytes=config.chunk_bytes,
+            chunk_bytes=config.chunk_bytes, spill_dir=store.spill_dir,
         )
         for member in config.nodes
     ]

@@ -96,7 +96,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         def note_delta(contribution: SovereignContribution) -> None:
             delta_sha256[contribution.node_id] = state_digest(contribution.weight_delta)
 
-        result = self._core.run_round(self._nodes, on_contribution=note_delta)
+        self._store.clear_spill()
+        try:
+            result = self._core.run_round(self._nodes, on_contribution=note_delta)
+        finally:
+            self._store.clear_spill()  # integrated or not, spilled deltas end with the round
         record = pb.RoundRecord(
             result=messages.round_result_to_proto(
                 result,

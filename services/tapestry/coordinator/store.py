@@ -14,6 +14,7 @@ the recorded digest, so a crash mid-commit leaves the previous round in force.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
@@ -37,6 +38,14 @@ class CoordinatorStore:
         self.rounds_dir = data_dir / "rounds"
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def spill_dir(self) -> Path:
+        """Scratch space for the deltas of the round in progress (see tapestry.wire.spill)."""
+        return self.root / "spill"
+
+    def clear_spill(self) -> None:
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
 
     def check_identity(self, identity: dict[str, object]) -> None:
         """Refuse to resume a data directory written for another consortium or model."""

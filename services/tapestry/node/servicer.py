@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import grpc
+import torch
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
@@ -94,7 +95,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
             self._busy.release()
 
     def _receive_base(self, requests: Iterator[pb.RunSovereignCycleRequest]
-                      ) -> tuple[int, dict]:
+                      ) -> tuple[int, Mapping[str, torch.Tensor]]:
         first = next(requests, None)
         if first is None or first.WhichOneof("item") != "start":
             raise WireError("the request stream must begin with a CycleStart message")

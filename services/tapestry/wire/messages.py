@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from google.protobuf import json_format
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
-    ModelState,
     SovereignContribution,
     SovereignCycleResult,
     SovereignModelArtifact,
@@ -79,7 +79,7 @@ def contribution_to_proto(
 
 
 def contribution_from_proto(
-    msg: pb.SovereignContribution, weight_delta: ModelState
+    msg: pb.SovereignContribution, weight_delta: Mapping[str, torch.Tensor]
 ) -> SovereignContribution:
     return SovereignContribution(
         node_id=msg.node_id,
@@ -101,7 +101,7 @@ def cycle_result_to_proto(
 
 
 def cycle_result_from_proto(
-    msg: pb.SovereignCycleResult, weight_delta: ModelState
+    msg: pb.SovereignCycleResult, weight_delta: Mapping[str, torch.Tensor]
 ) -> SovereignCycleResult:
     return SovereignCycleResult(
         artifact=artifact_from_proto(msg.artifact),

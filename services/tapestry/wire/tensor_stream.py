@@ -83,14 +83,17 @@ class StateAssembler:
 
     def __init__(self, expected: Mapping[str, TensorSpec] | None = None) -> None:
         self._expected = expected
-        self._done: ModelState = {}
+        self._done: dict[str, TensorSpec] = {}
+        self._total = 0
         self._name: str | None = None
         self._spec: TensorSpec | None = None
-        self._buffer = bytearray()
+        self._nbytes = 0
         self._filled = 0
         self._finished = False
         self._hasher = StateHasher()
         self._last = ""
+        self._state: ModelState = {}
+        self._buffer = bytearray()
 
     def add(self, chunk: pb.TensorChunk) -> None:
         if self._finished:
@@ -110,17 +113,17 @@ class StateAssembler:
                 f"{self._filled} (chunks must arrive in order, without gaps or overlaps)"
             )
         end = self._filled + len(chunk.data)
-        if end > len(self._buffer):
+        if end > self._nbytes:
             raise WireError(
                 f"tensor {chunk.name!r}: {end} bytes received, more than its "
-                f"{len(self._buffer)} bytes"
+                f"{self._nbytes} bytes"
             )
         data = chunk.data
-        self._buffer[self._filled : end] = data
+        self._write(self._filled, data)
         self._hasher.data(data)
         self._filled = end
 
-    def finish(self, trailer: pb.StateTrailer) -> ModelState:
+    def finish(self, trailer: pb.StateTrailer) -> Mapping[str, torch.Tensor]:
         """The whole state, once the trailer confirms count, size and digest."""
         self._close_current()
         self._finished = True
@@ -128,16 +131,15 @@ class StateAssembler:
             missing = sorted(set(self._expected) - set(self._done))
             if missing:
                 raise WireError(f"stream ended without tensors {missing}")
-        state = self._done
-        if trailer.tensor_count != len(state) or trailer.total_bytes != state_nbytes(state):
+        if trailer.tensor_count != len(self._done) or trailer.total_bytes != self._total:
             raise WireError(
                 f"trailer announces {trailer.tensor_count} tensors / {trailer.total_bytes} "
-                f"bytes, stream carried {len(state)} / {state_nbytes(state)}"
+                f"bytes, stream carried {len(self._done)} / {self._total}"
             )
         digest = self._hasher.hexdigest()
         if trailer.sha256 != digest:
             raise WireError(f"state digest mismatch: trailer {trailer.sha256}, received {digest}")
-        return state
+        return self._result()
 
     def _open(self, chunk: pb.TensorChunk) -> None:
         name = chunk.name
@@ -178,19 +180,41 @@ class StateAssembler:
             )
         self._name, self._spec = name, TensorSpec(dtype, shape)
         self._hasher.tensor(name, chunk.dtype, shape, nbytes)
-        self._buffer = bytearray(nbytes)
-        self._filled = 0
+        self._nbytes, self._filled = nbytes, 0
+        self._begin(nbytes)
 
     def _close_current(self) -> None:
         if self._name is None or self._spec is None:
             return
-        if self._filled != len(self._buffer):
+        if self._filled != self._nbytes:
             raise WireError(
-                f"tensor {self._name!r} truncated: {self._filled} of {len(self._buffer)} bytes"
+                f"tensor {self._name!r} truncated: {self._filled} of {self._nbytes} bytes"
             )
-        if self._buffer:
-            flat = torch.frombuffer(self._buffer, dtype=self._spec.dtype)
-        else:
-            flat = torch.empty(0, dtype=self._spec.dtype)
-        self._done[self._name] = flat.reshape(self._spec.shape)
-        self._name, self._spec, self._buffer = None, None, bytearray()
+        self._end(self._name, self._spec)
+        self._done[self._name] = self._spec
+        self._total += self._nbytes
+        self._name, self._spec = None, None
+
+    # Where the bytes go: memory here, a scratch file in SpillingAssembler. ---------------
+
+    def _begin(self, nbytes: int) -> None:
+        self._buffer = bytearray(nbytes)
+
+    def _write(self, offset: int, data: bytes) -> None:
+        self._buffer[offset : offset + len(data)] = data
+
+    def _end(self, name: str, spec: TensorSpec) -> None:
+        self._state[name] = tensor_from_bytes(self._buffer, spec)
+        self._buffer = bytearray()
+
+    def _result(self) -> Mapping[str, torch.Tensor]:
+        return self._state
+
+
+def tensor_from_bytes(buffer: bytearray, spec: TensorSpec) -> torch.Tensor:
+    """A tensor over ``buffer`` (no copy) with the given dtype and shape."""
+    if buffer:
+        flat = torch.frombuffer(buffer, dtype=spec.dtype)
+    else:
+        flat = torch.empty(0, dtype=spec.dtype)
+    return flat.reshape(spec.shape)

@@ -40,7 +40,7 @@ class SovereignContribution:
 
     node_id: str
     round_num: int
-    weight_delta: ModelState
+    weight_delta: Mapping[str, torch.Tensor]  # a ModelState, or a read-only spilled one
     quality_score: float
     token_count: int
     metrics: Mapping[str, float]

@@ -1,0 +1,80 @@
+"""Deltas received straight to a scratch file, read back one tensor at a time.
+
+The coordinator cannot integrate a delta when it arrives: the weights depend on every
+node's score. Holding N deltas in memory would make its peak grow with the number of nodes;
+spilled, a delta costs disk while it waits, and integration reads one tensor per node at a
+time (:func:`tapestry.training.consortium.integrate` works key by key).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from tapestry.wire.tensor_stream import StateAssembler, TensorSpec, tensor_from_bytes
+
+
+class SpilledState(Mapping[str, torch.Tensor]):
+    """A read-only state whose tensors live in a file; each access reads one from disk."""
+
+    def __init__(self, path: Path, index: dict[str, tuple[int, int, TensorSpec]]) -> None:
+        self.path = path
+        self._index = index  # name -> (byte offset, byte length, spec)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        offset, nbytes, spec = self._index[name]
+        buffer = bytearray(nbytes)
+        if nbytes:
+            with open(self.path, "rb") as handle:
+                handle.seek(offset)
+                if handle.readinto(buffer) != nbytes:
+                    raise OSError(f"{self.path}: spilled tensor {name!r} is truncated")
+        return tensor_from_bytes(buffer, spec)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class SpillingAssembler(StateAssembler):
+    """:class:`StateAssembler` with every check, writing the bytes to ``path``."""
+
+    def __init__(self, path: Path, expected: Mapping[str, TensorSpec] | None = None) -> None:
+        super().__init__(expected)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._base = self._next = 0
+        self._index: dict[str, tuple[int, int, TensorSpec]] = {}
+
+    def _begin(self, nbytes: int) -> None:
+        self._base = self._next
+
+    def _write(self, offset: int, data: bytes) -> None:
+        written = os.pwrite(self._fd, data, self._base + offset)
+        if written != len(data):
+            raise OSError(f"{self.path}: short write while spilling")
+
+    def _end(self, name: str, spec: TensorSpec) -> None:
+        self._index[name] = (self._base, self._nbytes, spec)
+        self._next = self._base + self._nbytes
+
+    def _result(self) -> SpilledState:
+        self.close()
+        return SpilledState(self.path, self._index)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
