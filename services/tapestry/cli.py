@@ -76,7 +76,13 @@ def coordinator() -> None:
 def coordinator_serve(config_path: Path, listen: str, data_dir: Path,
                       ready_file: Path | None) -> None:
     """Serve the Coordinator gRPC service."""
+    import os
+
+    from tapestry.allocator import tune_allocator
     from tapestry.config import ConsortiumConfig, load_config
+
+    tune_allocator(int(os.environ.get("TAPESTRY_ARENA_MAX", "1")),
+                   int(os.environ.get("TAPESTRY_TRIM_THRESHOLD", str(1 << 20))))
     from tapestry.coordinator.server import SERVICE_NAME, build_coordinator_server
     from tapestry.serving import serve_forever
 

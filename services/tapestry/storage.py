@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,15 @@ def read_json(path: Path) -> Any:
 
 
 def save_state(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Save a state with safetensors. Tensors are cloned first, so tied weights (one storage
-    under two keys, which safetensors refuses) are stored as two entries."""
+    """Save a state with safetensors. Tied weights (one storage under two keys, which
+    safetensors refuses) and strided views are stored as independent entries: such states
+    are copied first; plain ones are written as they are (no extra copy of the model)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(clone_state(state), str(tmp), metadata=dict(metadata))
+    storages = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]
+    plain = len(set(storages)) == len(storages) and all(
+        t.is_contiguous() and not t.is_conj() and not t.is_neg() for t in state.values())
+    save_file(dict(state) if plain else clone_state(state), str(tmp), metadata=dict(metadata))
     _commit(tmp, path)
 
 
@@ -67,3 +71,24 @@ def load_state(path: Path) -> tuple[ModelState, dict[str, str]]:
         metadata = dict(handle.metadata() or {})
         state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     return state, metadata
+
+
+class StoredState(Mapping[str, torch.Tensor]):
+    """A saved state read one tensor per access, so serving it never holds it whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with safe_open(str(path), framework="pt") as handle:
+            self._keys = sorted(handle.keys())  # noqa: SIM118 - a method, not a dict
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._keys:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)

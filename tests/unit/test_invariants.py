@@ -83,6 +83,7 @@ def test_invariant_2_only_deltas_are_contributed(
         "quality_score",
         "token_count",
         "metrics",
+        "weight_delta_sha256",
     ]
     for node, contribution in zip(nodes, sent, strict=True):
         assert contribution.node_id == node.node_id

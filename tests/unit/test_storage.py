@@ -157,3 +157,15 @@ def test_a_node_never_overwrites_a_stored_artifact(tmp_path: Path) -> None:
     aside = tmp_path / "artifacts" / f"round-000002.superseded-{first.model_state_sha256[:16]}"
     kept, _ = load_state(aside / "model.safetensors")
     assert torch.equal(kept["w"], torch.full((2,), 1.0))
+
+
+def test_a_stored_state_is_read_one_tensor_at_a_time(tmp_path: Path) -> None:
+    from tapestry.storage import StoredState
+
+    state = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([1, 2], dtype=torch.int64)}
+    save_state(tmp_path / "s.safetensors", state, {})
+    stored = StoredState(tmp_path / "s.safetensors")
+    assert list(stored) == ["a", "b"] and len(stored) == 2
+    assert state_digest(stored) == state_digest(state)
+    with pytest.raises(KeyError):
+        stored["missing"]

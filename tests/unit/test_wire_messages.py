@@ -141,8 +141,10 @@ def test_contribution_header_round_trips_with_its_delta_digest() -> None:
     delta = {"w": torch.full((2, 3), 0.25), "b": torch.tensor([-0.0])}
     back = contribution_from_proto(wire, delta)
     assert back.weight_delta is delta
+    # The digest the delta had on the wire comes back with it (checked against the stream).
+    assert back.weight_delta_sha256 == msg.weight_delta_sha256
     for field in dataclasses.fields(SovereignContribution):
-        if field.name != "weight_delta":
+        if field.name not in ("weight_delta", "weight_delta_sha256"):
             assert getattr(back, field.name) == getattr(contribution, field.name), field.name
 
 
@@ -152,6 +154,10 @@ def test_contribution_digest_given_or_absent() -> None:
     assert contribution_to_proto(contribution, "").weight_delta_sha256 == ""
     empty = dataclasses.replace(contribution, weight_delta={})
     assert contribution_to_proto(empty).weight_delta_sha256 == ""
+    # A contribution that arrived over the wire keeps its verified digest after its delta
+    # has been integrated and dropped.
+    integrated = dataclasses.replace(empty, weight_delta_sha256="e" * 64)
+    assert contribution_to_proto(integrated).weight_delta_sha256 == "e" * 64
 
 
 def test_cycle_result_round_trips() -> None:
@@ -167,7 +173,8 @@ def test_cycle_result_round_trips() -> None:
     back = cycle_result_from_proto(wire, result.contribution.weight_delta)
     assert back.artifact == dataclasses.replace(result.artifact, model_state={})
     assert back.contribution.weight_delta is result.contribution.weight_delta
-    assert back.contribution == result.contribution
+    assert back.contribution == dataclasses.replace(result.contribution,
+                                                    weight_delta_sha256=delta_sha)
 
 
 def test_round_result_to_proto_maps_every_field() -> None:

@@ -16,13 +16,13 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.coordinator.remote import ProgressListener, RemoteSovereignNode
 from tapestry.coordinator.store import CoordinatorStore
+from tapestry.storage import StoredState
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
-from tapestry.training.consortium.messages import ModelState, SovereignContribution
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire import messages
 from tapestry.wire.errors import Busy, NotFound, abort
-from tapestry.wire.tensor_stream import state_to_chunks, state_trailer
+from tapestry.wire.tensor_stream import state_to_chunks
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._spec = spec
         self._chunk_bytes = chunk_bytes
         self._records = list(records)
-        # (round, base) of the last commit, replaced as one tuple and never mutated, so a
-        # reader always sees a base with its own round number.
-        self._committed: tuple[int, ModelState] = (core.round_num, core.shared_base_state)
+        # (round, digest) of the last commit, replaced as one tuple, so a reader always sees
+        # a base with its own round number. GetBase serves it from its committed file, one
+        # tensor at a time: the coordinator keeps no second copy of the base in memory.
+        self._committed: tuple[int, str] = (core.round_num, state_digest(core.shared_base_state))
         self._round_lock = threading.Lock()
 
     # -- rounds ------------------------------------------------------------------------
@@ -91,14 +92,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         previous_round = self._core.round_num
         previous_artifacts = dict(self._core.sovereign_artifacts)
         log.info("round %d: starting with %d nodes", previous_round + 1, len(self._nodes))
-        delta_sha256: dict[str, str] = {}
-
-        def note_delta(contribution: SovereignContribution) -> None:
-            delta_sha256[contribution.node_id] = state_digest(contribution.weight_delta)
-
         self._store.clear_spill()
         try:
-            result = self._core.run_round(self._nodes, on_contribution=note_delta)
+            result = self._core.run_round(self._nodes)
         finally:
             self._store.clear_spill()  # integrated or not, spilled deltas end with the round
         record = pb.RoundRecord(
@@ -108,7 +104,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 shared_base_sha256=state_digest(result.shared_base_state),
                 started_at=started,
                 finished_at=time.time(),
-                delta_sha256=delta_sha256,
             ),
             artifacts=[
                 messages.artifact_to_proto(self._core.sovereign_artifacts[node_id])
@@ -123,7 +118,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self._core.sovereign_artifacts = previous_artifacts
             raise
         self._records.append(record)
-        self._committed = (result.round_num, result.shared_base_state)
+        self._committed = (result.round_num, record.result.shared_base_sha256)
         r = record.result
         log.info("round %d committed: accepted %s, rejected %s, failed %s, base %s -> %s",
                  r.round_num, list(r.accepted_nodes), list(r.rejected_nodes),
@@ -152,12 +147,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def GetBase(self, request: pb.GetBaseRequest, context: grpc.ServicerContext
                 ) -> Iterator[pb.BaseChunk]:
-        round_num, base = self._committed
+        round_num, digest = self._committed
+        base = StoredState(self._store.base_path(round_num))
         yield pb.BaseChunk(header=pb.BaseHeader(
             round_num=round_num, model=messages.model_spec_to_proto(self._spec)))
+        count = total = 0
         for chunk in state_to_chunks(base, self._chunk_bytes):
+            if chunk.offset == 0:
+                count, total = count + 1, total + chunk.total_bytes
             yield pb.BaseChunk(chunk=chunk)
-        yield pb.BaseChunk(end=state_trailer(base))
+        # The digest was computed when the base was committed; the file is checked against
+        # it on resume, and the receiver checks the stream against it.
+        yield pb.BaseChunk(end=pb.StateTrailer(tensor_count=count, total_bytes=total,
+                                               sha256=digest))
 
     def ListArtifacts(self, request: pb.ListArtifactsRequest, context: grpc.ServicerContext
                       ) -> pb.ListArtifactsResponse:

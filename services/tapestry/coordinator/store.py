@@ -60,19 +60,19 @@ class CoordinatorStore:
                 "use another --data-dir or restore the matching configuration"
             )
 
-    def _base_path(self, round_num: int) -> Path:
+    def base_path(self, round_num: int) -> Path:
         return self.base_dir / f"round-{round_num:06d}.safetensors"
 
     def _record_path(self, round_num: int) -> Path:
         return self.rounds_dir / f"round-{round_num:06d}.json"
 
     def save_initial_base(self, state: ModelState) -> None:
-        save_state(self._base_path(0), state, {"round_num": "0", "sha256": state_digest(state)})
+        save_state(self.base_path(0), state, {"round_num": "0", "sha256": state_digest(state)})
 
     def commit(self, record: pb.RoundRecord, base: ModelState) -> None:
         round_num = record.result.round_num
         save_state(
-            self._base_path(round_num), base,
+            self.base_path(round_num), base,
             {"round_num": str(round_num), "sha256": record.result.shared_base_sha256},
         )
         write_text(self._record_path(round_num), message_to_json(record))
@@ -98,14 +98,14 @@ class CoordinatorStore:
             log.error("round %d's base is missing or damaged; resuming from the round before",
                       record.result.round_num)
             records.pop()
-        initial = self._base_path(0)
+        initial = self.base_path(0)
         if initial.exists():
             state, _ = load_state(initial)
             return 0, state, []
         return None
 
     def _load_intact(self, round_num: int, sha256: str) -> ModelState | None:
-        path = self._base_path(round_num)
+        path = self.base_path(round_num)
         try:
             state, _ = load_state(path)
         except Exception as error:  # missing, truncated or not safetensors at all

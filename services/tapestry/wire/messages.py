@@ -67,7 +67,8 @@ def contribution_to_proto(
 ) -> pb.SovereignContribution:
     """The header of a contribution; its ``weight_delta`` travels as a tensor stream."""
     if delta_sha256 is None:
-        delta_sha256 = state_digest(contribution.weight_delta) if contribution.weight_delta else ""
+        delta_sha256 = contribution.weight_delta_sha256 or (
+            state_digest(contribution.weight_delta) if contribution.weight_delta else "")
     return pb.SovereignContribution(
         node_id=contribution.node_id,
         round_num=contribution.round_num,
@@ -88,6 +89,7 @@ def contribution_from_proto(
         quality_score=msg.quality_score,
         token_count=msg.token_count,
         metrics=dict(msg.metrics),
+        weight_delta_sha256=msg.weight_delta_sha256,
     )
 
 
@@ -116,12 +118,10 @@ def round_result_to_proto(
     shared_base_sha256: str,
     started_at: float = 0.0,
     finished_at: float = 0.0,
-    delta_sha256: Mapping[str, str] | None = None,
 ) -> pb.ConsortiumRoundResult:
-    """The base states travel as digests (the coordinator computes them once per round);
-    ``delta_sha256`` gives each contribution's delta digest (the deltas themselves are
+    """The base states travel as digests (the coordinator computes them once per round).
+    Contributions keep the digest their delta had on the wire (the deltas themselves are
     integrated and gone by the time the result is written)."""
-    delta_sha256 = delta_sha256 or {}
     return pb.ConsortiumRoundResult(
         round_num=result.round_num,
         previous_base_sha256=previous_base_sha256,
@@ -131,8 +131,7 @@ def round_result_to_proto(
         contribution_weights=result.contribution_weights,
         rejection_reasons=result.rejection_reasons,
         failed_nodes=result.failed_nodes,
-        contributions=[contribution_to_proto(c, delta_sha256.get(node_id, ""))
-                       for node_id, c in result.contributions.items()],
+        contributions=[contribution_to_proto(c) for c in result.contributions.values()],
         quality_scores=result.quality_scores,
         started_at=started_at,
         finished_at=finished_at,

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from tapestry.training.consortium.integration import check_contribution, integrate
@@ -82,10 +83,13 @@ class ConsortiumCoordinator:
         if len(set(node_ids)) != len(node_ids):
             raise ValueError(f"node ids must be unique in a round, got {node_ids}")
         round_num = self.round_num + 1
-        snapshot = self.shared_base_state
-        # Nodes get their own copy: one that edits its input in place cannot shift the base
-        # everyone's deltas are integrated into.
-        outcomes = self._run_cycles(nodes, round_num, self.shared_base_state)
+        snapshot = self.shared_base_state  # what every node trains from
+        outcomes = self._run_cycles(nodes, round_num, snapshot)
+        # Deltas are checked against and integrated into the coordinator's own base, which
+        # no node can reach; a node that edited its input in place shifts nothing.
+        base = {name: t.detach() for name, t in self.base_model.state_dict().items()}
+        if any(not torch.equal(snapshot[name], base[name]) for name in base):
+            snapshot = self.shared_base_state
 
         contributions: dict[str, SovereignContribution] = {}
         failed: dict[str, str] = {}
@@ -99,7 +103,7 @@ class ConsortiumCoordinator:
                 continue
             try:
                 check_contribution(
-                    outcome.contribution, snapshot, node_id=node_id, round_num=round_num
+                    outcome.contribution, base, node_id=node_id, round_num=round_num
                 )
             except ValueError as error:
                 failed[node_id] = f"invalid contribution: {error}"
@@ -121,7 +125,7 @@ class ConsortiumCoordinator:
         received = {n: dataclasses.replace(c, weight_delta={}) for n, c in contributions.items()}
         del outcomes, contributions
         if weighted:
-            new_state = integrate(snapshot, weighted)
+            new_state = integrate(base, weighted)
             del weighted
             self.base_model.load_state_dict(new_state)
         else:

@@ -44,6 +44,7 @@ class SovereignContribution:
     quality_score: float
     token_count: int
     metrics: Mapping[str, float]
+    weight_delta_sha256: str = ""  # set when the delta came over the wire, verified on arrival
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,38 @@
+"""Keep the coordinator's memory near what it holds, not what it once touched.
+
+A round moves every tensor through short-lived buffers (chunks out and in, spilled deltas
+read back, the integrated base, the commit). With glibc's defaults each of the per-node
+threads gets its own malloc arena and freed blocks stay with the process, so the resident
+size climbs round after round to many times the model (benchmarks/RESULTS.md). Capping the
+arenas and returning freed memory above a small threshold holds the peak near the live data.
+
+glibc only (``mallopt``); elsewhere this is a no-op. Settings must be made before the
+threads that allocate are started: call it first thing at start-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_ARENA_MAX = -8
+
+
+def tune_allocator(arena_max: int, trim_threshold_bytes: int) -> bool:
+    """Apply the settings; False (and a debug log line) when the C library lacks mallopt."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        log.debug("no mallopt in this C library: allocator left as it is")
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    applied = bool(mallopt(_M_ARENA_MAX, arena_max)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes))
+    log.info("allocator: arena_max=%d trim_threshold=%d bytes (%s)", arena_max,
+             trim_threshold_bytes, "applied" if applied else "refused")
+    return applied
