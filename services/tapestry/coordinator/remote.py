@@ -14,6 +14,7 @@ import grpc
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
+from tapestry.training.consortium.tensors import state_digest, state_nbytes
 from tapestry.wire import messages
 from tapestry.wire.grpc_plumbing import insecure_channel
 from tapestry.wire.spill import SpillingAssembler
@@ -23,7 +24,6 @@ from tapestry.wire.tensor_stream import (
     WireError,
     spec_of,
     state_to_chunks,
-    state_trailer,
 )
 
 ProgressListener = Callable[[str, "pb.NodeProgress.Stage", str], None]
@@ -55,6 +55,9 @@ class RemoteSovereignNode:
         self.chunk_bytes = chunk_bytes
         self.spill_dir = spill_dir
         self.listener: ProgressListener | None = None
+        # Digest of the base this round sends, when the caller already knows it (the
+        # coordinator does: it is the last committed base's), to save a hash pass per node.
+        self.base_sha256 = ""
         self._channel = insecure_channel(address)
         self._stub = pb_grpc.SovereignNodeStub(self._channel)
 
@@ -92,7 +95,9 @@ class RemoteSovereignNode:
             )
             for chunk in state_to_chunks(base_state, self.chunk_bytes):
                 yield pb.RunSovereignCycleRequest(base_chunk=chunk)
-            yield pb.RunSovereignCycleRequest(base_end=state_trailer(base_state))
+            yield pb.RunSovereignCycleRequest(base_end=pb.StateTrailer(
+                tensor_count=len(base_state), total_bytes=state_nbytes(base_state),
+                sha256=self.base_sha256 or state_digest(base_state)))
 
         # The delta must match the base key for key: anything else is refused on arrival.
         expected = spec_of(base_state)

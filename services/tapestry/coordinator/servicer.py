@@ -86,8 +86,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 abort(context, item)
 
     def _run_round(self, tell: ProgressListener) -> pb.RoundRecord:
+        _, committed_sha256 = self._committed
         for node in self._nodes:
             node.listener = tell
+            node.base_sha256 = committed_sha256
         started = time.time()
         previous_round = self._core.round_num
         previous_artifacts = dict(self._core.sovereign_artifacts)
@@ -100,7 +102,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         record = pb.RoundRecord(
             result=messages.round_result_to_proto(
                 result,
-                previous_base_sha256=state_digest(result.previous_base_state),
+                previous_base_sha256=committed_sha256,
                 shared_base_sha256=state_digest(result.shared_base_state),
                 started_at=started,
                 finished_at=time.time(),
