@@ -13,6 +13,8 @@ import argparse
 import re
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -42,37 +44,44 @@ def node_seconds(log: Path, round_num: int) -> float:
     return (times["artifact"] - times["base"]).total_seconds()
 
 
+@contextmanager
+def bench_consortium(hidden: int, nodes: int) -> Iterator[LocalConsortium]:
+    """A local consortium of ``nodes`` nodes training TinyCausalModel(256, hidden)."""
+    model = {"architecture": "tiny-causal", "vocab_size": 256, "hidden_size": hidden}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        corpus = root / "corpus.txt"
+        corpus.write_text("consortium training keeps data at home.\n" * 16)
+        specs = [LocalNodeSpec(f"n{i}", f"J{i}", 0.9, [corpus], dict(TRAINING))
+                 for i in range(nodes)]
+        with LocalConsortium(root / "c", specs, model=model) as consortium:
+            yield consortium
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=8192)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    model = {"architecture": "tiny-causal", "vocab_size": 256, "hidden_size": args.hidden}
     model_bytes = (256 * args.hidden * 2 + 256) * 4
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        corpus = root / "corpus.txt"
-        corpus.write_text("consortium training keeps data at home.\n" * 16)
-        specs = [LocalNodeSpec(f"n{i}", f"J{i}", 0.9, [corpus], dict(TRAINING))
-                 for i in range(args.nodes)]
-        with LocalConsortium(root / "c", specs, model=model) as consortium:
-            pid = consortium.processes["coordinator"].popen.pid
-            idle = kib(pid, "VmRSS")
-            print(f"model: hidden {args.hidden}, {model_bytes / 2**20:.1f} MiB; "
-                  f"{args.nodes} nodes; coordinator idle RSS {idle / 1024:.0f} MiB")
-            with CoordinatorClient(consortium.coordinator_address) as client:
-                for _ in range(args.rounds):
-                    start = time.perf_counter()
-                    result = client.run_round()
-                    wall = time.perf_counter() - start
-                    slowest = max(node_seconds(consortium.processes[s.node_id].log_path,
-                                               result.round_num) for s in specs)
-                    peak = kib(pid, "VmHWM")
-                    print(f"round {result.round_num}: wall {wall:.2f} s, slowest node "
-                          f"train+persist {slowest:.2f} s, overhead {wall - slowest:.2f} s; "
-                          f"coordinator peak RSS {peak / 1024:.0f} MiB = idle + "
-                          f"{(peak - idle) * 1024 / model_bytes:.1f}x model")
+    with bench_consortium(args.hidden, args.nodes) as consortium:
+        pid = consortium.processes["coordinator"].popen.pid
+        idle = kib(pid, "VmRSS")
+        print(f"model: hidden {args.hidden}, {model_bytes / 2**20:.1f} MiB; "
+              f"{args.nodes} nodes; coordinator idle RSS {idle / 1024:.0f} MiB")
+        with CoordinatorClient(consortium.coordinator_address) as client:
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                result = client.run_round()
+                wall = time.perf_counter() - start
+                slowest = max(node_seconds(consortium.processes[s.node_id].log_path,
+                                           result.round_num) for s in consortium.nodes)
+                peak = kib(pid, "VmHWM")
+                print(f"round {result.round_num}: wall {wall:.2f} s, slowest node "
+                      f"train+persist {slowest:.2f} s, overhead {wall - slowest:.2f} s; "
+                      f"coordinator peak RSS {peak / 1024:.0f} MiB = idle + "
+                      f"{(peak - idle) * 1024 / model_bytes:.1f}x model")
 
 
 if __name__ == "__main__":

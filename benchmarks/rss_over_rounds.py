@@ -9,13 +9,10 @@ TAPESTRY_ARENA_MAX / TAPESTRY_TRIM_THRESHOLD (read by `tapestry coordinator serv
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-from round_profile import TRAINING, kib
+from round_profile import bench_consortium, kib
 
 from tapestry.client import CoordinatorClient
-from tapestry.local import LocalConsortium, LocalNodeSpec
 
 
 def main() -> None:
@@ -24,20 +21,13 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    model = {"architecture": "tiny-causal", "vocab_size": 256, "hidden_size": args.hidden}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        corpus = root / "corpus.txt"
-        corpus.write_text("consortium training keeps data at home.\n" * 16)
-        specs = [LocalNodeSpec(f"n{i}", f"J{i}", 0.9, [corpus], dict(TRAINING))
-                 for i in range(args.nodes)]
-        with LocalConsortium(root / "c", specs, model=model) as consortium:
-            pid = consortium.processes["coordinator"].popen.pid
-            readings = [f"idle {kib(pid, 'VmRSS') // 1024}"]
-            with CoordinatorClient(consortium.coordinator_address) as client:
-                for _ in range(args.rounds):
-                    client.run_round()
-                    readings.append(f"{kib(pid, 'VmRSS') // 1024}/{kib(pid, 'VmHWM') // 1024}")
+    with bench_consortium(args.hidden, args.nodes) as consortium:
+        pid = consortium.processes["coordinator"].popen.pid
+        readings = [f"idle {kib(pid, 'VmRSS') // 1024}"]
+        with CoordinatorClient(consortium.coordinator_address) as client:
+            for _ in range(args.rounds):
+                client.run_round()
+                readings.append(f"{kib(pid, 'VmRSS') // 1024}/{kib(pid, 'VmHWM') // 1024}")
     print("coordinator RSS/peak MiB after each round:", " ".join(readings))
 
 
