@@ -71,6 +71,13 @@ def test_malformed_base_streams_are_refused_and_store_nothing(shared_consortium,
     _expect(invalid, "digest mismatch", lambda: _cycle(
         node_stub, [_start(), *chunks, pb.RunSovereignCycleRequest(base_end=tampered)]))
 
+    poisoned = {name: tensor.clone() for name, tensor in base.items()}
+    poisoned["lm_head.bias"][3] = float("nan")
+    _expect(invalid, "base tensor 'lm_head.bias' holds NaN or Inf values", lambda: _cycle(
+        node_stub, [_start(), *[pb.RunSovereignCycleRequest(base_chunk=c)
+                                for c in state_to_chunks(poisoned)],
+                    pb.RunSovereignCycleRequest(base_end=state_trailer(poisoned))]))
+
     wrong_shape = ModelSpec(hidden_size=8).build(seed=1).state_dict()
     _expect(invalid, "expected float32", lambda: _cycle(node_stub, [
         _start(), *[pb.RunSovereignCycleRequest(base_chunk=c)

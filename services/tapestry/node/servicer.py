@@ -108,7 +108,11 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
             if kind == "base_chunk":
                 assembler.add(message.base_chunk)
             elif kind == "base_end":
-                return round_num, assembler.finish(message.base_end)
+                base = assembler.finish(message.base_end)
+                for name, tensor in base.items():
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise WireError(f"base tensor {name!r} holds NaN or Inf values")
+                return round_num, base
             else:
                 raise WireError(f"unexpected {kind!r} message inside the base stream")
         raise WireError("the base stream ended before its trailer (truncated)")
