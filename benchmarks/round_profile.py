@@ -52,8 +52,9 @@ def bench_consortium(hidden: int, nodes: int) -> Iterator[LocalConsortium]:
         root = Path(tmp)
         corpus = root / "corpus.txt"
         corpus.write_text("consortium training keeps data at home.\n" * 16)
-        specs = [LocalNodeSpec(f"n{i}", f"J{i}", 0.9, [corpus], dict(TRAINING))
-                 for i in range(nodes)]
+        specs = [
+            LocalNodeSpec(f"n{i}", f"J{i}", 0.9, [corpus], dict(TRAINING)) for i in range(nodes)
+        ]
         with LocalConsortium(root / "c", specs, model=model) as consortium:
             yield consortium
 
@@ -68,20 +69,26 @@ def main() -> None:
     with bench_consortium(args.hidden, args.nodes) as consortium:
         pid = consortium.processes["coordinator"].popen.pid
         idle = kib(pid, "VmRSS")
-        print(f"model: hidden {args.hidden}, {model_bytes / 2**20:.1f} MiB; "
-              f"{args.nodes} nodes; coordinator idle RSS {idle / 1024:.0f} MiB")
+        print(
+            f"model: hidden {args.hidden}, {model_bytes / 2**20:.1f} MiB; "
+            f"{args.nodes} nodes; coordinator idle RSS {idle / 1024:.0f} MiB"
+        )
         with CoordinatorClient(consortium.coordinator_address) as client:
             for _ in range(args.rounds):
                 start = time.perf_counter()
                 result = client.run_round()
                 wall = time.perf_counter() - start
-                slowest = max(node_seconds(consortium.processes[s.node_id].log_path,
-                                           result.round_num) for s in consortium.nodes)
+                slowest = max(
+                    node_seconds(consortium.processes[s.node_id].log_path, result.round_num)
+                    for s in consortium.nodes
+                )
                 peak = kib(pid, "VmHWM")
-                print(f"round {result.round_num}: wall {wall:.2f} s, slowest node "
-                      f"train+persist {slowest:.2f} s, overhead {wall - slowest:.2f} s; "
-                      f"coordinator peak RSS {peak / 1024:.0f} MiB = idle + "
-                      f"{(peak - idle) * 1024 / model_bytes:.1f}x model")
+                print(
+                    f"round {result.round_num}: wall {wall:.2f} s, slowest node "
+                    f"train+persist {slowest:.2f} s, overhead {wall - slowest:.2f} s; "
+                    f"coordinator peak RSS {peak / 1024:.0f} MiB = idle + "
+                    f"{(peak - idle) * 1024 / model_bytes:.1f}x model"
+                )
 
 
 if __name__ == "__main__":

@@ -107,8 +107,10 @@ def main() -> None:
         state = make_state(mib)
         tcp = min(tcp_seconds(state) for _ in range(args.repeats))
         rpc = min(grpc_seconds(state) for _ in range(args.repeats))
-        print(f"| {mib} MiB | {tcp:.3f} s ({mib / tcp:.0f} MiB/s) | "
-              f"{rpc:.3f} s ({mib / rpc:.0f} MiB/s) | {rpc / tcp:.2f}x |")
+        print(
+            f"| {mib} MiB | {tcp:.3f} s ({mib / tcp:.0f} MiB/s) | "
+            f"{rpc:.3f} s ({mib / rpc:.0f} MiB/s) | {rpc / tcp:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

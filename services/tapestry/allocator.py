@@ -32,7 +32,12 @@ def tune_allocator(arena_max: int, trim_threshold_bytes: int) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     applied = bool(mallopt(_M_ARENA_MAX, arena_max)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes))
-    log.info("allocator: arena_max=%d trim_threshold=%d bytes (%s)", arena_max,
-             trim_threshold_bytes, "applied" if applied else "refused")
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes)
+    )
+    log.info(
+        "allocator: arena_max=%d trim_threshold=%d bytes (%s)",
+        arena_max,
+        trim_threshold_bytes,
+        "applied" if applied else "refused",
+    )
     return applied

@@ -45,23 +45,47 @@ def _friendly_errors(command: F) -> F:
 
 
 @click.group()
-@click.option("--log-level", default="INFO", envvar="TAPESTRY_LOG_LEVEL", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="INFO",
+    envvar="TAPESTRY_LOG_LEVEL",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def main(log_level: str) -> None:
     """Tapestry Consortium: one shared base model, one sovereign model per jurisdiction."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _serve_options(command: F) -> F:
-    command = click.option("--ready-file", type=click.Path(path_type=Path),
-                           help="Write {\"port\": N} here once serving.")(command)
-    command = click.option("--data-dir", type=click.Path(path_type=Path), required=True,
-                           envvar="TAPESTRY_DATA_DIR", help="Where state is persisted.")(command)
-    command = click.option("--listen", default="127.0.0.1:0", envvar="TAPESTRY_LISTEN",
-                           show_default=True, help="host:port; port 0 picks a free one.")(command)
-    command = click.option("--config", "config_path", type=click.Path(path_type=Path),
-                           required=True, envvar="TAPESTRY_CONFIG")(command)
+    command = click.option(
+        "--ready-file", type=click.Path(path_type=Path), help='Write {"port": N} here once serving.'
+    )(command)
+    command = click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path),
+        required=True,
+        envvar="TAPESTRY_DATA_DIR",
+        help="Where state is persisted.",
+    )(command)
+    command = click.option(
+        "--listen",
+        default="127.0.0.1:0",
+        envvar="TAPESTRY_LISTEN",
+        show_default=True,
+        help="host:port; port 0 picks a free one.",
+    )(command)
+    command = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path),
+        required=True,
+        envvar="TAPESTRY_CONFIG",
+    )(command)
     return command
 
 
@@ -73,16 +97,19 @@ def coordinator() -> None:
 @coordinator.command("serve")
 @_serve_options
 @_friendly_errors
-def coordinator_serve(config_path: Path, listen: str, data_dir: Path,
-                      ready_file: Path | None) -> None:
+def coordinator_serve(
+    config_path: Path, listen: str, data_dir: Path, ready_file: Path | None
+) -> None:
     """Serve the Coordinator gRPC service."""
     import os
 
     from tapestry.allocator import tune_allocator
     from tapestry.config import ConsortiumConfig, load_config
 
-    tune_allocator(int(os.environ.get("TAPESTRY_ARENA_MAX", "1")),
-                   int(os.environ.get("TAPESTRY_TRIM_THRESHOLD", str(1 << 20))))
+    tune_allocator(
+        int(os.environ.get("TAPESTRY_ARENA_MAX", "1")),
+        int(os.environ.get("TAPESTRY_TRIM_THRESHOLD", str(1 << 20))),
+    )
     from tapestry.coordinator.server import SERVICE_NAME, build_coordinator_server
     from tapestry.serving import serve_forever
 
@@ -111,8 +138,13 @@ def node_serve(config_path: Path, listen: str, data_dir: Path, ready_file: Path 
 
 
 _coordinator_option = click.option(
-    "--coordinator", "address", default=DEFAULT_COORDINATOR, envvar="TAPESTRY_COORDINATOR",
-    show_default=True, help="Coordinator address, host:port.")
+    "--coordinator",
+    "address",
+    default=DEFAULT_COORDINATOR,
+    envvar="TAPESTRY_COORDINATOR",
+    show_default=True,
+    help="Coordinator address, host:port.",
+)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
@@ -194,10 +226,13 @@ def health(address: str, service: str, timeout: float) -> None:
 
 
 @main.command()
-@click.option("--rounds", "round_count", type=click.IntRange(1, 1000), default=3,
-              show_default=True)
-@click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Where configs, logs and data go (default: a new temporary folder).")
+@click.option("--rounds", "round_count", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where configs, logs and data go (default: a new temporary folder).",
+)
 @_friendly_errors
 def demo(round_count: int, workdir: Path | None) -> None:
     """Start a coordinator and three nodes on 127.0.0.1 and run rounds over gRPC."""

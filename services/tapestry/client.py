@@ -61,4 +61,3 @@ class CoordinatorClient:
             elif kind == "end":
                 return round_num, dict(assembler.finish(message.end))
         raise WireError("GetBase stream ended before its trailer (truncated)")
-

@@ -125,8 +125,9 @@ def load_config(path: Path, kind: type[Config]) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     if kind is NodeConfig and isinstance(raw.get("corpus"), list):
-        raw["corpus"] = [str(path.parent / entry) if isinstance(entry, str) else entry
-                         for entry in raw["corpus"]]
+        raw["corpus"] = [
+            str(path.parent / entry) if isinstance(entry, str) else entry for entry in raw["corpus"]
+        ]
     try:
         return kind.model_validate(raw)
     except ValidationError as error:

@@ -56,8 +56,12 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def write_toml(path: Path, top: dict[str, Any], tables: dict[str, dict[str, Any]],
-               arrays: dict[str, list[dict[str, Any]]] | None = None) -> Path:
+def write_toml(
+    path: Path,
+    top: dict[str, Any],
+    tables: dict[str, dict[str, Any]],
+    arrays: dict[str, list[dict[str, Any]]] | None = None,
+) -> Path:
     lines = [f"{key} = {_toml_value(value)}" for key, value in top.items()]
     for name, table in tables.items():
         lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
@@ -137,13 +141,25 @@ class LocalConsortium:
                 },
                 {"model": self.model, "training": spec.training},
             )
-            self._spawn(spec.node_id, ["node", "serve", "--config", str(config),
-                                       "--data-dir", str(self.node_data_dir(spec.node_id))])
+            self._spawn(
+                spec.node_id,
+                [
+                    "node",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--data-dir",
+                    str(self.node_data_dir(spec.node_id)),
+                ],
+            )
         for spec in self.nodes:
             self._await_ready(spec.node_id)
         members = [
-            {"node_id": s.node_id, "jurisdiction": s.jurisdiction,
-             "address": self._route(s.node_id)}
+            {
+                "node_id": s.node_id,
+                "jurisdiction": s.jurisdiction,
+                "address": self._route(s.node_id),
+            }
             for s in self.nodes
         ] + self.extra_members
         config = write_toml(
@@ -152,8 +168,17 @@ class LocalConsortium:
             {"model": self.model, "policy": self.policy},
             {"nodes": members},
         )
-        self._spawn("coordinator", ["coordinator", "serve", "--config", str(config),
-                                    "--data-dir", str(self.coordinator_data_dir)])
+        self._spawn(
+            "coordinator",
+            [
+                "coordinator",
+                "serve",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(self.coordinator_data_dir),
+            ],
+        )
         self.coordinator_address = self._await_ready("coordinator")
 
     def _route(self, node_id: str) -> str:
@@ -164,8 +189,17 @@ class LocalConsortium:
         """Stop and start the coordinator on the same data (a restart, for resume tests)."""
         self._stop_one("coordinator")
         config = self.workdir / "config" / "consortium.toml"
-        self._spawn("coordinator", ["coordinator", "serve", "--config", str(config),
-                                    "--data-dir", str(self.coordinator_data_dir)])
+        self._spawn(
+            "coordinator",
+            [
+                "coordinator",
+                "serve",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(self.coordinator_data_dir),
+            ],
+        )
         self.coordinator_address = self._await_ready("coordinator")
         return self.coordinator_address
 
@@ -187,9 +221,20 @@ class LocalConsortium:
         log_file: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - lives with the process
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         popen = subprocess.Popen(
-            [sys.executable, "-m", "tapestry", *args,
-             "--listen", "127.0.0.1:0", "--ready-file", str(ready)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "tapestry",
+                *args,
+                "--listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(ready),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         log_file.close()
         self.processes[name] = Process(name, popen, log_path)
@@ -200,11 +245,14 @@ class LocalConsortium:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.exists():
             if process.popen.poll() is not None:
-                raise LaunchError(f"{name} exited with {process.popen.returncode} before "
-                                  f"serving:\n{self.log_tail(name)}")
+                raise LaunchError(
+                    f"{name} exited with {process.popen.returncode} before "
+                    f"serving:\n{self.log_tail(name)}"
+                )
             if time.monotonic() > deadline:
-                raise LaunchError(f"{name} not ready after {START_TIMEOUT_S:.0f} s:\n"
-                                  f"{self.log_tail(name)}")
+                raise LaunchError(
+                    f"{name} not ready after {START_TIMEOUT_S:.0f} s:\n{self.log_tail(name)}"
+                )
             time.sleep(0.05)
         port = json.loads(ready.read_text())["port"]
         process.address = f"127.0.0.1:{port}"

@@ -9,8 +9,11 @@ from rich.table import Table
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 
-STAGE_NAMES = {pb.NodeProgress.STARTED: "started", pb.NodeProgress.CONTRIBUTED: "contributed",
-               pb.NodeProgress.FAILED: "FAILED"}
+STAGE_NAMES = {
+    pb.NodeProgress.STARTED: "started",
+    pb.NodeProgress.CONTRIBUTED: "contributed",
+    pb.NodeProgress.FAILED: "FAILED",
+}
 
 
 def progress_line(event: pb.NodeProgress) -> str:
@@ -30,15 +33,18 @@ def round_table(result: pb.ConsortiumRoundResult) -> Table:
         weight = result.contribution_weights.get(node_id)
         reason = result.rejection_reasons.get(node_id) or result.failed_nodes.get(node_id, "")
         table.add_row(
-            node_id, outcome,
+            node_id,
+            outcome,
             f"{weight:.4f}" if weight is not None else "-",
             _quality(result, node_id),
             str(c.token_count) if c else "-",
             f"{c.metrics['loss']:.4f}" if c and "loss" in c.metrics else "-",
             reason,
         )
-    table.caption = (f"base {result.previous_base_sha256[:16]} -> {result.shared_base_sha256[:16]}"
-                     f"  ({result.finished_at - result.started_at:.2f} s)")
+    table.caption = (
+        f"base {result.previous_base_sha256[:16]} -> {result.shared_base_sha256[:16]}"
+        f"  ({result.finished_at - result.started_at:.2f} s)"
+    )
     table.caption_justify = "left"
     return table
 
@@ -55,15 +61,23 @@ def _quality(result: pb.ConsortiumRoundResult, node_id: str) -> str:
 
 
 def artifacts_table(artifacts: Sequence[pb.SovereignModelArtifact]) -> Table:
-    table = Table(title="Retained sovereign artifacts (weights stay on each node)",
-                  title_justify="left")
+    table = Table(
+        title="Retained sovereign artifacts (weights stay on each node)", title_justify="left"
+    )
     for column in ("node", "jurisdiction", "round", "stage", "loss", "sha256", "bytes"):
         table.add_column(column)
     table.add_column("stored at (on the node)", overflow="fold")
     for a in artifacts:
-        table.add_row(a.node_id, a.jurisdiction, str(a.round_num), a.stage,
-                      f"{a.metrics['loss']:.4f}" if "loss" in a.metrics else "-",
-                      a.model_state_sha256[:16], str(a.model_state_bytes), _short(a.stored_at))
+        table.add_row(
+            a.node_id,
+            a.jurisdiction,
+            str(a.round_num),
+            a.stage,
+            f"{a.metrics['loss']:.4f}" if "loss" in a.metrics else "-",
+            a.model_state_sha256[:16],
+            str(a.model_state_bytes),
+            _short(a.stored_at),
+        )
     return table
 
 
@@ -78,9 +92,13 @@ def rounds_table(rounds: Sequence[pb.ConsortiumRoundResult]) -> Table:
     for column in ("round", "accepted", "rejected", "failed", "base after"):
         table.add_column(column)
     for r in rounds:
-        table.add_row(str(r.round_num), ", ".join(r.accepted_nodes) or "-",
-                      ", ".join(r.rejected_nodes) or "-", ", ".join(r.failed_nodes) or "-",
-                      r.shared_base_sha256[:16])
+        table.add_row(
+            str(r.round_num),
+            ", ".join(r.accepted_nodes) or "-",
+            ", ".join(r.rejected_nodes) or "-",
+            ", ".join(r.failed_nodes) or "-",
+            r.shared_base_sha256[:16],
+        )
     return table
 
 

@@ -61,7 +61,8 @@ def save_state(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[
     tmp = path.with_name(f".{path.name}.tmp")
     storages = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]
     plain = len(set(storages)) == len(storages) and all(
-        t.is_contiguous() and not t.is_conj() and not t.is_neg() for t in state.values())
+        t.is_contiguous() and not t.is_conj() and not t.is_neg() for t in state.values()
+    )
     save_file(dict(state) if plain else clone_state(state), str(tmp), metadata=dict(metadata))
     _commit(tmp, path)
 

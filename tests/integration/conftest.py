@@ -48,8 +48,9 @@ def node_specs(root: Path, scores: dict[str, float] | None = None) -> list[Local
     corpora = write_corpora(root)
     scores = scores or SCORES
     return [
-        LocalNodeSpec(node_id, JURISDICTIONS[node_id], scores[node_id], [corpora[node_id]],
-                      dict(TRAINING))
+        LocalNodeSpec(
+            node_id, JURISDICTIONS[node_id], scores[node_id], [corpora[node_id]], dict(TRAINING)
+        )
         for node_id in CORPORA
     ]
 
@@ -59,11 +60,16 @@ def consortium_factory(tmp_path: Path) -> Iterator:
     """Start a LocalConsortium on demand; all of them are stopped at the end of the test."""
     started: list[LocalConsortium] = []
 
-    def start(name: str = "c", scores: dict[str, float] | None = None,
-              policy: dict | None = None, **kwargs: object) -> LocalConsortium:
+    def start(
+        name: str = "c",
+        scores: dict[str, float] | None = None,
+        policy: dict | None = None,
+        **kwargs: object,
+    ) -> LocalConsortium:
         root = tmp_path / name
-        consortium = LocalConsortium(root, node_specs(root, scores),
-                                     policy=policy or POLICY, **kwargs)  # type: ignore[arg-type]
+        consortium = LocalConsortium(
+            root, node_specs(root, scores), policy=policy or POLICY, **kwargs
+        )  # type: ignore[arg-type]
         started.append(consortium)
         consortium.start()
         return consortium

@@ -15,7 +15,7 @@ DATA, PADDED = 0x0, 0x8
 
 @dataclass
 class Recording:
-    upstream: bytearray = field(default_factory=bytearray)    # client -> server
+    upstream: bytearray = field(default_factory=bytearray)  # client -> server
     downstream: bytearray = field(default_factory=bytearray)  # server -> client
 
 
@@ -41,10 +41,12 @@ class RecordingProxy:
                 return
             server = socket.create_connection(self._target)
             self._sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, "upstream"),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, "downstream"),
-                             daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(client, server, "upstream"), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, "downstream"), daemon=True
+            ).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
         try:
@@ -68,7 +70,7 @@ class RecordingProxy:
 def data_payloads(raw: bytes) -> dict[int, bytearray]:
     """HTTP/2 DATA payloads per stream id from one direction of a connection."""
     if raw.startswith(H2_PREFACE):
-        raw = raw[len(H2_PREFACE):]
+        raw = raw[len(H2_PREFACE) :]
     streams: dict[int, bytearray] = {}
     at = 0
     while at + 9 <= len(raw):

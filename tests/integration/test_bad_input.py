@@ -56,32 +56,59 @@ def test_malformed_base_streams_are_refused_and_store_nothing(shared_consortium,
     wrong_key = pb.TensorChunk()
     wrong_key.CopyFrom(chunks[0].base_chunk)
     wrong_key.name = "not.a.weight"
-    _expect(invalid, "unexpected tensor 'not.a.weight'", lambda: _cycle(
-        node_stub, [_start(), pb.RunSovereignCycleRequest(base_chunk=wrong_key)]))
+    _expect(
+        invalid,
+        "unexpected tensor 'not.a.weight'",
+        lambda: _cycle(node_stub, [_start(), pb.RunSovereignCycleRequest(base_chunk=wrong_key)]),
+    )
 
     bad_dtype = pb.TensorChunk()
     bad_dtype.CopyFrom(chunks[0].base_chunk)
     bad_dtype.dtype = "float128"
-    _expect(invalid, "unsupported dtype 'float128'", lambda: _cycle(
-        node_stub, [_start(), pb.RunSovereignCycleRequest(base_chunk=bad_dtype)]))
+    _expect(
+        invalid,
+        "unsupported dtype 'float128'",
+        lambda: _cycle(node_stub, [_start(), pb.RunSovereignCycleRequest(base_chunk=bad_dtype)]),
+    )
 
     tampered = pb.StateTrailer()
     tampered.CopyFrom(end.base_end)
     tampered.sha256 = "0" * 64
-    _expect(invalid, "digest mismatch", lambda: _cycle(
-        node_stub, [_start(), *chunks, pb.RunSovereignCycleRequest(base_end=tampered)]))
+    _expect(
+        invalid,
+        "digest mismatch",
+        lambda: _cycle(
+            node_stub, [_start(), *chunks, pb.RunSovereignCycleRequest(base_end=tampered)]
+        ),
+    )
 
     poisoned = {name: tensor.clone() for name, tensor in base.items()}
     poisoned["lm_head.bias"][3] = float("nan")
-    _expect(invalid, "base tensor 'lm_head.bias' holds NaN or Inf values", lambda: _cycle(
-        node_stub, [_start(), *[pb.RunSovereignCycleRequest(base_chunk=c)
-                                for c in state_to_chunks(poisoned)],
-                    pb.RunSovereignCycleRequest(base_end=state_trailer(poisoned))]))
+    _expect(
+        invalid,
+        "base tensor 'lm_head.bias' holds NaN or Inf values",
+        lambda: _cycle(
+            node_stub,
+            [
+                _start(),
+                *[pb.RunSovereignCycleRequest(base_chunk=c) for c in state_to_chunks(poisoned)],
+                pb.RunSovereignCycleRequest(base_end=state_trailer(poisoned)),
+            ],
+        ),
+    )
 
     wrong_shape = ModelSpec(hidden_size=8).build(seed=1).state_dict()
-    _expect(invalid, "expected float32", lambda: _cycle(node_stub, [
-        _start(), *[pb.RunSovereignCycleRequest(base_chunk=c)
-                    for c in state_to_chunks(wrong_shape)]]))
+    _expect(
+        invalid,
+        "expected float32",
+        lambda: _cycle(
+            node_stub,
+            [
+                _start(),
+                *[pb.RunSovereignCycleRequest(base_chunk=c) for c in state_to_chunks(wrong_shape)],
+            ],
+        ),
+    )
 
     assert _artifact_rounds(shared_consortium) == before
 

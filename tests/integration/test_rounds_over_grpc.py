@@ -38,16 +38,20 @@ def test_round_retains_one_artifact_per_node_on_disk_and_in_listing(shared_conso
     assert sum(result.contribution_weights.values()) == pytest.approx(1.0, abs=1e-12)
     assert sorted(listed) == sorted(NODES)
     for node_id in NODES:
-        folder = shared_consortium.node_data_dir(node_id) / "artifacts" / (
-            f"round-{result.round_num:06d}")
+        folder = (
+            shared_consortium.node_data_dir(node_id)
+            / "artifacts"
+            / (f"round-{result.round_num:06d}")
+        )
         state, metadata = load_state(folder / "model.safetensors")
         manifest = read_json(folder / "manifest.json")
         artifact = listed[node_id]
         assert artifact.round_num == result.round_num
         assert artifact.stage == "continued_pretraining"
         assert artifact.model_state_sha256 == state_digest(state) == manifest["model_state_sha256"]
-        assert artifact.model_state_bytes == sum(t.numel() * t.element_size()
-                                                 for t in state.values())
+        assert artifact.model_state_bytes == sum(
+            t.numel() * t.element_size() for t in state.values()
+        )
         assert artifact.metrics["loss"] > 0
         assert metadata["node_id"] == node_id
 
@@ -83,8 +87,9 @@ def test_all_rejected_leaves_the_base_bitwise_identical(consortium_factory):
         assert torch.equal(before[name].view(torch.uint8), after[name].view(torch.uint8))
     # Sovereign artifacts are kept even when the consortium declines the contribution.
     for node_id in NODES:
-        assert (consortium.node_data_dir(node_id) / "artifacts" / "round-000001"
-                / "model.safetensors").exists()
+        assert (
+            consortium.node_data_dir(node_id) / "artifacts" / "round-000001" / "model.safetensors"
+        ).exists()
 
 
 def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
@@ -99,11 +104,19 @@ def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
     nodes = []
     for node_id in NODES:
         config = load_config(consortium.node_config_path(node_id), NodeConfig)
-        nodes.append(SovereignTrainingNode(
-            node_id, config.jurisdiction, spec.build(seed),
-            load_corpus(config.corpus, config.training.max_seq_len), config.quality_score,
-            config.training.local_epochs, config.training.lr, config.training.batch_size,
-            seed=seed))
+        nodes.append(
+            SovereignTrainingNode(
+                node_id,
+                config.jurisdiction,
+                spec.build(seed),
+                load_corpus(config.corpus, config.training.max_seq_len),
+                config.quality_score,
+                config.training.local_epochs,
+                config.training.lr,
+                config.training.batch_size,
+                seed=seed,
+            )
+        )
     core = ConsortiumCoordinator(spec.build(seed), ContributionPolicy(**POLICY))
     for _ in range(2):
         core.run_round(nodes)
@@ -129,8 +142,11 @@ def test_a_node_that_is_down_is_reported_and_the_round_completes(consortium_fact
 
 
 def test_a_member_that_never_existed_is_reported_failed(consortium_factory):
-    consortium = consortium_factory(extra_members=[
-        {"node_id": "atlantis", "jurisdiction": "Atlantis", "address": "127.0.0.1:1"}])
+    consortium = consortium_factory(
+        extra_members=[
+            {"node_id": "atlantis", "jurisdiction": "Atlantis", "address": "127.0.0.1:1"}
+        ]
+    )
     with CoordinatorClient(consortium.coordinator_address) as client:
         result = client.run_round()
     assert list(result.accepted_nodes) == NODES

@@ -33,15 +33,23 @@ def test_describe_names_the_node_and_its_model(shared_consortium):
     with insecure_channel(shared_consortium.processes["vietnam"].address) as channel:
         described = pb_grpc.SovereignNodeStub(channel).Describe(pb.DescribeRequest())
     assert (described.node_id, described.jurisdiction) == ("vietnam", "Vietnam")
-    assert (described.model.architecture, described.model.vocab_size,
-            described.model.hidden_size) == ("tiny-causal", 256, 32)
+    assert (
+        described.model.architecture,
+        described.model.vocab_size,
+        described.model.hidden_size,
+    ) == ("tiny-causal", 256, 32)
     assert described.quality_score == 0.90
     assert described.token_count > 0
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tapestry", *args], capture_output=True,
-                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "tapestry", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):

@@ -36,9 +36,11 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
 
     # Decode every gRPC message the node sent back, exactly as it crossed the socket.
     sent = b"".join(bytes(p) for p in data_payloads(bytes(recording.downstream)).values())
-    replies = [pb.RunSovereignCycleResponse.FromString(m)
-               for stream in data_payloads(bytes(recording.downstream)).values()
-               for m in grpc_messages(bytes(stream))]
+    replies = [
+        pb.RunSovereignCycleResponse.FromString(m)
+        for stream in data_payloads(bytes(recording.downstream)).values()
+        for m in grpc_messages(bytes(stream))
+    ]
     kinds = [r.WhichOneof("item") for r in replies]
     assert kinds[0] == "result" and kinds[-1] == "delta_end"
     assert set(kinds[1:-1]) == {"delta_chunk"}
@@ -48,8 +50,9 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
         assembler.add(reply.delta_chunk)
     delta = assembler.finish(replies[-1].delta_end)
 
-    trained, _ = load_state(consortium.node_data_dir("vietnam") / "artifacts" / "round-000001"
-                            / "model.safetensors")
+    trained, _ = load_state(
+        consortium.node_data_dir("vietnam") / "artifacts" / "round-000001" / "model.safetensors"
+    )
     assert delta.keys() == trained.keys() == base.keys()
     for name in trained:
         assert torch.equal(delta[name], trained[name] - base[name])

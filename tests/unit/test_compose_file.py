@@ -58,7 +58,9 @@ def _host_path(service: dict, container_path: str) -> Path:
         if not source.startswith("."):
             continue  # a named volume
         mount_path = PurePosixPath(mount)
-        if target.is_relative_to(mount_path) and (best is None or len(mount_path.parts) > len(best[0].parts)):
+        if target.is_relative_to(mount_path) and (
+            best is None or len(mount_path.parts) > len(best[0].parts)
+        ):
             best = (mount_path, ROOT / source)
     assert best is not None, f"{container_path} is not under any bind mount"
     return best[1] / target.relative_to(best[0])
@@ -87,15 +89,20 @@ def test_nodes_listen_where_the_consortium_file_says(node):
     node_config = load_config(config_path, NodeConfig)
     assert node_config.node_id == node
     # The corpus the node will read exists, through the same mounts, and loads.
-    corpus = [_host_path(service, str(PurePosixPath(options["--config"]).parent /
-                                       p.relative_to(config_path.parent)))
-              for p in node_config.corpus]
+    corpus = [
+        _host_path(
+            service,
+            str(PurePosixPath(options["--config"]).parent / p.relative_to(config_path.parent)),
+        )
+        for p in node_config.corpus
+    ]
     assert load_corpus(corpus, node_config.training.max_seq_len)
 
     coordinator = SERVICES["coordinator"]
     _, coordinator_options = _resolve(_argv(coordinator["command"]))
-    consortium = load_config(_host_path(coordinator, coordinator_options["--config"]),
-                             ConsortiumConfig)
+    consortium = load_config(
+        _host_path(coordinator, coordinator_options["--config"]), ConsortiumConfig
+    )
     member = {m.node_id: m for m in consortium.nodes}[node]
     assert member.address == f"{node}:{port}"
     assert member.jurisdiction == node_config.jurisdiction
@@ -137,7 +144,9 @@ def test_the_image_is_built_from_files_that_exist():
     for service in SERVICES.values():
         build = service.get("build")
         if build:
-            assert (ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).is_file()
+            assert (
+                ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
+            ).is_file()
             assert "BASE_IMAGE" in build.get("args", {})
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile

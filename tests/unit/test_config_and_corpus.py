@@ -41,8 +41,12 @@ def _write(path: Path, text: str) -> Path:
 def test_node_config_resolves_corpus_paths_against_its_folder(tmp_path):
     config = load_config(_write(tmp_path / "cfg" / "node.toml", NODE), NodeConfig)
     assert config.corpus == [tmp_path / "cfg" / "corpora" / "*.txt"]
-    assert (config.training.local_epochs, config.training.lr, config.training.batch_size,
-            config.training.max_seq_len) == (2, 1e-3, 8, 16)
+    assert (
+        config.training.local_epochs,
+        config.training.lr,
+        config.training.batch_size,
+        config.training.max_seq_len,
+    ) == (2, 1e-3, 8, 16)
     assert config.model.spec().vocab_size == 256
 
 
@@ -50,18 +54,39 @@ def test_consortium_config_builds_the_policy(tmp_path):
     config = load_config(_write(tmp_path / "c.toml", CONSORTIUM), ConsortiumConfig)
     policy = config.policy.policy()
     assert (policy.quality_floor, policy.max_node_weight, policy.weighting.value) == (
-        0.75, 0.5, "quality")
+        0.75,
+        0.5,
+        "quality",
+    )
     assert config.nodes[0].address == "vietnam:50061"
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    (NODE.replace("quality_score = 0.9", "quality_score = nan"), "quality_score: Value error, must be a finite number"),
-    (NODE.replace("seed = 7", "seed = 7\nlearning_rate = 3"), "learning_rate: Extra inputs are not permitted"),
-    (NODE.replace('node_id = "vietnam"', 'node_id = "Viet Nam!"'), "node_id: String should match pattern"),
-    (NODE.replace("local_epochs = 2", "local_epochs = 0"), "training.local_epochs: Input should be greater than or equal to 1"),
-    (NODE.replace('corpus = ["corpora/*.txt"]', "corpus = []"), "corpus: List should have at least 1 item"),
-    ("node_id = ", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (
+            NODE.replace("quality_score = 0.9", "quality_score = nan"),
+            "quality_score: Value error, must be a finite number",
+        ),
+        (
+            NODE.replace("seed = 7", "seed = 7\nlearning_rate = 3"),
+            "learning_rate: Extra inputs are not permitted",
+        ),
+        (
+            NODE.replace('node_id = "vietnam"', 'node_id = "Viet Nam!"'),
+            "node_id: String should match pattern",
+        ),
+        (
+            NODE.replace("local_epochs = 2", "local_epochs = 0"),
+            "training.local_epochs: Input should be greater than or equal to 1",
+        ),
+        (
+            NODE.replace('corpus = ["corpora/*.txt"]', "corpus = []"),
+            "corpus: List should have at least 1 item",
+        ),
+        ("node_id = ", "not valid TOML"),
+    ],
+)
 def test_bad_node_config_names_the_field(tmp_path, text, fragment):
     path = _write(tmp_path / "node.toml", text)
     with pytest.raises(ConfigError) as caught:
@@ -70,13 +95,28 @@ def test_bad_node_config_names_the_field(tmp_path, text, fragment):
     assert fragment in str(caught.value)
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    (CONSORTIUM.replace("max_node_weight = 0.5", "max_node_weight = 1.5"), "policy.max_node_weight: Input should be less than or equal to 1"),
-    (CONSORTIUM.replace('address = "vietnam:50061"', 'address = "vietnam"'), "nodes.0.address: Value error, expected host:port"),
-    (CONSORTIUM + CONSORTIUM[CONSORTIUM.index("[[nodes]]"):], "node_id must be unique, repeated: ['vietnam']"),
-    (CONSORTIUM.replace('consortium_id = "c"', ""), "consortium_id: Field required"),
-    (CONSORTIUM.replace("[policy]", '[policy]\nweighting = "loudest"'), "policy.weighting: Input should be 'quality' or 'equal'"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (
+            CONSORTIUM.replace("max_node_weight = 0.5", "max_node_weight = 1.5"),
+            "policy.max_node_weight: Input should be less than or equal to 1",
+        ),
+        (
+            CONSORTIUM.replace('address = "vietnam:50061"', 'address = "vietnam"'),
+            "nodes.0.address: Value error, expected host:port",
+        ),
+        (
+            CONSORTIUM + CONSORTIUM[CONSORTIUM.index("[[nodes]]") :],
+            "node_id must be unique, repeated: ['vietnam']",
+        ),
+        (CONSORTIUM.replace('consortium_id = "c"', ""), "consortium_id: Field required"),
+        (
+            CONSORTIUM.replace("[policy]", '[policy]\nweighting = "loudest"'),
+            "policy.weighting: Input should be 'quality' or 'equal'",
+        ),
+    ],
+)
 def test_bad_consortium_config_names_the_field(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as caught:
         load_config(_write(tmp_path / "c.toml", text), ConsortiumConfig)
@@ -92,9 +132,13 @@ def test_corpus_lines_become_byte_windows(tmp_path):
     _write(tmp_path / "a.txt", "héllo\n\n  world  \n" + "x" * 10 + "\n")
     sequences = load_corpus([tmp_path / "a.txt"], max_seq_len=4)
     assert sequences == [
-        list("héllo".encode())[:4], list("héllo".encode())[4:],
-        list(b"worl"), list(b"d"),
-        list(b"xxxx"), list(b"xxxx"), list(b"xx"),
+        list("héllo".encode())[:4],
+        list("héllo".encode())[4:],
+        list(b"worl"),
+        list(b"d"),
+        list(b"xxxx"),
+        list(b"xxxx"),
+        list(b"xx"),
     ]
 
 
@@ -111,9 +155,14 @@ def test_corpus_errors_name_the_file(tmp_path):
 
 
 def test_a_member_may_carry_the_consortiums_own_quality_assessment(tmp_path):
-    text = CONSORTIUM.replace('address = "vietnam:50061"',
-                              'address = "vietnam:50061"\nquality_score = 0.8')
+    text = CONSORTIUM.replace(
+        'address = "vietnam:50061"', 'address = "vietnam:50061"\nquality_score = 0.8'
+    )
     config = load_config(_write(tmp_path / "c.toml", text), ConsortiumConfig)
     assert config.nodes[0].quality_score == 0.8
-    assert load_config(_write(tmp_path / "d.toml", CONSORTIUM),
-                       ConsortiumConfig).nodes[0].quality_score is None
+    assert (
+        load_config(_write(tmp_path / "d.toml", CONSORTIUM), ConsortiumConfig)
+        .nodes[0]
+        .quality_score
+        is None
+    )

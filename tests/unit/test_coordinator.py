@@ -538,7 +538,8 @@ def test_assessed_quality_replaces_the_self_reported_score(make_nodes) -> None:
     nodes = make_nodes()
     ids = [n.node_id for n in nodes]
     coordinator = ConsortiumCoordinator(
-        ModelSpec().build(seed=3), ContributionPolicy(quality_floor=0.5),
+        ModelSpec().build(seed=3),
+        ContributionPolicy(quality_floor=0.5),
         assessed_quality={ids[0]: 0.1},
     )
     result = coordinator.run_round(nodes)

@@ -22,8 +22,10 @@ SPEC = ModelSpec(hidden_size=4)
 
 def _nodes() -> list[SovereignTrainingNode]:
     model = SPEC.build(seed=0)
-    return [SovereignTrainingNode(n, n.title(), model, [list(f"{n} text".encode())], 0.9, 1,
-                                  seed=5) for n in ("vn", "ch")]
+    return [
+        SovereignTrainingNode(n, n.title(), model, [list(f"{n} text".encode())], 0.9, 1, seed=5)
+        for n in ("vn", "ch")
+    ]
 
 
 def _servicer(root: Path) -> tuple[CoordinatorServicer, ConsortiumCoordinator, CoordinatorStore]:

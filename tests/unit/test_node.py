@@ -127,8 +127,10 @@ def test_corpus_without_a_two_token_sequence_is_refused(
 
 @pytest.mark.parametrize("token", [256, 1000, -1, 1.5, True])
 def test_token_outside_the_vocabulary_is_refused(make_node: MakeNode, token: int) -> None:
-    expected = (rf"^node 'vn': sequence 1 has token id {token!r}; "
-                rf"token ids are integers in \[0, 256\)$")
+    expected = (
+        rf"^node 'vn': sequence 1 has token id {token!r}; "
+        rf"token ids are integers in \[0, 256\)$"
+    )
     with pytest.raises(ValueError, match=expected):
         make_node("vn", corpus=[[1, 2], [3, token, 4]])
 

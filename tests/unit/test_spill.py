@@ -80,4 +80,6 @@ def test_memory_and_spill_assemblers_agree(tmp_path):
     memory = StateAssembler(spec_of(state))
     for chunk in state_to_chunks(state, 512):
         memory.add(chunk)
-    assert state_digest(memory.finish(state_trailer(state))) == state_digest(_spill(tmp_path, state, 512))
+    assert state_digest(memory.finish(state_trailer(state))) == state_digest(
+        _spill(tmp_path, state, 512)
+    )

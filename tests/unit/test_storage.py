@@ -142,10 +142,16 @@ def test_a_node_never_overwrites_a_stored_artifact(tmp_path: Path) -> None:
 
     def artifact(value: float) -> SovereignModelArtifact:
         state = {"w": torch.full((2,), value)}
-        return SovereignModelArtifact("vn", "Vietnam", "continued_pretraining", state,
-                                      {"loss": value}, round_num=2,
-                                      model_state_sha256=state_digest(state),
-                                      model_state_bytes=8)
+        return SovereignModelArtifact(
+            "vn",
+            "Vietnam",
+            "continued_pretraining",
+            state,
+            {"loss": value},
+            round_num=2,
+            model_state_sha256=state_digest(state),
+            model_state_bytes=8,
+        )
 
     store = ArtifactStore(tmp_path)
     first = store.save(artifact(1.0))

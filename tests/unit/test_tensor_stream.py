@@ -599,5 +599,7 @@ def test_tensors_out_of_sorted_order_are_refused() -> None:
     chunks = list(state_to_chunks(state))
     assembler = StateAssembler()
     assembler.add(chunks[1])
-    with pytest.raises(WireError, match="tensor 'a' arrived after 'b': tensors must be sent in sorted key order"):
+    with pytest.raises(
+        WireError, match="tensor 'a' arrived after 'b': tensors must be sent in sorted key order"
+    ):
         assembler.add(chunks[0])

@@ -173,8 +173,9 @@ def test_cycle_result_round_trips() -> None:
     back = cycle_result_from_proto(wire, result.contribution.weight_delta)
     assert back.artifact == dataclasses.replace(result.artifact, model_state={})
     assert back.contribution.weight_delta is result.contribution.weight_delta
-    assert back.contribution == dataclasses.replace(result.contribution,
-                                                    weight_delta_sha256=delta_sha)
+    assert back.contribution == dataclasses.replace(
+        result.contribution, weight_delta_sha256=delta_sha
+    )
 
 
 def test_round_result_to_proto_maps_every_field() -> None:

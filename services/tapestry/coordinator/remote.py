@@ -83,9 +83,11 @@ class RemoteSovereignNode:
             raise
         contribution = result.contribution
         loss = contribution.metrics.get("loss", float("nan"))
-        self._tell(pb.NodeProgress.CONTRIBUTED,
-                   f"delta received (loss {loss:.4f}, quality {contribution.quality_score:.2f}, "
-                   f"{contribution.token_count} tokens)")
+        self._tell(
+            pb.NodeProgress.CONTRIBUTED,
+            f"delta received (loss {loss:.4f}, quality {contribution.quality_score:.2f}, "
+            f"{contribution.token_count} tokens)",
+        )
         return result
 
     def _cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
@@ -95,15 +97,20 @@ class RemoteSovereignNode:
             )
             for chunk in state_to_chunks(base_state, self.chunk_bytes):
                 yield pb.RunSovereignCycleRequest(base_chunk=chunk)
-            yield pb.RunSovereignCycleRequest(base_end=pb.StateTrailer(
-                tensor_count=len(base_state), total_bytes=state_nbytes(base_state),
-                sha256=self.base_sha256 or state_digest(base_state)))
+            yield pb.RunSovereignCycleRequest(
+                base_end=pb.StateTrailer(
+                    tensor_count=len(base_state),
+                    total_bytes=state_nbytes(base_state),
+                    sha256=self.base_sha256 or state_digest(base_state),
+                )
+            )
 
         # The delta must match the base key for key: anything else is refused on arrival.
         expected = spec_of(base_state)
         assembler = (
             SpillingAssembler(self.spill_dir / f"{self.node_id}.delta", expected)
-            if self.spill_dir is not None else StateAssembler(expected)
+            if self.spill_dir is not None
+            else StateAssembler(expected)
         )
         responses = self._stub.RunSovereignCycle(requests(), timeout=self.timeout_s)
         try:

@@ -27,17 +27,20 @@ def build_coordinator_server(
     """``(server, port, health)``, bound and not started, at the last committed round."""
     spec = config.model.spec()
     store = CoordinatorStore(data_dir)
-    store.check_identity({
-        "consortium_id": config.consortium_id,
-        "seed": config.seed,
-        "model": config.model.model_dump(),
-    })
+    store.check_identity(
+        {
+            "consortium_id": config.consortium_id,
+            "seed": config.seed,
+            "model": config.model.model_dump(),
+        }
+    )
     base_model = spec.build(config.seed)
     core = ConsortiumCoordinator(
         base_model,
         config.policy.policy(),
-        assessed_quality={m.node_id: m.quality_score for m in config.nodes
-                          if m.quality_score is not None},
+        assessed_quality={
+            m.node_id: m.quality_score for m in config.nodes if m.quality_score is not None
+        },
     )
     resumed = store.latest()
     records: list[pb.RoundRecord] = []
@@ -53,9 +56,13 @@ def build_coordinator_server(
         log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
     nodes = [
         RemoteSovereignNode(
-            member.node_id, member.jurisdiction, member.address,
-            consortium_id=config.consortium_id, timeout_s=config.node_timeout_s,
-            chunk_bytes=config.chunk_bytes, spill_dir=store.spill_dir,
+            member.node_id,
+            member.jurisdiction,
+            member.address,
+            consortium_id=config.consortium_id,
+            timeout_s=config.node_timeout_s,
+            chunk_bytes=config.chunk_bytes,
+            spill_dir=store.spill_dir,
         )
         for member in config.nodes
     ]

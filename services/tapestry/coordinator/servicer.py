@@ -51,18 +51,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     # -- rounds ------------------------------------------------------------------------
 
-    def RunRound(self, request: pb.RunRoundRequest, context: grpc.ServicerContext
-                 ) -> Iterator[pb.RoundEvent]:
+    def RunRound(
+        self, request: pb.RunRoundRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.RoundEvent]:
         if not self._round_lock.acquire(blocking=False):
-            abort(context, Busy(
-                f"round {self._core.round_num + 1} is already running; wait for its result "
-                "(tapestry rounds) and trigger the next one after it"
-            ))
+            abort(
+                context,
+                Busy(
+                    f"round {self._core.round_num + 1} is already running; wait for its result "
+                    "(tapestry rounds) and trigger the next one after it"
+                ),
+            )
         events: queue.Queue[pb.RoundEvent | pb.RoundRecord | BaseException] = queue.Queue()
 
         def tell(node_id: str, stage: pb.NodeProgress.Stage, detail: str) -> None:
-            events.put(pb.RoundEvent(
-                progress=pb.NodeProgress(node_id=node_id, stage=stage, detail=detail)))
+            events.put(
+                pb.RoundEvent(progress=pb.NodeProgress(node_id=node_id, stage=stage, detail=detail))
+            )
 
         def work() -> None:
             # The round runs to its commit even if the caller goes away.
@@ -122,13 +127,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._records.append(record)
         self._committed = (result.round_num, record.result.shared_base_sha256)
         r = record.result
-        log.info("round %d committed: accepted %s, rejected %s, failed %s, base %s -> %s",
-                 r.round_num, list(r.accepted_nodes), list(r.rejected_nodes),
-                 dict(r.failed_nodes), r.previous_base_sha256[:12], r.shared_base_sha256[:12])
+        log.info(
+            "round %d committed: accepted %s, rejected %s, failed %s, base %s -> %s",
+            r.round_num,
+            list(r.accepted_nodes),
+            list(r.rejected_nodes),
+            dict(r.failed_nodes),
+            r.previous_base_sha256[:12],
+            r.shared_base_sha256[:12],
+        )
         return record
 
-    def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext
-                 ) -> pb.ConsortiumRoundResult:
+    def GetRound(
+        self, request: pb.GetRoundRequest, context: grpc.ServicerContext
+    ) -> pb.ConsortiumRoundResult:
         records = list(self._records)
         if not records:
             abort(context, NotFound("no round has been committed yet"))
@@ -137,22 +149,31 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for record in records:
             if record.result.round_num == request.round_num:
                 return record.result
-        abort(context, NotFound(
-            f"round {request.round_num} not found; committed rounds: "
-            f"1..{records[-1].result.round_num}"))
+        abort(
+            context,
+            NotFound(
+                f"round {request.round_num} not found; committed rounds: "
+                f"1..{records[-1].result.round_num}"
+            ),
+        )
 
-    def ListRounds(self, request: pb.ListRoundsRequest, context: grpc.ServicerContext
-                   ) -> pb.ListRoundsResponse:
+    def ListRounds(
+        self, request: pb.ListRoundsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRoundsResponse:
         return pb.ListRoundsResponse(rounds=[record.result for record in list(self._records)])
 
     # -- base and artifacts ----------------------------------------------------------
 
-    def GetBase(self, request: pb.GetBaseRequest, context: grpc.ServicerContext
-                ) -> Iterator[pb.BaseChunk]:
+    def GetBase(
+        self, request: pb.GetBaseRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.BaseChunk]:
         round_num, digest = self._committed
         base = StoredState(self._store.base_path(round_num))
-        yield pb.BaseChunk(header=pb.BaseHeader(
-            round_num=round_num, model=messages.model_spec_to_proto(self._spec)))
+        yield pb.BaseChunk(
+            header=pb.BaseHeader(
+                round_num=round_num, model=messages.model_spec_to_proto(self._spec)
+            )
+        )
         count = total = 0
         for chunk in state_to_chunks(base, self._chunk_bytes):
             if chunk.offset == 0:
@@ -160,15 +181,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.BaseChunk(chunk=chunk)
         # The digest was computed when the base was committed; the file is checked against
         # it on resume, and the receiver checks the stream against it.
-        yield pb.BaseChunk(end=pb.StateTrailer(tensor_count=count, total_bytes=total,
-                                               sha256=digest))
+        yield pb.BaseChunk(
+            end=pb.StateTrailer(tensor_count=count, total_bytes=total, sha256=digest)
+        )
 
-    def ListArtifacts(self, request: pb.ListArtifactsRequest, context: grpc.ServicerContext
-                      ) -> pb.ListArtifactsResponse:
+    def ListArtifacts(
+        self, request: pb.ListArtifactsRequest, context: grpc.ServicerContext
+    ) -> pb.ListArtifactsResponse:
         retained = dict(self._core.sovereign_artifacts)
         order = [node.node_id for node in self._nodes]
         ordered = [retained[n] for n in order if n in retained]
         ordered += [a for n, a in retained.items() if n not in order]
         return pb.ListArtifactsResponse(
-            artifacts=[messages.artifact_to_proto(dataclasses.replace(a, model_state={}))
-                       for a in ordered])
+            artifacts=[
+                messages.artifact_to_proto(dataclasses.replace(a, model_state={})) for a in ordered
+            ]
+        )

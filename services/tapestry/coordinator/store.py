@@ -72,7 +72,8 @@ class CoordinatorStore:
     def commit(self, record: pb.RoundRecord, base: ModelState) -> None:
         round_num = record.result.round_num
         save_state(
-            self.base_path(round_num), base,
+            self.base_path(round_num),
+            base,
             {"round_num": str(round_num), "sha256": record.result.shared_base_sha256},
         )
         write_text(self._record_path(round_num), message_to_json(record))
@@ -95,8 +96,10 @@ class CoordinatorStore:
             state = self._load_intact(record.result.round_num, record.result.shared_base_sha256)
             if state is not None:
                 return record.result.round_num, state, records
-            log.error("round %d's base is missing or damaged; resuming from the round before",
-                      record.result.round_num)
+            log.error(
+                "round %d's base is missing or damaged; resuming from the round before",
+                record.result.round_num,
+            )
             records.pop()
         initial = self.base_path(0)
         if initial.exists():

@@ -12,10 +12,12 @@ from tapestry.local import LocalConsortium
 
 def run_demo(round_count: int, workdir: Path) -> None:
     out = report.console()
-    out.print(f"Tapestry demo: coordinator + {len(DEMO_NODES)} nodes on 127.0.0.1 "
-              f"(work folder {workdir})")
-    with LocalConsortium(workdir, DEMO_NODES, consortium_id="tapestry-demo",
-                         policy=DEMO_POLICY) as consortium:
+    out.print(
+        f"Tapestry demo: coordinator + {len(DEMO_NODES)} nodes on 127.0.0.1 (work folder {workdir})"
+    )
+    with LocalConsortium(
+        workdir, DEMO_NODES, consortium_id="tapestry-demo", policy=DEMO_POLICY
+    ) as consortium:
         for name, process in consortium.processes.items():
             out.print(f"  {name:<12} pid {process.popen.pid:<7} {process.address}")
         with CoordinatorClient(consortium.coordinator_address) as client:
@@ -23,5 +25,6 @@ def run_demo(round_count: int, workdir: Path) -> None:
                 result = client.run_round(lambda e: out.print(report.progress_line(e)))
                 out.print(report.round_table(result))
                 out.print(report.artifacts_table(client.list_artifacts()))
-    out.print(f"All processes stopped. The base and the sovereign models are kept under "
-              f"{workdir}/data.")
+    out.print(
+        f"All processes stopped. The base and the sovereign models are kept under {workdir}/data."
+    )

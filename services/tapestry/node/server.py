@@ -40,9 +40,15 @@ def build_node_server(
     )
     store = ArtifactStore(data_dir)
     servicer = SovereignNodeServicer(node, spec, store)
-    log.info("node %s (%s): %d sequences, %d tokens, quality %.3f, data in %s",
-             config.node_id, config.jurisdiction, len(corpus), node.token_count,
-             config.quality_score, data_dir)
+    log.info(
+        "node %s (%s): %d sequences, %d tokens, quality %.3f, data in %s",
+        config.node_id,
+        config.jurisdiction,
+        len(corpus),
+        node.token_count,
+        config.quality_score,
+        data_dir,
+    )
     return build_server(
         listen,
         [lambda server: pb_grpc.add_SovereignNodeServicer_to_server(servicer, server)],

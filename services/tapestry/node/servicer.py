@@ -44,8 +44,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
         self._expected = spec_of(node.model.state_dict())
         self._busy = threading.Lock()
 
-    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext
-                 ) -> pb.NodeDescription:
+    def Describe(
+        self, request: pb.DescribeRequest, context: grpc.ServicerContext
+    ) -> pb.NodeDescription:
         latest = self._store.get()
         return pb.NodeDescription(
             node_id=self._node.node_id,
@@ -56,8 +57,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
             latest_round=latest.round_num if latest else 0,
         )
 
-    def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.ServicerContext
-                    ) -> pb.SovereignModelArtifact:
+    def GetArtifact(
+        self, request: pb.GetArtifactRequest, context: grpc.ServicerContext
+    ) -> pb.SovereignModelArtifact:
         artifact = self._store.get(request.round_num)
         if artifact is None:
             which = "any round" if request.round_num == 0 else f"round {request.round_num}"
@@ -85,8 +87,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
                 abort(context, error)
-            log.info("round %d: artifact stored at %s, streaming delta", round_num,
-                     artifact.stored_at)
+            log.info(
+                "round %d: artifact stored at %s, streaming delta", round_num, artifact.stored_at
+            )
             yield pb.RunSovereignCycleResponse(result=header)
             for chunk in state_to_chunks(delta, self._chunk_bytes):
                 yield pb.RunSovereignCycleResponse(delta_chunk=chunk)
@@ -94,8 +97,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
         finally:
             self._busy.release()
 
-    def _receive_base(self, requests: Iterator[pb.RunSovereignCycleRequest]
-                      ) -> tuple[int, Mapping[str, torch.Tensor]]:
+    def _receive_base(
+        self, requests: Iterator[pb.RunSovereignCycleRequest]
+    ) -> tuple[int, Mapping[str, torch.Tensor]]:
         first = next(requests, None)
         if first is None or first.WhichOneof("item") != "start":
             raise WireError("the request stream must begin with a CycleStart message")

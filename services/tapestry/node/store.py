@@ -42,9 +42,7 @@ class ArtifactStore:
             artifact.model_state,
             {"node_id": artifact.node_id, "round_num": str(artifact.round_num), "sha256": digest},
         )
-        stored = dataclasses.replace(
-            artifact, model_state_sha256=digest, stored_at=str(model_path)
-        )
+        stored = dataclasses.replace(artifact, model_state_sha256=digest, stored_at=str(model_path))
         write_json(directory / "manifest.json", manifest_of(stored))
         return stored
 
@@ -55,7 +53,8 @@ class ArtifactStore:
         except (OSError, json.JSONDecodeError):
             return  # nothing complete there: an interrupted write may be replaced
         aside = directory.with_name(
-            f"{directory.name}.superseded-{earlier['model_state_sha256'][:16]}")
+            f"{directory.name}.superseded-{earlier['model_state_sha256'][:16]}"
+        )
         if aside.exists():  # the very same model was kept aside before
             shutil.rmtree(directory)
         else:

@@ -68,7 +68,8 @@ def contribution_to_proto(
     """The header of a contribution; its ``weight_delta`` travels as a tensor stream."""
     if delta_sha256 is None:
         delta_sha256 = contribution.weight_delta_sha256 or (
-            state_digest(contribution.weight_delta) if contribution.weight_delta else "")
+            state_digest(contribution.weight_delta) if contribution.weight_delta else ""
+        )
     return pb.SovereignContribution(
         node_id=contribution.node_id,
         round_num=contribution.round_num,
@@ -147,11 +148,13 @@ def message_to_dict(msg: Any) -> dict[str, Any]:
 
 def message_to_json(msg: Any) -> str:
     return json_format.MessageToJson(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
-        indent=2, sort_keys=True,
+        msg,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        indent=2,
+        sort_keys=True,
     )
 
 
 def message_from_json(text: str, message_type: type[Any]) -> Any:
     return json_format.Parse(text, message_type())
-

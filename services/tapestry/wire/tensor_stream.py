@@ -57,8 +57,12 @@ def state_to_chunks(
         while True:  # an empty tensor still sends one (empty) chunk carrying its shape
             piece = data[offset : offset + chunk_bytes]
             yield pb.TensorChunk(
-                name=name, dtype=dtype, shape=list(tensor.shape), offset=offset,
-                data=piece.tobytes(), total_bytes=total,
+                name=name,
+                dtype=dtype,
+                shape=list(tensor.shape),
+                offset=offset,
+                data=piece.tobytes(),
+                total_bytes=total,
             )
             offset += len(piece)
             if offset >= total:
@@ -115,8 +119,7 @@ class StateAssembler:
         end = self._filled + len(chunk.data)
         if end > self._nbytes:
             raise WireError(
-                f"tensor {chunk.name!r}: {end} bytes received, more than its "
-                f"{self._nbytes} bytes"
+                f"tensor {chunk.name!r}: {end} bytes received, more than its {self._nbytes} bytes"
             )
         data = chunk.data
         self._write(self._filled, data)

@@ -98,13 +98,13 @@ class ConsortiumCoordinator:
                 failed[node_id] = describe_failure(outcome)
                 continue
             if not isinstance(outcome, SovereignCycleResult):
-                failed[node_id] = (f"invalid contribution: run_sovereign_cycle returned "
-                                   f"{type(outcome).__name__}, not a SovereignCycleResult")
+                failed[node_id] = (
+                    f"invalid contribution: run_sovereign_cycle returned "
+                    f"{type(outcome).__name__}, not a SovereignCycleResult"
+                )
                 continue
             try:
-                check_contribution(
-                    outcome.contribution, base, node_id=node_id, round_num=round_num
-                )
+                check_contribution(outcome.contribution, base, node_id=node_id, round_num=round_num)
             except ValueError as error:
                 failed[node_id] = f"invalid contribution: {error}"
                 continue

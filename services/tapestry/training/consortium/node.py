@@ -95,8 +95,13 @@ class SovereignTrainingNode:
             )
         vocab = getattr(model, "vocab_size", None)
         for index, seq in enumerate(sovereign_corpus):
-            bad = [t for t in seq if not isinstance(t, int) or isinstance(t, bool)
-                   or not 0 <= t < (vocab if vocab is not None else 2**63)]
+            bad = [
+                t
+                for t in seq
+                if not isinstance(t, int)
+                or isinstance(t, bool)
+                or not 0 <= t < (vocab if vocab is not None else 2**63)
+            ]
             if bad:
                 raise ValueError(
                     f"node {node_id!r}: sequence {index} has token id {bad[0]!r}; token ids "
@@ -116,8 +121,9 @@ class SovereignTrainingNode:
         self._inputs, self._targets = pad_corpus(self.sovereign_corpus)
         self._lock = threading.Lock()  # one cycle at a time: the model is trained in place
 
-    def run_sovereign_cycle(self, round_num: int, base_state: Mapping[str, torch.Tensor]
-                            ) -> SovereignCycleResult:
+    def run_sovereign_cycle(
+        self, round_num: int, base_state: Mapping[str, torch.Tensor]
+    ) -> SovereignCycleResult:
         """Train from ``base_state`` and return the retained artifact and the delta."""
         with self._lock:
             self.model.load_state_dict(clone_state(base_state))

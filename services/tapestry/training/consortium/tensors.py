@@ -13,8 +13,16 @@ import torch
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
     for name in (
-        "float64", "float32", "float16", "bfloat16",
-        "int64", "int32", "int16", "int8", "uint8", "bool",
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
         "complex64",
     )
 }
@@ -79,7 +87,9 @@ def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Independent, contiguous copies (no shared storage, so tied weights and strided views
     are safe to save)."""
     return {
-        name: tensor.detach().resolve_conj().resolve_neg().clone(
-            memory_format=torch.contiguous_format)
+        name: tensor.detach()
+        .resolve_conj()
+        .resolve_neg()
+        .clone(memory_format=torch.contiguous_format)
         for name, tensor in state.items()
     }
