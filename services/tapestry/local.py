@@ -162,24 +162,26 @@ class LocalConsortium:
             }
             for s in self.nodes
         ] + self.extra_members
-        config = write_toml(
-            self.workdir / "config" / "consortium.toml",
+        write_toml(
+            self.consortium_config_path,
             {"consortium_id": self.consortium_id, "seed": self.seed, **self.settings},
             {"model": self.model, "policy": self.policy},
             {"nodes": members},
         )
+        self._start_coordinator()
+
+    @property
+    def consortium_config_path(self) -> Path:
+        return self.workdir / "config" / "consortium.toml"
+
+    def _start_coordinator(self) -> str:
         self._spawn(
             "coordinator",
-            [
-                "coordinator",
-                "serve",
-                "--config",
-                str(config),
-                "--data-dir",
-                str(self.coordinator_data_dir),
-            ],
-        )
+            ["coordinator", "serve", "--config", str(self.consortium_config_path),
+             "--data-dir", str(self.coordinator_data_dir)],
+        )  # fmt: skip
         self.coordinator_address = self._await_ready("coordinator")
+        return self.coordinator_address
 
     def _route(self, node_id: str) -> str:
         address = self.processes[node_id].address
@@ -188,20 +190,7 @@ class LocalConsortium:
     def restart_coordinator(self) -> str:
         """Stop and start the coordinator on the same data (a restart, for resume tests)."""
         self._stop_one("coordinator")
-        config = self.workdir / "config" / "consortium.toml"
-        self._spawn(
-            "coordinator",
-            [
-                "coordinator",
-                "serve",
-                "--config",
-                str(config),
-                "--data-dir",
-                str(self.coordinator_data_dir),
-            ],
-        )
-        self.coordinator_address = self._await_ready("coordinator")
-        return self.coordinator_address
+        return self._start_coordinator()
 
     def stop_node(self, node_id: str) -> None:
         self._stop_one(node_id)
