@@ -108,7 +108,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             result=messages.round_result_to_proto(
                 result,
                 previous_base_sha256=committed_sha256,
-                shared_base_sha256=state_digest(result.shared_base_state),
+                # Nothing accepted: the base is bitwise the committed one, digest included.
+                shared_base_sha256=state_digest(result.shared_base_state)
+                if result.accepted_nodes
+                else committed_sha256,
                 started_at=started,
                 finished_at=time.time(),
             ),
