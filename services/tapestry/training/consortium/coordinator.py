@@ -121,7 +121,7 @@ class ConsortiumCoordinator:
         accepted = [n for n in node_ids if n in decision.weights]
         rejected = [n for n in node_ids if n in contributions and n not in decision.weights]
         weighted = [(decision.weights[n], contributions[n].weight_delta) for n in accepted]
-        # Metadata only from here on: each delta is released as soon as it is integrated.
+        # Metadata only from here on: the deltas are dropped once they are integrated.
         received = {n: dataclasses.replace(c, weight_delta={}) for n, c in contributions.items()}
         del outcomes, contributions
         if weighted:
