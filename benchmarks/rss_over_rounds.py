@@ -12,7 +12,7 @@ import argparse
 
 from round_profile import bench_consortium, kib
 
-from tapestry.client import CoordinatorClient
+from tapestry.coordinator.client import CoordinatorClient
 
 
 def main() -> None:

@@ -1,15 +1,24 @@
-"""The error base the CLI reports as one clear line (no traceback), kept free of heavy
-imports so that light commands such as ``tapestry health`` start fast."""
+"""The errors every layer raises and the edges translate: the CLI prints them as one clear
+line, the servicers map them to gRPC status codes (:mod:`tapestry.wire.status`).
+
+Kept free of heavy imports so that light commands such as ``tapestry health`` start fast.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 
 class UserError(Exception):
     """Something the operator can fix: a configuration, corpus, data directory or launch."""
 
 
-def describe_rpc_error(error: Any) -> str:
-    """``CODE: details`` of a ``grpc.RpcError``."""
-    return f"{error.code().name}: {error.details()}"
+class WireError(ValueError):
+    """A stream or message from a peer that does not decode to what it announces; the
+    message says what and where."""
+
+
+class Busy(RuntimeError):
+    """The service is already doing the one thing it does at a time."""
+
+
+class NotFound(LookupError):
+    """The thing asked for does not exist (yet)."""

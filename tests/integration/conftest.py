@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tapestry.local import LocalConsortium, LocalNodeSpec
+from tapestry.launcher import LocalConsortium, LocalNodeSpec
 
 # Written for these tests: distinct per node, so their deltas differ.
 CORPORA = {

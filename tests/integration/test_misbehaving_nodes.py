@@ -8,9 +8,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from tapestry.client import CoordinatorClient
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.coordinator.client import CoordinatorClient
 from tapestry.wire.tensor_stream import StateAssembler, state_to_chunks, state_trailer
 
 BEHAVIOURS = {

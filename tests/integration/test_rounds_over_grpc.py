@@ -8,11 +8,11 @@ import grpc
 import pytest
 import torch
 
-from tapestry.client import CoordinatorClient
+from tapestry.atomic_files import load_state, read_json
 from tapestry.config import NodeConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.coordinator.client import CoordinatorClient
 from tapestry.node.corpus import load_corpus
-from tapestry.storage import load_state, read_json
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ContributionPolicy,

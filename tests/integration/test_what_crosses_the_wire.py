@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tapestry.client import CoordinatorClient
+from tapestry.atomic_files import load_state
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.storage import load_state
+from tapestry.coordinator.client import CoordinatorClient
 from tapestry.training.consortium.tensors import tensor_bytes
 from tapestry.wire.tensor_stream import StateAssembler
 

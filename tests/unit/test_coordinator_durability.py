@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.coordinator.journal import CoordinatorStore, StoreError
 from tapestry.coordinator.servicer import CoordinatorServicer
-from tapestry.coordinator.store import CoordinatorStore, StoreError
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ContributionPolicy,

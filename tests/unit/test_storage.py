@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tapestry.storage import load_state, read_json, save_state, write_json
+from tapestry.atomic_files import load_state, read_json, save_state, write_json
 from tapestry.training.consortium.tensors import DTYPES, state_digest, tensor_bytes
 
 
@@ -137,7 +137,7 @@ def test_write_json_replaces_the_file_atomically(tmp_path: Path) -> None:
 
 
 def test_a_node_never_overwrites_a_stored_artifact(tmp_path: Path) -> None:
-    from tapestry.node.store import ArtifactStore
+    from tapestry.node.artifacts import ArtifactStore
     from tapestry.training.consortium import SovereignModelArtifact, state_digest
 
     def artifact(value: float) -> SovereignModelArtifact:
@@ -166,7 +166,7 @@ def test_a_node_never_overwrites_a_stored_artifact(tmp_path: Path) -> None:
 
 
 def test_a_stored_state_is_read_one_tensor_at_a_time(tmp_path: Path) -> None:
-    from tapestry.storage import StoredState
+    from tapestry.atomic_files import StoredState
 
     state = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([1, 2], dtype=torch.int64)}
     save_state(tmp_path / "s.safetensors", state, {})

@@ -19,7 +19,7 @@ from tapestry.training.consortium import (
     SovereignModelArtifact,
 )
 from tapestry.training.consortium.tensors import state_digest
-from tapestry.wire.messages import (
+from tapestry.wire.codec import (
     artifact_from_proto,
     artifact_to_proto,
     contribution_from_proto,

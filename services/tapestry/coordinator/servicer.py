@@ -12,16 +12,16 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
+from tapestry.atomic_files import StoredState
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.remote import ProgressListener, RemoteSovereignNode
-from tapestry.coordinator.store import CoordinatorStore
-from tapestry.storage import StoredState
+from tapestry.coordinator.journal import CoordinatorStore
+from tapestry.coordinator.remote_node import ProgressListener, RemoteSovereignNode
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.tensors import state_digest
-from tapestry.wire import messages
-from tapestry.wire.errors import Busy, NotFound, abort
+from tapestry.wire import codec
+from tapestry.wire.status import Busy, NotFound, abort
 from tapestry.wire.tensor_stream import state_to_chunks
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         finally:
             self._store.clear_spill()  # integrated or not, spilled deltas end with the round
         record = pb.RoundRecord(
-            result=messages.round_result_to_proto(
+            result=codec.round_result_to_proto(
                 result,
                 previous_base_sha256=committed_sha256,
                 # Nothing accepted: the base is bitwise the committed one, digest included.
@@ -116,7 +116,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 finished_at=time.time(),
             ),
             artifacts=[
-                messages.artifact_to_proto(self._core.sovereign_artifacts[node_id])
+                codec.artifact_to_proto(self._core.sovereign_artifacts[node_id])
                 for node_id in result.contributions
             ],
         )
@@ -173,9 +173,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         round_num, digest = self._committed
         base = StoredState(self._store.base_path(round_num))
         yield pb.BaseChunk(
-            header=pb.BaseHeader(
-                round_num=round_num, model=messages.model_spec_to_proto(self._spec)
-            )
+            header=pb.BaseHeader(round_num=round_num, model=codec.model_spec_to_proto(self._spec))
         )
         count = total = 0
         for chunk in state_to_chunks(base, self._chunk_bytes):
@@ -197,6 +195,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         ordered += [a for n, a in retained.items() if n not in order]
         return pb.ListArtifactsResponse(
             artifacts=[
-                messages.artifact_to_proto(dataclasses.replace(a, model_state={})) for a in ordered
+                codec.artifact_to_proto(dataclasses.replace(a, model_state={})) for a in ordered
             ]
         )

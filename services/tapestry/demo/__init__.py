@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tapestry.local import LocalNodeSpec
+from tapestry.launcher import LocalNodeSpec
 
 CORPORA = Path(__file__).parent / "corpora"
 

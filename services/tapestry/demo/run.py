@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tapestry import report
-from tapestry.client import CoordinatorClient
+from tapestry.cli import report
+from tapestry.coordinator.client import CoordinatorClient
 from tapestry.demo import DEMO_NODES, DEMO_POLICY
-from tapestry.local import LocalConsortium
+from tapestry.launcher import LocalConsortium
 
 
 def run_demo(round_count: int, workdir: Path) -> None:

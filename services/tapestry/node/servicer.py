@@ -12,12 +12,12 @@ import torch
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.node.store import ArtifactStore
+from tapestry.node.artifacts import ArtifactStore
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.training.consortium.tensors import state_digest
-from tapestry.wire import messages
-from tapestry.wire.errors import Busy, NotFound, abort
+from tapestry.wire import codec
+from tapestry.wire.status import Busy, NotFound, abort
 from tapestry.wire.tensor_stream import (
     StateAssembler,
     WireError,
@@ -51,7 +51,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
         return pb.NodeDescription(
             node_id=self._node.node_id,
             jurisdiction=self._node.jurisdiction,
-            model=messages.model_spec_to_proto(self._spec),
+            model=codec.model_spec_to_proto(self._spec),
             token_count=self._node.token_count,
             quality_score=self._node.quality_score,
             latest_round=latest.round_num if latest else 0,
@@ -64,7 +64,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
         if artifact is None:
             which = "any round" if request.round_num == 0 else f"round {request.round_num}"
             abort(context, NotFound(f"node {self._node.node_id!r} retains no artifact for {which}"))
-        return messages.artifact_to_proto(artifact)
+        return codec.artifact_to_proto(artifact)
 
     def RunSovereignCycle(
         self,
@@ -82,8 +82,8 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
                 artifact = self._store.save(result.artifact)
                 delta = result.contribution.weight_delta
                 trailer = state_trailer(delta)
-                header = messages.cycle_result_to_proto(result, trailer.sha256)
-                header.artifact.CopyFrom(messages.artifact_to_proto(artifact))
+                header = codec.cycle_result_to_proto(result, trailer.sha256)
+                header.artifact.CopyFrom(codec.artifact_to_proto(artifact))
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
                 abort(context, error)

@@ -11,7 +11,10 @@ Each option is set on purpose:
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -20,7 +23,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+log = logging.getLogger(__name__)
+
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# How long a stopping server lets running calls finish (a SIGTERM'd container, say).
+STOP_GRACE_S = 10.0
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -93,3 +100,24 @@ def check_health(address: str, service: str = "", timeout_s: float = 5.0) -> str
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def serve_forever(
+    server: grpc.Server,
+    port: int,
+    health_servicer: health.HealthServicer,
+    service_names: Sequence[str],
+    ready_file: Path | None = None,
+) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    mark_serving(health_servicer, service_names)
+    if ready_file is not None:
+        write_ready_file(ready_file, port)
+    log.info("serving %s on port %d", ", ".join(service_names), port)
+    stop.wait()
+    log.info("stopping: draining calls for up to %.0f s", STOP_GRACE_S)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(STOP_GRACE_S).wait()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.errors import WireError
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.tensors import (
     DTYPES,
@@ -26,10 +27,6 @@ from tapestry.training.consortium.tensors import (
 )
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message limit
-
-
-class WireError(ValueError):
-    """A stream that does not decode to the state it announces; says what and where."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tapestry.storage import read_json, save_state, write_json
+from tapestry.atomic_files import read_json, save_state, write_json
 from tapestry.training.consortium.messages import SovereignModelArtifact
 from tapestry.training.consortium.tensors import state_digest
 

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import click
 import grpc
 
-from tapestry.errors import UserError, describe_rpc_error
+from tapestry.errors import UserError
+from tapestry.wire.status import describe_rpc_error
 
 # Heavy modules (torch, the services) are imported inside the commands that need them, so
 # `tapestry health` (run every few seconds by container healthchecks) starts fast.
@@ -103,15 +104,15 @@ def coordinator_serve(
     """Serve the Coordinator gRPC service."""
     import os
 
-    from tapestry.allocator import tune_allocator
     from tapestry.config import ConsortiumConfig, load_config
+    from tapestry.coordinator.memory import tune_allocator
 
     tune_allocator(
         int(os.environ.get("TAPESTRY_ARENA_MAX", "1")),
         int(os.environ.get("TAPESTRY_TRIM_THRESHOLD", str(1 << 20))),
     )
-    from tapestry.coordinator.server import SERVICE_NAME, build_coordinator_server
-    from tapestry.serving import serve_forever
+    from tapestry.coordinator.startup import SERVICE_NAME, build_coordinator_server
+    from tapestry.wire.grpc_plumbing import serve_forever
 
     config = load_config(config_path, ConsortiumConfig)
     server, port, health = build_coordinator_server(config, listen, data_dir)
@@ -129,8 +130,8 @@ def node() -> None:
 def node_serve(config_path: Path, listen: str, data_dir: Path, ready_file: Path | None) -> None:
     """Serve the SovereignNode gRPC service for one jurisdiction."""
     from tapestry.config import NodeConfig, load_config
-    from tapestry.node.server import SERVICE_NAME, build_node_server
-    from tapestry.serving import serve_forever
+    from tapestry.node.startup import SERVICE_NAME, build_node_server
+    from tapestry.wire.grpc_plumbing import serve_forever
 
     config = load_config(config_path, NodeConfig)
     server, port, health = build_node_server(config, listen, data_dir)
@@ -160,9 +161,9 @@ def round_group() -> None:
 @_friendly_errors
 def round_run(address: str, as_json: bool, timeout: float | None) -> None:
     """Trigger one round over gRPC and print its result."""
-    from tapestry import report
-    from tapestry.client import CoordinatorClient
-    from tapestry.wire.messages import message_to_dict
+    from tapestry.cli import report
+    from tapestry.coordinator.client import CoordinatorClient
+    from tapestry.wire.codec import message_to_dict
 
     out = report.console()
     with CoordinatorClient(address) as client:
@@ -176,9 +177,9 @@ def round_run(address: str, as_json: bool, timeout: float | None) -> None:
 
 def _print_listing(address: str, as_json: bool, what: str) -> None:
     """Fetch a listing from the coordinator; print it as a table or as JSON."""
-    from tapestry import report
-    from tapestry.client import CoordinatorClient
-    from tapestry.wire.messages import message_to_dict
+    from tapestry.cli import report
+    from tapestry.coordinator.client import CoordinatorClient
+    from tapestry.wire.codec import message_to_dict
 
     with CoordinatorClient(address) as client:
         items = client.list_rounds() if what == "rounds" else client.list_artifacts()

@@ -10,9 +10,9 @@ import grpc
 from tapestry.config import NodeConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.corpus import load_corpus
 from tapestry.node.servicer import SovereignNodeServicer
-from tapestry.node.store import ArtifactStore
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.wire.grpc_plumbing import build_server
 

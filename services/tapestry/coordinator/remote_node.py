@@ -15,7 +15,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
 from tapestry.training.consortium.tensors import state_digest, state_nbytes
-from tapestry.wire import messages
+from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import insecure_channel
 from tapestry.wire.spill import SpillingAssembler
 from tapestry.wire.tensor_stream import (
@@ -126,7 +126,7 @@ class RemoteSovereignNode:
                     if message.delta_end.sha256 != header.contribution.weight_delta_sha256:
                         raise WireError("delta trailer digest differs from the announced one")
                     delta = assembler.finish(message.delta_end)
-                    return messages.cycle_result_from_proto(header, delta)
+                    return codec.cycle_result_from_proto(header, delta)
                 else:
                     raise WireError(f"unexpected {kind!r} message in the delta stream")
             raise WireError("the delta stream ended before its trailer (truncated)")

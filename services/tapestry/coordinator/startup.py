@@ -10,11 +10,11 @@ import grpc
 from tapestry.config import ConsortiumConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.remote import RemoteSovereignNode
+from tapestry.coordinator.journal import CoordinatorStore
+from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.coordinator.servicer import CoordinatorServicer
-from tapestry.coordinator.store import CoordinatorStore
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
-from tapestry.wire import messages
+from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import build_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -52,7 +52,7 @@ def build_coordinator_server(
         core.load_base_state(state, round_num)
         for record in records:
             for artifact in record.artifacts:
-                core.sovereign_artifacts[artifact.node_id] = messages.artifact_from_proto(artifact)
+                core.sovereign_artifacts[artifact.node_id] = codec.artifact_from_proto(artifact)
         log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
     nodes = [
         RemoteSovereignNode(

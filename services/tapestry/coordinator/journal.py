@@ -17,12 +17,12 @@ import logging
 import shutil
 from pathlib import Path
 
+from tapestry.atomic_files import load_state, read_json, save_state, write_json, write_text
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.errors import UserError
-from tapestry.storage import load_state, read_json, save_state, write_json, write_text
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.tensors import state_digest
-from tapestry.wire.messages import message_from_json, message_to_json
+from tapestry.wire.codec import message_from_json, message_to_json
 
 log = logging.getLogger(__name__)
 

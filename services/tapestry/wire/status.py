@@ -6,22 +6,12 @@ from typing import NoReturn
 
 import grpc
 
-from tapestry.config import ConfigError
-from tapestry.wire.tensor_stream import WireError
+from tapestry.errors import Busy, NotFound, UserError, WireError
 
-
-class Busy(RuntimeError):
-    """The service is already doing the one thing it does at a time."""
-
-
-class NotFound(LookupError):
-    """The thing asked for does not exist (yet)."""
-
-
-# Most specific first: WireError and ConfigError are ValueErrors too.
+# Most specific first: WireError and many UserErrors are ValueErrors too.
 _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (WireError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UserError, grpc.StatusCode.FAILED_PRECONDITION),
     (Busy, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -40,3 +30,10 @@ def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
     """End the call with the status ``error`` maps to and its message."""
     context.abort(status_for(error), f"{type(error).__name__}: {error}")
     raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def describe_rpc_error(error: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call, the one way RPC errors are shown to people."""
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    return f"{code.name if code else 'UNKNOWN'}: {details}"
