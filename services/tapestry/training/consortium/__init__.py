@@ -9,6 +9,7 @@ around exactly this code.
 
 from tapestry.training.consortium import types
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator, ConsortiumNode
+from tapestry.training.consortium.events import EventSink, RoundEvent, RoundStage
 from tapestry.training.consortium.integration import (
     InvalidContribution,
     check_contribution,
@@ -36,10 +37,13 @@ __all__ = [
     "ConsortiumRoundResult",
     "ContributionPolicy",
     "ContributionWeighting",
+    "EventSink",
     "InvalidContribution",
     "ModelSpec",
     "ModelState",
     "PolicyDecision",
+    "RoundEvent",
+    "RoundStage",
     "SovereignContribution",
     "SovereignCycleResult",
     "SovereignModelArtifact",

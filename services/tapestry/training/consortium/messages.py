@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from tapestry.training.consortium.policy import ContributionPolicy
 
 ModelState = dict[str, torch.Tensor]
 """A model's ``state_dict``: parameter name -> tensor."""
@@ -64,7 +69,10 @@ class ConsortiumRoundResult:
     contribution failed validation to the reason. Neither kind changes the base.
     ``contributions`` holds every received contribution's metadata (its delta emptied) and
     ``quality_scores`` the scores the policy weighed (assessed where the coordinator has an
-    assessment, else self-reported).
+    assessment, else self-reported). ``artifacts`` are the sovereign artifacts the nodes
+    that passed every check retain this round (metadata only when they came over the wire).
+    ``policy`` is the policy that decided the round; the two digests are
+    :func:`~tapestry.training.consortium.state_digest` of the base before and after.
     """
 
     round_num: int
@@ -77,3 +85,9 @@ class ConsortiumRoundResult:
     failed_nodes: dict[str, str] = field(default_factory=dict)
     contributions: dict[str, SovereignContribution] = field(default_factory=dict)
     quality_scores: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, SovereignModelArtifact] = field(default_factory=dict)
+    policy: ContributionPolicy | None = None
+    previous_base_sha256: str = ""
+    shared_base_sha256: str = ""
+    started_at: datetime | None = None  # timezone-aware (UTC)
+    finished_at: datetime | None = None
