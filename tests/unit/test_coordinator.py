@@ -17,6 +17,8 @@ from tapestry.training.consortium import (
     ConsortiumRoundResult,
     ContributionPolicy,
     ModelState,
+    RoundEvent,
+    RoundStage,
     SovereignContribution,
     SovereignCycleResult,
     SovereignTrainingNode,
@@ -290,17 +292,18 @@ def test_round_numbers_continue_from_the_one_given(
     assert all(c.round_num == 6 for c in result.contributions.values())
 
 
-def test_on_contribution_sees_each_valid_contribution(
+def test_events_report_each_valid_contribution_and_each_failure(
     base_model: nn.Module, make_nodes: MakeNodes
 ) -> None:
-    seen: list[str] = []
+    seen: list[RoundEvent] = []
     nodes: list[ConsortiumNode] = [*make_nodes(), RaisingNode("down", RuntimeError("down"))]
 
-    ConsortiumCoordinator(base_model).run_round(
-        nodes, on_contribution=lambda c: seen.append(c.node_id)
-    )
+    ConsortiumCoordinator(base_model).run_round(nodes, events=seen.append)
 
-    assert seen == ["vn", "ch", "in"]
+    contributed = [e.node_id for e in seen if e.stage is RoundStage.NODE_CONTRIBUTED]
+    failed = [(e.node_id, e.detail) for e in seen if e.stage is RoundStage.NODE_FAILED]
+    assert contributed == ["vn", "ch", "in"]
+    assert failed == [("down", "RuntimeError: down")]
 
 
 # --- nothing accepted ---------------------------------------------------------------------

@@ -26,15 +26,24 @@ from .conftest import MakeNode, MakeNodes, StatesEqual
 class AccessRecorder:
     """Stands in for a node and records every attribute the coordinator reads from it."""
 
-    __slots__ = ("_inner", "_read")
+    __slots__ = ("_inner", "_read", "_sent")
 
     def __init__(self, inner: SovereignTrainingNode) -> None:
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_read", set())
+        object.__setattr__(self, "_sent", [])
 
     def __getattr__(self, name: str) -> Any:
         self._read.add(name)
-        return getattr(self._inner, name)
+        if name != "run_sovereign_cycle":
+            return getattr(self._inner, name)
+
+        def cycle(round_num: int, base_state: Any) -> Any:
+            result = self._inner.run_sovereign_cycle(round_num, base_state)
+            self._sent.append(result.contribution)  # exactly what the coordinator receives
+            return result
+
+        return cycle
 
 
 def test_invariant_1_n_plus_one_outcome(base_model: nn.Module, make_nodes: MakeNodes) -> None:
@@ -68,9 +77,9 @@ def test_invariant_2_only_deltas_are_contributed(
     base = base_model.state_dict()
     recorders = [AccessRecorder(node) for node in nodes]
     as_nodes: list[Any] = list(recorders)
-    sent: list[SovereignContribution] = []
 
-    ConsortiumCoordinator(base_model).run_round(as_nodes, on_contribution=sent.append)
+    ConsortiumCoordinator(base_model).run_round(as_nodes)
+    sent: list[SovereignContribution] = [r._sent[0] for r in recorders]
 
     # The coordinator asks a node for its id and its cycle, nothing else (no corpus).
     for recorder in recorders:

@@ -23,7 +23,7 @@ from tapestry.training.consortium.messages import (
     SovereignModelArtifact,
 )
 from tapestry.training.consortium.model import ModelSpec, TinyCausalModel
-from tapestry.training.consortium.node import SovereignTrainingNode, cycle_seed
+from tapestry.training.consortium.node import InvalidBase, SovereignTrainingNode, cycle_seed
 from tapestry.training.consortium.policy import (
     ContributionPolicy,
     ContributionWeighting,
@@ -38,6 +38,7 @@ __all__ = [
     "ContributionPolicy",
     "ContributionWeighting",
     "EventSink",
+    "InvalidBase",
     "InvalidContribution",
     "ModelSpec",
     "ModelState",

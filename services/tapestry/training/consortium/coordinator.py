@@ -1,16 +1,30 @@
-"""The consortium coordinator: runs rounds over any nodes with ``run_sovereign_cycle``."""
+"""The consortium coordinator: runs rounds over any nodes with ``run_sovereign_cycle``.
+
+A round is a transaction the coordinator owns from start to end::
+
+    snapshot ──▶ every node's cycle (parallel) ──▶ checks ──▶ policy ──▶ integration
+       ──▶ commit step (the caller's: persist it) ──▶ the coordinator moves to the new base
+
+The commit step sees the finished round before any in-memory state changes, so a commit that
+fails leaves the coordinator exactly as it was: nothing needs undoing by hand. Progress is
+reported to an event sink from the core itself, so in-process and remote runs report alike.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from tapestry.training.consortium.events import EventSink, RoundEvent, RoundStage
 from tapestry.training.consortium.integration import check_contribution, integrate
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
@@ -20,7 +34,12 @@ from tapestry.training.consortium.messages import (
     SovereignModelArtifact,
 )
 from tapestry.training.consortium.policy import ContributionPolicy
-from tapestry.training.consortium.tensors import clone_state
+from tapestry.training.consortium.tensors import Snapshot, clone_state, state_digest
+
+log = logging.getLogger(__name__)
+
+CommitStep = Callable[[ConsortiumRoundResult], None]
+"""Persists a finished round (its result holds the new base); raising aborts the round."""
 
 
 class ConsortiumNode(Protocol):
@@ -63,61 +82,104 @@ class ConsortiumCoordinator:
         self.contribution_policy = contribution_policy or ContributionPolicy()
         self.round_num = round_num
         self.sovereign_artifacts: dict[str, SovereignModelArtifact] = {}
+        self._base_sha256 = ""  # digest of the current base, once known
+        self._round_lock = threading.Lock()
 
     @property
     def shared_base_state(self) -> ModelState:
         """A copy of the current base (clones: changing it leaves the base alone)."""
         return clone_state(self.base_model.state_dict())
 
-    def load_base_state(self, state: ModelState, round_num: int) -> None:
-        """Resume from a committed base (e.g. after a restart)."""
+    @property
+    def base_sha256(self) -> str:
+        """:func:`state_digest` of the current base (computed once per base)."""
+        if not self._base_sha256:
+            self._base_sha256 = state_digest(self.base_model.state_dict())
+        return self._base_sha256
+
+    def load_base_state(
+        self,
+        state: ModelState,
+        round_num: int,
+        *,
+        sha256: str = "",
+        artifacts: Mapping[str, SovereignModelArtifact] | None = None,
+    ) -> None:
+        """Resume from a committed base (e.g. after a restart): the base, its round, its
+        digest where the caller has verified it, and the artifacts the nodes retain."""
         self.base_model.load_state_dict(state)
         self.round_num = round_num
+        self._base_sha256 = sha256
+        if artifacts is not None:
+            self.sovereign_artifacts = dict(artifacts)
 
     def run_round(
         self,
         nodes: Sequence[ConsortiumNode],
-        on_contribution: Callable[[SovereignContribution], None] | None = None,
+        *,
+        events: EventSink | None = None,
+        commit: CommitStep | None = None,
     ) -> ConsortiumRoundResult:
+        """Run one round over ``nodes`` and return its result.
+
+        ``events`` receives a :class:`RoundEvent` per step (calls are serialised). ``commit``
+        is called with the finished result before the coordinator changes any state; if it
+        raises, the exception propagates and the coordinator is exactly as before the round
+        (base, round number, retained artifacts). One round at a time per coordinator.
+        """
         node_ids = [node.node_id for node in nodes]
         if len(set(node_ids)) != len(node_ids):
             raise ValueError(f"node ids must be unique in a round, got {node_ids}")
-        round_num = self.round_num + 1
-        snapshot = self.shared_base_state  # what every node trains from
-        outcomes = self._run_cycles(nodes, round_num, snapshot)
+        if not self._round_lock.acquire(blocking=False):
+            raise RuntimeError(f"round {self.round_num + 1} is already running")
+        try:
+            return self._run_round(nodes, _Reporter(self.round_num + 1, events), commit)
+        finally:
+            self._round_lock.release()
+
+    def _run_round(
+        self, nodes: Sequence[ConsortiumNode], report: _Reporter, commit: CommitStep | None
+    ) -> ConsortiumRoundResult:
+        round_num = report.round_num
+        started_at = datetime.now(UTC)
+        previous_sha256 = self.base_sha256
+        snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)  # what nodes get
+        outcomes = self._run_cycles(nodes, round_num, snapshot, report)
         # Deltas are checked against and integrated into the coordinator's own base, which
         # no node can reach; a node that edited its input in place shifts nothing.
         base = {name: t.detach() for name, t in self.base_model.state_dict().items()}
         if any(not torch.equal(snapshot[name], base[name]) for name in base):
-            snapshot = self.shared_base_state
+            snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)
 
         contributions: dict[str, SovereignContribution] = {}
+        artifacts: dict[str, SovereignModelArtifact] = {}
         failed: dict[str, str] = {}
-        for node_id, outcome in zip(node_ids, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                failed[node_id] = describe_failure(outcome)
-                continue
-            if not isinstance(outcome, SovereignCycleResult):
-                failed[node_id] = (
-                    f"invalid contribution: run_sovereign_cycle returned "
-                    f"{type(outcome).__name__}, not a SovereignCycleResult"
-                )
-                continue
+        for node, outcome in zip(nodes, outcomes, strict=True):
+            node_id = node.node_id
             try:
-                check_contribution(outcome.contribution, base, node_id=node_id, round_num=round_num)
-            except ValueError as error:
-                failed[node_id] = f"invalid contribution: {error}"
+                cycle = _checked(outcome, base, node_id, round_num)
+            except _Refused as refusal:
+                failed[node_id] = refusal.reason
+                report(RoundStage.NODE_FAILED, node_id, refusal.reason)
                 continue
-            self.sovereign_artifacts[node_id] = outcome.artifact
-            contributions[node_id] = outcome.contribution
-            if on_contribution is not None:
-                on_contribution(outcome.contribution)
+            contributions[node_id] = cycle.contribution
+            artifacts[node_id] = cycle.artifact
+            c = cycle.contribution
+            loss = c.metrics.get("loss")
+            report(
+                RoundStage.NODE_CONTRIBUTED,
+                node_id,
+                (f"loss {loss:.4f}, " if loss is not None else "")
+                + f"quality {c.quality_score:.2f}, {c.token_count} tokens",
+            )
 
         scores = {
             node_id: self.assessed_quality.get(node_id, c.quality_score)
             for node_id, c in contributions.items()
         }
-        decision = self.contribution_policy.decide(scores)
+        policy = self.contribution_policy
+        decision = policy.decide(scores)
+        node_ids = [node.node_id for node in nodes]
         accepted = [n for n in node_ids if n in decision.weights]
         rejected = [n for n in node_ids if n in contributions and n not in decision.weights]
         weighted = [(decision.weights[n], contributions[n].weight_delta) for n in accepted]
@@ -127,13 +189,18 @@ class ConsortiumCoordinator:
         if weighted:
             new_state = integrate(base, weighted)
             del weighted
-            self.base_model.load_state_dict(new_state)
+            new_sha256 = state_digest(new_state)
         else:
-            new_state = clone_state(snapshot)
-        self.round_num = round_num
-        return ConsortiumRoundResult(
+            new_state, new_sha256 = clone_state(snapshot), previous_sha256
+        report(
+            RoundStage.INTEGRATED,
+            "",
+            f"accepted {len(accepted)}, rejected {len(rejected)}, failed {len(failed)}; "
+            f"base {previous_sha256[:12]} -> {new_sha256[:12]}",
+        )
+        result = ConsortiumRoundResult(
             round_num=round_num,
-            previous_base_state=snapshot,
+            previous_base_state=dict(snapshot),
             shared_base_state=new_state,
             accepted_nodes=accepted,
             rejected_nodes=rejected,
@@ -142,16 +209,33 @@ class ConsortiumCoordinator:
             failed_nodes=failed,
             quality_scores=scores,
             contributions=received,
+            artifacts=artifacts,
+            policy=policy,
+            previous_base_sha256=previous_sha256,
+            shared_base_sha256=new_sha256,
+            started_at=started_at,
+            finished_at=datetime.now(UTC),
         )
+        if commit is not None:
+            commit(result)  # raises: nothing below happens, nothing needs undoing
+        # The round is durable (or the caller keeps no record): move to the new base.
+        if accepted:
+            self.base_model.load_state_dict(new_state)
+        self._base_sha256 = new_sha256
+        self.sovereign_artifacts.update(artifacts)
+        self.round_num = round_num
+        report(RoundStage.COMMITTED, "", f"round {round_num} committed, base {new_sha256[:12]}")
+        return result
 
     @staticmethod
     def _run_cycles(
-        nodes: Sequence[ConsortiumNode], round_num: int, snapshot: ModelState
-    ) -> list[SovereignCycleResult | BaseException]:
+        nodes: Sequence[ConsortiumNode], round_num: int, snapshot: ModelState, report: _Reporter
+    ) -> list[object]:
         if not nodes:
             return []
 
-        def cycle(node: ConsortiumNode) -> SovereignCycleResult | BaseException:
+        def cycle(node: ConsortiumNode) -> object:
+            report(RoundStage.NODE_STARTED, node.node_id, "training from the round's base")
             try:
                 return node.run_sovereign_cycle(round_num, snapshot)
             except Exception as error:  # a node's failure must not sink the round
@@ -159,3 +243,54 @@ class ConsortiumCoordinator:
 
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
             return list(pool.map(cycle, nodes))
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _checked(
+    outcome: object, base: Mapping[str, torch.Tensor], node_id: str, round_num: int
+) -> SovereignCycleResult:
+    """The node's cycle result, or :class:`_Refused` with the reason it cannot count."""
+    if isinstance(outcome, BaseException):
+        raise _Refused(describe_failure(outcome))
+    if not isinstance(outcome, SovereignCycleResult):
+        raise _Refused(
+            f"invalid contribution: run_sovereign_cycle returned "
+            f"{type(outcome).__name__}, not a SovereignCycleResult"
+        )
+    try:
+        check_contribution(outcome.contribution, base, node_id=node_id, round_num=round_num)
+    except ValueError as error:
+        raise _Refused(f"invalid contribution: {error}") from None
+    if outcome.artifact.node_id != node_id:
+        raise _Refused(
+            f"invalid contribution: artifact claims node_id {outcome.artifact.node_id!r} "
+            f"but came from {node_id!r}"
+        )
+    return outcome
+
+
+class _Reporter:
+    """Sends a round's events to the caller's sink, one call at a time. Reporting never
+    decides a round: a sink that raises is logged and not called again this round."""
+
+    def __init__(self, round_num: int, sink: EventSink | None) -> None:
+        self.round_num = round_num
+        self._sink = sink
+        self._lock = threading.Lock()
+
+    def __call__(self, stage: RoundStage, node_id: str, detail: str) -> None:
+        if self._sink is None:
+            return
+        with self._lock:
+            if self._sink is None:
+                return
+            try:
+                self._sink(RoundEvent(self.round_num, stage, node_id, detail))
+            except Exception:
+                log.exception("round %d: the event sink failed; no more events", self.round_num)
+                self._sink = None

@@ -25,6 +25,17 @@ IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it add no los
 STAGE = "continued_pretraining"
 
 
+class InvalidBase(ValueError):
+    """A base (or round number) a node refuses to train from; says what and where."""
+
+
+def _few(names: Sequence[str], limit: int = 5) -> str:
+    """At most ``limit`` names, so a refusal never echoes an unbounded list back."""
+    shown = ", ".join(repr(n[:100]) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"[{shown}{more}]"
+
+
 def cycle_seed(seed: int, node_id: str, round_num: int) -> int:
     """The seed of one node's generator in one round, from (consortium seed, node, round).
 
@@ -121,11 +132,46 @@ class SovereignTrainingNode:
         self._inputs, self._targets = pad_corpus(self.sovereign_corpus)
         self._lock = threading.Lock()  # one cycle at a time: the model is trained in place
 
+    def check_base(self, round_num: int, base_state: Mapping[str, torch.Tensor]) -> None:
+        """Refuse a round this node cannot train: a round number below 1, or a base that
+        does not match its model key for key (same keys, dtypes, shapes) or holds NaN/Inf.
+
+        Every check a node applies to its input lives here, so an in-process node and the
+        node service refuse the same things (the service also refuses a malformed stream
+        before it is assembled, to bound what a peer can make it allocate)."""
+        if isinstance(round_num, bool) or not isinstance(round_num, int) or round_num < 1:
+            raise InvalidBase(f"round_num must be an integer >= 1, got {round_num!r}")
+        expected = self.model.state_dict()
+        missing = sorted(set(expected) - set(base_state))
+        extra = sorted(set(base_state) - set(expected))
+        if missing or extra:
+            raise InvalidBase(
+                f"base keys differ from this node's model: missing {_few(missing)}, "
+                f"unexpected {_few(extra)}"
+            )
+        for name, want in expected.items():
+            got = base_state[name]
+            if not isinstance(got, torch.Tensor):
+                raise InvalidBase(f"base {name!r} is a {type(got).__name__}, not a tensor")
+            if got.dtype != want.dtype or got.shape != want.shape:
+                raise InvalidBase(
+                    f"base {name!r}: expected {want.dtype} {tuple(want.shape)}, "
+                    f"got {got.dtype} {tuple(got.shape)}"
+                )
+            if (got.is_floating_point() or got.is_complex()) and not bool(
+                torch.isfinite(got).all()
+            ):
+                raise InvalidBase(f"base tensor {name!r} holds NaN or Inf values")
+
     def run_sovereign_cycle(
         self, round_num: int, base_state: Mapping[str, torch.Tensor]
     ) -> SovereignCycleResult:
-        """Train from ``base_state`` and return the retained artifact and the delta."""
+        """Train from ``base_state`` and return the retained artifact and the delta.
+
+        Raises :class:`InvalidBase` (a ``ValueError``) before any training when
+        :meth:`check_base` refuses the input."""
         with self._lock:
+            self.check_base(round_num, base_state)
             self.model.load_state_dict(clone_state(base_state))
             mean_loss = self._train(round_num)
             trained = clone_state(self.model.state_dict())

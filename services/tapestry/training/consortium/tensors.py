@@ -93,3 +93,19 @@ def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         .clone(memory_format=torch.contiguous_format)
         for name, tensor in state.items()
     }
+
+
+class Snapshot(dict[str, torch.Tensor]):
+    """A model state that knows its :func:`state_digest` (``sha256``), so the many receivers
+    of one round's base need not hash it again. Still a plain ``ModelState`` dict."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], *, sha256: str) -> None:
+        super().__init__(state)
+        self.sha256 = sha256
+
+
+def known_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """The state's digest, without hashing when it is a :class:`Snapshot`."""
+    if isinstance(state, Snapshot) and state.sha256:
+        return state.sha256
+    return state_digest(state)
