@@ -9,13 +9,13 @@ names the node's corpus, its quality score and its training settings.
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tapestry.address import check_address
 from tapestry.errors import UserError
 
 if TYPE_CHECKING:  # the core imports torch; configuration checks must stay light
@@ -23,7 +23,9 @@ if TYPE_CHECKING:  # the core imports torch; configuration checks must stay ligh
     from tapestry.training.consortium.policy import ContributionPolicy
 
 NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-_ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+# A node's cycle may train for hours; a week is past any round we mean to wait for, and a
+# bound keeps an `inf` or a typo (3600000) from holding a round open forever.
+MAX_NODE_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 class ConfigError(UserError, ValueError):
@@ -31,7 +33,9 @@ class ConfigError(UserError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity anywhere: `quality_floor = inf` or `node_timeout_s = nan` is a typo,
+    # never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -66,9 +70,7 @@ class MemberConfig(_Strict):
     @field_validator("address")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        if not _ADDRESS.match(value):
-            raise ValueError(f"expected host:port, got {value!r}")
-        return value
+        return check_address(value)
 
 
 class ConsortiumConfig(_Strict):
@@ -77,7 +79,7 @@ class ConsortiumConfig(_Strict):
     model: ModelConfig = ModelConfig()
     policy: PolicyConfig = PolicyConfig()
     nodes: list[MemberConfig] = Field(min_length=1)
-    node_timeout_s: float = Field(3600.0, gt=0)
+    node_timeout_s: float = Field(3600.0, gt=0, le=MAX_NODE_TIMEOUT_S)
     chunk_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)
 
     @model_validator(mode="after")
@@ -86,6 +88,23 @@ class ConsortiumConfig(_Strict):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"node_id must be unique, repeated: {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _cap_can_hold(self) -> ConsortiumConfig:
+        """Weights summing to 1 with none above the cap need ``k · cap >= 1``: with fewer
+        members than that no round could ever integrate anything (the core would reject
+        every node each round), so the file is refused before the server starts."""
+        cap, k = self.policy.max_node_weight, len(self.nodes)
+        if k * cap < 1:
+            # The quorum as the policy computes it (tapestry.training.consortium.policy).
+            need = math.ceil(1 / cap - 1e-12)
+            raise ValueError(
+                f"policy.max_node_weight = {cap} can never hold with the {k} configured "
+                f"node(s): weights that sum to 1 under that cap need a quorum of at least "
+                f"{need} nodes (ceil(1/max_node_weight)); add members or raise "
+                f"max_node_weight to at least {1 / k:.4g}"
+            )
         return self
 
 
@@ -104,13 +123,6 @@ class NodeConfig(_Strict):
     seed: int = 0
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
-
-    @field_validator("quality_score")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
 
 
 Config = TypeVar("Config", bound=_Strict)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from tapestry.config import ConfigError, ConsortiumConfig, NodeConfig, load_config
+from tapestry.address import check_address
+from tapestry.config import (
+    MAX_NODE_TIMEOUT_S,
+    ConfigError,
+    ConsortiumConfig,
+    NodeConfig,
+    load_config,
+)
 from tapestry.node.corpus import CorpusError, load_corpus
 
 NODE = """
@@ -29,6 +36,10 @@ max_node_weight = 0.5
 node_id = "vietnam"
 jurisdiction = "Vietnam"
 address = "vietnam:50061"
+[[nodes]]
+node_id = "india"
+jurisdiction = "India"
+address = "india:50061"
 """
 
 
@@ -66,7 +77,7 @@ def test_consortium_config_builds_the_policy(tmp_path):
     [
         (
             NODE.replace("quality_score = 0.9", "quality_score = nan"),
-            "quality_score: Value error, must be a finite number",
+            "quality_score: Input should be a finite number",
         ),
         (
             NODE.replace("seed = 7", "seed = 7\nlearning_rate = 3"),
@@ -104,11 +115,38 @@ def test_bad_node_config_names_the_field(tmp_path, text, fragment):
         ),
         (
             CONSORTIUM.replace('address = "vietnam:50061"', 'address = "vietnam"'),
-            "nodes.0.address: Value error, expected host:port",
+            "nodes.0.address: Value error, expected HOST:PORT with a port in 1..65535, "
+            "got 'vietnam' (no port)",
+        ),
+        (
+            CONSORTIUM.replace('address = "india:50061"', 'address = "india:99999"'),
+            "nodes.1.address: Value error, expected HOST:PORT with a port in 1..65535, "
+            "got 'india:99999' (port 99999 is out of range)",
         ),
         (
             CONSORTIUM + CONSORTIUM[CONSORTIUM.index("[[nodes]]") :],
-            "node_id must be unique, repeated: ['vietnam']",
+            "node_id must be unique, repeated: ['india', 'vietnam']",
+        ),
+        (
+            CONSORTIUM.replace("quality_floor = 0.75", "quality_floor = inf"),
+            "policy.quality_floor: Input should be a finite number",
+        ),
+        (
+            CONSORTIUM.replace('consortium_id = "c"', 'consortium_id = "c"\nnode_timeout_s = inf'),
+            "node_timeout_s: Input should be a finite number",
+        ),
+        (
+            CONSORTIUM.replace(
+                'consortium_id = "c"',
+                f'consortium_id = "c"\nnode_timeout_s = {MAX_NODE_TIMEOUT_S + 1}',
+            ),
+            "node_timeout_s: Input should be less than or equal to 604800",
+        ),
+        (
+            CONSORTIUM.replace("max_node_weight = 0.5", "max_node_weight = 0.3"),
+            "(file): Value error, policy.max_node_weight = 0.3 can never hold with the 2 "
+            "configured node(s): weights that sum to 1 under that cap need a quorum of at least "
+            "4 nodes (ceil(1/max_node_weight)); add members or raise max_node_weight to at least 0.5",
         ),
         (CONSORTIUM.replace('consortium_id = "c"', ""), "consortium_id: Field required"),
         (
@@ -121,6 +159,53 @@ def test_bad_consortium_config_names_the_field(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as caught:
         load_config(_write(tmp_path / "c.toml", text), ConsortiumConfig)
     assert fragment in str(caught.value)
+
+
+def test_a_cap_the_members_can_just_meet_is_accepted(tmp_path):
+    # 2 nodes under a cap of 0.5: each gets exactly half, which the cap allows.
+    config = load_config(_write(tmp_path / "c.toml", CONSORTIUM), ConsortiumConfig)
+    assert (len(config.nodes), config.policy.max_node_weight) == (2, 0.5)
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:50051", "vietnam:1", "node-1.example.org:65535", "[::1]:50061"]
+)
+def test_an_address_is_host_and_port(address):
+    assert check_address(address) == address
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1", "(no port)"),
+        ("localhost", "(no port)"),
+        ("[::1]", "(no port)"),
+        ("vietnam:", "(no port)"),
+        (":50051", "(no host)"),
+        ("vietnam:99999", "(port 99999 is out of range)"),
+        ("vietnam:0", "(port 0 is out of range)"),
+        ("vietnam:http", "(port 'http' is not a number)"),
+        ("viet nam:50061", "(bad host name; IPv6 goes in [brackets])"),
+        ("::1:50061", "(bad host name; IPv6 goes in [brackets])"),
+        ("[::g]:50061", "(bad IPv6 address)"),
+    ],
+)
+def test_an_address_without_a_usable_port_or_host_is_refused(address, why):
+    with pytest.raises(ValueError) as caught:
+        check_address(address)
+    assert str(caught.value) == (
+        f"expected HOST:PORT with a port in 1..65535, got {address!r} {why}"
+    )
+
+
+def test_port_zero_is_allowed_only_where_a_free_port_is_meant():
+    assert check_address("127.0.0.1:0", free_port=True) == "127.0.0.1:0"
+    with pytest.raises(ValueError) as caught:
+        check_address("127.0.0.1", free_port=True)
+    assert str(caught.value) == (
+        "expected HOST:PORT with a port in 0..65535 (0 picks a free port), "
+        "got '127.0.0.1' (no port)"
+    )
 
 
 def test_missing_config_file(tmp_path):
