@@ -21,6 +21,7 @@ import grpc
 
 from tapestry.errors import UserError
 from tapestry.wire.grpc_plumbing import check_health
+from tapestry.wire.status import SERVER, describe_rpc_error
 
 START_TIMEOUT_S = 120.0
 
@@ -248,7 +249,9 @@ class LocalConsortium:
         try:
             status = check_health(process.address)
         except grpc.RpcError as error:
-            raise LaunchError(f"{name} health check failed: {error}") from None
+            raise LaunchError(
+                f"{name} health check failed: {describe_rpc_error(error, process.address, SERVER)}"
+            ) from None
         if status != "SERVING":
             raise LaunchError(f"{name} reports {status}")
         return process.address

@@ -1,7 +1,9 @@
 """``tapestry``: serve a coordinator or a node, trigger and inspect rounds, run the demo.
 
-Options can also come from the environment (for containers): TAPESTRY_CONFIG,
-TAPESTRY_LISTEN, TAPESTRY_DATA_DIR, TAPESTRY_COORDINATOR.
+Options can also come from the environment (for containers); ``--help`` names the variable
+next to each option that reads one (TAPESTRY_CONFIG, TAPESTRY_LISTEN, TAPESTRY_DATA_DIR,
+TAPESTRY_COORDINATOR, TAPESTRY_LOG_LEVEL, TAPESTRY_ARENA_MAX, TAPESTRY_TRIM_THRESHOLD), and
+a bad value is refused naming the variable it came from.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Any, TypeVar
 
 import click
 import grpc
+from click.core import ParameterSource
 
+from tapestry.address import check_address
 from tapestry.errors import UserError
-from tapestry.wire.status import describe_rpc_error
+from tapestry.wire.status import COORDINATOR, SERVER, describe_rpc_error
 
 # Heavy modules (torch, the services) are imported inside the commands that need them, so
 # `tapestry health` (run every few seconds by container healthchecks) starts fast.
@@ -29,7 +33,8 @@ DEFAULT_COORDINATOR = "127.0.0.1:50051"
 
 
 def _friendly_errors(command: F) -> F:
-    """Turn the errors a user can fix into one clear line and a non-zero exit."""
+    """Turn the errors a user can fix into one clear line and a non-zero exit. A command
+    with an ``address`` parameter (``--coordinator``) talks to the coordinator there."""
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -40,7 +45,67 @@ def _friendly_errors(command: F) -> F:
         except OSError as error:  # e.g. a data directory that cannot be created or written
             raise click.ClickException(f"{type(error).__name__}: {error}") from None
         except grpc.RpcError as error:
-            raise click.ClickException(describe_rpc_error(error)) from None
+            address = kwargs.get("address", "")
+            raise click.ClickException(
+                describe_rpc_error(error, address, COORDINATOR, "--coordinator")
+                if address
+                else describe_rpc_error(error)
+            ) from None
+
+    return run  # type: ignore[return-value]
+
+
+class _Option(click.Option):
+    """An option whose environment variable is shown in ``--help`` and named in the error
+    when a value read from it is refused (``Invalid value for '--listen' (from
+    TAPESTRY_LISTEN): ...``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("show_envvar", True)
+        super().__init__(*args, **kwargs)
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        hint = click.Parameter.get_error_hint(self, ctx)  # the names, without click's env note
+        if ctx is not None and ctx.get_parameter_source(self.name or "") is (
+            ParameterSource.ENVIRONMENT
+        ):
+            hint += f" (from {self.envvar})"
+        return hint
+
+
+class _Address(click.ParamType):
+    """``HOST:PORT`` through :func:`tapestry.config.check_address`, the one address check."""
+
+    name = "HOST:PORT"
+
+    def __init__(self, *, free_port: bool = False) -> None:
+        self.free_port = free_port
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_address(str(value), free_port=self.free_port)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+def _keep_round_on_interrupt(command: F) -> F:
+    """Ctrl-C stops following a round, not the round: the coordinator runs it to its commit
+    whoever listens. Leaving the command closes the channel (cancelling the stream); then
+    say so, and how to see the result, and exit 130 as an interrupted command does."""
+
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            address = kwargs.get("address", DEFAULT_COORDINATOR)
+            click.echo(
+                f"\nInterrupted: stopped following the round. A round that has started keeps "
+                f"running on the coordinator at {address} and commits on its own; see its "
+                f"result with `tapestry rounds --coordinator {address}`.",
+                err=True,
+            )
+            raise click.exceptions.Exit(130) from None
 
     return run  # type: ignore[return-value]
 
@@ -48,6 +113,7 @@ def _friendly_errors(command: F) -> F:
 @click.group()
 @click.option(
     "--log-level",
+    cls=_Option,
     default="INFO",
     envvar="TAPESTRY_LOG_LEVEL",
     show_default=True,
@@ -68,6 +134,7 @@ def _serve_options(command: F) -> F:
     )(command)
     command = click.option(
         "--data-dir",
+        cls=_Option,
         type=click.Path(path_type=Path),
         required=True,
         envvar="TAPESTRY_DATA_DIR",
@@ -75,17 +142,21 @@ def _serve_options(command: F) -> F:
     )(command)
     command = click.option(
         "--listen",
+        cls=_Option,
+        type=_Address(free_port=True),
         default="127.0.0.1:0",
         envvar="TAPESTRY_LISTEN",
         show_default=True,
-        help="host:port; port 0 picks a free one.",
+        help="HOST:PORT to serve on; port 0 picks a free one (see --ready-file).",
     )(command)
     command = click.option(
         "--config",
         "config_path",
+        cls=_Option,
         type=click.Path(path_type=Path),
         required=True,
         envvar="TAPESTRY_CONFIG",
+        help="The configuration file (TOML).",
     )(command)
     return command
 
@@ -97,20 +168,38 @@ def coordinator() -> None:
 
 @coordinator.command("serve")
 @_serve_options
+@click.option(
+    "--arena-max",
+    cls=_Option,
+    type=click.IntRange(1, 1024),
+    default=1,
+    envvar="TAPESTRY_ARENA_MAX",
+    show_default=True,
+    help="glibc malloc arenas (M_ARENA_MAX): fewer keeps memory near what is live.",
+)
+@click.option(
+    "--trim-threshold",
+    cls=_Option,
+    type=click.IntRange(0, 2**31 - 1),  # mallopt takes a C int
+    default=1 << 20,
+    envvar="TAPESTRY_TRIM_THRESHOLD",
+    show_default=True,
+    help="Bytes of free heap above which glibc returns memory to the system.",
+)
 @_friendly_errors
 def coordinator_serve(
-    config_path: Path, listen: str, data_dir: Path, ready_file: Path | None
+    config_path: Path,
+    listen: str,
+    data_dir: Path,
+    ready_file: Path | None,
+    arena_max: int,
+    trim_threshold: int,
 ) -> None:
-    """Serve the Coordinator gRPC service."""
-    import os
-
+    """Serve the coordinator gRPC service."""
     from tapestry.config import ConsortiumConfig, load_config
     from tapestry.coordinator.memory import tune_allocator
 
-    tune_allocator(
-        int(os.environ.get("TAPESTRY_ARENA_MAX", "1")),
-        int(os.environ.get("TAPESTRY_TRIM_THRESHOLD", str(1 << 20))),
-    )
+    tune_allocator(arena_max, trim_threshold)
     from tapestry.coordinator.startup import SERVICE_NAME, build_coordinator_server
     from tapestry.wire.grpc_plumbing import serve_forever
 
@@ -128,7 +217,7 @@ def node() -> None:
 @_serve_options
 @_friendly_errors
 def node_serve(config_path: Path, listen: str, data_dir: Path, ready_file: Path | None) -> None:
-    """Serve the SovereignNode gRPC service for one jurisdiction."""
+    """Serve the sovereign node gRPC service for one jurisdiction."""
     from tapestry.config import NodeConfig, load_config
     from tapestry.node.startup import SERVICE_NAME, build_node_server
     from tapestry.wire.grpc_plumbing import serve_forever
@@ -141,10 +230,12 @@ def node_serve(config_path: Path, listen: str, data_dir: Path, ready_file: Path 
 _coordinator_option = click.option(
     "--coordinator",
     "address",
+    cls=_Option,
+    type=_Address(),
     default=DEFAULT_COORDINATOR,
     envvar="TAPESTRY_COORDINATOR",
     show_default=True,
-    help="Coordinator address, host:port.",
+    help="The coordinator's HOST:PORT.",
 )
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -158,6 +249,7 @@ def round_group() -> None:
 @_coordinator_option
 @_json_option
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@_keep_round_on_interrupt
 @_friendly_errors
 def round_run(address: str, as_json: bool, timeout: float | None) -> None:
     """Trigger one round over gRPC and print its result."""
@@ -210,7 +302,7 @@ def artifacts(address: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--address", required=True, help="host:port of any Tapestry server.")
+@click.option("--address", type=_Address(), required=True, help="HOST:PORT of any Tapestry server.")
 @click.option("--service", default="", help="Service name; empty = the whole server.")
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 def health(address: str, service: str, timeout: float) -> None:
@@ -220,7 +312,9 @@ def health(address: str, service: str, timeout: float) -> None:
     try:
         status = check_health(address, service, timeout)
     except grpc.RpcError as error:
-        raise click.ClickException(describe_rpc_error(error)) from None
+        raise click.ClickException(
+            describe_rpc_error(error, address, SERVER, "--address")
+        ) from None
     click.echo(status)
     if status != "SERVING":
         sys.exit(1)

@@ -10,10 +10,12 @@ Each option is set on purpose:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -22,6 +24,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from tapestry.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.so_reuseport", 0),  # a port chosen at bind time must be ours alone
 ]
+
+
+class BindError(UserError, OSError):
+    """A server could not listen on its address; the message says why and what to do."""
 
 
 def insecure_channel(address: str) -> grpc.Channel:
@@ -76,10 +84,59 @@ def build_server(
     reflection.enable_server_reflection(
         (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
+    # gRPC says only "Failed to bind" (after logging its own line): ask the OS first.
+    why = _why_not_bindable(listen)
+    if why:
+        raise BindError(why)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {listen}")
+        raise BindError(f"cannot listen on {listen}: gRPC could not bind it; {_RETRY}")
     return server, port, health_servicer
+
+
+_RETRY = "choose another address with --listen HOST:PORT (port 0 picks a free port)"
+
+
+def _why_not_bindable(listen: str) -> str:
+    """Why ``listen`` cannot be bound, and what to do, found by binding a plain socket
+    there as gRPC will (SO_REUSEADDR on); ``""`` when it can be."""
+    host, _, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as error:
+        return (
+            f"cannot listen on {listen}: {host!r} does not resolve ({error}); "
+            "fix the host in --listen HOST:PORT"
+        )
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return (
+                        f"cannot listen on {listen}: the address is already in use — another "
+                        f"process (perhaps another Tapestry server) holds port {port}; stop it "
+                        f"or {_RETRY}"
+                    )
+                if error.errno == errno.EADDRNOTAVAIL:
+                    return (
+                        f"cannot listen on {listen}: {host} is not an address of this machine; "
+                        "pass one of its own with --listen HOST:PORT (127.0.0.1, or 0.0.0.0 "
+                        "for every interface)"
+                    )
+                if error.errno == errno.EACCES:
+                    return (
+                        f"cannot listen on {listen}: permission denied (ports below 1024 need "
+                        f"privileges); {_RETRY}"
+                    )
+                return f"cannot listen on {listen}: {error.strerror}; {_RETRY}"
+    return ""
 
 
 def mark_serving(health_servicer: health.HealthServicer, service_names: Sequence[str]) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
+from grpc_health.v1 import health
 
 from tapestry.errors import Busy, NotFound, UserError, WireError
 
@@ -32,8 +34,88 @@ def abort(context: grpc.ServicerContext, error: BaseException) -> NoReturn:
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-def describe_rpc_error(error: grpc.RpcError) -> str:
-    """``CODE: details`` of a failed call, the one way RPC errors are shown to people."""
+@dataclass(frozen=True)
+class Peer:
+    """What a caller expected to find at an address, so a failed call can say what is
+    wrong and what to do: a human ``role``, one ``method`` of the expected service (its
+    full name is read from the generated descriptors, so a renamed service needs no change
+    here) or the ``service`` name itself, and the command that starts one (``start``)."""
+
+    role: str
+    method: str = ""
+    service: str = ""
+    start: str = ""
+
+    @property
+    def service_name(self) -> str:
+        if self.service or not self.method:
+            return self.service
+        from tapestry.consortium.v1 import consortium_pb2 as pb  # light: protobuf only
+
+        for service in pb.DESCRIPTOR.services_by_name.values():
+            if self.method in service.methods_by_name:
+                return str(service.full_name)
+        return ""
+
+
+COORDINATOR = Peer(
+    "coordinator",
+    method="RunRound",
+    start="tapestry coordinator serve --config FILE --data-dir DIR",
+)
+NODE = Peer(
+    "sovereign node",
+    method="RunSovereignCycle",
+    start="tapestry node serve --config FILE --data-dir DIR",
+)
+SERVER = Peer("Tapestry server", service=health.SERVICE_NAME)  # any of ours: all serve health
+
+# A peer's details are shown, never echoed without bound.
+_MAX_DETAILS = 300
+
+
+def describe_rpc_error(
+    error: grpc.RpcError, address: str = "", expected: Peer | None = None, option: str = ""
+) -> str:
+    """A failed call in words a person can act on; the one way RPC errors are shown.
+
+    ``address`` is where the call went, ``expected`` what should have answered there and
+    ``option`` the flag that sets the address (for the hint). Without them the result is
+    ``CODE: details``. The status code's name is always in the text, so scripts and logs
+    can still match on it.
+    """
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
-    return f"{code.name if code else 'UNKNOWN'}: {details}"
+    details = str(details or "")
+    if len(details) > _MAX_DETAILS:
+        details = f"{details[:_MAX_DETAILS]}… ({len(details)} characters)"
+    status = f"{code.name if code else 'UNKNOWN'}: {details}"
+    if expected is None or not address:
+        return f"{address}: {status}" if address else status
+    role = expected.role
+    if code is grpc.StatusCode.UNAVAILABLE and (reason := _no_connection(details)):
+        start = f" Start one with `{expected.start} --listen {address}`" if expected.start else ""
+        where = f"pass {option} HOST:PORT" if option else "fix the address"
+        return f"no {role} answers at {address} ({code.name}: {reason}) — is it running?" + (
+            f"{start}, or {where}." if start else f" Otherwise {where}."
+        )
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        service = expected.service_name or f"the {role} service"
+        where = f"pass the {role}'s address with {option} HOST:PORT" if option else "fix it"
+        return (
+            f"{address} is not a Tapestry {role}: it does not serve {service} ({status}). "
+            f"Is this the right address? If not, {where}."
+        )
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return f"the {role} at {address} went away during the call ({status})"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"the {role} at {address} did not answer in time ({status})"
+    return f"the {role} at {address} refused the call ({status})"
+
+
+def _no_connection(details: str) -> str:
+    """The cause of a failure to connect at all (refused, unknown host...), or ``""``."""
+    if details.startswith(("failed to connect to all addresses", "DNS resolution failed")):
+        cause = details.rsplit(": ", 1)[-1].strip()
+        return cause[:1].lower() + cause[1:]
+    return ""
