@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tapestry.address import check_address
@@ -140,6 +142,12 @@ def load_config(path: Path, kind: type[Config]) -> Config:
         raw["corpus"] = [
             str(path.parent / entry) if isinstance(entry, str) else entry for entry in raw["corpus"]
         ]
+    return build_config(kind, raw, str(path))
+
+
+def build_config(kind: type[Config], raw: Mapping[str, Any], source: str) -> Config:
+    """Validate ``raw`` as a ``kind``; a refusal is a :class:`ConfigError` that names
+    ``source`` (a file, or whoever built the values) and every field at fault."""
     try:
         return kind.model_validate(raw)
     except ValidationError as error:
@@ -147,4 +155,14 @@ def load_config(path: Path, kind: type[Config]) -> Config:
             f"{'.'.join(str(p) for p in item['loc']) or '(file)'}: {item['msg']}"
             for item in error.errors()
         )
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def write_config(path: Path, config: _Strict) -> Path:
+    """Write ``config`` as a TOML file that :func:`load_config` reads back equal: every
+    field, defaults included, so the file says all that the server will use (an unset
+    optional field is left out: TOML has no null). Paths are written as they are held, so
+    give absolute ones when the file lives elsewhere."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)), "utf-8")
+    return path

@@ -3,6 +3,8 @@
 Every server binds port 0 and reports the port it got through a ready file, so there is no
 race for a port chosen in advance; readiness is then confirmed through ``grpc.health.v1``.
 Every process started here is stopped by :meth:`LocalConsortium.stop` (also on errors).
+The configuration files are built as :mod:`tapestry.config` models and written from them,
+so the launcher cannot write a file the servers would refuse.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from typing import IO, Any
 
 import grpc
 
+from tapestry.config import (
+    ConsortiumConfig,
+    MemberConfig,
+    NodeConfig,
+    build_config,
+    write_config,
+)
 from tapestry.errors import UserError
 from tapestry.wire.grpc_plumbing import check_health
 from tapestry.wire.status import SERVER, describe_rpc_error
@@ -47,33 +56,6 @@ class Process:
     address: str = ""
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def write_toml(
-    path: Path,
-    top: dict[str, Any],
-    tables: dict[str, dict[str, Any]],
-    arrays: dict[str, list[dict[str, Any]]] | None = None,
-) -> Path:
-    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items()]
-    for name, table in tables.items():
-        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    for name, rows in (arrays or {}).items():
-        for row in rows:
-            lines += ["", f"[[{name}]]"] + [f"{k} = {_toml_value(v)}" for k, v in row.items()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 class LocalConsortium:
     """Writes the configuration files under ``workdir`` and starts the servers."""
 
@@ -90,10 +72,14 @@ class LocalConsortium:
         route: Callable[[str, str], str] | None = None,
         settings: dict[str, Any] | None = None,
     ) -> None:
-        """``extra_members`` are added to the consortium file as they are (e.g. a node that
-        is not running); ``route(node_id, address)`` may give the coordinator another address
-        to reach a node by (e.g. a recording proxy in tests); ``settings`` are further
-        top-level keys of the consortium file (e.g. ``node_timeout_s``)."""
+        """``model`` and ``policy`` are the fields of :class:`~tapestry.config.ModelConfig`
+        and :class:`~tapestry.config.PolicyConfig`, a node's ``training`` those of
+        :class:`~tapestry.config.TrainingConfig`; ``extra_members`` are added to the
+        consortium file as they are (e.g. a node that is not running); ``route(node_id,
+        address)`` may give the coordinator another address to reach a node by (e.g. a
+        recording proxy in tests); ``settings`` are further top-level fields of
+        :class:`~tapestry.config.ConsortiumConfig` (e.g. ``node_timeout_s``). Values the
+        servers would refuse raise :class:`~tapestry.config.ConfigError` here."""
         self.workdir = workdir
         self.nodes = list(nodes)
         self.consortium_id = consortium_id
@@ -129,19 +115,40 @@ class LocalConsortium:
     def coordinator_data_dir(self) -> Path:
         return self.workdir / "data" / "coordinator"
 
+    def node_config(self, spec: LocalNodeSpec) -> NodeConfig:
+        return build_config(
+            NodeConfig,
+            {
+                "node_id": spec.node_id,
+                "jurisdiction": spec.jurisdiction,
+                "quality_score": spec.quality_score,
+                "corpus": [Path(p).absolute() for p in spec.corpus],
+                "seed": self.seed,
+                "model": self.model,
+                "training": spec.training,
+            },
+            f"local node {spec.node_id!r}",
+        )
+
+    def consortium_config(
+        self, members: Sequence[MemberConfig | dict[str, Any]]
+    ) -> ConsortiumConfig:
+        return build_config(
+            ConsortiumConfig,
+            {
+                "consortium_id": self.consortium_id,
+                "seed": self.seed,
+                **self.settings,
+                "model": self.model,
+                "policy": self.policy,
+                "nodes": [*members, *self.extra_members],
+            },
+            "local consortium",
+        )
+
     def start(self) -> None:
         for spec in self.nodes:
-            config = write_toml(
-                self.node_config_path(spec.node_id),
-                {
-                    "node_id": spec.node_id,
-                    "jurisdiction": spec.jurisdiction,
-                    "quality_score": spec.quality_score,
-                    "corpus": [str(p) for p in spec.corpus],
-                    "seed": self.seed,
-                },
-                {"model": self.model, "training": spec.training},
-            )
+            config = write_config(self.node_config_path(spec.node_id), self.node_config(spec))
             self._spawn(
                 spec.node_id,
                 [
@@ -156,19 +163,12 @@ class LocalConsortium:
         for spec in self.nodes:
             self._await_ready(spec.node_id)
         members = [
-            {
-                "node_id": s.node_id,
-                "jurisdiction": s.jurisdiction,
-                "address": self._route(s.node_id),
-            }
+            MemberConfig(
+                node_id=s.node_id, jurisdiction=s.jurisdiction, address=self._route(s.node_id)
+            )
             for s in self.nodes
-        ] + self.extra_members
-        write_toml(
-            self.consortium_config_path,
-            {"consortium_id": self.consortium_id, "seed": self.seed, **self.settings},
-            {"model": self.model, "policy": self.policy},
-            {"nodes": members},
-        )
+        ]
+        write_config(self.consortium_config_path, self.consortium_config(members))
         self._start_coordinator()
 
     @property

@@ -1,0 +1,82 @@
+"""LocalConsortium writes its configuration from the config models (so it can only write files
+the servers accept)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tapestry.config import ConfigError, ConsortiumConfig, NodeConfig, load_config, write_config
+from tapestry.launcher import LocalConsortium, LocalNodeSpec
+
+CORPUS = Path(__file__).parents[2] / "services" / "tapestry" / "demo" / "corpora" / "india.txt"
+SPEC = LocalNodeSpec("india", "India", 0.88, [CORPUS], {"local_epochs": 2, "max_seq_len": 64})
+
+
+def _local(tmp_path: Path, **kwargs: object) -> LocalConsortium:
+    kwargs.setdefault("policy", {"quality_floor": 0.5})
+    return LocalConsortium(tmp_path, [SPEC], **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_node_file_reads_back_as_the_config_it_was_written_from(tmp_path):
+    local = _local(tmp_path)
+    config = local.node_config(SPEC)
+    path = write_config(local.node_config_path("india"), config)
+
+    assert load_config(path, NodeConfig) == config
+    assert (config.training.local_epochs, config.training.max_seq_len, config.seed) == (2, 64, 2026)
+    assert config.corpus == [CORPUS.absolute()]
+
+
+def test_a_consortium_file_reads_back_as_the_config_it_was_written_from(tmp_path):
+    local = _local(
+        tmp_path,
+        settings={"node_timeout_s": 30.0},
+        extra_members=[{"node_id": "ghost", "jurisdiction": "Nowhere", "address": "127.0.0.1:1"}],
+    )
+    config = local.consortium_config(
+        [{"node_id": "india", "jurisdiction": "India", "address": "127.0.0.1:50063"}]
+    )
+    path = write_config(local.consortium_config_path, config)
+
+    assert load_config(path, ConsortiumConfig) == config
+    assert [m.node_id for m in config.nodes] == ["india", "ghost"]
+    assert config.node_timeout_s == 30.0
+    assert "quality_score" not in path.read_text()  # unset: TOML has no null, so left out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"policy": {"max_node_weight": 2}},
+            "local consortium: policy.max_node_weight: Input should be less than or equal to 1",
+        ),
+        (
+            {"settings": {"node_timeout": 5}},
+            "local consortium: node_timeout: Extra inputs are not permitted",
+        ),
+        (
+            {"extra_members": [{"node_id": "x", "jurisdiction": "X", "address": "x"}]},
+            "local consortium: nodes.1.address: Value error, expected HOST:PORT with a port in "
+            "1..65535, got 'x' (no port)",
+        ),
+    ],
+)
+def test_values_the_coordinator_would_refuse_are_refused_by_the_launcher(tmp_path, kwargs, message):
+    local = _local(tmp_path, **kwargs)
+    with pytest.raises(ConfigError) as caught:
+        local.consortium_config([{"node_id": "india", "jurisdiction": "India", "address": "h:1"}])
+    assert str(caught.value) == message
+
+
+def test_a_node_the_server_would_refuse_is_refused_before_any_process_starts(tmp_path):
+    bad = LocalNodeSpec("india", "India", float("nan"), [CORPUS])
+    local = LocalConsortium(tmp_path, [bad])
+    with pytest.raises(ConfigError) as caught, local:
+        pass
+    assert str(caught.value) == (
+        "local node 'india': quality_score: Input should be a finite number"
+    )
+    assert local.processes == {}
