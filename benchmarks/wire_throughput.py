@@ -31,26 +31,26 @@ def make_state(mib: int) -> dict[str, torch.Tensor]:
     return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(4)}
 
 
-class BaseServer(pb_grpc.CoordinatorServicer):
+class BaseServer(pb_grpc.CoordinatorServiceServicer):
     def __init__(self, state: dict[str, torch.Tensor]) -> None:
         self.state = state
         self.trailer = state_trailer(state)
 
     def GetBase(self, request, context):  # noqa: N802 - gRPC method name
-        yield pb.BaseChunk(header=pb.BaseHeader(round_num=0))
+        yield pb.GetBaseResponse(header=pb.BaseHeader(round_num=0))
         for chunk in state_to_chunks(self.state):
-            yield pb.BaseChunk(chunk=chunk)
-        yield pb.BaseChunk(end=self.trailer)
+            yield pb.GetBaseResponse(chunk=chunk)
+        yield pb.GetBaseResponse(end=self.trailer)
 
 
 def grpc_seconds(state: dict[str, torch.Tensor]) -> float:
     server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS)
-    pb_grpc.add_CoordinatorServicer_to_server(BaseServer(state), server)
+    pb_grpc.add_CoordinatorServiceServicer_to_server(BaseServer(state), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
-            stub = pb_grpc.CoordinatorStub(channel)
+            stub = pb_grpc.CoordinatorServiceStub(channel)
             start = time.perf_counter()
             assembler = StateAssembler(spec_of(state))
             for message in stub.GetBase(pb.GetBaseRequest()):

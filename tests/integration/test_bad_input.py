@@ -15,7 +15,7 @@ from tapestry.wire.tensor_stream import state_to_chunks, state_trailer
 @pytest.fixture(scope="module")
 def node_stub(shared_consortium):
     with insecure_channel(shared_consortium.processes["india"].address) as channel:
-        yield pb_grpc.SovereignNodeStub(channel)
+        yield pb_grpc.SovereignNodeServiceStub(channel)
 
 
 def _cycle(stub, messages):
@@ -118,7 +118,7 @@ def test_missing_things_are_not_found(shared_consortium, node_stub):
         node_stub.GetArtifact(pb.GetArtifactRequest(round_num=999))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     with insecure_channel(shared_consortium.coordinator_address) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
+        stub = pb_grpc.CoordinatorServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.GetRound(pb.GetRoundRequest(round_num=999))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

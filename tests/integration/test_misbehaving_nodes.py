@@ -23,7 +23,7 @@ BEHAVIOURS = {
 }
 
 
-class MisbehavingNode(pb_grpc.SovereignNodeServicer):
+class MisbehavingNode(pb_grpc.SovereignNodeServiceServicer):
     """Speaks the protocol but answers with the one fault it is named after."""
 
     def __init__(self, behaviour: str) -> None:
@@ -71,7 +71,7 @@ def misbehaving_members():
     servers, members = [], []
     for behaviour in BEHAVIOURS:
         server = grpc.server(futures.ThreadPoolExecutor(2))
-        pb_grpc.add_SovereignNodeServicer_to_server(MisbehavingNode(behaviour), server)
+        pb_grpc.add_SovereignNodeServiceServicer_to_server(MisbehavingNode(behaviour), server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)

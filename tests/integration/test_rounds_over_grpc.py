@@ -158,7 +158,7 @@ def test_a_second_round_while_one_runs_is_refused(consortium_factory):
     refused: list[grpc.RpcError] = []
     asked = threading.Event()
 
-    def on_progress(event: pb.NodeProgress) -> None:
+    def on_progress(event: pb.RoundProgress) -> None:
         # The first round is certainly running while its nodes report progress.
         if asked.is_set():
             return

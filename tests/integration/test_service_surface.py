@@ -6,19 +6,22 @@ import json
 import subprocess
 import sys
 
+import grpc
+import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.coordinator.client import CoordinatorClient
 from tapestry.wire.grpc_plumbing import check_health, insecure_channel
 
 
 def test_every_server_is_healthy_and_reflects_its_services(shared_consortium):
     expected = {
-        "coordinator": "tapestry.consortium.v1.Coordinator",
-        "vietnam": "tapestry.consortium.v1.SovereignNode",
+        "coordinator": "tapestry.consortium.v1.CoordinatorService",
+        "vietnam": "tapestry.consortium.v1.SovereignNodeService",
     }
     for name, service in expected.items():
         address = shared_consortium.processes[name].address
@@ -31,7 +34,7 @@ def test_every_server_is_healthy_and_reflects_its_services(shared_consortium):
 
 def test_describe_names_the_node_and_its_model(shared_consortium):
     with insecure_channel(shared_consortium.processes["vietnam"].address) as channel:
-        described = pb_grpc.SovereignNodeStub(channel).Describe(pb.DescribeRequest())
+        described = pb_grpc.SovereignNodeServiceStub(channel).Describe(pb.DescribeRequest())
     assert (described.node_id, described.jurisdiction) == ("vietnam", "Vietnam")
     assert (
         described.model.architecture,
@@ -60,17 +63,69 @@ def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
     assert result["accepted_nodes"] == ["vietnam", "switzerland", "india"]
     assert result["previous_base_sha256"] != result["shared_base_sha256"]
     assert set(result["contribution_weights"]) == set(result["accepted_nodes"])
+    assert result["policy"] == {
+        "quality_floor": 0.75,
+        "max_node_weight": 0.5,
+        "weighting": "CONTRIBUTION_WEIGHTING_QUALITY",
+    }
+    assert result["started_at"] <= result["finished_at"]
+    assert result["started_at"].endswith("Z")
+    assert [a["node_id"] for a in result["artifacts"]] == result["accepted_nodes"]
+    for artifact in result["artifacts"]:
+        assert "stored_at" not in artifact
 
-    listed = _cli("rounds", "--coordinator", address, "--json")
+    listed = _cli("rounds", "--coordinator", address, "--json", "--page-size", "1")
     assert listed.returncode == 0, listed.stderr
-    assert json.loads(listed.stdout)[-1]["round_num"] == result["round_num"]
+    rounds = json.loads(listed.stdout)
+    assert [r["round_num"] for r in rounds] == list(range(1, result["round_num"] + 1))
 
-    artifacts = _cli("artifacts", "--coordinator", address)
-    assert artifacts.returncode == 0, artifacts.stderr
-    assert "continued_pretraining" in artifacts.stdout
+    as_json = _cli("artifacts", "--coordinator", address, "--json", "--page-size", "2")
+    assert as_json.returncode == 0, as_json.stderr
+    artifacts = json.loads(as_json.stdout)
+    assert [a["node_id"] for a in artifacts] == ["vietnam", "switzerland", "india"]
+    assert all("stored_at" not in a for a in artifacts)
+
+    table = _cli("artifacts", "--coordinator", address)
+    assert table.returncode == 0, table.stderr
+    assert "continued_pretraining" in table.stdout
+    assert artifacts[0]["model_state_sha256"][:12] in table.stdout
+    assert "stored" not in table.stdout and "data-dir" not in table.stdout
+
+    rounds_table = _cli("rounds", "--coordinator", address)
+    assert rounds_table.returncode == 0, rounds_table.stderr
+    assert result["shared_base_sha256"][:12] in rounds_table.stdout
 
     healthy = _cli("health", "--address", address)
     assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING")
+
+
+def test_a_node_serves_its_artifact_by_round_or_latest(shared_consortium):
+    with CoordinatorClient(shared_consortium.coordinator_address) as client:
+        committed = client.run_round()
+    with insecure_channel(shared_consortium.processes["india"].address) as channel:
+        stub = pb_grpc.SovereignNodeServiceStub(channel)
+        latest = stub.GetArtifact(pb.GetArtifactRequest(latest=True)).artifact
+        by_round = stub.GetArtifact(pb.GetArtifactRequest(round_num=committed.round_num))
+        described = stub.Describe(pb.DescribeRequest())
+        refused = {}
+        for name, request in {
+            "nothing": pb.GetArtifactRequest(),
+            "zero": pb.GetArtifactRequest(round_num=0),
+        }.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetArtifact(request)
+            refused[name] = caught.value
+
+    assert latest.round_num == committed.round_num == described.latest_round
+    assert latest.node_id == "india"
+    assert by_round.artifact == latest
+    assert latest == {a.node_id: a for a in committed.artifacts}["india"]
+    assert refused["nothing"].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused["nothing"].details() == (
+        "ValueError: select a round: set round_num (>= 1) or latest=true"
+    )
+    assert refused["zero"].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused["zero"].details().startswith("ValueError: round_num must be >= 1")
 
 
 def test_cli_reports_an_unreachable_coordinator_clearly():

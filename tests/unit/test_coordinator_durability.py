@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore, StoreError
 from tapestry.coordinator.servicer import CoordinatorServicer
 from tapestry.training.consortium import (
@@ -92,8 +92,8 @@ def test_the_journal_holds_each_rounds_record(tmp_path):
     servicer, _, store = _servicer(tmp_path)
     record = servicer._run_round(lambda *_: None)
     assert store.records() == [record]
-    assert isinstance(store.records()[0], pb.RoundRecord)
-    assert {a.node_id for a in record.artifacts} == {"vn", "ch"}
+    assert isinstance(store.records()[0], jpb.RoundRecord)
+    assert {a.node_id for a in record.result.artifacts} == {"vn", "ch"}
 
 
 def test_resume_skips_a_truncated_or_missing_base_file(tmp_path):

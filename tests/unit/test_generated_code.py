@@ -10,10 +10,18 @@ from pathlib import Path
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import journal_pb2 as jpb
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ROOT / "services" / "tapestry" / "consortium" / "v1"
-FILES = ["consortium_pb2.py", "consortium_pb2.pyi", "consortium_pb2_grpc.py"]
+FILES = [
+    "consortium_pb2.py",
+    "consortium_pb2.pyi",
+    "consortium_pb2_grpc.py",
+    "journal_pb2.py",
+    "journal_pb2.pyi",
+    "journal_pb2_grpc.py",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,68 +51,103 @@ def test_generated_file_matches_the_proto(regenerated: Path, name: str) -> None:
 
 
 def test_generation_makes_nothing_else(regenerated: Path) -> None:
-    assert sorted(p.name for p in regenerated.iterdir()) == FILES
+    assert sorted(p.name for p in regenerated.iterdir()) == sorted(FILES)
 
 
 def test_package_is_tapestry_consortium_v1() -> None:
-    assert pb.DESCRIPTOR.package == "tapestry.consortium.v1"
+    assert pb.DESCRIPTOR.package == jpb.DESCRIPTOR.package == "tapestry.consortium.v1"
     assert pb.DESCRIPTOR.name == "tapestry/consortium/v1/consortium.proto"
+
+
+def test_storage_records_live_apart_from_the_public_api() -> None:
+    assert jpb.DESCRIPTOR.name == "tapestry/consortium/v1/journal.proto"
+    assert list(jpb.DESCRIPTOR.message_types_by_name) == ["RoundRecord"]
+    assert not jpb.DESCRIPTOR.services_by_name
+    assert "RoundRecord" not in pb.DESCRIPTOR.message_types_by_name
+    result = jpb.RoundRecord.DESCRIPTOR.fields_by_name["result"]
+    assert result.message_type is pb.ConsortiumRoundResult.DESCRIPTOR
 
 
 @pytest.mark.parametrize(
     ("service", "methods"),
     [
-        ("Coordinator", ["RunRound", "GetRound", "ListRounds", "GetBase", "ListArtifacts"]),
-        ("SovereignNode", ["Describe", "RunSovereignCycle", "GetArtifact"]),
+        ("CoordinatorService", ["RunRound", "GetRound", "ListRounds", "GetBase", "ListArtifacts"]),
+        ("SovereignNodeService", ["Describe", "RunSovereignCycle", "GetArtifact"]),
     ],
 )
 def test_services_and_their_rpcs(service: str, methods: list[str]) -> None:
-    assert service in pb.DESCRIPTOR.services_by_name, sorted(pb.DESCRIPTOR.services_by_name)
+    assert sorted(pb.DESCRIPTOR.services_by_name) == ["CoordinatorService", "SovereignNodeService"]
     descriptor = pb.DESCRIPTOR.services_by_name[service]
     assert descriptor.full_name == f"tapestry.consortium.v1.{service}"
     assert sorted(descriptor.methods_by_name) == sorted(methods)
 
 
-def test_rpc_shapes() -> None:
-    def shape(service: str, method: str) -> tuple[str, str, bool, bool]:
-        m = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method]
-        return m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming
-
-    assert shape("Coordinator", "RunRound") == ("RunRoundRequest", "RoundEvent", False, True)
-    assert shape("Coordinator", "GetRound") == (
-        "GetRoundRequest",
-        "ConsortiumRoundResult",
-        False,
-        False,
-    )
-    assert shape("Coordinator", "ListRounds") == (
-        "ListRoundsRequest",
-        "ListRoundsResponse",
-        False,
-        False,
-    )
-    assert shape("Coordinator", "GetBase") == ("GetBaseRequest", "BaseChunk", False, True)
-    assert shape("Coordinator", "ListArtifacts") == (
+# (service, method) -> (request, response, client streaming, server streaming)
+SHAPES = {
+    ("CoordinatorService", "RunRound"): ("RunRoundRequest", "RunRoundResponse", False, True),
+    ("CoordinatorService", "GetRound"): ("GetRoundRequest", "GetRoundResponse", False, False),
+    ("CoordinatorService", "ListRounds"): ("ListRoundsRequest", "ListRoundsResponse", False, False),
+    ("CoordinatorService", "GetBase"): ("GetBaseRequest", "GetBaseResponse", False, True),
+    ("CoordinatorService", "ListArtifacts"): (
         "ListArtifactsRequest",
         "ListArtifactsResponse",
         False,
         False,
-    )
-    assert shape("SovereignNode", "Describe") == (
-        "DescribeRequest",
-        "NodeDescription",
-        False,
-        False,
-    )
-    assert shape("SovereignNode", "RunSovereignCycle") == (
+    ),
+    ("SovereignNodeService", "Describe"): ("DescribeRequest", "DescribeResponse", False, False),
+    ("SovereignNodeService", "RunSovereignCycle"): (
         "RunSovereignCycleRequest",
         "RunSovereignCycleResponse",
         True,
         True,
-    )
-    assert shape("SovereignNode", "GetArtifact") == (
+    ),
+    ("SovereignNodeService", "GetArtifact"): (
         "GetArtifactRequest",
-        "SovereignModelArtifact",
+        "GetArtifactResponse",
         False,
         False,
+    ),
+}
+
+
+@pytest.mark.parametrize(("service", "method"), sorted(SHAPES))
+def test_rpc_shapes(service: str, method: str) -> None:
+    m = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method]
+    shape = (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming)
+    assert shape == SHAPES[service, method]
+
+
+@pytest.mark.parametrize("listing", ["ListRounds", "ListArtifacts"])
+def test_list_methods_are_paginated(listing: str) -> None:
+    request = getattr(pb, f"{listing}Request").DESCRIPTOR.fields_by_name
+    response = getattr(pb, f"{listing}Response").DESCRIPTOR.fields_by_name
+    assert request["page_size"].type == request["page_size"].TYPE_INT32
+    assert request["page_token"].type == request["page_token"].TYPE_STRING
+    assert response["next_page_token"].type == response["next_page_token"].TYPE_STRING
+
+
+def test_round_times_are_timestamps_and_latest_is_explicit() -> None:
+    fields = pb.ConsortiumRoundResult.DESCRIPTOR.fields_by_name
+    for name in ("started_at", "finished_at"):
+        assert fields[name].message_type.full_name == "google.protobuf.Timestamp"
+    for request in (pb.GetRoundRequest, pb.GetArtifactRequest):
+        selector = request.DESCRIPTOR.oneofs_by_name["selector"]
+        assert [f.name for f in selector.fields] == ["round_num", "latest"]
+
+
+def test_node_local_paths_are_not_on_the_wire() -> None:
+    assert "stored_at" not in pb.SovereignModelArtifact.DESCRIPTOR.fields_by_name
+
+
+def test_buf_lint_passes() -> None:
+    """STANDARD rules plus a leading comment on everything (protos/buf.yaml)."""
+    buf = Path(sys.executable).parent / "buf"
+    done = subprocess.run(
+        [str(buf), "lint"],
+        cwd=ROOT / "protos",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
+    assert done.returncode == 0, f"buf lint:\n{done.stdout}{done.stderr}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import torch
@@ -11,9 +12,14 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.training.consortium import (
     ConsortiumRoundResult,
+    ContributionPolicy,
+    ContributionWeighting,
     ModelSpec,
+    RoundEvent,
+    RoundStage,
     SovereignContribution,
     SovereignCycleResult,
     SovereignModelArtifact,
@@ -31,13 +37,23 @@ from tapestry.wire.codec import (
     message_to_json,
     model_spec_from_proto,
     model_spec_to_proto,
+    policy_from_proto,
+    policy_to_proto,
+    round_event_from_proto,
+    round_event_to_proto,
     round_result_to_proto,
+    selected_round,
+    timestamp_from_proto,
+    timestamp_to_proto,
 )
 
 # doubles whose shortest decimal form is long: any rounding on the way would show
 THIRD = 1 / 3
 POINT3 = 0.1 + 0.2
 TINY = 5e-324
+STARTED = datetime(2026, 11, 25, 12, 0, 0, 125000, tzinfo=UTC)
+FINISHED = STARTED + timedelta(seconds=3, microseconds=375001)
+POLICY = ContributionPolicy(quality_floor=0.75, max_node_weight=0.5, weighting="equal")
 
 
 def make_artifact(node_id: str = "vn", round_num: int = 4) -> SovereignModelArtifact:
@@ -67,10 +83,11 @@ def make_contribution(node_id: str = "vn", round_num: int = 4) -> SovereignContr
 
 
 def make_round_result() -> ConsortiumRoundResult:
+    previous, shared = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
     return ConsortiumRoundResult(
         round_num=3,
-        previous_base_state={"w": torch.zeros(2)},
-        shared_base_state={"w": torch.ones(2)},
+        previous_base_state=previous,
+        shared_base_state=shared,
         accepted_nodes=["vn", "ch"],
         rejected_nodes=["in"],
         contribution_weights={"vn": THIRD, "ch": 1 - THIRD},
@@ -81,6 +98,13 @@ def make_round_result() -> ConsortiumRoundResult:
             "ch": make_contribution("ch", 3),
             "in": make_contribution("in", 3),
         },
+        quality_scores={"vn": 0.9, "ch": 0.8, "in": 0.5},
+        artifacts={node: make_artifact(node, 3) for node in ("vn", "ch", "in")},
+        policy=POLICY,
+        previous_base_sha256=state_digest(previous),
+        shared_base_sha256=state_digest(shared),
+        started_at=STARTED,
+        finished_at=FINISHED,
     )
 
 
@@ -108,7 +132,9 @@ def test_artifact_to_proto_maps_every_metadata_field() -> None:
     assert msg.model_state_bytes == (1 << 40) + 3
     assert dict(msg.metrics) == {"loss": POINT3, "perplexity": THIRD, "tiny": TINY}
     assert msg.round_num == 4
-    assert msg.stored_at == "/var/lib/tapestry/vn/round-0004.safetensors"
+    # Where the node keeps it is the node's business: no path leaves the node.
+    assert "stored_at" not in pb.SovereignModelArtifact.DESCRIPTOR.fields_by_name
+    assert b"/var/lib/tapestry" not in msg.SerializeToString()
 
 
 def test_artifact_from_proto_gives_metadata_and_an_empty_model_state() -> None:
@@ -118,9 +144,10 @@ def test_artifact_from_proto_gives_metadata_and_an_empty_model_state() -> None:
     back = artifact_from_proto(wire)
 
     assert back.model_state == {}
-    assert back == dataclasses.replace(artifact, model_state={})
+    assert back.stored_at == ""
+    assert back == dataclasses.replace(artifact, model_state={}, stored_at="")
     for field in dataclasses.fields(SovereignModelArtifact):
-        if field.name != "model_state":
+        if field.name not in ("model_state", "stored_at"):
             assert getattr(back, field.name) == getattr(artifact, field.name), field.name
     assert back.metrics["loss"] == POINT3 and back.metrics["perplexity"] == THIRD
     assert artifact_to_proto(back) == artifact_to_proto(artifact)
@@ -171,7 +198,7 @@ def test_cycle_result_round_trips() -> None:
 
     wire = pb.SovereignCycleResult.FromString(msg.SerializeToString())
     back = cycle_result_from_proto(wire, result.contribution.weight_delta)
-    assert back.artifact == dataclasses.replace(result.artifact, model_state={})
+    assert back.artifact == dataclasses.replace(result.artifact, model_state={}, stored_at="")
     assert back.contribution.weight_delta is result.contribution.weight_delta
     assert back.contribution == dataclasses.replace(
         result.contribution, weight_delta_sha256=delta_sha
@@ -180,44 +207,137 @@ def test_cycle_result_round_trips() -> None:
 
 def test_round_result_to_proto_maps_every_field() -> None:
     result = make_round_result()
-    previous_sha = state_digest(result.previous_base_state)
-    shared_sha = state_digest(result.shared_base_state)
 
-    msg = round_result_to_proto(
-        result,
-        previous_base_sha256=previous_sha,
-        shared_base_sha256=shared_sha,
-        started_at=1_700_000_000.125,
-        finished_at=1_700_000_003.5,
-    )
+    msg = round_result_to_proto(result)
 
     assert msg.round_num == 3
-    assert msg.previous_base_sha256 == previous_sha
-    assert msg.shared_base_sha256 == shared_sha
+    assert msg.previous_base_sha256 == state_digest(result.previous_base_state)
+    assert msg.shared_base_sha256 == state_digest(result.shared_base_state)
     assert list(msg.accepted_nodes) == ["vn", "ch"]
     assert list(msg.rejected_nodes) == ["in"]
     assert dict(msg.contribution_weights) == {"vn": THIRD, "ch": 1 - THIRD}
     assert msg.contribution_weights["vn"] == THIRD  # exact double, not a float32
     assert dict(msg.rejection_reasons) == {"in": "quality_score 0.5 below min_quality 0.8"}
     assert dict(msg.failed_nodes) == {"br": "UNAVAILABLE: connection refused"}
-    assert msg.started_at == 1_700_000_000.125
-    assert msg.finished_at == 1_700_000_003.5
+    assert dict(msg.quality_scores) == {"vn": 0.9, "ch": 0.8, "in": 0.5}
+    assert timestamp_from_proto(msg.started_at) == STARTED
+    assert timestamp_from_proto(msg.finished_at) == FINISHED
+    assert (msg.started_at.seconds, msg.started_at.nanos) == (int(STARTED.timestamp()), 125_000_000)
+    assert msg.policy == policy_to_proto(POLICY)
     assert [c.node_id for c in msg.contributions] == ["vn", "ch", "in"]
     for sent, contribution in zip(msg.contributions, result.contributions.values(), strict=True):
         assert sent.round_num == contribution.round_num
         assert sent.quality_score == contribution.quality_score
         assert sent.token_count == contribution.token_count
         assert dict(sent.metrics) == dict(contribution.metrics)
+    assert list(msg.artifacts) == [artifact_to_proto(a) for a in result.artifacts.values()]
 
     wire = pb.ConsortiumRoundResult.FromString(msg.SerializeToString())
     assert wire == msg
 
 
-def test_round_result_timestamps_default_to_zero() -> None:
-    msg = round_result_to_proto(
-        make_round_result(), previous_base_sha256="a", shared_base_sha256="b"
+def test_round_result_without_times_or_policy_leaves_them_unset() -> None:
+    bare = dataclasses.replace(make_round_result(), started_at=None, finished_at=None, policy=None)
+    msg = round_result_to_proto(bare)
+    assert not msg.HasField("started_at")
+    assert not msg.HasField("finished_at")
+    assert not msg.HasField("policy")
+
+
+def test_times_must_be_timezone_aware() -> None:
+    naive = dataclasses.replace(make_round_result(), finished_at=datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="finished_at must be a timezone-aware datetime"):
+        round_result_to_proto(naive)
+
+
+def test_timestamps_are_utc_instants() -> None:
+    plus_seven = datetime(2026, 11, 25, 19, 0, 0, 125000, tzinfo=timezone(timedelta(hours=7)))
+    stamp = timestamp_to_proto(plus_seven)
+    assert timestamp_from_proto(stamp) == STARTED.replace(hour=12)
+    assert timestamp_from_proto(stamp).tzinfo is UTC
+    assert stamp.ToJsonString() == "2026-11-25T12:00:00.125Z"
+
+
+@pytest.mark.parametrize("weighting", list(ContributionWeighting))
+def test_policy_round_trips(weighting: ContributionWeighting) -> None:
+    policy = ContributionPolicy(quality_floor=0.1 + 0.2, max_node_weight=THIRD, weighting=weighting)
+    msg = pb.ContributionPolicy.FromString(policy_to_proto(policy).SerializeToString())
+    assert (msg.quality_floor, msg.max_node_weight) == (POINT3, THIRD)
+    assert (
+        msg.weighting
+        == {
+            ContributionWeighting.QUALITY: pb.CONTRIBUTION_WEIGHTING_QUALITY,
+            ContributionWeighting.EQUAL: pb.CONTRIBUTION_WEIGHTING_EQUAL,
+        }[weighting]
     )
-    assert (msg.started_at, msg.finished_at) == (0.0, 0.0)
+    back = policy_from_proto(msg)
+    assert (back.quality_floor, back.max_node_weight, back.weighting) == (
+        POINT3,
+        THIRD,
+        weighting,
+    )
+
+
+def test_policy_from_proto_refuses_what_the_policy_refuses() -> None:
+    unset = pb.ContributionPolicy(quality_floor=0.5, max_node_weight=0.5)
+    with pytest.raises(
+        ValueError,
+        match="weighting must be one of CONTRIBUTION_WEIGHTING_QUALITY, "
+        "CONTRIBUTION_WEIGHTING_EQUAL; got enum number 0",
+    ):
+        policy_from_proto(unset)
+    over_cap = pb.ContributionPolicy(
+        max_node_weight=1.5, weighting=pb.CONTRIBUTION_WEIGHTING_QUALITY
+    )
+    with pytest.raises(ValueError, match=r"max_node_weight must be in \(0, 1\], got 1.5"):
+        policy_from_proto(over_cap)
+
+
+@pytest.mark.parametrize(
+    ("stage", "wire"),
+    [
+        (RoundStage.NODE_STARTED, pb.ROUND_STAGE_NODE_STARTED),
+        (RoundStage.NODE_CONTRIBUTED, pb.ROUND_STAGE_NODE_CONTRIBUTED),
+        (RoundStage.NODE_FAILED, pb.ROUND_STAGE_NODE_FAILED),
+        (RoundStage.INTEGRATED, pb.ROUND_STAGE_INTEGRATED),
+        (RoundStage.COMMITTED, pb.ROUND_STAGE_COMMITTED),
+    ],
+)
+def test_round_event_round_trips(stage: RoundStage, wire: int) -> None:
+    event = RoundEvent(7, stage, "vn" if stage.value.startswith("node") else "", "détail ✓")
+    msg = round_event_to_proto(event)
+    assert (msg.round_num, msg.stage, msg.node_id, msg.detail) == (
+        7,
+        wire,
+        event.node_id,
+        "détail ✓",
+    )
+    assert round_event_from_proto(pb.RoundProgress.FromString(msg.SerializeToString())) == event
+
+
+def test_every_round_stage_has_a_wire_value() -> None:
+    sent = {round_event_to_proto(RoundEvent(1, stage)).stage for stage in RoundStage}
+    assert sent == set(pb.RoundStage.values()) - {pb.ROUND_STAGE_UNSPECIFIED}
+
+
+def test_round_event_from_proto_refuses_an_unset_stage() -> None:
+    with pytest.raises(ValueError, match="stage must be one of ROUND_STAGE_NODE_STARTED, "):
+        round_event_from_proto(pb.RoundProgress(round_num=1))
+
+
+@pytest.mark.parametrize("request_type", [pb.GetRoundRequest, pb.GetArtifactRequest])
+def test_a_request_selects_a_round_or_the_latest_explicitly(request_type: type) -> None:
+    assert selected_round(request_type(round_num=4)) == 4
+    assert selected_round(request_type(latest=True)) is None
+    refusals = [
+        (request_type(), "select a round: set round_num (>= 1) or latest=true"),
+        (request_type(round_num=0), "round_num must be >= 1 (rounds are numbered from 1); "),
+        (request_type(latest=False), "latest must be true when set"),
+    ]
+    for request, message in refusals:
+        with pytest.raises(ValueError) as refused:
+            selected_round(request)
+        assert str(refused.value).startswith(message)
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,8 +352,11 @@ def test_message_to_dict_uses_proto_field_names_and_includes_empty_fields() -> N
         rejection_reasons={},
         failed_nodes={},
         contributions={},
+        artifacts={},
+        previous_base_sha256="p" * 64,
+        shared_base_sha256="",
     )
-    msg = round_result_to_proto(result, previous_base_sha256="p" * 64, shared_base_sha256="")
+    msg = round_result_to_proto(result)
 
     as_dict = message_to_dict(msg)
 
@@ -247,7 +370,14 @@ def test_message_to_dict_uses_proto_field_names_and_includes_empty_fields() -> N
     assert as_dict["rejected_nodes"] == []
     assert as_dict["rejection_reasons"] == {}
     assert as_dict["contributions"] == []
-    assert as_dict["started_at"] == 0
+    assert as_dict["artifacts"] == []
+    assert as_dict["started_at"] == "2026-11-25T12:00:00.125Z"
+    assert as_dict["finished_at"] == "2026-11-25T12:00:03.500001Z"
+    assert as_dict["policy"] == {
+        "quality_floor": 0.75,
+        "max_node_weight": 0.5,
+        "weighting": "CONTRIBUTION_WEIGHTING_EQUAL",
+    }
     assert "roundNum" not in as_dict and "acceptedNodes" not in as_dict
 
     artifact = message_to_dict(artifact_to_proto(make_artifact()))
@@ -257,37 +387,28 @@ def test_message_to_dict_uses_proto_field_names_and_includes_empty_fields() -> N
 
 def test_round_record_json_round_trip() -> None:
     result = make_round_result()
-    record = pb.RoundRecord(
-        result=round_result_to_proto(
-            result,
-            previous_base_sha256=state_digest(result.previous_base_state),
-            shared_base_sha256=state_digest(result.shared_base_state),
-            started_at=1_700_000_000.125,
-            finished_at=1_700_000_003.5,
-        ),
-        artifacts=[
-            artifact_to_proto(make_artifact("vn", 3)),
-            artifact_to_proto(make_artifact("ch", 3)),
-        ],
-    )
+    record = jpb.RoundRecord(result=round_result_to_proto(result))
 
     text = message_to_json(record)
-    back = message_from_json(text, pb.RoundRecord)
+    back = message_from_json(text, jpb.RoundRecord)
 
-    assert isinstance(back, pb.RoundRecord)
+    assert isinstance(back, jpb.RoundRecord)
     assert back == record
     assert back.result.contribution_weights["vn"] == THIRD
-    assert back.artifacts[0].metrics["tiny"] == TINY
-    assert back.artifacts[0].model_state_bytes == (1 << 40) + 3
+    assert back.result.artifacts[0].metrics["tiny"] == TINY
+    assert back.result.artifacts[0].model_state_bytes == (1 << 40) + 3
+    assert timestamp_from_proto(back.result.finished_at) == FINISHED
+    assert policy_from_proto(back.result.policy).weighting is ContributionWeighting.EQUAL
     assert message_to_json(back) == text  # stable text: same record, same bytes on disk
     parsed = json.loads(text)
     assert parsed["result"]["shared_base_sha256"] == state_digest(result.shared_base_state)
-    assert parsed["artifacts"][1]["node_id"] == "ch"
+    assert parsed["result"]["artifacts"][1]["node_id"] == "ch"
+    assert "stored_at" not in text
 
 
 def test_message_from_json_refuses_unknown_fields() -> None:
     with pytest.raises(json_format.ParseError, match='has no field named "bogus"'):
-        message_from_json('{"result": {"bogus": 1}}', pb.RoundRecord)
+        message_from_json('{"result": {"bogus": 1}}', jpb.RoundRecord)
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,6 +420,7 @@ STATE_FIELDS = {
     "weight_delta": ("weight_delta_sha256",),
     "previous_base_state": ("previous_base_sha256",),
     "shared_base_state": ("shared_base_sha256",),
+    "stored_at": (),  # node-local: stays on the node
 }
 
 
@@ -309,6 +431,7 @@ STATE_FIELDS = {
         (SovereignContribution, pb.SovereignContribution),
         (SovereignCycleResult, pb.SovereignCycleResult),
         (ConsortiumRoundResult, pb.ConsortiumRoundResult),
+        (RoundEvent, pb.RoundProgress),
     ],
     ids=lambda cls: cls.__name__,
 )

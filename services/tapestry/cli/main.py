@@ -267,38 +267,53 @@ def round_run(address: str, as_json: bool, timeout: float | None) -> None:
         out.print(report.round_table(result))
 
 
-def _print_listing(address: str, as_json: bool, what: str) -> None:
-    """Fetch a listing from the coordinator; print it as a table or as JSON."""
+def _print_listing(address: str, as_json: bool, what: str, page_size: int) -> None:
+    """Fetch every page of a listing from the coordinator; print it as a table or as JSON
+    (a list of objects, counts and sizes as numbers)."""
     from tapestry.cli import report
     from tapestry.coordinator.client import CoordinatorClient
     from tapestry.wire.codec import message_to_dict
 
     with CoordinatorClient(address) as client:
-        items = client.list_rounds() if what == "rounds" else client.list_artifacts()
+        if what == "rounds":
+            items: list[Any] = client.list_rounds(page_size)
+        else:
+            items = client.list_artifacts(page_size)
     if as_json:
         click.echo(json.dumps([message_to_dict(i) for i in items], indent=2, sort_keys=True))
     elif what == "rounds":
-        report.console().print(report.rounds_table(items))  # type: ignore[arg-type]
+        report.console().print(report.rounds_table(items))
     else:
-        report.console().print(report.artifacts_table(items))  # type: ignore[arg-type]
+        report.console().print(report.artifacts_table(items))
+
+
+_page_size_option = click.option(
+    "--page-size",
+    type=click.IntRange(0, 2**31 - 1),  # the wire's int32; the server caps what it returns
+    default=0,
+    show_default=True,
+    help="Items per request (0: the server's default); every page is fetched.",
+)
 
 
 @main.command()
 @_coordinator_option
 @_json_option
+@_page_size_option
 @_friendly_errors
-def rounds(address: str, as_json: bool) -> None:
+def rounds(address: str, as_json: bool, page_size: int) -> None:
     """List the committed rounds."""
-    _print_listing(address, as_json, "rounds")
+    _print_listing(address, as_json, "rounds", page_size)
 
 
 @main.command()
 @_coordinator_option
 @_json_option
+@_page_size_option
 @_friendly_errors
-def artifacts(address: str, as_json: bool) -> None:
+def artifacts(address: str, as_json: bool, page_size: int) -> None:
     """List the sovereign artifacts the nodes retain (metadata only)."""
-    _print_listing(address, as_json, "artifacts")
+    _print_listing(address, as_json, "artifacts", page_size)
 
 
 @main.command()

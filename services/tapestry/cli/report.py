@@ -10,14 +10,17 @@ from rich.table import Table
 from tapestry.consortium.v1 import consortium_pb2 as pb
 
 STAGE_NAMES = {
-    pb.NodeProgress.STARTED: "started",
-    pb.NodeProgress.CONTRIBUTED: "contributed",
-    pb.NodeProgress.FAILED: "FAILED",
+    pb.ROUND_STAGE_NODE_STARTED: "started",
+    pb.ROUND_STAGE_NODE_CONTRIBUTED: "contributed",
+    pb.ROUND_STAGE_NODE_FAILED: "FAILED",
+    pb.ROUND_STAGE_INTEGRATED: "integrated",
+    pb.ROUND_STAGE_COMMITTED: "committed",
 }
 
 
-def progress_line(event: pb.NodeProgress) -> str:
-    return f"  · {event.node_id}: {STAGE_NAMES.get(event.stage, '?')} — {event.detail}"
+def progress_line(event: pb.RoundProgress) -> str:
+    who = event.node_id or f"round {event.round_num}"
+    return f"  · {who}: {STAGE_NAMES.get(event.stage, '?')} — {event.detail}"
 
 
 def round_table(result: pb.ConsortiumRoundResult) -> Table:
@@ -41,9 +44,10 @@ def round_table(result: pb.ConsortiumRoundResult) -> Table:
             f"{c.metrics['loss']:.4f}" if c and "loss" in c.metrics else "-",
             reason,
         )
+    took = result.finished_at.ToNanoseconds() - result.started_at.ToNanoseconds()
     table.caption = (
         f"base {result.previous_base_sha256[:16]} -> {result.shared_base_sha256[:16]}"
-        f"  ({result.finished_at - result.started_at:.2f} s)"
+        f"  ({took / 1e9:.2f} s)"
     )
     table.caption_justify = "left"
     return table
@@ -66,7 +70,6 @@ def artifacts_table(artifacts: Sequence[pb.SovereignModelArtifact]) -> Table:
     )
     for column in ("node", "jurisdiction", "round", "stage", "loss", "sha256", "bytes"):
         table.add_column(column)
-    table.add_column("stored at (on the node)", overflow="fold")
     for a in artifacts:
         table.add_row(
             a.node_id,
@@ -76,15 +79,8 @@ def artifacts_table(artifacts: Sequence[pb.SovereignModelArtifact]) -> Table:
             f"{a.metrics['loss']:.4f}" if "loss" in a.metrics else "-",
             a.model_state_sha256[:16],
             str(a.model_state_bytes),
-            _short(a.stored_at),
         )
     return table
-
-
-def _short(path: str) -> str:
-    """The node-local path from its ``artifacts/`` folder on (the rest is the data dir)."""
-    head, found, tail = path.partition("/artifacts/")
-    return f"<data-dir>/artifacts/{tail}" if found else path
 
 
 def rounds_table(rounds: Sequence[pb.ConsortiumRoundResult]) -> Table:

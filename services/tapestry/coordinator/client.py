@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
@@ -10,12 +11,14 @@ from tapestry.training.consortium.messages import ModelState
 from tapestry.wire.grpc_plumbing import insecure_channel
 from tapestry.wire.tensor_stream import StateAssembler, WireError
 
+Item = TypeVar("Item")
+
 
 class CoordinatorClient:
     def __init__(self, address: str) -> None:
         self.address = address
         self._channel = insecure_channel(address)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
 
     def __enter__(self) -> CoordinatorClient:
         return self
@@ -28,7 +31,7 @@ class CoordinatorClient:
 
     def run_round(
         self,
-        on_progress: Callable[[pb.NodeProgress], None] | None = None,
+        on_progress: Callable[[pb.RoundProgress], None] | None = None,
         timeout_s: float | None = None,
     ) -> pb.ConsortiumRoundResult:
         for event in self._stub.RunRound(pb.RunRoundRequest(), timeout=timeout_s):
@@ -38,18 +41,56 @@ class CoordinatorClient:
                 on_progress(event.progress)
         raise WireError("RunRound ended without a result")
 
-    def get_round(self, round_num: int = 0) -> pb.ConsortiumRoundResult:
-        return self._stub.GetRound(pb.GetRoundRequest(round_num=round_num))
+    def get_round(self, round_num: int | None = None) -> pb.ConsortiumRoundResult:
+        """Round ``round_num`` (>= 1), or the latest when it is ``None``."""
+        request = (
+            pb.GetRoundRequest(latest=True)
+            if round_num is None
+            else pb.GetRoundRequest(round_num=round_num)
+        )
+        return self._stub.GetRound(request).result
 
-    def list_rounds(self) -> list[pb.ConsortiumRoundResult]:
-        return list(self._stub.ListRounds(pb.ListRoundsRequest()).rounds)
+    # -- listings: one page, every page as an iterator, or every page as a list ---------
 
-    def list_artifacts(self) -> list[pb.SovereignModelArtifact]:
-        return list(self._stub.ListArtifacts(pb.ListArtifactsRequest()).artifacts)
+    def list_rounds_page(self, page_size: int = 0, page_token: str = "") -> pb.ListRoundsResponse:
+        return self._stub.ListRounds(
+            pb.ListRoundsRequest(page_size=page_size, page_token=page_token)
+        )
+
+    def iter_rounds(self, page_size: int = 0) -> Iterator[pb.ConsortiumRoundResult]:
+        """Every committed round, oldest first, fetched page by page as it is consumed."""
+
+        def fetch(token: str) -> tuple[Sequence[pb.ConsortiumRoundResult], str]:
+            page = self.list_rounds_page(page_size, token)
+            return page.rounds, page.next_page_token
+
+        return _every_page(fetch)
+
+    def list_rounds(self, page_size: int = 0) -> list[pb.ConsortiumRoundResult]:
+        return list(self.iter_rounds(page_size))
+
+    def list_artifacts_page(
+        self, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListArtifactsResponse:
+        return self._stub.ListArtifacts(
+            pb.ListArtifactsRequest(page_size=page_size, page_token=page_token)
+        )
+
+    def iter_artifacts(self, page_size: int = 0) -> Iterator[pb.SovereignModelArtifact]:
+        """Every member's retained artifact (metadata), fetched page by page."""
+
+        def fetch(token: str) -> tuple[Sequence[pb.SovereignModelArtifact], str]:
+            page = self.list_artifacts_page(page_size, token)
+            return page.artifacts, page.next_page_token
+
+        return _every_page(fetch)
+
+    def list_artifacts(self, page_size: int = 0) -> list[pb.SovereignModelArtifact]:
+        return list(self.iter_artifacts(page_size))
 
     def get_base(self) -> tuple[int, ModelState]:
         """``(rounds committed, base state)``, verified against the stream's digest."""
-        stream: Iterator[pb.BaseChunk] = self._stub.GetBase(pb.GetBaseRequest())
+        stream: Iterator[pb.GetBaseResponse] = self._stub.GetBase(pb.GetBaseRequest())
         assembler = StateAssembler()
         round_num = 0
         for message in stream:
@@ -61,3 +102,16 @@ class CoordinatorClient:
             elif kind == "end":
                 return round_num, dict(assembler.finish(message.end))
         raise WireError("GetBase stream ended before its trailer (truncated)")
+
+
+def _every_page(fetch: Callable[[str], tuple[Sequence[Item], str]]) -> Iterator[Item]:
+    """Items of every page: ``fetch(token)`` returns a page's items and the next token."""
+    token = ""
+    while True:
+        items, next_token = fetch(token)
+        yield from items
+        if not next_token:
+            return
+        if next_token == token:
+            raise WireError("the server returned the same page token twice; stopping")
+        token = next_token

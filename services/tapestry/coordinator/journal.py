@@ -4,7 +4,8 @@ Layout under ``<data-dir>``::
 
     consortium.json               identity: consortium id, seed, model spec
     base/round-000003.safetensors the shared base after round 3 (round 0: the initial base)
-    rounds/round-000003.json      RoundRecord (proto JSON): result + artifact metadata
+    rounds/round-000003.json      RoundRecord (journal.proto, as proto JSON): the round's
+                                  result, with its artifacts' metadata
 
 A round is committed when its journal entry is renamed into place, after its base file.
 On start the store resumes at the newest journal entry whose base file exists and matches
@@ -18,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from tapestry.atomic_files import load_state, read_json, save_state, write_json, write_text
-from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import UserError
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.tensors import state_digest
@@ -69,7 +70,7 @@ class CoordinatorStore:
     def save_initial_base(self, state: ModelState) -> None:
         save_state(self.base_path(0), state, {"round_num": "0", "sha256": state_digest(state)})
 
-    def commit(self, record: pb.RoundRecord, base: ModelState) -> None:
+    def commit(self, record: jpb.RoundRecord, base: ModelState) -> None:
         round_num = record.result.round_num
         save_state(
             self.base_path(round_num),
@@ -78,17 +79,17 @@ class CoordinatorStore:
         )
         write_text(self._record_path(round_num), message_to_json(record))
 
-    def records(self) -> list[pb.RoundRecord]:
+    def records(self) -> list[jpb.RoundRecord]:
         """Every committed round, oldest first."""
         out = []
         for path in sorted(self.rounds_dir.glob("round-*.json")):
             try:
-                out.append(message_from_json(path.read_text(encoding="utf-8"), pb.RoundRecord))
+                out.append(message_from_json(path.read_text(encoding="utf-8"), jpb.RoundRecord))
             except Exception as error:  # a damaged entry is reported, never fatal
                 log.error("ignoring unreadable journal entry %s: %s", path, error)
         return out
 
-    def latest(self) -> tuple[int, ModelState, list[pb.RoundRecord]] | None:
+    def latest(self) -> tuple[int, ModelState, list[jpb.RoundRecord]] | None:
         """``(round_num, base, records)`` of the newest intact commit, or None when empty."""
         records = self.records()
         while records:

@@ -26,7 +26,7 @@ from tapestry.wire.tensor_stream import (
     state_to_chunks,
 )
 
-ProgressListener = Callable[[str, "pb.NodeProgress.Stage", str], None]
+ProgressListener = Callable[[str, "pb.RoundStage", str], None]
 
 
 class NodeCallFailed(RuntimeError):
@@ -59,32 +59,32 @@ class RemoteSovereignNode:
         # coordinator does: it is the last committed base's), to save a hash pass per node.
         self.base_sha256 = ""
         self._channel = insecure_channel(address)
-        self._stub = pb_grpc.SovereignNodeStub(self._channel)
+        self._stub = pb_grpc.SovereignNodeServiceStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
 
-    def _tell(self, stage: pb.NodeProgress.Stage, detail: str) -> None:
+    def _tell(self, stage: pb.RoundStage, detail: str) -> None:
         if self.listener is not None:
             self.listener(self.node_id, stage, detail)
 
     def run_sovereign_cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
-        self._tell(pb.NodeProgress.STARTED, f"sending base to {self.address}")
+        self._tell(pb.ROUND_STAGE_NODE_STARTED, f"sending base to {self.address}")
         try:
             result = self._cycle(round_num, base_state)
         except grpc.RpcError as error:
             failure = NodeCallFailed(
                 f"{self.address}: {error.code().name}: {error.details()}"  # type: ignore[attr-defined]
             )
-            self._tell(pb.NodeProgress.FAILED, str(failure))
+            self._tell(pb.ROUND_STAGE_NODE_FAILED, str(failure))
             raise failure from None
         except Exception as error:
-            self._tell(pb.NodeProgress.FAILED, f"{type(error).__name__}: {error}")
+            self._tell(pb.ROUND_STAGE_NODE_FAILED, f"{type(error).__name__}: {error}")
             raise
         contribution = result.contribution
         loss = contribution.metrics.get("loss", float("nan"))
         self._tell(
-            pb.NodeProgress.CONTRIBUTED,
+            pb.ROUND_STAGE_NODE_CONTRIBUTED,
             f"delta received (loss {loss:.4f}, quality {contribution.quality_score:.2f}, "
             f"{contribution.token_count} tokens)",
         )

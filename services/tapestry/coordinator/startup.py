@@ -10,6 +10,7 @@ import grpc
 from tapestry.config import ConsortiumConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.coordinator.servicer import CoordinatorServicer
@@ -17,7 +18,7 @@ from tapestry.training.consortium.coordinator import ConsortiumCoordinator
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import build_server
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +44,7 @@ def build_coordinator_server(
         },
     )
     resumed = store.latest()
-    records: list[pb.RoundRecord] = []
+    records: list[jpb.RoundRecord] = []
     if resumed is None:
         store.save_initial_base(core.shared_base_state)
         log.info("new consortium %s: initial base saved in %s", config.consortium_id, data_dir)
@@ -51,7 +52,7 @@ def build_coordinator_server(
         round_num, state, records = resumed
         core.load_base_state(state, round_num)
         for record in records:
-            for artifact in record.artifacts:
+            for artifact in record.result.artifacts:
                 core.sovereign_artifacts[artifact.node_id] = codec.artifact_from_proto(artifact)
         log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
     nodes = [
@@ -69,6 +70,6 @@ def build_coordinator_server(
     servicer = CoordinatorServicer(core, nodes, store, spec, records, config.chunk_bytes)
     return build_server(
         listen,
-        [lambda server: pb_grpc.add_CoordinatorServicer_to_server(servicer, server)],
+        [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
     )

@@ -1,5 +1,5 @@
-"""``SovereignNode`` over gRPC: decode the base, run the core node's cycle, persist the full
-artifact, stream back only the delta."""
+"""``SovereignNodeService`` over gRPC: decode the base, run the core node's cycle, persist
+the full artifact, stream back only the delta."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tapestry.wire.tensor_stream import (
 log = logging.getLogger(__name__)
 
 
-class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
+class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
     def __init__(
         self,
         node: SovereignTrainingNode,
@@ -46,9 +46,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
-    ) -> pb.NodeDescription:
+    ) -> pb.DescribeResponse:
         latest = self._store.get()
-        return pb.NodeDescription(
+        return pb.DescribeResponse(
             node_id=self._node.node_id,
             jurisdiction=self._node.jurisdiction,
             model=codec.model_spec_to_proto(self._spec),
@@ -59,12 +59,16 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServicer):
 
     def GetArtifact(
         self, request: pb.GetArtifactRequest, context: grpc.ServicerContext
-    ) -> pb.SovereignModelArtifact:
-        artifact = self._store.get(request.round_num)
+    ) -> pb.GetArtifactResponse:
+        try:
+            wanted = codec.selected_round(request)
+        except ValueError as error:
+            abort(context, error)
+        artifact = self._store.get(0 if wanted is None else wanted)  # the store's 0: latest
         if artifact is None:
-            which = "any round" if request.round_num == 0 else f"round {request.round_num}"
+            which = "any round" if wanted is None else f"round {wanted}"
             abort(context, NotFound(f"node {self._node.node_id!r} retains no artifact for {which}"))
-        return codec.artifact_to_proto(artifact)
+        return pb.GetArtifactResponse(artifact=codec.artifact_to_proto(artifact))
 
     def RunSovereignCycle(
         self,

@@ -16,7 +16,7 @@ from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.wire.grpc_plumbing import build_server
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SovereignNode"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SovereignNodeService"].full_name
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +51,6 @@ def build_node_server(
     )
     return build_server(
         listen,
-        [lambda server: pb_grpc.add_SovereignNodeServicer_to_server(servicer, server)],
+        [lambda server: pb_grpc.add_SovereignNodeServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
     )

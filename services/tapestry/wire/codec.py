@@ -2,18 +2,22 @@
 
 Weights never ride in these messages: deltas and bases travel as tensor streams
 (:mod:`tapestry.wire.tensor_stream`), and a sovereign artifact's weights stay on its node, so
-over the wire its ``model_state`` is empty and its digest and size describe it.
+over the wire its ``model_state`` is empty and its digest and size describe it. Where the
+node stores an artifact (``stored_at``) is the node's business and never crosses the wire.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import torch
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.training.consortium.events import RoundEvent, RoundStage
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
     SovereignContribution,
@@ -21,6 +25,7 @@ from tapestry.training.consortium.messages import (
     SovereignModelArtifact,
 )
 from tapestry.training.consortium.model import ModelSpec
+from tapestry.training.consortium.policy import ContributionPolicy, ContributionWeighting
 from tapestry.training.consortium.tensors import state_digest
 
 
@@ -35,6 +40,7 @@ def model_spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:
 
 
 def artifact_to_proto(artifact: SovereignModelArtifact) -> pb.SovereignModelArtifact:
+    """Metadata only: the weights and the node-local ``stored_at`` path stay on the node."""
     return pb.SovereignModelArtifact(
         node_id=artifact.node_id,
         jurisdiction=artifact.jurisdiction,
@@ -43,12 +49,11 @@ def artifact_to_proto(artifact: SovereignModelArtifact) -> pb.SovereignModelArti
         model_state_bytes=artifact.model_state_bytes,
         metrics=dict(artifact.metrics),
         round_num=artifact.round_num,
-        stored_at=artifact.stored_at,
     )
 
 
 def artifact_from_proto(msg: pb.SovereignModelArtifact) -> SovereignModelArtifact:
-    """Metadata only: ``model_state`` is empty, the weights stay on the node."""
+    """Metadata only: ``model_state`` is empty and ``stored_at`` unknown (both on the node)."""
     return SovereignModelArtifact(
         node_id=msg.node_id,
         jurisdiction=msg.jurisdiction,
@@ -58,7 +63,6 @@ def artifact_from_proto(msg: pb.SovereignModelArtifact) -> SovereignModelArtifac
         round_num=msg.round_num,
         model_state_sha256=msg.model_state_sha256,
         model_state_bytes=msg.model_state_bytes,
-        stored_at=msg.stored_at,
     )
 
 
@@ -112,21 +116,71 @@ def cycle_result_from_proto(
     )
 
 
-def round_result_to_proto(
-    result: ConsortiumRoundResult,
-    *,
-    previous_base_sha256: str,
-    shared_base_sha256: str,
-    started_at: float = 0.0,
-    finished_at: float = 0.0,
-) -> pb.ConsortiumRoundResult:
-    """The base states travel as digests (the coordinator computes them once per round).
-    Contributions keep the digest their delta had on the wire (the deltas themselves are
-    integrated and gone by the time the result is written)."""
-    return pb.ConsortiumRoundResult(
+_WEIGHTINGS = {
+    ContributionWeighting.QUALITY: pb.CONTRIBUTION_WEIGHTING_QUALITY,
+    ContributionWeighting.EQUAL: pb.CONTRIBUTION_WEIGHTING_EQUAL,
+}
+
+
+def policy_to_proto(policy: ContributionPolicy) -> pb.ContributionPolicy:
+    return pb.ContributionPolicy(
+        quality_floor=policy.quality_floor,
+        max_node_weight=policy.max_node_weight,
+        weighting=_WEIGHTINGS[policy.weighting],
+    )
+
+
+def policy_from_proto(msg: pb.ContributionPolicy) -> ContributionPolicy:
+    """The policy, validated as the constructor validates it (``ValueError`` otherwise)."""
+    weighting = _lookup(_WEIGHTINGS, msg.weighting, "weighting", pb.ContributionWeighting.Name)
+    return ContributionPolicy(msg.quality_floor, msg.max_node_weight, weighting)
+
+
+_STAGES = {
+    RoundStage.NODE_STARTED: pb.ROUND_STAGE_NODE_STARTED,
+    RoundStage.NODE_CONTRIBUTED: pb.ROUND_STAGE_NODE_CONTRIBUTED,
+    RoundStage.NODE_FAILED: pb.ROUND_STAGE_NODE_FAILED,
+    RoundStage.INTEGRATED: pb.ROUND_STAGE_INTEGRATED,
+    RoundStage.COMMITTED: pb.ROUND_STAGE_COMMITTED,
+}
+
+
+def round_event_to_proto(event: RoundEvent) -> pb.RoundProgress:
+    return pb.RoundProgress(
+        round_num=event.round_num,
+        stage=_STAGES[event.stage],
+        node_id=event.node_id,
+        detail=event.detail,
+    )
+
+
+def round_event_from_proto(msg: pb.RoundProgress) -> RoundEvent:
+    stage = _lookup(_STAGES, msg.stage, "stage", pb.RoundStage.Name)
+    return RoundEvent(msg.round_num, stage, msg.node_id, msg.detail)
+
+
+Member = TypeVar("Member")
+
+
+def _lookup(
+    mapping: Mapping[Member, int], number: int, field: str, name: Callable[[int], str]
+) -> Member:
+    """The core value a wire enum number stands for; unset or unknown is a ``ValueError``."""
+    for member, wire in mapping.items():
+        if wire == number:
+            return member
+    known = ", ".join(name(w) for w in mapping.values())
+    raise ValueError(f"{field} must be one of {known}; got enum number {number}")
+
+
+def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundResult:
+    """The base states travel as the result's digests; contributions keep the digest their
+    delta had on the wire (the deltas are integrated and gone by the time the result is
+    written); artifacts are metadata. Unset times and policy stay unset on the wire."""
+    msg = pb.ConsortiumRoundResult(
         round_num=result.round_num,
-        previous_base_sha256=previous_base_sha256,
-        shared_base_sha256=shared_base_sha256,
+        previous_base_sha256=result.previous_base_sha256,
+        shared_base_sha256=result.shared_base_sha256,
         accepted_nodes=result.accepted_nodes,
         rejected_nodes=result.rejected_nodes,
         contribution_weights=result.contribution_weights,
@@ -134,9 +188,50 @@ def round_result_to_proto(
         failed_nodes=result.failed_nodes,
         contributions=[contribution_to_proto(c) for c in result.contributions.values()],
         quality_scores=result.quality_scores,
-        started_at=started_at,
-        finished_at=finished_at,
+        artifacts=[artifact_to_proto(a) for a in result.artifacts.values()],
     )
+    if result.started_at is not None:
+        msg.started_at.CopyFrom(timestamp_to_proto(result.started_at, "started_at"))
+    if result.finished_at is not None:
+        msg.finished_at.CopyFrom(timestamp_to_proto(result.finished_at, "finished_at"))
+    if result.policy is not None:
+        msg.policy.CopyFrom(policy_to_proto(result.policy))
+    return msg
+
+
+def timestamp_to_proto(moment: datetime, field: str = "time") -> Timestamp:
+    """A timezone-aware datetime as a Timestamp (a naive one is refused: which zone?)."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{field} must be a timezone-aware datetime (UTC), got naive {moment}")
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def timestamp_from_proto(stamp: Timestamp) -> datetime:
+    """The Timestamp as a timezone-aware UTC datetime."""
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def selected_round(request: pb.GetRoundRequest | pb.GetArtifactRequest) -> int | None:
+    """The round number a request selects, or ``None`` for the latest; anything else (no
+    selection, round 0, ``latest=false``) is a ``ValueError`` saying what to send."""
+    which = request.WhichOneof("selector")
+    if which == "latest":
+        if not request.latest:
+            raise ValueError("latest must be true when set; to select a round, set round_num")
+        return None
+    if which == "round_num":
+        if request.round_num < 1:
+            raise ValueError(
+                "round_num must be >= 1 (rounds are numbered from 1); "
+                "to select the newest, set latest=true instead"
+            )
+        return request.round_num
+    raise ValueError("select a round: set round_num (>= 1) or latest=true")
+
+
+# -- JSON ------------------------------------------------------------------------------
 
 
 def message_to_dict(msg: Any) -> dict[str, Any]:
@@ -147,6 +242,7 @@ def message_to_dict(msg: Any) -> dict[str, Any]:
 
 
 def message_to_json(msg: Any) -> str:
+    """Canonical proto JSON, stable text: used for storage."""
     return json_format.MessageToJson(
         msg,
         preserving_proto_field_name=True,
