@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from tapestry.cli.report import WIDTH
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.coordinator.client import CoordinatorClient
@@ -55,6 +56,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _fits(output: str) -> None:
+    wide = [line for line in output.splitlines() if len(line) > WIDTH]
+    assert wide == [], f"lines past {WIDTH} columns:\n" + "\n".join(wide)
+
+
 def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
     address = shared_consortium.coordinator_address
     ran = _cli("round", "run", "--coordinator", address, "--json")
@@ -70,33 +76,55 @@ def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
     }
     assert result["started_at"] <= result["finished_at"]
     assert result["started_at"].endswith("Z")
+    # Counts and sizes are JSON numbers, not the strings proto JSON makes of 64-bit ints.
+    for contribution in result["contributions"]:
+        assert isinstance(contribution["token_count"], int) and contribution["token_count"] > 0
     assert [a["node_id"] for a in result["artifacts"]] == result["accepted_nodes"]
     for artifact in result["artifacts"]:
+        assert isinstance(artifact["model_state_bytes"], int)
         assert "stored_at" not in artifact
 
     listed = _cli("rounds", "--coordinator", address, "--json", "--page-size", "1")
     assert listed.returncode == 0, listed.stderr
     rounds = json.loads(listed.stdout)
     assert [r["round_num"] for r in rounds] == list(range(1, result["round_num"] + 1))
+    assert (
+        rounds[-1]["contributions"][0]["token_count"] == result["contributions"][0]["token_count"]
+    )
 
     as_json = _cli("artifacts", "--coordinator", address, "--json", "--page-size", "2")
     assert as_json.returncode == 0, as_json.stderr
     artifacts = json.loads(as_json.stdout)
     assert [a["node_id"] for a in artifacts] == ["vietnam", "switzerland", "india"]
+    assert all(isinstance(a["model_state_bytes"], int) for a in artifacts)
     assert all("stored_at" not in a for a in artifacts)
 
     table = _cli("artifacts", "--coordinator", address)
     assert table.returncode == 0, table.stderr
-    assert "continued_pretraining" in table.stdout
+    assert "continued" in table.stdout and "pretraining" in table.stdout
     assert artifacts[0]["model_state_sha256"][:12] in table.stdout
+    assert artifacts[0]["model_state_sha256"][:13] not in table.stdout
     assert "stored" not in table.stdout and "data-dir" not in table.stdout
+    _fits(table.stdout)
 
     rounds_table = _cli("rounds", "--coordinator", address)
     assert rounds_table.returncode == 0, rounds_table.stderr
     assert result["shared_base_sha256"][:12] in rounds_table.stdout
+    _fits(rounds_table.stdout)
 
     healthy = _cli("health", "--address", address)
     assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING")
+
+
+def test_cli_round_run_prints_progress_and_a_table_that_fit_80_columns(shared_consortium):
+    ran = _cli("round", "run", "--coordinator", shared_consortium.coordinator_address)
+    assert ran.returncode == 0, ran.stderr
+    for node_id in ("vietnam", "switzerland", "india"):
+        assert f"· {node_id}: started" in ran.stdout
+        assert f"· {node_id}: contributed" in ran.stdout
+    flat = " ".join(ran.stdout.split())  # the table's wrapping undone
+    assert "policy: quality weighting, floor 0.75, cap 0.5" in flat
+    _fits(ran.stdout)
 
 
 def test_a_node_serves_its_artifact_by_round_or_latest(shared_consortium):

@@ -385,6 +385,28 @@ def test_message_to_dict_uses_proto_field_names_and_includes_empty_fields() -> N
     assert artifact["model_state_sha256"] == state_digest(make_artifact().model_state)
 
 
+def test_json_counts_and_sizes_are_numbers_everywhere_they_nest() -> None:
+    """proto JSON writes 64-bit integers as strings; people and scripts get numbers."""
+    msg = round_result_to_proto(make_round_result())
+    assert json_format.MessageToDict(msg)["contributions"][0]["tokenCount"] == str((1 << 33) + 1)
+
+    as_dict = message_to_dict(msg)
+
+    assert [c["token_count"] for c in as_dict["contributions"]] == [(1 << 33) + 1] * 3
+    assert [a["model_state_bytes"] for a in as_dict["artifacts"]] == [(1 << 40) + 3] * 3
+    chunk = message_to_dict(pb.TensorChunk(shape=[2, 3], offset=1 << 35, total_bytes=7))
+    assert (chunk["shape"], chunk["offset"], chunk["total_bytes"]) == ([2, 3], 1 << 35, 7)
+    unset = message_to_dict(pb.StateTrailer())
+    assert unset == {"tensor_count": 0, "total_bytes": 0, "sha256": ""}
+    described = message_to_dict(pb.DescribeResponse(token_count=12, model=pb.ModelSpec()))
+    assert described["token_count"] == 12 and described["model"]["vocab_size"] == 0
+    page = message_to_dict(pb.ListArtifactsResponse(artifacts=[artifact_to_proto(make_artifact())]))
+    assert page["artifacts"][0]["model_state_bytes"] == (1 << 40) + 3
+    text = json.dumps(as_dict)
+    assert f'"token_count": {(1 << 33) + 1}' in text
+    assert '"model_state_bytes": "' not in text
+
+
 def test_round_record_json_round_trip() -> None:
     result = make_round_result()
     record = jpb.RoundRecord(result=round_result_to_proto(result))

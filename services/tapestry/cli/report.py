@@ -1,13 +1,27 @@
-"""Human-readable views of round results and artifacts (rich tables)."""
+"""Human-readable views of round progress, round results and artifacts (rich tables).
+
+Every view fits an 80-column terminal: digests are cut to :data:`DIGEST_CHARS` hex
+characters, counts and sizes are abbreviated, and long text (rejection reasons, node lists)
+wraps inside its column. Text that came from a peer is shown as plain text, never as rich
+markup.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import TextIO
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+
+WIDTH = 80  # columns when the output is not a terminal (pipes, CI logs)
+DIGEST_CHARS = 12  # enough to tell bases apart by eye; JSON output has the full digests
 
 STAGE_NAMES = {
     pb.ROUND_STAGE_NODE_STARTED: "started",
@@ -16,41 +30,84 @@ STAGE_NAMES = {
     pb.ROUND_STAGE_INTEGRATED: "integrated",
     pb.ROUND_STAGE_COMMITTED: "committed",
 }
+_WEIGHTINGS = {
+    pb.CONTRIBUTION_WEIGHTING_QUALITY: "quality",
+    pb.CONTRIBUTION_WEIGHTING_EQUAL: "equal",
+}
 
 
-def progress_line(event: pb.RoundProgress) -> str:
+def console(file: TextIO | None = None) -> Console:
+    """A plain console: on a terminal rich measures its width; elsewhere it is 80."""
+    stream = file if file is not None else sys.stdout
+    width = None if stream.isatty() else WIDTH
+    return Console(file=file, width=width, highlight=False)
+
+
+def progress_line(event: pb.RoundProgress) -> Text:
     who = event.node_id or f"round {event.round_num}"
-    return f"  · {who}: {STAGE_NAMES.get(event.stage, '?')} — {event.detail}"
+    return Text(f"  · {who}: {STAGE_NAMES.get(event.stage, '?')} — {event.detail}")
 
 
-def round_table(result: pb.ConsortiumRoundResult) -> Table:
-    table = Table(title=f"Round {result.round_num}", title_justify="left")
-    for column in ("node", "outcome", "weight", "quality", "tokens", "loss", "reason"):
-        table.add_column(column)
+def _table(title: str, *columns: str, fixed: Sequence[str] = ()) -> Table:
+    """A table whose ``fixed`` columns never wrap; the others wrap (long words fold)."""
+    # No side edges and one space of padding between columns: room goes to the content.
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for column in columns:
+        table.add_column(column, overflow="fold", no_wrap=column in fixed)
+    return table
+
+
+def _row(table: Table, *cells: str) -> None:
+    table.add_row(*(Text(cell) for cell in cells))
+
+
+def round_table(result: pb.ConsortiumRoundResult) -> Group:
+    """One row per node, then why each rejected or failed node did not count (reasons are
+    long: they get whole lines rather than a narrow column)."""
+    table = _table(
+        f"Round {result.round_num}", "node", "outcome", "weight", "quality", "tokens", "loss"
+    )
     contributions = {c.node_id: c for c in result.contributions}
     rows: list[tuple[str, str]] = [(n, "accepted") for n in result.accepted_nodes]
     rows += [(n, "rejected") for n in result.rejected_nodes]
     rows += [(n, "failed") for n in result.failed_nodes]
+    reasons: list[Padding] = []
     for node_id, outcome in rows:
         c = contributions.get(node_id)
         weight = result.contribution_weights.get(node_id)
         reason = result.rejection_reasons.get(node_id) or result.failed_nodes.get(node_id, "")
-        table.add_row(
+        _row(
+            table,
             node_id,
             outcome,
             f"{weight:.4f}" if weight is not None else "-",
             _quality(result, node_id),
-            str(c.token_count) if c else "-",
+            count(c.token_count) if c else "-",
             f"{c.metrics['loss']:.4f}" if c and "loss" in c.metrics else "-",
-            reason,
         )
-    took = result.finished_at.ToNanoseconds() - result.started_at.ToNanoseconds()
-    table.caption = (
-        f"base {result.previous_base_sha256[:16]} -> {result.shared_base_sha256[:16]}"
-        f"  ({took / 1e9:.2f} s)"
-    )
+        if reason:
+            # Indented as a whole, so wrapped lines stay clear of the next node's.
+            reasons.append(Padding(Text(f"{node_id} {outcome}: {reason}"), (0, 0, 0, 2)))
+    caption = f"base {short(result.previous_base_sha256)} -> {short(result.shared_base_sha256)}"
+    if result.HasField("started_at") and result.HasField("finished_at"):
+        took = result.finished_at.ToNanoseconds() - result.started_at.ToNanoseconds()
+        caption += f" in {took / 1e9:.2f} s"
+    if result.HasField("policy"):
+        p = result.policy
+        caption += (
+            f"\npolicy: {_WEIGHTINGS.get(p.weighting, '?')} weighting, "
+            f"floor {p.quality_floor:g}, cap {p.max_node_weight:g}"
+        )
+    table.caption = Text(caption)
     table.caption_justify = "left"
-    return table
+    return Group(table, *reasons)
 
 
 def _quality(result: pb.ConsortiumRoundResult, node_id: str) -> str:
@@ -60,44 +117,85 @@ def _quality(result: pb.ConsortiumRoundResult, node_id: str) -> str:
     if weighed is None:
         return "-"
     if reported is not None and reported != weighed:
-        return f"{weighed:.2f} (reported {reported:.2f})"
+        return f"{weighed:.2f} (self {reported:.2f})"
     return f"{weighed:.2f}"
 
 
 def artifacts_table(artifacts: Sequence[pb.SovereignModelArtifact]) -> Table:
-    table = Table(
-        title="Retained sovereign artifacts (weights stay on each node)", title_justify="left"
+    table = _table(
+        "Retained sovereign artifacts (weights stay on each node)",
+        "node",
+        "jurisdiction",
+        "round",
+        "stage",
+        "loss",
+        "sha256",
+        "size",
+        fixed=("round", "sha256", "size"),
     )
-    for column in ("node", "jurisdiction", "round", "stage", "loss", "sha256", "bytes"):
-        table.add_column(column)
     for a in artifacts:
-        table.add_row(
+        _row(
+            table,
             a.node_id,
             a.jurisdiction,
             str(a.round_num),
-            a.stage,
+            a.stage.replace("_", " "),  # wraps between words in a narrow column
             f"{a.metrics['loss']:.4f}" if "loss" in a.metrics else "-",
-            a.model_state_sha256[:16],
-            str(a.model_state_bytes),
+            short(a.model_state_sha256),
+            size(a.model_state_bytes),
         )
     return table
 
 
 def rounds_table(rounds: Sequence[pb.ConsortiumRoundResult]) -> Table:
-    table = Table(title="Committed rounds", title_justify="left")
-    for column in ("round", "accepted", "rejected", "failed", "base after"):
-        table.add_column(column)
+    table = _table(
+        "Committed rounds",
+        "round",
+        "started (UTC)",
+        "accepted",
+        "rejected",
+        "failed",
+        "base after",
+        fixed=("round", "started (UTC)", "base after"),
+    )
     for r in rounds:
-        table.add_row(
+        started = (
+            r.started_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+            if r.HasField("started_at")
+            else "-"
+        )
+        _row(
+            table,
             str(r.round_num),
+            started,
             ", ".join(r.accepted_nodes) or "-",
             ", ".join(r.rejected_nodes) or "-",
             ", ".join(r.failed_nodes) or "-",
-            r.shared_base_sha256[:16],
+            short(r.shared_base_sha256),
         )
     return table
 
 
-def console() -> Console:
-    # A wide, plain console: output also goes to CI logs and pipes.
-    return Console(width=160, highlight=False)
+def short(digest: str) -> str:
+    return digest[:DIGEST_CHARS] or "-"
+
+
+def count(n: int) -> str:
+    """A count in at most 6 characters or so: 999999, then 1.2M, 3.4G."""
+    if n < 1_000_000:
+        return str(n)
+    if n < 1_000_000_000:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e9:.1f}G"
+
+
+def size(nbytes: int) -> str:
+    """Bytes in binary units: 512 B, 17.3 KiB, 1.5 GiB."""
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    value = float(nbytes)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"

@@ -4,6 +4,9 @@ Weights never ride in these messages: deltas and bases travel as tensor streams
 (:mod:`tapestry.wire.tensor_stream`), and a sovereign artifact's weights stay on its node, so
 over the wire its ``model_state`` is empty and its digest and size describe it. Where the
 node stores an artifact (``stored_at``) is the node's business and never crosses the wire.
+
+JSON for people and scripts (:func:`message_to_dict`) keeps counts and sizes as JSON
+numbers; proto JSON for storage (:func:`message_to_json`) is the canonical mapping.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
@@ -233,16 +237,54 @@ def selected_round(request: pb.GetRoundRequest | pb.GetArtifactRequest) -> int |
 
 # -- JSON ------------------------------------------------------------------------------
 
+_INT64_TYPES = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+
 
 def message_to_dict(msg: Any) -> dict[str, Any]:
-    """JSON-ready dict with the .proto field names, every field present."""
-    return json_format.MessageToDict(
+    """JSON-ready dict with the .proto field names and every field present, where counts and
+    sizes are numbers: proto JSON writes 64-bit integers as strings (for JavaScript's
+    doubles), which only surprises people and scripts; ours stay far below 2**53.
+    Timestamps stay RFC 3339 strings ("2026-01-02T03:04:05.678Z")."""
+    as_dict = json_format.MessageToDict(
         msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    _int64s_as_numbers(msg.DESCRIPTOR, as_dict)
+    return as_dict
+
+
+def _int64s_as_numbers(descriptor: Descriptor, as_dict: dict[str, Any]) -> None:
+    for field in descriptor.fields:
+        if field.name not in as_dict:
+            continue
+        value = as_dict[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            for key, item in value.items():
+                value[key] = _numbers(value_field, item)
+        elif field.is_repeated:
+            as_dict[field.name] = [_numbers(field, item) for item in value]
+        else:
+            as_dict[field.name] = _numbers(field, value)
+
+
+def _numbers(field: FieldDescriptor, value: Any) -> Any:
+    if field.type in _INT64_TYPES:
+        return int(value)
+    message_type = field.message_type
+    # Well-known types (Timestamp, ...) have their own JSON forms: left as they are.
+    if message_type is not None and not message_type.full_name.startswith("google.protobuf."):
+        _int64s_as_numbers(message_type, value)
+    return value
 
 
 def message_to_json(msg: Any) -> str:
-    """Canonical proto JSON, stable text: used for storage."""
+    """Canonical proto JSON (64-bit integers as strings), stable text: used for storage."""
     return json_format.MessageToJson(
         msg,
         preserving_proto_field_name=True,
