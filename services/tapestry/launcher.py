@@ -29,10 +29,13 @@ from tapestry.config import (
     write_config,
 )
 from tapestry.errors import UserError
-from tapestry.wire.grpc_plumbing import check_health
+from tapestry.wire.grpc_plumbing import STOP_GRACE_S, check_health
 from tapestry.wire.status import SERVER, describe_rpc_error
 
 START_TIMEOUT_S = 120.0
+# A server drains its calls for up to STOP_GRACE_S after SIGTERM; past that (and a margin
+# for its interpreter to exit) it is killed.
+STOP_TIMEOUT_S = STOP_GRACE_S + 5.0
 
 
 class LaunchError(UserError, RuntimeError):
@@ -190,15 +193,14 @@ class LocalConsortium:
 
     def restart_coordinator(self) -> str:
         """Stop and start the coordinator on the same data (a restart, for resume tests)."""
-        self._stop_one("coordinator")
+        self._stop(["coordinator"])
         return self._start_coordinator()
 
     def stop_node(self, node_id: str) -> None:
-        self._stop_one(node_id)
+        self._stop([node_id])
 
     def stop(self) -> None:
-        for name in list(self.processes):
-            self._stop_one(name)
+        self._stop(list(self.processes))
 
     # -- processes --------------------------------------------------------------------
 
@@ -256,14 +258,17 @@ class LocalConsortium:
             raise LaunchError(f"{name} reports {status}")
         return process.address
 
-    def _stop_one(self, name: str) -> None:
-        process = self.processes.pop(name, None)
-        if process is None:
-            return
-        if process.popen.poll() is None:
-            process.popen.terminate()
+    def _stop(self, names: Sequence[str]) -> None:
+        """SIGTERM every named process first, then wait for them together: they drain and
+        exit in parallel, so stopping N servers costs about as long as stopping one."""
+        stopping = [p for name in names if (p := self.processes.pop(name, None)) is not None]
+        for process in stopping:
+            if process.popen.poll() is None:
+                process.popen.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for process in stopping:
             try:
-                process.popen.wait(timeout=15)
+                process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()

@@ -1,14 +1,15 @@
 """LocalConsortium writes its configuration from the config models (so it can only write files
-the servers accept)."""
+the servers accept) and stops its processes together."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tapestry.config import ConfigError, ConsortiumConfig, NodeConfig, load_config, write_config
-from tapestry.launcher import LocalConsortium, LocalNodeSpec
+from tapestry.launcher import LocalConsortium, LocalNodeSpec, Process
 
 CORPUS = Path(__file__).parents[2] / "services" / "tapestry" / "demo" / "corpora" / "india.txt"
 SPEC = LocalNodeSpec("india", "India", 0.88, [CORPUS], {"local_epochs": 2, "max_seq_len": 64})
@@ -80,3 +81,62 @@ def test_a_node_the_server_would_refuse_is_refused_before_any_process_starts(tmp
         "local node 'india': quality_score: Input should be a finite number"
     )
     assert local.processes == {}
+
+
+class _Popen:
+    """Records the calls a Popen receives, in one log shared by all of them."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log, self.running = name, log, True
+
+    def poll(self) -> int | None:
+        return None if self.running else 0
+
+    def terminate(self) -> None:
+        self.log.append(f"terminate {self.name}")
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.log.append(f"wait {self.name}")
+        self.running = False
+        return 0
+
+    def kill(self) -> None:
+        self.log.append(f"kill {self.name}")
+
+
+def test_stop_signals_every_process_before_waiting_for_any(tmp_path):
+    local = _local(tmp_path)
+    log: list[str] = []
+    for name in ("vietnam", "india", "coordinator"):
+        popen = _Popen(name, log)
+        local.processes[name] = Process(name, popen, tmp_path / f"{name}.log")  # type: ignore[arg-type]
+    local.stop()
+    assert log == [
+        "terminate vietnam",
+        "terminate india",
+        "terminate coordinator",
+        "wait vietnam",
+        "wait india",
+        "wait coordinator",
+    ]
+    assert local.processes == {}
+
+
+def test_a_process_that_outlives_the_grace_is_killed(tmp_path, monkeypatch):
+    monkeypatch.setattr("tapestry.launcher.STOP_TIMEOUT_S", 0.0)
+    local = _local(tmp_path)
+    log: list[str] = []
+
+    class Stuck(_Popen):
+        def wait(self, timeout: float | None = None) -> int:
+            if timeout is not None:
+                self.log.append(f"timed out {self.name}")
+                raise subprocess.TimeoutExpired("tapestry", timeout)
+            return super().wait()
+
+        def kill(self) -> None:
+            self.log.append(f"kill {self.name}")
+
+    local.processes["india"] = Process("india", Stuck("india", log), tmp_path / "i.log")  # type: ignore[arg-type]
+    local.stop()
+    assert log == ["terminate india", "timed out india", "kill india", "wait india"]
