@@ -1,0 +1,68 @@
+"""The configs shipped in deploy/local load with the real loaders, agree with each other and
+are the ones the README's "Running the services yourself" starts, so they cannot rot."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tapestry.config import ConsortiumConfig, NodeConfig, load_config
+from tapestry.node.corpus import load_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL = ROOT / "deploy" / "local"
+NODE_FILES = sorted((LOCAL / "nodes").glob("*.toml"))
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _section(title: str) -> str:
+    """The README section under ``## title``, shell line continuations joined."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    assert match, f"README.md has no '## {title}' section"
+    return match.group(1).replace("\\\n", " ")
+
+
+def test_three_nodes_are_shipped():
+    assert [p.stem for p in NODE_FILES] == ["india", "switzerland", "vietnam"]
+
+
+@pytest.mark.parametrize("path", NODE_FILES, ids=lambda p: p.stem)
+def test_a_shipped_node_config_loads_with_its_corpus(path):
+    config = load_config(path, NodeConfig)
+    corpus = load_corpus(config.corpus, config.training.max_seq_len)
+    assert config.node_id == path.stem
+    assert len(corpus) > 0
+    assert all(p.is_relative_to(ROOT) for p in config.corpus)  # inside the repository
+
+
+def test_the_shipped_consortium_names_every_shipped_node_as_it_describes_itself():
+    consortium = load_config(LOCAL / "consortium.toml", ConsortiumConfig)
+    nodes = {p.stem: load_config(p, NodeConfig) for p in NODE_FILES}
+    assert [m.node_id for m in consortium.nodes] == ["vietnam", "switzerland", "india"]
+    for member in consortium.nodes:
+        node = nodes[member.node_id]
+        assert (member.jurisdiction, node.model, node.seed) == (
+            node.jurisdiction,
+            consortium.model,
+            consortium.seed,
+        )
+    addresses = [m.address for m in consortium.nodes]
+    assert len(set(addresses)) == len(addresses)
+    assert all(a.startswith("127.0.0.1:") for a in addresses)
+
+
+def test_the_readme_starts_the_shipped_configs_where_the_consortium_expects_them():
+    section = " ".join(_section("Running the services yourself").split())
+    consortium = load_config(LOCAL / "consortium.toml", ConsortiumConfig)
+    for member in consortium.nodes:
+        assert (
+            f"tapestry node serve --config deploy/local/nodes/{member.node_id}.toml "
+            f"--listen {member.address}"
+        ) in section
+    assert "tapestry coordinator serve --config deploy/local/consortium.toml" in section
+    for path in re.findall(r"--config (\S+)", section):
+        assert (ROOT / path).is_file(), path
+    for command in ("round run", "rounds", "artifacts", "health --address"):
+        assert f"tapestry {command}" in section
