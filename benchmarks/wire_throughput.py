@@ -22,7 +22,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.training.consortium.tensors import state_digest, tensor_bytes
 from tapestry.wire.grpc_plumbing import CHANNEL_OPTIONS, SERVER_OPTIONS
-from tapestry.wire.tensor_stream import StateAssembler, spec_of, state_to_chunks, state_trailer
+from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
 
 
 def make_state(mib: int) -> dict[str, torch.Tensor]:
@@ -34,13 +34,16 @@ def make_state(mib: int) -> dict[str, torch.Tensor]:
 class BaseServer(pb_grpc.CoordinatorServiceServicer):
     def __init__(self, state: dict[str, torch.Tensor]) -> None:
         self.state = state
-        self.trailer = state_trailer(state)
+        self.sha256 = state_digest(state)  # known in advance, as the coordinator's base is
 
     def GetBase(self, request, context):  # noqa: N802 - gRPC method name
         yield pb.GetBaseResponse(header=pb.BaseHeader(round_num=0))
-        for chunk in state_to_chunks(self.state):
-            yield pb.GetBaseResponse(chunk=chunk)
-        yield pb.GetBaseResponse(end=self.trailer)
+        yield from send_state(
+            self.state,
+            lambda c: pb.GetBaseResponse(chunk=c),
+            lambda t: pb.GetBaseResponse(end=t),
+            sha256=self.sha256,
+        )
 
 
 def grpc_seconds(state: dict[str, torch.Tensor]) -> float:
@@ -52,13 +55,10 @@ def grpc_seconds(state: dict[str, torch.Tensor]) -> float:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.CoordinatorServiceStub(channel)
             start = time.perf_counter()
-            assembler = StateAssembler(spec_of(state))
-            for message in stub.GetBase(pb.GetBaseRequest()):
-                kind = message.WhichOneof("item")
-                if kind == "chunk":
-                    assembler.add(message.chunk)
-                elif kind == "end":
-                    received = assembler.finish(message.end)  # includes the digest check
+            stream = stub.GetBase(pb.GetBaseRequest())
+            next(stream)  # the header
+            # Includes the digest check, as every receiver does.
+            received = receive_state(stream, "chunk", "end", StateAssembler(spec_of(state)))
             elapsed = time.perf_counter() - start
         assert state_digest(received) == state_digest(state)
         return elapsed

@@ -22,3 +22,11 @@ class Busy(RuntimeError):
 
 class NotFound(LookupError):
     """The thing asked for does not exist (yet)."""
+
+
+def quoted(text: str, limit: int = 80) -> str:
+    """``repr`` of a string that came from a peer, cut to ``limit`` characters, so that an
+    error message never echoes unbounded input back."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"

@@ -120,3 +120,10 @@ def assert_states_equal(left: dict[str, torch.Tensor], right: dict[str, torch.Te
 @pytest.fixture
 def states_equal() -> Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], None]:
     return assert_states_equal
+
+
+def trailer_of(state: dict[str, torch.Tensor]) -> Any:
+    """The trailer :func:`~tapestry.wire.tensor_stream.send_state` closes ``state`` with."""
+    from tapestry.wire.tensor_stream import send_state
+
+    return list(send_state(state, lambda chunk: chunk, lambda trailer: trailer))[-1]

@@ -12,8 +12,9 @@ from tapestry.wire.tensor_stream import (
     WireError,
     spec_of,
     state_to_chunks,
-    state_trailer,
 )
+
+from .conftest import trailer_of
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -30,7 +31,7 @@ def _spill(tmp_path, state, chunk_bytes=1000) -> SpilledState:
     assembler = SpillingAssembler(tmp_path / "spill" / "vn.delta", spec_of(state))
     for chunk in state_to_chunks(state, chunk_bytes):
         assembler.add(chunk)
-    return assembler.finish(state_trailer(state))
+    return assembler.finish(trailer_of(state))
 
 
 def test_a_spilled_state_reads_back_bit_for_bit(tmp_path):
@@ -69,7 +70,7 @@ def test_spilling_keeps_every_check(tmp_path):
     assembler = SpillingAssembler(tmp_path / "y.delta", spec_of(state))
     for chunk in chunks:
         assembler.add(chunk)
-    tampered = state_trailer(state)
+    tampered = trailer_of(state)
     tampered.sha256 = "0" * 64
     with pytest.raises(WireError, match="state digest mismatch"):
         assembler.finish(tampered)
@@ -80,6 +81,6 @@ def test_memory_and_spill_assemblers_agree(tmp_path):
     memory = StateAssembler(spec_of(state))
     for chunk in state_to_chunks(state, 512):
         memory.add(chunk)
-    assert state_digest(memory.finish(state_trailer(state))) == state_digest(
+    assert state_digest(memory.finish(trailer_of(state))) == state_digest(
         _spill(tmp_path, state, 512)
     )

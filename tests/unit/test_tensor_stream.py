@@ -25,8 +25,9 @@ from tapestry.wire.tensor_stream import (
     WireError,
     spec_of,
     state_to_chunks,
-    state_trailer,
 )
+
+from .conftest import trailer_of
 
 GRPC_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 
@@ -39,7 +40,7 @@ def roundtrip(
     assembler = StateAssembler(expected)
     for chunk in state_to_chunks(state, chunk_bytes):
         assembler.add(chunk)
-    return assembler.finish(state_trailer(state))
+    return assembler.finish(trailer_of(state))
 
 
 def assert_bit_equal(received: torch.Tensor, sent: torch.Tensor) -> None:
@@ -108,7 +109,7 @@ def test_every_dtype_round_trips_bit_exact(name: str) -> None:
         assert_states_bit_equal(received, state)
         for key in state:
             assert torch.equal(received[key], state[key])
-        assert state_digest(received) == state_digest(state) == state_trailer(state).sha256
+        assert state_digest(received) == state_digest(state) == trailer_of(state).sha256
 
     # the bytes are the plain row-major little-endian storage, as numpy sees it
     weight = state["weight"]
@@ -288,21 +289,19 @@ def test_state_larger_than_grpc_limit_travels_in_small_messages() -> None:
     assert all(len(c.data) <= DEFAULT_CHUNK_BYTES for c in chunks)
     assert max(c.ByteSize() for c in chunks) < DEFAULT_CHUNK_BYTES + 1024
     assert max(c.ByteSize() for c in chunks) < GRPC_DEFAULT_MAX_MESSAGE // 2
-    assert state_trailer(state).ByteSize() < 1024
+    assert trailer_of(state).ByteSize() < 1024
     # messages survive serialization, as they would on the wire
     assembler = StateAssembler(spec_of(state))
     for chunk in chunks:
         assembler.add(pb.TensorChunk.FromString(chunk.SerializeToString()))
-    received = assembler.finish(
-        pb.StateTrailer.FromString(state_trailer(state).SerializeToString())
-    )
+    received = assembler.finish(pb.StateTrailer.FromString(trailer_of(state).SerializeToString()))
     assert_states_bit_equal(received, state)
     assert torch.equal(received["big"], big)
 
 
 def test_trailer_describes_the_state() -> None:
     state = {"a": torch.ones(3), "b": torch.zeros(2, 2, dtype=torch.float64), "e": torch.empty(0)}
-    trailer = state_trailer(state)
+    trailer = trailer_of(state)
     assert (trailer.tensor_count, trailer.total_bytes, trailer.sha256) == (
         3,
         12 + 32,
@@ -415,7 +414,7 @@ def test_chunk_without_a_name_is_refused() -> None:
 def test_total_bytes_must_match_dtype_and_shape(total_bytes: int) -> None:
     with pytest.raises(
         WireError,
-        match=rf"tensor 'w': total_bytes {total_bytes} does not match float32 \(3,\) \(12 bytes\)",
+        match=rf"tensor 'w': total_bytes {total_bytes} does not match 'float32' \(3,\) \(12 bytes\)",
     ):
         StateAssembler().add(chunk(total_bytes=total_bytes))
 
@@ -472,12 +471,12 @@ def test_chunk_that_changes_dtype_or_shape_mid_tensor_is_refused() -> None:
     assembler.add(chunk(data=bytes(4)))
     with pytest.raises(
         WireError,
-        match=r"tensor 'w': chunk says int32 \(3,\) but the tensor began as float32 \(3,\)",
+        match=r"tensor 'w': chunk says 'int32' \(3,\) but the tensor began as float32 \(3,\)",
     ):
         assembler.add(chunk(dtype="int32", offset=4, data=bytes(4)))
     with pytest.raises(
         WireError,
-        match=r"tensor 'w': chunk says float32 \(1, 3\) but the tensor began as float32 \(3,\)",
+        match=r"tensor 'w': chunk says 'float32' \(1, 3\) but the tensor began as float32 \(3,\)",
     ):
         assembler.add(chunk(shape=(1, 3), offset=4, data=bytes(4)))
 
@@ -495,7 +494,7 @@ def test_tensor_truncated_at_finish() -> None:
     for sent in pieces(W, 4)[:2]:
         assembler.add(sent)
     with pytest.raises(WireError, match="tensor 'w' truncated: 8 of 12 bytes"):
-        assembler.finish(state_trailer(state))
+        assembler.finish(trailer_of(state))
 
 
 def test_same_tensor_sent_twice_is_refused() -> None:
@@ -515,17 +514,17 @@ def test_unexpected_key_is_refused_against_expected() -> None:
 def test_wrong_shape_or_dtype_is_refused_against_expected() -> None:
     expected = spec_of({"a": torch.ones(2, 3)})
     with pytest.raises(
-        WireError, match=r"tensor 'a': expected float32 \(2, 3\), got float32 \(3, 2\)"
+        WireError, match=r"tensor 'a': expected float32 \(2, 3\), got 'float32' \(3, 2\)"
     ):
         StateAssembler(expected).add(one_chunk("a", torch.ones(3, 2)))
     with pytest.raises(
-        WireError, match=r"tensor 'a': expected float32 \(2, 3\), got float64 \(2, 3\)"
+        WireError, match=r"tensor 'a': expected float32 \(2, 3\), got 'float64' \(2, 3\)"
     ):
         StateAssembler(expected).add(one_chunk("a", torch.ones(2, 3, dtype=torch.float64)))
     # refused from the header alone, before anything the size of the claim is allocated
     huge = chunk(name="a", shape=(1 << 40, 1 << 20), total_bytes=0)
     with pytest.raises(
-        WireError, match=r"tensor 'a': expected float32 \(2, 3\), got float32 \(1099511627776, "
+        WireError, match=r"tensor 'a': expected float32 \(2, 3\), got 'float32' \(1099511627776, "
     ):
         StateAssembler(expected).add(huge)
 
@@ -535,7 +534,7 @@ def test_missing_tensors_at_finish_are_refused_against_expected() -> None:
     assembler = StateAssembler(spec_of(state))
     assembler.add(one_chunk("b", state["b"]))
     with pytest.raises(WireError, match=r"stream ended without tensors \['a', 'c'\]"):
-        assembler.finish(state_trailer(state))
+        assembler.finish(trailer_of(state))
 
 
 def _assembled(state: Mapping[str, torch.Tensor]) -> StateAssembler:
@@ -547,7 +546,7 @@ def _assembled(state: Mapping[str, torch.Tensor]) -> StateAssembler:
 
 def test_trailer_count_mismatch_is_refused() -> None:
     state = {"a": torch.ones(2), "b": torch.ones(1, dtype=torch.float64)}
-    trailer = state_trailer(state)
+    trailer = trailer_of(state)
     trailer.tensor_count = 3
     with pytest.raises(
         WireError, match="trailer announces 3 tensors / 16 bytes, stream carried 2 / 16"
@@ -557,7 +556,7 @@ def test_trailer_count_mismatch_is_refused() -> None:
 
 def test_trailer_bytes_mismatch_is_refused() -> None:
     state = {"a": torch.ones(2), "b": torch.ones(1, dtype=torch.float64)}
-    trailer = state_trailer(state)
+    trailer = trailer_of(state)
     trailer.total_bytes = 24
     with pytest.raises(
         WireError, match="trailer announces 2 tensors / 24 bytes, stream carried 2 / 16"
@@ -567,7 +566,7 @@ def test_trailer_bytes_mismatch_is_refused() -> None:
 
 def test_trailer_digest_mismatch_is_refused_when_one_byte_flips() -> None:
     state = {"a": sample(torch.float32, (64,)), "b": sample(torch.int64, (8,))}
-    trailer = state_trailer(state)
+    trailer = trailer_of(state)
     chunks = list(state_to_chunks(state, 32))
     tampered = bytearray(chunks[3].data)
     tampered[5] ^= 0x01
@@ -577,7 +576,8 @@ def test_trailer_digest_mismatch_is_refused_when_one_byte_flips() -> None:
     for sent in chunks:
         assembler.add(sent)
     with pytest.raises(
-        WireError, match=f"state digest mismatch: trailer {trailer.sha256}, received [0-9a-f]{{64}}"
+        WireError,
+        match=f"state digest mismatch: trailer '{trailer.sha256}', received [0-9a-f]{{64}}",
     ):
         assembler.finish(trailer)
 
@@ -585,7 +585,7 @@ def test_trailer_digest_mismatch_is_refused_when_one_byte_flips() -> None:
 def test_chunk_after_finish_is_refused() -> None:
     state = {"a": torch.ones(2)}
     assembler = _assembled(state)
-    assembler.finish(state_trailer(state))
+    assembler.finish(trailer_of(state))
     with pytest.raises(WireError, match="tensor 'z' arrived after the stream's trailer"):
         assembler.add(one_chunk("z", torch.ones(2)))
 

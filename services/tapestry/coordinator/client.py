@@ -7,9 +7,10 @@ from typing import TypeVar
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.errors import WireError
 from tapestry.training.consortium.messages import ModelState
 from tapestry.wire.grpc_plumbing import insecure_channel
-from tapestry.wire.tensor_stream import StateAssembler, WireError
+from tapestry.wire.tensor_stream import StateAssembler, receive_state
 
 Item = TypeVar("Item")
 
@@ -91,17 +92,11 @@ class CoordinatorClient:
     def get_base(self) -> tuple[int, ModelState]:
         """``(rounds committed, base state)``, verified against the stream's digest."""
         stream: Iterator[pb.GetBaseResponse] = self._stub.GetBase(pb.GetBaseRequest())
-        assembler = StateAssembler()
-        round_num = 0
-        for message in stream:
-            kind = message.WhichOneof("item")
-            if kind == "header":
-                round_num = message.header.round_num
-            elif kind == "chunk":
-                assembler.add(message.chunk)
-            elif kind == "end":
-                return round_num, dict(assembler.finish(message.end))
-        raise WireError("GetBase stream ended before its trailer (truncated)")
+        first = next(stream, None)
+        if first is None or first.WhichOneof("item") != "header":
+            raise WireError("the GetBase stream must begin with its header")
+        state = receive_state(stream, "chunk", "end", StateAssembler())
+        return first.header.round_num, dict(state)
 
 
 def _every_page(fetch: Callable[[str], tuple[Sequence[Item], str]]) -> Iterator[Item]:

@@ -12,19 +12,14 @@ import torch
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.errors import Busy, NotFound, WireError
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire import codec
-from tapestry.wire.status import Busy, NotFound, abort
-from tapestry.wire.tensor_stream import (
-    StateAssembler,
-    WireError,
-    spec_of,
-    state_to_chunks,
-    state_trailer,
-)
+from tapestry.wire.status import abort
+from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -75,52 +70,44 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         request_iterator: Iterator[pb.RunSovereignCycleRequest],
         context: grpc.ServicerContext,
     ) -> Iterator[pb.RunSovereignCycleResponse]:
+        """Decode the base, run the core node's cycle (which checks its input), persist the
+        artifact, then stream back the result header and the delta."""
         if not self._busy.acquire(blocking=False):
             abort(context, Busy(f"node {self._node.node_id!r} is already running a cycle"))
         try:
             try:
                 round_num, base = self._receive_base(request_iterator)
-                log.info("round %d: base %s received, training", round_num, state_digest(base)[:12])
+                log.info("round %d: base received, training", round_num)
                 result = self._node.run_sovereign_cycle(round_num, base)
                 # Persist before replying: a contribution is only sent for a model we keep.
                 artifact = self._store.save(result.artifact)
                 delta = result.contribution.weight_delta
-                trailer = state_trailer(delta)
-                header = codec.cycle_result_to_proto(result, trailer.sha256)
+                delta_sha256 = state_digest(delta)  # announced in the header, before the delta
+                header = codec.cycle_result_to_proto(result, delta_sha256)
                 header.artifact.CopyFrom(codec.artifact_to_proto(artifact))
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
                 abort(context, error)
-            log.info(
-                "round %d: artifact stored at %s, streaming delta", round_num, artifact.stored_at
-            )
+            log.info("round %d: artifact stored, streaming the delta", round_num)
             yield pb.RunSovereignCycleResponse(result=header)
-            for chunk in state_to_chunks(delta, self._chunk_bytes):
-                yield pb.RunSovereignCycleResponse(delta_chunk=chunk)
-            yield pb.RunSovereignCycleResponse(delta_end=trailer)
+            yield from send_state(
+                delta,
+                lambda c: pb.RunSovereignCycleResponse(delta_chunk=c),
+                lambda t: pb.RunSovereignCycleResponse(delta_end=t),
+                sha256=delta_sha256,
+                chunk_bytes=self._chunk_bytes,
+            )
         finally:
             self._busy.release()
 
     def _receive_base(
         self, requests: Iterator[pb.RunSovereignCycleRequest]
     ) -> tuple[int, Mapping[str, torch.Tensor]]:
+        """The round number and the base, assembled against this node's own keys, dtypes
+        and shapes (so a peer cannot make it allocate more than one model). What the base
+        must hold to be trained on is the core node's check, not this one's."""
         first = next(requests, None)
         if first is None or first.WhichOneof("item") != "start":
             raise WireError("the request stream must begin with a CycleStart message")
-        round_num = first.start.round_num
-        if round_num < 1:
-            raise WireError(f"round_num must be >= 1, got {round_num}")
         assembler = StateAssembler(self._expected)
-        for message in requests:
-            kind = message.WhichOneof("item")
-            if kind == "base_chunk":
-                assembler.add(message.base_chunk)
-            elif kind == "base_end":
-                base = assembler.finish(message.base_end)
-                for name, tensor in base.items():
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        raise WireError(f"base tensor {name!r} holds NaN or Inf values")
-                return round_num, base
-            else:
-                raise WireError(f"unexpected {kind!r} message inside the base stream")
-        raise WireError("the base stream ended before its trailer (truncated)")
+        return first.start.round_num, receive_state(requests, "base_chunk", "base_end", assembler)

@@ -9,20 +9,20 @@ Bytes from a peer are only ever reinterpreted as plain numbers: nothing is unpic
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+from google.protobuf.message import Message as ProtoMessage
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.errors import WireError
+from tapestry.errors import WireError, quoted
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.tensors import (
     DTYPES,
     StateHasher,
     dtype_name,
-    state_digest,
-    state_nbytes,
     tensor_bytes,
 )
 
@@ -66,10 +66,55 @@ def state_to_chunks(
                 break
 
 
-def state_trailer(state: Mapping[str, torch.Tensor]) -> pb.StateTrailer:
-    return pb.StateTrailer(
-        tensor_count=len(state), total_bytes=state_nbytes(state), sha256=state_digest(state)
-    )
+Message = TypeVar("Message", bound=ProtoMessage)
+
+
+def send_state(
+    state: Mapping[str, torch.Tensor],
+    chunk: Callable[[pb.TensorChunk], Message],
+    end: Callable[[pb.StateTrailer], Message],
+    *,
+    sha256: str = "",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[Message]:
+    """The one sender of a tensor stream: every chunk of ``state`` (wrapped by ``chunk``),
+    then its trailer (wrapped by ``end``) with count, bytes and digest.
+
+    Pass ``sha256`` when the digest is already known (a committed base, a delta announced
+    in a header); otherwise it is computed from the bytes as they go out, with no extra pass.
+    """
+    hasher = None if sha256 else StateHasher()
+    count = total = 0
+    for piece in state_to_chunks(state, chunk_bytes):
+        if piece.offset == 0:
+            count, total = count + 1, total + piece.total_bytes
+            if hasher is not None:
+                hasher.tensor(piece.name, piece.dtype, piece.shape, piece.total_bytes)
+        if hasher is not None:
+            hasher.data(piece.data)
+        yield chunk(piece)
+    digest = sha256 or (hasher.hexdigest() if hasher is not None else "")
+    yield end(pb.StateTrailer(tensor_count=count, total_bytes=total, sha256=digest))
+
+
+def receive_state(
+    stream: Iterator[Message],
+    chunk_field: str,
+    end_field: str,
+    assembler: StateAssembler,
+) -> Mapping[str, torch.Tensor]:
+    """The one receiver of a tensor stream: feeds every ``chunk_field`` message of
+    ``stream`` to ``assembler`` and returns the state its ``end_field`` trailer confirms.
+    Anything else in the stream, or a stream that stops before its trailer, is refused."""
+    for message in stream:
+        kind = message.WhichOneof(message.DESCRIPTOR.oneofs[0].name)
+        if kind == chunk_field:
+            assembler.add(getattr(message, chunk_field))
+        elif kind == end_field:
+            return assembler.finish(getattr(message, end_field))
+        else:
+            raise WireError(f"unexpected {kind!r} message inside a tensor stream")
+    raise WireError("the tensor stream ended before its trailer (truncated)")
 
 
 class StateAssembler:
@@ -95,28 +140,31 @@ class StateAssembler:
         self._last = ""
         self._state: ModelState = {}
         self._buffer = bytearray()
+        self.digest = ""  # the state digest, once finish() has confirmed it
 
     def add(self, chunk: pb.TensorChunk) -> None:
         if self._finished:
-            raise WireError(f"tensor {chunk.name!r} arrived after the stream's trailer")
+            raise WireError(f"tensor {quoted(chunk.name)} arrived after the stream's trailer")
         if chunk.name != self._name:
             self._close_current()
             self._open(chunk)
         assert self._spec is not None
         if chunk.dtype != dtype_name(self._spec.dtype) or tuple(chunk.shape) != self._spec.shape:
             raise WireError(
-                f"tensor {chunk.name!r}: chunk says {chunk.dtype} {tuple(chunk.shape)} but the "
+                f"tensor {quoted(chunk.name)}: chunk says {quoted(chunk.dtype)} "
+                f"{tuple(chunk.shape)[:8]} but the "
                 f"tensor began as {dtype_name(self._spec.dtype)} {self._spec.shape}"
             )
         if chunk.offset != self._filled:
             raise WireError(
-                f"tensor {chunk.name!r}: chunk at byte {chunk.offset}, expected byte "
+                f"tensor {quoted(chunk.name)}: chunk at byte {chunk.offset}, expected byte "
                 f"{self._filled} (chunks must arrive in order, without gaps or overlaps)"
             )
         end = self._filled + len(chunk.data)
         if end > self._nbytes:
             raise WireError(
-                f"tensor {chunk.name!r}: {end} bytes received, more than its {self._nbytes} bytes"
+                f"tensor {quoted(chunk.name)}: {end} bytes received, more than its "
+                f"{self._nbytes} bytes"
             )
         data = chunk.data
         self._write(self._filled, data)
@@ -130,7 +178,7 @@ class StateAssembler:
         if self._expected is not None:
             missing = sorted(set(self._expected) - set(self._done))
             if missing:
-                raise WireError(f"stream ended without tensors {missing}")
+                raise WireError(f"stream ended without tensors {_first(missing)}")
         if trailer.tensor_count != len(self._done) or trailer.total_bytes != self._total:
             raise WireError(
                 f"trailer announces {trailer.tensor_count} tensors / {trailer.total_bytes} "
@@ -138,7 +186,10 @@ class StateAssembler:
             )
         digest = self._hasher.hexdigest()
         if trailer.sha256 != digest:
-            raise WireError(f"state digest mismatch: trailer {trailer.sha256}, received {digest}")
+            raise WireError(
+                f"state digest mismatch: trailer {quoted(trailer.sha256)}, received {digest}"
+            )
+        self.digest = digest
         return self._result()
 
     def _open(self, chunk: pb.TensorChunk) -> None:
@@ -146,37 +197,38 @@ class StateAssembler:
         if not name:
             raise WireError("tensor chunk without a name")
         if name in self._done:
-            raise WireError(f"tensor {name!r} sent twice")
+            raise WireError(f"tensor {quoted(name)} sent twice")
         if self._done and name < self._last:
             raise WireError(
-                f"tensor {name!r} arrived after {self._last!r}: tensors must be sent in "
-                "sorted key order"
+                f"tensor {quoted(name)} arrived after {quoted(self._last)}: tensors must be "
+                "sent in sorted key order"
             )
         self._last = name
         dtype = DTYPES.get(chunk.dtype)
         if dtype is None:
             raise WireError(
-                f"tensor {name!r}: unsupported dtype {chunk.dtype!r}; supported: {sorted(DTYPES)}"
+                f"tensor {quoted(name)}: unsupported dtype {quoted(chunk.dtype)}; "
+                f"supported: {sorted(DTYPES)}"
             )
         shape = tuple(int(d) for d in chunk.shape)
         if any(d < 0 for d in shape):
-            raise WireError(f"tensor {name!r}: negative dimension in shape {shape}")
+            raise WireError(f"tensor {quoted(name)}: negative dimension in shape {shape}")
         if self._expected is not None:
             want = self._expected.get(name)
             if want is None:
                 raise WireError(
-                    f"unexpected tensor {name!r}; expected keys: {sorted(self._expected)}"
+                    f"unexpected tensor {quoted(name)}; expected keys: {_first(self._expected)}"
                 )
             if (want.dtype, want.shape) != (dtype, shape):
                 raise WireError(
-                    f"tensor {name!r}: expected {dtype_name(want.dtype)} {want.shape}, "
-                    f"got {chunk.dtype} {shape}"
+                    f"tensor {quoted(name)}: expected {dtype_name(want.dtype)} {want.shape}, "
+                    f"got {quoted(chunk.dtype)} {shape}"
                 )
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if chunk.total_bytes != nbytes:
             raise WireError(
-                f"tensor {name!r}: total_bytes {chunk.total_bytes} does not match "
-                f"{chunk.dtype} {shape} ({nbytes} bytes)"
+                f"tensor {quoted(name)}: total_bytes {chunk.total_bytes} does not match "
+                f"{quoted(chunk.dtype)} {shape} ({nbytes} bytes)"
             )
         self._name, self._spec = name, TensorSpec(dtype, shape)
         self._hasher.tensor(name, chunk.dtype, shape, nbytes)
@@ -218,3 +270,11 @@ def tensor_from_bytes(buffer: bytearray, spec: TensorSpec) -> torch.Tensor:
     else:
         flat = torch.empty(0, dtype=spec.dtype)
     return flat.reshape(spec.shape)
+
+
+def _first(names: Iterable[str], limit: int = 5) -> str:
+    """Our own key names, sorted, at most ``limit`` of them: a message stays short even for
+    a model with thousands of tensors."""
+    ordered = sorted(names)
+    more = f" and {len(ordered) - limit} more" if len(ordered) > limit else ""
+    return f"{ordered[:limit]}{more}"
