@@ -3,19 +3,20 @@ the round commits with the honest nodes."""
 
 from __future__ import annotations
 
-from concurrent import futures
+import threading
+from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.coordinator.client import CoordinatorClient
-from tapestry.wire.tensor_stream import StateAssembler, state_to_chunks, state_trailer
+from tapestry.training.consortium import ModelSpec
+
+from .fake_nodes import BlockingNode, FakeNode, serve
 
 BEHAVIOURS = {
     "nan": "invalid contribution: delta 'embedding.weight' holds NaN or Inf values",
-    "truncated": "the delta stream ended before its trailer (truncated)",
+    "truncated": "the tensor stream ended before its trailer (truncated)",
     "extra-key": "unexpected tensor 'backdoor.weight'",
     "impostor": "invalid contribution: contribution claims node_id 'vietnam' but came from "
     "'impostor'",
@@ -23,64 +24,10 @@ BEHAVIOURS = {
 }
 
 
-class MisbehavingNode(pb_grpc.SovereignNodeServiceServicer):
-    """Speaks the protocol but answers with the one fault it is named after."""
-
-    def __init__(self, behaviour: str) -> None:
-        self.behaviour = behaviour
-
-    def RunSovereignCycle(self, request_iterator, context):  # noqa: N802
-        start = next(request_iterator).start
-        assembler = StateAssembler()
-        for message in request_iterator:
-            if message.WhichOneof("item") == "base_chunk":
-                assembler.add(message.base_chunk)
-            else:
-                base = assembler.finish(message.base_end)
-        delta = {name: tensor * 0.0 + 0.01 for name, tensor in base.items()}
-        node_id = "vietnam" if self.behaviour == "impostor" else self.behaviour
-        if self.behaviour == "nan":
-            delta["embedding.weight"][0, 0] = float("nan")
-        if self.behaviour == "extra-key":
-            delta["backdoor.weight"] = delta["lm_head.bias"].clone()
-        trailer = state_trailer(delta)
-        announced = "0" * 64 if self.behaviour == "tampered" else trailer.sha256
-        yield pb.RunSovereignCycleResponse(
-            result=pb.SovereignCycleResult(
-                artifact=pb.SovereignModelArtifact(node_id=node_id, round_num=start.round_num),
-                contribution=pb.SovereignContribution(
-                    node_id=node_id,
-                    round_num=start.round_num,
-                    weight_delta_sha256=announced,
-                    quality_score=1.0,
-                    token_count=1,
-                ),
-            )
-        )
-        chunks = list(state_to_chunks(delta, 4096))
-        if self.behaviour == "truncated":
-            chunks = chunks[: len(chunks) // 2]
-        for chunk in chunks:
-            yield pb.RunSovereignCycleResponse(delta_chunk=chunk)
-        if self.behaviour != "truncated":
-            yield pb.RunSovereignCycleResponse(delta_end=trailer)
-
-
 @pytest.fixture
-def misbehaving_members():
-    servers, members = [], []
-    for behaviour in BEHAVIOURS:
-        server = grpc.server(futures.ThreadPoolExecutor(2))
-        pb_grpc.add_SovereignNodeServiceServicer_to_server(MisbehavingNode(behaviour), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        members.append(
-            {"node_id": behaviour, "jurisdiction": "Nowhere", "address": f"127.0.0.1:{port}"}
-        )
-    yield members
-    for server in servers:
-        server.stop(0)
+def misbehaving_members() -> Iterator[list[dict[str, str]]]:
+    with serve([FakeNode(behaviour, behaviour) for behaviour in BEHAVIOURS]) as members:
+        yield members
 
 
 def test_bad_deltas_fail_their_node_and_the_round_commits_the_rest(
@@ -99,3 +46,50 @@ def test_bad_deltas_fail_their_node_and_the_round_commits_the_rest(
     assert result.previous_base_sha256 != result.shared_base_sha256
     assert "backdoor.weight" not in base
     assert not (consortium.coordinator_data_dir / "spill").exists()
+
+
+def test_a_node_that_is_not_who_or_what_the_file_says_gets_no_weights(consortium_factory):
+    """Describe is checked before a round sends any weights: a server answering with
+    another node's id, or training another model, fails the round's check and is never
+    sent the base."""
+    impostor = FakeNode("vietnam")  # listed below as "ghost"
+    other_model = FakeNode("wide", model=ModelSpec(hidden_size=64))
+    with serve([impostor, other_model]) as members:
+        members[0]["node_id"] = "ghost"
+        consortium = consortium_factory(extra_members=members)
+        with CoordinatorClient(consortium.coordinator_address) as client:
+            result = client.run_round()
+
+    assert list(result.accepted_nodes) == ["vietnam", "switzerland", "india"]
+    assert "node_id 'vietnam', expected 'ghost'" in result.failed_nodes["ghost"]
+    assert "hidden_size=64" in result.failed_nodes["wide"]
+    assert "hidden_size=32" in result.failed_nodes["wide"]
+    assert impostor.cycles == other_model.cycles == 0
+
+
+def test_a_second_round_while_one_runs_is_refused(consortium_factory):
+    """Round 1 is held open by a node that does not answer until released, so the second
+    trigger certainly arrives while it runs."""
+    blocking = BlockingNode("slow")
+    with serve([blocking]) as members:
+        consortium = consortium_factory(extra_members=members)
+        with CoordinatorClient(consortium.coordinator_address) as client:
+            outcome: list[object] = []
+            first = threading.Thread(target=lambda: outcome.append(client.run_round()))
+            first.start()
+            try:
+                assert blocking.started.wait(timeout=60)
+                with (
+                    CoordinatorClient(consortium.coordinator_address) as other,
+                    pytest.raises(grpc.RpcError) as refused,
+                ):
+                    other.run_round()
+            finally:
+                blocking.release.set()
+                first.join(timeout=60)
+            rounds = client.list_rounds()
+
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "round 1 is already running" in refused.value.details()
+    assert [r.round_num for r in rounds] == [1]
+    assert "slow" in outcome[0].accepted_nodes

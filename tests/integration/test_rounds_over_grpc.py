@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-
-import grpc
 import pytest
 import torch
 
 from tapestry.atomic_files import load_state, read_json
 from tapestry.config import NodeConfig, load_config
-from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.client import CoordinatorClient
 from tapestry.node.corpus import load_corpus
 from tapestry.training.consortium import (
@@ -151,33 +147,6 @@ def test_a_member_that_never_existed_is_reported_failed(consortium_factory):
         result = client.run_round()
     assert list(result.accepted_nodes) == NODES
     assert "UNAVAILABLE" in result.failed_nodes["atlantis"]
-
-
-def test_a_second_round_while_one_runs_is_refused(consortium_factory):
-    consortium = consortium_factory()
-    refused: list[grpc.RpcError] = []
-    asked = threading.Event()
-
-    def on_progress(event: pb.RoundProgress) -> None:
-        # The first round is certainly running while its nodes report progress.
-        if asked.is_set():
-            return
-        asked.set()
-        with CoordinatorClient(consortium.coordinator_address) as other:
-            try:
-                other.run_round()
-            except grpc.RpcError as error:
-                refused.append(error)
-
-    with CoordinatorClient(consortium.coordinator_address) as client:
-        first = client.run_round(on_progress)
-        rounds = client.list_rounds()
-
-    assert first.round_num == 1
-    assert len(refused) == 1
-    assert refused[0].code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "already running" in refused[0].details()
-    assert [r.round_num for r in rounds] == [1]
 
 
 def test_a_restarted_coordinator_resumes_at_its_last_committed_round(consortium_factory):

@@ -34,13 +34,20 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
             proxy.close()
     assert "vietnam" in result.accepted_nodes
 
-    # Decode every gRPC message the node sent back, exactly as it crossed the socket.
-    sent = b"".join(bytes(p) for p in data_payloads(bytes(recording.downstream)).values())
-    replies = [
-        pb.RunSovereignCycleResponse.FromString(m)
+    # Decode every gRPC message the node sent back, exactly as it crossed the socket: the
+    # answers to Describe (asked before any weights are sent), then one cycle stream.
+    streams = [
+        grpc_messages(bytes(stream))
         for stream in data_payloads(bytes(recording.downstream)).values()
-        for m in grpc_messages(bytes(stream))
     ]
+    sent = b"".join(m for messages in streams for m in messages)
+    cycles = [messages for messages in streams if len(messages) > 1]
+    assert len(cycles) == 1
+    for messages in streams:
+        if messages is not cycles[0]:
+            (described,) = [pb.DescribeResponse.FromString(m) for m in messages]
+            assert (described.node_id, described.jurisdiction) == ("vietnam", "Vietnam")
+    replies = [pb.RunSovereignCycleResponse.FromString(m) for m in cycles[0]]
     kinds = [r.WhichOneof("item") for r in replies]
     assert kinds[0] == "result" and kinds[-1] == "delta_end"
     assert set(kinds[1:-1]) == {"delta_chunk"}

@@ -21,9 +21,9 @@ from pathlib import Path
 from tapestry.atomic_files import load_state, read_json, save_state, write_json, write_text
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import UserError
-from tapestry.training.consortium.messages import ModelState
+from tapestry.training.consortium.messages import ConsortiumRoundResult, ModelState
 from tapestry.training.consortium.tensors import state_digest
-from tapestry.wire.codec import message_from_json, message_to_json
+from tapestry.wire.codec import message_from_json, message_to_json, round_result_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,15 @@ class CoordinatorStore:
     def save_initial_base(self, state: ModelState) -> None:
         save_state(self.base_path(0), state, {"round_num": "0", "sha256": state_digest(state)})
 
+    def commit_round(self, result: ConsortiumRoundResult) -> jpb.RoundRecord:
+        """Make a finished round durable and return its journal record: the commit step
+        the coordinator's core calls before it moves to the new base."""
+        record = jpb.RoundRecord(result=round_result_to_proto(result))
+        self.commit(record, result.shared_base_state)
+        return record
+
     def commit(self, record: jpb.RoundRecord, base: ModelState) -> None:
+        """Write the base file, then the journal entry (the entry landing is the commit)."""
         round_num = record.result.round_num
         save_state(
             self.base_path(round_num),

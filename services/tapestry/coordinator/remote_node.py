@@ -6,31 +6,39 @@ except that the returned artifact is metadata only: the node keeps its weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.errors import WireError
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
-from tapestry.training.consortium.tensors import state_digest, state_nbytes
+from tapestry.training.consortium.model import ModelSpec
+from tapestry.training.consortium.tensors import known_digest
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import insecure_channel
 from tapestry.wire.spill import SpillingAssembler
+from tapestry.wire.status import describe_rpc_error
 from tapestry.wire.tensor_stream import (
     DEFAULT_CHUNK_BYTES,
     StateAssembler,
-    WireError,
+    receive_state,
+    send_state,
     spec_of,
-    state_to_chunks,
 )
 
-ProgressListener = Callable[[str, "pb.RoundStage", str], None]
+# A node answers Describe from memory; a few seconds is plenty even across continents.
+DESCRIBE_TIMEOUT_S = 10.0
 
 
 class NodeCallFailed(RuntimeError):
     """The node could not be reached or refused the cycle; the message has its status."""
+
+
+class NodeMismatch(RuntimeError):
+    """The server at a member's address is not the member the consortium file names."""
 
 
 class RemoteSovereignNode:
@@ -40,69 +48,73 @@ class RemoteSovereignNode:
         jurisdiction: str,
         address: str,
         *,
+        model: ModelSpec | None = None,
         consortium_id: str = "",
         timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         spill_dir: Path | None = None,
     ) -> None:
-        """With ``spill_dir``, the delta is written to ``<spill_dir>/<node_id>.delta`` as it
+        """``model`` is the consortium's model spec: before any weights are sent, the node
+        must describe itself as ``node_id`` in ``jurisdiction`` training that model. With
+        ``spill_dir``, the delta is written to ``<spill_dir>/<node_id>.delta`` as it
         arrives instead of being held in memory (see :mod:`tapestry.wire.spill`)."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.address = address
+        self.model = model
         self.consortium_id = consortium_id
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.spill_dir = spill_dir
-        self.listener: ProgressListener | None = None
-        # Digest of the base this round sends, when the caller already knows it (the
-        # coordinator does: it is the last committed base's), to save a hash pass per node.
-        self.base_sha256 = ""
         self._channel = insecure_channel(address)
         self._stub = pb_grpc.SovereignNodeServiceStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
 
-    def _tell(self, stage: pb.RoundStage, detail: str) -> None:
-        if self.listener is not None:
-            self.listener(self.node_id, stage, detail)
+    def check_identity(self) -> None:
+        """Ask the node who it is (``Describe``) and refuse a server that is not this
+        member or trains another model (:class:`NodeMismatch`); unreachable is
+        :class:`NodeCallFailed`."""
+        try:
+            described = self._stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S)
+        except grpc.RpcError as error:
+            raise NodeCallFailed(f"{self.address}: {describe_rpc_error(error)}") from None
+        problems = []
+        if described.node_id != self.node_id:
+            problems.append(f"node_id {described.node_id[:64]!r}, expected {self.node_id!r}")
+        if described.jurisdiction != self.jurisdiction:
+            problems.append(
+                f"jurisdiction {described.jurisdiction[:64]!r}, expected {self.jurisdiction!r}"
+            )
+        if self.model is not None:
+            theirs = codec.model_spec_from_proto(described.model)
+            if theirs != self.model:
+                problems.append(f"model {theirs}, expected {self.model}")
+        if problems:
+            raise NodeMismatch(
+                f"the server at {self.address} describes itself with {'; '.join(problems)}; "
+                "fix the member's entry in the consortium file or the node's own config"
+            )
 
     def run_sovereign_cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
-        self._tell(pb.ROUND_STAGE_NODE_STARTED, f"sending base to {self.address}")
+        self.check_identity()  # before any weights leave the coordinator
         try:
-            result = self._cycle(round_num, base_state)
+            return self._cycle(round_num, base_state)
         except grpc.RpcError as error:
-            failure = NodeCallFailed(
-                f"{self.address}: {error.code().name}: {error.details()}"  # type: ignore[attr-defined]
-            )
-            self._tell(pb.ROUND_STAGE_NODE_FAILED, str(failure))
-            raise failure from None
-        except Exception as error:
-            self._tell(pb.ROUND_STAGE_NODE_FAILED, f"{type(error).__name__}: {error}")
-            raise
-        contribution = result.contribution
-        loss = contribution.metrics.get("loss", float("nan"))
-        self._tell(
-            pb.ROUND_STAGE_NODE_CONTRIBUTED,
-            f"delta received (loss {loss:.4f}, quality {contribution.quality_score:.2f}, "
-            f"{contribution.token_count} tokens)",
-        )
-        return result
+            raise NodeCallFailed(f"{self.address}: {describe_rpc_error(error)}") from None
 
     def _cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
         def requests() -> Iterator[pb.RunSovereignCycleRequest]:
             yield pb.RunSovereignCycleRequest(
                 start=pb.CycleStart(round_num=round_num, consortium_id=self.consortium_id)
             )
-            for chunk in state_to_chunks(base_state, self.chunk_bytes):
-                yield pb.RunSovereignCycleRequest(base_chunk=chunk)
-            yield pb.RunSovereignCycleRequest(
-                base_end=pb.StateTrailer(
-                    tensor_count=len(base_state),
-                    total_bytes=state_nbytes(base_state),
-                    sha256=self.base_sha256 or state_digest(base_state),
-                )
+            yield from send_state(
+                base_state,
+                lambda c: pb.RunSovereignCycleRequest(base_chunk=c),
+                lambda t: pb.RunSovereignCycleRequest(base_end=t),
+                sha256=known_digest(base_state),  # the round's digest: hashed once per round
+                chunk_bytes=self.chunk_bytes,
             )
 
         # The delta must match the base key for key: anything else is refused on arrival.
@@ -118,18 +130,10 @@ class RemoteSovereignNode:
             if first is None or first.WhichOneof("item") != "result":
                 raise WireError("the node's reply must begin with its cycle result")
             header = first.result
-            for message in responses:
-                kind = message.WhichOneof("item")
-                if kind == "delta_chunk":
-                    assembler.add(message.delta_chunk)
-                elif kind == "delta_end":
-                    if message.delta_end.sha256 != header.contribution.weight_delta_sha256:
-                        raise WireError("delta trailer digest differs from the announced one")
-                    delta = assembler.finish(message.delta_end)
-                    return codec.cycle_result_from_proto(header, delta)
-                else:
-                    raise WireError(f"unexpected {kind!r} message in the delta stream")
-            raise WireError("the delta stream ended before its trailer (truncated)")
+            delta = receive_state(responses, "delta_chunk", "delta_end", assembler)
+            if assembler.digest != header.contribution.weight_delta_sha256:
+                raise WireError("delta trailer digest differs from the announced one")
+            return codec.cycle_result_from_proto(header, delta)
         except BaseException:
             if isinstance(assembler, SpillingAssembler):
                 assembler.close()

@@ -1,14 +1,13 @@
-"""``CoordinatorService`` over gRPC: one round at a time, run by the core over remote nodes,
-committed to disk before anyone sees its result."""
+"""``CoordinatorService`` over gRPC: decode the request, call the core, encode its events and
+result. The core runs the round over remote node proxies and calls this servicer's commit
+step, which writes the round to the journal before the core moves to the new base."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 
 import grpc
 
@@ -17,14 +16,17 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
-from tapestry.coordinator.remote_node import ProgressListener, RemoteSovereignNode
-from tapestry.training.consortium.coordinator import ConsortiumCoordinator
+from tapestry.coordinator.remote_node import RemoteSovereignNode
+from tapestry.training.consortium import (
+    ConsortiumCoordinator,
+    ConsortiumRoundResult,
+    RoundEvent,
+)
 from tapestry.training.consortium.model import ModelSpec
-from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire import codec
 from tapestry.wire.pagination import PageTokens, take_page
 from tapestry.wire.status import Busy, NotFound, abort
-from tapestry.wire.tensor_stream import state_to_chunks
+from tapestry.wire.tensor_stream import send_state
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # (round, digest) of the last commit, replaced as one tuple, so a reader always sees
         # a base with its own round number. GetBase serves it from its committed file, one
         # tensor at a time: the coordinator keeps no second copy of the base in memory.
-        self._committed: tuple[int, str] = (core.round_num, state_digest(core.shared_base_state))
+        self._committed: tuple[int, str] = (core.round_num, core.base_sha256)
         self._round_lock = threading.Lock()
         self._page_tokens = PageTokens(page_token_key)
 
@@ -60,6 +62,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def RunRound(
         self, request: pb.RunRoundRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.RunRoundResponse]:
+        """Stream the core's events, then the committed result. The round runs in its own
+        thread and goes on to its commit even if the caller goes away."""
         if not self._round_lock.acquire(blocking=False):
             abort(
                 context,
@@ -68,81 +72,49 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     "(tapestry rounds) and trigger the next one after it"
                 ),
             )
-        events: queue.Queue[pb.RunRoundResponse | jpb.RoundRecord | BaseException] = queue.Queue()
-        round_num = self._core.round_num + 1
-
-        def tell(node_id: str, stage: pb.RoundStage, detail: str) -> None:
-            progress = pb.RoundProgress(
-                round_num=round_num, stage=stage, node_id=node_id, detail=detail
-            )
-            events.put(pb.RunRoundResponse(progress=progress))
+        events: queue.Queue[RoundEvent | ConsortiumRoundResult | BaseException] = queue.Queue()
 
         def work() -> None:
-            # The round runs to its commit even if the caller goes away.
+            outcome: ConsortiumRoundResult | BaseException
             try:
-                events.put(self._run_round(tell))
+                self._store.clear_spill()
+                outcome = self._core.run_round(self._nodes, events=events.put, commit=self._commit)
             except BaseException as error:
                 log.exception("round failed")
-                events.put(error)
+                outcome = error
             finally:
+                self._store.clear_spill()  # integrated or not, spilled deltas end with the round
                 self._round_lock.release()
+            # Only now: a caller who triggers the next round on seeing this one's result
+            # must find the coordinator free.
+            events.put(outcome)
 
         threading.Thread(target=work, name="round", daemon=True).start()
         while True:
             item = events.get()
-            if isinstance(item, pb.RunRoundResponse):
-                yield item
-            elif isinstance(item, jpb.RoundRecord):
-                yield pb.RunRoundResponse(result=item.result)
+            if isinstance(item, RoundEvent):
+                yield pb.RunRoundResponse(progress=codec.round_event_to_proto(item))
+            elif isinstance(item, ConsortiumRoundResult):
+                yield pb.RunRoundResponse(result=self._records[-1].result)
                 return
             else:
                 abort(context, item)
 
-    def _run_round(self, tell: ProgressListener) -> jpb.RoundRecord:
-        _, committed_sha256 = self._committed
-        for node in self._nodes:
-            node.listener = tell
-            node.base_sha256 = committed_sha256
-        started = datetime.now(UTC)
-        previous_round = self._core.round_num
-        previous_artifacts = dict(self._core.sovereign_artifacts)
-        log.info("round %d: starting with %d nodes", previous_round + 1, len(self._nodes))
-        self._store.clear_spill()
-        try:
-            result = self._core.run_round(self._nodes)
-        finally:
-            self._store.clear_spill()  # integrated or not, spilled deltas end with the round
-        result = dataclasses.replace(
-            result,
-            previous_base_sha256=committed_sha256,
-            # Nothing accepted: the base is bitwise the committed one, digest included.
-            shared_base_sha256=state_digest(result.shared_base_state)
-            if result.accepted_nodes
-            else committed_sha256,
-            started_at=started,
-            finished_at=datetime.now(UTC),
-        )
-        record = jpb.RoundRecord(result=codec.round_result_to_proto(result))
-        try:
-            self._store.commit(record, result.shared_base_state)
-        except BaseException:
-            # Not durable, so it did not happen: the base and artifacts go back as they were.
-            self._core.load_base_state(result.previous_base_state, previous_round)
-            self._core.sovereign_artifacts = previous_artifacts
-            raise
+    def _commit(self, result: ConsortiumRoundResult) -> None:
+        """The core's commit step: the round is durable once its journal entry lands. Runs
+        before the core changes anything, so if it raises there is nothing to undo."""
+        record = self._store.commit_round(result)
         self._records.append(record)
-        self._committed = (result.round_num, record.result.shared_base_sha256)
-        r = record.result
+        self._committed = (result.round_num, result.shared_base_sha256)
         log.info(
             "round %d committed: accepted %s, rejected %s, failed %s, base %s -> %s",
-            r.round_num,
-            list(r.accepted_nodes),
-            list(r.rejected_nodes),
-            dict(r.failed_nodes),
-            r.previous_base_sha256[:12],
-            r.shared_base_sha256[:12],
+            result.round_num,
+            result.accepted_nodes,
+            result.rejected_nodes,
+            sorted(result.failed_nodes),
+            result.previous_base_sha256[:12],
+            result.shared_base_sha256[:12],
         )
-        return record
 
     def GetRound(
         self, request: pb.GetRoundRequest, context: grpc.ServicerContext
@@ -190,15 +162,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         yield pb.GetBaseResponse(
             header=pb.BaseHeader(round_num=round_num, model=codec.model_spec_to_proto(self._spec))
         )
-        count = total = 0
-        for chunk in state_to_chunks(base, self._chunk_bytes):
-            if chunk.offset == 0:
-                count, total = count + 1, total + chunk.total_bytes
-            yield pb.GetBaseResponse(chunk=chunk)
         # The digest was computed when the base was committed; the file is checked against
         # it on resume, and the receiver checks the stream against it.
-        yield pb.GetBaseResponse(
-            end=pb.StateTrailer(tensor_count=count, total_bytes=total, sha256=digest)
+        yield from send_state(
+            base,
+            lambda c: pb.GetBaseResponse(chunk=c),
+            lambda t: pb.GetBaseResponse(end=t),
+            sha256=digest,
+            chunk_bytes=self._chunk_bytes,
         )
 
     def ListArtifacts(

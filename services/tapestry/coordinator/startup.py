@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -12,7 +15,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
-from tapestry.coordinator.remote_node import RemoteSovereignNode
+from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, RemoteSovereignNode
 from tapestry.coordinator.servicer import CoordinatorServicer
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
 from tapestry.wire import codec
@@ -50,16 +53,21 @@ def build_coordinator_server(
         log.info("new consortium %s: initial base saved in %s", config.consortium_id, data_dir)
     else:
         round_num, state, records = resumed
-        core.load_base_state(state, round_num)
-        for record in records:
-            for artifact in record.result.artifacts:
-                core.sovereign_artifacts[artifact.node_id] = codec.artifact_from_proto(artifact)
+        retained = {
+            artifact.node_id: codec.artifact_from_proto(artifact)
+            for record in records
+            for artifact in record.result.artifacts
+        }
+        # The store checked the file against this digest before handing the state over.
+        digest = records[-1].result.shared_base_sha256 if records else ""
+        core.load_base_state(state, round_num, sha256=digest, artifacts=retained)
         log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
     nodes = [
         RemoteSovereignNode(
             member.node_id,
             member.jurisdiction,
             member.address,
+            model=spec,
             consortium_id=config.consortium_id,
             timeout_s=config.node_timeout_s,
             chunk_bytes=config.chunk_bytes,
@@ -67,9 +75,27 @@ def build_coordinator_server(
         )
         for member in config.nodes
     ]
+    threading.Thread(target=warn_about_members, args=(nodes,), daemon=True).start()
     servicer = CoordinatorServicer(core, nodes, store, spec, records, config.chunk_bytes)
     return build_server(
         listen,
         [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
     )
+
+
+def warn_about_members(nodes: Sequence[RemoteSovereignNode]) -> None:
+    """Ask every member who it is, in parallel, and log a warning for each one that is not
+    reachable or not what the consortium file says. Start-up goes on regardless: the same
+    check runs again before a round sends that node any weights, and fails it there."""
+
+    def check(node: RemoteSovereignNode) -> None:
+        try:
+            node.check_identity()
+        except (NodeCallFailed, NodeMismatch) as problem:
+            log.warning("member %s: %s", node.node_id, problem)
+        else:
+            log.info("member %s at %s: identity and model confirmed", node.node_id, node.address)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        list(pool.map(check, nodes))

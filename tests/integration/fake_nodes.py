@@ -1,0 +1,124 @@
+"""Stand-in node servers that speak the protocol but behave as the test needs: one fault
+each, or a cycle that stays open until the test lets it go. Each runs in this process on
+127.0.0.1, on a port chosen at bind time, and is stopped by :func:`serve`'s caller."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+
+import grpc
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.training.consortium import ModelSpec, state_digest
+from tapestry.wire.codec import model_spec_to_proto
+from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state
+
+
+class FakeNode(pb_grpc.SovereignNodeServiceServicer):
+    """Describes itself as told; its cycle adds 0.01 to every weight, with the fault
+    ``behaviour`` names (``"honest"`` for none)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        behaviour: str = "honest",
+        *,
+        jurisdiction: str = "Nowhere",
+        model: ModelSpec | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.behaviour = behaviour
+        self.jurisdiction = jurisdiction
+        self.model = model or ModelSpec()
+        self.cycles = 0  # how many bases this node has been sent
+
+    def Describe(self, request, context):  # noqa: N802
+        return pb.DescribeResponse(
+            node_id=self.node_id,
+            jurisdiction=self.jurisdiction,
+            model=model_spec_to_proto(self.model),
+        )
+
+    def before_reply(self) -> None:
+        """Called once the base is in, before the node answers (a hook for subclasses)."""
+
+    def RunSovereignCycle(self, request_iterator, context):  # noqa: N802
+        self.cycles += 1
+        start = next(request_iterator).start
+        base = receive_state(request_iterator, "base_chunk", "base_end", StateAssembler())
+        self.before_reply()
+        delta = {name: tensor * 0.0 + 0.01 for name, tensor in base.items()}
+        node_id = "vietnam" if self.behaviour == "impostor" else self.node_id
+        if self.behaviour == "nan":
+            delta["embedding.weight"][0, 0] = float("nan")
+        if self.behaviour == "extra-key":
+            delta["backdoor.weight"] = delta["lm_head.bias"].clone()
+        digest = state_digest(delta)
+        announced = "0" * 64 if self.behaviour == "tampered" else digest
+        yield pb.RunSovereignCycleResponse(
+            result=pb.SovereignCycleResult(
+                artifact=pb.SovereignModelArtifact(node_id=node_id, round_num=start.round_num),
+                contribution=pb.SovereignContribution(
+                    node_id=node_id,
+                    round_num=start.round_num,
+                    weight_delta_sha256=announced,
+                    quality_score=1.0,
+                    token_count=1,
+                ),
+            )
+        )
+        stream = list(
+            send_state(
+                delta,
+                lambda c: pb.RunSovereignCycleResponse(delta_chunk=c),
+                lambda t: pb.RunSovereignCycleResponse(delta_end=t),
+                sha256=digest,
+                chunk_bytes=4096,
+            )
+        )
+        if self.behaviour == "truncated":
+            stream = stream[: len(stream) // 2]
+        yield from stream
+
+
+class BlockingNode(FakeNode):
+    """An honest fake whose cycle holds the round open until :attr:`release` is set."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def before_reply(self) -> None:
+        self.started.set()
+        if not self.release.wait(timeout=60):
+            raise TimeoutError("the test never released the blocking node")
+
+
+@contextmanager
+def serve(nodes: list[FakeNode]) -> Iterator[list[dict[str, str]]]:
+    """Serve each node on its own port; yields their consortium-file member entries and
+    stops every server afterwards."""
+    servers, members = [], []
+    try:
+        for node in nodes:
+            server = grpc.server(futures.ThreadPoolExecutor(2))
+            pb_grpc.add_SovereignNodeServiceServicer_to_server(node, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            servers.append(server)
+            members.append(
+                {
+                    "node_id": node.node_id,
+                    "jurisdiction": node.jurisdiction,
+                    "address": f"127.0.0.1:{port}",
+                }
+            )
+        yield members
+    finally:
+        for server in servers:
+            server.stop(0)
