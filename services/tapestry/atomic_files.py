@@ -86,7 +86,8 @@ class StoredState(Mapping[str, torch.Tensor]):
         if name not in self._keys:
             raise KeyError(name)
         with safe_open(str(self.path), framework="pt") as handle:
-            return handle.get_tensor(name)
+            tensor: torch.Tensor = handle.get_tensor(name)
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import click
 import grpc
@@ -29,15 +29,17 @@ from tapestry.wire.status import COORDINATOR, SERVER, describe_rpc_error
 # `tapestry health` (run every few seconds by container healthchecks) starts fast.
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 
 
-def _friendly_errors(command: F) -> F:
+def _friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
     """Turn the errors a user can fix into one clear line and a non-zero exit. A command
     with an ``address`` parameter (``--coordinator``) talks to the coordinator there."""
 
     @wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
         except UserError as error:
@@ -45,14 +47,14 @@ def _friendly_errors(command: F) -> F:
         except OSError as error:  # e.g. a data directory that cannot be created or written
             raise click.ClickException(f"{type(error).__name__}: {error}") from None
         except grpc.RpcError as error:
-            address = kwargs.get("address", "")
+            address = str(kwargs.get("address") or "")
             raise click.ClickException(
                 describe_rpc_error(error, address, COORDINATOR, "--coordinator")
                 if address
                 else describe_rpc_error(error)
             ) from None
 
-    return run  # type: ignore[return-value]
+    return run
 
 
 class _Option(click.Option):
@@ -73,7 +75,7 @@ class _Option(click.Option):
         return hint
 
 
-class _Address(click.ParamType):
+class _Address(click.ParamType[str, Any]):
     """``HOST:PORT`` through :func:`tapestry.config.check_address`, the one address check."""
 
     name = "HOST:PORT"
@@ -88,13 +90,13 @@ class _Address(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
-def _keep_round_on_interrupt(command: F) -> F:
+def _keep_round_on_interrupt(command: Callable[P, R]) -> Callable[P, R]:
     """Ctrl-C stops following a round, not the round: the coordinator runs it to its commit
     whoever listens. Leaving the command closes the channel (cancelling the stream); then
     say so, and how to see the result, and exit 130 as an interrupted command does."""
 
     @wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
@@ -107,7 +109,7 @@ def _keep_round_on_interrupt(command: F) -> F:
             )
             raise click.exceptions.Exit(130) from None
 
-    return run  # type: ignore[return-value]
+    return run
 
 
 @click.group()

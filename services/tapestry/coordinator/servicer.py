@@ -17,6 +17,7 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.remote_node import RemoteSovereignNode
+from tapestry.errors import Busy, NotFound
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ConsortiumRoundResult,
@@ -25,7 +26,7 @@ from tapestry.training.consortium import (
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.wire import codec
 from tapestry.wire.pagination import PageTokens, take_page
-from tapestry.wire.status import Busy, NotFound, abort
+from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import send_state
 
 log = logging.getLogger(__name__)

@@ -167,7 +167,7 @@ Member = TypeVar("Member")
 
 
 def _lookup(
-    mapping: Mapping[Member, int], number: int, field: str, name: Callable[[int], str]
+    mapping: Mapping[Member, int], number: int, field: str, name: Callable[[Any], str]
 ) -> Member:
     """The core value a wire enum number stands for; unset or unknown is a ``ValueError``."""
     for member, wire in mapping.items():

@@ -23,8 +23,9 @@ class TinyCausalModel(nn.Module):
         self.lm_head = nn.Linear(hidden_size, vocab_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.embedding(input_ids)  # (B, T, H)
-        return self.lm_head(hidden)  # (B, T, V)
+        hidden: torch.Tensor = self.embedding(input_ids)  # (B, T, H)
+        logits: torch.Tensor = self.lm_head(hidden)  # (B, T, V)
+        return logits
 
 
 @dataclass(frozen=True)

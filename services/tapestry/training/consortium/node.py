@@ -215,7 +215,7 @@ class SovereignTrainingNode:
                     ignore_index=IGNORE_INDEX,
                 )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                torch.autograd.backward(loss)  # loss.backward(), which torch leaves untyped
                 optimizer.step()
                 losses.append(loss.item())
         return sum(losses) / len(losses)
