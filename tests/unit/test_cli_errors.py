@@ -235,8 +235,14 @@ class _Failed(grpc.RpcError):
             "DNS resolution failed for vietnam:50061: C-ares status is not ARES_SUCCESS "
             "qtype=A name=vietnam is_balancer=0: Domain name not found",
             "no sovereign node answers at vietnam:50061 (UNAVAILABLE: domain name not found) — "
-            "is it running? Start one with `tapestry node serve --config FILE --data-dir DIR "
-            "--listen vietnam:50061`, or fix the address.",
+            "is it running? Otherwise fix its address in the consortium file.",
+        ),
+        (
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Method not found!",
+            f"vietnam:50061 is not a Tapestry sovereign node: it does not serve "
+            f"{NODE.service_name} (UNIMPLEMENTED: Method not found!). Is this the right "
+            "address? If not, fix its address in the consortium file.",
         ),
         (
             grpc.StatusCode.UNAVAILABLE,
@@ -348,3 +354,28 @@ def test_a_cap_the_configured_members_cannot_meet_stops_the_coordinator_at_start
         "at least 1"
     )
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("where", ["closed", "other"])
+def test_a_member_that_cannot_serve_its_cycle_is_reported_in_those_words(
+    where, closed_port, other_server
+):
+    from tapestry.coordinator.remote_node import NodeCallFailed, RemoteSovereignNode
+
+    address = f"127.0.0.1:{closed_port}" if where == "closed" else other_server
+    node = RemoteSovereignNode("atlantis", "Atlantis", address)
+    try:
+        with pytest.raises(NodeCallFailed) as caught:
+            node.run_sovereign_cycle(1, {})
+    finally:
+        node.close()
+    assert (
+        str(caught.value)
+        == {
+            "closed": f"no sovereign node answers at {address} (UNAVAILABLE: connection refused) — "
+            "is it running? Otherwise fix its address in the consortium file.",
+            "other": f"{address} is not a Tapestry sovereign node: it does not serve "
+            f"{NODE.service_name} (UNIMPLEMENTED: Method not found!). Is this the right address? "
+            "If not, fix its address in the consortium file.",
+        }[where]
+    )

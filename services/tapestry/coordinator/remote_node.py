@@ -20,7 +20,7 @@ from tapestry.training.consortium.tensors import known_digest
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import insecure_channel
 from tapestry.wire.spill import SpillingAssembler
-from tapestry.wire.status import describe_rpc_error
+from tapestry.wire.status import NODE, describe_rpc_error
 from tapestry.wire.tensor_stream import (
     DEFAULT_CHUNK_BYTES,
     StateAssembler,
@@ -79,7 +79,7 @@ class RemoteSovereignNode:
         try:
             described = self._stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S)
         except grpc.RpcError as error:
-            raise NodeCallFailed(f"{self.address}: {describe_rpc_error(error)}") from None
+            raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
         problems = []
         if described.node_id != self.node_id:
             problems.append(f"node_id {described.node_id[:64]!r}, expected {self.node_id!r}")
@@ -102,7 +102,7 @@ class RemoteSovereignNode:
         try:
             return self._cycle(round_num, base_state)
         except grpc.RpcError as error:
-            raise NodeCallFailed(f"{self.address}: {describe_rpc_error(error)}") from None
+            raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
 
     def _cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
         def requests() -> Iterator[pb.RunSovereignCycleRequest]:

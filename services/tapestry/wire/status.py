@@ -45,6 +45,8 @@ class Peer:
     method: str = ""
     service: str = ""
     start: str = ""
+    # Where a wrong address is fixed, when no command-line option sets it.
+    fix: str = "fix the address"
 
     @property
     def service_name(self) -> str:
@@ -63,10 +65,9 @@ COORDINATOR = Peer(
     method="RunRound",
     start="tapestry coordinator serve --config FILE --data-dir DIR",
 )
+# A node is another institution's server: its operator starts it, the coordinator's cannot.
 NODE = Peer(
-    "sovereign node",
-    method="RunSovereignCycle",
-    start="tapestry node serve --config FILE --data-dir DIR",
+    "sovereign node", method="RunSovereignCycle", fix="fix its address in the consortium file"
 )
 SERVER = Peer("Tapestry server", service=health.SERVICE_NAME)  # any of ours: all serve health
 
@@ -95,13 +96,13 @@ def describe_rpc_error(
     role = expected.role
     if code is grpc.StatusCode.UNAVAILABLE and (reason := _no_connection(details)):
         start = f" Start one with `{expected.start} --listen {address}`" if expected.start else ""
-        where = f"pass {option} HOST:PORT" if option else "fix the address"
+        where = f"pass {option} HOST:PORT" if option else expected.fix
         return f"no {role} answers at {address} ({code.name}: {reason}) — is it running?" + (
             f"{start}, or {where}." if start else f" Otherwise {where}."
         )
     if code is grpc.StatusCode.UNIMPLEMENTED:
         service = expected.service_name or f"the {role} service"
-        where = f"pass the {role}'s address with {option} HOST:PORT" if option else "fix it"
+        where = f"pass the {role}'s address with {option} HOST:PORT" if option else expected.fix
         return (
             f"{address} is not a Tapestry {role}: it does not serve {service} ({status}). "
             f"Is this the right address? If not, {where}."
