@@ -95,7 +95,7 @@ MALFORMED: dict[str, tuple[Callable[[], Stream], str]] = {
     ),
     "NaN in the base": (
         lambda: [_start(), *_stream(_poisoned())],
-        "base tensor 'lm_head.bias' holds NaN or Inf values",
+        "base 'lm_head.bias' holds NaN or Inf values",
     ),
     "another model's shapes": (
         lambda: [_start(), *_stream(ModelSpec(hidden_size=8).build(seed=1).state_dict())],

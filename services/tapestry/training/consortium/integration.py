@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from tapestry.training.consortium.messages import ModelState, SovereignContribution
+from tapestry.training.consortium.tensors import state_mismatch
 
 
 class InvalidContribution(ValueError):
@@ -34,24 +35,9 @@ def check_contribution(
         raise InvalidContribution(
             f"contribution is for round {contribution.round_num}, expected round {round_num}"
         )
-    delta = contribution.weight_delta
-    missing = sorted(set(base) - set(delta))
-    extra = sorted(set(delta) - set(base))
-    if missing or extra:
-        raise InvalidContribution(
-            f"delta keys differ from the base: missing {missing}, unexpected {extra}"
-        )
-    for name, expected in base.items():
-        got = delta[name]
-        if not isinstance(got, torch.Tensor):
-            raise InvalidContribution(f"delta {name!r} is a {type(got).__name__}, not a tensor")
-        if got.dtype != expected.dtype or got.shape != expected.shape:
-            raise InvalidContribution(
-                f"delta {name!r}: expected {expected.dtype} {tuple(expected.shape)}, "
-                f"got {got.dtype} {tuple(got.shape)}"
-            )
-        if (got.is_floating_point() or got.is_complex()) and not bool(torch.isfinite(got).all()):
-            raise InvalidContribution(f"delta {name!r} holds NaN or Inf values")
+    problem = state_mismatch(contribution.weight_delta, base, what="delta", against="the base")
+    if problem is not None:
+        raise InvalidContribution(problem)
 
 
 def integrate(

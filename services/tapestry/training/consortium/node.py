@@ -18,7 +18,12 @@ from tapestry.training.consortium.messages import (
     SovereignCycleResult,
     SovereignModelArtifact,
 )
-from tapestry.training.consortium.tensors import clone_state, state_digest, state_nbytes
+from tapestry.training.consortium.tensors import (
+    clone_state,
+    state_digest,
+    state_mismatch,
+    state_nbytes,
+)
 
 PAD_TOKEN = 0
 IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it add no loss
@@ -27,13 +32,6 @@ STAGE = "continued_pretraining"
 
 class InvalidBase(ValueError):
     """A base (or round number) a node refuses to train from; says what and where."""
-
-
-def _few(names: Sequence[str], limit: int = 5) -> str:
-    """At most ``limit`` names, so a refusal never echoes an unbounded list back."""
-    shown = ", ".join(repr(n[:100]) for n in names[:limit])
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return f"[{shown}{more}]"
 
 
 def cycle_seed(seed: int, node_id: str, round_num: int) -> int:
@@ -141,27 +139,11 @@ class SovereignTrainingNode:
         before it is assembled, to bound what a peer can make it allocate)."""
         if isinstance(round_num, bool) or not isinstance(round_num, int) or round_num < 1:
             raise InvalidBase(f"round_num must be an integer >= 1, got {round_num!r}")
-        expected = self.model.state_dict()
-        missing = sorted(set(expected) - set(base_state))
-        extra = sorted(set(base_state) - set(expected))
-        if missing or extra:
-            raise InvalidBase(
-                f"base keys differ from this node's model: missing {_few(missing)}, "
-                f"unexpected {_few(extra)}"
-            )
-        for name, want in expected.items():
-            got = base_state[name]
-            if not isinstance(got, torch.Tensor):
-                raise InvalidBase(f"base {name!r} is a {type(got).__name__}, not a tensor")
-            if got.dtype != want.dtype or got.shape != want.shape:
-                raise InvalidBase(
-                    f"base {name!r}: expected {want.dtype} {tuple(want.shape)}, "
-                    f"got {got.dtype} {tuple(got.shape)}"
-                )
-            if (got.is_floating_point() or got.is_complex()) and not bool(
-                torch.isfinite(got).all()
-            ):
-                raise InvalidBase(f"base tensor {name!r} holds NaN or Inf values")
+        problem = state_mismatch(
+            base_state, self.model.state_dict(), what="base", against="this node's model"
+        )
+        if problem is not None:
+            raise InvalidBase(problem)
 
     def run_sovereign_cycle(
         self, round_num: int, base_state: Mapping[str, torch.Tensor]

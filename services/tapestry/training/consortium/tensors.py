@@ -109,3 +109,41 @@ def known_digest(state: Mapping[str, torch.Tensor]) -> str:
     if isinstance(state, Snapshot) and state.sha256:
         return state.sha256
     return state_digest(state)
+
+
+def state_mismatch(
+    state: Mapping[str, object], reference: Mapping[str, torch.Tensor], *, what: str, against: str
+) -> str | None:
+    """Why ``state`` cannot stand in for ``reference`` key for key (same keys, each a tensor
+    of the same dtype and shape, floating values finite), or ``None`` when it can.
+
+    The one check shared by a node refusing a base and a coordinator refusing a delta;
+    ``what`` names the state in the message ("base", "delta"), ``against`` the reference.
+    """
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        return (
+            f"{what} keys differ from {against}: missing {few_names(missing)}, "
+            f"unexpected {few_names(extra)}"
+        )
+    for name, want in reference.items():
+        got = state[name]
+        if not isinstance(got, torch.Tensor):
+            return f"{what} {name!r} is a {type(got).__name__}, not a tensor"
+        if got.dtype != want.dtype or got.shape != want.shape:
+            return (
+                f"{what} {name!r}: expected {want.dtype} {tuple(want.shape)}, "
+                f"got {got.dtype} {tuple(got.shape)}"
+            )
+        if (got.is_floating_point() or got.is_complex()) and not bool(torch.isfinite(got).all()):
+            return f"{what} {name!r} holds NaN or Inf values"
+    return None
+
+
+def few_names(names: Sequence[str], limit: int = 5) -> str:
+    """At most ``limit`` names, each cut to 100 characters, so that a message about a
+    state never echoes an unbounded list back."""
+    shown = ", ".join(repr(n[:100]) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"[{shown}{more}]"
