@@ -224,7 +224,7 @@ class ConsortiumCoordinator:
         self._base_sha256 = new_sha256
         self.sovereign_artifacts.update(artifacts)
         self.round_num = round_num
-        report(RoundStage.COMMITTED, "", f"round {round_num} committed, base {new_sha256[:12]}")
+        report(RoundStage.COMMITTED, "", f"base {new_sha256[:12]} is now the shared base")
         return result
 
     @staticmethod
