@@ -34,7 +34,13 @@ from tapestry.training.consortium.messages import (
     SovereignModelArtifact,
 )
 from tapestry.training.consortium.policy import ContributionPolicy
-from tapestry.training.consortium.tensors import Snapshot, clone_state, state_digest
+from tapestry.training.consortium.tensors import (
+    Snapshot,
+    all_finite,
+    clone_state,
+    state_digest,
+    state_norm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +184,12 @@ class ConsortiumCoordinator:
             for node_id, c in contributions.items()
         }
         policy = self.contribution_policy
-        decision = policy.decide(scores)
+        norms = (
+            {n: state_norm(c.weight_delta) for n, c in contributions.items()}
+            if policy.bounds_delta_norms
+            else None
+        )
+        decision = policy.decide(scores, norms)
         node_ids = [node.node_id for node in nodes]
         accepted = [n for n in node_ids if n in decision.weights]
         rejected = [n for n in node_ids if n in contributions and n not in decision.weights]
@@ -186,9 +197,22 @@ class ConsortiumCoordinator:
         # Metadata only from here on: the deltas are dropped once they are integrated.
         received = {n: dataclasses.replace(c, weight_delta={}) for n, c in contributions.items()}
         del outcomes, contributions
-        if weighted:
-            new_state = integrate(base, weighted)
-            del weighted
+        new_state = integrate(base, weighted) if weighted else None
+        del weighted
+        if new_state is not None and not all_finite(new_state):
+            # Finite deltas can still sum past the dtype's range: such a base is never
+            # committed. Nothing is integrated; the accepted nodes are rejected, with why.
+            why = (
+                "integrating the accepted deltas made the base non-finite (overflow), so "
+                "nothing was integrated this round"
+            )
+            rejected = [n for n in node_ids if n in received]
+            rejection_reasons = {n: decision.rejection_reasons.get(n, why) for n in rejected}
+            accepted, weights, new_state = [], {}, None
+        else:
+            rejection_reasons = {n: decision.rejection_reasons[n] for n in rejected}
+            weights = {n: decision.weights[n] for n in accepted}
+        if new_state is not None:
             new_sha256 = state_digest(new_state)
         else:
             new_state, new_sha256 = clone_state(snapshot), previous_sha256
@@ -204,8 +228,8 @@ class ConsortiumCoordinator:
             shared_base_state=new_state,
             accepted_nodes=accepted,
             rejected_nodes=rejected,
-            contribution_weights={n: decision.weights[n] for n in accepted},
-            rejection_reasons={n: decision.rejection_reasons[n] for n in rejected},
+            contribution_weights=weights,
+            rejection_reasons=rejection_reasons,
             failed_nodes=failed,
             quality_scores=scores,
             contributions=received,

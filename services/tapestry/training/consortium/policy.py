@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,7 +31,15 @@ class PolicyDecision:
 class ContributionPolicy:
     """Turns quality scores into integration weights.
 
-    - A score counts when it is ``>= quality_floor`` and ``> 0`` (and finite).
+    - A score counts when it is ``>= quality_floor`` and ``> 0`` (and finite), and, with
+      ``max_quality`` (the services use 1.0), not above it: a score out of range is refused
+      with a reason rather than normalised, so a member that reports 1e300 cannot take the
+      weight of the others. The proof of concept had no ceiling; ``None`` keeps that.
+    - With ``max_delta_norm`` (absolute) or ``max_delta_norm_ratio`` (a multiple of the
+      median L2 norm of the round's deltas), a contribution whose delta's norm is above the
+      bound is refused with a reason before any weight is computed, so one member cannot
+      push the base arbitrarily far (or into overflow) in one round. The ratio holds a
+      hostile member back only where honest ones are the majority (three members or more).
     - ``"equal"``: each counted node gets ``1/k``.
     - ``"quality"``: scores are normalised; then, repeatedly, every node whose share of the
       remaining mass exceeds ``max_node_weight`` is fixed at exactly the cap and the others
@@ -49,9 +58,23 @@ class ContributionPolicy:
         quality_floor: float = 0.0,
         max_node_weight: float = 1.0,
         weighting: str | ContributionWeighting = "quality",
+        *,
+        max_quality: float | None = None,
+        max_delta_norm: float | None = None,
+        max_delta_norm_ratio: float | None = None,
     ) -> None:
         if not math.isfinite(quality_floor) or quality_floor < 0:
             raise ValueError(f"quality_floor must be a finite number >= 0, got {quality_floor}")
+        for name, bound, least in (
+            ("max_quality", max_quality, 0.0),
+            ("max_delta_norm", max_delta_norm, 0.0),
+            ("max_delta_norm_ratio", max_delta_norm_ratio, 1.0),
+        ):
+            if bound is not None and (not math.isfinite(bound) or bound <= least):
+                raise ValueError(f"{name} must be None or a finite number > {least}, got {bound}")
+        self.max_quality = _optional_float(max_quality)
+        self.max_delta_norm = _optional_float(max_delta_norm)
+        self.max_delta_norm_ratio = _optional_float(max_delta_norm_ratio)
         if not math.isfinite(max_node_weight) or not 0 < max_node_weight <= 1:
             raise ValueError(f"max_node_weight must be in (0, 1], got {max_node_weight}")
         try:
@@ -62,24 +85,50 @@ class ContributionPolicy:
         self.quality_floor = float(quality_floor)
         self.max_node_weight = float(max_node_weight)
 
+    @property
+    def bounds_delta_norms(self) -> bool:
+        """Whether :meth:`decide` needs the deltas' norms."""
+        return self.max_delta_norm is not None or self.max_delta_norm_ratio is not None
+
     def __repr__(self) -> str:
+        bounds = "".join(
+            f", {name}={value}"
+            for name, value in (
+                ("max_quality", self.max_quality),
+                ("max_delta_norm", self.max_delta_norm),
+                ("max_delta_norm_ratio", self.max_delta_norm_ratio),
+            )
+            if value is not None
+        )
         return (
             f"ContributionPolicy(quality_floor={self.quality_floor}, "
-            f"max_node_weight={self.max_node_weight}, weighting={self.weighting.value!r})"
+            f"max_node_weight={self.max_node_weight}, weighting={self.weighting.value!r}"
+            f"{bounds})"
         )
 
-    def weights(self, scores: Mapping[str, float]) -> dict[str, float]:
+    def weights(
+        self, scores: Mapping[str, float], delta_norms: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
         """Weights of the accepted nodes, summing to 1; ``{}`` when none is accepted."""
-        return self.decide(scores).weights
+        return self.decide(scores, delta_norms).weights
 
-    def decide(self, scores: Mapping[str, float]) -> PolicyDecision:
-        """Weights plus a reason for every node that gets none."""
-        reasons: dict[str, str] = {}
+    def decide(
+        self, scores: Mapping[str, float], delta_norms: Mapping[str, float] | None = None
+    ) -> PolicyDecision:
+        """Weights plus a reason for every node that gets none. ``delta_norms`` (node id ->
+        L2 norm of its delta) is required when the policy bounds delta norms."""
+        reasons = self._norm_refusals(scores, delta_norms)
         counted: dict[str, float] = {}
         for node_id, score in scores.items():
             score = float(score)
+            if node_id in reasons:
+                continue
             if not math.isfinite(score):
                 reasons[node_id] = f"quality score {score} is not a finite number"
+            elif self.max_quality is not None and score > self.max_quality:
+                reasons[node_id] = (
+                    f"quality score {score:.6g} is above max_quality = {self.max_quality}"
+                )
             elif score <= 0:
                 reasons[node_id] = f"quality score {score} is not > 0"
             elif score < self.quality_floor:
@@ -99,6 +148,38 @@ class ContributionPolicy:
         if self.weighting is ContributionWeighting.EQUAL:
             return PolicyDecision({node_id: 1.0 / k for node_id in counted}, reasons)
         return PolicyDecision(_capped_shares(counted, self.max_node_weight), reasons)
+
+    def _norm_refusals(
+        self, scores: Mapping[str, float], norms: Mapping[str, float] | None
+    ) -> dict[str, str]:
+        """A reason for every node whose delta norm is above the policy's bounds."""
+        if not self.bounds_delta_norms:
+            return {}
+        if norms is None or not set(scores) <= set(norms):
+            raise ValueError("this policy bounds delta norms: every node's delta norm is needed")
+        finite = [norms[n] for n in scores if math.isfinite(norms[n])]
+        median = statistics.median(finite) if finite else math.inf
+        reasons: dict[str, str] = {}
+        for node_id in scores:
+            norm = norms[node_id]
+            if not math.isfinite(norm):
+                reasons[node_id] = f"delta norm {norm} is not a finite number"
+            elif self.max_delta_norm is not None and norm > self.max_delta_norm:
+                reasons[node_id] = (
+                    f"delta norm {norm:.6g} is above max_delta_norm = {self.max_delta_norm:.6g}"
+                )
+            elif (
+                self.max_delta_norm_ratio is not None and norm > self.max_delta_norm_ratio * median
+            ):
+                reasons[node_id] = (
+                    f"delta norm {norm:.6g} is above max_delta_norm_ratio = "
+                    f"{self.max_delta_norm_ratio:.6g} × the round's median {median:.6g}"
+                )
+        return reasons
+
+
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _capped_shares(scores: dict[str, float], cap: float) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -147,3 +148,25 @@ def few_names(names: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(repr(n[:100]) for n in names[:limit])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return f"[{shown}{more}]"
+
+
+def state_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of a state's floating entries taken as one vector, accumulated in float64
+    one tensor at a time (a spilled state is read from disk tensor by tensor); ``inf`` or
+    ``nan`` when an entry is not finite."""
+    total = 0.0
+    for name in state:
+        tensor = state[name]
+        if tensor.is_floating_point() or tensor.is_complex():
+            wide = torch.complex128 if tensor.is_complex() else torch.float64
+            total += float(torch.linalg.vector_norm(tensor.detach(), dtype=wide)) ** 2
+    return math.sqrt(total)
+
+
+def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every floating entry of ``state`` is finite (integer entries always are)."""
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in state.values()
+        if t.is_floating_point() or t.is_complex()
+    )
