@@ -30,6 +30,11 @@ NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MAX_NODE_TIMEOUT_S = 7 * 24 * 3600.0
 
 
+# Quality scores live in [0, 1] in a consortium run by the services: a member cannot report
+# more, and the policy refuses a contribution that claims more (DESIGN §5).
+MAX_QUALITY = 1.0
+
+
 class ConfigError(UserError, ValueError):
     """A configuration file that cannot be used; the message says where and why."""
 
@@ -52,14 +57,29 @@ class ModelConfig(_Strict):
 
 
 class PolicyConfig(_Strict):
-    quality_floor: float = Field(0.0, ge=0)
-    max_node_weight: float = Field(1.0, gt=0, le=1)
+    """The contribution policy of a consortium run by the services. Its defaults are chosen
+    so that no single member can capture the base: no member takes more than half the
+    weight (so at least two members must contribute for a round to integrate), quality
+    scores are in [0, 1], and a delta more than ten times the round's median norm is
+    refused (which binds once honest members are the majority: three or more)."""
+
+    quality_floor: float = Field(0.0, ge=0, le=MAX_QUALITY)
+    max_node_weight: float = Field(0.5, gt=0, le=1)
     weighting: Literal["quality", "equal"] = "quality"
+    max_delta_norm: float | None = Field(None, gt=0)
+    max_delta_norm_ratio: float | None = Field(10.0, gt=1)
 
     def policy(self) -> ContributionPolicy:
         from tapestry.training.consortium.policy import ContributionPolicy
 
-        return ContributionPolicy(self.quality_floor, self.max_node_weight, self.weighting)
+        return ContributionPolicy(
+            self.quality_floor,
+            self.max_node_weight,
+            self.weighting,
+            max_quality=MAX_QUALITY,
+            max_delta_norm=self.max_delta_norm,
+            max_delta_norm_ratio=self.max_delta_norm_ratio,
+        )
 
 
 class MemberConfig(_Strict):
@@ -67,7 +87,7 @@ class MemberConfig(_Strict):
     jurisdiction: str = Field(min_length=1)
     address: str
     # The consortium's own assessment of this member; replaces its self-reported score.
-    quality_score: float | None = Field(None, ge=0, le=1e6)
+    quality_score: float | None = Field(None, ge=0, le=MAX_QUALITY)
 
     @field_validator("address")
     @classmethod
@@ -120,7 +140,7 @@ class TrainingConfig(_Strict):
 class NodeConfig(_Strict):
     node_id: str = Field(pattern=NODE_ID_PATTERN)
     jurisdiction: str = Field(min_length=1)
-    quality_score: float
+    quality_score: float = Field(ge=0, le=MAX_QUALITY)
     corpus: list[Path] = Field(min_length=1)
     seed: int = 0
     model: ModelConfig = ModelConfig()

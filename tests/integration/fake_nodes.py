@@ -57,6 +57,8 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
             delta["embedding.weight"][0, 0] = float("nan")
         if self.behaviour == "extra-key":
             delta["backdoor.weight"] = delta["lm_head.bias"].clone()
+        if self.behaviour == "huge":  # finite, but it would drag the base far away
+            delta = {name: tensor * 0.0 + 1e30 for name, tensor in base.items()}
         digest = state_digest(delta)
         announced = "0" * 64 if self.behaviour == "tampered" else digest
         yield pb.RunSovereignCycleResponse(
@@ -66,7 +68,7 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
                     node_id=node_id,
                     round_num=start.round_num,
                     weight_delta_sha256=announced,
-                    quality_score=1.0,
+                    quality_score=1e300 if self.behaviour == "greedy" else 1.0,
                     token_count=1,
                 ),
             )

@@ -93,3 +93,24 @@ def test_a_second_round_while_one_runs_is_refused(consortium_factory):
     assert "round 1 is already running" in refused.value.details()
     assert [r.round_num for r in rounds] == [1]
     assert "slow" in outcome[0].accepted_nodes
+
+
+def test_a_member_cannot_capture_the_base_with_its_score_or_one_huge_delta(consortium_factory):
+    """The services' policy: quality scores in [0, 1], and a delta more than ten times the
+    round's median norm is refused, each with its reason; the honest nodes integrate."""
+    with serve([FakeNode("greedy", "greedy"), FakeNode("huge", "huge")]) as members:
+        consortium = consortium_factory(extra_members=members)
+        with CoordinatorClient(consortium.coordinator_address) as client:
+            result = client.run_round()
+            _, base = client.get_base()
+
+    assert list(result.accepted_nodes) == ["vietnam", "switzerland", "india"]
+    assert list(result.rejected_nodes) == ["greedy", "huge"]
+    assert result.rejection_reasons["greedy"] == "quality score 1e+300 is above max_quality = 1.0"
+    assert result.rejection_reasons["huge"].startswith("delta norm ")
+    assert (
+        "above max_delta_norm_ratio = 10 × the round's median" in result.rejection_reasons["huge"]
+    )
+    assert result.policy.max_quality == 1.0
+    assert result.policy.max_delta_norm_ratio == 10.0
+    assert all(bool(t.abs().max() < 100) for t in base.values())

@@ -73,6 +73,8 @@ def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
         "quality_floor": 0.75,
         "max_node_weight": 0.5,
         "weighting": "CONTRIBUTION_WEIGHTING_QUALITY",
+        "max_quality": 1.0,
+        "max_delta_norm_ratio": 10.0,
     }
     assert result["started_at"] <= result["finished_at"]
     assert result["started_at"].endswith("Z")

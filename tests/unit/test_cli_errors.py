@@ -60,7 +60,8 @@ def consortium_config(tmp_path: Path) -> Path:
     path = tmp_path / "consortium.toml"
     path.write_text(
         'consortium_id = "c"\n[[nodes]]\nnode_id = "vietnam"\njurisdiction = "Vietnam"\n'
-        'address = "127.0.0.1:50061"\n',
+        'address = "127.0.0.1:50061"\n[[nodes]]\nnode_id = "india"\njurisdiction = "India"\n'
+        'address = "127.0.0.1:50062"\n',
         encoding="utf-8",
     )
     return path
@@ -342,16 +343,16 @@ def test_a_cap_the_configured_members_cannot_meet_stops_the_coordinator_at_start
     consortium_config, tmp_path
 ):
     config = consortium_config
-    config.write_text(config.read_text() + "[policy]\nmax_node_weight = 0.5\n")
+    config.write_text(config.read_text() + "[policy]\nmax_node_weight = 0.3\n")
     result = _cli(
         "coordinator", "serve", "--config", str(config), "--data-dir", str(tmp_path / "d")
     )
     assert result.exit_code == 1
     assert result.output.strip() == (
-        f"Error: {config}: (file): Value error, policy.max_node_weight = 0.5 can never hold "
-        "with the 1 configured node(s): weights that sum to 1 under that cap need a quorum of "
-        "at least 2 nodes (ceil(1/max_node_weight)); add members or raise max_node_weight to "
-        "at least 1"
+        f"Error: {config}: (file): Value error, policy.max_node_weight = 0.3 can never hold "
+        "with the 2 configured node(s): weights that sum to 1 under that cap need a quorum of "
+        "at least 4 nodes (ceil(1/max_node_weight)); add members or raise max_node_weight to "
+        "at least 0.5"
     )
     assert not (tmp_path / "d").exists()
 

@@ -96,6 +96,14 @@ def test_consortium_config_builds_the_policy(tmp_path):
             "corpus: List should have at least 1 item",
         ),
         ("node_id = ", "not valid TOML"),
+        (
+            NODE.replace("quality_score = 0.9", "quality_score = 1e300"),
+            "quality_score: Input should be less than or equal to 1",
+        ),
+        (
+            NODE.replace("quality_score = 0.9", "quality_score = -0.1"),
+            "quality_score: Input should be greater than or equal to 0",
+        ),
     ],
 )
 def test_bad_node_config_names_the_field(tmp_path, text, fragment):
@@ -251,3 +259,24 @@ def test_a_member_may_carry_the_consortiums_own_quality_assessment(tmp_path):
         .quality_score
         is None
     )
+
+
+def test_the_services_policy_defaults_keep_any_one_member_from_capturing_the_base(tmp_path):
+    text = CONSORTIUM.replace("quality_floor = 0.75\nmax_node_weight = 0.5\n", "")
+    policy = load_config(_write(tmp_path / "c.toml", text), ConsortiumConfig).policy.policy()
+    assert (policy.max_node_weight, policy.max_quality) == (0.5, 1.0)
+    assert (policy.max_delta_norm, policy.max_delta_norm_ratio) == (None, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        ("max_delta_norm = 0", "policy.max_delta_norm: Input should be greater than 0"),
+        ("max_delta_norm_ratio = 1", "policy.max_delta_norm_ratio: Input should be greater than 1"),
+        ("quality_floor = 2", "policy.quality_floor: Input should be less than or equal to 1"),
+    ],
+)
+def test_policy_bounds_that_make_no_sense_are_refused(tmp_path, setting, fragment):
+    text = CONSORTIUM.replace("quality_floor = 0.75\n", f"{setting}\n")
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(_write(tmp_path / "c.toml", text), ConsortiumConfig)

@@ -278,6 +278,24 @@ def test_policy_round_trips(weighting: ContributionWeighting) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        {},
+        {"max_quality": 1.0},
+        {"max_delta_norm": 12.5, "max_delta_norm_ratio": 10.0},
+        {"max_quality": 0.75, "max_delta_norm": THIRD, "max_delta_norm_ratio": 1.5},
+    ],
+)
+def test_policy_bounds_round_trip_and_unset_stays_none(bounds: dict[str, float]) -> None:
+    policy = ContributionPolicy(0.5, 0.5, **bounds)
+    msg = pb.ContributionPolicy.FromString(policy_to_proto(policy).SerializeToString())
+    back = policy_from_proto(msg)
+    for name in ("max_quality", "max_delta_norm", "max_delta_norm_ratio"):
+        assert msg.HasField(name) is (name in bounds)
+        assert getattr(back, name) == bounds.get(name)
+
+
 def test_policy_from_proto_refuses_what_the_policy_refuses() -> None:
     unset = pb.ContributionPolicy(quality_floor=0.5, max_node_weight=0.5)
     with pytest.raises(

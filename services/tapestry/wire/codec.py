@@ -131,13 +131,25 @@ def policy_to_proto(policy: ContributionPolicy) -> pb.ContributionPolicy:
         quality_floor=policy.quality_floor,
         max_node_weight=policy.max_node_weight,
         weighting=_WEIGHTINGS[policy.weighting],
+        max_quality=policy.max_quality,
+        max_delta_norm=policy.max_delta_norm,
+        max_delta_norm_ratio=policy.max_delta_norm_ratio,
     )
 
 
 def policy_from_proto(msg: pb.ContributionPolicy) -> ContributionPolicy:
     """The policy, validated as the constructor validates it (``ValueError`` otherwise)."""
     weighting = _lookup(_WEIGHTINGS, msg.weighting, "weighting", pb.ContributionWeighting.Name)
-    return ContributionPolicy(msg.quality_floor, msg.max_node_weight, weighting)
+    return ContributionPolicy(
+        msg.quality_floor,
+        msg.max_node_weight,
+        weighting,
+        max_quality=msg.max_quality if msg.HasField("max_quality") else None,
+        max_delta_norm=msg.max_delta_norm if msg.HasField("max_delta_norm") else None,
+        max_delta_norm_ratio=(
+            msg.max_delta_norm_ratio if msg.HasField("max_delta_norm_ratio") else None
+        ),
+    )
 
 
 _STAGES = {
