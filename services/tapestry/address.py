@@ -28,7 +28,7 @@ def check_address(value: str, *, free_port: bool = False) -> str:
         raise ValueError(f"{expected}, got {value!r} (no port)")
     if not host:
         raise ValueError(f"{expected}, got {value!r} (no host)")
-    if not port.isdigit():
+    if not (port.isascii() and port.isdigit()):
         raise ValueError(f"{expected}, got {value!r} (port {port!r} is not a number)")
     if not low <= int(port) <= 65535:
         raise ValueError(f"{expected}, got {value!r} (port {int(port)} is out of range)")

@@ -63,7 +63,12 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         announced = "0" * 64 if self.behaviour == "tampered" else digest
         yield pb.RunSovereignCycleResponse(
             result=pb.SovereignCycleResult(
-                artifact=pb.SovereignModelArtifact(node_id=node_id, round_num=start.round_num),
+                artifact=pb.SovereignModelArtifact(
+                    node_id=node_id,
+                    jurisdiction=self.jurisdiction,
+                    stage="continued_pretraining",
+                    round_num=start.round_num,
+                ),
                 contribution=pb.SovereignContribution(
                     node_id=node_id,
                     round_num=start.round_num,

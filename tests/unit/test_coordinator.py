@@ -302,7 +302,7 @@ def test_events_report_each_valid_contribution_and_each_failure(
 
     contributed = [e.node_id for e in seen if e.stage is RoundStage.NODE_CONTRIBUTED]
     failed = [(e.node_id, e.detail) for e in seen if e.stage is RoundStage.NODE_FAILED]
-    assert contributed == ["vn", "ch", "in"]
+    assert sorted(contributed) == ["ch", "in", "vn"]  # in the order they finish
     assert failed == [("down", "RuntimeError: down")]
 
 

@@ -81,9 +81,10 @@ def test_invariant_2_only_deltas_are_contributed(
     ConsortiumCoordinator(base_model).run_round(as_nodes)
     sent: list[SovereignContribution] = [r._sent[0] for r in recorders]
 
-    # The coordinator asks a node for its id and its cycle, nothing else (no corpus).
+    # The coordinator asks a node for its id, its jurisdiction (to check the artifact it
+    # claims) and its cycle, nothing else (no corpus).
     for recorder in recorders:
-        assert recorder._read <= {"node_id", "run_sovereign_cycle"}
+        assert recorder._read <= {"node_id", "jurisdiction", "run_sovereign_cycle"}
     # What a node sends holds no corpus field and no token lists ...
     assert [f.name for f in dataclasses.fields(SovereignContribution)] == [
         "node_id",

@@ -3,7 +3,9 @@ and a base that would overflow is never taken (issue: trust, members)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import threading
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ContributionPolicy,
     ModelState,
+    RoundEvent,
+    RoundStage,
     SovereignContribution,
     SovereignCycleResult,
     SovereignModelArtifact,
@@ -104,7 +108,9 @@ class ConstantDeltaNode:
     def run_sovereign_cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
         delta = {k: torch.full_like(v, self.value) for k, v in base_state.items()}
         return SovereignCycleResult(
-            SovereignModelArtifact(self.node_id, "Nowhere", "continued_pretraining", {}, {}),
+            SovereignModelArtifact(
+                self.node_id, "Nowhere", "continued_pretraining", {}, {}, round_num=round_num
+            ),
             SovereignContribution(self.node_id, round_num, delta, 0.9, 1, {}),
         )
 
@@ -132,3 +138,136 @@ def test_state_norm_is_the_l2_norm_of_every_floating_entry() -> None:
     state = {"w": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0]), "n": torch.tensor([7])}
     assert state_norm(state) == 5.0
     assert math.isinf(state_norm({"w": torch.tensor([math.inf])}))
+
+
+def test_two_enormous_scores_do_not_crash_the_policy() -> None:
+    """1e308 + 1e308 overflows the sum; the shares are still computed, by the largest."""
+    assert ContributionPolicy().weights({"a": 1e308, "b": 1e308}) == {"a": 0.5, "b": 0.5}
+
+
+class LyingNode:
+    """A real node whose cycle result is altered on the way out by ``edit``."""
+
+    def __init__(self, inner, edit) -> None:  # type: ignore[no-untyped-def]
+        self.node_id, self.jurisdiction, self.inner, self.edit = (
+            inner.node_id,
+            inner.jurisdiction,
+            inner,
+            edit,
+        )
+
+    def run_sovereign_cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
+        return self.edit(self.inner.run_sovereign_cycle(round_num, base_state))
+
+
+def _contribution(**changes: object):  # type: ignore[no-untyped-def]
+    return lambda r: dataclasses.replace(
+        r, contribution=dataclasses.replace(r.contribution, **changes)
+    )
+
+
+def _artifact(**changes: object):  # type: ignore[no-untyped-def]
+    return lambda r: dataclasses.replace(r, artifact=dataclasses.replace(r.artifact, **changes))
+
+
+LIES = {
+    "a thousand metrics": (
+        _contribution(metrics={f"m{i}": 1.0 for i in range(1000)}),
+        "invalid contribution: 1000 metrics, more than MAX_METRICS = 32",
+    ),
+    "a metric that is not a number": (
+        _contribution(metrics={"loss": "low"}),
+        "invalid contribution: metric 'loss' is a str, not a number",
+    ),
+    "an infinite metric": (
+        _contribution(metrics={"loss": math.inf}),
+        "invalid contribution: metric 'loss' is inf, not a finite number",
+    ),
+    "a huge metric name": (
+        _contribution(metrics={"x" * 100_000: 1.0}),
+        "invalid contribution: a metric name is not a string of 1 to MAX_NAME_CHARS = 128",
+    ),
+    "a token count past the bound": (
+        _contribution(token_count=2**63),
+        "invalid contribution: token_count must be an integer in [0, MAX_TOKEN_COUNT = ",
+    ),
+    "a million-character node id": (
+        _contribution(node_id="v" * 1_000_000),
+        "(1000000 characters) but came from 'vn'",
+    ),
+    "an artifact of another jurisdiction": (
+        _artifact(jurisdiction="Switzerland"),
+        "invalid artifact: it claims jurisdiction 'Switzerland', not 'Vietnam'",
+    ),
+    "an artifact of another round": (
+        _artifact(round_num=999),
+        "invalid artifact: it is for round 999, expected round 1",
+    ),
+    "an artifact with a huge stage": (
+        _artifact(stage="s" * 10_000),
+        "invalid artifact: stage must be a string of 1 to MAX_NAME_CHARS = 128 characters",
+    ),
+}
+
+
+@pytest.mark.parametrize("lie", list(LIES))
+def test_a_member_sending_unbounded_or_foreign_metadata_fails_alone(
+    base_model: nn.Module, make_nodes: MakeNodes, lie: str
+) -> None:
+    edit, reason = LIES[lie]
+    vn, ch, in_ = make_nodes()
+    coordinator = ConsortiumCoordinator(base_model)
+
+    result = coordinator.run_round([LyingNode(vn, edit), ch, in_])
+
+    assert result.accepted_nodes == ["ch", "in"]
+    assert reason in result.failed_nodes["vn"]
+    assert len(result.failed_nodes["vn"]) <= 1100
+    assert "vn" not in coordinator.sovereign_artifacts
+
+
+def test_a_node_error_of_a_million_characters_is_cut_in_the_result(base_model: nn.Module) -> None:
+    class Loud:
+        node_id, jurisdiction = "loud", "Nowhere"
+
+        def run_sovereign_cycle(self, round_num: int, base_state: ModelState) -> None:
+            raise RuntimeError("x" * 1_000_000)
+
+    result = ConsortiumCoordinator(base_model).run_round([Loud()])  # type: ignore[list-item]
+
+    reason = result.failed_nodes["loud"]
+    assert reason.startswith("RuntimeError: xxx")
+    assert reason.endswith("… (cut from 1000014 characters)")
+    assert len(reason) < 1100
+
+
+def test_a_node_that_fails_at_once_is_reported_before_the_slowest_finishes(
+    base_model: nn.Module, make_nodes: MakeNodes
+) -> None:
+    from .test_round_transaction import BlockingNode
+
+    class Down:
+        node_id, jurisdiction = "down", "Nowhere"
+
+        def run_sovereign_cycle(self, round_num: int, base_state: ModelState) -> None:
+            raise ConnectionError("nobody there")
+
+    slow = BlockingNode(make_nodes(["vn"])[0])
+    failed = threading.Event()
+
+    def sink(event: RoundEvent) -> None:
+        if event.stage is RoundStage.NODE_FAILED and event.node_id == "down":
+            failed.set()
+
+    coordinator = ConsortiumCoordinator(base_model)
+    round_thread = threading.Thread(
+        target=coordinator.run_round, args=([slow, Down()],), kwargs={"events": sink}
+    )
+    round_thread.start()
+    try:
+        assert failed.wait(timeout=30), "the failure waited for the slow node"
+        assert not slow.release.is_set()
+    finally:
+        slow.release.set()
+        round_thread.join(timeout=60)
+    assert coordinator.round_num == 1

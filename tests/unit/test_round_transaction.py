@@ -54,7 +54,6 @@ def test_events_follow_the_round_from_start_to_commit(
         assert mine == [RoundStage.NODE_STARTED, RoundStage.NODE_CONTRIBUTED]
     assert [e.stage for e in events[-2:]] == [RoundStage.INTEGRATED, RoundStage.COMMITTED]
     assert events[-2].detail.startswith("accepted 2, rejected 1, failed 0; base ")
-    assert all(e.stage.value in {s.value for s in RoundStage} for e in events)
 
 
 def test_commit_sees_the_finished_round_before_the_coordinator_changes(

@@ -13,7 +13,7 @@ import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.errors import WireError
+from tapestry.errors import WireError, quoted
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.tensors import known_digest
@@ -82,15 +82,19 @@ class RemoteSovereignNode:
             raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
         problems = []
         if described.node_id != self.node_id:
-            problems.append(f"node_id {described.node_id[:64]!r}, expected {self.node_id!r}")
+            problems.append(f"node_id {quoted(described.node_id, 64)}, expected {self.node_id!r}")
         if described.jurisdiction != self.jurisdiction:
             problems.append(
-                f"jurisdiction {described.jurisdiction[:64]!r}, expected {self.jurisdiction!r}"
+                f"jurisdiction {quoted(described.jurisdiction, 64)}, expected {self.jurisdiction!r}"
             )
         if self.model is not None:
-            theirs = codec.model_spec_from_proto(described.model)
-            if theirs != self.model:
-                problems.append(f"model {theirs}, expected {self.model}")
+            theirs = described.model
+            if codec.model_spec_from_proto(theirs) != self.model:
+                problems.append(
+                    f"model ModelSpec(architecture={quoted(theirs.architecture, 40)}, "
+                    f"vocab_size={theirs.vocab_size}, hidden_size={theirs.hidden_size}), "
+                    f"expected {self.model}"
+                )
         if problems:
             raise NodeMismatch(
                 f"the server at {self.address} describes itself with {'; '.join(problems)}; "

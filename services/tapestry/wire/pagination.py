@@ -7,11 +7,12 @@
   members put in their metrics. A page always holds at least one item, so a listing always
   moves forward.
 - A page token says which listing it belongs to and the position of the last item sent,
-  sealed with an HMAC under a key the server draws when it starts: clients can neither read
-  nor forge one, a garbled, forged or foreign token is refused (the message never echoes
-  it), and a token does not outlive the server process that issued it (start the listing
-  again). Positions are keys that only grow (a round number, a member's place in the
-  consortium file), so a listing that grows between pages neither skips nor repeats items.
+  sealed with an HMAC under a key the server draws when it starts: clients must treat it
+  as opaque (it is readable base64, but cannot be forged); a garbled, forged or foreign
+  token is refused (the message never echoes it), and a token does not outlive the server
+  process that issued it (start the listing again). Positions are keys that only grow (a
+  round number, a member's place in the consortium file), so a listing that grows between
+  pages neither skips nor repeats items.
 """
 
 from __future__ import annotations

@@ -26,6 +26,14 @@ from torch import nn
 
 from tapestry.training.consortium.events import EventSink, RoundEvent, RoundStage
 from tapestry.training.consortium.integration import check_contribution, integrate
+from tapestry.training.consortium.limits import (
+    MAX_REASON_CHARS,
+    MAX_STATE_BYTES,
+    bounded_text,
+    metrics_problem,
+    name_problem,
+    quoted,
+)
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
     ModelState,
@@ -150,10 +158,10 @@ class ConsortiumCoordinator:
         started_at = datetime.now(UTC)
         previous_sha256 = self.base_sha256
         snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)  # what nodes get
-        outcomes = self._run_cycles(nodes, round_num, snapshot, report)
         # Deltas are checked against and integrated into the coordinator's own base, which
         # no node can reach; a node that edited its input in place shifts nothing.
         base = {name: t.detach() for name, t in self.base_model.state_dict().items()}
+        outcomes = self._run_cycles(nodes, round_num, snapshot, base, report)
         if any(not torch.equal(snapshot[name], base[name]) for name in base):
             snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)
 
@@ -161,23 +169,11 @@ class ConsortiumCoordinator:
         artifacts: dict[str, SovereignModelArtifact] = {}
         failed: dict[str, str] = {}
         for node, outcome in zip(nodes, outcomes, strict=True):
-            node_id = node.node_id
-            try:
-                cycle = _checked(outcome, base, node_id, round_num)
-            except _Refused as refusal:
-                failed[node_id] = refusal.reason
-                report(RoundStage.NODE_FAILED, node_id, refusal.reason)
-                continue
-            contributions[node_id] = cycle.contribution
-            artifacts[node_id] = cycle.artifact
-            c = cycle.contribution
-            loss = c.metrics.get("loss")
-            report(
-                RoundStage.NODE_CONTRIBUTED,
-                node_id,
-                (f"loss {loss:.4f}, " if loss is not None else "")
-                + f"quality {c.quality_score:.2f}, {c.token_count} tokens",
-            )
+            if isinstance(outcome, _Refused):
+                failed[node.node_id] = outcome.reason
+            else:
+                contributions[node.node_id] = outcome.contribution
+                artifacts[node.node_id] = outcome.artifact
 
         scores = {
             node_id: self.assessed_quality.get(node_id, c.quality_score)
@@ -253,30 +249,53 @@ class ConsortiumCoordinator:
 
     @staticmethod
     def _run_cycles(
-        nodes: Sequence[ConsortiumNode], round_num: int, snapshot: ModelState, report: _Reporter
-    ) -> list[object]:
+        nodes: Sequence[ConsortiumNode],
+        round_num: int,
+        snapshot: ModelState,
+        base: Mapping[str, torch.Tensor],
+        report: _Reporter,
+    ) -> list[SovereignCycleResult | _Refused]:
+        """Every node's cycle in parallel, each checked and reported as soon as it ends (a
+        node that fails at once is reported at once, not when the slowest has finished)."""
         if not nodes:
             return []
 
-        def cycle(node: ConsortiumNode) -> object:
+        def cycle(node: ConsortiumNode) -> SovereignCycleResult | _Refused:
             report(RoundStage.NODE_STARTED, node.node_id, "training from the round's base")
             try:
-                return node.run_sovereign_cycle(round_num, snapshot)
+                outcome: object = node.run_sovereign_cycle(round_num, snapshot)
             except Exception as error:  # a node's failure must not sink the round
-                return error
+                outcome = error
+            try:
+                checked = _checked(outcome, base, node, round_num)
+            except _Refused as refusal:
+                report(RoundStage.NODE_FAILED, node.node_id, refusal.reason)
+                return refusal
+            c = checked.contribution
+            loss = c.metrics.get("loss")
+            report(
+                RoundStage.NODE_CONTRIBUTED,
+                node.node_id,
+                (f"loss {loss:.4f}, " if loss is not None else "")
+                + f"quality {c.quality_score:.2f}, {c.token_count} tokens",
+            )
+            return checked
 
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
             return list(pool.map(cycle, nodes))
 
 
 class _Refused(Exception):
+    """Why a node's cycle cannot count, cut to :data:`MAX_REASON_CHARS` (a node's own error
+    text included: it is kept in the round's result and journal)."""
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason = bounded_text(reason, MAX_REASON_CHARS)
 
 
 def _checked(
-    outcome: object, base: Mapping[str, torch.Tensor], node_id: str, round_num: int
+    outcome: object, base: Mapping[str, torch.Tensor], node: ConsortiumNode, round_num: int
 ) -> SovereignCycleResult:
     """The node's cycle result, or :class:`_Refused` with the reason it cannot count."""
     if isinstance(outcome, BaseException):
@@ -287,15 +306,31 @@ def _checked(
             f"{type(outcome).__name__}, not a SovereignCycleResult"
         )
     try:
-        check_contribution(outcome.contribution, base, node_id=node_id, round_num=round_num)
+        check_contribution(outcome.contribution, base, node_id=node.node_id, round_num=round_num)
     except ValueError as error:
         raise _Refused(f"invalid contribution: {error}") from None
-    if outcome.artifact.node_id != node_id:
-        raise _Refused(
-            f"invalid contribution: artifact claims node_id {outcome.artifact.node_id!r} "
-            f"but came from {node_id!r}"
-        )
+    problem = _artifact_problem(outcome.artifact, node, round_num)
+    if problem is not None:
+        raise _Refused(f"invalid artifact: {problem}")
     return outcome
+
+
+def _artifact_problem(
+    artifact: SovereignModelArtifact, node: ConsortiumNode, round_num: int
+) -> str | None:
+    """Why the artifact a node says it keeps is not this node's, this round's, or within
+    bounds; None when it is."""
+    if artifact.node_id != node.node_id:
+        return f"it claims node_id {quoted(artifact.node_id)} but came from {node.node_id!r}"
+    jurisdiction = getattr(node, "jurisdiction", None)  # the member's, where the node has one
+    if jurisdiction is not None and artifact.jurisdiction != jurisdiction:
+        return f"it claims jurisdiction {quoted(artifact.jurisdiction)}, not {jurisdiction!r}"
+    if artifact.round_num != round_num:
+        return f"it is for round {artifact.round_num}, expected round {round_num}"
+    size = artifact.model_state_bytes
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_STATE_BYTES:
+        return f"model_state_bytes must be an integer in [0, MAX_STATE_BYTES = {MAX_STATE_BYTES}]"
+    return name_problem("stage", artifact.stage) or metrics_problem(artifact.metrics)
 
 
 class _Reporter:

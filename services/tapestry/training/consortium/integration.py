@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from tapestry.training.consortium.limits import MAX_TOKEN_COUNT, metrics_problem, quoted
 from tapestry.training.consortium.messages import ModelState, SovereignContribution
 from tapestry.training.consortium.tensors import state_mismatch
 
@@ -29,12 +30,23 @@ def check_contribution(
         )
     if contribution.node_id != node_id:
         raise InvalidContribution(
-            f"contribution claims node_id {contribution.node_id!r} but came from {node_id!r}"
+            f"contribution claims node_id {quoted(contribution.node_id)} but came from {node_id!r}"
         )
     if contribution.round_num != round_num:
         raise InvalidContribution(
             f"contribution is for round {contribution.round_num}, expected round {round_num}"
         )
+    count = contribution.token_count
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_TOKEN_COUNT:
+        raise InvalidContribution(
+            f"token_count must be an integer in [0, MAX_TOKEN_COUNT = {MAX_TOKEN_COUNT}]"
+        )
+    score = contribution.quality_score
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        raise InvalidContribution(f"quality_score is a {type(score).__name__}, not a number")
+    problem = metrics_problem(contribution.metrics)
+    if problem is not None:
+        raise InvalidContribution(problem)
     problem = state_mismatch(contribution.weight_delta, base, what="delta", against="the base")
     if problem is not None:
         raise InvalidContribution(problem)

@@ -184,6 +184,10 @@ def _optional_float(value: float | None) -> float | None:
 
 def _capped_shares(scores: dict[str, float], cap: float) -> dict[str, float]:
     total = sum(scores.values())
+    if not math.isfinite(total):  # huge scores overflow the sum: normalise by the largest
+        top = max(scores.values())
+        scores = {node_id: score / top for node_id, score in scores.items()}
+        total = sum(scores.values())
     shares = {node_id: score / total for node_id, score in scores.items()}
     capped: set[str] = set()
     while True:
