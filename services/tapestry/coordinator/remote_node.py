@@ -18,7 +18,7 @@ from tapestry.training.consortium.messages import ModelState, SovereignCycleResu
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.tensors import known_digest
 from tapestry.wire import codec
-from tapestry.wire.grpc_plumbing import insecure_channel
+from tapestry.wire.grpc_plumbing import node_channel
 from tapestry.wire.spill import SpillingAssembler
 from tapestry.wire.status import NODE, describe_rpc_error
 from tapestry.wire.tensor_stream import (
@@ -29,7 +29,8 @@ from tapestry.wire.tensor_stream import (
     spec_of,
 )
 
-# A node answers Describe from memory; a few seconds is plenty even across continents.
+# A node answers Describe from memory; a few seconds is plenty even across continents. The
+# deadline covers every attempt: a node still unreachable after it has failed this round.
 DESCRIBE_TIMEOUT_S = 10.0
 
 
@@ -66,7 +67,7 @@ class RemoteSovereignNode:
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.spill_dir = spill_dir
-        self._channel = insecure_channel(address)
+        self._channel = node_channel(address)
         self._stub = pb_grpc.SovereignNodeServiceStub(self._channel)
 
     def close(self) -> None:
@@ -75,7 +76,9 @@ class RemoteSovereignNode:
     def check_identity(self) -> None:
         """Ask the node who it is (``Describe``) and refuse a server that is not this
         member or trains another model (:class:`NodeMismatch`); unreachable is
-        :class:`NodeCallFailed`."""
+        :class:`NodeCallFailed`. The channel retries an UNAVAILABLE ``Describe`` with
+        backoff (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
+        :data:`DESCRIBE_TIMEOUT_S`; the cycle that follows is never retried."""
         try:
             described = self._stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S)
         except grpc.RpcError as error:

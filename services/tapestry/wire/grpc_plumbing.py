@@ -5,7 +5,13 @@ Each option is set on purpose:
   still refusing a peer that sends one huge message;
 - keepalive: a node may train for minutes without sending a byte on an open call; client
   pings every 30 s keep NAT and proxies from dropping it, and servers accept pings that
-  often (a stricter server would answer GOAWAY "too_many_pings").
+  often (a stricter server would answer GOAWAY "too_many_pings");
+- node channels (:func:`node_channel`) retry ``Describe`` on UNAVAILABLE with backoff, through
+  gRPC's own retry policy: it carries no weights and changes nothing, so a node that is
+  restarting or comes up a moment after the round started is still reached, within
+  Describe's deadline. Nothing else is retried: once a base has been sent, a cycle is not
+  idempotent (the node trains and keeps an artifact). Reconnection backoff is shortened to
+  match, or the retries would all land while the channel still waits to reconnect.
 """
 
 from __future__ import annotations
@@ -52,12 +58,49 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+# gRPC's retry policy (gRFC A6) for the one method of a node that may safely run twice. At
+# most 5 attempts (gRPC's own ceiling); attempt n waits random(0, min(0.2 s * 2^(n-1), 2 s)).
+NODE_SERVICE = "tapestry.consortium.v1.SovereignNodeService"
+NODE_RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.2s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+NODE_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": NODE_SERVICE, "method": "Describe"}],
+                "retryPolicy": NODE_RETRY_POLICY,
+            }
+        ]
+    }
+)
+NODE_CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", NODE_SERVICE_CONFIG),
+    # Reconnect soon after a refused connection (the default waits 1 s, then longer).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
 class BindError(UserError, OSError):
     """A server could not listen on its address; the message says why and what to do."""
 
 
 def insecure_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def node_channel(address: str) -> grpc.Channel:
+    """The coordinator's channel to a node: :data:`CHANNEL_OPTIONS` plus the retry of
+    ``Describe`` on UNAVAILABLE (:data:`NODE_RETRY_POLICY`)."""
+    return grpc.insecure_channel(address, options=NODE_CHANNEL_OPTIONS)
 
 
 def build_server(
