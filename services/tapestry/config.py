@@ -137,14 +137,48 @@ class TrainingConfig(_Strict):
     max_seq_len: int = Field(128, ge=2, le=1 << 20)
 
 
+# A transfer over a slow link may take a while; a day is past any we mean to wait for, and a
+# bound keeps a typo from letting a stalled caller hold a node for good.
+MAX_TRANSFER_TIMEOUT_S = 24 * 3600.0
+# Round numbers travel as uint32.
+MAX_ROUND_NUM = (1 << 32) - 1
+
+
+class NodeLimits(_Strict):
+    """What a node accepts from whoever calls its cycle, so that a caller posing as the
+    coordinator can neither rewrite the node's history, nor hold it busy, nor fill its disk
+    with replays (DESIGN §5; README, "A node protects itself").
+
+    - ``max_round_gap``: a cycle may be at most this many rounds past the node's newest
+      retained round (a node that was down or failed legitimately sees a jump; a forged
+      round 4 000 000 000 is refused). Rounds below the newest retained one are always
+      refused; the newest itself may run again (a coordinator re-running it after a crash).
+    - ``receive_timeout_s``: the whole base must arrive within this many seconds of the
+      call's start, else the call ends with DEADLINE_EXCEEDED and the node is free again.
+    - ``send_timeout_s``: the caller must take the whole delta within this many seconds of
+      training's end, else the call is cancelled and the node is free again.
+    - ``max_superseded``: how many earlier artifacts of re-run rounds are kept aside
+      (``round-NNNNNN.superseded-*``); beyond it the oldest are deleted. 0 keeps none.
+    """
+
+    max_round_gap: int = Field(1000, ge=1, le=MAX_ROUND_NUM)
+    receive_timeout_s: float = Field(300.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
+    send_timeout_s: float = Field(300.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
+    max_superseded: int = Field(3, ge=0, le=10_000)
+
+
 class NodeConfig(_Strict):
     node_id: str = Field(pattern=NODE_ID_PATTERN)
     jurisdiction: str = Field(min_length=1)
+    # The consortium this node serves: the coordinator's consortium file `consortium_id`.
+    # A cycle that names another is refused.
+    consortium_id: str = Field(min_length=1, max_length=256)
     quality_score: float = Field(ge=0, le=MAX_QUALITY)
     corpus: list[Path] = Field(min_length=1)
     seed: int = 0
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+    limits: NodeLimits = NodeLimits()
 
 
 Config = TypeVar("Config", bound=_Strict)

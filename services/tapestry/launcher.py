@@ -49,6 +49,8 @@ class LocalNodeSpec:
     quality_score: float
     corpus: list[Path]
     training: dict[str, Any] = field(default_factory=dict)
+    # Fields of tapestry.config.NodeLimits (e.g. a short receive_timeout_s in tests).
+    limits: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,11 +126,13 @@ class LocalConsortium:
             {
                 "node_id": spec.node_id,
                 "jurisdiction": spec.jurisdiction,
+                "consortium_id": self.consortium_id,  # the one the coordinator sends
                 "quality_score": spec.quality_score,
                 "corpus": [Path(p).absolute() for p in spec.corpus],
                 "seed": self.seed,
                 "model": self.model,
                 "training": spec.training,
+                "limits": spec.limits,
             },
             f"local node {spec.node_id!r}",
         )

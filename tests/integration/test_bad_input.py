@@ -33,7 +33,7 @@ def _base() -> dict[str, torch.Tensor]:
 
 
 def _start(round_num: int = 1) -> Request:
-    return Request(start=pb.CycleStart(round_num=round_num))
+    return Request(start=pb.CycleStart(round_num=round_num, consortium_id="tapestry-local"))
 
 
 def _stream(state: dict[str, torch.Tensor], chunk_bytes: int = 4096) -> Stream:

@@ -48,7 +48,7 @@ def closed_port() -> int:
 def node_config(tmp_path: Path) -> Path:
     path = tmp_path / "node.toml"
     path.write_text(
-        f'node_id = "vietnam"\njurisdiction = "Vietnam"\nquality_score = 0.9\n'
+        f'node_id = "vietnam"\njurisdiction = "Vietnam"\nconsortium_id = "c"\nquality_score = 0.9\n'
         f'corpus = ["{CORPUS}"]\n',
         encoding="utf-8",
     )

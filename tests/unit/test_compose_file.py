@@ -108,6 +108,7 @@ def test_nodes_listen_where_the_consortium_file_says(node):
     assert member.jurisdiction == node_config.jurisdiction
     assert consortium.model == node_config.model
     assert consortium.seed == node_config.seed
+    assert consortium.consortium_id == node_config.consortium_id
 
 
 def test_coordinator_port_matches_its_healthcheck_and_the_cli_service():

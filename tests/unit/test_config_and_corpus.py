@@ -19,6 +19,7 @@ from tapestry.node.corpus import CorpusError, load_corpus
 NODE = """
 node_id = "vietnam"
 jurisdiction = "Vietnam"
+consortium_id = "c"
 quality_score = 0.9
 corpus = ["corpora/*.txt"]
 seed = 7
@@ -59,6 +60,13 @@ def test_node_config_resolves_corpus_paths_against_its_folder(tmp_path):
         config.training.max_seq_len,
     ) == (2, 1e-3, 8, 16)
     assert config.model.spec().vocab_size == 256
+    assert config.consortium_id == "c"
+    assert (
+        config.limits.max_round_gap,
+        config.limits.receive_timeout_s,
+        config.limits.send_timeout_s,
+        config.limits.max_superseded,
+    ) == (1000, 300.0, 300.0, 3)
 
 
 def test_consortium_config_builds_the_policy(tmp_path):
@@ -103,6 +111,27 @@ def test_consortium_config_builds_the_policy(tmp_path):
         (
             NODE.replace("quality_score = 0.9", "quality_score = -0.1"),
             "quality_score: Input should be greater than or equal to 0",
+        ),
+        (NODE.replace('consortium_id = "c"\n', ""), "consortium_id: Field required"),
+        (
+            NODE.replace('consortium_id = "c"', 'consortium_id = ""'),
+            "consortium_id: String should have at least 1 character",
+        ),
+        (
+            NODE + "[limits]\nmax_round_gap = 0\n",
+            "limits.max_round_gap: Input should be greater than or equal to 1",
+        ),
+        (
+            NODE + "[limits]\nreceive_timeout_s = inf\n",
+            "limits.receive_timeout_s: Input should be a finite number",
+        ),
+        (
+            NODE + "[limits]\nsend_timeout_s = 86401\n",
+            "limits.send_timeout_s: Input should be less than or equal to 86400",
+        ),
+        (
+            NODE + "[limits]\nmax_superseded = -1\n",
+            "limits.max_superseded: Input should be greater than or equal to 0",
         ),
     ],
 )

@@ -43,10 +43,11 @@ def test_the_shipped_consortium_names_every_shipped_node_as_it_describes_itself(
     assert [m.node_id for m in consortium.nodes] == ["vietnam", "switzerland", "india"]
     for member in consortium.nodes:
         node = nodes[member.node_id]
-        assert (member.jurisdiction, node.model, node.seed) == (
+        assert (member.jurisdiction, node.model, node.seed, node.consortium_id) == (
             node.jurisdiction,
             consortium.model,
             consortium.seed,
+            consortium.consortium_id,
         )
     addresses = [m.address for m in consortium.nodes]
     assert len(set(addresses)) == len(addresses)

@@ -8,7 +8,10 @@ Layout under ``<data-dir>/artifacts/``::
 The manifest is written last, so a round directory without one is an interrupted write
 and is ignored (and replaced when that round runs again). When a round runs again after it
 completed (the coordinator rolled it back, say), the earlier artifact is kept, renamed to
-``round-NNNNNN.superseded-<sha256 prefix>/``: a stored sovereign model is never overwritten.
+``round-NNNNNN.superseded-<sha256 prefix>/`` (with ``superseded.json``, the order it was set
+aside in): a stored sovereign model is never overwritten. At most ``max_superseded`` such
+copies are kept: past it the oldest set aside are deleted, so replaying a round cannot fill
+the disk. A round's current artifact is never among them.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from tapestry.atomic_files import read_json, save_state, write_json
 from tapestry.training.consortium.messages import SovereignModelArtifact
 from tapestry.training.consortium.tensors import state_digest
 
+SUPERSEDED = ".superseded-"
+SET_ASIDE = "superseded.json"  # in a superseded copy: {"sequence": n}, 1 for the first
+
 
 class ArtifactStore:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, max_superseded: int = 3) -> None:
         self.root = data_dir / "artifacts"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.max_superseded = max_superseded
 
     def _dir(self, round_num: int) -> Path:
         return self.root / f"round-{round_num:06d}"
@@ -44,21 +51,35 @@ class ArtifactStore:
         )
         stored = dataclasses.replace(artifact, model_state_sha256=digest, stored_at=str(model_path))
         write_json(directory / "manifest.json", manifest_of(stored))
+        self._prune_superseded()
         return stored
 
-    @staticmethod
-    def _keep_earlier(directory: Path) -> None:
+    def _keep_earlier(self, directory: Path) -> None:
         try:
             earlier = read_json(directory / "manifest.json")
         except (OSError, json.JSONDecodeError):
             return  # nothing complete there: an interrupted write may be replaced
         aside = directory.with_name(
-            f"{directory.name}.superseded-{earlier['model_state_sha256'][:16]}"
+            f"{directory.name}{SUPERSEDED}{earlier['model_state_sha256'][:16]}"
         )
         if aside.exists():  # the very same model was kept aside before
             shutil.rmtree(directory)
-        else:
-            directory.rename(aside)
+            return
+        # The order copies were set aside in, for pruning: file times are too coarse to
+        # tell two quick re-runs apart.
+        sequence = 1 + max((_sequence(p) for p in self.superseded()), default=0)
+        write_json(directory / SET_ASIDE, {"sequence": sequence})
+        directory.rename(aside)
+
+    def superseded(self) -> list[Path]:
+        """The copies kept aside, oldest first (in the order they were set aside)."""
+        found = (p for p in self.root.glob(f"round-*{SUPERSEDED}*") if p.is_dir())
+        return sorted(found, key=lambda p: (_sequence(p), p.name))
+
+    def _prune_superseded(self) -> None:
+        kept = self.superseded()
+        for path in kept[: max(0, len(kept) - self.max_superseded)]:
+            shutil.rmtree(path)
 
     def rounds(self) -> list[int]:
         found = []
@@ -92,6 +113,13 @@ class ArtifactStore:
             model_state_bytes=manifest["model_state_bytes"],
             stored_at=manifest["stored_at"],
         )
+
+
+def _sequence(aside: Path) -> int:
+    try:
+        return int(read_json(aside / SET_ASIDE)["sequence"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 0  # set aside before sequences were recorded: oldest
 
 
 def manifest_of(artifact: SovereignModelArtifact) -> dict[str, object]:

@@ -1,5 +1,6 @@
-"""``SovereignNodeService`` over gRPC: decode the base, run the core node's cycle, persist
-the full artifact, stream back only the delta."""
+"""``SovereignNodeService`` over gRPC: check the cycle's start (:mod:`tapestry.node.guard`),
+decode the base within its deadline, run the core node's cycle, persist the full artifact,
+stream back only the delta within its deadline."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from collections.abc import Iterator, Mapping
 import grpc
 import torch
 
+from tapestry.config import NodeLimits
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import Busy, NotFound, WireError
 from tapestry.node.artifacts import ArtifactStore
+from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
+from tapestry.node.guard import check_cycle_start
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.training.consortium.tensors import state_digest
@@ -30,11 +34,17 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         node: SovereignTrainingNode,
         spec: ModelSpec,
         store: ArtifactStore,
+        consortium_id: str,
+        limits: NodeLimits | None = None,
         chunk_bytes: int = 1 << 20,
     ) -> None:
+        """``consortium_id`` is the one this node serves; ``limits`` bound what a caller
+        may ask of it (:class:`~tapestry.config.NodeLimits`)."""
         self._node = node
         self._spec = spec
         self._store = store
+        self._consortium_id = consortium_id
+        self._limits = limits or NodeLimits()
         self._chunk_bytes = chunk_bytes
         self._expected = spec_of(node.model.state_dict())
         self._busy = threading.Lock()
@@ -70,13 +80,20 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         request_iterator: Iterator[pb.RunSovereignCycleRequest],
         context: grpc.ServicerContext,
     ) -> Iterator[pb.RunSovereignCycleResponse]:
-        """Decode the base, run the core node's cycle (which checks its input), persist the
-        artifact, then stream back the result header and the delta."""
+        """Check the start (consortium, round), decode the base within
+        ``receive_timeout_s``, run the core node's cycle (which checks its input), persist
+        the artifact, then stream back the result header and the delta within
+        ``send_timeout_s``. The node is free again however the call ends."""
         if not self._busy.acquire(blocking=False):
             abort(context, Busy(f"node {self._node.node_id!r} is already running a cycle"))
+        requests = ReceiveDeadline(
+            request_iterator, self._limits.receive_timeout_s, "the base", "receive_timeout_s"
+        )
+        sending: SendDeadline | None = None
         try:
             try:
-                round_num, base = self._receive_base(request_iterator)
+                round_num, base = self._receive_base(requests)
+                requests.close()
                 log.info("round %d: base received, training", round_num)
                 result = self._node.run_sovereign_cycle(round_num, base)
                 # Persist before replying: a contribution is only sent for a model we keep.
@@ -89,6 +106,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 log.warning("cycle refused or failed: %s", error)
                 abort(context, error)
             log.info("round %d: artifact stored, streaming the delta", round_num)
+            sending = SendDeadline(self._limits.send_timeout_s, lambda: self._drop(context))
             yield pb.RunSovereignCycleResponse(result=header)
             yield from send_state(
                 delta,
@@ -98,16 +116,36 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 chunk_bytes=self._chunk_bytes,
             )
         finally:
+            if sending is not None:
+                sending.stop()
+            requests.close()
             self._busy.release()
+
+    def _drop(self, context: grpc.ServicerContext) -> None:
+        log.warning(
+            "the caller did not take the delta within send_timeout_s = %g s; call cancelled",
+            self._limits.send_timeout_s,
+        )
+        context.cancel()
 
     def _receive_base(
         self, requests: Iterator[pb.RunSovereignCycleRequest]
     ) -> tuple[int, Mapping[str, torch.Tensor]]:
         """The round number and the base, assembled against this node's own keys, dtypes
-        and shapes (so a peer cannot make it allocate more than one model). What the base
+        and shapes (so a peer cannot make it allocate more than one model). The start is
+        checked before any of the base is read (:func:`check_cycle_start`); what the base
         must hold to be trained on is the core node's check, not this one's."""
         first = next(requests, None)
         if first is None or first.WhichOneof("item") != "start":
             raise WireError("the request stream must begin with a CycleStart message")
+        rounds = self._store.rounds()
+        check_cycle_start(
+            self._node.node_id,
+            first.start.consortium_id,
+            first.start.round_num,
+            own_consortium_id=self._consortium_id,
+            newest_round=rounds[-1] if rounds else 0,
+            max_round_gap=self._limits.max_round_gap,
+        )
         assembler = StateAssembler(self._expected)
         return first.start.round_num, receive_state(requests, "base_chunk", "base_end", assembler)

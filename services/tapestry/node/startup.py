@@ -38,12 +38,13 @@ def build_node_server(
         batch_size=config.training.batch_size,
         seed=config.seed,
     )
-    store = ArtifactStore(data_dir)
-    servicer = SovereignNodeServicer(node, spec, store)
+    store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
+    servicer = SovereignNodeServicer(node, spec, store, config.consortium_id, config.limits)
     log.info(
-        "node %s (%s): %d sequences, %d tokens, quality %.3f, data in %s",
+        "node %s (%s) of consortium %s: %d sequences, %d tokens, quality %.3f, data in %s",
         config.node_id,
         config.jurisdiction,
+        config.consortium_id,
         len(corpus),
         node.token_count,
         config.quality_score,

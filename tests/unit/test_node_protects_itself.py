@@ -1,0 +1,312 @@
+"""A node protects itself from whoever poses as its coordinator (DESIGN §5): the servicer
+through a real gRPC server in this process on 127.0.0.1, one case per test. Every refusal
+is asserted by its exact status and message, and by the node's files being unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from tapestry.atomic_files import read_json
+from tapestry.config import NodeLimits
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.node.artifacts import ArtifactStore
+from tapestry.node.servicer import SovereignNodeServicer
+from tapestry.training.consortium import (
+    ModelSpec,
+    SovereignModelArtifact,
+    SovereignTrainingNode,
+    state_digest,
+)
+from tapestry.wire.grpc_plumbing import build_server, insecure_channel
+from tapestry.wire.tensor_stream import send_state
+
+CONSORTIUM = "tapestry-test"
+Request = pb.RunSovereignCycleRequest
+# Short enough for a test, long enough for a loaded machine to send a tiny base in time.
+RECEIVE_TIMEOUT_S = 1.0
+
+
+def _base() -> dict[str, torch.Tensor]:
+    return ModelSpec().build(seed=1).state_dict()
+
+
+def _start(round_num: int, consortium_id: str = CONSORTIUM) -> Request:
+    return Request(start=pb.CycleStart(round_num=round_num, consortium_id=consortium_id))
+
+
+def _base_stream() -> list[Request]:
+    return list(
+        send_state(
+            _base(),
+            lambda c: Request(base_chunk=c),
+            lambda t: Request(base_end=t),
+            chunk_bytes=4096,
+        )
+    )
+
+
+def files_of(root: Path) -> dict[str, str]:
+    """Every file under ``root``, by relative path, with the sha256 of its bytes."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@dataclass
+class Node:
+    stub: pb_grpc.SovereignNodeServiceStub
+    store: ArtifactStore
+    servicer: SovereignNodeServicer
+
+    def cycle(self, round_num: int, consortium_id: str = CONSORTIUM) -> pb.SovereignCycleResult:
+        replies = list(
+            self.stub.RunSovereignCycle(
+                iter([_start(round_num, consortium_id), *_base_stream()]), timeout=60
+            )
+        )
+        return replies[0].result
+
+    def refusal(self, requests: Iterator[Request]) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(self.stub.RunSovereignCycle(requests, timeout=60))
+        return caught.value
+
+
+def _servicer(data_dir: Path, limits: NodeLimits) -> tuple[SovereignNodeServicer, ArtifactStore]:
+    spec = ModelSpec()
+    node = SovereignTrainingNode(
+        "india", "India", spec.build(seed=1), [list(b"namaste duniya")], 0.9, local_epochs=1
+    )
+    store = ArtifactStore(data_dir, max_superseded=limits.max_superseded)
+    return SovereignNodeServicer(node, spec, store, CONSORTIUM, limits), store
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """A node that already retains rounds 1 and 2."""
+    servicer, store = _servicer(tmp_path, NodeLimits(receive_timeout_s=RECEIVE_TIMEOUT_S))
+    server, port, _ = build_server(
+        "127.0.0.1:0",
+        [lambda s: pb_grpc.add_SovereignNodeServiceServicer_to_server(servicer, s)],
+        [],
+    )
+    server.start()
+    try:
+        with insecure_channel(f"127.0.0.1:{port}") as channel:
+            running = Node(pb_grpc.SovereignNodeServiceStub(channel), store, servicer)
+            running.cycle(1)
+            running.cycle(2)
+            yield running
+    finally:
+        server.stop(None).wait()
+
+
+# --- what a CycleStart may claim ----------------------------------------------------------
+
+REFUSED: dict[str, tuple[Request, str]] = {
+    "another consortium": (
+        _start(3, "tapestry-elsewhere"),
+        "node 'india' does not serve consortium 'tapestry-elsewhere': CycleStart.consortium_id "
+        "must equal the consortium_id of the node's config (the coordinator's consortium file "
+        "and the node's config must name the same one)",
+    ),
+    "no consortium at all": (
+        _start(3, ""),
+        "node 'india' does not serve consortium '': CycleStart.consortium_id must equal the "
+        "consortium_id of the node's config (the coordinator's consortium file and the node's "
+        "config must name the same one)",
+    ),
+    "a huge consortium id is not echoed back": (
+        _start(3, "x" * 100_000),
+        f"node 'india' does not serve consortium {'x' * 64!r}… (100000 characters): "
+        "CycleStart.consortium_id must equal the consortium_id of the node's config (the "
+        "coordinator's consortium file and the node's config must name the same one)",
+    ),
+    "a replay of round 1": (
+        _start(1),
+        "node 'india' refuses round 1: it is below the node's newest retained round 2, and a "
+        "node never rewrites its history (only round 2 may run again)",
+    ),
+    "a forged round past max_round_gap": (
+        _start(1003),
+        "node 'india' refuses round 1003: it is more than max_round_gap = 1000 rounds past the "
+        "node's newest retained round 2 (at most round 1002); raise [limits] max_round_gap in "
+        "the node's config if the consortium really is that far ahead",
+    ),
+    "the highest round number there is": (
+        _start(2**32 - 1),
+        "node 'india' refuses round 4294967295: it is more than max_round_gap = 1000 rounds "
+        "past the node's newest retained round 2 (at most round 1002); raise [limits] "
+        "max_round_gap in the node's config if the consortium really is that far ahead",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_cycle_the_node_cannot_stand_behind_is_refused_and_changes_nothing(
+    node: Node, case: str
+) -> None:
+    start, message = REFUSED[case]
+    before = files_of(node.store.root)
+
+    error = node.refusal(iter([start, *_base_stream()]))
+
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == f"CycleRefused: {message}"
+    assert files_of(node.store.root) == before
+    assert node.store.rounds() == [1, 2]
+
+
+ACCEPTED: dict[str, tuple[int, list[int]]] = {
+    # A coordinator that crashed before committing runs its round again.
+    "the newest round again": (2, [1, 2]),
+    "the next round": (3, [1, 2, 3]),
+    # A node that was down or failed for rounds 3..1001 sees the consortium jump ahead.
+    "a lagging node's jump, up to max_round_gap": (1002, [1, 2, 1002]),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_a_round_the_coordinator_could_be_at_is_run(node: Node, case: str) -> None:
+    round_num, rounds = ACCEPTED[case]
+
+    result = node.cycle(round_num)
+
+    assert result.artifact.round_num == round_num
+    assert node.store.rounds() == rounds
+
+
+def test_the_newest_round_run_again_keeps_the_earlier_model_aside(node: Node) -> None:
+    earlier = node.store.get(2)
+    assert earlier is not None
+    kept = files_of(node.store.root / "round-000002")
+
+    node.cycle(2)
+
+    aside = node.store.root / f"round-000002.superseded-{earlier.model_state_sha256[:16]}"
+    assert files_of(aside) == {**kept, "superseded.json": files_of(aside)["superseded.json"]}
+    assert read_json(aside / "superseded.json") == {"sequence": 1}
+
+
+# --- a caller that stalls cannot hold the node --------------------------------------------
+
+
+def _stalling(requests: list[Request], release: threading.Event) -> Iterator[Request]:
+    """Sends ``requests``, then keeps the stream open and silent until ``release``."""
+    yield from requests
+    release.wait(timeout=60)
+
+
+STALLS: dict[str, list[Request]] = {
+    "after the CycleStart": [_start(3)],
+    "halfway through the base": [_start(3), *_base_stream()[:2]],
+}
+
+
+@pytest.mark.parametrize("case", list(STALLS))
+def test_a_caller_that_stalls_is_dropped_and_the_node_serves_the_next_cycle(
+    node: Node, case: str
+) -> None:
+    before = files_of(node.store.root)
+    release = threading.Event()
+    try:
+        error = node.refusal(_stalling(STALLS[case], release))
+    finally:
+        release.set()
+
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error.details() == (
+        f"TimeoutError: the base did not arrive within receive_timeout_s = {RECEIVE_TIMEOUT_S:g}"
+        " s; the node dropped the call"
+    )
+    assert files_of(node.store.root) == before
+    assert node.cycle(3).artifact.round_num == 3  # the node is free again
+
+
+class _Context:
+    """Enough of a ``grpc.ServicerContext`` to drive the servicer's generator by hand."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise AssertionError(f"aborted: {code.name}: {details}")
+
+
+def test_a_caller_that_stops_reading_the_delta_is_cancelled_and_frees_the_node(
+    tmp_path: Path,
+) -> None:
+    servicer, store = _servicer(tmp_path, NodeLimits(send_timeout_s=0.2))
+    context = _Context()
+    replies = servicer.RunSovereignCycle(iter([_start(1), *_base_stream()]), context)  # type: ignore[arg-type]
+
+    assert next(replies).result.artifact.round_num == 1  # then the caller reads no more
+    assert context.cancelled.wait(timeout=30)
+    replies.close()  # what gRPC's cancelled call does with the handler's generator
+
+    again = list(servicer.RunSovereignCycle(iter([_start(2), *_base_stream()]), _Context()))  # type: ignore[arg-type]
+    assert again[0].result.artifact.round_num == 2
+    assert store.rounds() == [1, 2]
+
+
+# --- superseded copies are bounded --------------------------------------------------------
+
+
+def _artifact(round_num: int, value: float) -> SovereignModelArtifact:
+    state = {"w": torch.full((2,), value)}
+    return SovereignModelArtifact(
+        "india",
+        "India",
+        "continued_pretraining",
+        state,
+        {"loss": value},
+        round_num=round_num,
+        model_state_sha256=state_digest(state),
+        model_state_bytes=8,
+    )
+
+
+def _aside(artifact: SovereignModelArtifact) -> str:
+    return f"round-{artifact.round_num:06d}.superseded-{artifact.model_state_sha256[:16]}"
+
+
+@pytest.mark.parametrize("max_superseded", [0, 1, 3])
+def test_only_the_newest_superseded_copies_are_kept(tmp_path: Path, max_superseded: int) -> None:
+    store = ArtifactStore(tmp_path, max_superseded=max_superseded)
+    runs = [_artifact(2, float(value)) for value in range(6)]  # round 2, run six times
+    for artifact in runs:
+        store.save(artifact)
+
+    earlier = runs[:-1]
+    expected = [_aside(a) for a in earlier[len(earlier) - max_superseded :]]
+    assert [p.name for p in store.superseded()] == expected
+    current = store.get(2)
+    assert current is not None and current.model_state_sha256 == runs[-1].model_state_sha256
+    assert (tmp_path / "artifacts" / "round-000002" / "model.safetensors").is_file()
+
+
+def test_the_copies_set_aside_first_are_deleted_first(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path, max_superseded=2)
+    round_1 = [_artifact(1, 1.0), _artifact(1, 2.0)]
+    round_2 = [_artifact(2, 3.0), _artifact(2, 4.0), _artifact(2, 5.0)]
+    for artifact in (*round_1, *round_2):
+        store.save(artifact)
+
+    # Set aside: round 1's first run, then round 2's first two; the first is gone.
+    assert [p.name for p in store.superseded()] == [_aside(a) for a in round_2[:2]]
+    assert store.rounds() == [1, 2]  # every round's current artifact stays
+    assert store.get(1).model_state_sha256 == round_1[1].model_state_sha256  # type: ignore[union-attr]
