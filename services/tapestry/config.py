@@ -28,6 +28,9 @@ NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 # A node's cycle may train for hours; a week is past any round we mean to wait for, and a
 # bound keeps an `inf` or a typo (3600000) from holding a round open forever.
 MAX_NODE_TIMEOUT_S = 7 * 24 * 3600.0
+# A quorum is a count of members; a consortium is a few institutions, and this bound only
+# keeps a typo from passing as a setting.
+MAX_MEMBERS = 10_000
 
 
 # Quality scores live in [0, 1] in a consortium run by the services: a member cannot report
@@ -61,13 +64,25 @@ class PolicyConfig(_Strict):
     so that no single member can capture the base: no member takes more than half the
     weight (so at least two members must contribute for a round to integrate), quality
     scores are in [0, 1], and a delta more than ten times the round's median norm is
-    refused (which binds once honest members are the majority: three or more)."""
+    refused (which binds once honest members are the majority: three or more).
+
+    ``min_nodes`` is the quorum: a round in which fewer members contribute (answer with a
+    contribution that passes every check) is aborted, recorded with the base unchanged.
+    Unset, it is the cap's own quorum, ``ceil(1/max_node_weight)`` (2 with the default
+    cap): the fewest contributions the cap lets a round integrate."""
 
     quality_floor: float = Field(0.0, ge=0, le=MAX_QUALITY)
     max_node_weight: float = Field(0.5, gt=0, le=1)
     weighting: Literal["quality", "equal"] = "quality"
     max_delta_norm: float | None = Field(None, gt=0)
     max_delta_norm_ratio: float | None = Field(10.0, gt=1)
+    min_nodes: int | None = Field(None, ge=1, le=MAX_MEMBERS)
+
+    def quorum(self) -> int:
+        """``min_nodes``, or when unset the cap's quorum ``ceil(1/max_node_weight)``."""
+        if self.min_nodes is not None:
+            return self.min_nodes
+        return cap_quorum(self.max_node_weight)
 
     def policy(self) -> ContributionPolicy:
         from tapestry.training.consortium.policy import ContributionPolicy
@@ -119,8 +134,7 @@ class ConsortiumConfig(_Strict):
         every node each round), so the file is refused before the server starts."""
         cap, k = self.policy.max_node_weight, len(self.nodes)
         if k * cap < 1:
-            # The quorum as the policy computes it (tapestry.training.consortium.policy).
-            need = math.ceil(1 / cap - 1e-12)
+            need = cap_quorum(cap)
             raise ValueError(
                 f"policy.max_node_weight = {cap} can never hold with the {k} configured "
                 f"node(s): weights that sum to 1 under that cap need a quorum of at least "
@@ -128,6 +142,23 @@ class ConsortiumConfig(_Strict):
                 f"max_node_weight to at least {1 / k:.4g}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _quorum_can_be_met(self) -> ConsortiumConfig:
+        """A quorum above the number of members would abort every round."""
+        need, k = self.policy.min_nodes, len(self.nodes)
+        if need is not None and need > k:
+            raise ValueError(
+                f"policy.min_nodes = {need} can never be met with the {k} configured "
+                f"node(s): every round would be aborted; lower it to at most {k} or add members"
+            )
+        return self
+
+
+def cap_quorum(max_node_weight: float) -> int:
+    """The fewest nodes whose weights can sum to 1 with none above ``max_node_weight``
+    (as the policy computes it, tapestry.training.consortium.policy)."""
+    return math.ceil(1 / max_node_weight - 1e-12)
 
 
 class TrainingConfig(_Strict):

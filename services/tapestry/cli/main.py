@@ -32,6 +32,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 P = ParamSpec("P")
 R = TypeVar("R")
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
+# `round run`: the round was recorded as aborted (quorum not met), apart from 1 (it failed,
+# or no coordinator answered) and 2 (click: a usage error).
+ABORTED_EXIT_CODE = 3
 
 
 def _friendly_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -271,22 +274,58 @@ def round_group() -> None:
 @_coordinator_option
 @_json_option
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option(
+    "--request-id",
+    default=None,
+    help="Idempotency key (default: a fresh UUID). Run again with the id of a round whose "
+    "reply was lost to get that round's result instead of a new round.",
+)
 @_keep_round_on_interrupt
 @_friendly_errors
-def round_run(address: str, as_json: bool, timeout: float | None) -> None:
-    """Trigger one round over gRPC and print its result."""
+def round_run(address: str, as_json: bool, timeout: float | None, request_id: str | None) -> None:
+    """Trigger one round over gRPC and print its result.
+
+    Exit status: 0 when the round committed; 1 when it failed (nothing committed) or the
+    coordinator could not be asked; 3 when it was aborted for want of a quorum (recorded,
+    base unchanged).
+    """
+    import uuid
+
     from tapestry.cli import report
     from tapestry.coordinator.client import CoordinatorClient
     from tapestry.wire.codec import message_to_dict
 
+    request_id = request_id or str(uuid.uuid4())
     out = report.console()
+    heard = False
+
+    def progress(event: Any) -> None:
+        nonlocal heard
+        heard = True
+        out.print(report.progress_line(event))
+
     with CoordinatorClient(address) as client:
-        if as_json:
-            result = client.run_round(timeout_s=timeout)
-            click.echo(json.dumps(message_to_dict(result), indent=2, sort_keys=True))
-            return
-        result = client.run_round(lambda e: out.print(report.progress_line(e)), timeout)
+        try:
+            result = client.run_round(None if as_json else progress, timeout, request_id=request_id)
+        except grpc.RpcError as error:
+            if not heard and error.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            # The round may have started (and may still commit): say how to learn its fate
+            # without running another.
+            raise click.ClickException(
+                f"{describe_rpc_error(error, address, COORDINATOR, '--coordinator')} "
+                f"The round may still commit: `tapestry round run --request-id {request_id}` "
+                "returns its result without running another."
+            ) from None
+    if as_json:
+        click.echo(json.dumps(message_to_dict(result), indent=2, sort_keys=True))
+    else:
         out.print(report.round_table(result))
+    if result.aborted_reason:
+        click.echo(
+            f"Error: round {result.round_num} was aborted: {result.aborted_reason}", err=True
+        )
+        raise click.exceptions.Exit(ABORTED_EXIT_CODE)
 
 
 def _print_listing(address: str, as_json: bool, what: str, page_size: int) -> None:

@@ -29,6 +29,7 @@ STAGE_NAMES = {
     pb.ROUND_STAGE_NODE_FAILED: "FAILED",
     pb.ROUND_STAGE_INTEGRATED: "integrated",
     pb.ROUND_STAGE_COMMITTED: "committed",
+    pb.ROUND_STAGE_ABORTED: "ABORTED",
 }
 _WEIGHTINGS = {
     pb.CONTRIBUTION_WEIGHTING_QUALITY: "quality",
@@ -78,6 +79,8 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
     rows: list[tuple[str, str]] = [(n, "accepted") for n in result.accepted_nodes]
     rows += [(n, "rejected") for n in result.rejected_nodes]
     rows += [(n, "failed") for n in result.failed_nodes]
+    counted = {n for n, _ in rows}  # an aborted round weighs nobody: its nodes only answered
+    rows += [(c.node_id, "answered") for c in result.contributions if c.node_id not in counted]
     reasons: list[Padding] = []
     for node_id, outcome in rows:
         c = contributions.get(node_id)
@@ -105,6 +108,8 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
             f"\npolicy: {_WEIGHTINGS.get(p.weighting, '?')} weighting, "
             f"floor {p.quality_floor:g}, cap {p.max_node_weight:g}"
         )
+    if result.aborted_reason:
+        caption += f"\nABORTED: {result.aborted_reason}"
     table.caption = Text(caption)
     table.caption_justify = "left"
     return Group(table, *reasons)

@@ -34,8 +34,13 @@ class CoordinatorClient:
         self,
         on_progress: Callable[[pb.RoundProgress], None] | None = None,
         timeout_s: float | None = None,
+        request_id: str = "",
     ) -> pb.ConsortiumRoundResult:
-        for event in self._stub.RunRound(pb.RunRoundRequest(), timeout=timeout_s):
+        """Trigger a round and return its result. With ``request_id`` the trigger runs at
+        most once: calling again with the same id (after a lost reply, say) returns the
+        result of the round it started, without progress events."""
+        request = pb.RunRoundRequest(request_id=request_id)
+        for event in self._stub.RunRound(request, timeout=timeout_s):
             if event.WhichOneof("event") == "result":
                 return event.result
             if on_progress is not None:

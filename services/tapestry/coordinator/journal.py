@@ -5,7 +5,8 @@ Layout under ``<data-dir>``::
     consortium.json               identity: consortium id, seed, model spec
     base/round-000003.safetensors the shared base after round 3 (round 0: the initial base)
     rounds/round-000003.json      RoundRecord (journal.proto, as proto JSON): the round's
-                                  result, with its artifacts' metadata
+                                  result, with its artifacts' metadata, and the request id
+                                  that triggered it
 
 A round is committed when its journal entry is renamed into place, after its base file.
 On start the store resumes at the newest journal entry whose base file exists and matches
@@ -70,10 +71,11 @@ class CoordinatorStore:
     def save_initial_base(self, state: ModelState) -> None:
         save_state(self.base_path(0), state, {"round_num": "0", "sha256": state_digest(state)})
 
-    def commit_round(self, result: ConsortiumRoundResult) -> jpb.RoundRecord:
+    def commit_round(self, result: ConsortiumRoundResult, request_id: str = "") -> jpb.RoundRecord:
         """Make a finished round durable and return its journal record: the commit step
-        the coordinator's core calls before it moves to the new base."""
-        record = jpb.RoundRecord(result=round_result_to_proto(result))
+        the coordinator's core calls before it moves to the new base. ``request_id`` (the
+        trigger's idempotency key) is kept with it, so it outlives a restart."""
+        record = jpb.RoundRecord(result=round_result_to_proto(result), request_id=request_id)
         self.commit(record, result.shared_base_state)
         return record
 

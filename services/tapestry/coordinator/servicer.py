@@ -8,6 +8,8 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
@@ -30,6 +32,9 @@ from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import send_state
 
 log = logging.getLogger(__name__)
+
+# How often a caller waiting on a running round's result checks that it is still there.
+_RETRY_POLL_S = 1.0
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
@@ -55,7 +60,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # a base with its own round number. GetBase serves it from its committed file, one
         # tensor at a time: the coordinator keeps no second copy of the base in memory.
         self._committed: tuple[int, str] = (core.round_num, core.base_sha256)
-        self._round_lock = threading.Lock()
+        # Which round runs (its request id and outcome) and which request ids the journal
+        # answers, both read and changed under one lock so a retry sees one or the other.
+        self._state_lock = threading.Lock()
+        self._running: tuple[str, Future[ConsortiumRoundResult]] | None = None
+        self._by_request_id = {r.request_id: r.result for r in self._records if r.request_id}
         self._page_tokens = PageTokens(page_token_key)
 
     # -- rounds ------------------------------------------------------------------------
@@ -64,31 +73,69 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.RunRoundRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.RunRoundResponse]:
         """Stream the core's events, then the committed result. The round runs in its own
-        thread and goes on to its commit even if the caller goes away."""
-        if not self._round_lock.acquire(blocking=False):
-            abort(
-                context,
-                Busy(
-                    f"round {self._core.round_num + 1} is already running; wait for its result "
-                    "(tapestry rounds) and trigger the next one after it"
-                ),
-            )
+        thread and goes on to its commit even if the caller goes away.
+
+        Exactly once per ``request_id``: an id the journal holds gets that round's result
+        (no new round); the id of the round now running waits for its result."""
+        try:
+            request_id = codec.request_id_from_proto(request)
+        except ValueError as error:
+            abort(context, error)
+        with self._state_lock:
+            recorded = self._by_request_id.get(request_id) if request_id else None
+            running = self._running
+            if recorded is None and running is None:
+                outcome: Future[ConsortiumRoundResult] = Future()
+                self._running = (request_id, outcome)
+        if recorded is not None:
+            log.info("request %s: already answered by round %d", request_id, recorded.round_num)
+            yield pb.RunRoundResponse(result=recorded)
+            return
+        if running is not None:
+            if not request_id or running[0] != request_id:
+                abort(
+                    context,
+                    Busy(
+                        f"round {self._core.round_num + 1} is already running; wait for its "
+                        "result (tapestry rounds) and trigger the next one after it"
+                    ),
+                )
+            context.send_initial_metadata(())  # the caller may know it is waiting
+            yield pb.RunRoundResponse(result=self._await(running[1], context))
+            return
+        yield from self._run(request_id, outcome, context)
+
+    def _run(
+        self,
+        request_id: str,
+        outcome: Future[ConsortiumRoundResult],
+        context: grpc.ServicerContext,
+    ) -> Iterator[pb.RunRoundResponse]:
         events: queue.Queue[RoundEvent | ConsortiumRoundResult | BaseException] = queue.Queue()
 
         def work() -> None:
-            outcome: ConsortiumRoundResult | BaseException
+            ended: ConsortiumRoundResult | BaseException
             try:
                 self._store.clear_spill()
-                outcome = self._core.run_round(self._nodes, events=events.put, commit=self._commit)
+                ended = self._core.run_round(
+                    self._nodes,
+                    events=events.put,
+                    commit=lambda result: self._commit(result, request_id),
+                )
             except BaseException as error:
                 log.exception("round failed")
-                outcome = error
+                ended = error
             finally:
                 self._store.clear_spill()  # integrated or not, spilled deltas end with the round
-                self._round_lock.release()
-            # Only now: a caller who triggers the next round on seeing this one's result
-            # must find the coordinator free.
-            events.put(outcome)
+                # Only now: a caller who triggers the next round on seeing this one's result
+                # must find the coordinator free (and a retry of this id, its record).
+                with self._state_lock:
+                    self._running = None
+            if isinstance(ended, ConsortiumRoundResult):
+                outcome.set_result(ended)
+            else:
+                outcome.set_exception(ended)
+            events.put(ended)
 
         threading.Thread(target=work, name="round", daemon=True).start()
         while True:
@@ -101,15 +148,37 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             else:
                 abort(context, item)
 
-    def _commit(self, result: ConsortiumRoundResult) -> None:
+    def _await(
+        self, outcome: Future[ConsortiumRoundResult], context: grpc.ServicerContext
+    ) -> pb.ConsortiumRoundResult:
+        """The recorded result of the running round, once it ends (a retry of its id)."""
+        while True:
+            try:
+                result = outcome.result(timeout=_RETRY_POLL_S)
+            except FutureTimeout:
+                if not context.is_active():  # the caller went away: nobody to answer
+                    abort(context, Busy("the caller cancelled while the round ran"))
+                continue
+            except BaseException as error:
+                abort(context, error)
+            return self._records_by_round()[result.round_num]
+
+    def _records_by_round(self) -> dict[int, pb.ConsortiumRoundResult]:
+        return {r.result.round_num: r.result for r in list(self._records)}
+
+    def _commit(self, result: ConsortiumRoundResult, request_id: str) -> None:
         """The core's commit step: the round is durable once its journal entry lands. Runs
         before the core changes anything, so if it raises there is nothing to undo."""
-        record = self._store.commit_round(result)
-        self._records.append(record)
+        record = self._store.commit_round(result, request_id)
+        with self._state_lock:
+            self._records.append(record)
+            if request_id:
+                self._by_request_id[request_id] = record.result
         self._committed = (result.round_num, result.shared_base_sha256)
         log.info(
-            "round %d committed: accepted %s, rejected %s, failed %s, base %s -> %s",
+            "round %d %s: accepted %s, rejected %s, failed %s, base %s -> %s",
             result.round_num,
+            f"aborted ({result.aborted_reason})" if result.aborted else "committed",
             result.accepted_nodes,
             result.rejected_nodes,
             sorted(result.failed_nodes),

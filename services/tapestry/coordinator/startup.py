@@ -45,6 +45,7 @@ def build_coordinator_server(
         assessed_quality={
             m.node_id: m.quality_score for m in config.nodes if m.quality_score is not None
         },
+        min_nodes=config.policy.quorum(),
     )
     resumed = store.latest()
     records: list[jpb.RoundRecord] = []

@@ -158,6 +158,7 @@ _STAGES = {
     RoundStage.NODE_FAILED: pb.ROUND_STAGE_NODE_FAILED,
     RoundStage.INTEGRATED: pb.ROUND_STAGE_INTEGRATED,
     RoundStage.COMMITTED: pb.ROUND_STAGE_COMMITTED,
+    RoundStage.ABORTED: pb.ROUND_STAGE_ABORTED,
 }
 
 
@@ -205,6 +206,7 @@ def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundRe
         contributions=[contribution_to_proto(c) for c in result.contributions.values()],
         quality_scores=result.quality_scores,
         artifacts=[artifact_to_proto(a) for a in result.artifacts.values()],
+        aborted_reason=result.aborted_reason,
     )
     if result.started_at is not None:
         msg.started_at.CopyFrom(timestamp_to_proto(result.started_at, "started_at"))
@@ -245,6 +247,30 @@ def selected_round(request: pb.GetRoundRequest | pb.GetArtifactRequest) -> int |
             )
         return request.round_num
     raise ValueError("select a round: set round_num (>= 1) or latest=true")
+
+
+# A client's idempotency key (AIP-155): a UUID is 36 characters; the bound keeps the journal
+# and the coordinator's table of answered ids small whatever a caller sends.
+MAX_REQUEST_ID_CHARS = 64
+
+
+def request_id_from_proto(request: pb.RunRoundRequest) -> str:
+    """The request's idempotency key (``""``: none). Anything but 1 to
+    :data:`MAX_REQUEST_ID_CHARS` printable ASCII characters without spaces is a
+    ``ValueError`` that describes the id without echoing it."""
+    request_id = request.request_id
+    if not request_id:
+        return ""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise ValueError(
+            f"request_id is {len(request_id)} characters long; at most "
+            f"MAX_REQUEST_ID_CHARS = {MAX_REQUEST_ID_CHARS} are allowed (send a UUID)"
+        )
+    if not all("!" <= char <= "~" for char in request_id):
+        raise ValueError(
+            "request_id must be printable ASCII without spaces or control characters (send a UUID)"
+        )
+    return request_id
 
 
 # -- JSON ------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from tapestry.training.consortium.messages import (
     SovereignCycleResult,
     SovereignModelArtifact,
 )
-from tapestry.training.consortium.policy import ContributionPolicy
+from tapestry.training.consortium.policy import ContributionPolicy, PolicyDecision
 from tapestry.training.consortium.tensors import (
     Snapshot,
     all_finite,
@@ -78,6 +78,14 @@ class ConsortiumCoordinator:
     A node whose cycle raises, or whose contribution fails :func:`check_contribution`, is
     reported in ``failed_nodes`` and the round goes on with the others. With no accepted
     node the base stays bitwise identical.
+
+    **Quorum.** With ``min_nodes`` (keyword-only; default 0, the proof of concept's
+    behaviour: every round takes effect), a round in which fewer nodes contributed (their
+    contribution arrived and passed every check, whatever the policy then makes of it) is
+    *aborted*: the policy is not consulted, nothing is integrated, and the result says why
+    in ``aborted_reason``. An aborted round is still a round: the commit step records it
+    and the round number moves on (the nodes that answered keep their artifacts of it),
+    but the base is bitwise unchanged and the stage reported last is ``ABORTED``.
     """
 
     def __init__(
@@ -87,10 +95,15 @@ class ConsortiumCoordinator:
         *,
         round_num: int = 0,
         assessed_quality: Mapping[str, float] | None = None,
+        min_nodes: int = 0,
     ) -> None:
         """``assessed_quality`` (node id -> score) is the consortium's own assessment of a
         member, e.g. from evaluation on held-out data; where given it replaces the score the
-        node reports about itself when the policy weighs contributions."""
+        node reports about itself when the policy weighs contributions. ``min_nodes`` is the
+        quorum: a round with fewer contributing nodes is aborted (see the class)."""
+        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 0:
+            raise ValueError(f"min_nodes must be an integer >= 0, got {min_nodes!r}")
+        self.min_nodes = min_nodes
         self.base_model = copy.deepcopy(base_model)
         self.assessed_quality = dict(assessed_quality or {})
         self.contribution_policy = contribution_policy or ContributionPolicy()
@@ -185,10 +198,16 @@ class ConsortiumCoordinator:
             if policy.bounds_delta_norms
             else None
         )
-        decision = policy.decide(scores, norms)
+        aborted_reason = self._quorum_problem(len(contributions), len(nodes))
+        # An aborted round consults no policy: nobody is weighed, nobody is accepted.
+        decision = PolicyDecision({}) if aborted_reason else policy.decide(scores, norms)
         node_ids = [node.node_id for node in nodes]
         accepted = [n for n in node_ids if n in decision.weights]
-        rejected = [n for n in node_ids if n in contributions and n not in decision.weights]
+        rejected = [
+            n
+            for n in node_ids
+            if n in contributions and n not in decision.weights and not aborted_reason
+        ]
         weighted = [(decision.weights[n], contributions[n].weight_delta) for n in accepted]
         # Metadata only from here on: the deltas are dropped once they are integrated.
         received = {n: dataclasses.replace(c, weight_delta={}) for n, c in contributions.items()}
@@ -212,12 +231,13 @@ class ConsortiumCoordinator:
             new_sha256 = state_digest(new_state)
         else:
             new_state, new_sha256 = clone_state(snapshot), previous_sha256
-        report(
-            RoundStage.INTEGRATED,
-            "",
-            f"accepted {len(accepted)}, rejected {len(rejected)}, failed {len(failed)}; "
-            f"base {previous_sha256[:12]} -> {new_sha256[:12]}",
-        )
+        if not aborted_reason:
+            report(
+                RoundStage.INTEGRATED,
+                "",
+                f"accepted {len(accepted)}, rejected {len(rejected)}, failed {len(failed)}; "
+                f"base {previous_sha256[:12]} -> {new_sha256[:12]}",
+            )
         result = ConsortiumRoundResult(
             round_num=round_num,
             previous_base_state=dict(snapshot),
@@ -235,6 +255,7 @@ class ConsortiumCoordinator:
             shared_base_sha256=new_sha256,
             started_at=started_at,
             finished_at=datetime.now(UTC),
+            aborted_reason=aborted_reason,
         )
         if commit is not None:
             commit(result)  # raises: nothing below happens, nothing needs undoing
@@ -244,8 +265,21 @@ class ConsortiumCoordinator:
         self._base_sha256 = new_sha256
         self.sovereign_artifacts.update(artifacts)
         self.round_num = round_num
-        report(RoundStage.COMMITTED, "", f"base {new_sha256[:12]} is now the shared base")
+        if aborted_reason:
+            report(RoundStage.ABORTED, "", aborted_reason)
+        else:
+            report(RoundStage.COMMITTED, "", f"base {new_sha256[:12]} is now the shared base")
         return result
+
+    def _quorum_problem(self, contributed: int, members: int) -> str:
+        """Why ``contributed`` of ``members`` nodes fall short of the quorum; ``""`` when
+        they do not."""
+        if contributed >= self.min_nodes:
+            return ""
+        return (
+            f"quorum not met: {contributed} of {members} node(s) contributed and min_nodes "
+            f"is {self.min_nodes}; nothing was integrated and the base is unchanged"
+        )
 
     @staticmethod
     def _run_cycles(

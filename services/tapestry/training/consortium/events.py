@@ -20,6 +20,7 @@ class RoundStage(StrEnum):
     NODE_FAILED = "node_failed"  # its cycle raised, or its contribution was refused
     INTEGRATED = "integrated"  # the policy decided and the new base is computed
     COMMITTED = "committed"  # the commit step succeeded and the coordinator moved on
+    ABORTED = "aborted"  # quorum not met: recorded by the commit step, the base unchanged
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ class ConsortiumRoundResult:
     that passed every check retain this round (metadata only when they came over the wire).
     ``policy`` is the policy that decided the round; the two digests are
     :func:`~tapestry.training.consortium.state_digest` of the base before and after.
+    ``aborted_reason`` says why a round that met no quorum integrated nothing (the policy
+    was not consulted: no node is accepted or rejected); empty when the round took effect.
     """
 
     round_num: int
@@ -91,3 +93,9 @@ class ConsortiumRoundResult:
     shared_base_sha256: str = ""
     started_at: datetime | None = None  # timezone-aware (UTC)
     finished_at: datetime | None = None
+    aborted_reason: str = ""  # set when too few nodes contributed: nothing was integrated
+
+    @property
+    def aborted(self) -> bool:
+        """Whether the round was aborted for want of a quorum (the base is unchanged)."""
+        return bool(self.aborted_reason)

@@ -1,0 +1,147 @@
+"""A trigger with a request id runs its round at most once (AIP-155): a retry gets the round
+it started, while it runs, after it committed, and after the coordinator restarted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.coordinator.client import CoordinatorClient
+from tapestry.launcher import LocalConsortium
+from tapestry.wire.codec import MAX_REQUEST_ID_CHARS
+from tapestry.wire.grpc_plumbing import insecure_channel
+
+from .conftest import POLICY
+from .fake_nodes import BlockingNode, FakeNode, serve
+
+
+@pytest.fixture
+def fake_consortium(tmp_path: Path) -> Iterator[tuple[LocalConsortium, list[FakeNode]]]:
+    """A coordinator process over two in-process fake nodes (quick: no training)."""
+    nodes = [FakeNode("alpha"), FakeNode("beta")]
+    with (
+        serve(nodes) as members,
+        LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
+    ):
+        yield consortium, nodes
+
+
+def test_a_retry_with_the_same_id_returns_the_committed_round_even_after_a_restart(
+    fake_consortium,
+):
+    consortium, nodes = fake_consortium
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        first = client.run_round(request_id="trigger-1")
+        again = client.run_round(request_id="trigger-1")
+        assert [r.round_num for r in client.list_rounds()] == [1]
+    assert again == first
+    assert [n.cycles for n in nodes] == [1, 1]  # no node trained twice
+
+    address = consortium.restart_coordinator()
+    with CoordinatorClient(address) as client:
+        after_restart = client.run_round(request_id="trigger-1")
+        other = client.run_round(request_id="trigger-2")
+        rounds = [r.round_num for r in client.list_rounds()]
+    assert after_restart == first
+    assert other.round_num == 2
+    assert rounds == [1, 2]
+    assert [n.cycles for n in nodes] == [2, 2]
+
+
+def test_calls_without_an_id_each_run_a_round(fake_consortium):
+    consortium, _ = fake_consortium
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        assert [client.run_round().round_num for _ in range(2)] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("request_id", "message"),
+    [
+        (
+            "x" * (MAX_REQUEST_ID_CHARS + 1),
+            f"ValueError: request_id is {MAX_REQUEST_ID_CHARS + 1} characters long; at most "
+            f"MAX_REQUEST_ID_CHARS = {MAX_REQUEST_ID_CHARS} are allowed (send a UUID)",
+        ),
+        (
+            "two words",
+            "ValueError: request_id must be printable ASCII without spaces or control "
+            "characters (send a UUID)",
+        ),
+    ],
+)
+def test_a_bad_request_id_is_refused_without_echoing_it(fake_consortium, request_id, message):
+    consortium, nodes = fake_consortium
+    with CoordinatorClient(consortium.coordinator_address) as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.run_round(request_id=request_id)
+        assert client.list_rounds() == []
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == message
+    assert [n.cycles for n in nodes] == [0, 0]
+
+
+def test_a_retry_while_its_round_runs_waits_for_that_rounds_result(tmp_path):
+    """The round is held open by a node that answers only when released; the retry is
+    attached (its headers arrive) before the release, so it is answered by the running
+    round, not from the journal. Another id meanwhile is refused."""
+    blocking = BlockingNode("slow")
+    with (
+        serve([blocking, FakeNode("fast")]) as members,
+        LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
+        CoordinatorClient(consortium.coordinator_address) as client,
+        insecure_channel(consortium.coordinator_address) as channel,
+    ):
+        outcome: list[pb.ConsortiumRoundResult] = []
+        first = threading.Thread(target=lambda: outcome.append(client.run_round(request_id="held")))
+        first.start()
+        try:
+            assert blocking.started.wait(timeout=60)
+            stub = pb_grpc.CoordinatorServiceStub(channel)
+            retry = stub.RunRound(pb.RunRoundRequest(request_id="held"), timeout=60)
+            retry.initial_metadata()  # the coordinator has taken the retry in
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.RunRound(pb.RunRoundRequest(request_id="another"), timeout=60))
+        finally:
+            blocking.release.set()
+            first.join(timeout=60)
+        replies = list(retry)
+        rounds = client.list_rounds()
+
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "round 1 is already running" in refused.value.details()
+    assert [r.WhichOneof("event") for r in replies] == ["result"]
+    assert replies[0].result == outcome[0]
+    assert outcome[0].round_num == 1
+    assert sorted(outcome[0].accepted_nodes) == ["fast", "slow"]
+    assert [r.round_num for r in rounds] == [1]
+    assert blocking.cycles == 1
+
+
+def _round_run(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tapestry", "round", "run", "--coordinator", address, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_the_cli_retries_a_round_with_request_id_and_draws_a_fresh_id_otherwise(
+    fake_consortium,
+):
+    consortium, _ = fake_consortium
+    address = consortium.coordinator_address
+    ran = [_round_run(address, "--json", "--request-id", "cli-retry") for _ in range(2)]
+    fresh = _round_run(address, "--json")
+    assert [r.returncode for r in (*ran, fresh)] == [0, 0, 0], [r.stderr for r in ran]
+    assert [json.loads(r.stdout)["round_num"] for r in (*ran, fresh)] == [1, 1, 2]
