@@ -24,16 +24,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from tapestry.training.consortium.events import EventSink, RoundEvent, RoundStage
-from tapestry.training.consortium.integration import check_contribution, integrate
-from tapestry.training.consortium.limits import (
-    MAX_REASON_CHARS,
-    MAX_STATE_BYTES,
-    bounded_text,
-    metrics_problem,
-    name_problem,
-    quoted,
-)
+from tapestry.training.consortium.admission import Refused, admit
+from tapestry.training.consortium.events import EventSink, Reporter, RoundStage
+from tapestry.training.consortium.integration import integrate
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
     ModelState,
@@ -64,10 +57,6 @@ class ConsortiumNode(Protocol):
     def run_sovereign_cycle(
         self, round_num: int, base_state: ModelState
     ) -> SovereignCycleResult: ...
-
-
-def describe_failure(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 class ConsortiumCoordinator:
@@ -160,12 +149,12 @@ class ConsortiumCoordinator:
         if not self._round_lock.acquire(blocking=False):
             raise RuntimeError(f"round {self.round_num + 1} is already running")
         try:
-            return self._run_round(nodes, _Reporter(self.round_num + 1, events), commit)
+            return self._run_round(nodes, Reporter(self.round_num + 1, events), commit)
         finally:
             self._round_lock.release()
 
     def _run_round(
-        self, nodes: Sequence[ConsortiumNode], report: _Reporter, commit: CommitStep | None
+        self, nodes: Sequence[ConsortiumNode], report: Reporter, commit: CommitStep | None
     ) -> ConsortiumRoundResult:
         round_num = report.round_num
         started_at = datetime.now(UTC)
@@ -182,7 +171,7 @@ class ConsortiumCoordinator:
         artifacts: dict[str, SovereignModelArtifact] = {}
         failed: dict[str, str] = {}
         for node, outcome in zip(nodes, outcomes, strict=True):
-            if isinstance(outcome, _Refused):
+            if isinstance(outcome, Refused):
                 failed[node.node_id] = outcome.reason
             else:
                 contributions[node.node_id] = outcome.contribution
@@ -287,22 +276,22 @@ class ConsortiumCoordinator:
         round_num: int,
         snapshot: ModelState,
         base: Mapping[str, torch.Tensor],
-        report: _Reporter,
-    ) -> list[SovereignCycleResult | _Refused]:
+        report: Reporter,
+    ) -> list[SovereignCycleResult | Refused]:
         """Every node's cycle in parallel, each checked and reported as soon as it ends (a
         node that fails at once is reported at once, not when the slowest has finished)."""
         if not nodes:
             return []
 
-        def cycle(node: ConsortiumNode) -> SovereignCycleResult | _Refused:
+        def cycle(node: ConsortiumNode) -> SovereignCycleResult | Refused:
             report(RoundStage.NODE_STARTED, node.node_id, "training from the round's base")
             try:
                 outcome: object = node.run_sovereign_cycle(round_num, snapshot)
             except Exception as error:  # a node's failure must not sink the round
                 outcome = error
             try:
-                checked = _checked(outcome, base, node, round_num)
-            except _Refused as refusal:
+                checked = admit(outcome, base, node, round_num)
+            except Refused as refusal:
                 report(RoundStage.NODE_FAILED, node.node_id, refusal.reason)
                 return refusal
             c = checked.contribution
@@ -317,73 +306,3 @@ class ConsortiumCoordinator:
 
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
             return list(pool.map(cycle, nodes))
-
-
-class _Refused(Exception):
-    """Why a node's cycle cannot count, cut to :data:`MAX_REASON_CHARS` (a node's own error
-    text included: it is kept in the round's result and journal)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = bounded_text(reason, MAX_REASON_CHARS)
-
-
-def _checked(
-    outcome: object, base: Mapping[str, torch.Tensor], node: ConsortiumNode, round_num: int
-) -> SovereignCycleResult:
-    """The node's cycle result, or :class:`_Refused` with the reason it cannot count."""
-    if isinstance(outcome, BaseException):
-        raise _Refused(describe_failure(outcome))
-    if not isinstance(outcome, SovereignCycleResult):
-        raise _Refused(
-            f"invalid contribution: run_sovereign_cycle returned "
-            f"{type(outcome).__name__}, not a SovereignCycleResult"
-        )
-    try:
-        check_contribution(outcome.contribution, base, node_id=node.node_id, round_num=round_num)
-    except ValueError as error:
-        raise _Refused(f"invalid contribution: {error}") from None
-    problem = _artifact_problem(outcome.artifact, node, round_num)
-    if problem is not None:
-        raise _Refused(f"invalid artifact: {problem}")
-    return outcome
-
-
-def _artifact_problem(
-    artifact: SovereignModelArtifact, node: ConsortiumNode, round_num: int
-) -> str | None:
-    """Why the artifact a node says it keeps is not this node's, this round's, or within
-    bounds; None when it is."""
-    if artifact.node_id != node.node_id:
-        return f"it claims node_id {quoted(artifact.node_id)} but came from {node.node_id!r}"
-    jurisdiction = getattr(node, "jurisdiction", None)  # the member's, where the node has one
-    if jurisdiction is not None and artifact.jurisdiction != jurisdiction:
-        return f"it claims jurisdiction {quoted(artifact.jurisdiction)}, not {jurisdiction!r}"
-    if artifact.round_num != round_num:
-        return f"it is for round {artifact.round_num}, expected round {round_num}"
-    size = artifact.model_state_bytes
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_STATE_BYTES:
-        return f"model_state_bytes must be an integer in [0, MAX_STATE_BYTES = {MAX_STATE_BYTES}]"
-    return name_problem("stage", artifact.stage) or metrics_problem(artifact.metrics)
-
-
-class _Reporter:
-    """Sends a round's events to the caller's sink, one call at a time. Reporting never
-    decides a round: a sink that raises is logged and not called again this round."""
-
-    def __init__(self, round_num: int, sink: EventSink | None) -> None:
-        self.round_num = round_num
-        self._sink = sink
-        self._lock = threading.Lock()
-
-    def __call__(self, stage: RoundStage, node_id: str, detail: str) -> None:
-        if self._sink is None:
-            return
-        with self._lock:
-            if self._sink is None:
-                return
-            try:
-                self._sink(RoundEvent(self.round_num, stage, node_id, detail))
-            except Exception:
-                log.exception("round %d: the event sink failed; no more events", self.round_num)
-                self._sink = None

@@ -7,6 +7,8 @@ thread-safe; it should return quickly, since the node that reported waits for it
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -34,3 +36,27 @@ class RoundEvent:
 
 
 EventSink = Callable[[RoundEvent], None]
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Sends a round's events to the caller's sink, one call at a time. Reporting never
+    decides a round: a sink that raises is logged and not called again this round."""
+
+    def __init__(self, round_num: int, sink: EventSink | None) -> None:
+        self.round_num = round_num
+        self._sink = sink
+        self._lock = threading.Lock()
+
+    def __call__(self, stage: RoundStage, node_id: str, detail: str) -> None:
+        if self._sink is None:
+            return
+        with self._lock:
+            if self._sink is None:
+                return
+            try:
+                self._sink(RoundEvent(self.round_num, stage, node_id, detail))
+            except Exception:
+                log.exception("round %d: the event sink failed; no more events", self.round_num)
+                self._sink = None
