@@ -244,6 +244,17 @@ def test_round_result_without_times_or_policy_leaves_them_unset() -> None:
     assert not msg.HasField("policy")
 
 
+def test_a_round_that_is_no_rollback_leaves_rolled_back_to_unset() -> None:
+    msg = round_result_to_proto(make_round_result())
+    assert not msg.HasField("rolled_back_to")
+
+
+def test_a_rollback_to_the_initial_base_is_told_apart_from_no_rollback() -> None:
+    rollback = dataclasses.replace(make_round_result(), rolled_back_to=0)
+    msg = pb.ConsortiumRoundResult.FromString(round_result_to_proto(rollback).SerializeToString())
+    assert msg.HasField("rolled_back_to") and msg.rolled_back_to == 0
+
+
 def test_times_must_be_timezone_aware() -> None:
     naive = dataclasses.replace(make_round_result(), finished_at=datetime(2026, 1, 1))
     with pytest.raises(ValueError, match="finished_at must be a timezone-aware datetime"):
@@ -319,6 +330,8 @@ def test_policy_from_proto_refuses_what_the_policy_refuses() -> None:
         (RoundStage.NODE_FAILED, pb.ROUND_STAGE_NODE_FAILED),
         (RoundStage.INTEGRATED, pb.ROUND_STAGE_INTEGRATED),
         (RoundStage.COMMITTED, pb.ROUND_STAGE_COMMITTED),
+        (RoundStage.ABORTED, pb.ROUND_STAGE_ABORTED),
+        (RoundStage.ROLLED_BACK, pb.ROUND_STAGE_ROLLED_BACK),
     ],
 )
 def test_round_event_round_trips(stage: RoundStage, wire: int) -> None:
@@ -378,7 +391,10 @@ def test_message_to_dict_uses_proto_field_names_and_includes_empty_fields() -> N
 
     as_dict = message_to_dict(msg)
 
-    assert set(as_dict) == set(pb.ConsortiumRoundResult.DESCRIPTOR.fields_by_name)
+    # rolled_back_to has presence: it appears on a rollback only (see the next test).
+    assert set(as_dict) == set(pb.ConsortiumRoundResult.DESCRIPTOR.fields_by_name) - {
+        "rolled_back_to"
+    }
     assert as_dict["round_num"] == 3
     assert as_dict["accepted_nodes"] == ["vn", "ch"]
     assert as_dict["contribution_weights"] == {"vn": THIRD, "ch": 1 - THIRD}
@@ -401,6 +417,11 @@ def test_message_to_dict_uses_proto_field_names_and_includes_empty_fields() -> N
     artifact = message_to_dict(artifact_to_proto(make_artifact()))
     assert set(artifact) == set(pb.SovereignModelArtifact.DESCRIPTOR.fields_by_name)
     assert artifact["model_state_sha256"] == state_digest(make_artifact().model_state)
+
+
+def test_a_rollback_to_the_initial_base_shows_in_json_as_zero() -> None:
+    rollback = dataclasses.replace(make_round_result(), rolled_back_to=0)
+    assert message_to_dict(round_result_to_proto(rollback))["rolled_back_to"] == 0
 
 
 def test_json_counts_and_sizes_are_numbers_everywhere_they_nest() -> None:

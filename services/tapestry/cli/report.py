@@ -30,6 +30,7 @@ STAGE_NAMES = {
     pb.ROUND_STAGE_INTEGRATED: "integrated",
     pb.ROUND_STAGE_COMMITTED: "committed",
     pb.ROUND_STAGE_ABORTED: "ABORTED",
+    pb.ROUND_STAGE_ROLLED_BACK: "rolled back",
 }
 _WEIGHTINGS = {
     pb.CONTRIBUTION_WEIGHTING_QUALITY: "quality",

@@ -159,6 +159,7 @@ _STAGES = {
     RoundStage.INTEGRATED: pb.ROUND_STAGE_INTEGRATED,
     RoundStage.COMMITTED: pb.ROUND_STAGE_COMMITTED,
     RoundStage.ABORTED: pb.ROUND_STAGE_ABORTED,
+    RoundStage.ROLLED_BACK: pb.ROUND_STAGE_ROLLED_BACK,
 }
 
 
@@ -207,6 +208,7 @@ def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundRe
         quality_scores=result.quality_scores,
         artifacts=[artifact_to_proto(a) for a in result.artifacts.values()],
         aborted_reason=result.aborted_reason,
+        rolled_back_to=result.rolled_back_to,
     )
     if result.started_at is not None:
         msg.started_at.CopyFrom(timestamp_to_proto(result.started_at, "started_at"))

@@ -40,6 +40,7 @@ from tapestry.training.consortium.tensors import (
     all_finite,
     clone_state,
     state_digest,
+    state_mismatch,
     state_norm,
 )
 
@@ -258,6 +259,89 @@ class ConsortiumCoordinator:
             report(RoundStage.ABORTED, "", aborted_reason)
         else:
             report(RoundStage.COMMITTED, "", f"base {new_sha256[:12]} is now the shared base")
+        return result
+
+    def roll_back(
+        self,
+        state: ModelState,
+        to_round: int,
+        *,
+        sha256: str = "",
+        events: EventSink | None = None,
+        commit: CommitStep | None = None,
+    ) -> ConsortiumRoundResult:
+        """Make ``state``, the base committed by round ``to_round``, the shared base again,
+        as a new round: history is never rewritten, a rollback is recorded like any round.
+
+        A transaction exactly like :meth:`run_round`: the result (round ``round_num + 1``, no
+        nodes, ``rolled_back_to=to_round``, the current policy) is handed to ``commit``
+        before anything changes; if it raises, the coordinator is exactly as before. It
+        takes the same one-round-at-a-time lock: while a round runs it is refused with
+        ``RuntimeError``. ``to_round`` must be a round already committed (``0`` to
+        ``round_num``; the current round is a recorded no-op); ``state`` must match the
+        current base key for key (dtype, shape) and be finite, else ``ValueError``.
+        ``sha256`` is the state's digest where the caller has verified it. Retained
+        artifacts are left alone: they are the nodes' own history. The stage reported
+        last is ``ROLLED_BACK``.
+        """
+        if isinstance(to_round, bool) or not isinstance(to_round, int) or to_round < 0:
+            raise ValueError(f"to_round must be an integer >= 0, got {to_round!r}")
+        if not self._round_lock.acquire(blocking=False):
+            raise RuntimeError(f"round {self.round_num + 1} is already running; roll back after it")
+        try:
+            if to_round > self.round_num:
+                raise ValueError(
+                    f"cannot roll back to round {to_round}: the newest committed round is "
+                    f"{self.round_num}"
+                )
+            current = {name: t.detach() for name, t in self.base_model.state_dict().items()}
+            problem = state_mismatch(
+                state, current, what="rollback base", against="the current base"
+            )
+            if problem is not None:
+                raise ValueError(problem)
+            return self._roll_back(
+                state, to_round, sha256, Reporter(self.round_num + 1, events), commit
+            )
+        finally:
+            self._round_lock.release()
+
+    def _roll_back(
+        self,
+        state: ModelState,
+        to_round: int,
+        sha256: str,
+        report: Reporter,
+        commit: CommitStep | None,
+    ) -> ConsortiumRoundResult:
+        started_at = datetime.now(UTC)
+        previous_sha256 = self.base_sha256
+        new_state = clone_state(state)
+        new_sha256 = sha256 or state_digest(new_state)
+        result = ConsortiumRoundResult(
+            round_num=report.round_num,
+            previous_base_state=self.shared_base_state,
+            shared_base_state=new_state,
+            accepted_nodes=[],
+            rejected_nodes=[],
+            contribution_weights={},
+            policy=self.contribution_policy,
+            previous_base_sha256=previous_sha256,
+            shared_base_sha256=new_sha256,
+            started_at=started_at,
+            finished_at=datetime.now(UTC),
+            rolled_back_to=to_round,
+        )
+        if commit is not None:
+            commit(result)  # raises: nothing below happens, nothing needs undoing
+        self.base_model.load_state_dict(new_state)
+        self._base_sha256 = new_sha256
+        self.round_num = report.round_num
+        report(
+            RoundStage.ROLLED_BACK,
+            "",
+            f"base {previous_sha256[:12]} -> {new_sha256[:12]}, the base of round {to_round}",
+        )
         return result
 
     def _quorum_problem(self, contributed: int, members: int) -> str:

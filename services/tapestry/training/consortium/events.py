@@ -23,6 +23,7 @@ class RoundStage(StrEnum):
     INTEGRATED = "integrated"  # the policy decided and the new base is computed
     COMMITTED = "committed"  # the commit step succeeded and the coordinator moved on
     ABORTED = "aborted"  # quorum not met: recorded by the commit step, the base unchanged
+    ROLLED_BACK = "rolled_back"  # an operator's rollback was committed: an earlier base is back
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,8 @@ class ConsortiumRoundResult:
     :func:`~tapestry.training.consortium.state_digest` of the base before and after.
     ``aborted_reason`` says why a round that met no quorum integrated nothing (the policy
     was not consulted: no node is accepted or rejected); empty when the round took effect.
+    ``rolled_back_to`` is set on a round that is an operator's rollback: no node trained, and
+    the new base is, bitwise, the base committed by that round (0: the initial base).
     """
 
     round_num: int
@@ -94,6 +96,7 @@ class ConsortiumRoundResult:
     started_at: datetime | None = None  # timezone-aware (UTC)
     finished_at: datetime | None = None
     aborted_reason: str = ""  # set when too few nodes contributed: nothing was integrated
+    rolled_back_to: int | None = None  # set on a rollback: the round whose base is restored
 
     @property
     def aborted(self) -> bool:
