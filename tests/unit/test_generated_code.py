@@ -67,7 +67,10 @@ def test_storage_records_live_apart_from_the_public_api() -> None:
 @pytest.mark.parametrize(
     ("service", "methods"),
     [
-        ("CoordinatorService", ["RunRound", "GetRound", "ListRounds", "GetBase", "ListArtifacts"]),
+        (
+            "CoordinatorService",
+            ["RunRound", "GetRound", "ListRounds", "GetBase", "ListArtifacts", "RollBackBase"],
+        ),
         ("SovereignNodeService", ["Describe", "RunSovereignCycle", "GetArtifact"]),
     ],
 )

@@ -163,6 +163,35 @@ def test_the_rounds_table_fits_80_columns_with_many_members() -> None:
     assert "member-11" in text
 
 
+def test_a_rollback_round_shows_in_the_rounds_table_within_80_columns() -> None:
+    members = [f"member-{i:02d}" for i in range(12)]
+    rounds = [
+        pb.ConsortiumRoundResult(round_num=1, accepted_nodes=members, shared_base_sha256=BEFORE),
+        pb.ConsortiumRoundResult(round_num=123456, rolled_back_to=123455, shared_base_sha256=AFTER),
+        pb.ConsortiumRoundResult(round_num=123457, rolled_back_to=0, shared_base_sha256=AFTER),
+    ]
+    rounds[1].started_at.CopyFrom(timestamp_to_proto(STARTED))
+    lines = rendered(report.rounds_table(rounds))
+
+    assert_fits(lines)
+    text = flat(lines)
+    assert "123456 2026-11-25 12:34:56 rollback to 123455 - -" in text
+    assert "123457 - rollback to 0 - -" in text
+
+
+def test_a_rollback_is_told_in_one_line_and_in_its_round_table() -> None:
+    rollback = pb.ConsortiumRoundResult(
+        round_num=3, rolled_back_to=1, previous_base_sha256=BEFORE, shared_base_sha256=AFTER
+    )
+
+    assert report.rollback_line(rollback) == (
+        f"Round 3 rolled the base back to round 1's: base {BEFORE[:12]} -> {AFTER[:12]}"
+    )
+    lines = rendered(report.round_table(rollback))
+    assert_fits(lines)
+    assert "ROLLBACK: the base of round 1 restored" in flat(lines)
+
+
 def test_progress_lines_name_the_node_or_the_round() -> None:
     node = pb.RoundProgress(
         round_num=3, stage=pb.ROUND_STAGE_NODE_FAILED, node_id="india", detail=FAILED_REASON

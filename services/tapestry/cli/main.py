@@ -328,6 +328,40 @@ def round_run(address: str, as_json: bool, timeout: float | None, request_id: st
         raise click.exceptions.Exit(ABORTED_EXIT_CODE)
 
 
+@main.group("base")
+def base_group() -> None:
+    """The shared base."""
+
+
+@base_group.command("rollback")
+@click.option(
+    "--to",
+    "to_round",
+    type=click.IntRange(0, 2**32 - 1),  # the wire's uint32
+    required=True,
+    help="The round whose committed base to restore (0: the initial base).",
+)
+@_coordinator_option
+@_json_option
+@_friendly_errors
+def base_rollback(to_round: int, address: str, as_json: bool) -> None:
+    """Roll the shared base back to the base committed by round N.
+
+    Recorded as a new round (history is never deleted): the next round trains from the
+    restored base. Rolling back to the newest round records a no-op.
+    """
+    from tapestry.cli import report
+    from tapestry.coordinator.client import CoordinatorClient
+    from tapestry.wire.codec import message_to_dict
+
+    with CoordinatorClient(address) as client:
+        result = client.roll_back_base(to_round)
+    if as_json:
+        click.echo(json.dumps(message_to_dict(result), indent=2, sort_keys=True))
+    else:
+        click.echo(report.rollback_line(result))
+
+
 def _print_listing(address: str, as_json: bool, what: str, page_size: int) -> None:
     """Fetch every page of a listing from the coordinator; print it as a table or as JSON
     (a list of objects, counts and sizes as numbers)."""

@@ -111,6 +111,8 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
         )
     if result.aborted_reason:
         caption += f"\nABORTED: {result.aborted_reason}"
+    if result.HasField("rolled_back_to"):
+        caption += f"\nROLLBACK: the base of round {result.rolled_back_to} restored"
     table.caption = Text(caption)
     table.caption_justify = "left"
     return Group(table, *reasons)
@@ -174,12 +176,27 @@ def rounds_table(rounds: Sequence[pb.ConsortiumRoundResult]) -> Table:
             table,
             str(r.round_num),
             started,
-            ", ".join(r.accepted_nodes) or "-",
+            _accepted(r),
             ", ".join(r.rejected_nodes) or "-",
             ", ".join(r.failed_nodes) or "-",
             short(r.shared_base_sha256),
         )
     return table
+
+
+def _accepted(r: pb.ConsortiumRoundResult) -> str:
+    """The accepted nodes, or what the round was when no node could be: a rollback."""
+    if r.HasField("rolled_back_to"):
+        return f"rollback to {r.rolled_back_to}"
+    return ", ".join(r.accepted_nodes) or "-"
+
+
+def rollback_line(result: pb.ConsortiumRoundResult) -> str:
+    """One line saying what a rollback did."""
+    return (
+        f"Round {result.round_num} rolled the base back to round {result.rolled_back_to}'s: "
+        f"base {short(result.previous_base_sha256)} -> {short(result.shared_base_sha256)}"
+    )
 
 
 def short(digest: str) -> str:

@@ -56,6 +56,11 @@ class CoordinatorClient:
         )
         return self._stub.GetRound(request).result
 
+    def roll_back_base(self, to_round: int) -> pb.ConsortiumRoundResult:
+        """Make round ``to_round``'s committed base the shared base again (0: the initial
+        base); returns the new round that records it."""
+        return self._stub.RollBackBase(pb.RollBackBaseRequest(to_round=to_round)).result
+
     # -- listings: one page, every page as an iterator, or every page as a list ---------
 
     def list_rounds_page(self, page_size: int = 0, page_token: str = "") -> pb.ListRoundsResponse:

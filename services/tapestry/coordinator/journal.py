@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tapestry.atomic_files import load_state, read_json, save_state, write_json, write_text
 from tapestry.consortium.v1 import journal_pb2 as jpb
-from tapestry.errors import UserError
+from tapestry.errors import NotFound, UserError
 from tapestry.training.consortium.messages import ConsortiumRoundResult, ModelState
 from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire.codec import message_from_json, message_to_json, round_result_to_proto
@@ -117,6 +117,36 @@ class CoordinatorStore:
             state, _ = load_state(initial)
             return 0, state, []
         return None
+
+    def committed_base(
+        self, round_num: int, records: list[jpb.RoundRecord]
+    ) -> tuple[ModelState, str]:
+        """``(base, digest)`` committed by round ``round_num`` (0: the initial base), read
+        back and checked against the digest the journal recorded for it (the initial base:
+        the digest saved with it). ``records`` are the committed rounds, oldest first.
+        Raises :class:`NotFound` for a round never committed and :class:`StoreError` for a
+        base file that is missing or damaged."""
+        if round_num == 0:
+            try:
+                _, metadata = load_state(self.base_path(0))
+                sha256 = metadata.get("sha256", "")
+            except Exception as error:
+                log.error("cannot read %s: %s", self.base_path(0), error)
+                sha256 = ""
+        else:
+            found = [r for r in records if r.result.round_num == round_num]
+            if not found:
+                newest = records[-1].result.round_num if records else 0
+                raise NotFound(f"round {round_num} not found; committed rounds: 0..{newest}")
+            sha256 = found[0].result.shared_base_sha256
+        state = self._load_intact(round_num, sha256) if sha256 else None
+        if state is None:
+            raise StoreError(
+                f"the base of round {round_num} ({self.base_path(round_num)}) is missing or "
+                f"does not match its recorded digest {sha256[:12] or '(none)'}; it cannot be "
+                "restored"
+            )
+        return state, sha256
 
     def _load_intact(self, round_num: int, sha256: str) -> ModelState | None:
         path = self.base_path(round_num)

@@ -17,7 +17,7 @@ from tapestry.atomic_files import StoredState
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.consortium.v1 import journal_pb2 as jpb
-from tapestry.coordinator.journal import CoordinatorStore
+from tapestry.coordinator.journal import CoordinatorStore, StoreError
 from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.errors import Busy, NotFound
 from tapestry.training.consortium import (
@@ -175,6 +175,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if request_id:
                 self._by_request_id[request_id] = record.result
         self._committed = (result.round_num, result.shared_base_sha256)
+        if result.rolled_back_to is not None:
+            log.info(
+                "round %d committed: the base of round %d restored by an operator, base %s -> %s",
+                result.round_num,
+                result.rolled_back_to,
+                result.previous_base_sha256[:12],
+                result.shared_base_sha256[:12],
+            )
+            return
         log.info(
             "round %d %s: accepted %s, rejected %s, failed %s, base %s -> %s",
             result.round_num,
@@ -185,6 +194,40 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             result.previous_base_sha256[:12],
             result.shared_base_sha256[:12],
         )
+
+    def RollBackBase(
+        self, request: pb.RollBackBaseRequest, context: grpc.ServicerContext
+    ) -> pb.RollBackBaseResponse:
+        """Restore round ``to_round``'s committed base as a new round, through the same
+        commit step as rounds. Holds the coordinator as a round does: no round starts while
+        it runs, and it is refused while one runs."""
+        to_round = request.to_round
+        with self._state_lock:
+            running = self._running
+            if running is None:
+                outcome: Future[ConsortiumRoundResult] = Future()
+                self._running = ("", outcome)
+        if running is not None:
+            abort(
+                context,
+                Busy(
+                    f"round {self._core.round_num + 1} is running; wait for its result "
+                    "(tapestry rounds) and roll back after it"
+                ),
+            )
+        try:
+            state, sha256 = self._store.committed_base(to_round, list(self._records))
+            result = self._core.roll_back(
+                state, to_round, sha256=sha256, commit=lambda r: self._commit(r, "")
+            )
+        except Exception as error:
+            if not isinstance(error, NotFound | StoreError | ValueError):
+                log.exception("rollback to round %d failed", to_round)
+            abort(context, error)
+        finally:
+            with self._state_lock:  # nobody waits on it: a rollback has no request id
+                self._running = None
+        return pb.RollBackBaseResponse(result=self._records_by_round()[result.round_num])
 
     def GetRound(
         self, request: pb.GetRoundRequest, context: grpc.ServicerContext
