@@ -1,0 +1,430 @@
+"""Issue and revoke the consortium's certificates (layout and SAN scheme: :mod:`tapestry.pki`).
+
+Everything a command asks for is validated before the first file is written; a key file is
+created with mode 0600 and never exists with wider permissions, even for an instant.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tapestry.errors import UserError, quoted
+
+Role = Literal["node", "operator"]
+DEFAULT_DAYS = 365
+MAX_DAYS = 3650
+# Names become directory names and URI path segments: no slashes, dots only inside.
+_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+KEY_MODE = 0o600
+CERT_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each file of a certificate directory lives."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.root / "crl.pem"
+
+    @property
+    def coordinator(self) -> Path:
+        return self.root / "coordinator"
+
+    def member(self, role: Role, name: str) -> Path:
+        return self.root / ("nodes" if role == "node" else "operators") / name
+
+
+def spiffe_id(
+    consortium: str, role: Literal["coordinator", "node", "operator"], name: str = ""
+) -> str:
+    """The URI SAN that names a peer: ``spiffe://<consortium>/<role>[/<name>]``."""
+    return f"spiffe://{consortium}/{role}" + (f"/{name}" if name else "")
+
+
+def check_name(what: str, name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise UserError(
+            f"{what} {quoted(name)} is not a valid name: use 1-63 letters, digits, '.', '_' "
+            "or '-', starting and ending with a letter or digit"
+        )
+    return name
+
+
+def _san_for_host(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if not _HOST.fullmatch(host):
+        raise UserError(f"host {quoted(host)} is neither an IP address nor a DNS name")
+    return x509.DNSName(host)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def issue_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    common_name: str,
+    identity: str,
+    hosts: Sequence[str] = (),
+    server: bool,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    days: int = DEFAULT_DAYS,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A leaf certificate and its new key, signed by the CA: ``identity`` as its URI SAN,
+    ``hosts`` as DNS/IP SANs; TLS client auth always, server auth when ``server``."""
+    key = _new_key()
+    start = not_before or _now() - dt.timedelta(minutes=5)  # tolerate small clock skew
+    end = not_after or start + dt.timedelta(days=days)
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + (
+        [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+    )
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity)]
+    sans += [_san_for_host(host) for host in hosts]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def create_ca(
+    consortium: str, *, days: int = MAX_DAYS
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed consortium CA; the consortium id is its organisation name."""
+    key = _new_key()
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, consortium),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"Tapestry consortium {consortium} CA"),
+        ]
+    )
+    start = _now() - dt.timedelta(minutes=5)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` from the first byte (O_EXCL: never over a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed a certificate's 0644
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    _write(tmp, data, mode)
+    os.replace(tmp, path)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_pair(directory: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    for name in ("cert.pem", "key.pem"):
+        (directory / name).unlink(missing_ok=True)
+    _write(directory / "key.pem", _key_pem(key), KEY_MODE)
+    _write(directory / "cert.pem", _pem(cert), CERT_MODE)
+
+
+def _split(values: Sequence[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _check_days(days: int) -> None:
+    if not 1 <= days <= MAX_DAYS:
+        raise UserError(f"--days must be between 1 and {MAX_DAYS}, got {days}")
+
+
+def _check_unique(what: str, names: Sequence[str]) -> None:
+    for name in names:
+        check_name(what, name)
+        if names.count(name) > 1:
+            raise UserError(f"{what} {quoted(name)} is given twice")
+
+
+def init_consortium(
+    root: Path,
+    consortium: str,
+    *,
+    coordinator_hosts: Sequence[str],
+    nodes: Sequence[tuple[str, str]],
+    operators: Sequence[str] = (),
+    days: int = DEFAULT_DAYS,
+) -> Layout:
+    """Create the CA, the coordinator's certificate, one per ``(node_id, host)`` and one per
+    operator under ``root``. Refuses to overwrite an existing CA."""
+    layout = Layout(root)
+    check_name("consortium", consortium)
+    _check_days(days)
+    if not coordinator_hosts:
+        raise UserError("give the coordinator at least one host (--coordinator-host)")
+    for host in coordinator_hosts:
+        _san_for_host(host)
+    _check_unique("node", [node_id for node_id, _ in nodes])
+    for _, host in nodes:
+        _san_for_host(host)
+    _check_unique("operator", list(operators))
+    if layout.ca_cert.exists() or layout.ca_key.exists():
+        raise UserError(
+            f"{layout.ca_cert} already exists: refusing to overwrite the consortium CA "
+            "(use `tapestry certs issue` to add a member, or choose another --dir)"
+        )
+    ca_cert, ca_key = create_ca(consortium)
+    _write(layout.ca_key, _key_pem(ca_key), KEY_MODE)
+    _write(layout.ca_cert, _pem(ca_cert), CERT_MODE)
+    _write_crl(layout, ca_cert, ca_key, [])
+    cert, key = issue_certificate(
+        ca_cert,
+        ca_key,
+        common_name=f"{consortium} coordinator",
+        identity=spiffe_id(consortium, "coordinator"),
+        hosts=coordinator_hosts,
+        server=True,
+        days=days,
+    )
+    _write_pair(layout.coordinator, cert, key)
+    for node_id, host in nodes:
+        _issue_member(layout, ca_cert, ca_key, "node", node_id, host, days)
+    for name in operators:
+        _issue_member(layout, ca_cert, ca_key, "operator", name, None, days)
+    return layout
+
+
+def load_authority(root: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    layout = Layout(root)
+    try:
+        ca_cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
+    except FileNotFoundError as error:
+        raise UserError(
+            f"no consortium CA at {error.filename}: run `tapestry certs init --dir {root}` first"
+        ) from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise UserError(f"{layout.ca_key} is not an ECDSA key")
+    return ca_cert, ca_key
+
+
+def consortium_of(ca_cert: x509.Certificate) -> str:
+    names = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return str(names[0].value) if names else ""
+
+
+def _issue_member(
+    layout: Layout,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    role: Role,
+    name: str,
+    host: str | None,
+    days: int,
+) -> Path:
+    cert, key = issue_certificate(
+        ca_cert,
+        ca_key,
+        common_name=f"{role} {name}",
+        identity=spiffe_id(consortium_of(ca_cert), role, name),
+        hosts=[host] if host else [],
+        server=role == "node",
+        days=days,
+    )
+    directory = layout.member(role, name)
+    _write_pair(directory, cert, key)
+    return directory
+
+
+def issue_member(
+    root: Path, role: Role, name: str, *, host: str | None = None, days: int = DEFAULT_DAYS
+) -> Path:
+    """One more node (``host`` required) or operator certificate, signed by the existing CA.
+    Refuses to replace a certificate that has not been revoked."""
+    layout = Layout(root)
+    check_name(role, name)
+    _check_days(days)
+    if role == "node":
+        if not host:
+            raise UserError("a node certificate needs the node's host (--host)")
+        _san_for_host(host)
+    ca_cert, ca_key = load_authority(root)
+    existing = layout.member(role, name) / "cert.pem"
+    if existing.exists():
+        serial = x509.load_pem_x509_certificate(existing.read_bytes()).serial_number
+        if serial not in revoked_serials(layout):
+            raise UserError(
+                f"{role} {quoted(name)} already has a valid certificate at {existing}: "
+                f"revoke it first (`tapestry certs revoke --{role} {name}`)"
+            )
+    return _issue_member(layout, ca_cert, ca_key, role, name, host, days)
+
+
+def revoked_serials(layout: Layout) -> set[int]:
+    if not layout.crl.exists():
+        return set()
+    crl = x509.load_pem_x509_crl(layout.crl.read_bytes())
+    return {entry.serial_number for entry in crl}
+
+
+def _write_crl(
+    layout: Layout,
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    entries: Sequence[x509.RevokedCertificate],
+) -> None:
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=DEFAULT_DAYS))
+    )
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _replace(layout.crl, crl.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+
+
+def revoke_certificate(root: Path, cert_path: Path) -> int:
+    """Add the certificate at ``cert_path`` to ``crl.pem`` (re-signed by the CA) and return
+    its serial number. Refuses the CA itself and a certificate the CA did not issue."""
+    layout = Layout(root)
+    ca_cert, ca_key = load_authority(root)
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"no certificate at {cert_path}: nothing to revoke") from None
+    if cert.serial_number == ca_cert.serial_number or cert.subject == ca_cert.subject:
+        raise UserError(
+            "refusing to revoke the consortium CA: start a new consortium with "
+            "`tapestry certs init` instead"
+        )
+    if cert.issuer != ca_cert.subject:
+        raise UserError(f"{cert_path} was not issued by the consortium CA at {layout.ca_cert}")
+    previous = list(x509.load_pem_x509_crl(layout.crl.read_bytes())) if layout.crl.exists() else []
+    if any(entry.serial_number == cert.serial_number for entry in previous):
+        raise UserError(f"{cert_path} is already revoked")
+    entry = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(cert.serial_number)
+        .revocation_date(_now())
+        .build()
+    )
+    _write_crl(layout, ca_cert, ca_key, [*previous, entry])
+    return cert.serial_number
+
+
+def revoke_member(root: Path, role: Role, name: str) -> int:
+    check_name(role, name)
+    return revoke_certificate(root, Layout(root).member(role, name) / "cert.pem")
+
+
+def parse_nodes(values: Sequence[str]) -> list[tuple[str, str]]:
+    """``--node`` values ``ID`` or ``ID=HOST`` (comma-separated allowed); a bare id's host
+    is the id itself, as in compose where each node's service is named after it."""
+    nodes = []
+    for item in _split(values):
+        node_id, _, host = item.partition("=")
+        nodes.append((node_id, host or node_id))
+    return nodes
+
+
+def split_list(values: Sequence[str]) -> list[str]:
+    return _split(values)
