@@ -14,13 +14,9 @@ from cryptography.hazmat.primitives import serialization
 
 from tapestry.cli import main
 from tapestry.errors import UserError
-from tapestry.pki.authority import (
-    issue_certificate,
-    load_authority,
-    revoke_certificate,
-    spiffe_id,
-)
+from tapestry.pki.authority import issue_certificate, load_authority, revoke_certificate
 from tapestry.pki.credentials import CredentialError, certificate_sans, check_credentials
+from tapestry.pki.layout import spiffe_id
 
 
 def _cli(*args: str):

@@ -477,7 +477,8 @@ def certs_init(
     days: int,
 ) -> None:
     """Create a consortium CA and the coordinator's, nodes' and operators' certificates."""
-    from tapestry.pki.authority import init_consortium, parse_nodes, split_list
+    from tapestry.pki.authority import init_consortium
+    from tapestry.pki.layout import parse_nodes, split_list
 
     init_consortium(
         root,

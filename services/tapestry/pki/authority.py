@@ -1,19 +1,13 @@
 """Issue and revoke the consortium's certificates (layout and SAN scheme: :mod:`tapestry.pki`).
 
-Everything a command asks for is validated before the first file is written; a key file is
-created with mode 0600 and never exists with wider permissions, even for an instant.
+Everything a command asks for is validated before the first file is written.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
-import os
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,67 +15,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tapestry.errors import UserError, quoted
+from tapestry.pki.layout import (
+    CERT_MODE,
+    KEY_MODE,
+    Layout,
+    Role,
+    cert_pem,
+    check_name,
+    key_pem,
+    replace_file,
+    san_for_host,
+    spiffe_id,
+    write_new,
+    write_pair,
+)
 
-Role = Literal["node", "operator"]
 DEFAULT_DAYS = 365
 MAX_DAYS = 3650
-# Names become directory names and URI path segments: no slashes, dots only inside.
-_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
-_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
-KEY_MODE = 0o600
-CERT_MODE = 0o644
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each file of a certificate directory lives."""
-
-    root: Path
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.root / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.root / "ca.key"
-
-    @property
-    def crl(self) -> Path:
-        return self.root / "crl.pem"
-
-    @property
-    def coordinator(self) -> Path:
-        return self.root / "coordinator"
-
-    def member(self, role: Role, name: str) -> Path:
-        return self.root / ("nodes" if role == "node" else "operators") / name
-
-
-def spiffe_id(
-    consortium: str, role: Literal["coordinator", "node", "operator"], name: str = ""
-) -> str:
-    """The URI SAN that names a peer: ``spiffe://<consortium>/<role>[/<name>]``."""
-    return f"spiffe://{consortium}/{role}" + (f"/{name}" if name else "")
-
-
-def check_name(what: str, name: str) -> str:
-    if not _NAME.fullmatch(name):
-        raise UserError(
-            f"{what} {quoted(name)} is not a valid name: use 1-63 letters, digits, '.', '_' "
-            "or '-', starting and ending with a letter or digit"
-        )
-    return name
-
-
-def _san_for_host(host: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    if not _HOST.fullmatch(host):
-        raise UserError(f"host {quoted(host)} is neither an IP address nor a DNS name")
-    return x509.DNSName(host)
 
 
 def _now() -> dt.datetime:
@@ -113,7 +63,7 @@ def issue_certificate(
         [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
     )
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity)]
-    sans += [_san_for_host(host) for host in hosts]
+    sans += [san_for_host(host) for host in hosts]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -188,48 +138,6 @@ def create_ca(
     return cert, key
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the first byte (O_EXCL: never over a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have narrowed a certificate's 0644
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    _write(tmp, data, mode)
-    os.replace(tmp, path)
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _write_pair(directory: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    for name in ("cert.pem", "key.pem"):
-        (directory / name).unlink(missing_ok=True)
-    _write(directory / "key.pem", _key_pem(key), KEY_MODE)
-    _write(directory / "cert.pem", _pem(cert), CERT_MODE)
-
-
-def _split(values: Sequence[str]) -> list[str]:
-    return [part.strip() for value in values for part in value.split(",") if part.strip()]
-
-
 def _check_days(days: int) -> None:
     if not 1 <= days <= MAX_DAYS:
         raise UserError(f"--days must be between 1 and {MAX_DAYS}, got {days}")
@@ -259,10 +167,10 @@ def init_consortium(
     if not coordinator_hosts:
         raise UserError("give the coordinator at least one host (--coordinator-host)")
     for host in coordinator_hosts:
-        _san_for_host(host)
+        san_for_host(host)
     _check_unique("node", [node_id for node_id, _ in nodes])
     for _, host in nodes:
-        _san_for_host(host)
+        san_for_host(host)
     _check_unique("operator", list(operators))
     if layout.ca_cert.exists() or layout.ca_key.exists():
         raise UserError(
@@ -270,8 +178,8 @@ def init_consortium(
             "(use `tapestry certs issue` to add a member, or choose another --dir)"
         )
     ca_cert, ca_key = create_ca(consortium)
-    _write(layout.ca_key, _key_pem(ca_key), KEY_MODE)
-    _write(layout.ca_cert, _pem(ca_cert), CERT_MODE)
+    write_new(layout.ca_key, key_pem(ca_key), KEY_MODE)
+    write_new(layout.ca_cert, cert_pem(ca_cert), CERT_MODE)
     _write_crl(layout, ca_cert, ca_key, [])
     cert, key = issue_certificate(
         ca_cert,
@@ -282,7 +190,7 @@ def init_consortium(
         server=True,
         days=days,
     )
-    _write_pair(layout.coordinator, cert, key)
+    write_pair(layout.coordinator, cert, key)
     for node_id, host in nodes:
         _issue_member(layout, ca_cert, ca_key, "node", node_id, host, days)
     for name in operators:
@@ -328,7 +236,7 @@ def _issue_member(
         days=days,
     )
     directory = layout.member(role, name)
-    _write_pair(directory, cert, key)
+    write_pair(directory, cert, key)
     return directory
 
 
@@ -343,7 +251,7 @@ def issue_member(
     if role == "node":
         if not host:
             raise UserError("a node certificate needs the node's host (--host)")
-        _san_for_host(host)
+        san_for_host(host)
     ca_cert, ca_key = load_authority(root)
     existing = layout.member(role, name) / "cert.pem"
     if existing.exists():
@@ -379,7 +287,7 @@ def _write_crl(
     for entry in entries:
         builder = builder.add_revoked_certificate(entry)
     crl = builder.sign(ca_key, hashes.SHA256())
-    _replace(layout.crl, crl.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+    replace_file(layout.crl, crl.public_bytes(serialization.Encoding.PEM), CERT_MODE)
 
 
 def revoke_certificate(root: Path, cert_path: Path) -> int:
@@ -414,17 +322,3 @@ def revoke_certificate(root: Path, cert_path: Path) -> int:
 def revoke_member(root: Path, role: Role, name: str) -> int:
     check_name(role, name)
     return revoke_certificate(root, Layout(root).member(role, name) / "cert.pem")
-
-
-def parse_nodes(values: Sequence[str]) -> list[tuple[str, str]]:
-    """``--node`` values ``ID`` or ``ID=HOST`` (comma-separated allowed); a bare id's host
-    is the id itself, as in compose where each node's service is named after it."""
-    nodes = []
-    for item in _split(values):
-        node_id, _, host = item.partition("=")
-        nodes.append((node_id, host or node_id))
-    return nodes
-
-
-def split_list(values: Sequence[str]) -> list[str]:
-    return _split(values)
