@@ -108,3 +108,17 @@ def test_a_client_from_another_ca_is_refused(
         _check(port, credentials)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert servicer.callers == []
+
+
+def test_a_plaintext_caller_has_no_identity() -> None:
+    servicer = _NamingHealth()
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    finally:
+        grpc_server.stop(None).wait()
+    assert servicer.callers == [None]
