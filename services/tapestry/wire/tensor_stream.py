@@ -152,8 +152,8 @@ class StateAssembler:
         if chunk.dtype != dtype_name(self._spec.dtype) or tuple(chunk.shape) != self._spec.shape:
             raise WireError(
                 f"tensor {quoted(chunk.name)}: chunk says {quoted(chunk.dtype)} "
-                f"{tuple(chunk.shape)[:8]} but the "
-                f"tensor began as {dtype_name(self._spec.dtype)} {self._spec.shape}"
+                f"{_shape(chunk.shape)} but the "
+                f"tensor began as {dtype_name(self._spec.dtype)} {_shape(self._spec.shape)}"
             )
         if chunk.offset != self._filled:
             raise WireError(
@@ -212,7 +212,7 @@ class StateAssembler:
             )
         shape = tuple(int(d) for d in chunk.shape)
         if any(d < 0 for d in shape):
-            raise WireError(f"tensor {quoted(name)}: negative dimension in shape {shape}")
+            raise WireError(f"tensor {quoted(name)}: negative dimension in shape {_shape(shape)}")
         if self._expected is not None:
             want = self._expected.get(name)
             if want is None:
@@ -222,13 +222,13 @@ class StateAssembler:
             if (want.dtype, want.shape) != (dtype, shape):
                 raise WireError(
                     f"tensor {quoted(name)}: expected {dtype_name(want.dtype)} {want.shape}, "
-                    f"got {quoted(chunk.dtype)} {shape}"
+                    f"got {quoted(chunk.dtype)} {_shape(shape)}"
                 )
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if chunk.total_bytes != nbytes:
             raise WireError(
                 f"tensor {quoted(name)}: total_bytes {chunk.total_bytes} does not match "
-                f"{quoted(chunk.dtype)} {shape} ({nbytes} bytes)"
+                f"{quoted(chunk.dtype)} {_shape(shape)} ({_number(nbytes)} bytes)"
             )
         self._name, self._spec = name, TensorSpec(dtype, shape)
         self._hasher.tensor(name, chunk.dtype, shape, nbytes)
@@ -240,7 +240,7 @@ class StateAssembler:
             return
         if self._filled != self._nbytes:
             raise WireError(
-                f"tensor {self._name!r} truncated: {self._filled} of {self._nbytes} bytes"
+                f"tensor {quoted(self._name)} truncated: {self._filled} of {self._nbytes} bytes"
             )
         self._end(self._name, self._spec)
         self._done[self._name] = self._spec
@@ -250,7 +250,10 @@ class StateAssembler:
     # Where the bytes go: memory here, a scratch file in SpillingAssembler. ---------------
 
     def _begin(self, nbytes: int) -> None:
-        self._buffer = bytearray(nbytes)
+        # Only an expected spec bounds the size up front; without one the buffer grows as
+        # bytes arrive (chunks come in order, so each write appends), and a peer that
+        # announces a huge tensor costs nothing until it sends the bytes.
+        self._buffer = bytearray(nbytes) if self._expected is not None else bytearray()
 
     def _write(self, offset: int, data: bytes) -> None:
         self._buffer[offset : offset + len(data)] = data
@@ -270,6 +273,20 @@ def tensor_from_bytes(buffer: bytearray, spec: TensorSpec) -> torch.Tensor:
     else:
         flat = torch.empty(0, dtype=spec.dtype)
     return flat.reshape(spec.shape)
+
+
+def _shape(shape: Iterable[int], limit: int = 8) -> str:
+    """A shape from a peer, cut to its first ``limit`` dimensions, so a refusal stays short
+    however many dimensions were announced."""
+    dims = tuple(shape)
+    more = f" ... ({len(dims)} dimensions)" if len(dims) > limit else ""
+    return f"{dims[:limit]}{more}"
+
+
+def _number(n: int) -> str:
+    """A size computed from a peer's shape: its product can run to thousands of digits."""
+    text = str(n)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
 
 
 def _first(names: Iterable[str], limit: int = 5) -> str:

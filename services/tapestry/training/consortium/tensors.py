@@ -43,6 +43,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
+    # A one-element slice such as t[::2] counts as contiguous yet keeps its stride, which
+    # view(uint8) refuses; the bytes of a contiguous tensor are dense, so stride 1 is exact.
+    flat = flat.as_strided((flat.numel(),), (1,))
     return flat.view(torch.uint8).numpy().data
 
 
