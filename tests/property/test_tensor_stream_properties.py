@@ -250,3 +250,12 @@ def test_a_one_element_strided_tensor_is_sent() -> None:
     received, _ = assemble(stream_of(state, 1), spec_of(state))
     assert not isinstance(received, WireError)
     assert bits(received) == bits(state)
+
+
+def test_a_truncated_tensor_with_a_huge_name_is_refused_briefly() -> None:
+    """Regression: the truncation refusal repr'd the peer's tensor name uncut."""
+    assembler = StateAssembler()
+    assembler.add(pb.TensorChunk(name="w" * 100_000, dtype="float32", shape=[2], total_bytes=8))
+    with pytest.raises(WireError, match="truncated") as refused:
+        assembler.finish(pb.StateTrailer())
+    assert len(str(refused.value)) <= MAX_MESSAGE_CHARS
