@@ -247,14 +247,7 @@ class ConsortiumCoordinator:
             finished_at=datetime.now(UTC),
             aborted_reason=aborted_reason,
         )
-        if commit is not None:
-            commit(result)  # raises: nothing below happens, nothing needs undoing
-        # The round is durable (or the caller keeps no record): move to the new base.
-        if accepted:
-            self.base_model.load_state_dict(new_state)
-        self._base_sha256 = new_sha256
-        self.sovereign_artifacts.update(artifacts)
-        self.round_num = round_num
+        self._advance(result, commit, load_base=bool(accepted))
         if aborted_reason:
             report(RoundStage.ABORTED, "", aborted_reason)
         else:
@@ -332,17 +325,27 @@ class ConsortiumCoordinator:
             finished_at=datetime.now(UTC),
             rolled_back_to=to_round,
         )
-        if commit is not None:
-            commit(result)  # raises: nothing below happens, nothing needs undoing
-        self.base_model.load_state_dict(new_state)
-        self._base_sha256 = new_sha256
-        self.round_num = report.round_num
+        self._advance(result, commit, load_base=True)
         report(
             RoundStage.ROLLED_BACK,
             "",
             f"base {previous_sha256[:12]} -> {new_sha256[:12]}, the base of round {to_round}",
         )
         return result
+
+    def _advance(
+        self, result: ConsortiumRoundResult, commit: CommitStep | None, *, load_base: bool
+    ) -> None:
+        """The one way the coordinator moves on, for rounds and rollbacks alike: the commit
+        step first (if it raises, nothing below happens and nothing needs undoing), then the
+        result's base (when it changed), digest, retained artifacts and round number."""
+        if commit is not None:
+            commit(result)
+        if load_base:
+            self.base_model.load_state_dict(result.shared_base_state)
+        self._base_sha256 = result.shared_base_sha256
+        self.sovereign_artifacts.update(result.artifacts)
+        self.round_num = result.round_num
 
     def _quorum_problem(self, contributed: int, members: int) -> str:
         """Why ``contributed`` of ``members`` nodes fall short of the quorum; ``""`` when
