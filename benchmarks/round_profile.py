@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.launcher import LocalConsortium, LocalNodeSpec
 
 TRAINING = {"local_epochs": 1, "batch_size": 8, "max_seq_len": 64, "lr": 0.001}
@@ -73,7 +72,7 @@ def main() -> None:
             f"model: hidden {args.hidden}, {model_bytes / 2**20:.1f} MiB; "
             f"{args.nodes} nodes; coordinator idle RSS {idle / 1024:.0f} MiB"
         )
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             for _ in range(args.rounds):
                 start = time.perf_counter()
                 result = client.run_round()

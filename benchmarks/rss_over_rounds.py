@@ -12,8 +12,6 @@ import argparse
 
 from round_profile import bench_consortium, kib
 
-from tapestry.coordinator.client import CoordinatorClient
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -24,7 +22,7 @@ def main() -> None:
     with bench_consortium(args.hidden, args.nodes) as consortium:
         pid = consortium.processes["coordinator"].popen.pid
         readings = [f"idle {kib(pid, 'VmRSS') // 1024}"]
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             for _ in range(args.rounds):
                 client.run_round()
                 readings.append(f"{kib(pid, 'VmRSS') // 1024}/{kib(pid, 'VmHWM') // 1024}")

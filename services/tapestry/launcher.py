@@ -28,8 +28,9 @@ from tapestry.config import (
     build_config,
     write_config,
 )
+from tapestry.coordinator.client import CoordinatorClient
 from tapestry.errors import UserError
-from tapestry.wire.grpc_plumbing import STOP_GRACE_S, check_health
+from tapestry.wire.grpc_plumbing import STOP_GRACE_S, check_health, insecure_channel
 from tapestry.wire.status import SERVER, describe_rpc_error
 
 START_TIMEOUT_S = 120.0
@@ -276,6 +277,16 @@ class LocalConsortium:
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()
+
+    # -- talking to the servers -------------------------------------------------------
+
+    def client(self) -> CoordinatorClient:
+        """A client of the coordinator, as the consortium's operator."""
+        return CoordinatorClient(self.coordinator_address)
+
+    def channel(self, name: str) -> grpc.Channel:
+        """A channel to the process ``name`` (``"coordinator"`` or a node id)."""
+        return insecure_channel(self.processes[name].address)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.workdir / "logs" / f"{name}.log"

@@ -15,7 +15,6 @@ import torch
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.training.consortium import InvalidBase, ModelSpec, SovereignTrainingNode
-from tapestry.wire.grpc_plumbing import insecure_channel
 from tapestry.wire.tensor_stream import send_state
 
 Request = pb.RunSovereignCycleRequest
@@ -24,7 +23,7 @@ Stream = list[Request]
 
 @pytest.fixture(scope="module")
 def node_stub(shared_consortium):
-    with insecure_channel(shared_consortium.processes["india"].address) as channel:
+    with shared_consortium.channel("india") as channel:
         yield pb_grpc.SovereignNodeServiceStub(channel)
 
 
@@ -151,7 +150,7 @@ def test_an_artifact_the_node_does_not_keep_is_not_found(node_stub) -> None:
 
 
 def test_a_round_never_committed_is_not_found(shared_consortium) -> None:
-    with insecure_channel(shared_consortium.coordinator_address) as channel:
+    with shared_consortium.channel("coordinator") as channel:
         stub = pb_grpc.CoordinatorServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.GetRound(pb.GetRoundRequest(round_num=999))

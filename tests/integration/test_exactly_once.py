@@ -15,10 +15,8 @@ import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.launcher import LocalConsortium
 from tapestry.wire.codec import MAX_REQUEST_ID_CHARS
-from tapestry.wire.grpc_plumbing import insecure_channel
 
 from .conftest import POLICY
 from .fake_nodes import BlockingNode, FakeNode, serve
@@ -39,15 +37,15 @@ def test_a_retry_with_the_same_id_returns_the_committed_round_even_after_a_resta
     fake_consortium,
 ):
     consortium, nodes = fake_consortium
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         first = client.run_round(request_id="trigger-1")
         again = client.run_round(request_id="trigger-1")
         assert [r.round_num for r in client.list_rounds()] == [1]
     assert again == first
     assert [n.cycles for n in nodes] == [1, 1]  # no node trained twice
 
-    address = consortium.restart_coordinator()
-    with CoordinatorClient(address) as client:
+    consortium.restart_coordinator()
+    with consortium.client() as client:
         after_restart = client.run_round(request_id="trigger-1")
         other = client.run_round(request_id="trigger-2")
         rounds = [r.round_num for r in client.list_rounds()]
@@ -59,7 +57,7 @@ def test_a_retry_with_the_same_id_returns_the_committed_round_even_after_a_resta
 
 def test_calls_without_an_id_each_run_a_round(fake_consortium):
     consortium, _ = fake_consortium
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         assert [client.run_round().round_num for _ in range(2)] == [1, 2]
 
 
@@ -80,7 +78,7 @@ def test_calls_without_an_id_each_run_a_round(fake_consortium):
 )
 def test_a_bad_request_id_is_refused_without_echoing_it(fake_consortium, request_id, message):
     consortium, nodes = fake_consortium
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         with pytest.raises(grpc.RpcError) as refused:
             client.run_round(request_id=request_id)
         assert client.list_rounds() == []
@@ -97,8 +95,8 @@ def test_a_retry_while_its_round_runs_waits_for_that_rounds_result(tmp_path):
     with (
         serve([blocking, FakeNode("fast")]) as members,
         LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
-        CoordinatorClient(consortium.coordinator_address) as client,
-        insecure_channel(consortium.coordinator_address) as channel,
+        consortium.client() as client,
+        consortium.channel("coordinator") as channel,
     ):
         outcome: list[pb.ConsortiumRoundResult] = []
         first = threading.Thread(target=lambda: outcome.append(client.run_round(request_id="held")))

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.training.consortium import ModelSpec
 
 from .fake_nodes import BlockingNode, FakeNode, serve
@@ -34,7 +33,7 @@ def test_bad_deltas_fail_their_node_and_the_round_commits_the_rest(
     consortium_factory, misbehaving_members
 ):
     consortium = consortium_factory(extra_members=misbehaving_members)
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         result = client.run_round()
         _, base = client.get_base()
 
@@ -57,7 +56,7 @@ def test_a_node_that_is_not_who_or_what_the_file_says_gets_no_weights(consortium
     with serve([impostor, other_model]) as members:
         members[0]["node_id"] = "ghost"
         consortium = consortium_factory(extra_members=members)
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             result = client.run_round()
 
     assert list(result.accepted_nodes) == ["vietnam", "switzerland", "india"]
@@ -73,14 +72,14 @@ def test_a_second_round_while_one_runs_is_refused(consortium_factory):
     blocking = BlockingNode("slow")
     with serve([blocking]) as members:
         consortium = consortium_factory(extra_members=members)
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             outcome: list[object] = []
             first = threading.Thread(target=lambda: outcome.append(client.run_round()))
             first.start()
             try:
                 assert blocking.started.wait(timeout=60)
                 with (
-                    CoordinatorClient(consortium.coordinator_address) as other,
+                    consortium.client() as other,
                     pytest.raises(grpc.RpcError) as refused,
                 ):
                     other.run_round()
@@ -100,7 +99,7 @@ def test_a_member_cannot_capture_the_base_with_its_score_or_one_huge_delta(conso
     round's median norm is refused, each with its reason; the honest nodes integrate."""
     with serve([FakeNode("greedy", "greedy"), FakeNode("huge", "huge")]) as members:
         consortium = consortium_factory(extra_members=members)
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             result = client.run_round()
             _, base = client.get_base()
 

@@ -16,10 +16,8 @@ import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.launcher import LocalConsortium
 from tapestry.training.consortium import ModelSpec
-from tapestry.wire.grpc_plumbing import insecure_channel
 from tapestry.wire.tensor_stream import send_state
 
 from .conftest import POLICY, node_specs
@@ -40,7 +38,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalConsortiu
     consortium = LocalConsortium(root, specs, consortium_id=CONSORTIUM, policy=POLICY)
     try:
         consortium.start()
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             for _ in range(2):
                 assert client.run_round().accepted_nodes == ["vietnam", "switzerland", "india"]
         yield consortium
@@ -50,7 +48,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalConsortiu
 
 @pytest.fixture
 def india(guarded: LocalConsortium) -> Iterator[pb_grpc.SovereignNodeServiceStub]:
-    with insecure_channel(guarded.processes["india"].address) as channel:
+    with guarded.channel("india") as channel:
         yield pb_grpc.SovereignNodeServiceStub(channel)
 
 
@@ -141,7 +139,7 @@ def test_a_stream_that_sends_only_its_start_does_not_hold_the_node(
     )
     assert _files(artifacts) == before
     # The node is free again: the real coordinator's next round has every node in it.
-    with CoordinatorClient(guarded.coordinator_address) as client:
+    with guarded.client() as client:
         result = client.run_round()
     assert result.accepted_nodes == ["vietnam", "switzerland", "india"]
     assert dict(result.failed_nodes) == {}

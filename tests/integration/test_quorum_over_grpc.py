@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.launcher import LocalConsortium
 from tapestry.training.consortium import state_digest
 
@@ -29,14 +28,14 @@ def test_a_round_short_of_its_quorum_is_aborted_and_recorded_with_the_base_untou
         serve([FakeNode("alpha"), FakeNode("broken", "nan")]) as members,
         LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
     ):
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             _, base_before = client.get_base()
             progress: list[pb.RoundProgress] = []
             result = client.run_round(progress.append)
             rounds = client.list_rounds()
             round_num, base_after = client.get_base()
-        address = consortium.restart_coordinator()
-        with CoordinatorClient(address) as client:
+        consortium.restart_coordinator()
+        with consortium.client() as client:
             resumed_at, base_resumed = client.get_base()
             listed_after_restart = client.list_rounds()
 

@@ -15,7 +15,6 @@ import grpc
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.launcher import LocalConsortium
 from tapestry.training.consortium import state_digest
 
@@ -32,7 +31,7 @@ def consortium_after_two_rounds(
         serve([FakeNode("alpha"), FakeNode("beta")]) as members,
         LocalConsortium(root, [], policy=POLICY, extra_members=members) as consortium,
     ):
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             rounds = [client.run_round(), client.run_round()]
         assert rounds[0].shared_base_sha256 != rounds[1].shared_base_sha256
         yield consortium, rounds
@@ -40,7 +39,7 @@ def consortium_after_two_rounds(
 
 def test_a_rollback_is_recorded_as_a_new_round_and_the_earlier_base_is_served(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, (first, second)):
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             result = client.roll_back_base(1)
             round_num, base = client.get_base()
             listed = client.list_rounds()
@@ -63,10 +62,10 @@ def test_a_rollback_is_recorded_as_a_new_round_and_the_earlier_base_is_served(tm
 
 def test_a_restart_resumes_at_the_rollback_and_the_next_round_starts_from_it(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, (first, _)):
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             client.roll_back_base(1)
-        address = consortium.restart_coordinator()
-        with CoordinatorClient(address) as client:
+        consortium.restart_coordinator()
+        with consortium.client() as client:
             resumed_at, base = client.get_base()
             fourth = client.run_round()
 
@@ -79,7 +78,7 @@ def test_a_restart_resumes_at_the_rollback_and_the_next_round_starts_from_it(tmp
 
 def test_a_rollback_to_the_initial_base_restores_round_zeros_base(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, (first, _)):
-        client = CoordinatorClient(consortium.coordinator_address)
+        client = consortium.client()
         with client:
             result = client.roll_back_base(0)
             _, base = client.get_base()
@@ -94,7 +93,7 @@ def test_a_rollback_to_the_initial_base_restores_round_zeros_base(tmp_path):
 
 def test_a_round_never_committed_is_not_found(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, _):
-        client = CoordinatorClient(consortium.coordinator_address)
+        client = consortium.client()
         with client:
             with pytest.raises(grpc.RpcError) as refused:
                 client.roll_back_base(7)
@@ -109,7 +108,7 @@ def test_a_damaged_base_is_not_restored(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, _):
         damaged = consortium.coordinator_data_dir / "base" / "round-000001.safetensors"
         damaged.write_bytes(damaged.read_bytes()[:-8])
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             with pytest.raises(grpc.RpcError) as refused:
                 client.roll_back_base(1)
             round_num, _ = client.get_base()
@@ -128,7 +127,7 @@ def test_a_rollback_while_a_round_runs_is_refused(tmp_path):
     with (
         serve([FakeNode("alpha"), blocking]) as members,
         LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
-        CoordinatorClient(consortium.coordinator_address) as client,
+        consortium.client() as client,
     ):
         running = threading.Thread(target=client.run_round)
         running.start()

@@ -7,7 +7,6 @@ import torch
 
 from tapestry.atomic_files import load_state, read_json
 from tapestry.config import NodeConfig, load_config
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.node.corpus import load_corpus
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
@@ -23,7 +22,7 @@ NODES = ["vietnam", "switzerland", "india"]
 
 
 def test_round_retains_one_artifact_per_node_on_disk_and_in_listing(shared_consortium):
-    with CoordinatorClient(shared_consortium.coordinator_address) as client:
+    with shared_consortium.client() as client:
         result = client.run_round()
         listed = {a.node_id: a for a in client.list_artifacts()}
 
@@ -53,7 +52,7 @@ def test_round_retains_one_artifact_per_node_on_disk_and_in_listing(shared_conso
 
 
 def test_accepted_round_changes_the_base_and_commits_it(shared_consortium):
-    with CoordinatorClient(shared_consortium.coordinator_address) as client:
+    with shared_consortium.client() as client:
         before_round, before = client.get_base()
         result = client.run_round()
         after_round, after = client.get_base()
@@ -68,7 +67,7 @@ def test_accepted_round_changes_the_base_and_commits_it(shared_consortium):
 
 def test_all_rejected_leaves_the_base_bitwise_identical(consortium_factory):
     consortium = consortium_factory(policy={"quality_floor": 0.95})
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         _, before = client.get_base()
         result = client.run_round()
         _, after = client.get_base()
@@ -90,7 +89,7 @@ def test_all_rejected_leaves_the_base_bitwise_identical(consortium_factory):
 
 def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
     consortium = consortium_factory()
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         for _ in range(2):
             client.run_round()
         _, served = client.get_base()
@@ -127,7 +126,7 @@ def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
 def test_a_node_that_is_down_is_reported_and_the_round_completes(consortium_factory):
     consortium = consortium_factory()
     consortium.stop_node("switzerland")
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         result = client.run_round()
 
     assert list(result.accepted_nodes) == ["vietnam", "india"]
@@ -143,7 +142,7 @@ def test_a_member_that_never_existed_is_reported_failed(consortium_factory):
             {"node_id": "atlantis", "jurisdiction": "Atlantis", "address": "127.0.0.1:1"}
         ]
     )
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         result = client.run_round()
     assert list(result.accepted_nodes) == NODES
     assert "UNAVAILABLE" in result.failed_nodes["atlantis"]
@@ -151,11 +150,11 @@ def test_a_member_that_never_existed_is_reported_failed(consortium_factory):
 
 def test_a_restarted_coordinator_resumes_at_its_last_committed_round(consortium_factory):
     consortium = consortium_factory()
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         first = client.run_round()
         _, base_before = client.get_base()
-    address = consortium.restart_coordinator()
-    with CoordinatorClient(address) as client:
+    consortium.restart_coordinator()
+    with consortium.client() as client:
         round_num, base_after = client.get_base()
         listed = client.list_artifacts()
         second = client.run_round()
@@ -169,7 +168,7 @@ def test_a_restarted_coordinator_resumes_at_its_last_committed_round(consortium_
 
 def test_a_node_past_its_deadline_is_reported_and_the_base_is_untouched(consortium_factory):
     consortium = consortium_factory(settings={"node_timeout_s": 0.001})
-    with CoordinatorClient(consortium.coordinator_address) as client:
+    with consortium.client() as client:
         _, before = client.get_base()
         result = client.run_round()
         _, after = client.get_base()

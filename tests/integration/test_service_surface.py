@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from tapestry.cli.report import WIDTH
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.wire.grpc_plumbing import check_health, insecure_channel
 
 
@@ -34,7 +33,7 @@ def test_every_server_is_healthy_and_reflects_its_services(shared_consortium):
 
 
 def test_describe_names_the_node_and_its_model(shared_consortium):
-    with insecure_channel(shared_consortium.processes["vietnam"].address) as channel:
+    with shared_consortium.channel("vietnam") as channel:
         described = pb_grpc.SovereignNodeServiceStub(channel).Describe(pb.DescribeRequest())
     assert (described.node_id, described.jurisdiction) == ("vietnam", "Vietnam")
     assert (
@@ -130,9 +129,9 @@ def test_cli_round_run_prints_progress_and_a_table_that_fit_80_columns(shared_co
 
 
 def test_a_node_serves_its_artifact_by_round_or_latest(shared_consortium):
-    with CoordinatorClient(shared_consortium.coordinator_address) as client:
+    with shared_consortium.client() as client:
         committed = client.run_round()
-    with insecure_channel(shared_consortium.processes["india"].address) as channel:
+    with shared_consortium.channel("india") as channel:
         stub = pb_grpc.SovereignNodeServiceStub(channel)
         latest = stub.GetArtifact(pb.GetArtifactRequest(latest=True)).artifact
         by_round = stub.GetArtifact(pb.GetArtifactRequest(round_num=committed.round_num))

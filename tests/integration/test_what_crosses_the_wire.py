@@ -6,7 +6,6 @@ import torch
 
 from tapestry.atomic_files import load_state
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.training.consortium.tensors import tensor_bytes
 from tapestry.wire.tensor_stream import StateAssembler
 
@@ -25,7 +24,7 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
 
     consortium = consortium_factory(route=through_proxy)
     try:
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             _, base = client.get_base()
             result = client.run_round()
         recording = proxies["vietnam"].recording

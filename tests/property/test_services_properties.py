@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.launcher import LocalConsortium
 from tapestry.training.consortium.tensors import DTYPES, dtype_name
 from tapestry.wire.grpc_plumbing import insecure_channel
@@ -76,7 +75,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
     )
     try:
         local.start()
-        with CoordinatorClient(local.coordinator_address) as client:
+        with local.client() as client:
             assert client.run_round().round_num == 1
             _, base = client.get_base()
         yield Consortium(local, base)
@@ -214,7 +213,7 @@ def test_hostile_lookups_get_a_status_and_leave_the_coordinator_as_it_was(
     consortium: Consortium,
 ) -> None:
     before = consortium.files()
-    with insecure_channel(consortium.local.coordinator_address) as channel:
+    with consortium.local.channel("coordinator") as channel:
         coordinator = pb_grpc.CoordinatorServiceStub(channel)
 
         @settings(max_examples=examples(200))
@@ -243,7 +242,7 @@ def test_hostile_lookups_get_a_status_and_leave_the_coordinator_as_it_was(
 
 def test_a_legitimate_round_still_commits(consortium: Consortium) -> None:
     """After the hostile calls above (and on its own: the module's first round committed)."""
-    with CoordinatorClient(consortium.local.coordinator_address) as client:
+    with consortium.local.client() as client:
         result = client.run_round()
     assert result.accepted_nodes == [consortium.node_id]
     assert result.round_num >= 2

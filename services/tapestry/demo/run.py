@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from tapestry.cli import report
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.demo import DEMO_NODES, DEMO_POLICY
 from tapestry.launcher import LocalConsortium
 
@@ -20,7 +19,7 @@ def run_demo(round_count: int, workdir: Path) -> None:
     ) as consortium:
         for name, process in consortium.processes.items():
             out.print(f"  {name:<12} pid {process.popen.pid:<7} {process.address}")
-        with CoordinatorClient(consortium.coordinator_address) as client:
+        with consortium.client() as client:
             for _ in range(round_count):
                 result = client.run_round(lambda e: out.print(report.progress_line(e)))
                 out.print(report.round_table(result))
