@@ -48,6 +48,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class TlsConfig(_Strict):
+    """Mutual TLS (section ``[tls]``): the consortium CA's certificate, this server's
+    certificate and key, and optionally the CRL (revoked callers are refused; the file is
+    read again when it changes). Made by `tapestry certs`; relative paths are relative to
+    the configuration file's folder."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path | None = None
+
+
 class ModelConfig(_Strict):
     architecture: Literal["tiny-causal"] = "tiny-causal"
     vocab_size: int = Field(256, ge=1, le=1 << 20)
@@ -118,6 +130,7 @@ class ConsortiumConfig(_Strict):
     nodes: list[MemberConfig] = Field(min_length=1)
     node_timeout_s: float = Field(3600.0, gt=0, le=MAX_NODE_TIMEOUT_S)
     chunk_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)
+    tls: TlsConfig | None = None
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> ConsortiumConfig:
@@ -210,13 +223,15 @@ class NodeConfig(_Strict):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     limits: NodeLimits = NodeLimits()
+    tls: TlsConfig | None = None
 
 
 Config = TypeVar("Config", bound=_Strict)
 
 
 def load_config(path: Path, kind: type[Config]) -> Config:
-    """Parse and validate a TOML file; relative ``corpus`` paths resolve against its folder."""
+    """Parse and validate a TOML file; relative ``corpus`` and ``tls`` paths resolve
+    against its folder."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -227,6 +242,11 @@ def load_config(path: Path, kind: type[Config]) -> Config:
         raw["corpus"] = [
             str(path.parent / entry) if isinstance(entry, str) else entry for entry in raw["corpus"]
         ]
+    if isinstance(raw.get("tls"), dict):
+        raw["tls"] = {
+            key: str(path.parent / value) if isinstance(value, str) else value
+            for key, value in raw["tls"].items()
+        }
     return build_config(kind, raw, str(path))
 
 

@@ -5,6 +5,12 @@ race for a port chosen in advance; readiness is then confirmed through ``grpc.he
 Every process started here is stopped by :meth:`LocalConsortium.stop` (also on errors).
 The configuration files are built as :mod:`tapestry.config` models and written from them,
 so the launcher cannot write a file the servers would refuse.
+
+The consortium runs with mutual TLS unless told otherwise: on first start it creates its
+certificates under ``<workdir>/certs`` (`tapestry certs init`'s layout: the CA, the
+coordinator, one per node, and one operator, :data:`OPERATOR`), and everything that talks
+to it here (:meth:`LocalConsortium.client`, :meth:`LocalConsortium.channel`, the health
+checks) presents a certificate.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import grpc
 
@@ -25,15 +31,23 @@ from tapestry.config import (
     ConsortiumConfig,
     MemberConfig,
     NodeConfig,
+    TlsConfig,
     build_config,
     write_config,
 )
 from tapestry.coordinator.client import CoordinatorClient
 from tapestry.errors import UserError
-from tapestry.wire.grpc_plumbing import STOP_GRACE_S, check_health, insecure_channel
+from tapestry.pki.access import PeerRole
+from tapestry.pki.authority import init_consortium
+from tapestry.pki.credentials import load_channel_credentials
+from tapestry.pki.layout import Layout, node_server_name
+from tapestry.wire.grpc_plumbing import STOP_GRACE_S, check_health, open_channel
 from tapestry.wire.status import SERVER, describe_rpc_error
 
 START_TIMEOUT_S = 120.0
+# The operator whose certificate the launcher creates and its clients present.
+OPERATOR = "operator"
+COORDINATOR: Final = "coordinator"
 # A server drains its calls for up to STOP_GRACE_S after SIGTERM; past that (and a margin
 # for its interpreter to exit) it is killed.
 STOP_TIMEOUT_S = STOP_GRACE_S + 5.0
@@ -77,6 +91,7 @@ class LocalConsortium:
         extra_members: Sequence[dict[str, str]] = (),
         route: Callable[[str, str], str] | None = None,
         settings: dict[str, Any] | None = None,
+        tls: bool = True,
     ) -> None:
         """``model`` and ``policy`` are the fields of :class:`~tapestry.config.ModelConfig`
         and :class:`~tapestry.config.PolicyConfig`, a node's ``training`` those of
@@ -85,7 +100,8 @@ class LocalConsortium:
         address)`` may give the coordinator another address to reach a node by (e.g. a
         recording proxy in tests); ``settings`` are further top-level fields of
         :class:`~tapestry.config.ConsortiumConfig` (e.g. ``node_timeout_s``). Values the
-        servers would refuse raise :class:`~tapestry.config.ConfigError` here."""
+        servers would refuse raise :class:`~tapestry.config.ConfigError` here. With
+        ``tls=False`` every server runs ``--insecure`` (plaintext)."""
         self.workdir = workdir
         self.nodes = list(nodes)
         self.consortium_id = consortium_id
@@ -95,6 +111,8 @@ class LocalConsortium:
         self.extra_members = list(extra_members)
         self.route = route
         self.settings = dict(settings or {})
+        self.tls = tls
+        self.certs = Layout(workdir / "certs")
         self.processes: dict[str, Process] = {}
         self.coordinator_address = ""
 
@@ -134,6 +152,7 @@ class LocalConsortium:
                 "model": self.model,
                 "training": spec.training,
                 "limits": spec.limits,
+                **self._tls_section("node", spec.node_id),
             },
             f"local node {spec.node_id!r}",
         )
@@ -150,11 +169,37 @@ class LocalConsortium:
                 "model": self.model,
                 "policy": self.policy,
                 "nodes": [*members, *self.extra_members],
+                **self._tls_section(COORDINATOR, ""),
             },
             "local consortium",
         )
 
+    def _tls_section(self, role: PeerRole, name: str) -> dict[str, Any]:
+        if not self.tls:
+            return {}
+        pair = self.certs.holder(role, name)
+        tls = TlsConfig(
+            ca=self.certs.ca_cert,
+            cert=pair / "cert.pem",
+            key=pair / "key.pem",
+            crl=self.certs.crl,
+        )
+        return {"tls": tls.model_dump()}
+
+    def _create_certificates(self) -> None:
+        """The consortium's certificates, once: a restarted consortium keeps its own."""
+        if not self.tls or self.certs.ca_cert.exists():
+            return
+        init_consortium(
+            self.certs.root,
+            self.consortium_id,
+            coordinator_hosts=["127.0.0.1", "localhost"],
+            nodes=[(spec.node_id, "127.0.0.1") for spec in self.nodes],
+            operators=[OPERATOR],
+        )
+
     def start(self) -> None:
+        self._create_certificates()
         for spec in self.nodes:
             config = write_config(self.node_config_path(spec.node_id), self.node_config(spec))
             self._spawn(
@@ -223,6 +268,7 @@ class LocalConsortium:
                 "-m",
                 "tapestry",
                 *args,
+                *([] if self.tls else ["--insecure"]),
                 "--listen",
                 "127.0.0.1:0",
                 "--ready-file",
@@ -254,7 +300,9 @@ class LocalConsortium:
         port = json.loads(ready.read_text())["port"]
         process.address = f"127.0.0.1:{port}"
         try:
-            status = check_health(process.address)
+            status = check_health(
+                process.address, credentials=self.credentials(), server_name=self._name_of(name)
+            )
         except grpc.RpcError as error:
             raise LaunchError(
                 f"{name} health check failed: {describe_rpc_error(error, process.address, SERVER)}"
@@ -280,13 +328,48 @@ class LocalConsortium:
 
     # -- talking to the servers -------------------------------------------------------
 
-    def client(self) -> CoordinatorClient:
-        """A client of the coordinator, as the consortium's operator."""
-        return CoordinatorClient(self.coordinator_address)
+    def credentials(
+        self, role: PeerRole = "operator", name: str = OPERATOR
+    ) -> grpc.ChannelCredentials | None:
+        """The credentials of a member (the operator by default; ``("coordinator", "")``
+        or ``("node", node_id)`` to pose as one); ``None`` in a plaintext consortium."""
+        if not self.tls:
+            return None
+        pair = self.certs.holder(role, name)
+        return load_channel_credentials(pair / "cert.pem", pair / "key.pem", self.certs.ca_cert)
 
-    def channel(self, name: str) -> grpc.Channel:
-        """A channel to the process ``name`` (``"coordinator"`` or a node id)."""
-        return insecure_channel(self.processes[name].address)
+    def cli_env(self, role: PeerRole = "operator", name: str = OPERATOR) -> dict[str, str]:
+        """The environment that makes a `tapestry` command call as that member (the
+        operator by default): ``TAPESTRY_CA``, ``TAPESTRY_CERT`` and ``TAPESTRY_KEY``, or
+        ``TAPESTRY_INSECURE`` in a plaintext consortium."""
+        if not self.tls:
+            return {"TAPESTRY_INSECURE": "1"}
+        pair = self.certs.holder(role, name)
+        return {
+            "TAPESTRY_CA": str(self.certs.ca_cert),
+            "TAPESTRY_CERT": str(pair / "cert.pem"),
+            "TAPESTRY_KEY": str(pair / "key.pem"),
+        }
+
+    def client(self, role: PeerRole = "operator", name: str = OPERATOR) -> CoordinatorClient:
+        """A client of the coordinator, as the operator unless another member is named."""
+        return CoordinatorClient(self.coordinator_address, self.credentials(role, name))
+
+    def channel(
+        self, target: str, role: PeerRole = "operator", name: str = OPERATOR
+    ) -> grpc.Channel:
+        """A channel to the process ``target`` (``"coordinator"`` or a node id), as the
+        operator unless another member is named; a node's certificate is checked for its
+        node id, as the coordinator checks it."""
+        return open_channel(
+            self.processes[target].address,
+            self.credentials(role, name),
+            server_name=self._name_of(target),
+        )
+
+    def _name_of(self, process: str) -> str | None:
+        """The name a process's certificate is checked for (None: its address's host)."""
+        return None if process == COORDINATOR or not self.tls else node_server_name(process)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.workdir / "logs" / f"{name}.log"

@@ -23,7 +23,7 @@ Stream = list[Request]
 
 @pytest.fixture(scope="module")
 def node_stub(shared_consortium):
-    with shared_consortium.channel("india") as channel:
+    with shared_consortium.channel("india", "coordinator", "") as channel:
         yield pb_grpc.SovereignNodeServiceStub(channel)
 
 

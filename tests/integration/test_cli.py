@@ -21,14 +21,14 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 WAIT_S = 120.0
 
 
-def _tapestry(*args: str) -> subprocess.Popen[str]:
+def _tapestry(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tapestry", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env={**ENV, **env},
         # As from a terminal: a shell's background job (CI, say) would pass SIGINT ignored.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -41,11 +41,11 @@ def test_ctrl_c_during_round_run_says_the_round_goes_on_and_it_commits(tmp_path)
     with (
         serve([blocking]) as members,
         LocalConsortium(
-            tmp_path, node_specs(tmp_path), policy=POLICY, extra_members=members
+            tmp_path, node_specs(tmp_path), policy=POLICY, extra_members=members, tls=False
         ) as consortium,
     ):
         address = consortium.coordinator_address
-        run = _tapestry("round", "run", "--coordinator", address)
+        run = _tapestry("round", "run", "--coordinator", address, env=consortium.cli_env())
         try:
             assert blocking.started.wait(timeout=WAIT_S), "the round never reached the member"
             run.send_signal(signal.SIGINT)
@@ -79,7 +79,7 @@ def test_a_node_address_given_as_the_coordinator_is_named_as_a_node(tmp_path):
             [sys.executable, "-m", "tapestry", "rounds", "--coordinator", node],
             capture_output=True,
             text=True,
-            env=ENV,
+            env={**ENV, **consortium.cli_env()},
             timeout=WAIT_S,
         )
     assert ran.returncode == 1
@@ -92,7 +92,7 @@ def test_a_node_address_given_as_the_coordinator_is_named_as_a_node(tmp_path):
 
 def test_a_node_on_a_port_in_use_exits_with_one_line_and_no_traceback(tmp_path):
     spec = node_specs(tmp_path)[0]
-    local = LocalConsortium(tmp_path, [spec])  # only to write the node's config
+    local = LocalConsortium(tmp_path, [spec], tls=False)  # only to write the node's config
     config = write_config(local.node_config_path("vietnam"), local.node_config(spec))
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -100,7 +100,7 @@ def test_a_node_on_a_port_in_use_exits_with_one_line_and_no_traceback(tmp_path):
         port = holder.getsockname()[1]
         node = _tapestry(
             "node", "serve", "--config", str(config), "--data-dir", str(tmp_path / "data"),
-            "--listen", f"127.0.0.1:{port}",
+            "--listen", f"127.0.0.1:{port}", "--insecure", env={},
         )  # fmt: skip
         try:
             _, stderr = node.communicate(timeout=WAIT_S)

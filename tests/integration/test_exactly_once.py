@@ -4,6 +4,7 @@ it started, while it runs, after it committed, and after the coordinator restart
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -28,7 +29,9 @@ def fake_consortium(tmp_path: Path) -> Iterator[tuple[LocalConsortium, list[Fake
     nodes = [FakeNode("alpha"), FakeNode("beta")]
     with (
         serve(nodes) as members,
-        LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
+        LocalConsortium(
+            tmp_path, [], policy=POLICY, extra_members=members, tls=False
+        ) as consortium,
     ):
         yield consortium, nodes
 
@@ -94,7 +97,9 @@ def test_a_retry_while_its_round_runs_waits_for_that_rounds_result(tmp_path):
     blocking = BlockingNode("slow")
     with (
         serve([blocking, FakeNode("fast")]) as members,
-        LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
+        LocalConsortium(
+            tmp_path, [], policy=POLICY, extra_members=members, tls=False
+        ) as consortium,
         consortium.client() as client,
         consortium.channel("coordinator") as channel,
     ):
@@ -124,13 +129,14 @@ def test_a_retry_while_its_round_runs_waits_for_that_rounds_result(tmp_path):
     assert blocking.cycles == 1
 
 
-def _round_run(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _round_run(address: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tapestry", "round", "run", "--coordinator", address, *args],
         capture_output=True,
         text=True,
         timeout=120,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, **env},
     )
 
 
@@ -139,7 +145,10 @@ def test_the_cli_retries_a_round_with_request_id_and_draws_a_fresh_id_otherwise(
 ):
     consortium, _ = fake_consortium
     address = consortium.coordinator_address
-    ran = [_round_run(address, "--json", "--request-id", "cli-retry") for _ in range(2)]
-    fresh = _round_run(address, "--json")
+    ran = [
+        _round_run(address, "--json", "--request-id", "cli-retry", env=consortium.cli_env())
+        for _ in range(2)
+    ]
+    fresh = _round_run(address, "--json", env=consortium.cli_env())
     assert [r.returncode for r in (*ran, fresh)] == [0, 0, 0], [r.stderr for r in ran]
     assert [json.loads(r.stdout)["round_num"] for r in (*ran, fresh)] == [1, 1, 2]

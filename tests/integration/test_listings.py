@@ -21,7 +21,7 @@ from tapestry.training.consortium import (
     ModelSpec,
     SovereignModelArtifact,
 )
-from tapestry.wire.grpc_plumbing import MAX_MESSAGE_BYTES, build_server, insecure_channel
+from tapestry.wire.grpc_plumbing import MAX_MESSAGE_BYTES, build_server, open_channel
 from tapestry.wire.pagination import MAX_PAGE_BYTES
 
 SPEC = ModelSpec(hidden_size=4)
@@ -167,7 +167,7 @@ def test_rounds_committed_between_pages_are_neither_skipped_nor_repeated(coordin
 
 def test_bad_page_requests_are_invalid_arguments_that_name_the_bound(coordinator_with):
     coordinator = coordinator_with([record(n) for n in range(1, 4)])
-    with insecure_channel(coordinator.address) as channel:
+    with open_channel(coordinator.address) as channel:
         stub = coordinator.stub(channel)
         negative = refusal(lambda: stub.ListRounds(pb.ListRoundsRequest(page_size=-5)))
         forged_token = "Z" * 40
@@ -248,7 +248,7 @@ def test_get_round_selects_a_number_or_the_latest_explicitly(coordinator_with):
     with CoordinatorClient(coordinator.address) as client:
         assert client.get_round(2).round_num == 2
         assert client.get_round().round_num == 3  # latest
-    with insecure_channel(coordinator.address) as channel:
+    with open_channel(coordinator.address) as channel:
         stub = coordinator.stub(channel)
         latest = stub.GetRound(pb.GetRoundRequest(latest=True)).result
         nothing = refusal(lambda: stub.GetRound(pb.GetRoundRequest()))

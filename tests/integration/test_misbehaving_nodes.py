@@ -32,7 +32,7 @@ def misbehaving_members() -> Iterator[list[dict[str, str]]]:
 def test_bad_deltas_fail_their_node_and_the_round_commits_the_rest(
     consortium_factory, misbehaving_members
 ):
-    consortium = consortium_factory(extra_members=misbehaving_members)
+    consortium = consortium_factory(extra_members=misbehaving_members, tls=False)
     with consortium.client() as client:
         result = client.run_round()
         _, base = client.get_base()
@@ -55,7 +55,7 @@ def test_a_node_that_is_not_who_or_what_the_file_says_gets_no_weights(consortium
     other_model = FakeNode("wide", model=ModelSpec(hidden_size=64))
     with serve([impostor, other_model]) as members:
         members[0]["node_id"] = "ghost"
-        consortium = consortium_factory(extra_members=members)
+        consortium = consortium_factory(extra_members=members, tls=False)
         with consortium.client() as client:
             result = client.run_round()
 
@@ -71,7 +71,7 @@ def test_a_second_round_while_one_runs_is_refused(consortium_factory):
     trigger certainly arrives while it runs."""
     blocking = BlockingNode("slow")
     with serve([blocking]) as members:
-        consortium = consortium_factory(extra_members=members)
+        consortium = consortium_factory(extra_members=members, tls=False)
         with consortium.client() as client:
             outcome: list[object] = []
             first = threading.Thread(target=lambda: outcome.append(client.run_round()))
@@ -98,7 +98,7 @@ def test_a_member_cannot_capture_the_base_with_its_score_or_one_huge_delta(conso
     """The services' policy: quality scores in [0, 1], and a delta more than ten times the
     round's median norm is refused, each with its reason; the honest nodes integrate."""
     with serve([FakeNode("greedy", "greedy"), FakeNode("huge", "huge")]) as members:
-        consortium = consortium_factory(extra_members=members)
+        consortium = consortium_factory(extra_members=members, tls=False)
         with consortium.client() as client:
             result = client.run_round()
             _, base = client.get_base()

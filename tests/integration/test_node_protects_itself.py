@@ -48,7 +48,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalConsortiu
 
 @pytest.fixture
 def india(guarded: LocalConsortium) -> Iterator[pb_grpc.SovereignNodeServiceStub]:
-    with guarded.channel("india") as channel:
+    with guarded.channel("india", "coordinator", "") as channel:
         yield pb_grpc.SovereignNodeServiceStub(channel)
 
 

@@ -3,6 +3,7 @@ base untouched, reported as such by RunRound, and `tapestry round run` exits 3."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,9 @@ def test_a_round_short_of_its_quorum_is_aborted_and_recorded_with_the_base_untou
     """Cap 0.5 and no min_nodes: the quorum is 2; one of the two members sends NaN."""
     with (
         serve([FakeNode("alpha"), FakeNode("broken", "nan")]) as members,
-        LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
+        LocalConsortium(
+            tmp_path, [], policy=POLICY, extra_members=members, tls=False
+        ) as consortium,
     ):
         with consortium.client() as client:
             _, base_before = client.get_base()
@@ -53,13 +56,14 @@ def test_a_round_short_of_its_quorum_is_aborted_and_recorded_with_the_base_untou
     assert [r.aborted_reason for r in listed_after_restart] == [REASON]
 
 
-def _round_run(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _round_run(address: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tapestry", "round", "run", "--coordinator", address, *args],
         capture_output=True,
         text=True,
         timeout=120,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, **env},
     )
 
 
@@ -67,13 +71,15 @@ def test_round_run_exits_3_with_one_line_when_aborted_and_0_when_committed(tmp_p
     alpha, beta = FakeNode("alpha"), FakeNode("beta", "nan")
     with (
         serve([alpha, beta]) as members,
-        LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
+        LocalConsortium(
+            tmp_path, [], policy=POLICY, extra_members=members, tls=False
+        ) as consortium,
     ):
         address = consortium.coordinator_address
-        aborted = _round_run(address)
-        aborted_json = _round_run(address, "--json")
+        aborted = _round_run(address, env=consortium.cli_env())
+        aborted_json = _round_run(address, "--json", env=consortium.cli_env())
         beta.behaviour = "honest"
-        committed = _round_run(address)
+        committed = _round_run(address, env=consortium.cli_env())
 
     for ran, round_num in ((aborted, 1), (aborted_json, 2)):
         assert ran.returncode == 3, ran.stderr

@@ -4,6 +4,7 @@ round; GetBase serves that base bit for bit, a restart resumes there, and the CL
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ def consortium_after_two_rounds(
     """Two fake members (each adds 0.01 to every weight), so every round moves the base."""
     with (
         serve([FakeNode("alpha"), FakeNode("beta")]) as members,
-        LocalConsortium(root, [], policy=POLICY, extra_members=members) as consortium,
+        LocalConsortium(root, [], policy=POLICY, extra_members=members, tls=False) as consortium,
     ):
         with consortium.client() as client:
             rounds = [client.run_round(), client.run_round()]
@@ -126,7 +127,9 @@ def test_a_rollback_while_a_round_runs_is_refused(tmp_path):
     blocking = BlockingNode("slow")
     with (
         serve([FakeNode("alpha"), blocking]) as members,
-        LocalConsortium(tmp_path, [], policy=POLICY, extra_members=members) as consortium,
+        LocalConsortium(
+            tmp_path, [], policy=POLICY, extra_members=members, tls=False
+        ) as consortium,
         consortium.client() as client,
     ):
         running = threading.Thread(target=client.run_round)
@@ -147,17 +150,23 @@ def test_a_rollback_while_a_round_runs_is_refused(tmp_path):
     assert [(r.round_num, r.HasField("rolled_back_to")) for r in listed] == [(1, False)]
 
 
-def _tapestry(*args: str) -> subprocess.CompletedProcess[str]:
+def _tapestry(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tapestry", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "tapestry", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
     )
 
 
 def test_cli_base_rollback_prints_one_line(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, (first, second)):
         address = consortium.coordinator_address
-        ran = _tapestry("base", "rollback", "--to", "1", "--coordinator", address)
-        table = _tapestry("rounds", "--coordinator", address)
+        ran = _tapestry(
+            "base", "rollback", "--to", "1", "--coordinator", address, env=consortium.cli_env()
+        )
+        table = _tapestry("rounds", "--coordinator", address, env=consortium.cli_env())
 
     assert (ran.returncode, ran.stderr) == (0, "")
     assert ran.stdout == (
@@ -172,7 +181,16 @@ def test_cli_base_rollback_prints_one_line(tmp_path):
 def test_cli_base_rollback_json_is_the_recorded_round(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, (first, _)):
         address = consortium.coordinator_address
-        ran = _tapestry("base", "rollback", "--to", "0", "--coordinator", address, "--json")
+        ran = _tapestry(
+            "base",
+            "rollback",
+            "--to",
+            "0",
+            "--coordinator",
+            address,
+            "--json",
+            env=consortium.cli_env(),
+        )
 
     assert ran.returncode == 0
     shown = json.loads(ran.stdout)
@@ -183,7 +201,9 @@ def test_cli_base_rollback_json_is_the_recorded_round(tmp_path):
 def test_cli_base_rollback_to_a_missing_round_says_so(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, _):
         address = consortium.coordinator_address
-        ran = _tapestry("base", "rollback", "--to", "9", "--coordinator", address)
+        ran = _tapestry(
+            "base", "rollback", "--to", "9", "--coordinator", address, env=consortium.cli_env()
+        )
 
     assert (ran.returncode, ran.stdout) == (1, "")
     assert ran.stderr == (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from tapestry.cli.report import WIDTH
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.wire.grpc_plumbing import check_health, insecure_channel
+from tapestry.pki.layout import node_server_name
+from tapestry.wire.grpc_plumbing import check_health
 
 
 def test_every_server_is_healthy_and_reflects_its_services(shared_consortium):
@@ -25,9 +27,11 @@ def test_every_server_is_healthy_and_reflects_its_services(shared_consortium):
     }
     for name, service in expected.items():
         address = shared_consortium.processes[name].address
-        assert check_health(address) == "SERVING"
-        assert check_health(address, service) == "SERVING"
-        with insecure_channel(address) as channel:
+        credentials = shared_consortium.credentials()
+        server_name = None if name == "coordinator" else node_server_name(name)
+        assert check_health(address, "", 5.0, credentials, server_name) == "SERVING"
+        assert check_health(address, service, 5.0, credentials, server_name) == "SERVING"
+        with shared_consortium.channel(name) as channel:
             services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
         assert {service, "grpc.health.v1.Health"} <= services
 
@@ -45,13 +49,14 @@ def test_describe_names_the_node_and_its_model(shared_consortium):
     assert described.token_count > 0
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tapestry", *args],
         capture_output=True,
         text=True,
         timeout=300,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -62,7 +67,7 @@ def _fits(output: str) -> None:
 
 def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
     address = shared_consortium.coordinator_address
-    ran = _cli("round", "run", "--coordinator", address, "--json")
+    ran = _cli("round", "run", "--coordinator", address, "--json", env=shared_consortium.cli_env())
     assert ran.returncode == 0, ran.stderr
     result = json.loads(ran.stdout)
     assert result["accepted_nodes"] == ["vietnam", "switzerland", "india"]
@@ -85,7 +90,15 @@ def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
         assert isinstance(artifact["model_state_bytes"], int)
         assert "stored_at" not in artifact
 
-    listed = _cli("rounds", "--coordinator", address, "--json", "--page-size", "1")
+    listed = _cli(
+        "rounds",
+        "--coordinator",
+        address,
+        "--json",
+        "--page-size",
+        "1",
+        env=shared_consortium.cli_env(),
+    )
     assert listed.returncode == 0, listed.stderr
     rounds = json.loads(listed.stdout)
     assert [r["round_num"] for r in rounds] == list(range(1, result["round_num"] + 1))
@@ -93,14 +106,22 @@ def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
         rounds[-1]["contributions"][0]["token_count"] == result["contributions"][0]["token_count"]
     )
 
-    as_json = _cli("artifacts", "--coordinator", address, "--json", "--page-size", "2")
+    as_json = _cli(
+        "artifacts",
+        "--coordinator",
+        address,
+        "--json",
+        "--page-size",
+        "2",
+        env=shared_consortium.cli_env(),
+    )
     assert as_json.returncode == 0, as_json.stderr
     artifacts = json.loads(as_json.stdout)
     assert [a["node_id"] for a in artifacts] == ["vietnam", "switzerland", "india"]
     assert all(isinstance(a["model_state_bytes"], int) for a in artifacts)
     assert all("stored_at" not in a for a in artifacts)
 
-    table = _cli("artifacts", "--coordinator", address)
+    table = _cli("artifacts", "--coordinator", address, env=shared_consortium.cli_env())
     assert table.returncode == 0, table.stderr
     assert "continued" in table.stdout and "pretraining" in table.stdout
     assert artifacts[0]["model_state_sha256"][:12] in table.stdout
@@ -108,17 +129,23 @@ def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
     assert "stored" not in table.stdout and "data-dir" not in table.stdout
     _fits(table.stdout)
 
-    rounds_table = _cli("rounds", "--coordinator", address)
+    rounds_table = _cli("rounds", "--coordinator", address, env=shared_consortium.cli_env())
     assert rounds_table.returncode == 0, rounds_table.stderr
     assert result["shared_base_sha256"][:12] in rounds_table.stdout
     _fits(rounds_table.stdout)
 
-    healthy = _cli("health", "--address", address)
+    healthy = _cli("health", "--address", address, env=shared_consortium.cli_env())
     assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING")
 
 
 def test_cli_round_run_prints_progress_and_a_table_that_fit_80_columns(shared_consortium):
-    ran = _cli("round", "run", "--coordinator", shared_consortium.coordinator_address)
+    ran = _cli(
+        "round",
+        "run",
+        "--coordinator",
+        shared_consortium.coordinator_address,
+        env=shared_consortium.cli_env(),
+    )
     assert ran.returncode == 0, ran.stderr
     for node_id in ("vietnam", "switzerland", "india"):
         assert f"· {node_id}: started" in ran.stdout
@@ -158,7 +185,7 @@ def test_a_node_serves_its_artifact_by_round_or_latest(shared_consortium):
 
 
 def test_cli_reports_an_unreachable_coordinator_clearly():
-    ran = _cli("rounds", "--coordinator", "127.0.0.1:1")
+    ran = _cli("rounds", "--coordinator", "127.0.0.1:1", "--insecure")
     assert ran.returncode == 1
     assert "UNAVAILABLE" in ran.stderr
     assert "Traceback" not in ran.stderr

@@ -10,7 +10,7 @@ from tapestry.training.consortium.tensors import tensor_bytes
 from tapestry.wire.tensor_stream import StateAssembler
 
 from .conftest import CORPORA
-from .recorder import RecordingProxy, data_payloads, grpc_messages
+from .recorder import H2_PREFACE, RecordingProxy, data_payloads, grpc_messages
 
 
 def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory):
@@ -22,7 +22,8 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
         proxies[node_id] = RecordingProxy(address)
         return proxies[node_id].address
 
-    consortium = consortium_factory(route=through_proxy)
+    # Plaintext, to read what crossed the socket (with TLS it is ciphertext: see below).
+    consortium = consortium_factory(route=through_proxy, tls=False)
     try:
         with consortium.client() as client:
             _, base = client.get_base()
@@ -73,3 +74,38 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
     assert header.contribution.weight_delta_sha256 == replies[-1].delta_end.sha256
     recorded = {c.node_id: c for c in result.contributions}["vietnam"]
     assert recorded.weight_delta_sha256 == header.contribution.weight_delta_sha256
+
+
+def test_with_mutual_tls_nothing_readable_crosses_the_wire(consortium_factory):
+    """The default consortium: the same round through the same recording proxy, and the
+    socket carries only TLS records — no HTTP/2 preface, no tensor bytes either way."""
+    proxies: dict[str, RecordingProxy] = {}
+
+    def through_proxy(node_id: str, address: str) -> str:
+        proxies[node_id] = RecordingProxy(address)
+        return proxies[node_id].address
+
+    consortium = consortium_factory(route=through_proxy)
+    try:
+        with consortium.client() as client:
+            _, base = client.get_base()
+            result = client.run_round()
+        recording = proxies["vietnam"].recording
+    finally:
+        for proxy in proxies.values():
+            proxy.close()
+    assert "vietnam" in result.accepted_nodes
+    upstream, downstream = bytes(recording.upstream), bytes(recording.downstream)
+    model_bytes = sum(tensor_bytes(t).nbytes for t in base.values())
+    assert len(upstream) > model_bytes and len(downstream) > model_bytes  # base out, delta back
+    # Each direction opens with a TLS handshake record (content type 22, version 3.x).
+    assert upstream[:2] == downstream[:2] == b"\x16\x03"
+    assert H2_PREFACE not in upstream
+    trained, _ = load_state(
+        consortium.node_data_dir("vietnam") / "artifacts" / "round-000001" / "model.safetensors"
+    )
+    for name in base:
+        assert bytes(tensor_bytes(base[name])[:64]) not in upstream
+        assert bytes(tensor_bytes(trained[name] - base[name])[:64]) not in downstream
+    for line in CORPORA["vietnam"]:
+        assert line[:12].encode() not in downstream

@@ -20,7 +20,6 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.launcher import LocalConsortium
 from tapestry.training.consortium.tensors import DTYPES, dtype_name
-from tapestry.wire.grpc_plumbing import insecure_channel
 from tapestry.wire.tensor_stream import send_state
 
 from ..integration.conftest import node_specs
@@ -51,10 +50,6 @@ class Consortium:
         self.local = local
         self.node_id = local.nodes[0].node_id
         self.base = base
-
-    @property
-    def node_address(self) -> str:
-        return self.local.processes[self.node_id].address
 
     def files(self) -> dict[str, str]:
         """sha256 of every file under the node's and the coordinator's data directories."""
@@ -181,7 +176,7 @@ def test_hostile_cycle_streams_get_a_status_and_leave_the_node_as_it_was(
     consortium: Consortium,
 ) -> None:
     before = consortium.files()
-    with insecure_channel(consortium.node_address) as channel:
+    with consortium.local.channel(consortium.node_id, "coordinator", "") as channel:
         node = pb_grpc.SovereignNodeServiceStub(channel)
 
         @settings(max_examples=examples(150))

@@ -19,7 +19,9 @@ CORPUS = Path(__file__).parents[2] / "services" / "tapestry" / "demo" / "corpora
 
 
 def _cli(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(main, list(args), env=env)
+    """The command as run against plaintext servers (these tests are about addresses and
+    the errors of reaching them; tests/integration/test_mutual_tls.py covers certificates)."""
+    return CliRunner().invoke(main, list(args), env={"TAPESTRY_INSECURE": "1", **(env or {})})
 
 
 def _error_line(result) -> str:

@@ -26,7 +26,7 @@ from tapestry.training.consortium import (
     SovereignTrainingNode,
     state_digest,
 )
-from tapestry.wire.grpc_plumbing import build_server, insecure_channel
+from tapestry.wire.grpc_plumbing import build_server, open_channel
 from tapestry.wire.tensor_stream import send_state
 
 CONSORTIUM = "tapestry-test"
@@ -103,7 +103,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     )
     server.start()
     try:
-        with insecure_channel(f"127.0.0.1:{port}") as channel:
+        with open_channel(f"127.0.0.1:{port}") as channel:
             running = Node(pb_grpc.SovereignNodeServiceStub(channel), store, servicer)
             running.cycle(1)
             running.cycle(2)

@@ -61,11 +61,17 @@ def test_each_certificate_names_its_identity_and_hosts_in_its_san(pki: Path) -> 
     assert certificate_sans(_cert(pki / "coordinator/cert.pem")) == [
         "spiffe://acme/coordinator", "coordinator", "127.0.0.1",
     ]  # fmt: skip
+    # A node's certificate also names it for the coordinator's handshake (node_server_name).
     assert certificate_sans(_cert(pki / "nodes/eu/cert.pem")) == [
         "spiffe://acme/node/eu",
+        "eu.node.tapestry.invalid",
         "127.0.0.1",
     ]
-    assert certificate_sans(_cert(pki / "nodes/us/cert.pem")) == ["spiffe://acme/node/us", "us"]
+    assert certificate_sans(_cert(pki / "nodes/us/cert.pem")) == [
+        "spiffe://acme/node/us",
+        "us",
+        "us.node.tapestry.invalid",
+    ]
     assert certificate_sans(_cert(pki / "operators/alice/cert.pem")) == [
         "spiffe://acme/operator/alice"
     ]
@@ -187,7 +193,7 @@ def test_check_refuses_a_certificate_without_the_expected_san(pki: Path) -> None
         _check(pki, expect_san="spiffe://acme/node/us")
     assert str(caught.value) == (
         f"certificate {pki}/nodes/eu/cert.pem does not name 'spiffe://acme/node/us' in its SAN "
-        "(it names spiffe://acme/node/eu, 127.0.0.1)"
+        "(it names spiffe://acme/node/eu, eu.node.tapestry.invalid, 127.0.0.1)"
     )
 
 
@@ -230,7 +236,11 @@ def test_issue_adds_a_node_and_an_operator_signed_by_the_same_ca(pki: Path) -> N
     assert _cli("certs", "issue", "--dir", str(pki), "--operator", "bob").exit_code == 0
     _check(pki, member="nodes/sg", expect_san="spiffe://acme/node/sg", crl=pki / "crl.pem")
     _check(pki, member="operators/bob", expect_san="spiffe://acme/operator/bob")
-    assert certificate_sans(_cert(pki / "nodes/sg/cert.pem"))[1] == "10.0.0.7"
+    assert certificate_sans(_cert(pki / "nodes/sg/cert.pem")) == [
+        "spiffe://acme/node/sg",
+        "sg.node.tapestry.invalid",
+        "10.0.0.7",
+    ]
     assert _mode(pki / "nodes/sg/key.pem") == 0o600
 
 

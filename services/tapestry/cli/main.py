@@ -135,6 +135,15 @@ def main(log_level: str) -> None:
 
 def _serve_options(command: F) -> F:
     command = click.option(
+        "--insecure",
+        cls=_Option,
+        is_flag=True,
+        envvar="TAPESTRY_INSECURE",
+        help="Serve plaintext, without TLS or any authentication (for a closed test network "
+        "only; logged as a warning at start and on every round). Without it the "
+        "configuration's [tls] section is required.",
+    )(command)
+    command = click.option(
         "--ready-file", type=click.Path(path_type=Path), help='Write {"port": N} here once serving.'
     )(command)
     command = click.option(
@@ -219,6 +228,7 @@ def coordinator_serve(
     listen: str,
     data_dir: Path,
     ready_file: Path | None,
+    insecure: bool,
     arena_max: int,
     trim_threshold: int,
 ) -> None:
@@ -230,7 +240,7 @@ def coordinator_serve(
     from tapestry.coordinator.startup import SERVICE_NAME, build_coordinator_server
 
     config = load_config(config_path, ConsortiumConfig)
-    server, port, health = build_coordinator_server(config, listen, data_dir)
+    server, port, health = build_coordinator_server(config, listen, data_dir, insecure=insecure)
     _serve_then_exit(server, port, health, [SERVICE_NAME], ready_file)
 
 
@@ -242,13 +252,15 @@ def node() -> None:
 @node.command("serve")
 @_serve_options
 @_friendly_errors
-def node_serve(config_path: Path, listen: str, data_dir: Path, ready_file: Path | None) -> None:
+def node_serve(
+    config_path: Path, listen: str, data_dir: Path, ready_file: Path | None, insecure: bool
+) -> None:
     """Serve the sovereign node gRPC service for one jurisdiction."""
     from tapestry.config import NodeConfig, load_config
     from tapestry.node.startup import SERVICE_NAME, build_node_server
 
     config = load_config(config_path, NodeConfig)
-    server, port, health = build_node_server(config, listen, data_dir)
+    server, port, health = build_node_server(config, listen, data_dir, insecure=insecure)
     _serve_then_exit(server, port, health, [SERVICE_NAME], ready_file)
 
 
@@ -263,6 +275,46 @@ _coordinator_option = click.option(
     help="The coordinator's HOST:PORT.",
 )
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _client_tls_options(command: Callable[..., R]) -> Callable[..., R]:
+    """``--ca``, ``--cert``, ``--key`` (a member's certificate from `tapestry certs`; an
+    operator's to run rounds or roll back) or ``--insecure``, turned into the command's
+    ``credentials`` argument."""
+
+    @wraps(command)
+    def run(
+        *args: Any, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool, **kw: Any
+    ) -> R:
+        from tapestry.pki.serving import client_credentials
+
+        if insecure and (ca or cert or key):
+            raise click.UsageError("--insecure goes without --ca, --cert and --key")
+        if not insecure and not (ca or cert or key):
+            raise click.UsageError(
+                "give the certificate to call with: --ca, --cert and --key (or "
+                "TAPESTRY_CA, TAPESTRY_CERT, TAPESTRY_KEY), e.g. an operator's from `tapestry "
+                "certs init`; or --insecure for a server that serves plaintext"
+            )
+        try:
+            credentials = client_credentials(ca, cert, key)
+        except UserError as error:
+            raise click.ClickException(str(error)) from None
+        return command(*args, credentials=credentials, **kw)
+
+    path = click.Path(dir_okay=False, path_type=Path)
+    for flag, what in (("key", "Its private key"), ("cert", "Your certificate"),
+                       ("ca", "The consortium CA's certificate")):  # fmt: skip
+        run = click.option(
+            f"--{flag}", cls=_Option, type=path, envvar=f"TAPESTRY_{flag.upper()}", help=f"{what}."
+        )(run)
+    return click.option(
+        "--insecure",
+        cls=_Option,
+        is_flag=True,
+        envvar="TAPESTRY_INSECURE",
+        help="Call a plaintext server (no TLS, no certificate).",
+    )(run)
 
 
 @main.group("round")
@@ -280,9 +332,16 @@ def round_group() -> None:
     help="Idempotency key (default: a fresh UUID). Run again with the id of a round whose "
     "reply was lost to get that round's result instead of a new round.",
 )
+@_client_tls_options
 @_keep_round_on_interrupt
 @_friendly_errors
-def round_run(address: str, as_json: bool, timeout: float | None, request_id: str | None) -> None:
+def round_run(
+    address: str,
+    as_json: bool,
+    timeout: float | None,
+    request_id: str | None,
+    credentials: grpc.ChannelCredentials | None,
+) -> None:
     """Trigger one round over gRPC and print its result.
 
     Exit status: 0 when the round committed; 1 when it failed (nothing committed) or the
@@ -304,7 +363,7 @@ def round_run(address: str, as_json: bool, timeout: float | None, request_id: st
         heard = True
         out.print(report.progress_line(event))
 
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(address, credentials) as client:
         try:
             result = client.run_round(None if as_json else progress, timeout, request_id=request_id)
         except grpc.RpcError as error:
@@ -343,8 +402,11 @@ def base_group() -> None:
 )
 @_coordinator_option
 @_json_option
+@_client_tls_options
 @_friendly_errors
-def base_rollback(to_round: int, address: str, as_json: bool) -> None:
+def base_rollback(
+    to_round: int, address: str, as_json: bool, credentials: grpc.ChannelCredentials | None
+) -> None:
     """Roll the shared base back to the base committed by round N.
 
     Recorded as a new round (history is never deleted): the next round trains from the
@@ -354,7 +416,7 @@ def base_rollback(to_round: int, address: str, as_json: bool) -> None:
     from tapestry.coordinator.client import CoordinatorClient
     from tapestry.wire.codec import message_to_dict
 
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(address, credentials) as client:
         result = client.roll_back_base(to_round)
     if as_json:
         click.echo(json.dumps(message_to_dict(result), indent=2, sort_keys=True))
@@ -362,14 +424,20 @@ def base_rollback(to_round: int, address: str, as_json: bool) -> None:
         click.echo(report.rollback_line(result))
 
 
-def _print_listing(address: str, as_json: bool, what: str, page_size: int) -> None:
+def _print_listing(
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    as_json: bool,
+    what: str,
+    page_size: int,
+) -> None:
     """Fetch every page of a listing from the coordinator; print it as a table or as JSON
     (a list of objects, counts and sizes as numbers)."""
     from tapestry.cli import report
     from tapestry.coordinator.client import CoordinatorClient
     from tapestry.wire.codec import message_to_dict
 
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(address, credentials) as client:
         if what == "rounds":
             items: list[Any] = client.list_rounds(page_size)
         else:
@@ -395,32 +463,51 @@ _page_size_option = click.option(
 @_coordinator_option
 @_json_option
 @_page_size_option
+@_client_tls_options
 @_friendly_errors
-def rounds(address: str, as_json: bool, page_size: int) -> None:
+def rounds(
+    address: str, as_json: bool, page_size: int, credentials: grpc.ChannelCredentials | None
+) -> None:
     """List the committed rounds."""
-    _print_listing(address, as_json, "rounds", page_size)
+    _print_listing(address, credentials, as_json, "rounds", page_size)
 
 
 @main.command()
 @_coordinator_option
 @_json_option
 @_page_size_option
+@_client_tls_options
 @_friendly_errors
-def artifacts(address: str, as_json: bool, page_size: int) -> None:
+def artifacts(
+    address: str, as_json: bool, page_size: int, credentials: grpc.ChannelCredentials | None
+) -> None:
     """List the sovereign artifacts the nodes retain (metadata only)."""
-    _print_listing(address, as_json, "artifacts", page_size)
+    _print_listing(address, credentials, as_json, "artifacts", page_size)
 
 
 @main.command()
 @click.option("--address", type=_Address(), required=True, help="HOST:PORT of any Tapestry server.")
 @click.option("--service", default="", help="Service name; empty = the whole server.")
 @click.option("--timeout", type=float, default=5.0, show_default=True)
-def health(address: str, service: str, timeout: float) -> None:
+@click.option(
+    "--server-name",
+    default=None,
+    help="Check the server's certificate for this name instead of the address's host (a "
+    "node's is NODE_ID.node.tapestry.invalid).",
+)
+@_client_tls_options
+def health(
+    address: str,
+    service: str,
+    timeout: float,
+    server_name: str | None,
+    credentials: grpc.ChannelCredentials | None,
+) -> None:
     """Exit 0 when the server reports SERVING through grpc.health.v1 (container healthchecks)."""
     from tapestry.wire.grpc_plumbing import check_health
 
     try:
-        status = check_health(address, service, timeout)
+        status = check_health(address, service, timeout, credentials, server_name)
     except grpc.RpcError as error:
         raise click.ClickException(
             describe_rpc_error(error, address, SERVER, "--address")

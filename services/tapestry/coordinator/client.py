@@ -5,20 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
+import grpc
+
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import WireError
 from tapestry.training.consortium.messages import ModelState
-from tapestry.wire.grpc_plumbing import insecure_channel
+from tapestry.wire.grpc_plumbing import open_channel
 from tapestry.wire.tensor_stream import StateAssembler, receive_state
 
 Item = TypeVar("Item")
 
 
 class CoordinatorClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """A client of the coordinator at ``address``: mutual TLS with ``credentials`` (an
+        operator's to run rounds; any member's to read), plaintext without."""
         self.address = address
-        self._channel = insecure_channel(address)
+        self._channel = open_channel(address, credentials)
         self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
 
     def __enter__(self) -> CoordinatorClient:

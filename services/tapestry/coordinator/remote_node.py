@@ -14,6 +14,7 @@ import grpc
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import WireError, quoted
+from tapestry.pki.layout import node_server_name
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.tensors import known_digest
@@ -54,11 +55,15 @@ class RemoteSovereignNode:
         timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         spill_dir: Path | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """``model`` is the consortium's model spec: before any weights are sent, the node
         must describe itself as ``node_id`` in ``jurisdiction`` training that model. With
         ``spill_dir``, the delta is written to ``<spill_dir>/<node_id>.delta`` as it
-        arrives instead of being held in memory (see :mod:`tapestry.wire.spill`)."""
+        arrives instead of being held in memory (see :mod:`tapestry.wire.spill`). With
+        ``credentials`` (the coordinator's) the channel is mutual TLS and the handshake
+        refuses a server whose certificate is not this node's
+        (:func:`~tapestry.pki.layout.node_server_name`)."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.address = address
@@ -67,7 +72,9 @@ class RemoteSovereignNode:
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.spill_dir = spill_dir
-        self._channel = node_channel(address)
+        self._channel = node_channel(
+            address, credentials, node_server_name(node_id) if credentials else None
+        )
         self._stub = pb_grpc.SovereignNodeServiceStub(self._channel)
 
     def close(self) -> None:

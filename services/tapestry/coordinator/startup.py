@@ -17,18 +17,34 @@ from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, RemoteSovereignNode
 from tapestry.coordinator.servicer import CoordinatorServicer
+from tapestry.pki.serving import server_security
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import build_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+# What only an operator may call: everything else reads.
+OPERATOR_METHODS = [f"/{SERVICE_NAME}/{name}" for name in ("RunRound", "RollBackBase")]
 log = logging.getLogger(__name__)
 
 
 def build_coordinator_server(
-    config: ConsortiumConfig, listen: str, data_dir: Path
+    config: ConsortiumConfig, listen: str, data_dir: Path, *, insecure: bool = False
 ) -> tuple[grpc.Server, int, object]:
-    """``(server, port, health)``, bound and not started, at the last committed round."""
+    """``(server, port, health)``, bound and not started, at the last committed round.
+
+    With ``[tls]`` it serves mutual TLS: rounds and rollbacks to operators, reads to any
+    member; and calls each node over mutual TLS, checking that the node's certificate names
+    that node. Plaintext (both ways) only with ``insecure``."""
+    security = server_security(
+        config.tls,
+        insecure=insecure,
+        consortium=config.consortium_id,
+        identity=("coordinator", ""),
+        rules={method: ["operator"] for method in OPERATOR_METHODS},
+        rounds=OPERATOR_METHODS,
+        what="coordinator",
+    )
     spec = config.model.spec()
     store = CoordinatorStore(data_dir)
     store.check_identity(
@@ -73,6 +89,7 @@ def build_coordinator_server(
             timeout_s=config.node_timeout_s,
             chunk_bytes=config.chunk_bytes,
             spill_dir=store.spill_dir,
+            credentials=security.channel_credentials,
         )
         for member in config.nodes
     ]
@@ -82,6 +99,8 @@ def build_coordinator_server(
         listen,
         [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
+        credentials=security.credentials,
+        interceptors=security.interceptors,
     )
 
 

@@ -13,18 +13,34 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.corpus import load_corpus
 from tapestry.node.servicer import SovereignNodeServicer
+from tapestry.pki.serving import server_security
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.wire.grpc_plumbing import build_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SovereignNodeService"].full_name
+CYCLE_METHOD = f"/{SERVICE_NAME}/RunSovereignCycle"
+ARTIFACT_METHOD = f"/{SERVICE_NAME}/GetArtifact"
 log = logging.getLogger(__name__)
 
 
 def build_node_server(
-    config: NodeConfig, listen: str, data_dir: Path
+    config: NodeConfig, listen: str, data_dir: Path, *, insecure: bool = False
 ) -> tuple[grpc.Server, int, object]:
-    """``(server, port, health)``, bound and not started. Corpus and data directory are
-    checked here, so a bad configuration fails before the port answers."""
+    """``(server, port, health)``, bound and not started. Certificates, corpus and data
+    directory are checked here, so a bad configuration fails before the port answers.
+
+    With ``[tls]`` it serves mutual TLS: cycles only to its consortium's coordinator, its
+    artifacts' metadata to the coordinator and operators, ``Describe`` to any member;
+    plaintext only with ``insecure``."""
+    security = server_security(
+        config.tls,
+        insecure=insecure,
+        consortium=config.consortium_id,
+        identity=("node", config.node_id),
+        rules={CYCLE_METHOD: ["coordinator"], ARTIFACT_METHOD: ["coordinator", "operator"]},
+        rounds=[CYCLE_METHOD],
+        what=f"node {config.node_id}",
+    )
     corpus = load_corpus(config.corpus, config.training.max_seq_len)
     spec = config.model.spec()
     node = SovereignTrainingNode(
@@ -54,4 +70,6 @@ def build_node_server(
         listen,
         [lambda server: pb_grpc.add_SovereignNodeServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
+        credentials=security.credentials,
+        interceptors=security.interceptors,
     )

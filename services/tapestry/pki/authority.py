@@ -23,6 +23,7 @@ from tapestry.pki.layout import (
     cert_pem,
     check_name,
     key_pem,
+    node_server_name,
     replace_file,
     san_for_host,
     spiffe_id,
@@ -50,12 +51,15 @@ def issue_certificate(
     identity: str,
     hosts: Sequence[str] = (),
     server: bool,
+    server_names: Sequence[str] = (),
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
     days: int = DEFAULT_DAYS,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A leaf certificate and its new key, signed by the CA: ``identity`` as its URI SAN,
-    ``hosts`` as DNS/IP SANs; TLS client auth always, server auth when ``server``."""
+    ``hosts`` as DNS/IP SANs, ``server_names`` as DNS SANs taken as they are (a node's
+    :func:`~tapestry.pki.layout.node_server_name`); TLS client auth always, server auth when
+    ``server``."""
     key = _new_key()
     start = not_before or _now() - dt.timedelta(minutes=5)  # tolerate small clock skew
     end = not_after or start + dt.timedelta(days=days)
@@ -64,6 +68,7 @@ def issue_certificate(
     )
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity)]
     sans += [san_for_host(host) for host in hosts]
+    sans += [x509.DNSName(name) for name in server_names]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -222,6 +227,7 @@ def _issue_member(
         identity=spiffe_id(consortium_of(ca_cert), role, name),
         hosts=[host] if host else [],
         server=role == "node",
+        server_names=[node_server_name(name)] if role == "node" else [],
         days=days,
     )
     directory = layout.member(role, name)

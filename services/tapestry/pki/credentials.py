@@ -127,20 +127,24 @@ def check_credentials(
                 f"certificate {cert} does not name {expect_san!r} in its SAN "
                 f"(it names {', '.join(sans) or 'nothing'})"
             )
-    if crl is not None:
-        try:
-            revocations = x509.load_pem_x509_crl(_read(crl, "CRL"))
-        except ValueError:
-            raise CredentialError(f"CRL {crl} is not a PEM CRL") from None
-        issuer_key = authority.public_key()
-        if not isinstance(issuer_key, ec.EllipticCurvePublicKey) or not (
-            revocations.is_signature_valid(issuer_key)
-        ):
-            raise CredentialError(f"CRL {crl} is not signed by the CA in {ca}")
-        if revocations.get_revoked_certificate_by_serial_number(certificate.serial_number):
-            raise CredentialError(
-                f"certificate {cert} is revoked (serial {certificate.serial_number:x} in {crl})"
-            )
+    if crl is not None and certificate.serial_number in revoked_serials(crl, ca):
+        raise CredentialError(
+            f"certificate {cert} is revoked (serial {certificate.serial_number:x} in {crl})"
+        )
+
+
+def revoked_serials(crl: Path, ca: Path) -> frozenset[int]:
+    """The serial numbers revoked by ``crl``, refused unless the CA in ``ca`` signed it."""
+    try:
+        revocations = x509.load_pem_x509_crl(_read(crl, "CRL"))
+    except ValueError:
+        raise CredentialError(f"CRL {crl} is not a PEM CRL") from None
+    issuer_key = _load_cert(ca, "CA certificate").public_key()
+    if not isinstance(issuer_key, ec.EllipticCurvePublicKey) or not (
+        revocations.is_signature_valid(issuer_key)
+    ):
+        raise CredentialError(f"CRL {crl} is not signed by the CA in {ca}")
+    return frozenset(entry.serial_number for entry in revocations)
 
 
 def peer_identity(context: grpc.ServicerContext) -> str | None:

@@ -51,12 +51,27 @@ class Layout:
     def member(self, role: Role, name: str) -> Path:
         return self.root / ("nodes" if role == "node" else "operators") / name
 
+    def holder(self, role: Literal["coordinator", "node", "operator"], name: str = "") -> Path:
+        """The folder of the certificate and key of the coordinator or of a member."""
+        return self.coordinator if role == "coordinator" else self.member(role, name)
+
 
 def spiffe_id(
     consortium: str, role: Literal["coordinator", "node", "operator"], name: str = ""
 ) -> str:
     """The URI SAN that names a peer: ``spiffe://<consortium>/<role>[/<name>]``."""
     return f"spiffe://{consortium}/{role}" + (f"/{name}" if name else "")
+
+
+# The DNS name a node's certificate carries besides its hosts, and the name the coordinator
+# asks for when it connects to that node (gRPC's target name override): the TLS handshake
+# itself then checks that the server is that node. ``.invalid`` never resolves (RFC 2606),
+# so no host can be given such a name, and only a node's own certificate carries it.
+NODE_NAME_SUFFIX = ".node.tapestry.invalid"
+
+
+def node_server_name(node_id: str) -> str:
+    return node_id + NODE_NAME_SUFFIX
 
 
 def check_name(what: str, name: str) -> str:
@@ -75,6 +90,10 @@ def san_for_host(host: str) -> x509.GeneralName:
         pass
     if not _HOST.fullmatch(host):
         raise UserError(f"host {quoted(host)} is neither an IP address nor a DNS name")
+    if host.lower().endswith(".invalid"):
+        raise UserError(
+            f"host {quoted(host)} is in the reserved domain .invalid, which names nodes only"
+        )
     return x509.DNSName(host)
 
 

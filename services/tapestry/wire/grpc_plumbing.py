@@ -93,14 +93,29 @@ class BindError(UserError, OSError):
     """A server could not listen on its address; the message says why and what to do."""
 
 
-def insecure_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(
+    address: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    *,
+    server_name: str | None = None,
+    options: Sequence[tuple[str, int | str]] = CHANNEL_OPTIONS,
+) -> grpc.Channel:
+    """A channel with our options: TLS with ``credentials`` (plaintext without), the
+    server's certificate checked for ``server_name`` instead of the address's host when
+    given (a node's :func:`~tapestry.pki.layout.node_server_name`)."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    if server_name is not None:
+        options = [*options, ("grpc.ssl_target_name_override", server_name)]
+    return grpc.secure_channel(address, credentials, options=options)
 
 
-def node_channel(address: str) -> grpc.Channel:
+def node_channel(
+    address: str, credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None
+) -> grpc.Channel:
     """The coordinator's channel to a node: :data:`CHANNEL_OPTIONS` plus the retry of
     ``Describe`` on UNAVAILABLE (:data:`NODE_RETRY_POLICY`)."""
-    return grpc.insecure_channel(address, options=NODE_CHANNEL_OPTIONS)
+    return open_channel(address, credentials, server_name=server_name, options=NODE_CHANNEL_OPTIONS)
 
 
 def build_server(
@@ -108,15 +123,20 @@ def build_server(
     register: Sequence[Callable[[grpc.Server], None]],
     service_names: Sequence[str],
     *,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_workers: int = 16,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A server with our services, ``grpc.health.v1`` and reflection, bound but not started.
+    """A server with our services, ``grpc.health.v1`` and reflection, bound but not started:
+    TLS with ``credentials`` (plaintext without), every call through ``interceptors``.
 
     Returns ``(server, port, health)``; ``listen`` may end in ``:0`` for a free port.
     Health starts NOT_SERVING; call :func:`mark_serving` once the server is started.
     """
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=SERVER_OPTIONS,
+        interceptors=list(interceptors),
     )
     for add in register:
         add(server)
@@ -132,7 +152,11 @@ def build_server(
     if why:
         raise BindError(why)
     try:
-        port = server.add_insecure_port(listen)
+        port = (
+            server.add_secure_port(listen, credentials)
+            if credentials is not None
+            else server.add_insecure_port(listen)
+        )
     except RuntimeError:
         port = 0
     if port == 0:
@@ -194,9 +218,15 @@ def write_ready_file(path: Path, port: int) -> None:
     os.replace(tmp, path)
 
 
-def check_health(address: str, service: str = "", timeout_s: float = 5.0) -> str:
+def check_health(
+    address: str,
+    service: str = "",
+    timeout_s: float = 5.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+) -> str:
     """The health status name of ``service`` at ``address`` (e.g. ``"SERVING"``)."""
-    with insecure_channel(address) as channel:
+    with open_channel(address, credentials, server_name=server_name) as channel:
         # The method by its path: typeshed's HealthStub declares no methods to type-check.
         check = channel.unary_unary(
             f"/{health.SERVICE_NAME}/Check",
