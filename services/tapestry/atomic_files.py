@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,21 @@ def _commit(tmp: Path, target: Path) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, target)
     _fsync_dir(target.parent)
+
+
+# This module's temporary names (``.<name>.tmp``) and safetensors' own (``.tmpXXXXXX``,
+# random, written before it renames to ours).
+TEMPORARY = re.compile(r"\.(.+\.tmp|tmp[A-Za-z0-9_]{6,})")
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files that writes cut short (a crash, SIGKILL) left in
+    ``directory``; nothing else, even in a data directory shared with other files. Only for
+    a directory no write is using (a store opening at start-up). Returns what it removed."""
+    removed = [p for p in directory.glob(".*") if TEMPORARY.fullmatch(p.name) and p.is_file()]
+    for path in removed:
+        path.unlink()
+    return removed
 
 
 def write_json(path: Path, payload: Any) -> None:

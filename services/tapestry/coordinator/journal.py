@@ -10,7 +10,8 @@ Layout under ``<data-dir>``::
 
 A round is committed when its journal entry is renamed into place, after its base file.
 On start the store resumes at the newest journal entry whose base file exists and matches
-the recorded digest, so a crash mid-commit leaves the previous round in force.
+the recorded digest, so a crash mid-commit leaves the previous round in force; the
+temporary files such a crash leaves are deleted when the store opens.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import logging
 import shutil
 from pathlib import Path
 
-from tapestry.atomic_files import load_state, read_json, save_state, write_json, write_text
+from tapestry.atomic_files import (
+    load_state,
+    read_json,
+    remove_temporaries,
+    save_state,
+    write_json,
+    write_text,
+)
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import NotFound, UserError
 from tapestry.training.consortium.messages import ConsortiumRoundResult, ModelState
@@ -40,6 +48,8 @@ class CoordinatorStore:
         self.rounds_dir = data_dir / "rounds"
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (self.root, self.base_dir, self.rounds_dir):
+            remove_temporaries(directory)  # random names: never overwritten, they pile up
 
     @property
     def spill_dir(self) -> Path:

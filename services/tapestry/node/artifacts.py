@@ -5,13 +5,18 @@ Layout under ``<data-dir>/artifacts/``::
     round-000003/model.safetensors   the full trained state (safetensors)
     round-000003/manifest.json       node, jurisdiction, stage, round, metrics, sha256, bytes
 
-The manifest is written last, so a round directory without one is an interrupted write
-and is ignored (and replaced when that round runs again). When a round runs again after it
-completed (the coordinator rolled it back, say), the earlier artifact is kept, renamed to
-``round-NNNNNN.superseded-<sha256 prefix>/`` (with ``superseded.json``, the order it was set
-aside in): a stored sovereign model is never overwritten. At most ``max_superseded`` such
-copies are kept: past it the oldest set aside are deleted, so replaying a round cannot fill
-the disk. A round's current artifact is never among them.
+The manifest is written last, so a round directory without one is an interrupted write.
+A store opened on the directory (a node starting, after a crash say) first clears what
+interrupted writes left: temporary files, such round directories, and folders that were
+being deleted (renamed to ``.deleting-<name>`` first, so a half-deleted folder is never
+taken for an artifact).
+
+When a round runs again after it completed (the coordinator rolled it back, say), the
+earlier artifact is kept, renamed to ``round-NNNNNN.superseded-<sha256 prefix>/`` (with
+``superseded.json``, the order it was set aside in): a stored sovereign model is never
+overwritten. At most ``max_superseded`` such copies are kept: past it the oldest set aside
+are deleted, so replaying a round cannot fill the disk. A round's current artifact is never
+among them.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import json
 import shutil
 from pathlib import Path
 
-from tapestry.atomic_files import read_json, save_state, write_json
+from tapestry.atomic_files import read_json, remove_temporaries, save_state, write_json
 from tapestry.training.consortium.messages import SovereignModelArtifact
 from tapestry.training.consortium.tensors import state_digest
 
 SUPERSEDED = ".superseded-"
 SET_ASIDE = "superseded.json"  # in a superseded copy: {"sequence": n}, 1 for the first
+DELETING = ".deleting-"  # a folder renamed to this prefix is on its way out
 
 
 class ArtifactStore:
@@ -34,6 +40,30 @@ class ArtifactStore:
         self.root = data_dir / "artifacts"
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_superseded = max_superseded
+        self._clear_interrupted()
+
+    def _clear_interrupted(self) -> None:
+        """Remove what a write cut short left behind (see the module docstring)."""
+        remove_temporaries(self.root)
+        for path in self.root.iterdir():
+            current = path.name.startswith("round-") and SUPERSEDED not in path.name
+            if path.name.startswith(DELETING) or (
+                current and path.is_dir() and not (path / "manifest.json").exists()
+            ):
+                shutil.rmtree(path)
+                continue
+            if path.is_dir():
+                remove_temporaries(path)
+            if current and (path / SET_ASIDE).exists():
+                (path / SET_ASIDE).unlink()  # killed before the rename that sets it aside
+
+    def _delete(self, directory: Path) -> None:
+        """Rename first, then delete: a crash midway leaves a ``.deleting-`` folder, never
+        a round folder with its manifest and part of its model."""
+        doomed = self.root / f"{DELETING}{directory.name}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        directory.rename(doomed)
+        shutil.rmtree(doomed)
 
     def _dir(self, round_num: int) -> Path:
         return self.root / f"round-{round_num:06d}"
@@ -63,7 +93,7 @@ class ArtifactStore:
             f"{directory.name}{SUPERSEDED}{earlier['model_state_sha256'][:16]}"
         )
         if aside.exists():  # the very same model was kept aside before
-            shutil.rmtree(directory)
+            self._delete(directory)
             return
         # The order copies were set aside in, for pruning: file times are too coarse to
         # tell two quick re-runs apart.
@@ -79,7 +109,7 @@ class ArtifactStore:
     def _prune_superseded(self) -> None:
         kept = self.superseded()
         for path in kept[: max(0, len(kept) - self.max_superseded)]:
-            shutil.rmtree(path)
+            self._delete(path)
 
     def rounds(self) -> list[int]:
         found = []
