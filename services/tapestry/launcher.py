@@ -338,6 +338,26 @@ class LocalConsortium:
         pair = self.certs.holder(role, name)
         return load_channel_credentials(pair / "cert.pem", pair / "key.pem", self.certs.ca_cert)
 
+    def endpoints(self) -> dict[str, Any]:
+        """Where each server answers and, with TLS, the absolute paths of the CA, the
+        operator's and each node's credentials: what ``tapestry demo --keep-running`` writes
+        to ``endpoints.json`` for a user's own tools (grpcurl, a script)."""
+        nodes = [spec.node_id for spec in self.nodes]
+        described: dict[str, Any] = {
+            "coordinator": {"address": self.coordinator_address},
+            "nodes": {node_id: {"address": self.processes[node_id].address} for node_id in nodes},
+        }
+        if self.tls:
+
+            def pair(role: PeerRole, name: str) -> dict[str, str]:
+                folder = self.certs.holder(role, name).absolute()
+                return {"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem")}
+
+            described["ca"] = str(self.certs.ca_cert.absolute())
+            described["operator"] = pair("operator", OPERATOR)
+            described["node_credentials"] = {n: pair("node", n) for n in nodes}
+        return described
+
     def cli_env(self, role: PeerRole = "operator", name: str = OPERATOR) -> dict[str, str]:
         """The environment that makes a `tapestry` command call as that member (the
         operator by default): ``TAPESTRY_CA``, ``TAPESTRY_CERT`` and ``TAPESTRY_KEY``, or

@@ -247,6 +247,51 @@ class _Failed(grpc.RpcError):
             f"{NODE.service_name} (UNIMPLEMENTED: Method not found!). Is this the right "
             "address? If not, fix its address in the consortium file.",
         ),
+        # The TLS handshake failures gRPC reports, as measured against real servers.
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNAVAILABLE: "
+            "ipv4:127.0.0.1:33429: Socket closed",
+            "no TLS connection to the sovereign node at vietnam:50061: the server closed the "
+            "connection during the handshake: it serves mutual TLS and wants a certificate "
+            "from its consortium (--ca, --cert, --key), or refused yours (UNAVAILABLE: failed "
+            "to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:33429: "
+            "Socket closed)",
+        ),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:44787: "
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL "
+            "routines:OPENSSL_internal:WRONG_VERSION_NUMBER",
+            "no TLS connection to the sovereign node at vietnam:50061: the server speaks "
+            "plaintext (it was started with --insecure); call it with --insecure (UNAVAILABLE: "
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:44787: "
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL "
+            "routines:OPENSSL_internal:WRONG_VERSION_NUMBER)",
+        ),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+            "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED",
+            "no TLS connection to the sovereign node at vietnam:50061: a certificate is not "
+            "from the expected CA: the server's is not signed by the CA you trust (--ca), or "
+            "yours is not signed by the server's (UNAVAILABLE: failed to connect to all "
+            "addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed "
+            "(TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+            "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED)",
+        ),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:2: Custom "
+            "verification check failed with error: UNAUTHENTICATED: Hostname Verification "
+            "Check failed.",
+            "no TLS connection to the sovereign node at vietnam:50061: the server's "
+            "certificate does not name the server expected there (for a node: its node id), "
+            "so it is not that server (UNAVAILABLE: failed to connect to all addresses; last "
+            "error: UNKNOWN: ipv4:127.0.0.1:2: Custom verification check failed with error: "
+            "UNAUTHENTICATED: Hostname Verification Check failed.)",
+        ),
         (
             grpc.StatusCode.UNAVAILABLE,
             "Socket closed",

@@ -621,17 +621,31 @@ def certs_revoke(root: Path, node_id: str | None, operator: str | None) -> None:
 
 
 @main.command()
-@click.option("--rounds", "round_count", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option(
+    "--rounds",
+    "round_count",
+    type=click.IntRange(0, 1000),
+    default=3,
+    show_default=True,
+    help="Rounds to run (0: none, e.g. with --keep-running).",
+)
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Where configs, logs and data go (default: a new temporary folder).",
+    help="Where configs, certificates, logs and data go (default: a new temporary folder).",
+)
+@click.option(
+    "--keep-running",
+    is_flag=True,
+    help="After the rounds, leave the consortium up until Ctrl-C or SIGTERM and write "
+    "WORKDIR/endpoints.json (addresses, CA, operator and node credentials).",
 )
 @_friendly_errors
-def demo(round_count: int, workdir: Path | None) -> None:
-    """Start a coordinator and three nodes on 127.0.0.1 and run rounds over gRPC."""
+def demo(round_count: int, workdir: Path | None, keep_running: bool) -> None:
+    """Start a coordinator and three nodes on 127.0.0.1 (mutual TLS, certificates made for
+    the run) and run rounds over gRPC."""
     from tapestry.demo.run import run_demo
 
     workdir = workdir or Path(tempfile.mkdtemp(prefix="tapestry-demo-"))
-    run_demo(round_count, workdir)
+    run_demo(round_count, workdir, keep_running=keep_running)

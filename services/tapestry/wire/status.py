@@ -94,6 +94,8 @@ def describe_rpc_error(
     if expected is None or not address:
         return f"{address}: {status}" if address else status
     role = expected.role
+    if code is grpc.StatusCode.UNAVAILABLE and (problem := _tls_problem(details)):
+        return f"no TLS connection to the {role} at {address}: {problem} ({status})"
     if code is grpc.StatusCode.UNAVAILABLE and (reason := _no_connection(details)):
         start = f" Start one with `{expected.start} --listen {address}`" if expected.start else ""
         where = f"pass {option} HOST:PORT" if option else expected.fix
@@ -112,6 +114,37 @@ def describe_rpc_error(
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the {role} at {address} did not answer in time ({status})"
     return f"the {role} at {address} refused the call ({status})"
+
+
+# What gRPC's connection errors say when TLS fails, and what that means for the caller.
+_TLS_PROBLEMS = (
+    (
+        "WRONG_VERSION_NUMBER",
+        "the server speaks plaintext (it was started with --insecure); call it with --insecure",
+    ),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "a certificate is not from the expected CA: the server's is not signed by the CA you "
+        "trust (--ca), or yours is not signed by the server's",
+    ),
+    (
+        "Hostname Verification Check failed",
+        "the server's certificate does not name the server expected there (for a node: its "
+        "node id), so it is not that server",
+    ),
+    (
+        "Socket closed",
+        "the server closed the connection during the handshake: it serves mutual TLS and "
+        "wants a certificate from its consortium (--ca, --cert, --key), or refused yours",
+    ),
+)
+
+
+def _tls_problem(details: str) -> str:
+    """What went wrong when a connection failed in its TLS handshake, or ``""``."""
+    if not details.startswith("failed to connect to all addresses"):
+        return ""
+    return next((meaning for marker, meaning in _TLS_PROBLEMS if marker in details), "")
 
 
 def _no_connection(details: str) -> str:
