@@ -67,3 +67,24 @@ def test_the_readme_starts_the_shipped_configs_where_the_consortium_expects_them
         assert (ROOT / path).is_file(), path
     for command in ("round run", "rounds", "artifacts", "health --address"):
         assert f"tapestry {command}" in section
+
+
+def test_the_shipped_configs_use_the_certificates_the_readme_makes():
+    section = " ".join(_section("Running the services yourself").split())
+    certs = LOCAL / "certs"
+    consortium = load_config(LOCAL / "consortium.toml", ConsortiumConfig)
+    init = re.search(r"tapestry certs init (.*?)(?: #|$)", section)
+    assert init, "the README does not make the certificates"
+    assert f"--dir deploy/local/certs --consortium {consortium.consortium_id}" in init.group(1)
+    assert consortium.tls is not None
+    assert (consortium.tls.ca, consortium.tls.cert, consortium.tls.crl) == (
+        certs / "ca.pem",
+        certs / "coordinator" / "cert.pem",
+        certs / "crl.pem",
+    )
+    for member in consortium.nodes:
+        assert f"{member.node_id}=127.0.0.1" in init.group(1)
+        node = load_config(LOCAL / "nodes" / f"{member.node_id}.toml", NodeConfig)
+        assert node.tls is not None
+        assert node.tls.ca.resolve() == certs / "ca.pem"
+        assert node.tls.key.resolve() == certs / "nodes" / member.node_id / "key.pem"
