@@ -171,10 +171,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         before the core changes anything, so if it raises there is nothing to undo."""
         record = self._store.commit_round(result, request_id)
         with self._state_lock:
+            # The base first: whoever has seen round N listed then gets round N's base.
+            self._committed = (result.round_num, result.shared_base_sha256)
             self._records.append(record)
             if request_id:
                 self._by_request_id[request_id] = record.result
-        self._committed = (result.round_num, result.shared_base_sha256)
         if result.rolled_back_to is not None:
             log.info(
                 "round %d committed: the base of round %d restored by an operator, base %s -> %s",
