@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tapestry.errors import UserError, quoted
+from tapestry.pki.credentials import revoked_serials
 from tapestry.pki.layout import (
     CERT_MODE,
     KEY_MODE,
@@ -251,19 +252,13 @@ def issue_member(
     existing = layout.member(role, name) / "cert.pem"
     if existing.exists():
         serial = x509.load_pem_x509_certificate(existing.read_bytes()).serial_number
-        if serial not in revoked_serials(layout):
+        revoked = revoked_serials(layout.crl, layout.ca_cert) if layout.crl.exists() else set()
+        if serial not in revoked:
             raise UserError(
                 f"{role} {quoted(name)} already has a valid certificate at {existing}: "
                 f"revoke it first (`tapestry certs revoke --{role} {name}`)"
             )
     return _issue_member(layout, ca_cert, ca_key, role, name, host, days)
-
-
-def revoked_serials(layout: Layout) -> set[int]:
-    if not layout.crl.exists():
-        return set()
-    crl = x509.load_pem_x509_crl(layout.crl.read_bytes())
-    return {entry.serial_number for entry in crl}
 
 
 def _write_crl(
