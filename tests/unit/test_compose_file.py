@@ -1,5 +1,7 @@
 """docker-compose.yml agrees with the code: commands exist in the CLI, ports and addresses
-match, every file it references exists, and the configs it mounts validate."""
+match, every file it references exists, the configs it mounts validate, and the certificates
+reach each member and no one else: a node's container mounts only its own key, never
+another node's nor the CA's."""
 
 from __future__ import annotations
 
@@ -13,13 +15,17 @@ import pytest
 import yaml
 
 from tapestry.cli import main as cli
-from tapestry.config import ConsortiumConfig, NodeConfig, load_config
+from tapestry.config import ConsortiumConfig, NodeConfig, TlsConfig, load_config
 from tapestry.node.corpus import load_corpus
+from tapestry.pki.layout import node_server_name
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 NODES = ["vietnam", "switzerland", "india"]
+SERVERS = [*NODES, "coordinator"]
+# The one-shot service that creates the certificates and hands out each member's share.
+CERTS = SERVICES["certs"]
 
 
 def _argv(command: str | list[str]) -> list[str]:
@@ -66,9 +72,63 @@ def _host_path(service: dict, container_path: str) -> Path:
     return best[1] / target.relative_to(best[0])
 
 
+def _mounts(service: dict) -> list[tuple[str, str, bool]]:
+    """``(source, mount point, read-only)`` of every volume of ``service``, as compose reads
+    them with no variable set; a named volume's source has no leading ``.``."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        source, mount, *mode = _with_defaults(volume).split(":")
+        mounts.append((source, mount, mode == ["ro"]))
+    return mounts
+
+
+def _volume_at(service: dict, container_path: str) -> tuple[str, bool]:
+    """The named volume (and whether it is read-only) that holds ``container_path``."""
+    target = PurePosixPath(container_path)
+    under = [
+        (source, PurePosixPath(mount), ro)
+        for source, mount, ro in _mounts(service)
+        if target.is_relative_to(mount)
+    ]
+    assert under, f"{container_path} is under no mount"
+    source, _, ro = max(under, key=lambda m: len(m[1].parts))
+    assert not source.startswith("."), f"{container_path} is in the bind mount {source}"
+    return source, ro
+
+
+def _certs_script() -> str:
+    argv = _argv(CERTS["command"])
+    assert argv[0] == "sh" and len(argv) == 2, argv
+    return _host_path(CERTS, argv[1]).read_text()
+
+
+def _certs_init() -> dict[str, list[str]]:
+    """The ``tapestry certs init`` of the certs service's script: every option's values."""
+    script = _certs_script().replace("\\\n", " ")
+    lines = [line.strip() for line in script.splitlines()]
+    (line,) = [line for line in lines if line.startswith("tapestry certs init")]
+    argv = shlex.split(line)
+    _resolve(argv)  # the command and its options exist
+    options: dict[str, list[str]] = {}
+    for flag, value in zip(argv[3::2], argv[4::2], strict=True):
+        options.setdefault(flag, []).extend(value.split(","))
+    return options
+
+
+def _shares() -> list[str]:
+    """The certificate folders the certs service copies out (``coordinator``,
+    ``nodes/ID``, ``operators/NAME``), each to ``/out/<last part>``."""
+    (loop,) = re.findall(r"^for share in (.*); do$", _certs_script(), re.MULTILINE)
+    assert "out=/out/${share#*/}" in _certs_script()
+    return loop.split()
+
+
 def test_every_command_and_healthcheck_exists_in_the_cli():
     for name, service in SERVICES.items():
-        _resolve(_argv(service["command"]))
+        if service is CERTS:
+            _certs_init()
+        else:
+            _resolve(_argv(service["command"]))
         if "healthcheck" in service:
             test = service["healthcheck"]["test"]
             assert test[0] == "CMD"
@@ -153,3 +213,97 @@ def test_the_image_is_built_from_files_that_exist():
     assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile
     for script in ("build-base-image", "fill-wheelhouse", "compose-e2e"):
         assert (ROOT / "scripts" / script).is_file()
+
+
+def _tls(name: str) -> TlsConfig:
+    service = SERVICES[name]
+    _, options = _resolve(_argv(service["command"]))
+    kind = ConsortiumConfig if name == "coordinator" else NodeConfig
+    config = load_config(_host_path(service, options["--config"]), kind)
+    assert config.tls is not None, f"{options['--config']} has no [tls] section"
+    return config.tls
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_every_server_serves_mutual_tls_from_its_own_certificate_volume(name):
+    service = SERVICES[name]
+    tls = _tls(name)
+    assert tls.crl is not None  # revocations reach the servers
+    for path in (tls.ca, tls.cert, tls.key, tls.crl):
+        assert _volume_at(service, str(path)) == (f"{name}-tls", True), path
+    assert "--insecure" not in _argv(service["command"])
+    assert "TAPESTRY_INSECURE" not in service.get("environment", {})
+    # ... which the certs service fills with this member's share, and which exists.
+    assert (f"{name}-tls", f"/out/{name}", False) in _mounts(CERTS)
+    assert f"{name}-tls" in COMPOSE["volumes"]
+    share = "coordinator" if name == "coordinator" else f"nodes/{name}"
+    assert share in _shares()
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_health_checks_call_with_the_servers_own_certificate(name):
+    service = SERVICES[name]
+    tls = _tls(name)
+    _, health = _resolve(service["healthcheck"]["test"][1:])
+    assert health["--address"].startswith("127.0.0.1:")
+    assert (health["--ca"], health["--cert"], health["--key"]) == tuple(
+        str(p) for p in (tls.ca, tls.cert, tls.key)
+    )
+    if name == "coordinator":
+        assert health["--server-name"] in _certs_init()["--coordinator-host"]
+    else:
+        assert health["--server-name"] == node_server_name(name)
+
+
+def test_the_certificates_name_this_consortium_and_its_members():
+    init = _certs_init()
+    coordinator = SERVICES["coordinator"]
+    _, options = _resolve(_argv(coordinator["command"]))
+    consortium = load_config(_host_path(coordinator, options["--config"]), ConsortiumConfig)
+    assert init["--consortium"] == [consortium.consortium_id]
+    # Every member is named, and every node is reached by the host its certificate names.
+    assert sorted(init["--node"]) == sorted(NODES)
+    assert {m.address.rsplit(":", 1)[0] for m in consortium.nodes} == set(NODES)
+    assert "coordinator" in init["--coordinator-host"]
+    assert SERVICES["cli"]["environment"]["TAPESTRY_COORDINATOR"].startswith("coordinator:")
+    assert sorted(_shares()) == sorted(
+        ["coordinator", *(f"nodes/{n}" for n in NODES)]
+        + [f"operators/{o}" for o in init["--operator"]]
+    )
+
+
+def test_the_cli_calls_as_an_operator():
+    cli_service = SERVICES["cli"]
+    environment = cli_service["environment"]
+    (operator,) = _certs_init()["--operator"]
+    for variable in ("TAPESTRY_CA", "TAPESTRY_CERT", "TAPESTRY_KEY"):
+        assert _volume_at(cli_service, environment[variable]) == (f"{operator}-tls", True)
+    assert (f"{operator}-tls", f"/out/{operator}", False) in _mounts(CERTS)
+
+
+def test_no_container_but_the_certs_service_sees_another_members_key_or_the_ca_key():
+    shares = {volume for volume, _, _ in _mounts(CERTS) if volume.endswith("-tls")}
+    assert "certs" in {volume for volume, _, _ in _mounts(CERTS)}
+    for name, service in SERVICES.items():
+        if service is CERTS:
+            continue
+        volumes = {volume for volume, _, _ in _mounts(service)}
+        assert "certs" not in volumes, f"{name} mounts the CA's volume"
+        assert len(volumes & shares) == 1, f"{name} mounts {sorted(volumes & shares)}"
+        if name in NODES:
+            assert volumes & shares == {f"{name}-tls"}
+        # The configuration bind mount holds no certificate or key (they are never committed).
+        for source, _, _ in _mounts(service):
+            if source.startswith("."):
+                found = [
+                    p for p in (ROOT / source).rglob("*") if p.suffix in {".pem", ".key", ".crt"}
+                ]
+                assert not found, found
+
+
+def test_servers_start_only_once_the_certificates_exist():
+    for name in SERVERS:
+        assert SERVICES[name]["depends_on"]["certs"] == {
+            "condition": "service_completed_successfully"
+        }
+    assert "restart" not in CERTS  # one-shot
