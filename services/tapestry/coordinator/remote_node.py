@@ -15,6 +15,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import WireError, quoted
 from tapestry.pki.layout import node_server_name
+from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.tensors import known_digest
@@ -56,6 +57,7 @@ class RemoteSovereignNode:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         spill_dir: Path | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        server_check: ServerCertificateCheck | None = None,
     ) -> None:
         """``model`` is the consortium's model spec: before any weights are sent, the node
         must describe itself as ``node_id`` in ``jurisdiction`` training that model. With
@@ -63,7 +65,8 @@ class RemoteSovereignNode:
         arrives instead of being held in memory (see :mod:`tapestry.wire.spill`). With
         ``credentials`` (the coordinator's) the channel is mutual TLS and the handshake
         refuses a server whose certificate is not this node's
-        (:func:`~tapestry.pki.layout.node_server_name`)."""
+        (:func:`~tapestry.pki.layout.node_server_name`); ``server_check`` then refuses one
+        whose certificate the CRL lists, which gRPC's handshake does not check."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.address = address
@@ -72,6 +75,7 @@ class RemoteSovereignNode:
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.spill_dir = spill_dir
+        self.server_check = server_check
         self._channel = node_channel(
             address, credentials, node_server_name(node_id) if credentials else None
         )
@@ -82,9 +86,11 @@ class RemoteSovereignNode:
 
     def check_identity(self) -> None:
         """Ask the node who it is (``Describe``) and refuse a server that is not this
-        member or trains another model (:class:`NodeMismatch`); unreachable is
-        :class:`NodeCallFailed`. The channel retries an UNAVAILABLE ``Describe`` with
-        backoff (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
+        member or trains another model (:class:`NodeMismatch`), or that presents a
+        revoked certificate (``server_check``, once it answered; also
+        :class:`NodeMismatch`); unreachable is :class:`NodeCallFailed`. The channel
+        retries an UNAVAILABLE ``Describe`` with backoff
+        (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
         :data:`DESCRIBE_TIMEOUT_S`; the cycle that follows is never retried."""
         try:
             described = self._stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S)
@@ -110,6 +116,13 @@ class RemoteSovereignNode:
                 f"the server at {self.address} describes itself with {'; '.join(problems)}; "
                 "fix the member's entry in the consortium file or the node's own config"
             )
+        if self.server_check is not None:
+            try:
+                self.server_check.check(
+                    self.address, node_server_name(self.node_id), DESCRIBE_TIMEOUT_S
+                )
+            except ServerNotTrusted as problem:
+                raise NodeMismatch(str(problem)) from None
 
     def run_sovereign_cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
         self.check_identity()  # before any weights leave the coordinator

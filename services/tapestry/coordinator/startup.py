@@ -90,6 +90,7 @@ def build_coordinator_server(
             chunk_bytes=config.chunk_bytes,
             spill_dir=store.spill_dir,
             credentials=security.channel_credentials,
+            server_check=security.server_check,
         )
         for member in config.nodes
     ]

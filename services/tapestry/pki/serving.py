@@ -24,18 +24,21 @@ from tapestry.pki.credentials import (
     load_server_credentials,
 )
 from tapestry.pki.layout import spiffe_id
+from tapestry.pki.server_check import ServerCertificateCheck
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServerSecurity:
-    """The server's TLS credentials and interceptors, and the credentials it calls other
-    servers with (the coordinator calls the nodes); all ``None``/empty for plaintext."""
+    """The server's TLS credentials and interceptors, the credentials it calls other servers
+    with (the coordinator calls the nodes) and, with a CRL, the check that those servers'
+    certificates are not revoked; all ``None``/empty for plaintext."""
 
     credentials: grpc.ServerCredentials | None = None
     interceptors: tuple[grpc.ServerInterceptor, ...] = ()
     channel_credentials: grpc.ChannelCredentials | None = None
+    server_check: ServerCertificateCheck | None = None
 
 
 def server_security(
@@ -79,6 +82,9 @@ def server_security(
         credentials=load_server_credentials(tls.cert, tls.key, tls.ca),
         interceptors=(AccessPolicy(consortium, rules, revocations),),
         channel_credentials=load_channel_credentials(tls.cert, tls.key, tls.ca),
+        server_check=(
+            ServerCertificateCheck(tls, revocations) if revocations is not None else None
+        ),
     )
 
 
