@@ -107,15 +107,21 @@ class BlockingNode(FakeNode):
 
 
 @contextmanager
-def serve(nodes: list[FakeNode]) -> Iterator[list[dict[str, str]]]:
-    """Serve each node on its own port; yields their consortium-file member entries and
-    stops every server afterwards."""
+def serve(
+    nodes: list[FakeNode], credentials: grpc.ServerCredentials | None = None
+) -> Iterator[list[dict[str, str]]]:
+    """Serve each node on its own port, plaintext or TLS with ``credentials``; yields their
+    consortium-file member entries and stops every server afterwards."""
     servers, members = [], []
     try:
         for node in nodes:
             server = grpc.server(futures.ThreadPoolExecutor(2))
             pb_grpc.add_SovereignNodeServiceServicer_to_server(node, server)
-            port = server.add_insecure_port("127.0.0.1:0")
+            port = (
+                server.add_secure_port("127.0.0.1:0", credentials)
+                if credentials is not None
+                else server.add_insecure_port("127.0.0.1:0")
+            )
             server.start()
             servers.append(server)
             members.append(
