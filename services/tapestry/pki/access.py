@@ -97,7 +97,10 @@ class RevocationList:
         try:
             info = os.stat(self.crl)
         except FileNotFoundError:
-            raise CredentialError(f"CRL {self.crl} does not exist") from None
+            if self._stamp is None:
+                raise CredentialError(f"CRL {self.crl} does not exist") from None
+            log.error("keeping the previous revocation list: CRL %s is gone", self.crl)
+            return self._serials
         stamp = (info.st_mtime_ns, info.st_size)
         with self._lock:
             if stamp != self._stamp:
