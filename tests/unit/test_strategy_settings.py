@@ -182,3 +182,18 @@ def test_the_round_table_names_the_strategy_in_80_columns(
     lines = out.file.getvalue().splitlines()  # type: ignore[attr-defined]
     assert all(len(text) <= report.WIDTH for text in lines)
     assert line in " ".join(" ".join(lines).split())
+
+
+def test_the_readme_example_loads_as_written(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Integration strategies", 1)[1]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    members = CONSORTIUM.split("{policy}\n", 1)[1]
+    path = tmp_path / "c.toml"
+    path.write_text(f'consortium_id = "c"\n{example}{members}', encoding="utf-8")
+
+    strategy = load_config(path, ConsortiumConfig).policy.policy().strategy
+
+    assert strategy == IntegrationStrategy(
+        StrategyName.DILOCO, clip_delta_norm=5.0, outer=OuterOptimizer(0.7, 0.9, True)
+    )
