@@ -159,8 +159,10 @@ def test_resume_refuses_a_momentum_that_does_not_fit_the_base() -> None:
     state = {"w": torch.tensor([1.0]), "steps": torch.tensor([7])}
     with pytest.raises(ValueError, match=r"missing \['w'\], unexpected \['v'\]"):
         coordinator.load_base_state(state, 1, momentum={"v": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"outer momentum 'w': expected finite values of"):
+    with pytest.raises(ValueError, match=r"outer momentum 'w': expected torch.float32 \(1,\)"):
         coordinator.load_base_state(state, 1, momentum={"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match="outer momentum 'w' holds NaN or Inf values"):
+        coordinator.load_base_state(state, 1, momentum={"w": torch.tensor([float("nan")])})
 
 
 # --- through the journal: the service's commit step -------------------------------------

@@ -24,25 +24,15 @@ from tapestry.wire.codec import (
     policy_to_proto,
 )
 
-CONSORTIUM = """
-consortium_id = "c"
-[policy]
-quality_floor = 0.75
-{policy}
-[[nodes]]
-node_id = "vietnam"
-jurisdiction = "Vietnam"
-address = "vietnam:50061"
-[[nodes]]
-node_id = "india"
-jurisdiction = "India"
-address = "india:50061"
-"""
+from .test_config_and_corpus import CONSORTIUM
+
+POLICY_END = "max_node_weight = 0.5\n"  # the last line of that file's [policy]
 
 
 def load(tmp_path: Path, policy: str) -> ConsortiumConfig:
+    """The consortium file of the config tests with ``policy`` added to its [policy]."""
     path = tmp_path / "c.toml"
-    path.write_text(CONSORTIUM.format(policy=policy), encoding="utf-8")
+    path.write_text(CONSORTIUM.replace(POLICY_END, f"{POLICY_END}{policy}\n"), "utf-8")
     return load_config(path, ConsortiumConfig)
 
 
@@ -188,7 +178,7 @@ def test_the_readme_example_loads_as_written(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Integration strategies", 1)[1]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
-    members = CONSORTIUM.split("{policy}\n", 1)[1]
+    members = CONSORTIUM[CONSORTIUM.index("[[nodes]]") :]
     path = tmp_path / "c.toml"
     path.write_text(f'consortium_id = "c"\n{example}{members}', encoding="utf-8")
 

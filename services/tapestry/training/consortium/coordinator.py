@@ -34,12 +34,11 @@ from tapestry.training.consortium.messages import (
     SovereignModelArtifact,
 )
 from tapestry.training.consortium.policy import ContributionPolicy, PolicyDecision
-from tapestry.training.consortium.strategies import StrategyName
+from tapestry.training.consortium.strategies import StrategyName, momentum_mismatch
 from tapestry.training.consortium.tensors import (
     Snapshot,
     all_finite,
     clone_state,
-    few_names,
     state_digest,
     state_mismatch,
     state_norm,
@@ -444,28 +443,3 @@ class ConsortiumCoordinator:
 
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
             return list(pool.map(cycle, nodes))
-
-
-def momentum_mismatch(
-    momentum: Mapping[str, torch.Tensor] | None, base: Mapping[str, torch.Tensor]
-) -> str | None:
-    """Why ``momentum`` cannot be diloco's momentum for ``base`` (one finite tensor of the
-    same shape per floating entry), or ``None`` when it can (or is ``None``: zeros)."""
-    if momentum is None:
-        return None
-    floating = {n: t for n, t in base.items() if t.is_floating_point() or t.is_complex()}
-    missing = sorted(set(floating) - set(momentum))
-    extra = sorted(set(momentum) - set(floating))
-    if missing or extra:
-        return (
-            f"outer momentum keys differ from the base's floating entries: missing "
-            f"{few_names(missing)}, unexpected {few_names(extra)}"
-        )
-    for name, tensor in floating.items():
-        got = momentum[name]
-        if got.shape != tensor.shape or not bool(torch.isfinite(got).all()):
-            return (
-                f"outer momentum {name!r}: expected finite values of shape "
-                f"{tuple(tensor.shape)}, got shape {tuple(got.shape)}"
-            )
-    return None

@@ -78,7 +78,8 @@ class ConsortiumRoundResult:
     ``rolled_back_to`` is set on a round that is an operator's rollback: no node trained, and
     the new base is, bitwise, the base committed by that round (0: the initial base).
     ``outer_momentum`` is diloco's outer momentum in force after the round, persisted with
-    its base (``None``: zeros, or a strategy without momentum).
+    its base (``None``: zeros, or a strategy without momentum); the coordinator keeps these
+    very tensors (no copy of a model's worth), so read them, never change them.
     """
 
     round_num: int

@@ -40,6 +40,7 @@ import torch
 
 from tapestry.training.consortium.integration import integrate
 from tapestry.training.consortium.messages import ModelState
+from tapestry.training.consortium.tensors import state_mismatch
 
 DEFAULT_TRIM_FRACTION = 0.2
 # An outer learning rate past this is a typo, not a setting (DiLoCo uses 0.7).
@@ -216,7 +217,7 @@ def _diloco(
         if not (tensor.is_floating_point() or tensor.is_complex()):
             merged[name] = tensor.detach().clone()
             continue
-        work = torch.promote_types(tensor.dtype, torch.float32)
+        work = momentum_dtype(tensor.dtype)
         gradient = torch.zeros(tensor.shape, dtype=work)
         for (weight, delta), scale in zip(weighted_deltas, scales, strict=True):
             gradient.sub_(delta[name].to(work), alpha=weight * scale)  # g = −Σ wᵢ·Δᵢ
@@ -226,6 +227,29 @@ def _diloco(
         merged[name] = (tensor.detach().to(work) - outer.lr * update).to(tensor.dtype)
         new_momentum[name] = m
     return Integrated(merged, new_momentum)
+
+
+def momentum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype diloco keeps a parameter's momentum in (and steps in): at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def momentum_mismatch(
+    momentum: Mapping[str, torch.Tensor] | None, base: Mapping[str, torch.Tensor]
+) -> str | None:
+    """Why ``momentum`` cannot be diloco's momentum for ``base`` (per floating entry, one
+    finite tensor of its shape in :func:`momentum_dtype`), or ``None`` when it can (or is
+    ``None``: zeros)."""
+    if momentum is None:
+        return None
+    expected = {  # shapes and dtypes only: meta tensors hold no data
+        name: torch.empty(t.shape, dtype=momentum_dtype(t.dtype), device="meta")
+        for name, t in base.items()
+        if t.is_floating_point() or t.is_complex()
+    }
+    return state_mismatch(
+        momentum, expected, what="outer momentum", against="the base's floating entries"
+    )
 
 
 def _median(ordered: torch.Tensor) -> torch.Tensor:
