@@ -6,6 +6,8 @@ results are compared bit for bit.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,8 +17,10 @@ from tapestry.training.consortium.strategies import (
     OuterOptimizer,
     StrategyName,
 )
+from tapestry.training.consortium.tensors import all_finite, state_norm
 
 from .conftest import StatesEqual
+from .test_spill import _spill, _state
 
 
 def base() -> ModelState:
@@ -286,3 +290,28 @@ def test_policies_name_their_strategy() -> None:
     assert not ContributionPolicy().needs_delta_norms
     with pytest.raises(ValueError, match="strategy must be one of"):
         ContributionPolicy(strategy="krum")
+
+
+@pytest.mark.parametrize("name", list(StrategyName))
+def test_spilled_deltas_give_the_bits_of_deltas_in_memory(
+    tmp_path: Path, name: StrategyName, states_equal: StatesEqual
+) -> None:
+    """Read one tensor at a time from disk, as the service integrates; the spill test's
+    state covers the awkward cases: bfloat16, an empty tensor, a 0-d integer."""
+    start = _state()
+    gen = torch.Generator().manual_seed(9)
+    deltas = [
+        {k: (torch.randn(t.shape, generator=gen) * 0.1).to(t.dtype) for k, t in start.items()}
+        for _ in range(4)
+    ]
+    spilled = [_spill(tmp_path / str(i), d) for i, d in enumerate(deltas)]
+    chosen = IntegrationStrategy(name, clip_delta_norm=0.5)
+    norms = [state_norm(d) for d in deltas]
+
+    in_memory = chosen.apply(start, [(0.25, d) for d in deltas], delta_norms=norms)
+    from_disk = chosen.apply(start, [(0.25, d) for d in spilled], delta_norms=norms)
+
+    states_equal(from_disk.state, in_memory.state)
+    assert from_disk.state["c.empty"].shape == (0, 3)
+    assert from_disk.state["d.count"].item() == 7
+    assert all_finite(from_disk.state)
