@@ -51,10 +51,9 @@ class CoordinatorStore:
         self.root = data_dir
         self.base_dir = data_dir / "base"
         self.rounds_dir = data_dir / "rounds"
-        self.momentum_dir = data_dir / "momentum"
+        self.momentum_dir = data_dir / "momentum"  # made by the first diloco commit
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_dir.mkdir(parents=True, exist_ok=True)
-        self.momentum_dir.mkdir(parents=True, exist_ok=True)
         for directory in (self.root, self.base_dir, self.rounds_dir, self.momentum_dir):
             remove_temporaries(directory)  # random names: never overwritten, they pile up
 

@@ -244,8 +244,8 @@ class ConsortiumCoordinator:
             # Finite deltas can still sum past the dtype's range: such a base (or momentum)
             # is never committed. Nothing is integrated; the accepted nodes are rejected.
             why = (
-                "integrating the accepted deltas made the base non-finite (overflow), so "
-                "nothing was integrated this round"
+                "integrating the accepted deltas made the base non-finite (overflow; under "
+                "diloco, the base or its momentum), so nothing was integrated this round"
             )
             rejected = [n for n in node_ids if n in received]
             rejection_reasons = {n: decision.rejection_reasons.get(n, why) for n in rejected}
@@ -253,7 +253,6 @@ class ConsortiumCoordinator:
         else:
             if integrated is not None and diloco:
                 momentum = integrated.momentum
-
             rejection_reasons = {n: decision.rejection_reasons[n] for n in rejected}
             weights = {n: decision.weights[n] for n in accepted}
         if new_state is not None:
