@@ -16,8 +16,8 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import WireError, quoted
 from tapestry.pki.layout import node_server_name
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
-from tapestry.training.consortium.model import ModelSpec
-from tapestry.training.consortium.tensors import known_digest
+from tapestry.training.consortium.model import ModelSpec, spec_differences
+from tapestry.training.consortium.tensors import StateLayout, known_digest
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import node_channel
 from tapestry.wire.spill import SpillingAssembler
@@ -51,6 +51,7 @@ class RemoteSovereignNode:
         address: str,
         *,
         model: ModelSpec | None = None,
+        state_layout: StateLayout | None = None,
         consortium_id: str = "",
         timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -58,7 +59,8 @@ class RemoteSovereignNode:
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """``model`` is the consortium's model spec: before any weights are sent, the node
-        must describe itself as ``node_id`` in ``jurisdiction`` training that model. With
+        must describe itself as ``node_id`` in ``jurisdiction`` training that model, and
+        ``state_layout`` (the base's, when given) as the layout of its state. With
         ``spill_dir``, the delta is written to ``<spill_dir>/<node_id>.delta`` as it
         arrives instead of being held in memory (see :mod:`tapestry.wire.spill`). With
         ``credentials`` (the coordinator's) the channel is mutual TLS and the handshake
@@ -68,6 +70,7 @@ class RemoteSovereignNode:
         self.jurisdiction = jurisdiction
         self.address = address
         self.model = model
+        self.state_layout = state_layout
         self.consortium_id = consortium_id
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
@@ -82,7 +85,8 @@ class RemoteSovereignNode:
 
     def check_identity(self) -> None:
         """Ask the node who it is (``Describe``) and refuse a server that is not this
-        member or trains another model (:class:`NodeMismatch`); unreachable is
+        member or trains another model, by spec or by state layout (:class:`NodeMismatch`,
+        naming the fields that differ); unreachable is
         :class:`NodeCallFailed`. The channel retries an UNAVAILABLE ``Describe`` with
         backoff (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
         :data:`DESCRIBE_TIMEOUT_S`; the cycle that follows is never retried."""
@@ -98,12 +102,17 @@ class RemoteSovereignNode:
                 f"jurisdiction {quoted(described.jurisdiction, 64)}, expected {self.jurisdiction!r}"
             )
         if self.model is not None:
-            theirs = described.model
-            if codec.model_spec_from_proto(theirs) != self.model:
+            differences = spec_differences(codec.model_spec_from_proto(described.model), self.model)
+            if differences:
+                problems.append(f"model {', '.join(differences)}")
+        if self.state_layout is not None:
+            theirs = codec.state_layout_from_proto(described.state_layout)
+            if not described.HasField("state_layout"):
+                problems.append(f"no state layout, expected {self.state_layout}")
+            elif theirs != self.state_layout:
                 problems.append(
-                    f"model ModelSpec(architecture={quoted(theirs.architecture, 40)}, "
-                    f"vocab_size={theirs.vocab_size}, hidden_size={theirs.hidden_size}), "
-                    f"expected {self.model}"
+                    f"state layout {quoted(str(theirs), 80)}, expected {self.state_layout} "
+                    "(same spec, other keys, dtypes or shapes: another release of the model code?)"
                 )
         if problems:
             raise NodeMismatch(
