@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +202,25 @@ def test_a_state_layout_round_trips_through_its_proto() -> None:
     msg = state_layout_to_proto(layout)
     assert state_layout_from_proto(pb.StateLayout.FromString(msg.SerializeToString())) == layout
     assert (layout.tensor_count, layout.element_count) == (28, 35_712)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_model_examples() -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### Models") : text.index("### A node protects itself")]
+    return re.findall(r"```toml\n(.*?)```", section, re.S)
+
+
+def test_the_readme_model_examples_load_and_have_the_sizes_they_claim() -> None:
+    examples = readme_model_examples()
+    assert len(examples) == 3
+    for example in examples:
+        config = model_config(tomllib.loads(example)["model"])
+        claimed = re.search(r"([\d,]+) parameters", example)
+        if claimed:
+            model = config.spec().build(0)
+            count = sum(p.numel() for p in model.parameters())
+            assert count == int(claimed.group(1).replace(",", "")), example
+    assert config.architecture == "hf-causal-lm" and config.spec().vocab_size == 256
