@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from safetensors import safe_open
 
 from tapestry.atomic_files import load_state, save_state
+from tapestry.errors import UserError
 from tapestry.training.consortium import ModelSpec, TinyCausalModel, state_digest
 from tapestry.training.consortium.gpt import GPTConfig, GPTModel
 from tapestry.training.consortium.hf_causal_lm import HuggingFaceCausalLM
 from tapestry.training.consortium.model import (
     GPT_DEMO,
     GPT_TEST,
+    ModelBuildError,
     load_model_state,
     model_state,
     spec_differences,
@@ -199,3 +203,10 @@ def test_spec_differences_name_each_field_briefly() -> None:
         difference.startswith("hf_config sha256 ") and "(expected hf_config sha256 " in difference
     )
     assert spec_differences(GPT_TEST, GPT_TEST) == []
+
+
+def test_without_transformers_an_hf_spec_names_the_extra_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if absent
+    with pytest.raises(ModelBuildError, match=r"pip install 'tapestry-consortium\[hf\]'") as error:
+        HF_TINY_SPEC.build(0)
+    assert isinstance(error.value, UserError)  # the CLI prints it as one line

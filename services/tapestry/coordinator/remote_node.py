@@ -111,7 +111,7 @@ class RemoteSovereignNode:
                 problems.append(f"no state layout, expected {self.state_layout}")
             elif theirs != self.state_layout:
                 problems.append(
-                    f"state layout {quoted(str(theirs), 80)}, expected {self.state_layout} "
+                    f"state layout {theirs}, expected {self.state_layout} "
                     "(same spec, other keys, dtypes or shapes: another release of the model code?)"
                 )
         if problems:

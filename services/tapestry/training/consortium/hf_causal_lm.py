@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tapestry.training.consortium.model import ModelBuildError
+
 INSTALL_HINT = "install the optional extra: pip install 'tapestry-consortium[hf]'"
 
 
@@ -33,7 +35,7 @@ class HuggingFaceCausalLM(nn.Module):
         try:
             from transformers import AutoConfig, AutoModelForCausalLM
         except ImportError as error:
-            raise RuntimeError(
+            raise ModelBuildError(
                 f"model architecture 'hf-causal-lm' needs transformers ({error}); {INSTALL_HINT}"
             ) from None
         fields: dict[str, Any] = json.loads(config_json)
@@ -41,7 +43,7 @@ class HuggingFaceCausalLM(nn.Module):
         try:
             config = AutoConfig.for_model(model_type, **fields)
         except ValueError as error:
-            raise ValueError(
+            raise ModelBuildError(
                 f"hf_config: transformers cannot build model_type {model_type!r}: {error}"
             ) from None
         # transformers leaves from_config untyped; it returns a PreTrainedModel (a Module).

@@ -27,8 +27,14 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from tapestry.errors import UserError
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.tensors import few_names
+
+
+class ModelBuildError(UserError, ValueError):
+    """A spec this process cannot build (a field out of place, a missing optional install);
+    the message names the field or the fix."""
 
 
 class TinyCausalModel(nn.Module):
@@ -116,7 +122,7 @@ class ModelSpec:
         """
         problems = self.problems()
         if problems:
-            raise ValueError(f"cannot build model {self.summary()}: {'; '.join(problems)}")
+            raise ModelBuildError(f"cannot build model {self.summary()}: {'; '.join(problems)}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return BUILDERS[self.architecture](self)
