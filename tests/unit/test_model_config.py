@@ -21,7 +21,7 @@ from tapestry.config import (
 )
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium.model import GPT_TEST, ModelSpec, model_state
-from tapestry.training.consortium.tensors import state_layout
+from tapestry.training.consortium.tensors import state_digest, state_layout
 from tapestry.wire.codec import (
     model_spec_from_proto,
     model_spec_to_proto,
@@ -224,3 +224,22 @@ def test_the_readme_model_examples_load_and_have_the_sizes_they_claim() -> None:
             count = sum(p.numel() for p in model.parameters())
             assert count == int(claimed.group(1).replace(",", "")), example
     assert config.architecture == "hf-causal-lm" and config.spec().vocab_size == 256
+
+
+def test_a_folder_saved_by_transformers_builds_the_same_model_as_its_inline_table(
+    tmp_path: Path,
+) -> None:
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in HF_TINY_GPT2.items() if k != "model_type"}
+    AutoConfig.for_model("gpt2", **fields).save_pretrained(tmp_path / "tiny-gpt2")
+
+    from_dir = model_config(
+        {"architecture": "hf-causal-lm", "hf_config_dir": str(tmp_path / "tiny-gpt2")}
+    )
+    model = from_dir.spec().build(0)
+
+    inline = HF_TINY_SPEC.build(0)
+    assert state_layout(model_state(model)) == state_layout(model_state(inline))
+    assert state_digest(model_state(model)) == state_digest(model_state(inline))  # same init
+    assert from_dir.vocab_size == 256 and from_dir.context_length_limit == 64
