@@ -17,8 +17,8 @@ from tapestry.errors import WireError, quoted
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
-from tapestry.training.consortium.model import ModelSpec
-from tapestry.training.consortium.tensors import known_digest
+from tapestry.training.consortium.model import ModelSpec, spec_differences
+from tapestry.training.consortium.tensors import StateLayout, known_digest
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import node_channel
 from tapestry.wire.spill import SpillingAssembler
@@ -52,6 +52,7 @@ class RemoteSovereignNode:
         address: str,
         *,
         model: ModelSpec | None = None,
+        state_layout: StateLayout | None = None,
         consortium_id: str = "",
         timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -60,7 +61,8 @@ class RemoteSovereignNode:
         server_check: ServerCertificateCheck | None = None,
     ) -> None:
         """``model`` is the consortium's model spec: before any weights are sent, the node
-        must describe itself as ``node_id`` in ``jurisdiction`` training that model. With
+        must describe itself as ``node_id`` in ``jurisdiction`` training that model, and
+        ``state_layout`` (the base's, when given) as the layout of its state. With
         ``spill_dir``, the delta is written to ``<spill_dir>/<node_id>.delta`` as it
         arrives instead of being held in memory (see :mod:`tapestry.wire.spill`). With
         ``credentials`` (the coordinator's) the channel is mutual TLS and the handshake
@@ -71,6 +73,7 @@ class RemoteSovereignNode:
         self.jurisdiction = jurisdiction
         self.address = address
         self.model = model
+        self.state_layout = state_layout
         self.consortium_id = consortium_id
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
@@ -86,11 +89,11 @@ class RemoteSovereignNode:
 
     def check_identity(self) -> None:
         """Ask the node who it is (``Describe``) and refuse a server that is not this
-        member or trains another model (:class:`NodeMismatch`), or that presents a
-        revoked certificate (``server_check``, once it answered; also
-        :class:`NodeMismatch`); unreachable is :class:`NodeCallFailed`. The channel
-        retries an UNAVAILABLE ``Describe`` with backoff
-        (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
+        member or trains another model, by spec or by state layout (:class:`NodeMismatch`,
+        naming the fields that differ), or that presents a revoked certificate
+        (``server_check``, once it answered; also :class:`NodeMismatch`); unreachable is
+        :class:`NodeCallFailed`. The channel retries an UNAVAILABLE ``Describe`` with
+        backoff (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
         :data:`DESCRIBE_TIMEOUT_S`; the cycle that follows is never retried."""
         try:
             described = self._stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S)
@@ -104,12 +107,17 @@ class RemoteSovereignNode:
                 f"jurisdiction {quoted(described.jurisdiction, 64)}, expected {self.jurisdiction!r}"
             )
         if self.model is not None:
-            theirs = described.model
-            if codec.model_spec_from_proto(theirs) != self.model:
+            differences = spec_differences(codec.model_spec_from_proto(described.model), self.model)
+            if differences:
+                problems.append(f"model {', '.join(differences)}")
+        if self.state_layout is not None:
+            theirs = codec.state_layout_from_proto(described.state_layout)
+            if not described.HasField("state_layout"):
+                problems.append(f"no state layout, expected {self.state_layout}")
+            elif theirs != self.state_layout:
                 problems.append(
-                    f"model ModelSpec(architecture={quoted(theirs.architecture, 40)}, "
-                    f"vocab_size={theirs.vocab_size}, hidden_size={theirs.hidden_size}), "
-                    f"expected {self.model}"
+                    f"state layout {theirs}, expected {self.state_layout} "
+                    "(same spec, other keys, dtypes or shapes: another release of the model code?)"
                 )
         if problems:
             raise NodeMismatch(

@@ -19,6 +19,8 @@ from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, Remot
 from tapestry.coordinator.servicer import CoordinatorServicer
 from tapestry.pki.serving import server_security
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
+from tapestry.training.consortium.model import model_state
+from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import build_server
 
@@ -51,7 +53,8 @@ def build_coordinator_server(
         {
             "consortium_id": config.consortium_id,
             "seed": config.seed,
-            "model": config.model.model_dump(),
+            # Unset fields left out: a tiny-causal directory keeps the identity it always had.
+            "model": config.model.model_dump(mode="json", exclude_none=True),
         }
     )
     base_model = spec.build(config.seed)
@@ -79,12 +82,14 @@ def build_coordinator_server(
         digest = records[-1].result.shared_base_sha256 if records else ""
         core.load_base_state(state, round_num, sha256=digest, artifacts=retained)
         log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
+    layout = state_layout(model_state(base_model))  # what every member's state must hold
     nodes = [
         RemoteSovereignNode(
             member.node_id,
             member.jurisdiction,
             member.address,
             model=spec,
+            state_layout=layout,
             consortium_id=config.consortium_id,
             timeout_s=config.node_timeout_s,
             chunk_bytes=config.chunk_bytes,

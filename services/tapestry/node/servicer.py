@@ -18,9 +18,9 @@ from tapestry.errors import Busy, NotFound, WireError
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.node.guard import check_cycle_start
-from tapestry.training.consortium.model import ModelSpec
+from tapestry.training.consortium.model import ModelSpec, model_state
 from tapestry.training.consortium.node import SovereignTrainingNode
-from tapestry.training.consortium.tensors import state_digest
+from tapestry.training.consortium.tensors import state_digest, state_layout
 from tapestry.wire import codec
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
@@ -46,7 +46,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         self._consortium_id = consortium_id
         self._limits = limits or NodeLimits()
         self._chunk_bytes = chunk_bytes
-        self._expected = spec_of(node.model.state_dict())
+        state = model_state(node.model)
+        self._expected = spec_of(state)
+        self._layout = codec.state_layout_to_proto(state_layout(state))
         self._busy = threading.Lock()
 
     def Describe(
@@ -60,6 +62,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             token_count=self._node.token_count,
             quality_score=self._node.quality_score,
             latest_round=latest.round_num if latest else 0,
+            state_layout=self._layout,
         )
 
     def GetArtifact(

@@ -30,17 +30,45 @@ from tapestry.training.consortium.messages import (
 )
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.policy import ContributionPolicy, ContributionWeighting
-from tapestry.training.consortium.tensors import state_digest
+from tapestry.training.consortium.tensors import StateLayout, state_digest
 
 
 def model_spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
     return pb.ModelSpec(
-        architecture=spec.architecture, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size
+        architecture=spec.architecture,
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        n_layers=spec.n_layers,
+        n_heads=spec.n_heads,
+        context_length=spec.context_length,
+        tie_embeddings=spec.tie_embeddings,
+        hf_config=spec.hf_config,
     )
 
 
 def model_spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:
-    return ModelSpec(msg.architecture, msg.vocab_size, msg.hidden_size)
+    return ModelSpec(
+        msg.architecture,
+        msg.vocab_size,
+        msg.hidden_size,
+        n_layers=msg.n_layers,
+        n_heads=msg.n_heads,
+        context_length=msg.context_length,
+        tie_embeddings=msg.tie_embeddings,
+        hf_config=msg.hf_config,
+    )
+
+
+def state_layout_to_proto(layout: StateLayout) -> pb.StateLayout:
+    return pb.StateLayout(
+        sha256=layout.sha256,
+        tensor_count=layout.tensor_count,
+        element_count=layout.element_count,
+    )
+
+
+def state_layout_from_proto(msg: pb.StateLayout) -> StateLayout:
+    return StateLayout(msg.sha256, msg.tensor_count, msg.element_count)
 
 
 def artifact_to_proto(artifact: SovereignModelArtifact) -> pb.SovereignModelArtifact:

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from tapestry.training.consortium.policy import ContributionPolicy
 
 ModelState = dict[str, torch.Tensor]
-"""A model's ``state_dict``: parameter name -> tensor."""
+"""A model's state: parameter name -> tensor, each tensor once (a tied tensor under its first
+key; :func:`tapestry.training.consortium.model.model_state`). For untied models it is the
+``state_dict``."""
 
 
 @dataclass(frozen=True)

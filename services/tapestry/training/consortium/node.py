@@ -18,8 +18,10 @@ from tapestry.training.consortium.messages import (
     SovereignCycleResult,
     SovereignModelArtifact,
 )
+from tapestry.training.consortium.model import load_model_state, model_state, tied_keys
 from tapestry.training.consortium.tensors import (
     clone_state,
+    few_names,
     state_digest,
     state_mismatch,
     state_nbytes,
@@ -116,6 +118,13 @@ class SovereignTrainingNode:
                     f"node {node_id!r}: sequence {index} has token id {bad[0]!r}; token ids "
                     f"are integers in [0, {vocab})"
                 )
+        context = getattr(model, "context_length", None)
+        if context is not None and longest - 1 > context:
+            raise ValueError(
+                f"node {node_id!r}: the longest corpus sequence has {longest} tokens, so "
+                f"{longest - 1} input positions, past the model's context_length = {context}; "
+                f"cut sequences to at most {context + 1} tokens (training.max_seq_len)"
+            )
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.model = copy.deepcopy(model)
@@ -140,8 +149,14 @@ class SovereignTrainingNode:
         if isinstance(round_num, bool) or not isinstance(round_num, int) or round_num < 1:
             raise InvalidBase(f"round_num must be an integer >= 1, got {round_num!r}")
         problem = state_mismatch(
-            base_state, self.model.state_dict(), what="base", against="this node's model"
+            base_state, model_state(self.model), what="base", against="this node's model"
         )
+        tied = tied_keys(self.model)
+        if problem is not None and tied and set(tied) <= set(base_state):
+            problem += (
+                f"; {few_names(sorted(tied))} is tied to another key: pass model_state(model), "
+                "which keeps a tied tensor once, not the state_dict"
+            )
         if problem is not None:
             raise InvalidBase(problem)
 
@@ -154,9 +169,9 @@ class SovereignTrainingNode:
         :meth:`check_base` refuses the input."""
         with self._lock:
             self.check_base(round_num, base_state)
-            self.model.load_state_dict(clone_state(base_state))
+            load_model_state(self.model, clone_state(base_state))
             mean_loss = self._train(round_num)
-            trained = clone_state(self.model.state_dict())
+            trained = clone_state(model_state(self.model))
             delta: ModelState = {name: trained[name] - base_state[name] for name in trained}
             metrics = {"loss": mean_loss}
             artifact = SovereignModelArtifact(
