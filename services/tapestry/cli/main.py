@@ -480,6 +480,48 @@ def base_rollback(
         click.echo(report.rollback_line(result))
 
 
+@base_group.command("export")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The safetensors file to write (atomically).",
+)
+@click.option(
+    "--round",
+    "expect_round",
+    type=click.IntRange(0, 2**32 - 1),
+    default=None,
+    help="Export only if the served base is round N's (GetBase serves the newest base).",
+)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@_coordinator_option
+@_client_tls_options
+@_friendly_errors
+def base_export(
+    out: Path,
+    expect_round: int | None,
+    force: bool,
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+) -> None:
+    """Write the shared base to a safetensors file, with its round, digest and model spec
+    in the file's metadata."""
+    from tapestry.cli import report
+    from tapestry.coordinator.client import CoordinatorClient
+    from tapestry.errors import NotFound
+    from tapestry.observe.base_export import check_destination, write_base
+
+    check_destination(out, force=force)
+    with CoordinatorClient(address, credentials) as client:
+        try:
+            base = client.fetch_base(expect_round)
+        except NotFound as error:
+            raise click.ClickException(str(error)) from None
+    write_base(base, out)
+    click.echo(f"round {base.round_num} base ({report.short(base.sha256)}) written to {out}")
+
+
 def _print_listing(
     address: str,
     credentials: grpc.ChannelCredentials | None,
