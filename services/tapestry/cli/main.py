@@ -336,7 +336,8 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.
 def _client_tls_options(command: Callable[..., R]) -> Callable[..., R]:
     """``--ca``, ``--cert``, ``--key`` (a member's certificate from `tapestry certs`; an
     operator's to run rounds or roll back) or ``--insecure``, turned into the command's
-    ``credentials`` argument."""
+    ``credentials`` argument. A command given a ``journal`` directory reads no server:
+    it may go without them."""
 
     @wraps(command)
     def run(
@@ -347,6 +348,8 @@ def _client_tls_options(command: Callable[..., R]) -> Callable[..., R]:
         if insecure and (ca or cert or key):
             raise click.UsageError("--insecure goes without --ca, --cert and --key")
         if not insecure and not (ca or cert or key):
+            if kw.get("journal") is not None:
+                return command(*args, credentials=None, **kw)
             raise click.UsageError(
                 "give the certificate to call with: --ca, --cert and --key (or "
                 "TAPESTRY_CA, TAPESTRY_CERT, TAPESTRY_KEY), e.g. an operator's from `tapestry "
@@ -581,6 +584,54 @@ def artifacts(
 ) -> None:
     """List the sovereign artifacts the nodes retain (metadata only)."""
     _print_listing(address, credentials, as_json, "artifacts", page_size)
+
+
+@main.command("report")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The folder to write report.png and report.html into (created if need be).",
+)
+@click.option(
+    "--journal",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Read a coordinator's --data-dir directly (its rounds/ journal) instead of asking "
+    "the coordinator; needs no certificate.",
+)
+@_coordinator_option
+@_page_size_option
+@_client_tls_options
+@_friendly_errors
+def report_command(
+    out_dir: Path,
+    journal: Path | None,
+    address: str,
+    page_size: int,
+    credentials: grpc.ChannelCredentials | None,
+) -> None:
+    """Write a PNG and a self-contained HTML page of the rounds: held-out loss of the base
+    per jurisdiction and of each sovereign model, weights per node, and accepted, rejected
+    and failed nodes per round."""
+    from tapestry.observe.report_page import write_report
+
+    if journal is not None:
+        from tapestry.coordinator.journal import read_records
+
+        if not (journal / "rounds").is_dir():
+            raise click.ClickException(
+                f"{journal} has no rounds/ folder: --journal takes a coordinator's --data-dir"
+            )
+        rounds = [record.result for record in read_records(journal / "rounds")]
+    else:
+        from tapestry.coordinator.client import CoordinatorClient
+
+        with CoordinatorClient(address, credentials) as client:
+            rounds = client.list_rounds(page_size)
+    for path in write_report(rounds, out_dir):
+        click.echo(f"wrote {path}")
 
 
 @main.command()
