@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TextIO
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -37,9 +37,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str, log_format: LogFormat = "text") -> None:
-    """Log at ``level`` and above to stderr, as text lines or as JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+def log_handler(log_format: LogFormat = "text", stream: TextIO | None = None) -> logging.Handler:
+    """A handler writing to ``stream`` (stderr) as text lines or as JSON lines."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+    return handler
+
+
+def configure_logging(level: str, log_format: LogFormat = "text") -> None:
+    """Log at ``level`` and above to stderr, as text lines or as JSON lines (the process's
+    entry point: it leaves a root logger that already has handlers alone)."""
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(log_format)])
