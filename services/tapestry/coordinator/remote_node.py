@@ -25,6 +25,7 @@ from tapestry.wire.spill import SpillingAssembler
 from tapestry.wire.status import NODE, describe_rpc_error
 from tapestry.wire.tensor_stream import (
     DEFAULT_CHUNK_BYTES,
+    ByteCount,
     StateAssembler,
     receive_state,
     send_state,
@@ -59,6 +60,8 @@ class RemoteSovereignNode:
         spill_dir: Path | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         server_check: ServerCertificateCheck | None = None,
+        count_sent: ByteCount | None = None,
+        count_received: ByteCount | None = None,
     ) -> None:
         """``model`` is the consortium's model spec: before any weights are sent, the node
         must describe itself as ``node_id`` in ``jurisdiction`` training that model, and
@@ -68,7 +71,9 @@ class RemoteSovereignNode:
         ``credentials`` (the coordinator's) the channel is mutual TLS and the handshake
         refuses a server whose certificate is not this node's
         (:func:`~tapestry.pki.layout.node_server_name`); ``server_check`` then refuses one
-        whose certificate the CRL lists, which gRPC's handshake does not check."""
+        whose certificate the CRL lists, which gRPC's handshake does not check.
+        ``count_sent`` and ``count_received`` are told the tensor bytes of the base sent and
+        the delta received (the coordinator's metrics)."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.address = address
@@ -79,6 +84,8 @@ class RemoteSovereignNode:
         self.chunk_bytes = chunk_bytes
         self.spill_dir = spill_dir
         self.server_check = server_check
+        self._count_sent = count_sent
+        self._count_received = count_received
         self._channel = node_channel(
             address, credentials, node_server_name(node_id) if credentials else None
         )
@@ -150,6 +157,7 @@ class RemoteSovereignNode:
                 lambda t: pb.RunSovereignCycleRequest(base_end=t),
                 sha256=known_digest(base_state),  # the round's digest: hashed once per round
                 chunk_bytes=self.chunk_bytes,
+                on_bytes=self._count_sent,
             )
 
         # The delta must match the base key for key: anything else is refused on arrival.
@@ -165,7 +173,9 @@ class RemoteSovereignNode:
             if first is None or first.WhichOneof("item") != "result":
                 raise WireError("the node's reply must begin with its cycle result")
             header = first.result
-            delta = receive_state(responses, "delta_chunk", "delta_end", assembler)
+            delta = receive_state(
+                responses, "delta_chunk", "delta_end", assembler, self._count_received
+            )
             if assembler.digest != header.contribution.weight_delta_sha256:
                 raise WireError("delta trailer digest differs from the announced one")
             return codec.cycle_result_from_proto(header, delta)

@@ -17,6 +17,7 @@ from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, RemoteSovereignNode
 from tapestry.coordinator.servicer import CoordinatorServicer
+from tapestry.observe.metrics import CoordinatorMetrics
 from tapestry.pki.serving import server_security
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
 from tapestry.training.consortium.model import model_state
@@ -31,13 +32,20 @@ log = logging.getLogger(__name__)
 
 
 def build_coordinator_server(
-    config: ConsortiumConfig, listen: str, data_dir: Path, *, insecure: bool = False
+    config: ConsortiumConfig,
+    listen: str,
+    data_dir: Path,
+    *,
+    insecure: bool = False,
+    metrics: CoordinatorMetrics | None = None,
 ) -> tuple[grpc.Server, int, object]:
     """``(server, port, health)``, bound and not started, at the last committed round.
 
     With ``[tls]`` it serves mutual TLS: rounds and rollbacks to operators, reads to any
     member; and calls each node over mutual TLS, checking that the node's certificate names
-    that node. Plaintext (both ways) only with ``insecure``."""
+    that node. Plaintext (both ways) only with ``insecure``. Rounds, weight streams and
+    outcomes are counted in ``metrics`` (a registry nobody reads, without)."""
+    metrics = metrics or CoordinatorMetrics()
     security = server_security(
         config.tls,
         insecure=insecure,
@@ -96,11 +104,15 @@ def build_coordinator_server(
             spill_dir=store.spill_dir,
             credentials=security.channel_credentials,
             server_check=security.server_check,
+            count_sent=metrics.base_sent(member.node_id),
+            count_received=metrics.delta_received(member.node_id),
         )
         for member in config.nodes
     ]
     threading.Thread(target=warn_about_members, args=(nodes,), daemon=True).start()
-    servicer = CoordinatorServicer(core, nodes, store, spec, records, config.chunk_bytes)
+    servicer = CoordinatorServicer(
+        core, nodes, store, spec, records, config.chunk_bytes, metrics=metrics
+    )
     return build_server(
         listen,
         [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],

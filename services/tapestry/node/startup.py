@@ -13,6 +13,7 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.corpus import load_corpus
 from tapestry.node.servicer import SovereignNodeServicer
+from tapestry.observe.metrics import NodeMetrics
 from tapestry.pki.serving import server_security
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.wire.grpc_plumbing import build_server
@@ -24,14 +25,19 @@ log = logging.getLogger(__name__)
 
 
 def build_node_server(
-    config: NodeConfig, listen: str, data_dir: Path, *, insecure: bool = False
+    config: NodeConfig,
+    listen: str,
+    data_dir: Path,
+    *,
+    insecure: bool = False,
+    metrics: NodeMetrics | None = None,
 ) -> tuple[grpc.Server, int, object]:
     """``(server, port, health)``, bound and not started. Certificates, corpus and data
     directory are checked here, so a bad configuration fails before the port answers.
 
     With ``[tls]`` it serves mutual TLS: cycles only to its consortium's coordinator, its
     artifacts' metadata to the coordinator and operators, ``Describe`` to any member;
-    plaintext only with ``insecure``."""
+    plaintext only with ``insecure``. Cycles are counted in ``metrics``."""
     security = server_security(
         config.tls,
         insecure=insecure,
@@ -55,7 +61,9 @@ def build_node_server(
         seed=config.seed,
     )
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
-    servicer = SovereignNodeServicer(node, spec, store, config.consortium_id, config.limits)
+    servicer = SovereignNodeServicer(
+        node, spec, store, config.consortium_id, config.limits, metrics=metrics
+    )
     log.info(
         "node %s (%s) of consortium %s: %d sequences, %d tokens, quality %.3f, data in %s",
         config.node_id,
