@@ -90,14 +90,19 @@ def windows(documents: Sequence[str], max_seq_len: int) -> list[list[int]]:
     return sequences
 
 
-def load_corpus(patterns: Sequence[Path], max_seq_len: int) -> list[list[int]]:
-    """Token sequences (byte values 0-255) from every line of every matched file, unsplit."""
-    sequences = windows(read_documents(patterns), max_seq_len)
-    if not any(len(seq) >= 2 for seq in sequences):
+def trainable_documents(patterns: Sequence[Path]) -> list[str]:
+    """:func:`read_documents`, refused when no line has a next-token target (2+ bytes)."""
+    documents = read_documents(patterns)
+    if not any(len(doc.encode()) >= 2 for doc in documents):
         raise CorpusError(
             f"corpus {[str(p) for p in patterns]} has no line of 2 or more bytes to train on"
         )
-    return sequences
+    return documents
+
+
+def load_corpus(patterns: Sequence[Path], max_seq_len: int) -> list[list[int]]:
+    """Token sequences (byte values 0-255) from every line of every matched file, unsplit."""
+    return windows(trainable_documents(patterns), max_seq_len)
 
 
 def heldout_bucket(document: str, *, seed: int, node_id: str) -> tuple[int, int]:
@@ -144,13 +149,11 @@ def load_split_corpus(
     heldout_percent: int,
 ) -> SplitCorpus:
     """The corpus's documents split by :func:`split_documents`, each part cut into windows."""
-    documents = read_documents(patterns)
-    if not any(len(doc.encode()) >= 2 for doc in documents):
-        raise CorpusError(
-            f"corpus {[str(p) for p in patterns]} has no line of 2 or more bytes to train on"
-        )
     training, heldout = split_documents(
-        documents, seed=seed, node_id=node_id, heldout_percent=heldout_percent
+        trainable_documents(patterns),
+        seed=seed,
+        node_id=node_id,
+        heldout_percent=heldout_percent,
     )
     return SplitCorpus(windows(training, max_seq_len), windows(heldout, max_seq_len))
 
