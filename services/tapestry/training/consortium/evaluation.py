@@ -69,7 +69,7 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
-def compare(base_loss: float, sovereign_loss: float, tokens: int) -> HeldOutEvaluation:
+def heldout_evaluation(base_loss: float, sovereign_loss: float, tokens: int) -> HeldOutEvaluation:
     """The evaluation of one cycle: the base before training, the sovereign model after."""
     return HeldOutEvaluation(
         base_loss=base_loss,

@@ -13,7 +13,7 @@ from torch import nn
 
 from tapestry.training.consortium.evaluation import (
     IGNORE_INDEX,
-    compare,
+    heldout_evaluation,
     heldout_loss,
     next_token_loss,
 )
@@ -245,4 +245,4 @@ class SovereignTrainingNode:
         sovereign = self._heldout_loss()
         if base is None or sovereign is None:
             return None
-        return compare(base[0], sovereign[0], sovereign[1])
+        return heldout_evaluation(base[0], sovereign[0], sovereign[1])
