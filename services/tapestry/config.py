@@ -296,10 +296,20 @@ def cap_quorum(max_node_weight: float) -> int:
 
 
 class TrainingConfig(_Strict):
+    """Section ``[training]`` of a node file.
+
+    ``max_seq_len``: windows of at most this many byte tokens are cut from each line.
+    ``heldout_percent``: about this share of the corpus's lines is held out, never trained
+    on, and every round's base and sovereign model are evaluated on it (a seeded rule per
+    line; README, "Corpora and held-out evaluation"); 0 holds nothing out and evaluates
+    nothing. At most 50: a node is there to train.
+    """
+
     local_epochs: int = Field(3, ge=1, le=10_000)
     lr: float = Field(1e-3, gt=0, le=10)
     batch_size: int = Field(8, ge=1, le=1 << 20)
     max_seq_len: int = Field(128, ge=2, le=1 << 20)
+    heldout_percent: int = Field(10, ge=0, le=50)
 
 
 # A transfer over a slow link may take a while; a day is past any we mean to wait for, and a

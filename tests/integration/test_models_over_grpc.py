@@ -18,7 +18,7 @@ from tapestry.config import NodeConfig, build_config, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.remote_node import NodeMismatch, RemoteSovereignNode
 from tapestry.launcher import LocalConsortium
-from tapestry.node.corpus import load_corpus
+from tapestry.node.corpus import load_node_corpus
 from tapestry.node.startup import SERVICE_NAME, build_node_server
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
@@ -117,17 +117,19 @@ def test_a_tied_gpt_round_over_grpc_equals_the_core_and_stores_the_tie_once(gpt_
     for node_id in NODES:
         config = load_config(consortium.node_config_path(node_id), NodeConfig)
         assert config.model.spec() == GPT_TEST
+        corpus = load_node_corpus(config)
         nodes.append(
             SovereignTrainingNode(
                 node_id,
                 config.jurisdiction,
                 GPT_TEST.build(seed),
-                load_corpus(config.corpus, config.training.max_seq_len),
+                corpus.training,
                 config.quality_score,
                 config.training.local_epochs,
                 config.training.lr,
                 config.training.batch_size,
                 seed=seed,
+                heldout_corpus=corpus.heldout,
             )
         )
     core = ConsortiumCoordinator(GPT_TEST.build(seed), ContributionPolicy(**POLICY))

@@ -546,7 +546,11 @@ def _print_listing(
     if as_json:
         click.echo(json.dumps([message_to_dict(i) for i in items], indent=2, sort_keys=True))
     elif what == "rounds":
-        report.console().print(report.rounds_table(items))
+        out = report.console()
+        out.print(report.rounds_table(items))
+        heldout = report.heldout_table(items)
+        if heldout is not None:
+            out.print(heldout)
     else:
         report.console().print(report.artifacts_table(items))
 

@@ -24,6 +24,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium.events import RoundEvent, RoundStage
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
+    HeldOutEvaluation,
     SovereignContribution,
     SovereignCycleResult,
     SovereignModelArtifact,
@@ -98,6 +99,28 @@ def artifact_from_proto(msg: pb.SovereignModelArtifact) -> SovereignModelArtifac
     )
 
 
+def evaluation_to_proto(evaluation: HeldOutEvaluation) -> pb.HeldOutEvaluation:
+    return pb.HeldOutEvaluation(
+        base_loss=evaluation.base_loss,
+        base_perplexity=evaluation.base_perplexity,
+        sovereign_loss=evaluation.sovereign_loss,
+        sovereign_perplexity=evaluation.sovereign_perplexity,
+        tokens=evaluation.tokens,
+    )
+
+
+def evaluation_from_proto(msg: pb.HeldOutEvaluation) -> HeldOutEvaluation:
+    """As sent: the bounds are admission's (:func:`~tapestry.training.consortium.limits.
+    evaluation_problem`), which names what is wrong."""
+    return HeldOutEvaluation(
+        base_loss=msg.base_loss,
+        base_perplexity=msg.base_perplexity,
+        sovereign_loss=msg.sovereign_loss,
+        sovereign_perplexity=msg.sovereign_perplexity,
+        tokens=msg.tokens,
+    )
+
+
 def contribution_to_proto(
     contribution: SovereignContribution, delta_sha256: str | None = None
 ) -> pb.SovereignContribution:
@@ -106,6 +129,7 @@ def contribution_to_proto(
         delta_sha256 = contribution.weight_delta_sha256 or (
             state_digest(contribution.weight_delta) if contribution.weight_delta else ""
         )
+    evaluation = contribution.evaluation
     return pb.SovereignContribution(
         node_id=contribution.node_id,
         round_num=contribution.round_num,
@@ -113,6 +137,7 @@ def contribution_to_proto(
         quality_score=contribution.quality_score,
         token_count=contribution.token_count,
         metrics=dict(contribution.metrics),
+        evaluation=evaluation_to_proto(evaluation) if evaluation is not None else None,
     )
 
 
@@ -127,6 +152,7 @@ def contribution_from_proto(
         token_count=msg.token_count,
         metrics=dict(msg.metrics),
         weight_delta_sha256=msg.weight_delta_sha256,
+        evaluation=evaluation_from_proto(msg.evaluation) if msg.HasField("evaluation") else None,
     )
 
 

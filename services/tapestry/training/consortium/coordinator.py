@@ -384,10 +384,16 @@ class ConsortiumCoordinator:
                 return refusal
             c = checked.contribution
             loss = c.metrics.get("loss")
+            heldout = c.evaluation
             report(
                 RoundStage.NODE_CONTRIBUTED,
                 node.node_id,
                 (f"loss {loss:.4f}, " if loss is not None else "")
+                + (
+                    f"held-out {heldout.base_loss:.4f} -> {heldout.sovereign_loss:.4f}, "
+                    if heldout is not None
+                    else ""
+                )
                 + f"quality {c.quality_score:.2f}, {c.token_count} tokens",
             )
             return checked
