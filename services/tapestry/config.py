@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tapestry.address import check_address
 from tapestry.errors import UserError
+from tapestry.hf_config import check_hf_config, read_hf_config_dir
 
 if TYPE_CHECKING:  # the core imports torch; configuration checks must stay light
     from tapestry.training.consortium.model import ModelSpec
@@ -60,15 +61,135 @@ class TlsConfig(_Strict):
     crl: Path | None = None
 
 
+# Corpora are UTF-8 bytes: token ids 0..255.
+BYTE_VOCAB = 256
+GPT_DEFAULTS: dict[str, Any] = {
+    "n_layers": 2,
+    "n_heads": 2,
+    "context_length": 128,
+    "tie_embeddings": True,
+}
+
+
 class ModelConfig(_Strict):
-    architecture: Literal["tiny-causal"] = "tiny-causal"
-    vocab_size: int = Field(256, ge=1, le=1 << 20)
+    """Section ``[model]``: the architecture every member trains and its shape (README,
+    "Models").
+
+    - ``tiny-causal`` (default): ``vocab_size``, ``hidden_size``.
+    - ``gpt``: also ``n_layers``, ``n_heads`` (dividing ``hidden_size``),
+      ``context_length`` and ``tie_embeddings`` (defaults 2, 2, 128, true).
+    - ``hf-causal-lm``: ``hf_config``, a ``transformers`` config as an inline table with
+      ``model_type`` and ``vocab_size``, or ``hf_config_dir``, a local folder holding its
+      ``config.json``, read when this file is loaded (and then held as ``hf_config``).
+      ``vocab_size`` is the config's. Keys set to null are left out (the model type's
+      default applies); ``auto_map`` and ``trust_remote_code`` are refused: no code from
+      elsewhere runs.
+
+    ``gpt`` and ``hf-causal-lm`` read byte corpora, so their ``vocab_size`` is at least 256.
+    A field the architecture does not read is refused, so a typo cannot pass unnoticed.
+    """
+
+    architecture: Literal["tiny-causal", "gpt", "hf-causal-lm"] = "tiny-causal"
+    vocab_size: int = Field(BYTE_VOCAB, ge=1, le=1 << 20)
     hidden_size: int = Field(32, ge=1, le=1 << 16)
+    n_layers: int | None = Field(None, ge=1, le=1024)
+    n_heads: int | None = Field(None, ge=1, le=1024)
+    context_length: int | None = Field(None, ge=1, le=1 << 20)
+    tie_embeddings: bool | None = None
+    hf_config: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_hf_config(cls, raw: Any) -> Any:
+        """Fill what the architecture implies before the fields are checked: the gpt
+        defaults; the hf config read from ``hf_config_dir``, its nulls dropped, and
+        ``vocab_size`` taken from it."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        architecture = raw.get("architecture")
+        if architecture == "gpt":
+            for name, value in GPT_DEFAULTS.items():
+                raw.setdefault(name, value)
+        if "hf_config_dir" in raw:
+            if architecture != "hf-causal-lm":
+                raise ValueError("hf_config_dir applies to architecture 'hf-causal-lm' only")
+            if "hf_config" in raw:
+                raise ValueError("give hf_config (inline) or hf_config_dir, not both")
+            raw["hf_config"] = read_hf_config_dir(Path(raw.pop("hf_config_dir")))
+        config = raw.get("hf_config")
+        if architecture == "hf-causal-lm" and isinstance(config, dict):
+            raw["hf_config"] = config = {k: v for k, v in config.items() if v is not None}
+            vocab = config.get("vocab_size")
+            if "vocab_size" not in raw and isinstance(vocab, int):
+                raw["vocab_size"] = vocab
+        return raw
+
+    @model_validator(mode="after")
+    def _fits_architecture(self) -> ModelConfig:
+        used = {
+            "tiny-causal": {"vocab_size", "hidden_size"},
+            "gpt": {"vocab_size", "hidden_size", *GPT_DEFAULTS},
+            "hf-causal-lm": {"vocab_size", "hf_config"},
+        }[self.architecture]
+        unused = sorted(
+            name
+            for name in self.model_fields_set - used - {"architecture"}
+            # hidden_size has a default that every file written by write_config repeats
+            if not (name == "hidden_size" and self.hidden_size == 32)
+            and getattr(self, name) is not None
+        )
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} does not apply to architecture {self.architecture!r}; "
+                "remove it (README, Models)"
+            )
+        if self.architecture != "tiny-causal" and self.vocab_size < BYTE_VOCAB:
+            raise ValueError(
+                f"vocab_size = {self.vocab_size} cannot hold byte tokens (0..255): the "
+                f"{self.architecture} model reads byte corpora; use at least {BYTE_VOCAB}"
+            )
+        if self.architecture == "gpt":
+            heads = self.n_heads or 1
+            if self.hidden_size % heads:
+                raise ValueError(
+                    f"hidden_size = {self.hidden_size} is not divisible by n_heads = {heads}: "
+                    "each attention head takes an equal slice of the width"
+                )
+        if self.architecture == "hf-causal-lm":
+            check_hf_config(self.hf_config, self.vocab_size)
+        return self
+
+    @property
+    def context_length_limit(self) -> int | None:
+        """The most positions one input may hold, where the model has such a bound."""
+        if self.architecture == "gpt":
+            return self.context_length
+        if self.architecture == "hf-causal-lm" and self.hf_config is not None:
+            for key in ("n_positions", "max_position_embeddings"):
+                value = self.hf_config.get(key)
+                if isinstance(value, int):
+                    return value
+        return None
 
     def spec(self) -> ModelSpec:
-        from tapestry.training.consortium.model import ModelSpec
+        from tapestry.training.consortium.model import ModelSpec, canonical_json
 
-        return ModelSpec(self.architecture, self.vocab_size, self.hidden_size)
+        if self.architecture == "tiny-causal":
+            return ModelSpec(self.architecture, self.vocab_size, self.hidden_size)
+        if self.architecture == "gpt":
+            return ModelSpec(
+                self.architecture,
+                self.vocab_size,
+                self.hidden_size,
+                n_layers=self.n_layers or GPT_DEFAULTS["n_layers"],
+                n_heads=self.n_heads or GPT_DEFAULTS["n_heads"],
+                context_length=self.context_length or GPT_DEFAULTS["context_length"],
+                tie_embeddings=bool(self.tie_embeddings),
+            )
+        return ModelSpec(
+            self.architecture, self.vocab_size, hf_config=canonical_json(self.hf_config or {})
+        )
 
 
 class DilocoConfig(_Strict):
@@ -224,10 +345,20 @@ def cap_quorum(max_node_weight: float) -> int:
 
 
 class TrainingConfig(_Strict):
+    """Section ``[training]`` of a node file.
+
+    ``max_seq_len``: windows of at most this many byte tokens are cut from each line.
+    ``heldout_percent``: about this share of the corpus's lines is held out, never trained
+    on, and every round's base and sovereign model are evaluated on it (a seeded rule per
+    line; README, "Corpora and held-out evaluation"); 0 holds nothing out and evaluates
+    nothing. At most 50: a node is there to train.
+    """
+
     local_epochs: int = Field(3, ge=1, le=10_000)
     lr: float = Field(1e-3, gt=0, le=10)
     batch_size: int = Field(8, ge=1, le=1 << 20)
     max_seq_len: int = Field(128, ge=2, le=1 << 20)
+    heldout_percent: int = Field(10, ge=0, le=50)
 
 
 # A transfer over a slow link may take a while; a day is past any we mean to wait for, and a
@@ -274,13 +405,25 @@ class NodeConfig(_Strict):
     limits: NodeLimits = NodeLimits()
     tls: TlsConfig | None = None
 
+    @model_validator(mode="after")
+    def _windows_fit_the_model(self) -> NodeConfig:
+        """A window of ``max_seq_len`` tokens trains on ``max_seq_len - 1`` input positions,
+        which must fit the model's context length."""
+        limit, window = self.model.context_length_limit, self.training.max_seq_len
+        if limit is not None and window - 1 > limit:
+            raise ValueError(
+                f"training.max_seq_len = {window} gives inputs of {window - 1} positions, past "
+                f"the model's context length {limit}; set max_seq_len to at most {limit + 1}"
+            )
+        return self
+
 
 Config = TypeVar("Config", bound=_Strict)
 
 
 def load_config(path: Path, kind: type[Config]) -> Config:
-    """Parse and validate a TOML file; relative ``corpus`` and ``tls`` paths resolve
-    against its folder."""
+    """Parse and validate a TOML file; relative ``corpus``, ``tls`` and
+    ``model.hf_config_dir`` paths resolve against its folder."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -291,6 +434,9 @@ def load_config(path: Path, kind: type[Config]) -> Config:
         raw["corpus"] = [
             str(path.parent / entry) if isinstance(entry, str) else entry for entry in raw["corpus"]
         ]
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("hf_config_dir"), str):
+        raw["model"] = {**model, "hf_config_dir": str(path.parent / model["hf_config_dir"])}
     if isinstance(raw.get("tls"), dict):
         raw["tls"] = {
             key: str(path.parent / value) if isinstance(value, str) else value

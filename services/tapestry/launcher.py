@@ -74,6 +74,7 @@ class Process:
     popen: subprocess.Popen[bytes]
     log_path: Path
     address: str = ""
+    metrics_port: int = 0  # with LocalConsortium(metrics=True)
 
 
 class LocalConsortium:
@@ -92,6 +93,7 @@ class LocalConsortium:
         route: Callable[[str, str], str] | None = None,
         settings: dict[str, Any] | None = None,
         tls: bool = True,
+        metrics: bool = False,
     ) -> None:
         """``model`` and ``policy`` are the fields of :class:`~tapestry.config.ModelConfig`
         and :class:`~tapestry.config.PolicyConfig`, a node's ``training`` those of
@@ -101,7 +103,8 @@ class LocalConsortium:
         recording proxy in tests); ``settings`` are further top-level fields of
         :class:`~tapestry.config.ConsortiumConfig` (e.g. ``node_timeout_s``). Values the
         servers would refuse raise :class:`~tapestry.config.ConfigError` here. With
-        ``tls=False`` every server runs ``--insecure`` (plaintext)."""
+        ``tls=False`` every server runs ``--insecure`` (plaintext); with ``metrics`` each
+        serves Prometheus metrics on a free port (:meth:`metrics_url`)."""
         self.workdir = workdir
         self.nodes = list(nodes)
         self.consortium_id = consortium_id
@@ -112,6 +115,7 @@ class LocalConsortium:
         self.route = route
         self.settings = dict(settings or {})
         self.tls = tls
+        self.metrics = metrics
         self.certs = Layout(workdir / "certs")
         self.processes: dict[str, Process] = {}
         self.coordinator_address = ""
@@ -269,6 +273,7 @@ class LocalConsortium:
                 "tapestry",
                 *args,
                 *([] if self.tls else ["--insecure"]),
+                *(["--metrics-listen", "127.0.0.1:0"] if self.metrics else []),
                 "--listen",
                 "127.0.0.1:0",
                 "--ready-file",
@@ -297,8 +302,9 @@ class LocalConsortium:
                     f"{name} not ready after {START_TIMEOUT_S:.0f} s:\n{self.log_tail(name)}"
                 )
             time.sleep(0.05)
-        port = json.loads(ready.read_text())["port"]
-        process.address = f"127.0.0.1:{port}"
+        announced = json.loads(ready.read_text())
+        process.address = f"127.0.0.1:{announced['port']}"
+        process.metrics_port = int(announced.get("metrics_port", 0))
         try:
             status = check_health(
                 process.address, credentials=self.credentials(), server_name=self._name_of(name)
@@ -390,6 +396,13 @@ class LocalConsortium:
     def _name_of(self, process: str) -> str | None:
         """The name a process's certificate is checked for (None: its address's host)."""
         return None if process == COORDINATOR or not self.tls else node_server_name(process)
+
+    def metrics_url(self, name: str) -> str:
+        """Where process ``name`` (``"coordinator"`` or a node id) serves its metrics."""
+        port = self.processes[name].metrics_port
+        if not port:
+            raise LaunchError(f"{name} serves no metrics: start with LocalConsortium(metrics=True)")
+        return f"http://127.0.0.1:{port}/metrics"
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.workdir / "logs" / f"{name}.log"

@@ -14,7 +14,9 @@ import grpc
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.training.consortium import ModelSpec, state_digest
-from tapestry.wire.codec import model_spec_to_proto
+from tapestry.training.consortium.model import model_state
+from tapestry.training.consortium.tensors import state_layout
+from tapestry.wire.codec import model_spec_to_proto, state_layout_to_proto
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state
 
 
@@ -41,6 +43,7 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
             node_id=self.node_id,
             jurisdiction=self.jurisdiction,
             model=model_spec_to_proto(self.model),
+            state_layout=state_layout_to_proto(state_layout(model_state(self.model.build(0)))),
         )
 
     def before_reply(self) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from tapestry.atomic_files import load_state, read_json
 from tapestry.config import NodeConfig, load_config
-from tapestry.node.corpus import load_corpus
+from tapestry.node.corpus import load_node_corpus
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ContributionPolicy,
@@ -15,6 +15,7 @@ from tapestry.training.consortium import (
     SovereignTrainingNode,
     state_digest,
 )
+from tapestry.wire import codec
 
 from .conftest import POLICY
 
@@ -90,37 +91,44 @@ def test_all_rejected_leaves_the_base_bitwise_identical(consortium_factory):
 def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
     consortium = consortium_factory()
     with consortium.client() as client:
-        for _ in range(2):
-            client.run_round()
+        served_rounds = [client.run_round() for _ in range(2)]
         _, served = client.get_base()
 
-    # The same seeds, corpora and settings, run by the in-process core.
+    # The same seeds, corpora (split as each node splits its own) and settings, run by the
+    # in-process core.
     spec, seed = ModelSpec(), consortium.seed
     nodes = []
     for node_id in NODES:
         config = load_config(consortium.node_config_path(node_id), NodeConfig)
+        corpus = load_node_corpus(config)
         nodes.append(
             SovereignTrainingNode(
                 node_id,
                 config.jurisdiction,
                 spec.build(seed),
-                load_corpus(config.corpus, config.training.max_seq_len),
+                corpus.training,
                 config.quality_score,
                 config.training.local_epochs,
                 config.training.lr,
                 config.training.batch_size,
                 seed=seed,
+                heldout_corpus=corpus.heldout,
             )
         )
     core = ConsortiumCoordinator(spec.build(seed), ContributionPolicy(**POLICY))
-    for _ in range(2):
-        core.run_round(nodes)
+    core_rounds = [core.run_round(nodes) for _ in range(2)]
     expected = core.shared_base_state
 
     assert served.keys() == expected.keys()
     for name in expected:
         assert torch.equal(served[name], expected[name]), name
     assert state_digest(served) == state_digest(expected)
+    # And the same held-out numbers, bit for bit.
+    for over_grpc, in_process in zip(served_rounds, core_rounds, strict=True):
+        for c in over_grpc.contributions:
+            assert codec.evaluation_from_proto(c.evaluation) == (
+                in_process.contributions[c.node_id].evaluation
+            )
 
 
 def test_a_node_that_is_down_is_reported_and_the_round_completes(consortium_factory):

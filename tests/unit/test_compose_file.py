@@ -307,3 +307,21 @@ def test_servers_start_only_once_the_certificates_exist():
             "condition": "service_completed_successfully"
         }
     assert "restart" not in CERTS  # one-shot
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_every_server_serves_metrics_inside_the_network_only(name):
+    """Metrics are plaintext HTTP: exposed to the compose network, and published only for
+    the coordinator, on the host's loopback."""
+    service = SERVICES[name]
+    _, options = _resolve(_argv(service["command"]))
+    host, port = options["--metrics-listen"].rsplit(":", 1)
+    assert host == "0.0.0.0"  # the container's interfaces: its network, not the host's
+    assert port != options["--listen"].rsplit(":", 1)[1]
+    assert service["expose"] == [port]
+    published = [_with_defaults(p) for p in service.get("ports", [])]
+    if name == "coordinator":
+        assert f"127.0.0.1:{port}:{port}" in published
+    else:
+        assert not published
+    assert all(p.startswith("127.0.0.1:") for p in published)

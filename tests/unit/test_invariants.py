@@ -12,6 +12,7 @@ from torch import nn
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ContributionPolicy,
+    HeldOutEvaluation,
     ModelState,
     SovereignContribution,
     SovereignModelArtifact,
@@ -94,7 +95,16 @@ def test_invariant_2_only_deltas_are_contributed(
         "token_count",
         "metrics",
         "weight_delta_sha256",
+        "evaluation",
     ]
+    # Its held-out evaluation is numbers only: never held-out text.
+    assert {f.name: f.type for f in dataclasses.fields(HeldOutEvaluation)} == {
+        "base_loss": "float",
+        "base_perplexity": "float",
+        "sovereign_loss": "float",
+        "sovereign_perplexity": "float",
+        "tokens": "int",
+    }
     for node, contribution in zip(nodes, sent, strict=True):
         assert contribution.node_id == node.node_id
         assert isinstance(contribution.token_count, int)

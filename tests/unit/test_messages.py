@@ -44,6 +44,7 @@ def test_types_re_exports_the_messages_and_model_state() -> None:
     assert ModelState == dict[str, torch.Tensor]
     assert set(types.__all__) == {
         "ConsortiumRoundResult",
+        "HeldOutEvaluation",
         "ModelState",
         "SovereignContribution",
         "SovereignCycleResult",

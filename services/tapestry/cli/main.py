@@ -2,8 +2,9 @@
 
 Options can also come from the environment (for containers); ``--help`` names the variable
 next to each option that reads one (TAPESTRY_CONFIG, TAPESTRY_LISTEN, TAPESTRY_DATA_DIR,
-TAPESTRY_COORDINATOR, TAPESTRY_LOG_LEVEL, TAPESTRY_ARENA_MAX, TAPESTRY_TRIM_THRESHOLD), and
-a bad value is refused naming the variable it came from.
+TAPESTRY_COORDINATOR, TAPESTRY_LOG_LEVEL, TAPESTRY_LOG_FORMAT, TAPESTRY_METRICS_LISTEN,
+TAPESTRY_ARENA_MAX, TAPESTRY_TRIM_THRESHOLD), and a bad value is refused naming the variable
+it came from.
 """
 
 from __future__ import annotations
@@ -124,13 +125,20 @@ def _keep_round_on_interrupt(command: Callable[P, R]) -> Callable[P, R]:
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
-def main(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    cls=_Option,
+    default="text",
+    envvar="TAPESTRY_LOG_FORMAT",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="json: one JSON object per line (time, level, logger, message, exception).",
+)
+def main(log_level: str, log_format: Literal["text", "json"]) -> None:
     """Tapestry Consortium: one shared base model, one sovereign model per jurisdiction."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from tapestry.observe.json_logs import configure_logging
+
+    configure_logging(log_level, log_format)
 
 
 def _serve_options(command: F) -> F:
@@ -144,7 +152,19 @@ def _serve_options(command: F) -> F:
         "configuration's [tls] section is required.",
     )(command)
     command = click.option(
-        "--ready-file", type=click.Path(path_type=Path), help='Write {"port": N} here once serving.'
+        "--metrics-listen",
+        cls=_Option,
+        type=_Address(free_port=True),
+        default=None,
+        envvar="TAPESTRY_METRICS_LISTEN",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (off without it; port 0 "
+        "picks a free one, reported in --ready-file as metrics_port). Plaintext HTTP, no "
+        "authentication: bind a private interface.",
+    )(command)
+    command = click.option(
+        "--ready-file",
+        type=click.Path(path_type=Path),
+        help='Write {"port": N} here once serving (and "metrics_port" with --metrics-listen).',
     )(command)
     command = click.option(
         "--data-dir",
@@ -175,8 +195,28 @@ def _serve_options(command: F) -> F:
     return command
 
 
+def _serve_metrics(listen: str | None, registry: Any) -> dict[str, int]:
+    """Serve ``registry`` on ``listen`` when given; what the ready file adds about it."""
+    if listen is None:
+        return {}
+    from tapestry.observe.metrics import MetricsServer
+
+    served = MetricsServer(listen, registry)
+    logging.getLogger(__name__).info(
+        "metrics (plaintext HTTP) at http://%s:%d/metrics",
+        listen.rpartition(":")[0],
+        served.port,
+    )
+    return {"metrics_port": served.port}
+
+
 def _serve_then_exit(
-    server: grpc.Server, port: int, health: Any, names: list[str], ready_file: Path | None
+    server: grpc.Server,
+    port: int,
+    health: Any,
+    names: list[str],
+    ready_file: Path | None,
+    ready_extra: dict[str, int],
 ) -> NoReturn:
     """Serve until SIGTERM/SIGINT, drain the calls in flight, then exit at once.
 
@@ -190,7 +230,7 @@ def _serve_then_exit(
 
     from tapestry.wire.grpc_plumbing import serve_forever
 
-    serve_forever(server, port, health, names, ready_file)
+    serve_forever(server, port, health, names, ready_file, ready_extra)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -228,6 +268,7 @@ def coordinator_serve(
     listen: str,
     data_dir: Path,
     ready_file: Path | None,
+    metrics_listen: str | None,
     insecure: bool,
     arena_max: int,
     trim_threshold: int,
@@ -238,10 +279,15 @@ def coordinator_serve(
 
     tune_allocator(arena_max, trim_threshold)
     from tapestry.coordinator.startup import SERVICE_NAME, build_coordinator_server
+    from tapestry.observe.metrics import CoordinatorMetrics
 
     config = load_config(config_path, ConsortiumConfig)
-    server, port, health = build_coordinator_server(config, listen, data_dir, insecure=insecure)
-    _serve_then_exit(server, port, health, [SERVICE_NAME], ready_file)
+    metrics = CoordinatorMetrics()
+    server, port, health = build_coordinator_server(
+        config, listen, data_dir, insecure=insecure, metrics=metrics
+    )
+    extra = _serve_metrics(metrics_listen, metrics.registry)
+    _serve_then_exit(server, port, health, [SERVICE_NAME], ready_file, extra)
 
 
 @main.group()
@@ -253,15 +299,25 @@ def node() -> None:
 @_serve_options
 @_friendly_errors
 def node_serve(
-    config_path: Path, listen: str, data_dir: Path, ready_file: Path | None, insecure: bool
+    config_path: Path,
+    listen: str,
+    data_dir: Path,
+    ready_file: Path | None,
+    metrics_listen: str | None,
+    insecure: bool,
 ) -> None:
     """Serve the sovereign node gRPC service for one jurisdiction."""
     from tapestry.config import NodeConfig, load_config
     from tapestry.node.startup import SERVICE_NAME, build_node_server
+    from tapestry.observe.metrics import NodeMetrics
 
     config = load_config(config_path, NodeConfig)
-    server, port, health = build_node_server(config, listen, data_dir, insecure=insecure)
-    _serve_then_exit(server, port, health, [SERVICE_NAME], ready_file)
+    metrics = NodeMetrics()
+    server, port, health = build_node_server(
+        config, listen, data_dir, insecure=insecure, metrics=metrics
+    )
+    extra = _serve_metrics(metrics_listen, metrics.registry)
+    _serve_then_exit(server, port, health, [SERVICE_NAME], ready_file, extra)
 
 
 _coordinator_option = click.option(
@@ -280,7 +336,8 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.
 def _client_tls_options(command: Callable[..., R]) -> Callable[..., R]:
     """``--ca``, ``--cert``, ``--key`` (a member's certificate from `tapestry certs`; an
     operator's to run rounds or roll back) or ``--insecure``, turned into the command's
-    ``credentials`` argument."""
+    ``credentials`` argument. A command given a ``journal`` directory reads no server:
+    it may go without them."""
 
     @wraps(command)
     def run(
@@ -291,6 +348,8 @@ def _client_tls_options(command: Callable[..., R]) -> Callable[..., R]:
         if insecure and (ca or cert or key):
             raise click.UsageError("--insecure goes without --ca, --cert and --key")
         if not insecure and not (ca or cert or key):
+            if kw.get("journal") is not None:
+                return command(*args, credentials=None, **kw)
             raise click.UsageError(
                 "give the certificate to call with: --ca, --cert and --key (or "
                 "TAPESTRY_CA, TAPESTRY_CERT, TAPESTRY_KEY), e.g. an operator's from `tapestry "
@@ -424,6 +483,48 @@ def base_rollback(
         click.echo(report.rollback_line(result))
 
 
+@base_group.command("export")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The safetensors file to write (atomically).",
+)
+@click.option(
+    "--round",
+    "expect_round",
+    type=click.IntRange(0, 2**32 - 1),
+    default=None,
+    help="Export only if the served base is round N's (GetBase serves the newest base).",
+)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@_coordinator_option
+@_client_tls_options
+@_friendly_errors
+def base_export(
+    out: Path,
+    expect_round: int | None,
+    force: bool,
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+) -> None:
+    """Write the shared base to a safetensors file, with its round, digest and model spec
+    in the file's metadata."""
+    from tapestry.cli import report
+    from tapestry.coordinator.client import CoordinatorClient
+    from tapestry.errors import NotFound
+    from tapestry.observe.base_export import check_destination, write_base
+
+    check_destination(out, force=force)
+    with CoordinatorClient(address, credentials) as client:
+        try:
+            base = client.fetch_base(expect_round)
+        except NotFound as error:
+            raise click.ClickException(str(error)) from None
+    write_base(base, out)
+    click.echo(f"round {base.round_num} base ({report.short(base.sha256)}) written to {out}")
+
+
 def _print_listing(
     address: str,
     credentials: grpc.ChannelCredentials | None,
@@ -445,7 +546,11 @@ def _print_listing(
     if as_json:
         click.echo(json.dumps([message_to_dict(i) for i in items], indent=2, sort_keys=True))
     elif what == "rounds":
-        report.console().print(report.rounds_table(items))
+        out = report.console()
+        out.print(report.rounds_table(items))
+        heldout = report.heldout_table(items)
+        if heldout is not None:
+            out.print(heldout)
     else:
         report.console().print(report.artifacts_table(items))
 
@@ -483,6 +588,54 @@ def artifacts(
 ) -> None:
     """List the sovereign artifacts the nodes retain (metadata only)."""
     _print_listing(address, credentials, as_json, "artifacts", page_size)
+
+
+@main.command("report")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The folder to write report.png and report.html into (created if need be).",
+)
+@click.option(
+    "--journal",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Read a coordinator's --data-dir directly (its rounds/ journal) instead of asking "
+    "the coordinator; needs no certificate.",
+)
+@_coordinator_option
+@_page_size_option
+@_client_tls_options
+@_friendly_errors
+def report_command(
+    out_dir: Path,
+    journal: Path | None,
+    address: str,
+    page_size: int,
+    credentials: grpc.ChannelCredentials | None,
+) -> None:
+    """Write a PNG and a self-contained HTML page of the rounds: held-out loss of the base
+    per jurisdiction and of each sovereign model, weights per node, and accepted, rejected
+    and failed nodes per round."""
+    from tapestry.observe.report_page import write_report
+
+    if journal is not None:
+        from tapestry.coordinator.journal import read_records
+
+        if not (journal / "rounds").is_dir():
+            raise click.ClickException(
+                f"{journal} has no rounds/ folder: --journal takes a coordinator's --data-dir"
+            )
+        rounds = [record.result for record in read_records(journal / "rounds")]
+    else:
+        from tapestry.coordinator.client import CoordinatorClient
+
+        with CoordinatorClient(address, credentials) as client:
+            rounds = client.list_rounds(page_size)
+    for path in write_report(rounds, out_dir):
+        click.echo(f"wrote {path}")
 
 
 @main.command()

@@ -73,9 +73,19 @@ def _row(table: Table, *cells: str) -> None:
 
 def round_table(result: pb.ConsortiumRoundResult) -> Group:
     """One row per node, then why each rejected or failed node did not count (reasons are
-    long: they get whole lines rather than a narrow column)."""
+    long: they get whole lines rather than a narrow column). ``loss`` is the node's mean
+    training loss; ``held-out`` its held-out loss of the incoming base -> of its new
+    sovereign model."""
     table = _table(
-        f"Round {result.round_num}", "node", "outcome", "weight", "quality", "tokens", "loss"
+        f"Round {result.round_num}",
+        "node",
+        "outcome",
+        "weight",
+        "quality",
+        "tokens",
+        "loss",
+        "held-out",
+        fixed=("held-out",),
     )
     contributions = {c.node_id: c for c in result.contributions}
     rows: list[tuple[str, str]] = [(n, "accepted") for n in result.accepted_nodes]
@@ -96,6 +106,7 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
             _quality(result, node_id),
             count(c.token_count) if c else "-",
             f"{c.metrics['loss']:.4f}" if c and "loss" in c.metrics else "-",
+            heldout_change(c.evaluation) if c and c.HasField("evaluation") else "-",
         )
         if reason:
             # Indented as a whole, so wrapped lines stay clear of the next node's.
@@ -192,6 +203,44 @@ def rounds_table(rounds: Sequence[pb.ConsortiumRoundResult]) -> Table:
             short(r.shared_base_sha256),
         )
     return table
+
+
+def heldout_table(rounds: Sequence[pb.ConsortiumRoundResult]) -> Table | None:
+    """One row per node per round that carries a held-out evaluation: the loss (nats per
+    token) and perplexity of the incoming base and of the node's new sovereign model on the
+    node's own held-out split. ``None`` when no round carries one."""
+    table = _table(
+        "Held-out evaluation: the base before training, each node's own model after",
+        "round",
+        "node",
+        "base loss",
+        "own loss",
+        "base ppl",
+        "own ppl",
+        "tokens",
+        fixed=("round", "base loss", "own loss", "base ppl", "own ppl", "tokens"),
+    )
+    for r in rounds:
+        for c in r.contributions:
+            if not c.HasField("evaluation"):
+                continue
+            e = c.evaluation
+            _row(
+                table,
+                str(r.round_num),
+                c.node_id,
+                f"{e.base_loss:.4f}",
+                f"{e.sovereign_loss:.4f}",
+                f"{e.base_perplexity:.5g}",
+                f"{e.sovereign_perplexity:.5g}",
+                count(e.tokens),
+            )
+    return table if table.row_count else None
+
+
+def heldout_change(evaluation: pb.HeldOutEvaluation) -> str:
+    """``base -> sovereign`` held-out loss, e.g. ``5.545 -> 3.210``."""
+    return f"{evaluation.base_loss:.3f} -> {evaluation.sovereign_loss:.3f}"
 
 
 def _accepted(r: pb.ConsortiumRoundResult) -> str:

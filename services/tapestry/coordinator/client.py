@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.errors import WireError
+from tapestry.errors import NotFound, WireError
 from tapestry.training.consortium.messages import ModelState
 from tapestry.wire.grpc_plumbing import open_channel
 from tapestry.wire.tensor_stream import StateAssembler, receive_state
 
 Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class FetchedBase:
+    """The shared base as GetBase served it: its round, model spec and verified digest."""
+
+    round_num: int
+    model: pb.ModelSpec
+    state: ModelState
+    sha256: str  # the state digest the stream's trailer carried, checked on arrival
 
 
 class CoordinatorClient:
@@ -105,12 +116,30 @@ class CoordinatorClient:
 
     def get_base(self) -> tuple[int, ModelState]:
         """``(rounds committed, base state)``, verified against the stream's digest."""
-        stream: Iterator[pb.GetBaseResponse] = self._stub.GetBase(pb.GetBaseRequest())
-        first = next(stream, None)
-        if first is None or first.WhichOneof("item") != "header":
-            raise WireError("the GetBase stream must begin with its header")
-        state = receive_state(stream, "chunk", "end", StateAssembler())
-        return first.header.round_num, dict(state)
+        base = self.fetch_base()
+        return base.round_num, base.state
+
+    def fetch_base(self, expect_round: int | None = None) -> FetchedBase:
+        """The current base with its header and digest. With ``expect_round``, a base of
+        another round is refused (:class:`NotFound`) from its header, before any weights
+        are read: GetBase serves only the newest committed base."""
+        stream = self._stub.GetBase(pb.GetBaseRequest())
+        try:
+            first = next(stream, None)
+            if first is None or first.WhichOneof("item") != "header":
+                raise WireError("the GetBase stream must begin with its header")
+            header = first.header
+            if expect_round is not None and header.round_num != expect_round:
+                raise NotFound(
+                    f"the coordinator serves the base of round {header.round_num}, not of round "
+                    f"{expect_round}: only the newest committed base is served (`tapestry base "
+                    f"rollback --to {expect_round}` makes an older one the newest, recorded)"
+                )
+            assembler = StateAssembler()
+            state = receive_state(stream, "chunk", "end", assembler)
+        finally:
+            stream.cancel()  # a no-op once the stream has ended
+        return FetchedBase(header.round_num, header.model, dict(state), assembler.digest)
 
 
 def _every_page(fetch: Callable[[str], tuple[Sequence[Item], str]]) -> Iterator[Item]:

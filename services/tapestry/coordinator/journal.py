@@ -46,6 +46,18 @@ class StoreError(UserError, RuntimeError):
     """The data directory belongs to another consortium or cannot be used."""
 
 
+def read_records(rounds_dir: Path) -> list[jpb.RoundRecord]:
+    """Every journal entry in ``rounds_dir``, oldest first; only reads, so it may be used on
+    a live coordinator's data directory (``tapestry report --journal``)."""
+    out = []
+    for path in sorted(rounds_dir.glob("round-*.json")):
+        try:
+            out.append(message_from_json(path.read_text(encoding="utf-8"), jpb.RoundRecord))
+        except Exception as error:  # a damaged entry is reported, never fatal
+            log.error("ignoring unreadable journal entry %s: %s", path, error)
+    return out
+
+
 class CoordinatorStore:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir
@@ -119,13 +131,7 @@ class CoordinatorStore:
 
     def records(self) -> list[jpb.RoundRecord]:
         """Every committed round, oldest first."""
-        out = []
-        for path in sorted(self.rounds_dir.glob("round-*.json")):
-            try:
-                out.append(message_from_json(path.read_text(encoding="utf-8"), jpb.RoundRecord))
-            except Exception as error:  # a damaged entry is reported, never fatal
-                log.error("ignoring unreadable journal entry %s: %s", path, error)
-        return out
+        return read_records(self.rounds_dir)
 
     def latest(self) -> tuple[int, ModelState, list[jpb.RoundRecord]] | None:
         """``(round_num, base, records)`` of the newest intact commit, or None when empty."""

@@ -17,14 +17,15 @@ from tapestry.errors import WireError, quoted
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
-from tapestry.training.consortium.model import ModelSpec
-from tapestry.training.consortium.tensors import known_digest
+from tapestry.training.consortium.model import ModelSpec, spec_differences
+from tapestry.training.consortium.tensors import StateLayout, known_digest
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import node_channel
 from tapestry.wire.spill import SpillingAssembler
 from tapestry.wire.status import NODE, describe_rpc_error
 from tapestry.wire.tensor_stream import (
     DEFAULT_CHUNK_BYTES,
+    ByteCount,
     StateAssembler,
     receive_state,
     send_state,
@@ -52,30 +53,39 @@ class RemoteSovereignNode:
         address: str,
         *,
         model: ModelSpec | None = None,
+        state_layout: StateLayout | None = None,
         consortium_id: str = "",
         timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         spill_dir: Path | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         server_check: ServerCertificateCheck | None = None,
+        count_sent: ByteCount | None = None,
+        count_received: ByteCount | None = None,
     ) -> None:
         """``model`` is the consortium's model spec: before any weights are sent, the node
-        must describe itself as ``node_id`` in ``jurisdiction`` training that model. With
+        must describe itself as ``node_id`` in ``jurisdiction`` training that model, and
+        ``state_layout`` (the base's, when given) as the layout of its state. With
         ``spill_dir``, the delta is written to ``<spill_dir>/<node_id>.delta`` as it
         arrives instead of being held in memory (see :mod:`tapestry.wire.spill`). With
         ``credentials`` (the coordinator's) the channel is mutual TLS and the handshake
         refuses a server whose certificate is not this node's
         (:func:`~tapestry.pki.layout.node_server_name`); ``server_check`` then refuses one
-        whose certificate the CRL lists, which gRPC's handshake does not check."""
+        whose certificate the CRL lists, which gRPC's handshake does not check.
+        ``count_sent`` and ``count_received`` are told the tensor bytes of the base sent and
+        the delta received (the coordinator's metrics)."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.address = address
         self.model = model
+        self.state_layout = state_layout
         self.consortium_id = consortium_id
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.spill_dir = spill_dir
         self.server_check = server_check
+        self._count_sent = count_sent
+        self._count_received = count_received
         self._channel = node_channel(
             address, credentials, node_server_name(node_id) if credentials else None
         )
@@ -86,11 +96,11 @@ class RemoteSovereignNode:
 
     def check_identity(self) -> None:
         """Ask the node who it is (``Describe``) and refuse a server that is not this
-        member or trains another model (:class:`NodeMismatch`), or that presents a
-        revoked certificate (``server_check``, once it answered; also
-        :class:`NodeMismatch`); unreachable is :class:`NodeCallFailed`. The channel
-        retries an UNAVAILABLE ``Describe`` with backoff
-        (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
+        member or trains another model, by spec or by state layout (:class:`NodeMismatch`,
+        naming the fields that differ), or that presents a revoked certificate
+        (``server_check``, once it answered; also :class:`NodeMismatch`); unreachable is
+        :class:`NodeCallFailed`. The channel retries an UNAVAILABLE ``Describe`` with
+        backoff (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
         :data:`DESCRIBE_TIMEOUT_S`; the cycle that follows is never retried."""
         try:
             described = self._stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S)
@@ -104,12 +114,17 @@ class RemoteSovereignNode:
                 f"jurisdiction {quoted(described.jurisdiction, 64)}, expected {self.jurisdiction!r}"
             )
         if self.model is not None:
-            theirs = described.model
-            if codec.model_spec_from_proto(theirs) != self.model:
+            differences = spec_differences(codec.model_spec_from_proto(described.model), self.model)
+            if differences:
+                problems.append(f"model {', '.join(differences)}")
+        if self.state_layout is not None:
+            theirs = codec.state_layout_from_proto(described.state_layout)
+            if not described.HasField("state_layout"):
+                problems.append(f"no state layout, expected {self.state_layout}")
+            elif theirs != self.state_layout:
                 problems.append(
-                    f"model ModelSpec(architecture={quoted(theirs.architecture, 40)}, "
-                    f"vocab_size={theirs.vocab_size}, hidden_size={theirs.hidden_size}), "
-                    f"expected {self.model}"
+                    f"state layout {theirs}, expected {self.state_layout} "
+                    "(same spec, other keys, dtypes or shapes: another release of the model code?)"
                 )
         if problems:
             raise NodeMismatch(
@@ -142,6 +157,7 @@ class RemoteSovereignNode:
                 lambda t: pb.RunSovereignCycleRequest(base_end=t),
                 sha256=known_digest(base_state),  # the round's digest: hashed once per round
                 chunk_bytes=self.chunk_bytes,
+                on_bytes=self._count_sent,
             )
 
         # The delta must match the base key for key: anything else is refused on arrival.
@@ -157,7 +173,9 @@ class RemoteSovereignNode:
             if first is None or first.WhichOneof("item") != "result":
                 raise WireError("the node's reply must begin with its cycle result")
             header = first.result
-            delta = receive_state(responses, "delta_chunk", "delta_end", assembler)
+            delta = receive_state(
+                responses, "delta_chunk", "delta_end", assembler, self._count_received
+            )
             if assembler.digest != header.contribution.weight_delta_sha256:
                 raise WireError("delta trailer digest differs from the announced one")
             return codec.cycle_result_from_proto(header, delta)

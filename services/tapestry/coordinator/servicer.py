@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -20,6 +21,7 @@ from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore, StoreError
 from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.errors import Busy, NotFound
+from tapestry.observe.metrics import CLIENT_PEER, CoordinatorMetrics
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ConsortiumRoundResult,
@@ -47,9 +49,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         records: Sequence[jpb.RoundRecord] = (),
         chunk_bytes: int = 1 << 20,
         page_token_key: bytes | None = None,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         """``page_token_key`` seals the listings' page tokens (default: drawn at random, so
-        tokens do not outlive this process)."""
+        tokens do not outlive this process). Rounds are counted in ``metrics``."""
         self._core = core
         self._nodes = list(nodes)
         self._store = store
@@ -66,6 +69,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._running: tuple[str, Future[ConsortiumRoundResult]] | None = None
         self._by_request_id = {r.request_id: r.result for r in self._records if r.request_id}
         self._page_tokens = PageTokens(page_token_key)
+        self._metrics = metrics or CoordinatorMetrics()
+        self._metrics.base_round.set(core.round_num)
 
     # -- rounds ------------------------------------------------------------------------
 
@@ -115,6 +120,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
         def work() -> None:
             ended: ConsortiumRoundResult | BaseException
+            began = time.monotonic()
             try:
                 self._store.clear_spill()
                 ended = self._core.run_round(
@@ -125,6 +131,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             except BaseException as error:
                 log.exception("round failed")
                 ended = error
+                self._metrics.round_failed(time.monotonic() - began)
+            else:
+                self._metrics.round_duration.observe(time.monotonic() - began)
             finally:
                 self._store.clear_spill()  # integrated or not, spilled deltas end with the round
                 # Only now: a caller who triggers the next round on seeing this one's result
@@ -176,6 +185,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             self._records.append(record)
             if request_id:
                 self._by_request_id[request_id] = record.result
+        self._metrics.round_recorded(record.result)
         if result.rolled_back_to is not None:
             log.info(
                 "round %d committed: the base of round %d restored by an operator, base %s -> %s",
@@ -289,6 +299,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             lambda t: pb.GetBaseResponse(end=t),
             sha256=digest,
             chunk_bytes=self._chunk_bytes,
+            on_bytes=self._metrics.base_sent(CLIENT_PEER),
         )
 
     def ListArtifacts(

@@ -17,8 +17,11 @@ from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, RemoteSovereignNode
 from tapestry.coordinator.servicer import CoordinatorServicer
+from tapestry.observe.metrics import CoordinatorMetrics
 from tapestry.pki.serving import server_security
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
+from tapestry.training.consortium.model import model_state
+from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import build_server
 
@@ -29,13 +32,20 @@ log = logging.getLogger(__name__)
 
 
 def build_coordinator_server(
-    config: ConsortiumConfig, listen: str, data_dir: Path, *, insecure: bool = False
+    config: ConsortiumConfig,
+    listen: str,
+    data_dir: Path,
+    *,
+    insecure: bool = False,
+    metrics: CoordinatorMetrics | None = None,
 ) -> tuple[grpc.Server, int, object]:
     """``(server, port, health)``, bound and not started, at the last committed round.
 
     With ``[tls]`` it serves mutual TLS: rounds and rollbacks to operators, reads to any
     member; and calls each node over mutual TLS, checking that the node's certificate names
-    that node. Plaintext (both ways) only with ``insecure``."""
+    that node. Plaintext (both ways) only with ``insecure``. Rounds, weight streams and
+    outcomes are counted in ``metrics`` (a registry nobody reads, without)."""
+    metrics = metrics or CoordinatorMetrics()
     security = server_security(
         config.tls,
         insecure=insecure,
@@ -51,7 +61,8 @@ def build_coordinator_server(
         {
             "consortium_id": config.consortium_id,
             "seed": config.seed,
-            "model": config.model.model_dump(),
+            # Unset fields left out: a tiny-causal directory keeps the identity it always had.
+            "model": config.model.model_dump(mode="json", exclude_none=True),
         }
     )
     base_model = spec.build(config.seed)
@@ -80,23 +91,29 @@ def build_coordinator_server(
         momentum = store.committed_momentum(round_num, records)
         core.load_base_state(state, round_num, sha256=digest, artifacts=retained, momentum=momentum)
         log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
+    layout = state_layout(model_state(base_model))  # what every member's state must hold
     nodes = [
         RemoteSovereignNode(
             member.node_id,
             member.jurisdiction,
             member.address,
             model=spec,
+            state_layout=layout,
             consortium_id=config.consortium_id,
             timeout_s=config.node_timeout_s,
             chunk_bytes=config.chunk_bytes,
             spill_dir=store.spill_dir,
             credentials=security.channel_credentials,
             server_check=security.server_check,
+            count_sent=metrics.base_sent(member.node_id),
+            count_received=metrics.delta_received(member.node_id),
         )
         for member in config.nodes
     ]
     threading.Thread(target=warn_about_members, args=(nodes,), daemon=True).start()
-    servicer = CoordinatorServicer(core, nodes, store, spec, records, config.chunk_bytes)
+    servicer = CoordinatorServicer(
+        core, nodes, store, spec, records, config.chunk_bytes, metrics=metrics
+    )
     return build_server(
         listen,
         [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 
 import grpc
@@ -18,9 +19,10 @@ from tapestry.errors import Busy, NotFound, WireError
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.node.guard import check_cycle_start
-from tapestry.training.consortium.model import ModelSpec
+from tapestry.observe.metrics import NodeMetrics
+from tapestry.training.consortium.model import ModelSpec, model_state
 from tapestry.training.consortium.node import SovereignTrainingNode
-from tapestry.training.consortium.tensors import state_digest
+from tapestry.training.consortium.tensors import state_digest, state_layout
 from tapestry.wire import codec
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
@@ -37,17 +39,22 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         consortium_id: str,
         limits: NodeLimits | None = None,
         chunk_bytes: int = 1 << 20,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         """``consortium_id`` is the one this node serves; ``limits`` bound what a caller
-        may ask of it (:class:`~tapestry.config.NodeLimits`)."""
+        may ask of it (:class:`~tapestry.config.NodeLimits`); cycles are counted in
+        ``metrics``."""
         self._node = node
         self._spec = spec
         self._store = store
         self._consortium_id = consortium_id
         self._limits = limits or NodeLimits()
         self._chunk_bytes = chunk_bytes
-        self._expected = spec_of(node.model.state_dict())
+        state = model_state(node.model)
+        self._expected = spec_of(state)
+        self._layout = codec.state_layout_to_proto(state_layout(state))
         self._busy = threading.Lock()
+        self._metrics = metrics or NodeMetrics()
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
@@ -60,6 +67,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             token_count=self._node.token_count,
             quality_score=self._node.quality_score,
             latest_round=latest.round_num if latest else 0,
+            state_layout=self._layout,
         )
 
     def GetArtifact(
@@ -85,7 +93,10 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         the artifact, then stream back the result header and the delta within
         ``send_timeout_s``. The node is free again however the call ends."""
         if not self._busy.acquire(blocking=False):
+            self._metrics.cycle_ended("busy")
             abort(context, Busy(f"node {self._node.node_id!r} is already running a cycle"))
+        began = time.monotonic()
+        completed = False
         requests = ReceiveDeadline(
             request_iterator, self._limits.receive_timeout_s, "the base", "receive_timeout_s"
         )
@@ -96,6 +107,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 requests.close()
                 log.info("round %d: base received, training", round_num)
                 result = self._node.run_sovereign_cycle(round_num, base)
+                self._metrics.trained(round_num, result.contribution)
                 # Persist before replying: a contribution is only sent for a model we keep.
                 artifact = self._store.save(result.artifact)
                 delta = result.contribution.weight_delta
@@ -108,14 +120,21 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             log.info("round %d: artifact stored, streaming the delta", round_num)
             sending = SendDeadline(self._limits.send_timeout_s, lambda: self._drop(context))
             yield pb.RunSovereignCycleResponse(result=header)
-            yield from send_state(
+            for message in send_state(
                 delta,
                 lambda c: pb.RunSovereignCycleResponse(delta_chunk=c),
                 lambda t: pb.RunSovereignCycleResponse(delta_end=t),
                 sha256=delta_sha256,
                 chunk_bytes=self._chunk_bytes,
-            )
+                on_bytes=self._metrics.delta_sent(),
+            ):
+                # Complete once the trailer is handed over: the caller may cancel the call
+                # as soon as it has it, before this generator is resumed again.
+                completed = message.HasField("delta_end")
+                yield message
         finally:
+            outcome = "completed" if completed else "failed"
+            self._metrics.cycle_ended(outcome, time.monotonic() - began)
             if sending is not None:
                 sending.stop()
             requests.close()
@@ -148,4 +167,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             max_round_gap=self._limits.max_round_gap,
         )
         assembler = StateAssembler(self._expected)
-        return first.start.round_num, receive_state(requests, "base_chunk", "base_end", assembler)
+        base = receive_state(
+            requests, "base_chunk", "base_end", assembler, self._metrics.base_received()
+        )
+        return first.start.round_num, base

@@ -11,8 +11,9 @@ from tapestry.config import NodeConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.node.artifacts import ArtifactStore
-from tapestry.node.corpus import load_corpus
+from tapestry.node.corpus import load_node_corpus
 from tapestry.node.servicer import SovereignNodeServicer
+from tapestry.observe.metrics import NodeMetrics
 from tapestry.pki.serving import server_security
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.wire.grpc_plumbing import build_server
@@ -24,14 +25,19 @@ log = logging.getLogger(__name__)
 
 
 def build_node_server(
-    config: NodeConfig, listen: str, data_dir: Path, *, insecure: bool = False
+    config: NodeConfig,
+    listen: str,
+    data_dir: Path,
+    *,
+    insecure: bool = False,
+    metrics: NodeMetrics | None = None,
 ) -> tuple[grpc.Server, int, object]:
     """``(server, port, health)``, bound and not started. Certificates, corpus and data
     directory are checked here, so a bad configuration fails before the port answers.
 
     With ``[tls]`` it serves mutual TLS: cycles only to its consortium's coordinator, its
     artifacts' metadata to the coordinator and operators, ``Describe`` to any member;
-    plaintext only with ``insecure``."""
+    plaintext only with ``insecure``. Cycles are counted in ``metrics``."""
     security = server_security(
         config.tls,
         insecure=insecure,
@@ -41,28 +47,34 @@ def build_node_server(
         rounds=[CYCLE_METHOD],
         what=f"node {config.node_id}",
     )
-    corpus = load_corpus(config.corpus, config.training.max_seq_len)
+    corpus = load_node_corpus(config)
     spec = config.model.spec()
     node = SovereignTrainingNode(
         config.node_id,
         config.jurisdiction,
         spec.build(config.seed),  # replaced by the base each round; fixes keys and shapes
-        corpus,
+        corpus.training,
         config.quality_score,
         local_epochs=config.training.local_epochs,
         lr=config.training.lr,
         batch_size=config.training.batch_size,
         seed=config.seed,
+        heldout_corpus=corpus.heldout or None,
     )
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
-    servicer = SovereignNodeServicer(node, spec, store, config.consortium_id, config.limits)
+    servicer = SovereignNodeServicer(
+        node, spec, store, config.consortium_id, config.limits, metrics=metrics
+    )
     log.info(
-        "node %s (%s) of consortium %s: %d sequences, %d tokens, quality %.3f, data in %s",
+        "node %s (%s) of consortium %s: %d sequences, %d tokens to train on, %d sequences "
+        "held out (%d%%), quality %.3f, data in %s",
         config.node_id,
         config.jurisdiction,
         config.consortium_id,
-        len(corpus),
+        len(corpus.training),
         node.token_count,
+        len(corpus.heldout),
+        config.training.heldout_percent,
         config.quality_score,
         data_dir,
     )

@@ -24,6 +24,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium.events import RoundEvent, RoundStage
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
+    HeldOutEvaluation,
     SovereignContribution,
     SovereignCycleResult,
     SovereignModelArtifact,
@@ -35,17 +36,45 @@ from tapestry.training.consortium.strategies import (
     OuterOptimizer,
     StrategyName,
 )
-from tapestry.training.consortium.tensors import state_digest
+from tapestry.training.consortium.tensors import StateLayout, state_digest
 
 
 def model_spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
     return pb.ModelSpec(
-        architecture=spec.architecture, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size
+        architecture=spec.architecture,
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        n_layers=spec.n_layers,
+        n_heads=spec.n_heads,
+        context_length=spec.context_length,
+        tie_embeddings=spec.tie_embeddings,
+        hf_config=spec.hf_config,
     )
 
 
 def model_spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:
-    return ModelSpec(msg.architecture, msg.vocab_size, msg.hidden_size)
+    return ModelSpec(
+        msg.architecture,
+        msg.vocab_size,
+        msg.hidden_size,
+        n_layers=msg.n_layers,
+        n_heads=msg.n_heads,
+        context_length=msg.context_length,
+        tie_embeddings=msg.tie_embeddings,
+        hf_config=msg.hf_config,
+    )
+
+
+def state_layout_to_proto(layout: StateLayout) -> pb.StateLayout:
+    return pb.StateLayout(
+        sha256=layout.sha256,
+        tensor_count=layout.tensor_count,
+        element_count=layout.element_count,
+    )
+
+
+def state_layout_from_proto(msg: pb.StateLayout) -> StateLayout:
+    return StateLayout(msg.sha256, msg.tensor_count, msg.element_count)
 
 
 def artifact_to_proto(artifact: SovereignModelArtifact) -> pb.SovereignModelArtifact:
@@ -75,6 +104,28 @@ def artifact_from_proto(msg: pb.SovereignModelArtifact) -> SovereignModelArtifac
     )
 
 
+def evaluation_to_proto(evaluation: HeldOutEvaluation) -> pb.HeldOutEvaluation:
+    return pb.HeldOutEvaluation(
+        base_loss=evaluation.base_loss,
+        base_perplexity=evaluation.base_perplexity,
+        sovereign_loss=evaluation.sovereign_loss,
+        sovereign_perplexity=evaluation.sovereign_perplexity,
+        tokens=evaluation.tokens,
+    )
+
+
+def evaluation_from_proto(msg: pb.HeldOutEvaluation) -> HeldOutEvaluation:
+    """As sent: the bounds are admission's (:func:`~tapestry.training.consortium.limits.
+    evaluation_problem`), which names what is wrong."""
+    return HeldOutEvaluation(
+        base_loss=msg.base_loss,
+        base_perplexity=msg.base_perplexity,
+        sovereign_loss=msg.sovereign_loss,
+        sovereign_perplexity=msg.sovereign_perplexity,
+        tokens=msg.tokens,
+    )
+
+
 def contribution_to_proto(
     contribution: SovereignContribution, delta_sha256: str | None = None
 ) -> pb.SovereignContribution:
@@ -83,6 +134,7 @@ def contribution_to_proto(
         delta_sha256 = contribution.weight_delta_sha256 or (
             state_digest(contribution.weight_delta) if contribution.weight_delta else ""
         )
+    evaluation = contribution.evaluation
     return pb.SovereignContribution(
         node_id=contribution.node_id,
         round_num=contribution.round_num,
@@ -90,6 +142,7 @@ def contribution_to_proto(
         quality_score=contribution.quality_score,
         token_count=contribution.token_count,
         metrics=dict(contribution.metrics),
+        evaluation=evaluation_to_proto(evaluation) if evaluation is not None else None,
     )
 
 
@@ -104,6 +157,7 @@ def contribution_from_proto(
         token_count=msg.token_count,
         metrics=dict(msg.metrics),
         weight_delta_sha256=msg.weight_delta_sha256,
+        evaluation=evaluation_from_proto(msg.evaluation) if msg.HasField("evaluation") else None,
     )
 
 

@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -211,10 +211,11 @@ def mark_serving(health_servicer: health.HealthServicer, service_names: Sequence
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-def write_ready_file(path: Path, port: int) -> None:
-    """Tell whoever started us which port we bound (written atomically, then renamed)."""
+def write_ready_file(path: Path, port: int, extra: Mapping[str, int] | None = None) -> None:
+    """Tell whoever started us which port we bound, and ``extra`` ports (e.g.
+    ``metrics_port``); written atomically, then renamed."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid(), **(extra or {})}))
     os.replace(tmp, path)
 
 
@@ -245,6 +246,7 @@ def serve_forever(
     health_servicer: health.HealthServicer,
     service_names: Sequence[str],
     ready_file: Path | None = None,
+    ready_extra: Mapping[str, int] | None = None,
 ) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -252,7 +254,7 @@ def serve_forever(
     server.start()
     mark_serving(health_servicer, service_names)
     if ready_file is not None:
-        write_ready_file(ready_file, port)
+        write_ready_file(ready_file, port, ready_extra)
     log.info("serving %s on port %d", ", ".join(service_names), port)
     stop.wait()
     log.info("stopping: draining calls for up to %.0f s", STOP_GRACE_S)

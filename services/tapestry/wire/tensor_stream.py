@@ -67,6 +67,8 @@ def state_to_chunks(
 
 
 Message = TypeVar("Message", bound=ProtoMessage)
+ByteCount = Callable[[int], None]
+"""Told the tensor bytes of each chunk as it crosses (e.g. a metrics counter's ``inc``)."""
 
 
 def send_state(
@@ -76,12 +78,14 @@ def send_state(
     *,
     sha256: str = "",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    on_bytes: ByteCount | None = None,
 ) -> Iterator[Message]:
     """The one sender of a tensor stream: every chunk of ``state`` (wrapped by ``chunk``),
     then its trailer (wrapped by ``end``) with count, bytes and digest.
 
     Pass ``sha256`` when the digest is already known (a committed base, a delta announced
     in a header); otherwise it is computed from the bytes as they go out, with no extra pass.
+    ``on_bytes`` is told each chunk's tensor bytes as it is handed to gRPC.
     """
     hasher = None if sha256 else StateHasher()
     count = total = 0
@@ -92,6 +96,8 @@ def send_state(
                 hasher.tensor(piece.name, piece.dtype, piece.shape, piece.total_bytes)
         if hasher is not None:
             hasher.data(piece.data)
+        if on_bytes is not None:
+            on_bytes(len(piece.data))
         yield chunk(piece)
     digest = sha256 or (hasher.hexdigest() if hasher is not None else "")
     yield end(pb.StateTrailer(tensor_count=count, total_bytes=total, sha256=digest))
@@ -102,14 +108,19 @@ def receive_state(
     chunk_field: str,
     end_field: str,
     assembler: StateAssembler,
+    on_bytes: ByteCount | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """The one receiver of a tensor stream: feeds every ``chunk_field`` message of
     ``stream`` to ``assembler`` and returns the state its ``end_field`` trailer confirms.
-    Anything else in the stream, or a stream that stops before its trailer, is refused."""
+    Anything else in the stream, or a stream that stops before its trailer, is refused.
+    ``on_bytes`` is told each chunk's tensor bytes as it arrives, refused or not."""
     for message in stream:
         kind = message.WhichOneof(message.DESCRIPTOR.oneofs[0].name)
         if kind == chunk_field:
-            assembler.add(getattr(message, chunk_field))
+            piece: pb.TensorChunk = getattr(message, chunk_field)
+            if on_bytes is not None:
+                on_bytes(len(piece.data))
+            assembler.add(piece)
         elif kind == end_field:
             return assembler.finish(getattr(message, end_field))
         else:

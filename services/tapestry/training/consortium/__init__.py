@@ -17,6 +17,7 @@ from tapestry.training.consortium.integration import (
 )
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
+    HeldOutEvaluation,
     ModelState,
     SovereignContribution,
     SovereignCycleResult,
@@ -38,6 +39,7 @@ __all__ = [
     "ContributionPolicy",
     "ContributionWeighting",
     "EventSink",
+    "HeldOutEvaluation",
     "InvalidBase",
     "InvalidContribution",
     "ModelSpec",

@@ -33,6 +33,7 @@ from tapestry.training.consortium.messages import (
     SovereignCycleResult,
     SovereignModelArtifact,
 )
+from tapestry.training.consortium.model import load_model_state, model_state
 from tapestry.training.consortium.policy import ContributionPolicy, PolicyDecision
 from tapestry.training.consortium.strategies import StrategyName, momentum_mismatch
 from tapestry.training.consortium.tensors import (
@@ -114,13 +115,13 @@ class ConsortiumCoordinator:
     @property
     def shared_base_state(self) -> ModelState:
         """A copy of the current base (clones: changing it leaves the base alone)."""
-        return clone_state(self.base_model.state_dict())
+        return clone_state(model_state(self.base_model))
 
     @property
     def base_sha256(self) -> str:
         """:func:`state_digest` of the current base (computed once per base)."""
         if not self._base_sha256:
-            self._base_sha256 = state_digest(self.base_model.state_dict())
+            self._base_sha256 = state_digest(model_state(self.base_model))
         return self._base_sha256
 
     @property
@@ -144,7 +145,7 @@ class ConsortiumCoordinator:
         problem = momentum_mismatch(momentum, state)
         if problem is not None:
             raise ValueError(problem)
-        self.base_model.load_state_dict(state)
+        load_model_state(self.base_model, state)
         self.round_num = round_num
         self._base_sha256 = sha256
         self._outer_momentum = None if momentum is None else clone_state(momentum)
@@ -184,7 +185,7 @@ class ConsortiumCoordinator:
         snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)  # what nodes get
         # Deltas are checked against and integrated into the coordinator's own base, which
         # no node can reach; a node that edited its input in place shifts nothing.
-        base = {name: t.detach() for name, t in self.base_model.state_dict().items()}
+        base = model_state(self.base_model)
         outcomes = self._run_cycles(nodes, round_num, snapshot, base, report)
         if any(not torch.equal(snapshot[name], base[name]) for name in base):
             snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)
@@ -329,7 +330,7 @@ class ConsortiumCoordinator:
                     f"cannot roll back to round {to_round}: the newest committed round is "
                     f"{self.round_num}"
                 )
-            current = {name: t.detach() for name, t in self.base_model.state_dict().items()}
+            current = model_state(self.base_model)
             problem = state_mismatch(
                 state, current, what="rollback base", against="the current base"
             )
@@ -390,7 +391,7 @@ class ConsortiumCoordinator:
         if commit is not None:
             commit(result)
         if load_base:
-            self.base_model.load_state_dict(result.shared_base_state)
+            load_model_state(self.base_model, result.shared_base_state)
         self._outer_momentum = result.outer_momentum
         self._base_sha256 = result.shared_base_sha256
         self.sovereign_artifacts.update(result.artifacts)
@@ -432,10 +433,16 @@ class ConsortiumCoordinator:
                 return refusal
             c = checked.contribution
             loss = c.metrics.get("loss")
+            heldout = c.evaluation
             report(
                 RoundStage.NODE_CONTRIBUTED,
                 node.node_id,
                 (f"loss {loss:.4f}, " if loss is not None else "")
+                + (
+                    f"held-out {heldout.base_loss:.4f} -> {heldout.sovereign_loss:.4f}, "
+                    if heldout is not None
+                    else ""
+                )
                 + f"quality {c.quality_score:.2f}, {c.token_count} tokens",
             )
             return checked

@@ -6,7 +6,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from tapestry.training.consortium.limits import MAX_TOKEN_COUNT, metrics_problem, quoted
+from tapestry.training.consortium.limits import (
+    MAX_TOKEN_COUNT,
+    evaluation_problem,
+    metrics_problem,
+    quoted,
+)
 from tapestry.training.consortium.messages import ModelState, SovereignContribution
 from tapestry.training.consortium.tensors import state_mismatch
 
@@ -22,8 +27,10 @@ def check_contribution(
     node_id: str,
     round_num: int,
 ) -> None:
-    """Refuse a contribution that speaks for another node or round, or whose delta does not
-    match the base key for key (same keys, shapes, dtypes) or holds NaN/Inf."""
+    """Refuse a contribution that speaks for another node or round, whose numbers are out of
+    bounds (:mod:`~tapestry.training.consortium.limits`: token count, metrics, held-out
+    evaluation), or whose delta does not match the base key for key (same keys, shapes,
+    dtypes) or holds NaN/Inf."""
     if not isinstance(contribution, SovereignContribution):
         raise InvalidContribution(
             f"expected a SovereignContribution, got {type(contribution).__name__}"
@@ -44,7 +51,7 @@ def check_contribution(
     score = contribution.quality_score
     if isinstance(score, bool) or not isinstance(score, int | float):
         raise InvalidContribution(f"quality_score is a {type(score).__name__}, not a number")
-    problem = metrics_problem(contribution.metrics)
+    problem = metrics_problem(contribution.metrics) or evaluation_problem(contribution.evaluation)
     if problem is not None:
         raise InvalidContribution(problem)
     problem = state_mismatch(contribution.weight_delta, base, what="delta", against="the base")

@@ -11,14 +11,17 @@ import math
 from collections.abc import Mapping
 
 from tapestry.errors import quoted
+from tapestry.training.consortium.messages import HeldOutEvaluation
 
 __all__ = [
+    "MAX_HELDOUT_LOSS",
     "MAX_METRICS",
     "MAX_NAME_CHARS",
     "MAX_REASON_CHARS",
     "MAX_STATE_BYTES",
     "MAX_TOKEN_COUNT",
     "bounded_text",
+    "evaluation_problem",
     "metrics_problem",
     "name_problem",
     "quoted",
@@ -38,6 +41,15 @@ MAX_TOKEN_COUNT = 2**53
 
 MAX_STATE_BYTES = 2**50
 """Bytes a node may claim its retained model holds (1 PiB)."""
+
+
+MAX_HELDOUT_LOSS = 700.0
+"""Nats per token a held-out loss may be: far past any model worth weighing (a uniform guess
+over 256 bytes is 5.5), and low enough that its perplexity ``exp(loss)`` is a finite double
+(which ends near 709.8)."""
+
+PERPLEXITY_RELATIVE_TOLERANCE = 1e-9
+"""How far a reported perplexity may be from ``exp`` of its loss (rounding, not a choice)."""
 
 
 def bounded_text(text: str, limit: int = MAX_REASON_CHARS) -> str:
@@ -67,4 +79,36 @@ def name_problem(field: str, value: object) -> str | None:
     """Why ``value`` is not a string of 1 to :data:`MAX_NAME_CHARS` characters, or None."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME_CHARS:
         return f"{field} must be a string of 1 to MAX_NAME_CHARS = {MAX_NAME_CHARS} characters"
+    return None
+
+
+def evaluation_problem(evaluation: object) -> str | None:
+    """Why a held-out evaluation is not ``None`` or a :class:`HeldOutEvaluation` of losses in
+    ``[0, MAX_HELDOUT_LOSS]`` whose perplexities are ``exp`` of them, over 1 to
+    :data:`MAX_TOKEN_COUNT` tokens; None when it is."""
+    if evaluation is None:
+        return None
+    if not isinstance(evaluation, HeldOutEvaluation):
+        return f"evaluation must be a HeldOutEvaluation, got {type(evaluation).__name__}"
+    tokens = evaluation.tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 < tokens <= MAX_TOKEN_COUNT:
+        return f"evaluation tokens must be an integer in [1, MAX_TOKEN_COUNT = {MAX_TOKEN_COUNT}]"
+    for which in ("base", "sovereign"):
+        loss = getattr(evaluation, f"{which}_loss")
+        ppl = getattr(evaluation, f"{which}_perplexity")
+        for name, value in ((f"{which}_loss", loss), (f"{which}_perplexity", ppl)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"evaluation {name} is a {type(value).__name__}, not a number"
+            if not math.isfinite(value):
+                return f"evaluation {name} is {value}, not a finite number"
+        if not 0 <= loss <= MAX_HELDOUT_LOSS:
+            return (
+                f"evaluation {which}_loss is {loss:.6g}, outside [0, MAX_HELDOUT_LOSS = "
+                f"{MAX_HELDOUT_LOSS:g}] nats"
+            )
+        if not math.isclose(ppl, math.exp(loss), rel_tol=PERPLEXITY_RELATIVE_TOLERANCE):
+            return (
+                f"evaluation {which}_perplexity is {ppl:.6g}, not exp({which}_loss) = "
+                f"{math.exp(loss):.6g}"
+            )
     return None

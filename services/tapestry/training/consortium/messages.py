@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from tapestry.training.consortium.policy import ContributionPolicy
 
 ModelState = dict[str, torch.Tensor]
-"""A model's ``state_dict``: parameter name -> tensor."""
+"""A model's state: parameter name -> tensor, each tensor once (a tied tensor under its first
+key; :func:`tapestry.training.consortium.model.model_state`). For untied models it is the
+``state_dict``."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,24 @@ class SovereignModelArtifact:
 
 
 @dataclass(frozen=True)
+class HeldOutEvaluation:
+    """How well the round's incoming base and the node's new sovereign model predict the
+    node's held-out split: documents it never trains on, so a falling loss means the model
+    learned the jurisdiction's text, not the training lines.
+
+    Losses are mean next-token cross-entropy in nats over the split's ``tokens`` real target
+    tokens (padding excluded); each perplexity is ``exp`` of its loss. Numbers only: no
+    held-out text ever leaves the node.
+    """
+
+    base_loss: float
+    base_perplexity: float
+    sovereign_loss: float
+    sovereign_perplexity: float
+    tokens: int
+
+
+@dataclass(frozen=True)
 class SovereignContribution:
     """What a node offers the consortium: ``weight_delta[k] = trained[k] - base[k]``."""
 
@@ -50,6 +70,7 @@ class SovereignContribution:
     token_count: int
     metrics: Mapping[str, float]
     weight_delta_sha256: str = ""  # set when the delta came over the wire, verified on arrival
+    evaluation: HeldOutEvaluation | None = None  # None: the node holds nothing out
 
 
 @dataclass(frozen=True)

@@ -9,24 +9,31 @@ import threading
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tapestry.training.consortium.evaluation import (
+    IGNORE_INDEX,
+    heldout_evaluation,
+    heldout_loss,
+    next_token_loss,
+)
 from tapestry.training.consortium.messages import (
+    HeldOutEvaluation,
     ModelState,
     SovereignContribution,
     SovereignCycleResult,
     SovereignModelArtifact,
 )
+from tapestry.training.consortium.model import load_model_state, model_state, tied_keys
 from tapestry.training.consortium.tensors import (
     clone_state,
+    few_names,
     state_digest,
     state_mismatch,
     state_nbytes,
 )
 
 PAD_TOKEN = 0
-IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it add no loss
 STAGE = "continued_pretraining"
 
 
@@ -62,6 +69,23 @@ def pad_corpus(corpus: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return tokens[:, :-1], targets
 
 
+def token_problem(corpus: Sequence[Sequence[int]], vocab: int | None) -> str | None:
+    """Why ``corpus`` holds something other than integer token ids in ``[0, vocab)``."""
+    for index, seq in enumerate(corpus):
+        bad = [
+            t
+            for t in seq
+            if not isinstance(t, int)
+            or isinstance(t, bool)
+            or not 0 <= t < (vocab if vocab is not None else 2**63)
+        ]
+        if bad:
+            return (
+                f"sequence {index} has token id {bad[0]!r}; token ids are integers in [0, {vocab})"
+            )
+    return None
+
+
 class SovereignTrainingNode:
     """One jurisdiction's node. Keeps a deep copy of ``model``; trains it from each round's
     base on ``sovereign_corpus`` (a list of token-id lists) and keeps the result as
@@ -70,6 +94,12 @@ class SovereignTrainingNode:
     ``seed`` (keyword-only, an addition to the proof of concept) is the consortium seed: the
     node's shuffling draws from its own generator seeded by :func:`cycle_seed`, never from
     the global RNG.
+
+    ``heldout_corpus`` (keyword-only, an addition too) is text the node never trains on:
+    each cycle evaluates the incoming base on it before training and the new sovereign
+    model after, and the contribution carries both as a :class:`HeldOutEvaluation`
+    (``None`` without a held-out corpus). Evaluation changes nothing a cycle trains: it draws
+    no random numbers and runs without gradients.
     """
 
     def __init__(
@@ -84,6 +114,7 @@ class SovereignTrainingNode:
         batch_size: int = 8,
         *,
         seed: int = 0,
+        heldout_corpus: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be a non-empty string")
@@ -103,19 +134,27 @@ class SovereignTrainingNode:
                 f"{local_epochs}, {batch_size}, {lr}"
             )
         vocab = getattr(model, "vocab_size", None)
-        for index, seq in enumerate(sovereign_corpus):
-            bad = [
-                t
-                for t in seq
-                if not isinstance(t, int)
-                or isinstance(t, bool)
-                or not 0 <= t < (vocab if vocab is not None else 2**63)
-            ]
-            if bad:
+        problem = token_problem(sovereign_corpus, vocab)
+        if problem is not None:
+            raise ValueError(f"node {node_id!r}: {problem}")
+        if heldout_corpus is not None:
+            if not any(len(seq) >= 2 for seq in heldout_corpus):
                 raise ValueError(
-                    f"node {node_id!r}: sequence {index} has token id {bad[0]!r}; token ids "
-                    f"are integers in [0, {vocab})"
+                    f"node {node_id!r}: heldout_corpus has no sequence of 2 or more tokens, so "
+                    "nothing to evaluate; give one, or pass heldout_corpus=None"
                 )
+            problem = token_problem(heldout_corpus, vocab)
+            if problem is not None:
+                raise ValueError(f"node {node_id!r}: heldout_corpus {problem}")
+        context = getattr(model, "context_length", None)
+        scored = max((len(seq) for seq in heldout_corpus or ()), default=0)
+        if context is not None and max(longest, scored) - 1 > context:
+            too_long = max(longest, scored)
+            raise ValueError(
+                f"node {node_id!r}: the longest corpus sequence has {too_long} tokens, so "
+                f"{too_long - 1} input positions, past the model's context_length = {context}; "
+                f"cut sequences to at most {context + 1} tokens (training.max_seq_len)"
+            )
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.model = copy.deepcopy(model)
@@ -128,6 +167,10 @@ class SovereignTrainingNode:
         self.token_count = sum(len(seq) for seq in sovereign_corpus)
         self.latest_artifact: SovereignModelArtifact | None = None
         self._inputs, self._targets = pad_corpus(self.sovereign_corpus)
+        self.heldout_corpus = (
+            None if heldout_corpus is None else [list(seq) for seq in heldout_corpus]
+        )
+        self._heldout = None if self.heldout_corpus is None else pad_corpus(self.heldout_corpus)
         self._lock = threading.Lock()  # one cycle at a time: the model is trained in place
 
     def check_base(self, round_num: int, base_state: Mapping[str, torch.Tensor]) -> None:
@@ -140,8 +183,14 @@ class SovereignTrainingNode:
         if isinstance(round_num, bool) or not isinstance(round_num, int) or round_num < 1:
             raise InvalidBase(f"round_num must be an integer >= 1, got {round_num!r}")
         problem = state_mismatch(
-            base_state, self.model.state_dict(), what="base", against="this node's model"
+            base_state, model_state(self.model), what="base", against="this node's model"
         )
+        tied = tied_keys(self.model)
+        if problem is not None and tied and set(tied) <= set(base_state):
+            problem += (
+                f"; {few_names(sorted(tied))} is tied to another key: pass model_state(model), "
+                "which keeps a tied tensor once, not the state_dict"
+            )
         if problem is not None:
             raise InvalidBase(problem)
 
@@ -154,9 +203,11 @@ class SovereignTrainingNode:
         :meth:`check_base` refuses the input."""
         with self._lock:
             self.check_base(round_num, base_state)
-            self.model.load_state_dict(clone_state(base_state))
+            load_model_state(self.model, clone_state(base_state))
+            base_loss = self._heldout_loss()  # the incoming base, before any training
             mean_loss = self._train(round_num)
-            trained = clone_state(self.model.state_dict())
+            evaluation = self._evaluation(base_loss)
+            trained = clone_state(model_state(self.model))
             delta: ModelState = {name: trained[name] - base_state[name] for name in trained}
             metrics = {"loss": mean_loss}
             artifact = SovereignModelArtifact(
@@ -177,6 +228,7 @@ class SovereignTrainingNode:
                 quality_score=self.quality_score,
                 token_count=self.token_count,
                 metrics=dict(metrics),
+                evaluation=evaluation,
             )
             return SovereignCycleResult(artifact=artifact, contribution=contribution)
 
@@ -191,13 +243,23 @@ class SovereignTrainingNode:
             for start in range(0, n, self.batch_size):
                 batch = order[start : start + self.batch_size]
                 logits = self.model(self._inputs[batch])  # (B, T, V)
-                loss = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]),
-                    self._targets[batch].reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                )
+                loss = next_token_loss(logits, self._targets[batch])
                 optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)  # loss.backward(), which torch leaves untyped
                 optimizer.step()
                 losses.append(loss.item())
         return sum(losses) / len(losses)
+
+    def _heldout_loss(self) -> tuple[float, int] | None:
+        """The current model's held-out ``(loss, tokens)``; ``None`` with no held-out split."""
+        if self._heldout is None:
+            return None
+        inputs, targets = self._heldout
+        return heldout_loss(self.model, inputs, targets, self.batch_size)
+
+    def _evaluation(self, base: tuple[float, int] | None) -> HeldOutEvaluation | None:
+        """The cycle's evaluation: ``base`` measured before training, the model now."""
+        sovereign = self._heldout_loss()
+        if base is None or sovereign is None:
+            return None
+        return heldout_evaluation(base[0], sovereign[0], sovereign[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -81,6 +82,35 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
         hasher.tensor(name, dtype_name(tensor.dtype), tuple(tensor.shape), len(data))
         hasher.data(data)
     return hasher.hexdigest()
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """What a state holds, without its values: ``sha256`` over every (key, dtype, shape) in
+    sorted key order, with counts for people. Members whose models would exchange weights
+    key for key have the same layout; a node and the coordinator compare theirs before any
+    weights move."""
+
+    sha256: str
+    tensor_count: int
+    element_count: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.tensor_count} tensors, {self.element_count} values (sha256 {self.sha256[:12]})"
+        )
+
+
+def state_layout(state: Mapping[str, torch.Tensor]) -> StateLayout:
+    sha = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        entry = f"{name}\0{dtype_name(tensor.dtype)}\0{list(tensor.shape)}\0".encode()
+        sha.update(len(entry).to_bytes(8, "little"))
+        sha.update(entry)
+    return StateLayout(
+        sha.hexdigest(), len(state), sum(tensor.numel() for tensor in state.values())
+    )
 
 
 def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:

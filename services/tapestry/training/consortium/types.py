@@ -2,6 +2,7 @@
 
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
+    HeldOutEvaluation,
     ModelState,
     SovereignContribution,
     SovereignCycleResult,
@@ -10,6 +11,7 @@ from tapestry.training.consortium.messages import (
 
 __all__ = [
     "ConsortiumRoundResult",
+    "HeldOutEvaluation",
     "ModelState",
     "SovereignContribution",
     "SovereignCycleResult",

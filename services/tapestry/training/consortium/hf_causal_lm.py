@@ -1,0 +1,59 @@
+"""``hf-causal-lm``: a Hugging Face ``transformers`` causal LM built from a config alone.
+
+The config is the consortium's (inline in its file, or read from a local directory when the
+file is loaded): the model is built with ``AutoModelForCausalLM.from_config``, initialised
+from torch's seeded RNG, so nothing is downloaded and no code from a model repository runs
+(``trust_remote_code`` is refused before this module is reached). ``transformers`` is an
+optional install (the ``hf`` extra), imported only when such a model is built.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from tapestry.training.consortium.model import ModelBuildError
+
+INSTALL_HINT = "install the optional extra: pip install 'tapestry-consortium[hf]'"
+
+
+class HuggingFaceCausalLM(nn.Module):
+    """``forward(input_ids[B, T]) -> logits[B, T, V]`` around a ``transformers`` causal LM
+    (which returns an output object), so a node trains it as it trains any model here.
+
+    The wrapped model is ``self.hf``: state keys are the library's own prefixed with
+    ``hf.`` (strip it to load a state into a bare ``transformers`` model). Models that tie
+    their input embedding to the output head (GPT-2 does) keep the tie; see
+    :func:`~tapestry.training.consortium.model.model_state`.
+    """
+
+    def __init__(self, config_json: str) -> None:
+        super().__init__()
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError as error:
+            raise ModelBuildError(
+                f"model architecture 'hf-causal-lm' needs transformers ({error}); {INSTALL_HINT}"
+            ) from None
+        fields: dict[str, Any] = json.loads(config_json)
+        model_type = fields.pop("model_type", None)
+        try:
+            config = AutoConfig.for_model(model_type, **fields)
+        except ValueError as error:
+            raise ModelBuildError(
+                f"hf_config: transformers cannot build model_type {model_type!r}: {error}"
+            ) from None
+        # transformers leaves from_config untyped; it returns a PreTrainedModel (a Module).
+        self.hf: nn.Module = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, trust_remote_code=False
+        )
+        self.vocab_size: int = config.vocab_size
+        # GPT-2 calls it n_positions; transformers maps the common name onto it.
+        self.context_length: int | None = getattr(config, "max_position_embeddings", None)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.hf(input_ids=input_ids, use_cache=False).logits
+        return logits
