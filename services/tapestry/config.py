@@ -192,6 +192,15 @@ class ModelConfig(_Strict):
         )
 
 
+class DilocoConfig(_Strict):
+    """``[policy.diloco]``: DiLoCo's outer optimizer (SGD with momentum on the round's
+    pseudo-gradient); the defaults are the DiLoCo paper's."""
+
+    outer_lr: float = Field(0.7, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+
+
 class PolicyConfig(_Strict):
     """The contribution policy of a consortium run by the services. Its defaults are chosen
     so that no single member can capture the base: no member takes more than half the
@@ -202,7 +211,11 @@ class PolicyConfig(_Strict):
     ``min_nodes`` is the quorum: a round in which fewer members contribute (answer with a
     contribution that passes every check) is aborted, recorded with the base unchanged.
     Unset, it is the cap's own quorum, ``ceil(1/max_node_weight)`` (2 with the default
-    cap): the fewest contributions the cap lets a round integrate."""
+    cap): the fewest contributions the cap lets a round integrate.
+
+    ``strategy`` is how the accepted deltas are combined (README, "Integration
+    strategies"); ``trim_fraction`` goes with ``trimmed_mean`` only and ``[policy.diloco]``
+    with ``diloco`` only; ``clip_delta_norm`` with any."""
 
     quality_floor: float = Field(0.0, ge=0, le=MAX_QUALITY)
     max_node_weight: float = Field(0.5, gt=0, le=1)
@@ -210,6 +223,25 @@ class PolicyConfig(_Strict):
     max_delta_norm: float | None = Field(None, gt=0)
     max_delta_norm_ratio: float | None = Field(10.0, gt=1)
     min_nodes: int | None = Field(None, ge=1, le=MAX_MEMBERS)
+    strategy: Literal["fedavg", "diloco", "median", "trimmed_mean"] = "fedavg"
+    trim_fraction: float | None = Field(None, ge=0, lt=0.5)
+    clip_delta_norm: float | None = Field(None, gt=0)
+    diloco: DilocoConfig | None = None
+
+    @model_validator(mode="after")
+    def _settings_fit_the_strategy(self) -> PolicyConfig:
+        """A setting of another strategy is a mistake (it would be silently ignored)."""
+        if self.trim_fraction is not None and self.strategy != "trimmed_mean":
+            raise ValueError(
+                f"trim_fraction applies to strategy = 'trimmed_mean' only, not "
+                f"{self.strategy!r}: remove it or set strategy = 'trimmed_mean'"
+            )
+        if self.diloco is not None and self.strategy != "diloco":
+            raise ValueError(
+                f"[policy.diloco] applies to strategy = 'diloco' only, not "
+                f"{self.strategy!r}: remove it or set strategy = 'diloco'"
+            )
+        return self
 
     def quorum(self) -> int:
         """``min_nodes``, or when unset the cap's quorum ``ceil(1/max_node_weight)``."""
@@ -219,7 +251,23 @@ class PolicyConfig(_Strict):
 
     def policy(self) -> ContributionPolicy:
         from tapestry.training.consortium.policy import ContributionPolicy
+        from tapestry.training.consortium.strategies import (
+            IntegrationStrategy,
+            OuterOptimizer,
+            strategy_name,
+        )
 
+        diloco = self.diloco or (DilocoConfig() if self.strategy == "diloco" else None)
+        strategy = IntegrationStrategy(
+            strategy_name(self.strategy),
+            trim_fraction=self.trim_fraction,
+            clip_delta_norm=self.clip_delta_norm,
+            outer=(
+                OuterOptimizer(diloco.outer_lr, diloco.momentum, diloco.nesterov)
+                if diloco is not None
+                else None
+            ),
+        )
         return ContributionPolicy(
             self.quality_floor,
             self.max_node_weight,
@@ -227,6 +275,7 @@ class PolicyConfig(_Strict):
             max_quality=MAX_QUALITY,
             max_delta_norm=self.max_delta_norm,
             max_delta_norm_ratio=self.max_delta_norm_ratio,
+            strategy=strategy,
         )
 
 

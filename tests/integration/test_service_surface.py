@@ -79,6 +79,7 @@ def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
         "weighting": "CONTRIBUTION_WEIGHTING_QUALITY",
         "max_quality": 1.0,
         "max_delta_norm_ratio": 10.0,
+        "strategy": "INTEGRATION_STRATEGY_FEDAVG",
     }
     assert result["started_at"] <= result["finished_at"]
     assert result["started_at"].endswith("Z")

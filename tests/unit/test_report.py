@@ -104,7 +104,7 @@ def test_the_round_table_fits_80_columns_with_long_reasons() -> None:
     assert "0.81 (self 0.86)" in text  # the assessed score, and the node's own report
     assert f"base {BEFORE[:12]} -> {AFTER[:12]} in 83.25 s" in text
     assert BEFORE[:13] not in text and AFTER[:13] not in text  # digests are shortened
-    assert "policy: quality weighting, floor 0.75, cap 0.5" in text
+    assert "policy: quality weighting, floor 0.75, cap 0.5, fedavg" in text
     # Every reason is there in full, wrapped (long words folded) rather than cut.
     joined = "".join("".join(lines).split())
     for reason in (CAP_REASON, FAILED_REASON, UNBROKEN):

@@ -411,6 +411,7 @@ def test_message_to_dict_uses_proto_field_names_and_includes_empty_fields() -> N
         "quality_floor": 0.75,
         "max_node_weight": 0.5,
         "weighting": "CONTRIBUTION_WEIGHTING_EQUAL",
+        "strategy": "INTEGRATION_STRATEGY_FEDAVG",
     }
     assert "roundNum" not in as_dict and "acceptedNodes" not in as_dict
 
@@ -481,6 +482,7 @@ STATE_FIELDS = {
     "weight_delta": ("weight_delta_sha256",),
     "previous_base_state": ("previous_base_sha256",),
     "shared_base_state": ("shared_base_sha256",),
+    "outer_momentum": ("outer_momentum_sha256",),
     "stored_at": (),  # node-local: stays on the node
 }
 

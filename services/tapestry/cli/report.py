@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.wire.codec import strategy_from_proto
 
 WIDTH = 80  # columns when the output is not a terminal (pipes, CI logs)
 DIGEST_CHARS = 12  # enough to tell bases apart by eye; JSON output has the full digests
@@ -118,7 +119,7 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
         p = result.policy
         caption += (
             f"\npolicy: {_WEIGHTINGS.get(p.weighting, '?')} weighting, "
-            f"floor {p.quality_floor:g}, cap {p.max_node_weight:g}"
+            f"floor {p.quality_floor:g}, cap {p.max_node_weight:g}, {_strategy(p)}"
         )
     if result.aborted_reason:
         caption += f"\nABORTED: {result.aborted_reason}"
@@ -127,6 +128,15 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
     table.caption = Text(caption)
     table.caption_justify = "left"
     return Group(table, *reasons)
+
+
+def _strategy(policy: pb.ContributionPolicy) -> str:
+    """The strategy that integrated the round, as the core describes it (``"?"`` for one
+    this client does not know, e.g. from a newer coordinator)."""
+    try:
+        return strategy_from_proto(policy).describe()
+    except ValueError:
+        return "?"
 
 
 def _quality(result: pb.ConsortiumRoundResult, node_id: str) -> str:

@@ -4,13 +4,17 @@ Layout under ``<data-dir>``::
 
     consortium.json               identity: consortium id, seed, model spec
     base/round-000003.safetensors the shared base after round 3 (round 0: the initial base)
+    momentum/round-000003.safetensors
+                                  under diloco: the outer momentum after round 3 (none when
+                                  it is zeros); its digest is in the round's journal entry
     rounds/round-000003.json      RoundRecord (journal.proto, as proto JSON): the round's
                                   result, with its artifacts' metadata, and the request id
                                   that triggered it
 
-A round is committed when its journal entry is renamed into place, after its base file.
-On start the store resumes at the newest journal entry whose base file exists and matches
-the recorded digest, so a crash mid-commit leaves the previous round in force; the
+A round is committed when its journal entry is renamed into place, after its momentum file
+(if any) and its base file. On start the store resumes at the newest journal entry whose
+base file (and momentum file, where it names one) exists and matches the recorded digest,
+so a crash mid-commit leaves the previous round in force; the
 temporary files such a crash leaves are deleted when the store opens.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from tapestry.atomic_files import (
     load_state,
@@ -58,9 +63,10 @@ class CoordinatorStore:
         self.root = data_dir
         self.base_dir = data_dir / "base"
         self.rounds_dir = data_dir / "rounds"
+        self.momentum_dir = data_dir / "momentum"  # made by the first diloco commit
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_dir.mkdir(parents=True, exist_ok=True)
-        for directory in (self.root, self.base_dir, self.rounds_dir):
+        for directory in (self.root, self.base_dir, self.rounds_dir, self.momentum_dir):
             remove_temporaries(directory)  # random names: never overwritten, they pile up
 
     @property
@@ -87,6 +93,9 @@ class CoordinatorStore:
     def base_path(self, round_num: int) -> Path:
         return self.base_dir / f"round-{round_num:06d}.safetensors"
 
+    def momentum_path(self, round_num: int) -> Path:
+        return self.momentum_dir / f"round-{round_num:06d}.safetensors"
+
     def _record_path(self, round_num: int) -> Path:
         return self.rounds_dir / f"round-{round_num:06d}.json"
 
@@ -98,6 +107,15 @@ class CoordinatorStore:
         the coordinator's core calls before it moves to the new base. ``request_id`` (the
         trigger's idempotency key) is kept with it, so it outlives a restart."""
         record = jpb.RoundRecord(result=round_result_to_proto(result), request_id=request_id)
+        if result.outer_momentum is not None:  # before the entry that names its digest
+            save_state(
+                self.momentum_path(result.round_num),
+                result.outer_momentum,
+                {
+                    "round_num": str(result.round_num),
+                    "sha256": record.result.outer_momentum_sha256,
+                },
+            )
         self.commit(record, result.shared_base_state)
         return record
 
@@ -121,10 +139,10 @@ class CoordinatorStore:
         while records:
             record = records[-1]
             state = self._load_intact(record.result.round_num, record.result.shared_base_sha256)
-            if state is not None:
+            if state is not None and self._momentum_of(record) is not False:
                 return record.result.round_num, state, records
             log.error(
-                "round %d's base is missing or damaged; resuming from the round before",
+                "round %d's base or momentum is missing or damaged; resuming from the round before",
                 record.result.round_num,
             )
             records.pop()
@@ -163,6 +181,35 @@ class CoordinatorStore:
                 "restored"
             )
         return state, sha256
+
+    def committed_momentum(
+        self, round_num: int, records: list[jpb.RoundRecord]
+    ) -> ModelState | None:
+        """Diloco's outer momentum committed with round ``round_num``'s base, checked against
+        its recorded digest; ``None`` when that round recorded none (round 0, a momentum of
+        zeros, another strategy). Raises :class:`StoreError` for a file missing or damaged."""
+        found = [r for r in records if r.result.round_num == round_num and round_num > 0]
+        momentum = self._momentum_of(found[0]) if found else None
+        if momentum is False:
+            raise StoreError(
+                f"the outer momentum of round {round_num} ({self.momentum_path(round_num)}) is "
+                f"missing or does not match its recorded digest "
+                f"{found[0].result.outer_momentum_sha256[:12]}; it cannot be restored"
+            )
+        return momentum
+
+    def _momentum_of(self, record: jpb.RoundRecord) -> ModelState | None | Literal[False]:
+        """The momentum a record names (``None``: it names none; ``False``: damaged)."""
+        sha256 = record.result.outer_momentum_sha256
+        if not sha256:
+            return None
+        path = self.momentum_path(record.result.round_num)
+        try:
+            state, _ = load_state(path)
+        except Exception as error:
+            log.error("cannot read %s: %s", path, error)
+            return False
+        return state if state_digest(state) == sha256 else False
 
     def _load_intact(self, round_num: int, sha256: str) -> ModelState | None:
         path = self.base_path(round_num)

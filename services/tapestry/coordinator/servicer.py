@@ -227,9 +227,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 ),
             )
         try:
-            state, sha256 = self._store.committed_base(to_round, list(self._records))
+            records = list(self._records)
+            state, sha256 = self._store.committed_base(to_round, records)
             result = self._core.roll_back(
-                state, to_round, sha256=sha256, commit=lambda r: self._commit(r, "")
+                state,
+                to_round,
+                sha256=sha256,
+                commit=lambda r: self._commit(r, ""),
+                momentum=self._store.committed_momentum(to_round, records),
             )
         except Exception as error:
             if not isinstance(error, NotFound | StoreError | ValueError):

@@ -88,7 +88,8 @@ def build_coordinator_server(
         }
         # The store checked the file against this digest before handing the state over.
         digest = records[-1].result.shared_base_sha256 if records else ""
-        core.load_base_state(state, round_num, sha256=digest, artifacts=retained)
+        momentum = store.committed_momentum(round_num, records)
+        core.load_base_state(state, round_num, sha256=digest, artifacts=retained, momentum=momentum)
         log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
     layout = state_layout(model_state(base_model))  # what every member's state must hold
     nodes = [

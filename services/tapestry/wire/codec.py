@@ -31,6 +31,11 @@ from tapestry.training.consortium.messages import (
 )
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.policy import ContributionPolicy, ContributionWeighting
+from tapestry.training.consortium.strategies import (
+    IntegrationStrategy,
+    OuterOptimizer,
+    StrategyName,
+)
 from tapestry.training.consortium.tensors import StateLayout, state_digest
 
 
@@ -180,14 +185,49 @@ _WEIGHTINGS = {
 }
 
 
+_STRATEGIES = {
+    StrategyName.FEDAVG: pb.INTEGRATION_STRATEGY_FEDAVG,
+    StrategyName.DILOCO: pb.INTEGRATION_STRATEGY_DILOCO,
+    StrategyName.MEDIAN: pb.INTEGRATION_STRATEGY_MEDIAN,
+    StrategyName.TRIMMED_MEAN: pb.INTEGRATION_STRATEGY_TRIMMED_MEAN,
+}
+
+
 def policy_to_proto(policy: ContributionPolicy) -> pb.ContributionPolicy:
-    return pb.ContributionPolicy(
+    strategy = policy.strategy
+    msg = pb.ContributionPolicy(
         quality_floor=policy.quality_floor,
         max_node_weight=policy.max_node_weight,
         weighting=_WEIGHTINGS[policy.weighting],
         max_quality=policy.max_quality,
         max_delta_norm=policy.max_delta_norm,
         max_delta_norm_ratio=policy.max_delta_norm_ratio,
+        strategy=_STRATEGIES[strategy.name],
+        trim_fraction=strategy.trim_fraction,
+        clip_delta_norm=strategy.clip_delta_norm,
+    )
+    if strategy.outer is not None:
+        outer = strategy.outer
+        msg.outer.CopyFrom(
+            pb.OuterOptimizer(lr=outer.lr, momentum=outer.momentum, nesterov=outer.nesterov)
+        )
+    return msg
+
+
+def strategy_from_proto(msg: pb.ContributionPolicy) -> IntegrationStrategy:
+    """The policy's strategy, validated; unset is fedavg (records written before strategies
+    were recorded integrated by fedavg, the only rule then)."""
+    name = (
+        StrategyName.FEDAVG
+        if msg.strategy == pb.INTEGRATION_STRATEGY_UNSPECIFIED
+        else _lookup(_STRATEGIES, msg.strategy, "strategy", pb.IntegrationStrategy.Name)
+    )
+    outer = msg.outer if msg.HasField("outer") else None
+    return IntegrationStrategy(
+        name,
+        trim_fraction=msg.trim_fraction if msg.HasField("trim_fraction") else None,
+        clip_delta_norm=msg.clip_delta_norm if msg.HasField("clip_delta_norm") else None,
+        outer=OuterOptimizer(outer.lr, outer.momentum, outer.nesterov) if outer else None,
     )
 
 
@@ -203,6 +243,7 @@ def policy_from_proto(msg: pb.ContributionPolicy) -> ContributionPolicy:
         max_delta_norm_ratio=(
             msg.max_delta_norm_ratio if msg.HasField("max_delta_norm_ratio") else None
         ),
+        strategy=strategy_from_proto(msg),
     )
 
 
@@ -248,7 +289,8 @@ def _lookup(
 def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundResult:
     """The base states travel as the result's digests; contributions keep the digest their
     delta had on the wire (the deltas are integrated and gone by the time the result is
-    written); artifacts are metadata. Unset times and policy stay unset on the wire."""
+    written); artifacts are metadata. Unset times and policy stay unset on the wire. Diloco's
+    outer momentum travels as its digest (empty: zeros or none)."""
     msg = pb.ConsortiumRoundResult(
         round_num=result.round_num,
         previous_base_sha256=result.previous_base_sha256,
@@ -263,6 +305,9 @@ def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundRe
         artifacts=[artifact_to_proto(a) for a in result.artifacts.values()],
         aborted_reason=result.aborted_reason,
         rolled_back_to=result.rolled_back_to,
+        outer_momentum_sha256=(
+            state_digest(result.outer_momentum) if result.outer_momentum is not None else ""
+        ),
     )
     if result.started_at is not None:
         msg.started_at.CopyFrom(timestamp_to_proto(result.started_at, "started_at"))

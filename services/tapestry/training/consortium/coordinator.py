@@ -26,7 +26,6 @@ from torch import nn
 
 from tapestry.training.consortium.admission import Refused, admit
 from tapestry.training.consortium.events import EventSink, Reporter, RoundStage
-from tapestry.training.consortium.integration import integrate
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
     ModelState,
@@ -36,6 +35,7 @@ from tapestry.training.consortium.messages import (
 )
 from tapestry.training.consortium.model import load_model_state, model_state
 from tapestry.training.consortium.policy import ContributionPolicy, PolicyDecision
+from tapestry.training.consortium.strategies import StrategyName, momentum_mismatch
 from tapestry.training.consortium.tensors import (
     Snapshot,
     all_finite,
@@ -64,7 +64,15 @@ class ConsortiumNode(Protocol):
 class ConsortiumCoordinator:
     """Keeps the shared base and runs rounds: every node trains from the same snapshot (in
     parallel threads), the policy weighs their contributions, and the accepted deltas are
-    integrated as ``base + Σ wᵢ·Δᵢ`` in the order the nodes were given.
+    integrated by the policy's strategy: by default ``base + Σ wᵢ·Δᵢ`` in the order the
+    nodes were given (see :mod:`~tapestry.training.consortium.strategies`).
+
+    **Outer momentum.** Under ``diloco`` the coordinator keeps the outer optimizer's
+    momentum (``outer_momentum``) with the base: a round's result carries the momentum in
+    force after it (``None`` stands for zeros), the commit step persists it with the base,
+    and :meth:`load_base_state` restores it. A round that integrates nothing leaves it as
+    it was; a rollback installs the momentum committed with the round it restores (none
+    given: zeros).
 
     A node whose cycle raises, or whose contribution fails :func:`check_contribution`, is
     reported in ``failed_nodes`` and the round goes on with the others. With no accepted
@@ -100,6 +108,7 @@ class ConsortiumCoordinator:
         self.contribution_policy = contribution_policy or ContributionPolicy()
         self.round_num = round_num
         self.sovereign_artifacts: dict[str, SovereignModelArtifact] = {}
+        self._outer_momentum: ModelState | None = None  # diloco's; None: zeros
         self._base_sha256 = ""  # digest of the current base, once known
         self._round_lock = threading.Lock()
 
@@ -115,6 +124,12 @@ class ConsortiumCoordinator:
             self._base_sha256 = state_digest(model_state(self.base_model))
         return self._base_sha256
 
+    @property
+    def outer_momentum(self) -> ModelState | None:
+        """A copy of diloco's outer momentum (``None``: zeros, or another strategy)."""
+        momentum = self._outer_momentum
+        return None if momentum is None else clone_state(momentum)
+
     def load_base_state(
         self,
         state: ModelState,
@@ -122,12 +137,18 @@ class ConsortiumCoordinator:
         *,
         sha256: str = "",
         artifacts: Mapping[str, SovereignModelArtifact] | None = None,
+        momentum: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         """Resume from a committed base (e.g. after a restart): the base, its round, its
-        digest where the caller has verified it, and the artifacts the nodes retain."""
+        digest where the caller has verified it, the artifacts the nodes retain, and
+        diloco's outer momentum committed with that base (``None``: zeros)."""
+        problem = momentum_mismatch(momentum, state)
+        if problem is not None:
+            raise ValueError(problem)
         load_model_state(self.base_model, state)
         self.round_num = round_num
         self._base_sha256 = sha256
+        self._outer_momentum = None if momentum is None else clone_state(momentum)
         if artifacts is not None:
             self.sovereign_artifacts = dict(artifacts)
 
@@ -186,7 +207,7 @@ class ConsortiumCoordinator:
         policy = self.contribution_policy
         norms = (
             {n: state_norm(c.weight_delta) for n, c in contributions.items()}
-            if policy.bounds_delta_norms
+            if policy.needs_delta_norms
             else None
         )
         aborted_reason = self._quorum_problem(len(contributions), len(nodes))
@@ -203,19 +224,36 @@ class ConsortiumCoordinator:
         # Metadata only from here on: the deltas are dropped once they are integrated.
         received = {n: dataclasses.replace(c, weight_delta={}) for n, c in contributions.items()}
         del outcomes, contributions
-        new_state = integrate(base, weighted) if weighted else None
+        integrated = (
+            policy.strategy.apply(
+                base,
+                weighted,
+                delta_norms=[norms[n] for n in accepted] if norms is not None else None,
+                momentum=self._outer_momentum,
+            )
+            if weighted
+            else None
+        )
         del weighted
-        if new_state is not None and not all_finite(new_state):
-            # Finite deltas can still sum past the dtype's range: such a base is never
-            # committed. Nothing is integrated; the accepted nodes are rejected, with why.
+        new_state = integrated.state if integrated is not None else None
+        diloco = policy.strategy.name is StrategyName.DILOCO
+        momentum = self._outer_momentum if diloco else None
+        if integrated is not None and not (
+            all_finite(integrated.state)
+            and (integrated.momentum is None or all_finite(integrated.momentum))
+        ):
+            # Finite deltas can still sum past the dtype's range: such a base (or momentum)
+            # is never committed. Nothing is integrated; the accepted nodes are rejected.
             why = (
-                "integrating the accepted deltas made the base non-finite (overflow), so "
-                "nothing was integrated this round"
+                "integrating the accepted deltas made the base non-finite (overflow; under "
+                "diloco, the base or its momentum), so nothing was integrated this round"
             )
             rejected = [n for n in node_ids if n in received]
             rejection_reasons = {n: decision.rejection_reasons.get(n, why) for n in rejected}
             accepted, weights, new_state = [], {}, None
         else:
+            if integrated is not None and diloco:
+                momentum = integrated.momentum
             rejection_reasons = {n: decision.rejection_reasons[n] for n in rejected}
             weights = {n: decision.weights[n] for n in accepted}
         if new_state is not None:
@@ -247,6 +285,7 @@ class ConsortiumCoordinator:
             started_at=started_at,
             finished_at=datetime.now(UTC),
             aborted_reason=aborted_reason,
+            outer_momentum=momentum,
         )
         self._advance(result, commit, load_base=bool(accepted))
         if aborted_reason:
@@ -263,9 +302,12 @@ class ConsortiumCoordinator:
         sha256: str = "",
         events: EventSink | None = None,
         commit: CommitStep | None = None,
+        momentum: Mapping[str, torch.Tensor] | None = None,
     ) -> ConsortiumRoundResult:
         """Make ``state``, the base committed by round ``to_round``, the shared base again,
         as a new round: history is never rewritten, a rollback is recorded like any round.
+        Under ``diloco``, ``momentum`` is the outer momentum committed with that base; it
+        comes back with it (``None``: the momentum restarts at zeros).
 
         A transaction exactly like :meth:`run_round`: the result (round ``round_num + 1``, no
         nodes, ``rolled_back_to=to_round``, the current policy) is handed to ``commit``
@@ -292,10 +334,13 @@ class ConsortiumCoordinator:
             problem = state_mismatch(
                 state, current, what="rollback base", against="the current base"
             )
+            problem = problem or momentum_mismatch(momentum, current)
             if problem is not None:
                 raise ValueError(problem)
+            diloco = self.contribution_policy.strategy.name is StrategyName.DILOCO
+            restored = clone_state(momentum) if momentum is not None and diloco else None
             return self._roll_back(
-                state, to_round, sha256, Reporter(self.round_num + 1, events), commit
+                state, to_round, sha256, Reporter(self.round_num + 1, events), commit, restored
             )
         finally:
             self._round_lock.release()
@@ -307,6 +352,7 @@ class ConsortiumCoordinator:
         sha256: str,
         report: Reporter,
         commit: CommitStep | None,
+        momentum: ModelState | None,
     ) -> ConsortiumRoundResult:
         started_at = datetime.now(UTC)
         previous_sha256 = self.base_sha256
@@ -325,6 +371,7 @@ class ConsortiumCoordinator:
             started_at=started_at,
             finished_at=datetime.now(UTC),
             rolled_back_to=to_round,
+            outer_momentum=momentum,
         )
         self._advance(result, commit, load_base=True)
         report(
@@ -339,11 +386,13 @@ class ConsortiumCoordinator:
     ) -> None:
         """The one way the coordinator moves on, for rounds and rollbacks alike: the commit
         step first (if it raises, nothing below happens and nothing needs undoing), then the
-        result's base (when it changed), digest, retained artifacts and round number."""
+        result's base (when it changed), outer momentum, digest, retained artifacts and
+        round number."""
         if commit is not None:
             commit(result)
         if load_base:
             load_model_state(self.base_model, result.shared_base_state)
+        self._outer_momentum = result.outer_momentum
         self._base_sha256 = result.shared_base_sha256
         self.sovereign_artifacts.update(result.artifacts)
         self.round_num = result.round_num

@@ -98,6 +98,9 @@ class ConsortiumRoundResult:
     was not consulted: no node is accepted or rejected); empty when the round took effect.
     ``rolled_back_to`` is set on a round that is an operator's rollback: no node trained, and
     the new base is, bitwise, the base committed by that round (0: the initial base).
+    ``outer_momentum`` is diloco's outer momentum in force after the round, persisted with
+    its base (``None``: zeros, or a strategy without momentum); the coordinator keeps these
+    very tensors (no copy of a model's worth), so read them, never change them.
     """
 
     round_num: int
@@ -118,6 +121,7 @@ class ConsortiumRoundResult:
     finished_at: datetime | None = None
     aborted_reason: str = ""  # set when too few nodes contributed: nothing was integrated
     rolled_back_to: int | None = None  # set on a rollback: the round whose base is restored
+    outer_momentum: ModelState | None = None  # diloco only: persisted with the base
 
     @property
     def aborted(self) -> bool:

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from tapestry.training.consortium.strategies import IntegrationStrategy, strategy_name
+
 # Shares within this of the cap count as at the cap: keeps float noise from re-capping a
 # node the previous pass already fixed.
 _CAP_TOLERANCE = 1e-12
@@ -62,6 +64,7 @@ class ContributionPolicy:
         max_quality: float | None = None,
         max_delta_norm: float | None = None,
         max_delta_norm_ratio: float | None = None,
+        strategy: IntegrationStrategy | str | None = None,
     ) -> None:
         if not math.isfinite(quality_floor) or quality_floor < 0:
             raise ValueError(f"quality_floor must be a finite number >= 0, got {quality_floor}")
@@ -84,11 +87,19 @@ class ContributionPolicy:
             raise ValueError(f"weighting must be one of {choices}, got {weighting!r}") from None
         self.quality_floor = float(quality_floor)
         self.max_node_weight = float(max_node_weight)
+        if strategy is None or isinstance(strategy, str):
+            strategy = IntegrationStrategy(strategy_name(strategy or "fedavg"))
+        self.strategy = strategy
 
     @property
     def bounds_delta_norms(self) -> bool:
         """Whether :meth:`decide` needs the deltas' norms."""
         return self.max_delta_norm is not None or self.max_delta_norm_ratio is not None
+
+    @property
+    def needs_delta_norms(self) -> bool:
+        """Whether a round needs the deltas' norms: to bound them or to clip them."""
+        return self.bounds_delta_norms or self.strategy.clip_delta_norm is not None
 
     def __repr__(self) -> str:
         bounds = "".join(
@@ -100,6 +111,8 @@ class ContributionPolicy:
             )
             if value is not None
         )
+        if self.strategy != IntegrationStrategy():
+            bounds += f", strategy={self.strategy.describe()!r}"
         return (
             f"ContributionPolicy(quality_floor={self.quality_floor}, "
             f"max_node_weight={self.max_node_weight}, weighting={self.weighting.value!r}"
