@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -36,6 +36,7 @@ _NODE_STAGES = {
     pb.ROUND_STAGE_NODE_FAILED: "failed",
 }
 _BAR_WIDTH = 16
+_NODE_CHARS = 20  # longer node ids are cut with an ellipsis
 
 
 @dataclass
@@ -92,34 +93,40 @@ class RoundView:
         took = self._clock() - self._began
         return f"{which} · {done}/{len(self.rows)} nodes done · {took:.0f} s"
 
-    def __rich__(self) -> RenderableType:
+    def __rich_console__(
+        self, console: Console, options: ConsoleOptions
+    ) -> Iterator[RenderableType]:
         with self._lock:
-            return self._render()
+            yield self._render(options.max_width)
 
-    def _render(self) -> RenderableType:
+    def _render(self, width: int) -> RenderableType:
         table = Table(
             title=self.header(),
             title_justify="left",
             box=box.SIMPLE_HEAD,
             show_edge=False,
             pad_edge=False,
+            padding=(0, 1, 0, 0),
         )
-        table.add_column("node", no_wrap=True)
-        table.add_column("phase", no_wrap=True)
-        table.add_column("progress", no_wrap=True, width=_BAR_WIDTH)
-        table.add_column("step", no_wrap=True, justify="right")
-        table.add_column("loss", no_wrap=True, justify="right")
-        table.add_column("detail", no_wrap=True, overflow="ellipsis", ratio=1)
+        # Every column keeps its width; the detail (a failure's reason) gets what is left.
+        names = max(4, min(max((len(n) for n in self.rows), default=4), _NODE_CHARS))
+        # Widths count the cell padding (two columns in all, measured).
+        fixed = {"node": names, "phase": 14, "progress": _BAR_WIDTH, "step": 9, "loss": 6}
+        fixed = {name: chars + 2 for name, chars in fixed.items()}
+        for name, chars in fixed.items():
+            table.add_column(name, no_wrap=True, width=chars, overflow="ellipsis")
+        left = width - sum(fixed.values())
+        table.add_column("detail", no_wrap=True, overflow="ellipsis", width=max(left, 8))
         for node_id, row in self.rows.items():
             total = row.total_steps or None
             completed = row.step if row.total_steps else 0
             if row.phase in ("sending delta", "delta received", "contributed"):
                 total, completed = 1, 1
             table.add_row(
-                Text(node_id),
+                Text(node_id, overflow="ellipsis"),
                 Text(row.phase, style="red" if row.phase == "failed" else ""),
                 ProgressBar(total=total, completed=completed, width=_BAR_WIDTH)
-                if row.phase != "waiting"
+                if row.phase not in ("waiting", "failed")
                 else Text(""),
                 Text(f"{row.step}/{row.total_steps}" if row.total_steps else "-"),
                 Text(f"{row.loss:.4f}" if row.loss is not None else "-"),
