@@ -14,6 +14,7 @@ import grpc
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.training.consortium import ModelSpec, state_digest
+from tapestry.training.consortium.limits import MAX_PROGRESS_MESSAGES
 from tapestry.training.consortium.model import model_state
 from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire.codec import model_spec_to_proto, state_layout_to_proto
@@ -54,6 +55,7 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         start = next(request_iterator).start
         base = receive_state(request_iterator, "base_chunk", "base_end", StateAssembler())
         self.before_reply()
+        yield from self.progress()
         delta = {name: tensor * 0.0 + 0.01 for name, tensor in base.items()}
         node_id = "vietnam" if self.behaviour == "impostor" else self.node_id
         if self.behaviour == "nan":
@@ -93,6 +95,27 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         if self.behaviour == "truncated":
             stream = stream[: len(stream) // 2]
         yield from stream
+
+    def progress(self) -> Iterator[pb.RunSovereignCycleResponse]:
+        """The progress messages sent before the result: two training steps when
+        ``"honest"``; a flood, a NaN loss or a phase only the coordinator may mark for the
+        ``"progress-*"`` behaviours; none otherwise."""
+        padded = pb.CycleProgress(phase=pb.CYCLE_PHASE_TRAINING, step=1, total_steps=2)
+        padded.MergeFromString(b"\x7a\xac\x02" + b"x" * 300)  # unknown field 15: 300 bytes
+        steps = {
+            "honest": [pb.CycleProgress(phase=pb.CYCLE_PHASE_TRAINING, step=s, total_steps=2,
+                                        loss=5.0 - s) for s in (1, 2)],
+            "progress-flood": [pb.CycleProgress(phase=pb.CYCLE_PHASE_TRAINING, step=1,
+                                                total_steps=2, loss=1.0)] * (MAX_PROGRESS_MESSAGES + 1),
+            "progress-nan": [pb.CycleProgress(phase=pb.CYCLE_PHASE_TRAINING, step=1,
+                                              total_steps=2, loss=float("nan"))],
+            "progress-past-total": [pb.CycleProgress(phase=pb.CYCLE_PHASE_TRAINING, step=3,
+                                                     total_steps=2, loss=1.0)],
+            "progress-coordinator-phase": [pb.CycleProgress(phase=pb.CYCLE_PHASE_DELTA_RECEIVED)],
+            "progress-padded": [padded],
+        }  # fmt: skip
+        for step in steps.get(self.behaviour, []):
+            yield pb.RunSovereignCycleResponse(progress=step)
 
 
 class BlockingNode(FakeNode):

@@ -48,6 +48,10 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
             (described,) = [pb.DescribeResponse.FromString(m) for m in messages]
             assert (described.node_id, described.jurisdiction) == ("vietnam", "Vietnam")
     replies = [pb.RunSovereignCycleResponse.FromString(m) for m in cycles[0]]
+    # Progress first (numbers only: phase, steps, loss, sizes), then the result and delta.
+    progress = [r.progress for r in replies if r.WhichOneof("item") == "progress"]
+    assert progress and all(len(p.SerializeToString()) < 64 for p in progress)
+    replies = replies[len(progress) :]
     kinds = [r.WhichOneof("item") for r in replies]
     assert kinds[0] == "result" and kinds[-1] == "delta_end"
     assert set(kinds[1:-1]) == {"delta_chunk"}

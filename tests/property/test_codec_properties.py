@@ -46,12 +46,22 @@ POLICIES = st.builds(
     max_delta_norm=st.none() | FLOATS,
     max_delta_norm_ratio=st.none() | FLOATS,
 )
+CYCLE_PROGRESS = st.builds(
+    pb.CycleProgress,
+    phase=st.integers(-1, 6),
+    step=st.integers(0, 2**64 - 1),
+    total_steps=st.integers(0, 2**64 - 1),
+    loss=st.none() | FLOATS,
+    state_bytes=st.integers(0, 2**64 - 1),
+    tensor_count=st.integers(0, 2**32 - 1),
+)
 PROGRESS = st.builds(
     pb.RoundProgress,
     round_num=UINT32,
     stage=st.integers(-3, 10) | st.integers(-(2**31), 2**31 - 1),
     node_id=TEXT,
     detail=TEXT,
+    progress=st.none() | CYCLE_PROGRESS,
 )
 
 

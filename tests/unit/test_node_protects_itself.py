@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,11 @@ def files_of(root: Path) -> dict[str, str]:
     }
 
 
+def _result_of(replies: Iterable[pb.RunSovereignCycleResponse]) -> pb.SovereignCycleResult:
+    """The cycle result, after the progress messages that open a node's reply."""
+    return next(r.result for r in replies if r.WhichOneof("item") == "result")
+
+
 @dataclass
 class Node:
     stub: pb_grpc.SovereignNodeServiceStub
@@ -75,7 +80,7 @@ class Node:
                 iter([_start(round_num, consortium_id), *_base_stream()]), timeout=60
             )
         )
-        return replies[0].result
+        return _result_of(replies)
 
     def refusal(self, requests: Iterator[Request]) -> grpc.RpcError:
         with pytest.raises(grpc.RpcError) as caught:
@@ -254,12 +259,12 @@ def test_a_caller_that_stops_reading_the_delta_is_cancelled_and_frees_the_node(
     context = _Context()
     replies = servicer.RunSovereignCycle(iter([_start(1), *_base_stream()]), context)  # type: ignore[arg-type]
 
-    assert next(replies).result.artifact.round_num == 1  # then the caller reads no more
+    assert _result_of(replies).artifact.round_num == 1  # then the caller reads no more
     assert context.cancelled.wait(timeout=30)
     replies.close()  # what gRPC's cancelled call does with the handler's generator
 
     again = list(servicer.RunSovereignCycle(iter([_start(2), *_base_stream()]), _Context()))  # type: ignore[arg-type]
-    assert again[0].result.artifact.round_num == 2
+    assert _result_of(again).artifact.round_num == 2
     assert store.rounds() == [1, 2]
 
 

@@ -17,6 +17,8 @@ from tapestry.training.consortium import (
     ConsortiumRoundResult,
     ContributionPolicy,
     ContributionWeighting,
+    CyclePhase,
+    CycleProgress,
     ModelSpec,
     RoundEvent,
     RoundStage,
@@ -26,10 +28,12 @@ from tapestry.training.consortium import (
 )
 from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire.codec import (
+    NODE_PHASES,
     artifact_from_proto,
     artifact_to_proto,
     contribution_from_proto,
     contribution_to_proto,
+    cycle_progress_from_proto,
     cycle_result_from_proto,
     cycle_result_to_proto,
     message_from_json,
@@ -346,6 +350,28 @@ def test_round_event_round_trips(stage: RoundStage, wire: int) -> None:
     assert round_event_from_proto(pb.RoundProgress.FromString(msg.SerializeToString())) == event
 
 
+@pytest.mark.parametrize("phase", list(CyclePhase))
+def test_a_progress_event_round_trips_with_its_numbers(phase: CyclePhase) -> None:
+    progress = (
+        CycleProgress(phase, 3, 12, 5.25)
+        if phase is CyclePhase.TRAINING
+        else CycleProgress(phase, state_bytes=66560, tensor_count=3)
+    )
+    event = RoundEvent(2, RoundStage.NODE_PROGRESS, "vn", progress.describe(), progress)
+    msg = pb.RoundProgress.FromString(round_event_to_proto(event).SerializeToString())
+    assert msg.progress.phase == pb.CyclePhase.Value(f"CYCLE_PHASE_{phase.name}")
+    assert round_event_from_proto(msg) == event
+
+
+def test_a_node_may_report_only_its_own_phases_and_numbers_in_range() -> None:
+    sent = pb.CycleProgress(phase=pb.CYCLE_PHASE_SENDING_DELTA)
+    with pytest.raises(ValueError, match="progress phase must be one of CYCLE_PHASE_BASE_"):
+        cycle_progress_from_proto(sent, NODE_PHASES)
+    late = pb.CycleProgress(phase=pb.CYCLE_PHASE_TRAINING, step=5, total_steps=4, loss=1.0)
+    with pytest.raises(ValueError, match=r"progress step 5 of 4: a step must be in"):
+        cycle_progress_from_proto(late)
+
+
 def test_every_round_stage_has_a_wire_value() -> None:
     sent = {round_event_to_proto(RoundEvent(1, stage)).stage for stage in RoundStage}
     assert sent == set(pb.RoundStage.values()) - {pb.ROUND_STAGE_UNSPECIFIED}
@@ -495,6 +521,7 @@ STATE_FIELDS = {
         (SovereignCycleResult, pb.SovereignCycleResult),
         (ConsortiumRoundResult, pb.ConsortiumRoundResult),
         (RoundEvent, pb.RoundProgress),
+        (CycleProgress, pb.CycleProgress),
     ],
     ids=lambda cls: cls.__name__,
 )

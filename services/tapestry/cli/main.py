@@ -384,12 +384,23 @@ def round_group() -> None:
 @round_group.command("run")
 @_coordinator_option
 @_json_option
-@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option(
+    "--timeout", type=float, default=None, help="Give up on a round after this many seconds."
+)
+@click.option(
+    "--rounds",
+    "round_count",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="Rounds to run back to back; stops at the first that does not commit.",
+)
 @click.option(
     "--request-id",
     default=None,
-    help="Idempotency key (default: a fresh UUID). Run again with the id of a round whose "
-    "reply was lost to get that round's result instead of a new round.",
+    help="Idempotency key (default: a fresh UUID); with --rounds N > 1, round i's key is "
+    "ID-i. Run again with the same key (and --rounds) after a lost reply to get the results "
+    "of the rounds already recorded instead of new rounds.",
 )
 @_client_tls_options
 @_keep_round_on_interrupt
@@ -398,52 +409,109 @@ def round_run(
     address: str,
     as_json: bool,
     timeout: float | None,
+    round_count: int,
     request_id: str | None,
     credentials: grpc.ChannelCredentials | None,
 ) -> None:
-    """Trigger one round over gRPC and print its result.
+    """Trigger rounds over gRPC, follow each one's progress and print its result.
 
-    Exit status: 0 when the round committed; 1 when it failed (nothing committed) or the
-    coordinator could not be asked; 3 when it was aborted for want of a quorum (recorded,
-    base unchanged).
+    On a terminal a live table shows every node (receiving base, training step and loss,
+    sending delta, contributed or failed); elsewhere one line per event, training steps
+    every few seconds. --json prints each result instead: one indented object for one
+    round; with --rounds N > 1, one compact object per line (JSON Lines) as each round ends.
+
+    Exit status: 0 when every round committed; 1 when one failed (nothing committed) or the
+    coordinator could not be asked; 3 when one was aborted for want of a quorum (recorded,
+    base unchanged). The rounds after it are not triggered.
     """
     import uuid
 
     from tapestry.cli import report
     from tapestry.coordinator.client import CoordinatorClient
-    from tapestry.wire.codec import message_to_dict
+    from tapestry.wire.codec import MAX_REQUEST_ID_CHARS, message_to_dict
 
-    request_id = request_id or str(uuid.uuid4())
+    key = request_id or str(uuid.uuid4())
+    ids = [key] if round_count == 1 else [f"{key}-{i}" for i in range(1, round_count + 1)]
+    if len(ids[-1]) > MAX_REQUEST_ID_CHARS:
+        raise click.UsageError(
+            f"--request-id with --rounds {round_count} makes keys like {ids[-1][:20]}…, "
+            f"longer than {MAX_REQUEST_ID_CHARS} characters; use a shorter --request-id"
+        )
+    retry = f"--request-id {key}"
+    if round_count > 1:
+        retry = f"--rounds {round_count} {retry}"
     out = report.console()
+    nodes: list[str] = []
+    with CoordinatorClient(address, credentials) as client:
+        for number, round_id in enumerate(ids, start=1):
+            label = f"{number} of {round_count}" if round_count > 1 else ""
+            result = _follow_round(client, out, round_id, timeout, as_json, label, nodes, retry)
+            nodes = [*result.accepted_nodes, *result.rejected_nodes, *result.failed_nodes]
+            if as_json:
+                document = message_to_dict(result)
+                click.echo(
+                    json.dumps(document, indent=2, sort_keys=True)
+                    if round_count == 1
+                    else json.dumps(document, sort_keys=True)
+                )
+            else:
+                out.print(report.round_table(result))
+            if result.aborted_reason:
+                click.echo(
+                    f"Error: round {result.round_num} was aborted: {result.aborted_reason}",
+                    err=True,
+                )
+                raise click.exceptions.Exit(ABORTED_EXIT_CODE)
+
+
+def _follow_round(
+    client: Any,
+    out: Any,
+    request_id: str,
+    timeout: float | None,
+    as_json: bool,
+    label: str,
+    nodes: list[str],
+    retry: str,
+) -> Any:
+    """Run one round and follow it: a live table on a terminal, plain lines elsewhere,
+    nothing with ``--json``. A round lost after it may have started says how to get its
+    result (``retry``: the options that repeat the command's keys)."""
+    from contextlib import nullcontext
+
+    from rich.live import Live
+
+    from tapestry.cli.live import PlainProgress, RoundView
+
     heard = False
+    view = RoundView(label, nodes)
+    live = not as_json and out.is_terminal
+    follow: Callable[[Any], None] | None = None
+    if not as_json:
+        follow = view.update if live else PlainProgress(out)
 
     def progress(event: Any) -> None:
         nonlocal heard
         heard = True
-        out.print(report.progress_line(event))
+        if follow is not None:
+            follow(event)
 
-    with CoordinatorClient(address, credentials) as client:
-        try:
-            result = client.run_round(None if as_json else progress, timeout, request_id=request_id)
-        except grpc.RpcError as error:
-            if not heard and error.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise
-            # The round may have started (and may still commit): say how to learn its fate
-            # without running another.
-            raise click.ClickException(
-                f"{describe_rpc_error(error, address, COORDINATOR, '--coordinator')} "
-                f"The round may still commit: `tapestry round run --request-id {request_id}` "
-                "returns its result without running another."
-            ) from None
-    if as_json:
-        click.echo(json.dumps(message_to_dict(result), indent=2, sort_keys=True))
-    else:
-        out.print(report.round_table(result))
-    if result.aborted_reason:
-        click.echo(
-            f"Error: round {result.round_num} was aborted: {result.aborted_reason}", err=True
-        )
-        raise click.exceptions.Exit(ABORTED_EXIT_CODE)
+    showing = (
+        Live(view, console=out, refresh_per_second=4, transient=True) if live else nullcontext()
+    )
+    try:
+        with showing:
+            return client.run_round(progress, timeout, request_id=request_id)
+    except grpc.RpcError as error:
+        if not heard and error.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+        # The round may have started (and may still commit): say how to learn its fate
+        # without running another.
+        raise click.ClickException(
+            f"{describe_rpc_error(error, client.address, COORDINATOR, '--coordinator')} "
+            f"The round may still commit: `tapestry round run {retry}` returns its result "
+            "without running another."
+        ) from None
 
 
 @main.group("base")

@@ -32,6 +32,13 @@ STAGE_NAMES = {
     pb.ROUND_STAGE_COMMITTED: "committed",
     pb.ROUND_STAGE_ABORTED: "ABORTED",
     pb.ROUND_STAGE_ROLLED_BACK: "rolled back",
+    pb.ROUND_STAGE_NODE_PROGRESS: "progress",
+}
+PHASE_NAMES = {
+    pb.CYCLE_PHASE_BASE_RECEIVED: "base received",
+    pb.CYCLE_PHASE_TRAINING: "training",
+    pb.CYCLE_PHASE_SENDING_DELTA: "sending delta",
+    pb.CYCLE_PHASE_DELTA_RECEIVED: "delta received",
 }
 _WEIGHTINGS = {
     pb.CONTRIBUTION_WEIGHTING_QUALITY: "quality",
@@ -48,7 +55,21 @@ def console(file: TextIO | None = None) -> Console:
 
 def progress_line(event: pb.RoundProgress) -> Text:
     who = event.node_id or f"round {event.round_num}"
+    if event.stage == pb.ROUND_STAGE_NODE_PROGRESS and event.HasField("progress"):
+        return Text(f"  · {who}: {progress_text(event.progress)}")
     return Text(f"  · {who}: {STAGE_NAMES.get(event.stage, '?')} — {event.detail}")
+
+
+def progress_text(progress: pb.CycleProgress) -> str:
+    """A node's progress from its numbers: ``training step 3/12, loss 5.4321``,
+    ``base received (2 tensors, 65.0 KiB)``."""
+    name = PHASE_NAMES.get(progress.phase, "?")
+    if progress.phase == pb.CYCLE_PHASE_TRAINING:
+        loss = f", loss {progress.loss:.4f}" if progress.HasField("loss") else ""
+        return f"{name} step {progress.step}/{progress.total_steps}{loss}"
+    if progress.state_bytes or progress.tensor_count:
+        return f"{name} ({progress.tensor_count} tensors, {size(progress.state_bytes)})"
+    return name
 
 
 def _table(title: str, *columns: str, fixed: Sequence[str] = ()) -> Table:

@@ -16,9 +16,14 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import WireError, quoted
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
+from tapestry.training.consortium.limits import (
+    MAX_PROGRESS_MESSAGE_BYTES,
+    MAX_PROGRESS_MESSAGES,
+)
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
 from tapestry.training.consortium.model import ModelSpec, spec_differences
-from tapestry.training.consortium.tensors import StateLayout, known_digest
+from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressCallback
+from tapestry.training.consortium.tensors import StateLayout, known_digest, state_nbytes
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import node_channel
 from tapestry.wire.spill import SpillingAssembler
@@ -43,6 +48,42 @@ class NodeCallFailed(RuntimeError):
 
 class NodeMismatch(RuntimeError):
     """The server at a member's address is not the member the consortium file names."""
+
+
+def _ignore(progress: CycleProgress) -> None:
+    """The progress callback of a cycle nobody follows."""
+
+
+def _result_after_progress(
+    responses: Iterator[pb.RunSovereignCycleResponse], on_progress: ProgressCallback
+) -> pb.SovereignCycleResult:
+    """The cycle result that opens a node's reply, after the progress messages that may
+    precede it, each decoded, checked and handed to ``on_progress``. A node that sends more
+    than :data:`MAX_PROGRESS_MESSAGES` of them, one larger than
+    :data:`MAX_PROGRESS_MESSAGE_BYTES`, a phase the coordinator marks itself, or numbers out
+    of range is refused (:class:`WireError`, naming the bound)."""
+    for received, message in enumerate(responses):
+        kind = message.WhichOneof("item")
+        if kind == "result":
+            return message.result
+        if kind != "progress":
+            break
+        if received >= MAX_PROGRESS_MESSAGES:
+            raise WireError(
+                f"the node sent more than MAX_PROGRESS_MESSAGES = {MAX_PROGRESS_MESSAGES} "
+                "progress messages in one cycle (flooding)"
+            )
+        if message.ByteSize() > MAX_PROGRESS_MESSAGE_BYTES:
+            raise WireError(
+                f"a progress message of {message.ByteSize()} bytes, more than "
+                f"MAX_PROGRESS_MESSAGE_BYTES = {MAX_PROGRESS_MESSAGE_BYTES}"
+            )
+        try:
+            progress = codec.cycle_progress_from_proto(message.progress, codec.NODE_PHASES)
+        except ValueError as error:
+            raise WireError(f"invalid progress message {received + 1}: {error}") from None
+        on_progress(progress)
+    raise WireError("the node's reply must begin with its cycle result (after any progress)")
 
 
 class RemoteSovereignNode:
@@ -139,14 +180,25 @@ class RemoteSovereignNode:
             except ServerNotTrusted as problem:
                 raise NodeMismatch(str(problem)) from None
 
-    def run_sovereign_cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
+    def run_sovereign_cycle(
+        self,
+        round_num: int,
+        base_state: ModelState,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> SovereignCycleResult:
+        """The node's cycle over gRPC. ``on_progress`` is told the node's own reports
+        (base received, training) as they arrive, and ``SENDING_DELTA``/``DELTA_RECEIVED``
+        around its delta stream, which this proxy marks itself."""
         self.check_identity()  # before any weights leave the coordinator
         try:
-            return self._cycle(round_num, base_state)
+            return self._cycle(round_num, base_state, on_progress or _ignore)
         except grpc.RpcError as error:
             raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
 
-    def _cycle(self, round_num: int, base_state: ModelState) -> SovereignCycleResult:
+    def _cycle(
+        self, round_num: int, base_state: ModelState, on_progress: ProgressCallback
+    ) -> SovereignCycleResult:
         def requests() -> Iterator[pb.RunSovereignCycleRequest]:
             yield pb.RunSovereignCycleRequest(
                 start=pb.CycleStart(round_num=round_num, consortium_id=self.consortium_id)
@@ -169,15 +221,20 @@ class RemoteSovereignNode:
         )
         responses = self._stub.RunSovereignCycle(requests(), timeout=self.timeout_s)
         try:
-            first = next(responses, None)
-            if first is None or first.WhichOneof("item") != "result":
-                raise WireError("the node's reply must begin with its cycle result")
-            header = first.result
+            header = _result_after_progress(responses, on_progress)
+            on_progress(CycleProgress(CyclePhase.SENDING_DELTA))
             delta = receive_state(
                 responses, "delta_chunk", "delta_end", assembler, self._count_received
             )
             if assembler.digest != header.contribution.weight_delta_sha256:
                 raise WireError("delta trailer digest differs from the announced one")
+            on_progress(
+                CycleProgress(
+                    CyclePhase.DELTA_RECEIVED,
+                    state_bytes=state_nbytes(base_state),  # the delta's layout is the base's
+                    tensor_count=len(delta),
+                )
+            )
             return codec.cycle_result_from_proto(header, delta)
         except BaseException:
             if isinstance(assembler, SpillingAssembler):

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tapestry.cli import report
+from tapestry.cli.live import PlainProgress
 from tapestry.demo import DEMO_NODES, DEMO_POLICY
 from tapestry.launcher import LocalConsortium
 
@@ -30,7 +31,7 @@ def run_demo(round_count: int, workdir: Path, *, keep_running: bool = False) -> 
             out.print(f"  {name:<12} pid {process.popen.pid:<7} {process.address}")
         with consortium.client() as client:
             for _ in range(round_count):
-                result = client.run_round(lambda e: out.print(report.progress_line(e)))
+                result = client.run_round(PlainProgress(out))
                 out.print(report.round_table(result))
                 out.print(report.artifacts_table(client.list_artifacts()))
         if keep_running:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 
 import grpc
 import torch
@@ -17,12 +17,16 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import Busy, NotFound, WireError
 from tapestry.node.artifacts import ArtifactStore
+from tapestry.node.cycle_progress import reporting
 from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.node.guard import check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
+from tapestry.training.consortium.limits import NODE_PROGRESS_REPORTS
+from tapestry.training.consortium.messages import SovereignCycleResult
 from tapestry.training.consortium.model import ModelSpec, model_state
 from tapestry.training.consortium.node import SovereignTrainingNode
-from tapestry.training.consortium.tensors import state_digest, state_layout
+from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressThrottle
+from tapestry.training.consortium.tensors import state_digest, state_layout, state_nbytes
 from tapestry.wire import codec
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
@@ -106,7 +110,13 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 round_num, base = self._receive_base(requests)
                 requests.close()
                 log.info("round %d: base received, training", round_num)
-                result = self._node.run_sovereign_cycle(round_num, base)
+                received = CycleProgress(
+                    CyclePhase.BASE_RECEIVED,
+                    state_bytes=state_nbytes(base),
+                    tensor_count=len(base),
+                )
+                yield pb.RunSovereignCycleResponse(progress=codec.cycle_progress_to_proto(received))
+                result = yield from self._train(round_num, base)
                 self._metrics.trained(round_num, result.contribution)
                 # Persist before replying: a contribution is only sent for a model we keep.
                 artifact = self._store.save(result.artifact)
@@ -139,6 +149,29 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 sending.stop()
             requests.close()
             self._busy.release()
+
+    def _train(
+        self, round_num: int, base: Mapping[str, torch.Tensor]
+    ) -> Generator[pb.RunSovereignCycleResponse, None, SovereignCycleResult]:
+        """The core node's cycle; its training reports, throttled (at most one every
+        0.5 s, :data:`NODE_PROGRESS_REPORTS` in all, and the last step), are yielded as they
+        come, before the result."""
+        reports = reporting(
+            lambda on_progress: self._node.run_sovereign_cycle(
+                round_num, base, on_progress=on_progress
+            ),
+            ProgressThrottle(max_reports=NODE_PROGRESS_REPORTS),
+        )
+        try:
+            while True:
+                try:
+                    progress = next(reports)
+                except StopIteration as ended:
+                    result: SovereignCycleResult = ended.value
+                    return result
+                yield pb.RunSovereignCycleResponse(progress=codec.cycle_progress_to_proto(progress))
+        finally:
+            reports.close()  # waits for the cycle however this call ends
 
     def _drop(self, context: grpc.ServicerContext) -> None:
         log.warning(

@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium.events import RoundEvent, RoundStage
+from tapestry.training.consortium.limits import progress_problem
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
     HeldOutEvaluation,
@@ -31,6 +32,7 @@ from tapestry.training.consortium.messages import (
 )
 from tapestry.training.consortium.model import ModelSpec
 from tapestry.training.consortium.policy import ContributionPolicy, ContributionWeighting
+from tapestry.training.consortium.progress import CyclePhase, CycleProgress
 from tapestry.training.consortium.strategies import (
     IntegrationStrategy,
     OuterOptimizer,
@@ -255,21 +257,65 @@ _STAGES = {
     RoundStage.COMMITTED: pb.ROUND_STAGE_COMMITTED,
     RoundStage.ABORTED: pb.ROUND_STAGE_ABORTED,
     RoundStage.ROLLED_BACK: pb.ROUND_STAGE_ROLLED_BACK,
+    RoundStage.NODE_PROGRESS: pb.ROUND_STAGE_NODE_PROGRESS,
 }
+_PHASES = {
+    CyclePhase.BASE_RECEIVED: pb.CYCLE_PHASE_BASE_RECEIVED,
+    CyclePhase.TRAINING: pb.CYCLE_PHASE_TRAINING,
+    CyclePhase.SENDING_DELTA: pb.CYCLE_PHASE_SENDING_DELTA,
+    CyclePhase.DELTA_RECEIVED: pb.CYCLE_PHASE_DELTA_RECEIVED,
+}
+NODE_PHASES = frozenset({CyclePhase.BASE_RECEIVED, CyclePhase.TRAINING})
+"""The phases a node may report itself; the coordinator marks the others."""
+
+
+def cycle_progress_to_proto(progress: CycleProgress) -> pb.CycleProgress:
+    return pb.CycleProgress(
+        phase=_PHASES[progress.phase],
+        step=progress.step,
+        total_steps=progress.total_steps,
+        loss=progress.loss,
+        state_bytes=progress.state_bytes,
+        tensor_count=progress.tensor_count,
+    )
+
+
+def cycle_progress_from_proto(
+    msg: pb.CycleProgress, phases: frozenset[CyclePhase] = frozenset(CyclePhase)
+) -> CycleProgress:
+    """The report, refused (``ValueError``) with a phase outside ``phases`` or numbers out of
+    range (:func:`~tapestry.training.consortium.limits.progress_problem`)."""
+    allowed = {phase: wire for phase, wire in _PHASES.items() if phase in phases}
+    progress = CycleProgress(
+        _lookup(allowed, msg.phase, "progress phase", pb.CyclePhase.Name),
+        step=msg.step,
+        total_steps=msg.total_steps,
+        loss=msg.loss if msg.HasField("loss") else None,
+        state_bytes=msg.state_bytes,
+        tensor_count=msg.tensor_count,
+    )
+    problem = progress_problem(progress)
+    if problem is not None:
+        raise ValueError(problem)
+    return progress
 
 
 def round_event_to_proto(event: RoundEvent) -> pb.RoundProgress:
-    return pb.RoundProgress(
+    msg = pb.RoundProgress(
         round_num=event.round_num,
         stage=_STAGES[event.stage],
         node_id=event.node_id,
         detail=event.detail,
     )
+    if event.progress is not None:
+        msg.progress.CopyFrom(cycle_progress_to_proto(event.progress))
+    return msg
 
 
 def round_event_from_proto(msg: pb.RoundProgress) -> RoundEvent:
     stage = _lookup(_STAGES, msg.stage, "stage", pb.RoundStage.Name)
-    return RoundEvent(msg.round_num, stage, msg.node_id, msg.detail)
+    progress = cycle_progress_from_proto(msg.progress) if msg.HasField("progress") else None
+    return RoundEvent(msg.round_num, stage, msg.node_id, msg.detail, progress)
 
 
 Member = TypeVar("Member")

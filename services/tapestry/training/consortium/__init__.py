@@ -30,6 +30,7 @@ from tapestry.training.consortium.policy import (
     ContributionWeighting,
     PolicyDecision,
 )
+from tapestry.training.consortium.progress import CyclePhase, CycleProgress
 from tapestry.training.consortium.tensors import state_digest
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "ConsortiumRoundResult",
     "ContributionPolicy",
     "ContributionWeighting",
+    "CyclePhase",
+    "CycleProgress",
     "EventSink",
     "HeldOutEvaluation",
     "InvalidBase",

@@ -35,6 +35,7 @@ from tapestry.training.consortium.messages import (
 )
 from tapestry.training.consortium.model import load_model_state, model_state
 from tapestry.training.consortium.policy import ContributionPolicy, PolicyDecision
+from tapestry.training.consortium.relay import run_cycle
 from tapestry.training.consortium.strategies import StrategyName, momentum_mismatch
 from tapestry.training.consortium.tensors import (
     Snapshot,
@@ -423,7 +424,7 @@ class ConsortiumCoordinator:
         def cycle(node: ConsortiumNode) -> SovereignCycleResult | Refused:
             report(RoundStage.NODE_STARTED, node.node_id, "training from the round's base")
             try:
-                outcome: object = node.run_sovereign_cycle(round_num, snapshot)
+                outcome: object = run_cycle(node, round_num, snapshot, report)
             except Exception as error:  # a node's failure must not sink the round
                 outcome = error
             try:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from tapestry.training.consortium.progress import CycleProgress
+
 
 class RoundStage(StrEnum):
     """Where a round, or one node in it, has got to."""
@@ -24,16 +26,19 @@ class RoundStage(StrEnum):
     COMMITTED = "committed"  # the commit step succeeded and the coordinator moved on
     ABORTED = "aborted"  # quorum not met: recorded by the commit step, the base unchanged
     ROLLED_BACK = "rolled_back"  # an operator's rollback was committed: an earlier base is back
+    NODE_PROGRESS = "node_progress"  # the node's cycle moved on: ``progress`` has the numbers
 
 
 @dataclass(frozen=True)
 class RoundEvent:
-    """One step of round ``round_num``; ``node_id`` is empty for round-wide stages."""
+    """One step of round ``round_num``; ``node_id`` is empty for round-wide stages;
+    ``progress`` is set on ``NODE_PROGRESS`` events only."""
 
     round_num: int
     stage: RoundStage
     node_id: str = ""
     detail: str = ""
+    progress: CycleProgress | None = None
 
 
 EventSink = Callable[[RoundEvent], None]
@@ -50,14 +55,21 @@ class Reporter:
         self._sink = sink
         self._lock = threading.Lock()
 
-    def __call__(self, stage: RoundStage, node_id: str, detail: str) -> None:
+    def __call__(
+        self,
+        stage: RoundStage,
+        node_id: str,
+        detail: str,
+        *,
+        progress: CycleProgress | None = None,
+    ) -> None:
         if self._sink is None:
             return
         with self._lock:
             if self._sink is None:
                 return
             try:
-                self._sink(RoundEvent(self.round_num, stage, node_id, detail))
+                self._sink(RoundEvent(self.round_num, stage, node_id, detail, progress))
             except Exception:
                 log.exception("round %d: the event sink failed; no more events", self.round_num)
                 self._sink = None

@@ -12,18 +12,26 @@ from collections.abc import Mapping
 
 from tapestry.errors import quoted
 from tapestry.training.consortium.messages import HeldOutEvaluation
+from tapestry.training.consortium.progress import CycleProgress
 
 __all__ = [
     "MAX_HELDOUT_LOSS",
     "MAX_METRICS",
     "MAX_NAME_CHARS",
+    "MAX_PROGRESS_LOSS",
+    "MAX_PROGRESS_MESSAGES",
+    "MAX_PROGRESS_MESSAGE_BYTES",
     "MAX_REASON_CHARS",
     "MAX_STATE_BYTES",
+    "MAX_TENSOR_COUNT",
     "MAX_TOKEN_COUNT",
+    "MAX_TRAINING_STEPS",
+    "NODE_PROGRESS_REPORTS",
     "bounded_text",
     "evaluation_problem",
     "metrics_problem",
     "name_problem",
+    "progress_problem",
     "quoted",
 ]
 
@@ -47,6 +55,28 @@ MAX_HELDOUT_LOSS = 700.0
 """Nats per token a held-out loss may be: far past any model worth weighing (a uniform guess
 over 256 bytes is 5.5), and low enough that its perplexity ``exp(loss)`` is a finite double
 (which ends near 709.8)."""
+
+MAX_PROGRESS_MESSAGES = 1000
+"""Progress messages one node may send in one cycle; one more fails the node. A node's own
+throttle keeps an honest node well below it however long it trains: at most
+:data:`NODE_PROGRESS_REPORTS` training reports (spread over its steps), its last step and
+its base received."""
+
+NODE_PROGRESS_REPORTS = 500
+"""Training reports a node service sends at most per cycle (besides its last step)."""
+
+MAX_PROGRESS_MESSAGE_BYTES = 256
+"""Encoded size of one progress message: a few numbers take under 64 bytes; more is padding
+(unknown fields) a member has no business sending."""
+
+MAX_TRAINING_STEPS = 2**53
+"""Optimiser steps a node may say a cycle takes: beyond any cycle, and exact in a double."""
+
+MAX_PROGRESS_LOSS = 700.0
+"""Nats per token a reported training loss may be (as :data:`MAX_HELDOUT_LOSS`)."""
+
+MAX_TENSOR_COUNT = 2**32 - 1
+"""Tensors a progress report may say a state holds (the wire's uint32)."""
 
 PERPLEXITY_RELATIVE_TOLERANCE = 1e-9
 """How far a reported perplexity may be from ``exp`` of its loss (rounding, not a choice)."""
@@ -111,4 +141,42 @@ def evaluation_problem(evaluation: object) -> str | None:
                 f"evaluation {which}_perplexity is {ppl:.6g}, not exp({which}_loss) = "
                 f"{math.exp(loss):.6g}"
             )
+    return None
+
+
+def progress_problem(progress: object) -> str | None:
+    """Why ``progress`` is not a :class:`CycleProgress` whose numbers are in range: a step
+    in ``[0, total_steps]``, ``total_steps`` in ``[1, MAX_TRAINING_STEPS]`` and a finite loss
+    in ``[0, MAX_PROGRESS_LOSS]`` when training (no step, total or loss otherwise), sizes and
+    counts within :data:`MAX_STATE_BYTES` and :data:`MAX_TENSOR_COUNT`; None when it is."""
+    if not isinstance(progress, CycleProgress):
+        return f"progress must be a CycleProgress, got {type(progress).__name__}"
+    numbers = {
+        "step": (progress.step, MAX_TRAINING_STEPS),
+        "total_steps": (progress.total_steps, MAX_TRAINING_STEPS),
+        "state_bytes": (progress.state_bytes, MAX_STATE_BYTES),
+        "tensor_count": (progress.tensor_count, MAX_TENSOR_COUNT),
+    }
+    for name, (value, bound) in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
+            return f"progress {name} must be an integer in [0, {bound}]"
+    loss = progress.loss
+    if progress.phase != "training":
+        if progress.step or progress.total_steps or loss is not None:
+            return f"progress of phase {progress.phase.value!r} carries a step, total or loss"
+        return None
+    if progress.total_steps < 1 or progress.step > progress.total_steps:
+        return (
+            f"progress step {progress.step} of {progress.total_steps}: a step must be in "
+            f"[0, total_steps] and total_steps in [1, MAX_TRAINING_STEPS = {MAX_TRAINING_STEPS}]"
+        )
+    if loss is None:
+        return None
+    if isinstance(loss, bool) or not isinstance(loss, int | float):
+        return f"progress loss is a {type(loss).__name__}, not a number"
+    if not math.isfinite(loss) or not 0 <= loss <= MAX_PROGRESS_LOSS:
+        return (
+            f"progress loss {loss:.6g} at step {progress.step} is not a finite number in "
+            f"[0, MAX_PROGRESS_LOSS = {MAX_PROGRESS_LOSS:g}] nats"
+        )
     return None

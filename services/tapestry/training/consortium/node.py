@@ -25,6 +25,7 @@ from tapestry.training.consortium.messages import (
     SovereignModelArtifact,
 )
 from tapestry.training.consortium.model import load_model_state, model_state, tied_keys
+from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressCallback
 from tapestry.training.consortium.tensors import (
     clone_state,
     few_names,
@@ -195,9 +196,17 @@ class SovereignTrainingNode:
             raise InvalidBase(problem)
 
     def run_sovereign_cycle(
-        self, round_num: int, base_state: Mapping[str, torch.Tensor]
+        self,
+        round_num: int,
+        base_state: Mapping[str, torch.Tensor],
+        *,
+        on_progress: ProgressCallback | None = None,
     ) -> SovereignCycleResult:
         """Train from ``base_state`` and return the retained artifact and the delta.
+
+        ``on_progress`` (an addition to the proof of concept) is told a ``TRAINING``
+        :class:`CycleProgress` after every optimiser step, on this thread: whoever passes
+        reports on throttles them. If it raises, the cycle stops with that exception.
 
         Raises :class:`InvalidBase` (a ``ValueError``) before any training when
         :meth:`check_base` refuses the input."""
@@ -205,7 +214,7 @@ class SovereignTrainingNode:
             self.check_base(round_num, base_state)
             load_model_state(self.model, clone_state(base_state))
             base_loss = self._heldout_loss()  # the incoming base, before any training
-            mean_loss = self._train(round_num)
+            mean_loss = self._train(round_num, on_progress)
             evaluation = self._evaluation(base_loss)
             trained = clone_state(model_state(self.model))
             delta: ModelState = {name: trained[name] - base_state[name] for name in trained}
@@ -232,12 +241,13 @@ class SovereignTrainingNode:
             )
             return SovereignCycleResult(artifact=artifact, contribution=contribution)
 
-    def _train(self, round_num: int) -> float:
+    def _train(self, round_num: int, on_progress: ProgressCallback | None = None) -> float:
         generator = torch.Generator().manual_seed(cycle_seed(self.seed, self.node_id, round_num))
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
         self.model.train()
         losses: list[float] = []
         n = self._inputs.shape[0]
+        total_steps = self.local_epochs * -(-n // self.batch_size)
         for _ in range(self.local_epochs):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, self.batch_size):
@@ -248,6 +258,10 @@ class SovereignTrainingNode:
                 torch.autograd.backward(loss)  # loss.backward(), which torch leaves untyped
                 optimizer.step()
                 losses.append(loss.item())
+                if on_progress is not None:
+                    on_progress(
+                        CycleProgress(CyclePhase.TRAINING, len(losses), total_steps, losses[-1])
+                    )
         return sum(losses) / len(losses)
 
     def _heldout_loss(self) -> tuple[float, int] | None:
