@@ -59,6 +59,7 @@ def build_node_server(
         lr=config.training.lr,
         batch_size=config.training.batch_size,
         seed=config.seed,
+        trainer=config.training.trainer,
     )
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
     servicer = SovereignNodeServicer(

@@ -30,6 +30,10 @@ from tapestry.training.consortium.tensors import (
 PAD_TOKEN = 0
 IGNORE_INDEX = -100  # F.cross_entropy's default: targets equal to it add no loss
 STAGE = "continued_pretraining"
+TRAINERS = ("real", "synthetic")
+"""``real`` trains on the corpus; ``synthetic`` draws a seeded random update instead, so a
+benchmark measures what a round moves and checks rather than what training costs."""
+SYNTHETIC_DELTA_STD = 1e-3
 
 
 class InvalidBase(ValueError):
@@ -71,7 +75,9 @@ class SovereignTrainingNode:
 
     ``seed`` (keyword-only, an addition to the proof of concept) is the consortium seed: the
     node's shuffling draws from its own generator seeded by :func:`cycle_seed`, never from
-    the global RNG.
+    the global RNG. ``trainer`` (keyword-only, :data:`TRAINERS`) picks real training or the
+    benchmarks' seeded synthetic update; either goes through the same artifact, delta and
+    contribution path.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class SovereignTrainingNode:
         batch_size: int = 8,
         *,
         seed: int = 0,
+        trainer: str = "real",
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be a non-empty string")
@@ -96,6 +103,10 @@ class SovereignTrainingNode:
             raise ValueError(
                 f"node {node_id!r}: the longest corpus sequence has {longest} token(s); "
                 "next-token training needs at least 2"
+            )
+        if trainer not in TRAINERS:
+            raise ValueError(
+                f"node {node_id!r}: trainer must be one of {TRAINERS}, got {trainer!r}"
             )
         if not math.isfinite(quality_score):
             raise ValueError(f"node {node_id!r}: quality_score must be finite, got {quality_score}")
@@ -134,6 +145,7 @@ class SovereignTrainingNode:
         self.lr = lr
         self.batch_size = batch_size
         self.seed = seed
+        self.trainer = trainer
         self.token_count = sum(len(seq) for seq in sovereign_corpus)
         self.latest_artifact: SovereignModelArtifact | None = None
         self._inputs, self._targets = pad_corpus(self.sovereign_corpus)
@@ -170,7 +182,10 @@ class SovereignTrainingNode:
         with self._lock:
             self.check_base(round_num, base_state)
             load_model_state(self.model, clone_state(base_state))
-            mean_loss = self._train(round_num)
+            if self.trainer == "synthetic":
+                mean_loss = self._synthetic_update(round_num)
+            else:
+                mean_loss = self._train(round_num)
             trained = clone_state(model_state(self.model))
             delta: ModelState = {name: trained[name] - base_state[name] for name in trained}
             metrics = {"loss": mean_loss}
@@ -216,3 +231,15 @@ class SovereignTrainingNode:
                 optimizer.step()
                 losses.append(loss.item())
         return sum(losses) / len(losses)
+
+    def _synthetic_update(self, round_num: int) -> float:
+        """Add seeded noise (std :data:`SYNTHETIC_DELTA_STD`) to every floating tensor in
+        place of training: deterministic per (seed, node, round), at the cost of one random
+        draw, so a round's figures show transport. Loss is reported as 0."""
+        generator = torch.Generator().manual_seed(cycle_seed(self.seed, self.node_id, round_num))
+        with torch.no_grad():
+            for tensor in model_state(self.model).values():
+                if tensor.is_floating_point():
+                    noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                    tensor.add_(noise, alpha=SYNTHETIC_DELTA_STD)
+        return 0.0
