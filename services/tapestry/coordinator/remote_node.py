@@ -176,8 +176,13 @@ class RemoteSovereignNode:
             delta = receive_state(
                 responses, "delta_chunk", "delta_end", assembler, self._count_received
             )
-            if assembler.digest != header.contribution.weight_delta_sha256:
+            # A node may announce the digest in the header; it need not (it then hashes
+            # the delta as it streams, one pass fewer), and the trailer's, checked against
+            # the bytes received, is the contribution's either way.
+            announced = header.contribution.weight_delta_sha256
+            if announced and assembler.digest != announced:
                 raise WireError("delta trailer digest differs from the announced one")
+            header.contribution.weight_delta_sha256 = assembler.digest
             return codec.cycle_result_from_proto(header, delta)
         except BaseException:
             if isinstance(assembler, SpillingAssembler):

@@ -22,7 +22,7 @@ from tapestry.node.guard import check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.training.consortium.model import ModelSpec, model_state
 from tapestry.training.consortium.node import SovereignTrainingNode
-from tapestry.training.consortium.tensors import state_digest, state_layout
+from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire import codec
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
@@ -115,8 +115,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 # Persist before replying: a contribution is only sent for a model we keep.
                 artifact = self._store.save(result.artifact)
                 delta = result.contribution.weight_delta
-                delta_sha256 = state_digest(delta)  # announced in the header, before the delta
-                header = codec.cycle_result_to_proto(result, delta_sha256)
+                # The delta's digest goes in its trailer, hashed as it streams: announcing
+                # it in the header would cost a whole extra pass over the delta.
+                header = codec.cycle_result_to_proto(result, "")
                 header.artifact.CopyFrom(codec.artifact_to_proto(artifact))
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
@@ -128,7 +129,6 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 delta,
                 lambda c: pb.RunSovereignCycleResponse(delta_chunk=c),
                 lambda t: pb.RunSovereignCycleResponse(delta_end=t),
-                sha256=delta_sha256,
                 chunk_bytes=self._chunk_bytes,
                 on_bytes=self._metrics.delta_sent(),
             ):
