@@ -93,8 +93,12 @@ def machine() -> dict[str, Any]:
         platform.processor(),
     )
     memory = int(Path("/proc/meminfo").read_text().split()[1])  # MemTotal, KiB
+    here = Path(__file__).resolve().parent
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.strip()
     return {
         "cpu": cpu,
@@ -213,6 +217,30 @@ def one_run(params: int, nodes: int, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
+def table(runs: list[dict[str, Any]]) -> str:
+    """The runs of a ``--json`` file as a Markdown table (RESULTS.md's)."""
+    mib = 2**20
+    rows = [
+        "| params | N | round | slowest node | overhead | wire | loopback plain / TLS "
+        "| overhead / plain | in-process | coordinator peak | node peak | load (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        loop = r["loopback_s"]
+        model = r["model_bytes"]
+        rows.append(
+            f"| {r['params'] / 1e6:.0f}M | {r['nodes']} | {r['round_s']:.2f} s "
+            f"| {r['slowest_node_s']:.2f} s | {r['overhead_s']:.2f} s "
+            f"| {r['wire_bytes'] / mib:.0f} MiB | {loop['plain']:.3f} / {loop['tls']:.3f} s "
+            f"| {r['overhead_s'] / loop['plain']:.1f}x | {r['inprocess_s']:.2f} s "
+            f"| {r['coordinator_peak_rss_bytes'] / mib:.0f} MiB "
+            f"({r['coordinator_peak_rss_bytes'] / model:.1f}x) "
+            f"| {r['node_peak_rss_bytes'] / mib:.0f} MiB ({r['node_peak_rss_bytes'] / model:.1f}x) "
+            f"| {r['load_avg_before'][0]:.1f}-{r['load_avg_after'][0]:.1f} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", nargs="+", default=["1M", "25M", "100M", "400M"])
@@ -221,7 +249,11 @@ def main() -> None:
     parser.add_argument("--encoding", choices=["float32"], default="float32")
     parser.add_argument("--trainer", choices=["synthetic", "real"], default="synthetic")
     parser.add_argument("--json", type=Path, help="append one object per run to this list")
+    parser.add_argument("--table", type=Path, help="print this --json file as Markdown, run none")
     args = parser.parse_args()
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return
     for size in args.params:
         for nodes in args.nodes:
             run = one_run(parse_params(size), nodes, args)
