@@ -15,14 +15,14 @@ import torch
 from tapestry.config import NodeLimits
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.errors import Busy, NotFound, WireError
+from tapestry.errors import Busy, NotFound, WireError, quoted
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
-from tapestry.node.guard import check_cycle_start
+from tapestry.node.guard import CycleRefused, check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.training.consortium.model import ModelSpec, model_state
 from tapestry.training.consortium.node import SovereignTrainingNode
-from tapestry.training.consortium.tensors import state_layout
+from tapestry.training.consortium.tensors import Snapshot, state_digest, state_layout
 from tapestry.wire import codec
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
@@ -55,6 +55,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         self._layout = codec.state_layout_to_proto(state_layout(state))
         self._busy = threading.Lock()
         self._metrics = metrics or NodeMetrics()
+        # The base of the last cycle, kept so an unchanged base need not cross the wire
+        # again (the coordinator reads its digest in Describe); one model's worth.
+        self._held: Snapshot | None = None
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
@@ -68,6 +71,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             quality_score=self._node.quality_score,
             latest_round=latest.round_num if latest else 0,
             state_layout=self._layout,
+            held_base_sha256=self._held.sha256 if self._held is not None else "",
         )
 
     def GetArtifact(
@@ -170,8 +174,29 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             newest_round=rounds[-1] if rounds else 0,
             max_round_gap=self._limits.max_round_gap,
         )
+        start = first.start
+        if start.base_held:
+            return start.round_num, self._held_base(start.base_sha256)
+        self._held = None  # dropped before a new base is assembled: one base at a time
         assembler = StateAssembler(self._expected)
         base = receive_state(
             requests, "base_chunk", "base_end", assembler, self._metrics.base_received()
         )
-        return first.start.round_num, base
+        if start.base_sha256 and assembler.digest != start.base_sha256:
+            raise WireError(
+                f"the base's digest {assembler.digest} differs from the one its CycleStart "
+                f"announced ({quoted(start.base_sha256)})"
+            )
+        self._held = Snapshot(base, sha256=assembler.digest)
+        return start.round_num, self._held
+
+    def _held_base(self, sha256: str) -> Snapshot:
+        """The base this node holds, once hashed again and found to be ``sha256`` (what it
+        trains from must be exactly the round's base, however long it was held)."""
+        held = self._held
+        if held is None or not sha256 or state_digest(held) != sha256:
+            raise CycleRefused(
+                f"node {self._node.node_id!r} holds no base with digest {quoted(sha256)}; "
+                "send the base"
+            )
+        return held
