@@ -1,16 +1,18 @@
 """Streaming a model state over gRPC (TensorChunk stream + validated reassembly) against raw
 loopback TCP moving the same bytes. DESIGN §4: the wire's overhead should stay within 2x.
 
-    .venv/bin/python benchmarks/wire_throughput.py [--mib 64 256] [--repeats 3]
+    .venv/bin/python benchmarks/wire_throughput.py [--mib 64 256] [--repeats 3] \
+        [--chunk-kib 1024 2048 4096]
 
 Both sides run in one process on 127.0.0.1 (server in a thread), like the CI machine's
-loopback; numbers are the best of --repeats.
+loopback; numbers are the median of --repeats; one row per state size and chunk size.
 """
 
 from __future__ import annotations
 
 import argparse
 import socket
+import statistics
 import threading
 import time
 from concurrent import futures
@@ -32,8 +34,9 @@ def make_state(mib: int) -> dict[str, torch.Tensor]:
 
 
 class BaseServer(pb_grpc.CoordinatorServiceServicer):
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], chunk_bytes: int) -> None:
         self.state = state
+        self.chunk_bytes = chunk_bytes
         self.sha256 = state_digest(state)  # known in advance, as the coordinator's base is
 
     def GetBase(self, request, context):  # noqa: N802 - gRPC method name
@@ -43,12 +46,13 @@ class BaseServer(pb_grpc.CoordinatorServiceServicer):
             lambda c: pb.GetBaseResponse(chunk=c),
             lambda t: pb.GetBaseResponse(end=t),
             sha256=self.sha256,
+            chunk_bytes=self.chunk_bytes,
         )
 
 
-def grpc_seconds(state: dict[str, torch.Tensor]) -> float:
+def grpc_seconds(state: dict[str, torch.Tensor], chunk_bytes: int) -> float:
     server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS)
-    pb_grpc.add_CoordinatorServiceServicer_to_server(BaseServer(state), server)
+    pb_grpc.add_CoordinatorServiceServicer_to_server(BaseServer(state, chunk_bytes), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -100,17 +104,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mib", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-kib", type=int, nargs="+", default=[1024])
     args = parser.parse_args()
-    print("| state | raw TCP | gRPC stream (chunks + checks + digest) | ratio |")
-    print("|---|---|---|---|")
+    print("| state | chunk | raw TCP | gRPC stream (chunks + checks + digest) | ratio |")
+    print("|---|---|---|---|---|")
     for mib in args.mib:
         state = make_state(mib)
-        tcp = min(tcp_seconds(state) for _ in range(args.repeats))
-        rpc = min(grpc_seconds(state) for _ in range(args.repeats))
-        print(
-            f"| {mib} MiB | {tcp:.3f} s ({mib / tcp:.0f} MiB/s) | "
-            f"{rpc:.3f} s ({mib / rpc:.0f} MiB/s) | {rpc / tcp:.2f}x |"
-        )
+        tcp = statistics.median(tcp_seconds(state) for _ in range(args.repeats))
+        for kib in args.chunk_kib:
+            rpc = statistics.median(grpc_seconds(state, kib << 10) for _ in range(args.repeats))
+            print(
+                f"| {mib} MiB | {kib} KiB | {tcp:.3f} s ({mib / tcp:.0f} MiB/s) | "
+                f"{rpc:.3f} s ({mib / rpc:.0f} MiB/s) | {rpc / tcp:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -71,6 +71,12 @@ GPT_DEFAULTS: dict[str, Any] = {
 }
 
 
+MAX_MODEL_PARAMS = 1 << 36
+"""The most parameters a configured model may hold (~68 G, 256 GiB of float32): past any
+one machine a member runs today, so only a typo is refused; a model of this size still
+crosses the wire, since tensors travel in chunks of at most ``chunk_bytes``."""
+
+
 class ModelConfig(_Strict):
     """Section ``[model]``: the architecture every member trains and its shape (README,
     "Models").
@@ -91,7 +97,9 @@ class ModelConfig(_Strict):
 
     architecture: Literal["tiny-causal", "gpt", "hf-causal-lm"] = "tiny-causal"
     vocab_size: int = Field(BYTE_VOCAB, ge=1, le=1 << 20)
-    hidden_size: int = Field(32, ge=1, le=1 << 16)
+    # Each dimension is bounded on its own (a typo of a few digits is refused) and the
+    # whole model by MAX_MODEL_PARAMS (see _fits_architecture).
+    hidden_size: int = Field(32, ge=1, le=1 << 24)
     n_layers: int | None = Field(None, ge=1, le=1024)
     n_heads: int | None = Field(None, ge=1, le=1024)
     context_length: int | None = Field(None, ge=1, le=1 << 20)
@@ -158,7 +166,28 @@ class ModelConfig(_Strict):
                 )
         if self.architecture == "hf-causal-lm":
             check_hf_config(self.hf_config, self.vocab_size)
+        params = self.estimated_params()
+        if params > MAX_MODEL_PARAMS:
+            raise ValueError(
+                f"the model would hold about {params:,} parameters, more than "
+                f"MAX_MODEL_PARAMS = {MAX_MODEL_PARAMS:,}; lower hidden_size "
+                "(or vocab_size, n_layers)"
+            )
         return self
+
+    def estimated_params(self) -> int:
+        """Parameters of the configured model, counted from its shape without building it
+        (exact for ``tiny-causal``, within a few per cent for ``gpt``; 0 for
+        ``hf-causal-lm``, whose size its own config decides)."""
+        vocab, hidden = self.vocab_size, self.hidden_size
+        if self.architecture == "tiny-causal":
+            return 2 * vocab * hidden + vocab
+        if self.architecture == "gpt":
+            heads = 1 if self.tie_embeddings else 2
+            layers = self.n_layers or GPT_DEFAULTS["n_layers"]
+            context = self.context_length or GPT_DEFAULTS["context_length"]
+            return heads * vocab * hidden + context * hidden + layers * 12 * hidden * hidden
+        return 0
 
     @property
     def context_length_limit(self) -> int | None:
@@ -359,6 +388,9 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(8, ge=1, le=1 << 20)
     max_seq_len: int = Field(128, ge=2, le=1 << 20)
     heldout_percent: int = Field(10, ge=0, le=50)
+    # "synthetic" replaces training by a seeded random update (benchmarks: the figures then
+    # measure transport); see tapestry.training.consortium.node.TRAINERS.
+    trainer: Literal["real", "synthetic"] = "real"
 
 
 # A transfer over a slow link may take a while; a day is past any we mean to wait for, and a

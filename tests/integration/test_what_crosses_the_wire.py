@@ -6,7 +6,7 @@ import torch
 
 from tapestry.atomic_files import load_state
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.training.consortium.tensors import tensor_bytes
+from tapestry.training.consortium.tensors import state_digest, tensor_bytes
 from tapestry.wire.tensor_stream import StateAssembler
 
 from .conftest import CORPORA
@@ -75,9 +75,11 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
             assert fragment not in bytes(recording.downstream)
     header = replies[0].result
     assert header.artifact.model_state_sha256  # the state is described, not sent
-    assert header.contribution.weight_delta_sha256 == replies[-1].delta_end.sha256
+    # The delta is hashed as it streams: its digest is in the trailer, not the header.
+    assert header.contribution.weight_delta_sha256 == ""
+    assert replies[-1].delta_end.sha256 == state_digest(delta)
     recorded = {c.node_id: c for c in result.contributions}["vietnam"]
-    assert recorded.weight_delta_sha256 == header.contribution.weight_delta_sha256
+    assert recorded.weight_delta_sha256 == replies[-1].delta_end.sha256
 
 
 def test_with_mutual_tls_nothing_readable_crosses_the_wire(consortium_factory):

@@ -315,3 +315,45 @@ def test_the_copies_set_aside_first_are_deleted_first(tmp_path: Path) -> None:
     assert [p.name for p in store.superseded()] == [_aside(a) for a in round_2[:2]]
     assert store.rounds() == [1, 2]  # every round's current artifact stays
     assert store.get(1).model_state_sha256 == round_1[1].model_state_sha256  # type: ignore[union-attr]
+
+
+# --- a base the node already holds ----------------------------------------------------------
+
+
+def _held_start(round_num: int, sha256: str) -> Request:
+    start = pb.CycleStart(
+        round_num=round_num, consortium_id=CONSORTIUM, base_sha256=sha256, base_held=True
+    )
+    return Request(start=start)
+
+
+def test_a_held_base_is_hashed_again_and_trained_from_as_if_it_had_been_sent(node: Node) -> None:
+    digest = state_digest(_base())
+    assert node.stub.Describe(pb.DescribeRequest()).held_base_sha256 == digest
+    held = list(node.stub.RunSovereignCycle(iter([_held_start(3, digest)]), timeout=60))
+    sent = node.cycle(3)  # the newest round may run again: now with the base sent
+    (result,) = [r.result for r in held if r.WhichOneof("item") == "result"]  # after progress
+    assert result.artifact.model_state_sha256 == sent.artifact.model_state_sha256
+    assert held[-1].delta_end.sha256 and held[-1].delta_end.sha256 != digest
+
+
+def test_a_base_the_node_does_not_hold_is_refused_and_changes_nothing(
+    node: Node, tmp_path: Path
+) -> None:
+    before = files_of(tmp_path)
+    error = node.refusal(iter([_held_start(3, "0" * 64)]))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == (
+        f"CycleRefused: node 'india' holds no base with digest {'0' * 64!r}; send the base"
+    )
+    assert files_of(tmp_path) == before
+
+
+def test_a_base_that_is_not_the_one_announced_is_refused(node: Node) -> None:
+    start = Request(start=pb.CycleStart(round_num=3, consortium_id=CONSORTIUM, base_sha256="ab"))
+    error = node.refusal(iter([start, *_base_stream()]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == (
+        f"WireError: the base's digest {state_digest(_base())} differs from the one its CycleStart "
+        "announced ('ab')"
+    )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tapestry.training.consortium import integrate, state_digest
-from tapestry.wire.spill import SpilledState, SpillingAssembler
+from tapestry.wire.spill import SPILL_ALIGN, SpilledState, SpillingAssembler
 from tapestry.wire.tensor_stream import (
     StateAssembler,
     WireError,
@@ -44,7 +44,23 @@ def test_a_spilled_state_reads_back_bit_for_bit(tmp_path):
         assert spilled[name].dtype == tensor.dtype and spilled[name].shape == tensor.shape
         assert torch.equal(spilled[name], tensor)
     assert state_digest(spilled) == state_digest(state)
-    assert spilled.path.stat().st_size == sum(t.numel() * t.element_size() for t in state.values())
+    held = sum(t.numel() * t.element_size() for t in state.values())
+    assert held <= spilled.path.stat().st_size < held + SPILL_ALIGN * len(state)  # + alignment
+
+
+def test_a_spilled_tensor_is_writable_without_touching_the_file_and_a_cut_file_is_refused(
+    tmp_path,
+):
+    state = _state()
+    spilled = _spill(tmp_path, state)
+    on_disk = spilled.path.read_bytes()
+    spilled["a.weight"].add_(1.0)  # a private map: the file keeps the delta as received
+    assert spilled.path.read_bytes() == on_disk
+    assert torch.equal(spilled["a.weight"], state["a.weight"])
+    with open(spilled.path, "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(OSError, match="spilled tensor 'b.bias' is truncated"):
+        spilled["b.bias"]
     spilled.discard()
     assert not spilled.path.exists()
 

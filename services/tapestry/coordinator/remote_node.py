@@ -131,6 +131,7 @@ class RemoteSovereignNode:
             address, credentials, node_server_name(node_id) if credentials else None
         )
         self._stub = pb_grpc.SovereignNodeServiceStub(self._channel)
+        self.held_base_sha256 = ""  # the base the node said it holds (Describe)
 
     def close(self) -> None:
         self._channel.close()
@@ -172,6 +173,7 @@ class RemoteSovereignNode:
                 f"the server at {self.address} describes itself with {'; '.join(problems)}; "
                 "fix the member's entry in the consortium file or the node's own config"
             )
+        self.held_base_sha256 = described.held_base_sha256
         if self.server_check is not None:
             try:
                 self.server_check.check(
@@ -199,15 +201,27 @@ class RemoteSovereignNode:
     def _cycle(
         self, round_num: int, base_state: ModelState, on_progress: ProgressCallback
     ) -> SovereignCycleResult:
+        digest = known_digest(base_state)  # the round's digest: hashed once per round
+        # A node that holds this very base (it said so in Describe) is not sent it again;
+        # it hashes what it holds before training from it.
+        held = digest == self.held_base_sha256
+
         def requests() -> Iterator[pb.RunSovereignCycleRequest]:
             yield pb.RunSovereignCycleRequest(
-                start=pb.CycleStart(round_num=round_num, consortium_id=self.consortium_id)
+                start=pb.CycleStart(
+                    round_num=round_num,
+                    consortium_id=self.consortium_id,
+                    base_sha256=digest,
+                    base_held=held,
+                )
             )
+            if held:
+                return
             yield from send_state(
                 base_state,
                 lambda c: pb.RunSovereignCycleRequest(base_chunk=c),
                 lambda t: pb.RunSovereignCycleRequest(base_end=t),
-                sha256=known_digest(base_state),  # the round's digest: hashed once per round
+                sha256=digest,
                 chunk_bytes=self.chunk_bytes,
                 on_bytes=self._count_sent,
             )
@@ -226,7 +240,11 @@ class RemoteSovereignNode:
             delta = receive_state(
                 responses, "delta_chunk", "delta_end", assembler, self._count_received
             )
-            if assembler.digest != header.contribution.weight_delta_sha256:
+            # A node may announce the digest in the header; it need not (it then hashes
+            # the delta as it streams, one pass fewer), and the trailer's, checked against
+            # the bytes received, is the contribution's either way.
+            announced = header.contribution.weight_delta_sha256
+            if announced and assembler.digest != announced:
                 raise WireError("delta trailer digest differs from the announced one")
             on_progress(
                 CycleProgress(
@@ -235,6 +253,7 @@ class RemoteSovereignNode:
                     tensor_count=len(delta),
                 )
             )
+            header.contribution.weight_delta_sha256 = assembler.digest
             return codec.cycle_result_from_proto(header, delta)
         except BaseException:
             if isinstance(assembler, SpillingAssembler):

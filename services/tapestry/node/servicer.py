@@ -15,18 +15,23 @@ import torch
 from tapestry.config import NodeLimits
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.errors import Busy, NotFound, WireError
+from tapestry.errors import Busy, NotFound, WireError, quoted
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.cycle_progress import reporting
 from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
-from tapestry.node.guard import check_cycle_start
+from tapestry.node.guard import CycleRefused, check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.training.consortium.limits import NODE_PROGRESS_REPORTS
 from tapestry.training.consortium.messages import SovereignCycleResult
 from tapestry.training.consortium.model import ModelSpec, model_state
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressThrottle
-from tapestry.training.consortium.tensors import state_digest, state_layout, state_nbytes
+from tapestry.training.consortium.tensors import (
+    Snapshot,
+    state_digest,
+    state_layout,
+    state_nbytes,
+)
 from tapestry.wire import codec
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
@@ -59,6 +64,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         self._layout = codec.state_layout_to_proto(state_layout(state))
         self._busy = threading.Lock()
         self._metrics = metrics or NodeMetrics()
+        # The base of the last cycle, kept so an unchanged base need not cross the wire
+        # again (the coordinator reads its digest in Describe); one model's worth.
+        self._held: Snapshot | None = None
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
@@ -72,6 +80,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             quality_score=self._node.quality_score,
             latest_round=latest.round_num if latest else 0,
             state_layout=self._layout,
+            held_base_sha256=self._held.sha256 if self._held is not None else "",
         )
 
     def GetArtifact(
@@ -116,13 +125,18 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                     tensor_count=len(base),
                 )
                 yield pb.RunSovereignCycleResponse(progress=codec.cycle_progress_to_proto(received))
+                started = time.perf_counter()
                 result = yield from self._train(round_num, base)
+                # The core's own work (what the in-process round also does); the benchmark
+                # reads it to split a round into training and the services' overhead.
+                log.info("round %d: cycle took %.6f s", round_num, time.perf_counter() - started)
                 self._metrics.trained(round_num, result.contribution)
                 # Persist before replying: a contribution is only sent for a model we keep.
                 artifact = self._store.save(result.artifact)
                 delta = result.contribution.weight_delta
-                delta_sha256 = state_digest(delta)  # announced in the header, before the delta
-                header = codec.cycle_result_to_proto(result, delta_sha256)
+                # The delta's digest goes in its trailer, hashed as it streams: announcing
+                # it in the header would cost a whole extra pass over the delta.
+                header = codec.cycle_result_to_proto(result, "")
                 header.artifact.CopyFrom(codec.artifact_to_proto(artifact))
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
@@ -134,7 +148,6 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 delta,
                 lambda c: pb.RunSovereignCycleResponse(delta_chunk=c),
                 lambda t: pb.RunSovereignCycleResponse(delta_end=t),
-                sha256=delta_sha256,
                 chunk_bytes=self._chunk_bytes,
                 on_bytes=self._metrics.delta_sent(),
             ):
@@ -199,8 +212,29 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             newest_round=rounds[-1] if rounds else 0,
             max_round_gap=self._limits.max_round_gap,
         )
+        start = first.start
+        if start.base_held:
+            return start.round_num, self._held_base(start.base_sha256)
+        self._held = None  # dropped before a new base is assembled: one base at a time
         assembler = StateAssembler(self._expected)
         base = receive_state(
             requests, "base_chunk", "base_end", assembler, self._metrics.base_received()
         )
-        return first.start.round_num, base
+        if start.base_sha256 and assembler.digest != start.base_sha256:
+            raise WireError(
+                f"the base's digest {assembler.digest} differs from the one its CycleStart "
+                f"announced ({quoted(start.base_sha256)})"
+            )
+        self._held = Snapshot(base, sha256=assembler.digest)
+        return start.round_num, self._held
+
+    def _held_base(self, sha256: str) -> Snapshot:
+        """The base this node holds, once hashed again and found to be ``sha256`` (what it
+        trains from must be exactly the round's base, however long it was held)."""
+        held = self._held
+        if held is None or not sha256 or state_digest(held) != sha256:
+            raise CycleRefused(
+                f"node {self._node.node_id!r} holds no base with digest {quoted(sha256)}; "
+                "send the base"
+            )
+        return held

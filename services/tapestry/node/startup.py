@@ -60,6 +60,7 @@ def build_node_server(
         batch_size=config.training.batch_size,
         seed=config.seed,
         heldout_corpus=corpus.heldout or None,
+        trainer=config.training.trainer,
     )
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
     servicer = SovereignNodeServicer(

@@ -8,6 +8,7 @@ time (:func:`tapestry.training.consortium.integrate` works key by key).
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 from tapestry.wire.tensor_stream import StateAssembler, TensorSpec, tensor_from_bytes
+
+SPILL_ALIGN = 64
 
 
 class SpilledState(Mapping[str, torch.Tensor]):
@@ -25,14 +28,22 @@ class SpilledState(Mapping[str, torch.Tensor]):
         self._index = index  # name -> (byte offset, byte length, spec)
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor over a private (copy-on-write) map of its bytes in the file: read
+        straight from the page cache the spill has just filled, with no copy into a fresh
+        buffer (the checks and integration read each delta several times), and writing to
+        it never reaches the file. The map lives as long as the tensor."""
         offset, nbytes, spec = self._index[name]
-        buffer = bytearray(nbytes)
-        if nbytes:
-            with open(self.path, "rb") as handle:
-                handle.seek(offset)
-                if handle.readinto(buffer) != nbytes:
-                    raise OSError(f"{self.path}: spilled tensor {name!r} is truncated")
-        return tensor_from_bytes(buffer, spec)
+        if not nbytes:
+            return tensor_from_bytes(bytearray(), spec)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size < offset + nbytes:
+                raise OSError(f"{self.path}: spilled tensor {name!r} is truncated")
+            mapped = mmap.mmap(
+                handle.fileno(), offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY
+            )
+        flat = torch.frombuffer(mapped, dtype=spec.dtype, offset=offset - start)
+        return flat.reshape(spec.shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
@@ -56,7 +67,8 @@ class SpillingAssembler(StateAssembler):
         self._index: dict[str, tuple[int, int, TensorSpec]] = {}
 
     def _begin(self, nbytes: int) -> None:
-        self._base = self._next
+        # Each tensor starts on a 64-byte boundary, so the map of it is aligned for its dtype.
+        self._base = -(-self._next // SPILL_ALIGN) * SPILL_ALIGN
 
     def _write(self, offset: int, data: bytes) -> None:
         written = os.pwrite(self._fd, data, self._base + offset)

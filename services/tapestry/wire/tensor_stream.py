@@ -43,24 +43,31 @@ def state_to_chunks(
     state: Mapping[str, torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[pb.TensorChunk]:
     """Every tensor of ``state`` in sorted key order, as chunks of at most ``chunk_bytes``."""
+    for header, piece in _pieces(state, chunk_bytes):
+        header.data = piece.tobytes()
+        yield header
+
+
+def _pieces(
+    state: Mapping[str, torch.Tensor], chunk_bytes: int
+) -> Iterator[tuple[pb.TensorChunk, memoryview]]:
+    """Each chunk's header (everything but ``data``) with a view of its bytes in the
+    tensor's own memory: the caller decides where the one copy into protobuf lands."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     for name in sorted(state):
         tensor = state[name]
         dtype = dtype_name(tensor.dtype)
         data = tensor_bytes(tensor)
+        shape = list(tensor.shape)
         total = len(data)
         offset = 0
         while True:  # an empty tensor still sends one (empty) chunk carrying its shape
             piece = data[offset : offset + chunk_bytes]
-            yield pb.TensorChunk(
-                name=name,
-                dtype=dtype,
-                shape=list(tensor.shape),
-                offset=offset,
-                data=piece.tobytes(),
-                total_bytes=total,
+            header = pb.TensorChunk(
+                name=name, dtype=dtype, shape=shape, offset=offset, total_bytes=total
             )
+            yield header, piece
             offset += len(piece)
             if offset >= total:
                 break
@@ -86,21 +93,38 @@ def send_state(
     Pass ``sha256`` when the digest is already known (a committed base, a delta announced
     in a header); otherwise it is computed from the bytes as they go out, with no extra pass.
     ``on_bytes`` is told each chunk's tensor bytes as it is handed to gRPC.
+
+    ``chunk`` is given each chunk's header without its bytes; the bytes are then written
+    into the message it returns (into the one ``TensorChunk`` its oneof holds), so they are
+    copied once from the tensor into protobuf, never from one message into another.
     """
     hasher = None if sha256 else StateHasher()
     count = total = 0
-    for piece in state_to_chunks(state, chunk_bytes):
-        if piece.offset == 0:
-            count, total = count + 1, total + piece.total_bytes
+    for header, piece in _pieces(state, chunk_bytes):
+        if header.offset == 0:
+            count, total = count + 1, total + header.total_bytes
             if hasher is not None:
-                hasher.tensor(piece.name, piece.dtype, piece.shape, piece.total_bytes)
+                hasher.tensor(header.name, header.dtype, header.shape, header.total_bytes)
         if hasher is not None:
-            hasher.data(piece.data)
+            hasher.data(piece)
         if on_bytes is not None:
-            on_bytes(len(piece.data))
-        yield chunk(piece)
+            on_bytes(len(piece))
+        message = chunk(header)
+        _chunk_inside(message).data = piece.tobytes()
+        yield message
     digest = sha256 or (hasher.hexdigest() if hasher is not None else "")
     yield end(pb.StateTrailer(tensor_count=count, total_bytes=total, sha256=digest))
+
+
+def _chunk_inside(message: ProtoMessage) -> pb.TensorChunk:
+    """The ``TensorChunk`` that ``message`` carries: itself, or the one its oneof holds."""
+    if isinstance(message, pb.TensorChunk):
+        return message
+    field = message.WhichOneof(message.DESCRIPTOR.oneofs[0].name)
+    inner = getattr(message, field) if field else None
+    if not isinstance(inner, pb.TensorChunk):
+        raise TypeError(f"{type(message).__name__} does not carry the TensorChunk it was given")
+    return inner
 
 
 def receive_state(
@@ -118,9 +142,10 @@ def receive_state(
         kind = message.WhichOneof(message.DESCRIPTOR.oneofs[0].name)
         if kind == chunk_field:
             piece: pb.TensorChunk = getattr(message, chunk_field)
+            data = piece.data  # each read of a bytes field copies it: read once
             if on_bytes is not None:
-                on_bytes(len(piece.data))
-            assembler.add(piece)
+                on_bytes(len(data))
+            assembler.add(piece, data)
         elif kind == end_field:
             return assembler.finish(getattr(message, end_field))
         else:
@@ -153,7 +178,11 @@ class StateAssembler:
         self._buffer = bytearray()
         self.digest = ""  # the state digest, once finish() has confirmed it
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk: pb.TensorChunk, data: bytes | None = None) -> None:
+        """Check ``chunk`` and take its bytes (``data``: ``chunk.data`` already read, since
+        every read of a protobuf bytes field is a fresh copy)."""
+        if data is None:
+            data = chunk.data
         if self._finished:
             raise WireError(f"tensor {quoted(chunk.name)} arrived after the stream's trailer")
         if chunk.name != self._name:
@@ -171,13 +200,12 @@ class StateAssembler:
                 f"tensor {quoted(chunk.name)}: chunk at byte {chunk.offset}, expected byte "
                 f"{self._filled} (chunks must arrive in order, without gaps or overlaps)"
             )
-        end = self._filled + len(chunk.data)
+        end = self._filled + len(data)
         if end > self._nbytes:
             raise WireError(
                 f"tensor {quoted(chunk.name)}: {end} bytes received, more than its "
                 f"{self._nbytes} bytes"
             )
-        data = chunk.data
         self._write(self._filled, data)
         self._hasher.data(data)
         self._filled = end

@@ -36,6 +36,10 @@ from tapestry.training.consortium.tensors import (
 
 PAD_TOKEN = 0
 STAGE = "continued_pretraining"
+TRAINERS = ("real", "synthetic")
+"""``real`` trains on the corpus; ``synthetic`` draws a seeded random update instead, so a
+benchmark measures what a round moves and checks rather than what training costs."""
+SYNTHETIC_DELTA_STD = 1e-3
 
 
 class InvalidBase(ValueError):
@@ -101,6 +105,10 @@ class SovereignTrainingNode:
     model after, and the contribution carries both as a :class:`HeldOutEvaluation`
     (``None`` without a held-out corpus). Evaluation changes nothing a cycle trains: it draws
     no random numbers and runs without gradients.
+
+    ``trainer`` (keyword-only, :data:`TRAINERS`) picks real training or the
+    benchmarks' seeded synthetic update; either goes through the same artifact, delta and
+    contribution path.
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class SovereignTrainingNode:
         *,
         seed: int = 0,
         heldout_corpus: Sequence[Sequence[int]] | None = None,
+        trainer: str = "real",
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be a non-empty string")
@@ -126,6 +135,10 @@ class SovereignTrainingNode:
             raise ValueError(
                 f"node {node_id!r}: the longest corpus sequence has {longest} token(s); "
                 "next-token training needs at least 2"
+            )
+        if trainer not in TRAINERS:
+            raise ValueError(
+                f"node {node_id!r}: trainer must be one of {TRAINERS}, got {trainer!r}"
             )
         if not math.isfinite(quality_score):
             raise ValueError(f"node {node_id!r}: quality_score must be finite, got {quality_score}")
@@ -165,6 +178,7 @@ class SovereignTrainingNode:
         self.lr = lr
         self.batch_size = batch_size
         self.seed = seed
+        self.trainer = trainer
         self.token_count = sum(len(seq) for seq in sovereign_corpus)
         self.latest_artifact: SovereignModelArtifact | None = None
         self._inputs, self._targets = pad_corpus(self.sovereign_corpus)
@@ -214,7 +228,10 @@ class SovereignTrainingNode:
             self.check_base(round_num, base_state)
             load_model_state(self.model, clone_state(base_state))
             base_loss = self._heldout_loss()  # the incoming base, before any training
-            mean_loss = self._train(round_num, on_progress)
+            if self.trainer == "synthetic":
+                mean_loss = self._synthetic_update(round_num)
+            else:
+                mean_loss = self._train(round_num, on_progress)
             evaluation = self._evaluation(base_loss)
             trained = clone_state(model_state(self.model))
             delta: ModelState = {name: trained[name] - base_state[name] for name in trained}
@@ -277,3 +294,15 @@ class SovereignTrainingNode:
         if base is None or sovereign is None:
             return None
         return heldout_evaluation(base[0], sovereign[0], sovereign[1])
+
+    def _synthetic_update(self, round_num: int) -> float:
+        """Add seeded noise (std :data:`SYNTHETIC_DELTA_STD`) to every floating tensor in
+        place of training: deterministic per (seed, node, round), at the cost of one random
+        draw, so a round's figures show transport. Loss is reported as 0."""
+        generator = torch.Generator().manual_seed(cycle_seed(self.seed, self.node_id, round_num))
+        with torch.no_grad():
+            for tensor in model_state(self.model).values():
+                if tensor.is_floating_point():
+                    noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                    tensor.add_(noise, alpha=SYNTHETIC_DELTA_STD)
+        return 0.0
