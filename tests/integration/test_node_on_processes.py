@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,32 +57,35 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def two_process_node(tmp_path: Path) -> Iterator[LocalConsortium]:
-    corpus = write_corpora(tmp_path)["vietnam"]
-    spec = LocalNodeSpec(
-        "vietnam",
-        "Vietnam",
-        0.9,
-        [corpus],
-        {**TRAINING, "collective_timeout_s": 30.0},
-        processes=2,
-    )
-    # One member, so it takes the whole weight: the round commits on its delta alone.
-    consortium = LocalConsortium(tmp_path / "c", [spec], policy={"max_node_weight": 1.0})
-    ranks: dict[int, int] = {}
-    try:
+def two_process_node(tmp_path: Path) -> Iterator[Callable[[float], LocalConsortium]]:
+    """Start a consortium whose one member is a node on two processes, with the given
+    ``training.collective_timeout_s``; everything is stopped at the end, ranks by PID."""
+    started: list[LocalConsortium] = []
+    ranks: list[int] = []
+
+    def start(collective_timeout_s: float = 30.0) -> LocalConsortium:
+        corpus = write_corpora(tmp_path)["vietnam"]
+        training = {**TRAINING, "collective_timeout_s": collective_timeout_s}
+        spec = LocalNodeSpec("vietnam", "Vietnam", 0.9, [corpus], training, processes=2)
+        # One member, so it takes the whole weight: the round commits on its delta alone.
+        consortium = LocalConsortium(tmp_path / "c", [spec], policy={"max_node_weight": 1.0})
+        started.append(consortium)
         consortium.start()
-        ranks.update(ranks_of(consortium.processes["vietnam"].popen.pid))
-        yield consortium
+        ranks.extend(ranks_of(consortium.processes["vietnam"].popen.pid).values())
+        return consortium
+
+    try:
+        yield start
     finally:
-        consortium.stop()
-        kill_left(list(ranks.values()))
+        for consortium in started:
+            consortium.stop()
+        kill_left(ranks)
 
 
 def test_a_two_process_node_serves_a_round_and_stops_with_rank_0(
-    two_process_node: LocalConsortium,
+    two_process_node: Callable[[float], LocalConsortium],
 ) -> None:
-    consortium = two_process_node
+    consortium = two_process_node(30.0)
     launcher = consortium.processes["vietnam"].popen
     ranks = ranks_of(launcher.pid)
     assert sorted(ranks) == [0, 1]
@@ -109,6 +112,26 @@ def test_a_two_process_node_serves_a_round_and_stops_with_rank_0(
     assert launcher.wait(timeout=STOP_TIMEOUT_S) == 0
     assert not any(alive(pid) for pid in ranks.values())
     assert "rank 1 of 2: stopping, as rank 0 asked" in consortium.log_tail("vietnam", 200)
+
+
+def test_a_stuck_worker_fails_the_cycle_within_the_collective_timeout(
+    two_process_node: Callable[[float], LocalConsortium],
+) -> None:
+    consortium = two_process_node(2.0)
+    ranks = ranks_of(consortium.processes["vietnam"].popen.pid)
+    os.kill(ranks[1], signal.SIGSTOP)  # alive, but never joins a collective again
+    try:
+        with consortium.client() as client:
+            stuck = client.run_round(timeout_s=60)
+            again = client.run_round(timeout_s=60)
+    finally:
+        os.kill(ranks[1], signal.SIGKILL)
+
+    for result in (stuck, again):
+        assert list(result.accepted_nodes) == []
+        assert result.shared_base_sha256 == result.previous_base_sha256
+        reason = result.failed_nodes["vietnam"]
+        assert "training.collective_timeout_s = 2 s; restart the node" in reason, reason
 
 
 def _run_cycle_on_two_processes(out: Path) -> subprocess.Popen[bytes]:

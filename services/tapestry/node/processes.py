@@ -72,7 +72,7 @@ def join_training_group(
         device_id=device if device.type == "cuda" else None,
     )
     log.info("rank %d of %d: training on %s (backend %s)", rank, world_size, device, backend)
-    return TrainingGroup(rank, world_size, device, PrefixStore("tapestry", store))
+    return TrainingGroup(rank, world_size, device, PrefixStore("tapestry", store), timeout_s)
 
 
 def serve_as_worker(node: SovereignTrainingNode, group: TrainingGroup) -> None:

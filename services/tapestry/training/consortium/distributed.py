@@ -32,6 +32,7 @@ from torch import nn
 from torch.distributed.distributed_c10d import Store
 from torch.nn.parallel import DistributedDataParallel
 
+from tapestry.errors import UserError
 from tapestry.training.consortium.evaluation import IGNORE_INDEX, next_token_loss
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,12 @@ CYCLE = "cycle"
 # A worker re-arms its wait for rank 0's next command this often; a round may be days
 # away, and c10d logs a line each time a wait runs out, so the period is long.
 COMMAND_WAIT = timedelta(hours=1)
+
+
+class TrainingGroupLost(UserError, RuntimeError):
+    """A cycle across processes failed (a rank died, or was stuck past the collective
+    timeout): the group is out of step for good, so every later cycle is refused at once
+    until the node (all its ranks) is restarted."""
 
 
 def shard_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -57,12 +64,16 @@ class TrainingGroup:
     """This process's place in its node's process group (already initialised).
 
     ``commands`` is a store every rank shares: rank 0 posts numbered commands there
-    (:meth:`post`), workers take them in order (:meth:`next_command`)."""
+    (:meth:`post`), workers take them in order (:meth:`next_command`). ``timeout_s`` is
+    the collectives' timeout, named when a cycle fails on it. ``lost`` says why the group
+    cannot train any more, once a cycle has failed."""
 
     rank: int
     world_size: int
     device: torch.device
     commands: Store
+    timeout_s: float
+    lost: str | None = None
     _posted: int = 0
     _taken: int = 0
     _posting: Lock = field(default_factory=Lock)
@@ -72,7 +83,10 @@ class TrainingGroup:
         return self.rank > 0
 
     def post(self, command: str) -> None:
-        """Rank 0: post ``command`` (``"cycle N"`` or ``"stop"``) for every worker."""
+        """Rank 0: post ``command`` (``"cycle N"`` or ``"stop"``) for every worker; a cycle
+        is refused once the group is lost."""
+        if self.lost is not None and command != STOP:
+            raise TrainingGroupLost(self.lost)
         with self._posting:
             self._posted += 1
             self.commands.set(f"command/{self._posted}", command)
@@ -110,7 +124,30 @@ def train_sharded(
 ) -> tuple[float, int]:
     """Train ``model`` on this rank's share of every batch (module docstring); returns
     ``(mean loss over the steps, the fewest rows any rank trained on)``, the same on every
-    rank. ``inputs``/``targets`` are the whole padded corpus, on ``group.device``."""
+    rank. ``inputs``/``targets`` are the whole padded corpus, on ``group.device``.
+
+    Any failure on the way leaves the ranks out of step: it marks the group lost and
+    raises :class:`TrainingGroupLost`, which says why and what to do."""
+    try:
+        return _train_sharded(model, batches, inputs, targets, optimizer, group)
+    except Exception as error:
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        group.lost = (
+            f"training across the node's {group.world_size} processes failed on rank "
+            f"{group.rank}: a rank died, or was stuck past training.collective_timeout_s = "
+            f"{group.timeout_s:g} s; restart the node (every rank). Cause: {cause}"
+        )
+        raise TrainingGroupLost(group.lost) from error
+
+
+def _train_sharded(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    group: TrainingGroup,
+) -> tuple[float, int]:
     ddp = group.wrap(model)
     sums: list[torch.Tensor] = []
     counts: list[int] = []
