@@ -9,12 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from torch.distributed import HashStore
+from torch.distributed.distributed_c10d import Store
 
 from tapestry.cli import main
 from tapestry.config import ConfigError, NodeConfig, TrainingConfig, build_config
 from tapestry.errors import UserError
-from tapestry.node.processes import join_training_group, training_device
-from tapestry.training.consortium.distributed import shard_rows
+from tapestry.node.processes import join_training_group, serve_as_worker, training_device
+from tapestry.training.consortium.distributed import (
+    STOP,
+    TrainingGroup,
+    TrainingGroupLost,
+    shard_rows,
+)
 
 CORPUS = Path(__file__).parents[2] / "services" / "tapestry" / "demo" / "corpora" / "vietnam.txt"
 
@@ -120,3 +127,40 @@ def test_node_serve_with_cuda_and_no_gpu_stops_at_start_with_one_line(
         'set device = "cpu" or "auto"'
     ]
     assert not (tmp_path / "data").exists()  # refused before anything was written
+
+
+def _group(rank: int, store: Store) -> TrainingGroup:
+    return TrainingGroup(rank, 2, torch.device("cpu"), store, timeout_s=5.0)
+
+
+def test_workers_take_rank_0s_commands_in_order_even_when_behind() -> None:
+    store = HashStore()
+    rank0, worker = _group(0, store), _group(1, store)
+    rank0.post("cycle 1")
+    assert worker.next_command() == "cycle 1"
+    rank0.post("cycle 2")
+    rank0.post(STOP)
+
+    assert [worker.next_command(), worker.next_command()] == ["cycle 2", STOP]
+
+
+def test_a_lost_group_refuses_every_later_cycle_but_still_stops() -> None:
+    store = HashStore()
+    rank0 = _group(0, store)
+    rank0.lost = "training across the node's 2 processes failed on rank 0: ..."
+
+    with pytest.raises(TrainingGroupLost, match="failed on rank 0"):
+        rank0.post("cycle 3")
+    rank0.post(STOP)
+    assert _group(1, store).next_command() == STOP
+
+
+def test_a_worker_ends_at_stop_and_refuses_a_command_it_does_not_know() -> None:
+    store = HashStore()
+    rank0, worker = _group(0, store), _group(1, store)
+    rank0.post(STOP)
+    serve_as_worker(None, worker)  # type: ignore[arg-type]  # returns without training
+
+    rank0.post("rewind 3")
+    with pytest.raises(RuntimeError, match="unknown command from rank 0: 'rewind 3'"):
+        serve_as_worker(None, worker)  # type: ignore[arg-type]

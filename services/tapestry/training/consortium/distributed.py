@@ -89,9 +89,9 @@ class TrainingGroup:
             raise TrainingGroupLost(self.lost)
         with self._posting:
             self._posted += 1
+            # Kept, never deleted: a worker that fell behind (its cycle failed) still finds
+            # every command, stop included; a few bytes a round in the launcher's store.
             self.commands.set(f"command/{self._posted}", command)
-            if self._posted > 1:  # every worker has taken it: they joined the cycle after it
-                self.commands.delete_key(f"command/{self._posted - 1}")
 
     def next_command(self) -> str:
         """A worker: rank 0's next command, waiting for it as long as it takes."""
