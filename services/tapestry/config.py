@@ -381,6 +381,12 @@ class TrainingConfig(_Strict):
     on, and every round's base and sovereign model are evaluated on it (a seeded rule per
     line; README, "Corpora and held-out evaluation"); 0 holds nothing out and evaluates
     nothing. At most 50: a node is there to train.
+    ``device``: where the node trains: ``cpu``, ``cuda`` (refused at start without a GPU) or
+    ``auto`` (``cuda`` when torch finds one). Deltas and artifacts are CPU tensors whatever
+    it is (README, "A node on several processes").
+    ``collective_timeout_s``: under ``torchrun``, how long a rank waits in a collective
+    (DDP's all-reduce) for the others before the cycle fails; it bounds how long a dead or
+    stuck worker can hold a cycle.
     """
 
     local_epochs: int = Field(3, ge=1, le=10_000)
@@ -391,6 +397,8 @@ class TrainingConfig(_Strict):
     # "synthetic" replaces training by a seeded random update (benchmarks: the figures then
     # measure transport); see tapestry.training.consortium.node.TRAINERS.
     trainer: Literal["real", "synthetic"] = "real"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    collective_timeout_s: float = Field(300.0, gt=0, le=MAX_NODE_TIMEOUT_S)
 
 
 # A transfer over a slow link may take a while; a day is past any we mean to wait for, and a

@@ -66,6 +66,8 @@ class LocalNodeSpec:
     training: dict[str, Any] = field(default_factory=dict)
     # Fields of tapestry.config.NodeLimits (e.g. a short receive_timeout_s in tests).
     limits: dict[str, Any] = field(default_factory=dict)
+    # More than 1: the node trains on that many processes under torchrun, rank 0 serving.
+    processes: int = 1
 
 
 @dataclass
@@ -216,6 +218,7 @@ class LocalConsortium:
                     "--data-dir",
                     str(self.node_data_dir(spec.node_id)),
                 ],
+                processes=spec.processes,
             )
         for spec in self.nodes:
             self._await_ready(spec.node_id)
@@ -258,7 +261,10 @@ class LocalConsortium:
 
     # -- processes --------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], processes: int = 1) -> None:
+        """Start ``tapestry ARGS``; with ``processes`` > 1 under ``torchrun`` (its module,
+        ``torch.distributed.run``), whose process is the one kept and stopped: SIGTERM
+        reaches every rank through it."""
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         ready = logs / f"{name}.ready"
@@ -269,6 +275,11 @@ class LocalConsortium:
         popen = subprocess.Popen(
             [
                 sys.executable,
+                *(
+                    ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+                    if processes > 1
+                    else []
+                ),
                 "-m",
                 "tapestry",
                 *args,

@@ -217,8 +217,10 @@ def _serve_then_exit(
     names: list[str],
     ready_file: Path | None,
     ready_extra: dict[str, int],
+    before_exit: Callable[[], None] | None = None,
 ) -> NoReturn:
-    """Serve until SIGTERM/SIGINT, drain the calls in flight, then exit at once.
+    """Serve until SIGTERM/SIGINT, drain the calls in flight, call ``before_exit``, then
+    exit at once.
 
     Everything a server keeps is on disk (written, fsynced, renamed) by the time its calls
     have drained, so the interpreter's teardown is skipped: unloading torch and its thread
@@ -226,11 +228,18 @@ def _serve_then_exit(
     from SIGTERM to exit, 0.03 s without it), which every stopping container, demo and test
     consortium waited on.
     """
-    import os
-
     from tapestry.wire.grpc_plumbing import serve_forever
 
     serve_forever(server, port, health, names, ready_file, ready_extra)
+    if before_exit is not None:
+        before_exit()
+    _exit_now()
+
+
+def _exit_now() -> NoReturn:
+    """Exit 0 without the interpreter's teardown (see :func:`_serve_then_exit`)."""
+    import os
+
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -306,18 +315,29 @@ def node_serve(
     metrics_listen: str | None,
     insecure: bool,
 ) -> None:
-    """Serve the sovereign node gRPC service for one jurisdiction."""
+    """Serve the sovereign node gRPC service for one jurisdiction.
+
+    Under ``torchrun`` rank 0 serves and the other ranks train beside it (README, "A node
+    on several processes")."""
     from tapestry.config import NodeConfig, load_config
-    from tapestry.node.startup import SERVICE_NAME, build_node_server
+    from tapestry.node.corpus import load_node_corpus
+    from tapestry.node.processes import join_training_group, serve_as_worker
+    from tapestry.node.startup import SERVICE_NAME, build_node_server, build_training_node
     from tapestry.observe.metrics import NodeMetrics
+    from tapestry.training.consortium.distributed import STOP
 
     config = load_config(config_path, NodeConfig)
+    group = join_training_group(config.training.device, config.training.collective_timeout_s)
+    if group is not None and group.is_worker:
+        serve_as_worker(build_training_node(config, load_node_corpus(config), group), group)
+        _exit_now()
     metrics = NodeMetrics()
     server, port, health = build_node_server(
-        config, listen, data_dir, insecure=insecure, metrics=metrics
+        config, listen, data_dir, insecure=insecure, metrics=metrics, group=group
     )
     extra = _serve_metrics(metrics_listen, metrics.registry)
-    _serve_then_exit(server, port, health, [SERVICE_NAME], ready_file, extra)
+    stop_workers = None if group is None else lambda: group.post(STOP)
+    _serve_then_exit(server, port, health, [SERVICE_NAME], ready_file, extra, stop_workers)
 
 
 _coordinator_option = click.option(

@@ -11,10 +11,12 @@ from tapestry.config import NodeConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.node.artifacts import ArtifactStore
-from tapestry.node.corpus import load_node_corpus
+from tapestry.node.corpus import SplitCorpus, load_node_corpus
+from tapestry.node.processes import training_device
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.pki.serving import server_security
+from tapestry.training.consortium.distributed import TrainingGroup
 from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.wire.grpc_plumbing import build_server
 
@@ -31,13 +33,15 @@ def build_node_server(
     *,
     insecure: bool = False,
     metrics: NodeMetrics | None = None,
+    group: TrainingGroup | None = None,
 ) -> tuple[grpc.Server, int, object]:
     """``(server, port, health)``, bound and not started. Certificates, corpus and data
     directory are checked here, so a bad configuration fails before the port answers.
 
     With ``[tls]`` it serves mutual TLS: cycles only to its consortium's coordinator, its
     artifacts' metadata to the coordinator and operators, ``Describe`` to any member;
-    plaintext only with ``insecure``. Cycles are counted in ``metrics``."""
+    plaintext only with ``insecure``. Cycles are counted in ``metrics``. With ``group``
+    (rank 0 under ``torchrun``) its cycles train across the group's processes."""
     security = server_security(
         config.tls,
         insecure=insecure,
@@ -49,26 +53,14 @@ def build_node_server(
     )
     corpus = load_node_corpus(config)
     spec = config.model.spec()
-    node = SovereignTrainingNode(
-        config.node_id,
-        config.jurisdiction,
-        spec.build(config.seed),  # replaced by the base each round; fixes keys and shapes
-        corpus.training,
-        config.quality_score,
-        local_epochs=config.training.local_epochs,
-        lr=config.training.lr,
-        batch_size=config.training.batch_size,
-        seed=config.seed,
-        heldout_corpus=corpus.heldout or None,
-        trainer=config.training.trainer,
-    )
+    node = build_training_node(config, corpus, group)
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
     servicer = SovereignNodeServicer(
         node, spec, store, config.consortium_id, config.limits, metrics=metrics
     )
     log.info(
         "node %s (%s) of consortium %s: %d sequences, %d tokens to train on, %d sequences "
-        "held out (%d%%), quality %.3f, data in %s",
+        "held out (%d%%), quality %.3f, data in %s, training on %s",
         config.node_id,
         config.jurisdiction,
         config.consortium_id,
@@ -78,6 +70,7 @@ def build_node_server(
         config.training.heldout_percent,
         config.quality_score,
         data_dir,
+        node.device if group is None else f"{group.world_size} processes ({group.device})",
     )
     return build_server(
         listen,
@@ -85,4 +78,28 @@ def build_node_server(
         [SERVICE_NAME],
         credentials=security.credentials,
         interceptors=security.interceptors,
+    )
+
+
+def build_training_node(
+    config: NodeConfig, corpus: SplitCorpus, group: TrainingGroup | None = None
+) -> SovereignTrainingNode:
+    """The core node ``config`` describes, on its training device (the group's under
+    ``torchrun``): the same on rank 0 and on every worker rank."""
+    device = group.device if group is not None else training_device(config.training.device)
+    return SovereignTrainingNode(
+        config.node_id,
+        config.jurisdiction,
+        # replaced by the base each round; fixes keys and shapes
+        config.model.spec().build(config.seed),
+        corpus.training,
+        config.quality_score,
+        local_epochs=config.training.local_epochs,
+        lr=config.training.lr,
+        batch_size=config.training.batch_size,
+        seed=config.seed,
+        heldout_corpus=corpus.heldout or None,
+        trainer=config.training.trainer,
+        device=device,
+        group=group,
     )

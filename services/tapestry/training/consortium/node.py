@@ -6,11 +6,12 @@ import copy
 import hashlib
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from tapestry.training.consortium.distributed import CYCLE, TrainingGroup, train_sharded
 from tapestry.training.consortium.evaluation import (
     IGNORE_INDEX,
     heldout_evaluation,
@@ -74,6 +75,13 @@ def pad_corpus(corpus: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return tokens[:, :-1], targets
 
 
+def on_device(
+    padded: tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pad_corpus``'s pair on ``device`` (the same tensors on the CPU)."""
+    return padded[0].to(device), padded[1].to(device)
+
+
 def token_problem(corpus: Sequence[Sequence[int]], vocab: int | None) -> str | None:
     """Why ``corpus`` holds something other than integer token ids in ``[0, vocab)``."""
     for index, seq in enumerate(corpus):
@@ -109,6 +117,12 @@ class SovereignTrainingNode:
     ``trainer`` (keyword-only, :data:`TRAINERS`) picks real training or the
     benchmarks' seeded synthetic update; either goes through the same artifact, delta and
     contribution path.
+    ``device`` (keyword-only) is where it trains; the artifact and the delta are always CPU
+    tensors in the base's dtypes. ``group`` (keyword-only) spans the training over the
+    processes of a :class:`TrainingGroup` (``torchrun``): rank 0 runs the cycle and its
+    workers join it through :meth:`run_worker_cycle`
+    (:mod:`~tapestry.training.consortium.distributed`); held-out evaluation runs on rank 0
+    only.
     """
 
     def __init__(
@@ -125,6 +139,8 @@ class SovereignTrainingNode:
         seed: int = 0,
         heldout_corpus: Sequence[Sequence[int]] | None = None,
         trainer: str = "real",
+        device: torch.device | str = "cpu",
+        group: TrainingGroup | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("node_id must be a non-empty string")
@@ -171,7 +187,9 @@ class SovereignTrainingNode:
             )
         self.node_id = node_id
         self.jurisdiction = jurisdiction
-        self.model = copy.deepcopy(model)
+        self.device = torch.device(device)
+        self.model = copy.deepcopy(model).to(self.device)
+        self._group = group
         self.sovereign_corpus = [list(seq) for seq in sovereign_corpus]
         self.quality_score = float(quality_score)
         self.local_epochs = local_epochs
@@ -181,11 +199,16 @@ class SovereignTrainingNode:
         self.trainer = trainer
         self.token_count = sum(len(seq) for seq in sovereign_corpus)
         self.latest_artifact: SovereignModelArtifact | None = None
-        self._inputs, self._targets = pad_corpus(self.sovereign_corpus)
+        self._inputs, self._targets = on_device(pad_corpus(self.sovereign_corpus), self.device)
         self.heldout_corpus = (
             None if heldout_corpus is None else [list(seq) for seq in heldout_corpus]
         )
-        self._heldout = None if self.heldout_corpus is None else pad_corpus(self.heldout_corpus)
+        self._heldout = (
+            None
+            if self.heldout_corpus is None
+            else on_device(pad_corpus(self.heldout_corpus), self.device)
+        )
+        self._fewest_rows = 0  # of the last cycle in a training group
         self._lock = threading.Lock()  # one cycle at a time: the model is trained in place
 
     def check_base(self, round_num: int, base_state: Mapping[str, torch.Tensor]) -> None:
@@ -231,11 +254,16 @@ class SovereignTrainingNode:
             if self.trainer == "synthetic":
                 mean_loss = self._synthetic_update(round_num)
             else:
+                if self._group is not None:  # the workers wait for this, not a collective
+                    self._group.post(f"{CYCLE} {round_num}")
                 mean_loss = self._train(round_num, on_progress)
             evaluation = self._evaluation(base_loss)
-            trained = clone_state(model_state(self.model))
+            trained = {  # on the CPU in the base's dtypes, wherever it trained
+                name: t.to("cpu", base_state[name].dtype)
+                for name, t in clone_state(model_state(self.model)).items()
+            }
             delta: ModelState = {name: trained[name] - base_state[name] for name in trained}
-            metrics = {"loss": mean_loss}
+            metrics = {"loss": mean_loss, **self._group_metrics}
             artifact = SovereignModelArtifact(
                 node_id=self.node_id,
                 jurisdiction=self.jurisdiction,
@@ -258,28 +286,69 @@ class SovereignTrainingNode:
             )
             return SovereignCycleResult(artifact=artifact, contribution=contribution)
 
-    def _train(self, round_num: int, on_progress: ProgressCallback | None = None) -> float:
+    def run_worker_cycle(self, round_num: int) -> float:
+        """A worker rank's part of rank 0's cycle ``round_num``: train its share of every
+        batch from the base DDP broadcasts; returns the cycle's mean loss. Nothing is kept:
+        rank 0 holds the artifact (the weights are the same on every rank)."""
+        if self._group is None or not self._group.is_worker:
+            raise RuntimeError("run_worker_cycle is for the worker ranks of a training group")
+        with self._lock:
+            return self._train(round_num)
+
+    def _steps(self) -> int:
+        """Optimizer steps in one cycle: every epoch's batches."""
+        return self.local_epochs * -(-self._inputs.shape[0] // self.batch_size)
+
+    def _batches(self, round_num: int) -> Iterator[torch.Tensor]:
+        """The row indices of each batch of the cycle, epoch by epoch, from the cycle's own
+        generator: the same on every rank of a training group."""
         generator = torch.Generator().manual_seed(cycle_seed(self.seed, self.node_id, round_num))
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
-        self.model.train()
-        losses: list[float] = []
         n = self._inputs.shape[0]
-        total_steps = self.local_epochs * -(-n // self.batch_size)
         for _ in range(self.local_epochs):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, self.batch_size):
-                batch = order[start : start + self.batch_size]
-                logits = self.model(self._inputs[batch])  # (B, T, V)
-                loss = next_token_loss(logits, self._targets[batch])
-                optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)  # loss.backward(), which torch leaves untyped
-                optimizer.step()
-                losses.append(loss.item())
-                if on_progress is not None:
-                    on_progress(
-                        CycleProgress(CyclePhase.TRAINING, len(losses), total_steps, losses[-1])
-                    )
+                yield order[start : start + self.batch_size]
+
+    def _train(self, round_num: int, on_progress: ProgressCallback | None = None) -> float:
+        """Train from the loaded base; ``on_progress`` hears every step (one process; a
+        training group reports no steps)."""
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+        self.model.train()
+        if self._group is not None:
+            mean, self._fewest_rows = train_sharded(
+                self.model,
+                self._batches(round_num),
+                self._inputs,
+                self._targets,
+                optimizer,
+                self._group,
+            )
+            return mean
+        total_steps = self._steps()
+        losses: list[float] = []
+        for batch in self._batches(round_num):
+            logits = self.model(self._inputs[batch])  # (B, T, V)
+            loss = next_token_loss(logits, self._targets[batch])
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)  # loss.backward(), which torch leaves untyped
+            optimizer.step()
+            losses.append(loss.item())
+            if on_progress is not None:
+                on_progress(
+                    CycleProgress(CyclePhase.TRAINING, len(losses), total_steps, losses[-1])
+                )
         return sum(losses) / len(losses)
+
+    @property
+    def _group_metrics(self) -> dict[str, float]:
+        """What a training group adds to a cycle's metrics: its size and the fewest rows
+        any rank trained on (above 0: every rank took part). Nothing on one process."""
+        if self._group is None:
+            return {}
+        return {
+            "world_size": float(self._group.world_size),
+            "rank_rows_min": float(self._fewest_rows),
+        }
 
     def _heldout_loss(self) -> tuple[float, int] | None:
         """The current model's held-out ``(loss, tokens)``; ``None`` with no held-out split."""
