@@ -20,6 +20,9 @@ def evidence_sections(evidence: Mapping[str, Any]) -> str:
     ]  # fmt: skip
     parts = [
         "<h2>Every model on every jurisdiction's held-out split (N+1)</h2>",
+        "<p>Scored by the evidence script with the nodes' loss on the splits the nodes "
+        "build (the base's last row above, too: no node has measured it yet). The sovereign "
+        "models are the ones the nodes stored in the last round.</p>",
         _table(["model", *places, "mean"], rows),
     ]
     if "strategies" in evidence:

@@ -62,6 +62,12 @@ def run_evidence(
     }
     write_text(out_dir / JSON_NAME, json.dumps(evidence, indent=2) + "\n")
     data = report_data(service.rounds)
+    # The journal knows the base of round r only from round r + 1's nodes; the last base is
+    # scored here, by the same function on the same splits (rounds 0..N-1 agree exactly).
+    data.base_loss = {
+        place: {r: losses[place] for r, losses in enumerate(service.base_loss)}
+        for place in nodes.values()
+    }
     png = render_png(data)
     write_bytes(out_dir / PNG_NAME, png)
     page = render_html(data, png).replace(
