@@ -8,6 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tapestry.evidence.__main__ import main
 from tapestry.evidence.run import run_evidence
 from tapestry.evidence.settings import SMOKE
 
@@ -55,3 +58,16 @@ def test_evidence_writes_the_report_and_the_documented_json(tmp_path: Path) -> N
     assert all(isinstance(v, bool | dict) for v in evidence["checks"].values())
     numbers = _numbers({k: v for k, v in evidence.items() if k != "run"})
     assert numbers and all(math.isfinite(n) for n in numbers)
+
+
+def test_evidence_refuses_an_out_dir_with_an_earlier_consortium(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "consortium").mkdir()
+
+    assert main([str(tmp_path), "--smoke"]) == 1
+
+    assert capsys.readouterr().err == (
+        f"scripts/evidence: {tmp_path / 'consortium'} exists (an earlier run's consortium): "
+        "give a new OUT_DIR or remove it\n"
+    )

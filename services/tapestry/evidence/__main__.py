@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tapestry.errors import UserError
 from tapestry.evidence.run import run_evidence
 from tapestry.evidence.settings import EVIDENCE, SMOKE
 
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--smoke", action="store_true", help="the tiny CI size (2 rounds)")
     args = parser.parse_args(argv)
-    run_evidence(SMOKE if args.smoke else EVIDENCE, args.out_dir)
+    try:
+        run_evidence(SMOKE if args.smoke else EVIDENCE, args.out_dir)
+    except UserError as error:
+        print(f"scripts/evidence: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,6 +4,7 @@ poisoned member; writes ``evidence.json``, ``report.png`` and ``report.html``.""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -165,6 +166,4 @@ def _checks(evidence: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))

@@ -9,6 +9,7 @@ with the previous round's ``base_heldout_loss``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +19,16 @@ from tapestry.atomic_files import load_state
 from tapestry.config import NodeConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.demo import DEMO_NODES, DEMO_POLICY
+from tapestry.errors import UserError
 from tapestry.evidence.heldout import HeldOutScorer, Member, member
 from tapestry.evidence.settings import EvidenceSettings
 from tapestry.launcher import LocalConsortium, LocalNodeSpec
 
 Losses = dict[str, float]  # jurisdiction -> held-out loss
+
+
+class EvidenceError(UserError):
+    """The run cannot start as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -59,8 +65,10 @@ def run_services(
 ) -> ServiceRun:
     """Start the coordinator and the three demo nodes (processes, mutual TLS), run
     ``settings.rounds`` rounds over gRPC, then score every model on every split."""
-    import time
-
+    if workdir.exists():
+        raise EvidenceError(
+            f"{workdir} exists (an earlier run's consortium): give a new OUT_DIR or remove it"
+        )
     consortium = LocalConsortium(
         workdir,
         demo_nodes(settings),
@@ -79,9 +87,7 @@ def run_services(
         scorer = HeldOutScorer(spec, members, settings.seed)
         run = ServiceRun(members)
         with consortium.client() as client:
-            round0, state = client.get_base()
-            if round0 != 0:
-                raise RuntimeError(f"{workdir} holds a consortium at round {round0}: use a new one")
+            _, state = client.get_base()  # a new consortium's: round 0
             round0_state = state
             run.base_loss.append(scorer.losses(state))
             say(f"round 0 base: {_show(run.base_loss[0])}")
