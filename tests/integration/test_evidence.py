@@ -10,8 +10,12 @@ from typing import Any
 
 import pytest
 
+from tapestry.demo import DEMO_POLICY
 from tapestry.evidence.__main__ import main
+from tapestry.evidence.heldout import HeldOutScorer
+from tapestry.evidence.inprocess import honest_node, run_core
 from tapestry.evidence.run import run_evidence
+from tapestry.evidence.services import run_services
 from tapestry.evidence.settings import SMOKE
 
 
@@ -71,3 +75,18 @@ def test_evidence_refuses_an_out_dir_with_an_earlier_consortium(
         f"scripts/evidence: {tmp_path / 'consortium'} exists (an earlier run's consortium): "
         "give a new OUT_DIR or remove it\n"
     )
+
+
+def test_the_in_process_strategies_start_from_the_service_runs_rounds(tmp_path: Path) -> None:
+    """The comparison is fair: fedavg on the in-process core, with the evidence's nodes,
+    scores exactly what the service run scores, round for round."""
+    service = run_services(SMOKE, tmp_path / "consortium", say=lambda _: None)
+    spec = service.members[0].config.model.spec()
+    scorer = HeldOutScorer(spec, service.members, SMOKE.seed)
+    nodes = [honest_node(m) for m in service.members]
+
+    core = run_core(
+        spec, DEMO_POLICY, nodes, scorer, SMOKE.rounds, SMOKE.seed, lambda _: None, "fedavg"
+    )
+
+    assert core.base_loss == service.base_loss
