@@ -51,13 +51,20 @@ def evidence_sections(evidence: Mapping[str, Any]) -> str:
             f"{p['rounds']} rounds; relative norm bound off; clipping at "
             f"{p['clip_delta_norm']:.3f} (the honest median delta norm of round 1).</p>",
             _table(
-                ["integration", "mean held-out loss", "without the hostile member", "harm"],
+                [
+                    "integration",
+                    "mean held-out loss",
+                    "without the hostile member",
+                    "harm",
+                    "worst round's harm",
+                ],
                 [
                     [
                         name,
                         f"{r['mean_heldout_loss']:.4f}",
                         f"{r['clean_mean_heldout_loss']:.4f}",
                         f"{r['harm']:+.4f}",
+                        f"{r['worst_harm']:+.4f}",
                     ]
                     for name, r in p["runs"].items()
                 ],  # fmt: skip

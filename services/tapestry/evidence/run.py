@@ -117,12 +117,16 @@ def _experiments(
     }
     for name, (extra, clean_name) in variants.items():
         run = core(f"poisoned {name}", {**unbounded, **extra}, [*honest, hostile], r)
-        clean = claims.mean_loss(strategies[clean_name].base_loss[r])
-        poisoned = claims.mean_loss(run.base_loss[-1])
+        clean = [claims.mean_loss(b) for b in strategies[clean_name].base_loss[: r + 1]]
+        poisoned = [claims.mean_loss(b) for b in run.base_loss]
+        harms = [claims.harm(p, c) for p, c in zip(poisoned[1:], clean[1:], strict=True)]
         poisoning["runs"][name] = {
             **run.summary(),
-            "clean_mean_heldout_loss": clean,
-            "harm": claims.harm(poisoned, clean),
+            "clean_mean_heldout_loss": clean[-1],
+            "clean_mean_per_round": clean,
+            "harm": harms[-1],
+            "harm_per_round": harms,
+            "worst_harm": max(harms),
         }
     return {
         "strategies": {
@@ -156,12 +160,16 @@ def _checks(evidence: dict[str, Any]) -> dict[str, Any]:
     poisoning = evidence.get("poisoning")
     if poisoning is not None:
         runs = poisoning["runs"]
-        undefended = runs["fedavg"]["harm"]
+        # The worst round counts: a defence that lets one round's base be wrecked and then
+        # recovers has not contained the attack.
+        undefended = runs["fedavg"]["worst_harm"]
         checks["poison_visibly_harms_fedavg"] = claims.visibly_harmed(undefended)
         checks["clipping_contains_poison"] = claims.contained(
-            runs["fedavg_clipped"]["harm"], undefended
+            runs["fedavg_clipped"]["worst_harm"], undefended
         )
-        checks["median_contains_poison"] = claims.contained(runs["median"]["harm"], undefended)
+        checks["median_contains_poison"] = claims.contained(
+            runs["median"]["worst_harm"], undefended
+        )
     return checks
 
 

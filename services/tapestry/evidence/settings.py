@@ -27,19 +27,22 @@ class EvidenceSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# A gpt of about 0.22M parameters: on a shared 2-core CPU (load 6-14) one node's cycle takes
-# a few seconds, so the whole run (10 service rounds, 2 x 10 in-process strategy rounds, 3 x
-# poison_rounds poisoned ones) fits in about ten minutes. The README's demo size (3.3M) is
-# 15x the compute per token. lr 3e-3 (AdamW): the default 1e-3 barely moves in 10 rounds.
+# A gpt of 1.05M parameters (the issue asks 1-10M for the demo): on this 2-core CPU a round
+# of three nodes takes about a second when the machine is idle and tens of seconds under a
+# load of 10+, so the whole run (10 service rounds, 2 x 10 in-process strategy rounds,
+# 3 x poison_rounds poisoned ones) takes 2-10 minutes. The README's demo size (3.3M,
+# context 128) is about 4x the compute per token. lr 3e-3 (AdamW): the default 1e-3 barely
+# moves in 10 rounds.
 EVIDENCE = EvidenceSettings(
     model={
         "architecture": "gpt",
-        "hidden_size": 64,
-        "n_layers": 4,
+        "hidden_size": 128,
+        "n_layers": 5,
         "n_heads": 4,
         "context_length": 64,
     },
     training={"local_epochs": 1, "lr": 3e-3, "batch_size": 16, "max_seq_len": 65},
+    poison_rounds=5,
 )
 
 # The CI size: GPT_TEST, two rounds, one poisoned round.
