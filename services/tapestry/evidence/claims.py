@@ -1,0 +1,76 @@
+"""The issue's claims, checked against an evidence run's numbers (pure functions).
+
+Every check takes the plain dictionaries ``evidence.json`` holds, so a reader can re-check a
+stored file. A claim holds strictly: a tie does not count as "better".
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+
+Losses = Mapping[str, float]  # jurisdiction -> held-out loss
+
+# Poisoning: the hostile member "visibly harms" an integration when the base's mean held-out
+# loss ends at least this many nats above the same integration without it; a defence
+# "contains" it when what is left of the harm is at most CONTAINED_SHARE of fedavg's.
+VISIBLE_HARM_NATS = 0.05
+CONTAINED_SHARE = 0.25
+
+
+def falls_for_every_jurisdiction(base_by_round: Sequence[Losses]) -> bool:
+    """The last base's loss is below the first's (round 0) on every jurisdiction."""
+    first, last = base_by_round[0], base_by_round[-1]
+    return all(last[place] < first[place] for place in first)
+
+
+def falls_every_round(base_by_round: Sequence[Losses]) -> bool:
+    """Every round's base is below the previous one's on every jurisdiction."""
+    return all(
+        after[place] < before[place]
+        for before, after in zip(base_by_round, base_by_round[1:], strict=False)
+        for place in before
+    )
+
+
+def own_jurisdiction_winners(
+    cross_eval: Mapping[str, Losses], nodes: Mapping[str, str]
+) -> dict[str, bool]:
+    """Per node: whether its sovereign model has the lowest loss of every model (base,
+    round-0 base, the other sovereign models) on its own jurisdiction's split."""
+    return {
+        node: all(
+            cross_eval[node][place] < losses[place]
+            for row, losses in cross_eval.items()
+            if row != node
+        )
+        for node, place in nodes.items()
+    }
+
+
+def mean_loss(losses: Losses) -> float:
+    return statistics.fmean(losses.values())
+
+
+def base_lowest_mean(cross_eval: Mapping[str, Losses]) -> bool:
+    """The final base has the lowest mean loss across the jurisdictions of every model."""
+    base = mean_loss(cross_eval["base"])
+    return all(base < mean_loss(losses) for row, losses in cross_eval.items() if row != "base")
+
+
+def better_everywhere(better: Losses, than: Losses) -> bool:
+    return all(better[place] < than[place] for place in than)
+
+
+def harm(poisoned: float, clean: float) -> float:
+    """Nats of mean held-out loss the hostile member added."""
+    return poisoned - clean
+
+
+def visibly_harmed(excess: float) -> bool:
+    return excess >= VISIBLE_HARM_NATS
+
+
+def contained(excess: float, undefended_excess: float) -> bool:
+    """The defence leaves at most :data:`CONTAINED_SHARE` of the undefended harm."""
+    return excess <= CONTAINED_SHARE * undefended_excess
