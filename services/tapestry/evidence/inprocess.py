@@ -24,6 +24,7 @@ from typing import Any
 
 from tapestry.config import PolicyConfig
 from tapestry.evidence.heldout import HeldOutScorer, Member
+from tapestry.node.startup import build_training_node
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator, ConsortiumNode
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
 from tapestry.training.consortium.model import ModelSpec
@@ -34,20 +35,8 @@ HOSTILE = "mallory"
 
 
 def honest_node(m: Member) -> SovereignTrainingNode:
-    """The node a ``tapestry node serve`` of this configuration runs (node/startup.py)."""
-    config, training = m.config, m.config.training
-    return SovereignTrainingNode(
-        config.node_id,
-        config.jurisdiction,
-        config.model.spec().build(config.seed),
-        m.corpus.training,
-        config.quality_score,
-        local_epochs=training.local_epochs,
-        lr=training.lr,
-        batch_size=training.batch_size,
-        seed=config.seed,
-        heldout_corpus=m.corpus.heldout or None,
-    )
+    """The node a ``tapestry node serve`` of this configuration runs (one process)."""
+    return build_training_node(m.config, m.corpus)
 
 
 class NormRecorder:
