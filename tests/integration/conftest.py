@@ -3,6 +3,9 @@ and every one stopped when its fixture ends."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +93,13 @@ def shared_consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loca
         yield consortium
     finally:
         consortium.stop()
+
+
+def round_run(consortium: LocalConsortium, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tapestry round run` against ``consortium``'s coordinator, as its operator."""
+    return subprocess.run(
+        [sys.executable, "-m", "tapestry", "round", "run",
+         "--coordinator", consortium.coordinator_address, *args],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env={**os.environ, **consortium.cli_env()},
+    )  # fmt: skip

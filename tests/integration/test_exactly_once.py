@@ -4,9 +4,6 @@ it started, while it runs, after it committed, and after the coordinator restart
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +16,7 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.launcher import LocalConsortium
 from tapestry.wire.codec import MAX_REQUEST_ID_CHARS
 
-from .conftest import POLICY
+from .conftest import POLICY, round_run
 from .fake_nodes import BlockingNode, FakeNode, serve
 
 
@@ -129,26 +126,11 @@ def test_a_retry_while_its_round_runs_waits_for_that_rounds_result(tmp_path):
     assert blocking.cycles == 1
 
 
-def _round_run(address: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tapestry", "round", "run", "--coordinator", address, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **env},
-    )
-
-
 def test_the_cli_retries_a_round_with_request_id_and_draws_a_fresh_id_otherwise(
     fake_consortium,
 ):
     consortium, _ = fake_consortium
-    address = consortium.coordinator_address
-    ran = [
-        _round_run(address, "--json", "--request-id", "cli-retry", env=consortium.cli_env())
-        for _ in range(2)
-    ]
-    fresh = _round_run(address, "--json", env=consortium.cli_env())
+    ran = [round_run(consortium, "--json", "--request-id", "cli-retry") for _ in range(2)]
+    fresh = round_run(consortium, "--json")
     assert [r.returncode for r in (*ran, fresh)] == [0, 0, 0], [r.stderr for r in ran]
     assert [json.loads(r.stdout)["round_num"] for r in (*ran, fresh)] == [1, 1, 2]

@@ -3,16 +3,13 @@ base untouched, reported as such by RunRound, and `tapestry round run` exits 3."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.launcher import LocalConsortium
 from tapestry.training.consortium import state_digest
 
-from .conftest import POLICY
+from .conftest import POLICY, round_run
 from .fake_nodes import FakeNode, serve
 
 REASON = (
@@ -56,17 +53,6 @@ def test_a_round_short_of_its_quorum_is_aborted_and_recorded_with_the_base_untou
     assert [r.aborted_reason for r in listed_after_restart] == [REASON]
 
 
-def _round_run(address: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tapestry", "round", "run", "--coordinator", address, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **env},
-    )
-
-
 def test_round_run_exits_3_with_one_line_when_aborted_and_0_when_committed(tmp_path: Path):
     alpha, beta = FakeNode("alpha"), FakeNode("beta", "nan")
     with (
@@ -75,11 +61,10 @@ def test_round_run_exits_3_with_one_line_when_aborted_and_0_when_committed(tmp_p
             tmp_path, [], policy=POLICY, extra_members=members, tls=False
         ) as consortium,
     ):
-        address = consortium.coordinator_address
-        aborted = _round_run(address, env=consortium.cli_env())
-        aborted_json = _round_run(address, "--json", env=consortium.cli_env())
+        aborted = round_run(consortium)
+        aborted_json = round_run(consortium, "--json")
         beta.behaviour = "honest"
-        committed = _round_run(address, env=consortium.cli_env())
+        committed = round_run(consortium)
 
     for ran, round_num in ((aborted, 1), (aborted_json, 2)):
         assert ran.returncode == 3, ran.stderr
