@@ -419,14 +419,18 @@ class NodeLimits(_Strict):
       refused; the newest itself may run again (a coordinator re-running it after a crash).
     - ``receive_timeout_s``: the whole base must arrive within this many seconds of the
       call's start, else the call ends with DEADLINE_EXCEEDED and the node is free again.
+    - ``decision_timeout_s``: after its result header the node waits this long for the
+      coordinator's decision on its delta (the coordinator weighs every node first, so this
+      covers the slowest member's training), else the call ends with DEADLINE_EXCEEDED.
     - ``send_timeout_s``: the caller must take the whole delta within this many seconds of
-      training's end, else the call is cancelled and the node is free again.
+      asking for it, else the call is cancelled and the node is free again.
     - ``max_superseded``: how many earlier artifacts of re-run rounds are kept aside
       (``round-NNNNNN.superseded-*``); beyond it the oldest are deleted. 0 keeps none.
     """
 
     max_round_gap: int = Field(1000, ge=1, le=MAX_ROUND_NUM)
     receive_timeout_s: float = Field(300.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
+    decision_timeout_s: float = Field(3600.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
     send_timeout_s: float = Field(300.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
     max_superseded: int = Field(3, ge=0, le=10_000)
 

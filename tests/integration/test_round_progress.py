@@ -35,6 +35,7 @@ def _cycle_requests(
         lambda c: pb.RunSovereignCycleRequest(base_chunk=c),
         lambda t: pb.RunSovereignCycleRequest(base_end=t),
     )
+    yield pb.RunSovereignCycleRequest(delta_decision=pb.DeltaDecision(send=True))
 
 
 def test_a_nodes_reply_streams_its_progress_before_its_result(shared_consortium) -> None:
@@ -68,7 +69,9 @@ def test_run_round_relays_training_steps_with_losses_for_every_node(shared_conso
         mine = [e for e in events if e.node_id == node_id]
         stages = [e.stage for e in mine]
         assert stages[0] == pb.ROUND_STAGE_NODE_STARTED
-        assert stages[-1] == pb.ROUND_STAGE_NODE_CONTRIBUTED
+        # The header first; the delta is fetched once the policy has accepted the node.
+        contributed = stages.index(pb.ROUND_STAGE_NODE_CONTRIBUTED)
+        assert stages[contributed + 1 :] == [pb.ROUND_STAGE_NODE_PROGRESS] * 2
         phases = [e.progress.phase for e in mine if e.stage == pb.ROUND_STAGE_NODE_PROGRESS]
         assert phases[0] == pb.CYCLE_PHASE_BASE_RECEIVED
         assert phases[-2:] == [pb.CYCLE_PHASE_SENDING_DELTA, pb.CYCLE_PHASE_DELTA_RECEIVED]

@@ -240,6 +240,7 @@ def run_cycle(channel: grpc.Channel, consortium: LocalConsortium) -> object:
             lambda c: pb.RunSovereignCycleRequest(base_chunk=c),
             lambda t: pb.RunSovereignCycleRequest(base_end=t),
         ),
+        pb.RunSovereignCycleRequest(delta_decision=pb.DeltaDecision(send=True)),
     ]
     stub = pb_grpc.SovereignNodeServiceStub(channel)
     return list(stub.RunSovereignCycle(iter(requests), timeout=CALL_TIMEOUT_S))

@@ -54,6 +54,10 @@ def _base_stream() -> list[Request]:
     )
 
 
+SEND = Request(delta_decision=pb.DeltaDecision(send=True))
+"""The coordinator's last message: send the delta."""
+
+
 def files_of(root: Path) -> dict[str, str]:
     """Every file under ``root``, by relative path, with the sha256 of its bytes."""
     return {
@@ -77,7 +81,7 @@ class Node:
     def cycle(self, round_num: int, consortium_id: str = CONSORTIUM) -> pb.SovereignCycleResult:
         replies = list(
             self.stub.RunSovereignCycle(
-                iter([_start(round_num, consortium_id), *_base_stream()]), timeout=60
+                iter([_start(round_num, consortium_id), *_base_stream(), SEND]), timeout=60
             )
         )
         return _result_of(replies)
@@ -257,13 +261,14 @@ def test_a_caller_that_stops_reading_the_delta_is_cancelled_and_frees_the_node(
 ) -> None:
     servicer, store = _servicer(tmp_path, NodeLimits(send_timeout_s=0.2))
     context = _Context()
-    replies = servicer.RunSovereignCycle(iter([_start(1), *_base_stream()]), context)  # type: ignore[arg-type]
+    replies = servicer.RunSovereignCycle(iter([_start(1), *_base_stream(), SEND]), context)  # type: ignore[arg-type]
 
-    assert _result_of(replies).artifact.round_num == 1  # then the caller reads no more
+    assert _result_of(replies).artifact.round_num == 1
+    assert next(replies).WhichOneof("item") == "delta_chunk"  # asked for, then read no more
     assert context.cancelled.wait(timeout=30)
     replies.close()  # what gRPC's cancelled call does with the handler's generator
 
-    again = list(servicer.RunSovereignCycle(iter([_start(2), *_base_stream()]), _Context()))  # type: ignore[arg-type]
+    again = list(servicer.RunSovereignCycle(iter([_start(2), *_base_stream(), SEND]), _Context()))  # type: ignore[arg-type]
     assert _result_of(again).artifact.round_num == 2
     assert store.rounds() == [1, 2]
 
@@ -330,7 +335,7 @@ def _held_start(round_num: int, sha256: str) -> Request:
 def test_a_held_base_is_hashed_again_and_trained_from_as_if_it_had_been_sent(node: Node) -> None:
     digest = state_digest(_base())
     assert node.stub.Describe(pb.DescribeRequest()).held_base_sha256 == digest
-    held = list(node.stub.RunSovereignCycle(iter([_held_start(3, digest)]), timeout=60))
+    held = list(node.stub.RunSovereignCycle(iter([_held_start(3, digest), SEND]), timeout=60))
     sent = node.cycle(3)  # the newest round may run again: now with the base sent
     (result,) = [r.result for r in held if r.WhichOneof("item") == "result"]  # after progress
     assert result.artifact.model_state_sha256 == sent.artifact.model_state_sha256
@@ -356,4 +361,49 @@ def test_a_base_that_is_not_the_one_announced_is_refused(node: Node) -> None:
     assert error.details() == (
         f"WireError: the base's digest {state_digest(_base())} differs from the one its CycleStart "
         "announced ('ab')"
+    )
+
+
+def test_a_delta_not_wanted_never_leaves_the_node_which_keeps_its_model(node: Node) -> None:
+    declined = Request(delta_decision=pb.DeltaDecision(send=False))
+    replies = list(node.stub.RunSovereignCycle(iter([_start(3), *_base_stream(), declined])))
+
+    kinds = [r.WhichOneof("item") for r in replies]
+    assert kinds[-1] == "result"  # the call ends (OK) right after the header
+    assert "delta_chunk" not in kinds and "delta_end" not in kinds
+    assert node.store.rounds() == [1, 2, 3]  # the sovereign model of round 3 is kept
+    assert node.cycle(4).artifact.round_num == 4  # and the node is free again
+
+
+def test_a_coordinator_that_never_decides_is_dropped_after_decision_timeout_s(
+    tmp_path: Path,
+) -> None:
+    servicer, store = _servicer(tmp_path, NodeLimits(decision_timeout_s=0.3))
+    release = threading.Event()
+    context = _Context()
+    replies = servicer.RunSovereignCycle(
+        _stalling([_start(1), *_base_stream()], release),  # type: ignore[arg-type]
+        context,
+    )
+    try:
+        assert _result_of(replies).artifact.round_num == 1
+        with pytest.raises(AssertionError) as aborted:
+            next(replies)
+    finally:
+        release.set()
+    assert str(aborted.value) == (
+        "aborted: DEADLINE_EXCEEDED: TimeoutError: the coordinator's decision on the delta "
+        "did not arrive within decision_timeout_s = 0.3 s; the node dropped the call"
+    )
+    assert store.rounds() == [1]  # its artifact stays: the node trained and kept it
+    again = list(servicer.RunSovereignCycle(iter([_start(2), *_base_stream(), SEND]), _Context()))  # type: ignore[arg-type]
+    assert _result_of(again).artifact.round_num == 2
+
+
+def test_anything_but_a_decision_after_the_base_is_refused(node: Node) -> None:
+    error = node.refusal(iter([_start(3), *_base_stream(), _start(3)]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == (
+        "WireError: after the base, the request stream must carry the coordinator's "
+        "DeltaDecision and nothing else"
     )

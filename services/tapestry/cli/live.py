@@ -50,6 +50,9 @@ class _Row:
     note: str = ""
 
 
+_DELTA_PHASES = (pb.CYCLE_PHASE_SENDING_DELTA, pb.CYCLE_PHASE_DELTA_RECEIVED)
+
+
 class RoundView:
     """The live state of one round: one row per node, in the order they were first heard
     of (``nodes`` first: e.g. the previous round's, shown as waiting until they start)."""
@@ -77,7 +80,10 @@ class RoundView:
         row = self.rows.setdefault(event.node_id, _Row())
         if event.stage == pb.ROUND_STAGE_NODE_PROGRESS and event.HasField("progress"):
             progress = event.progress
-            row.phase = report.PHASE_NAMES.get(progress.phase, "?")
+            # A contributed node's delta is fetched after the policy has weighed every node:
+            # it stays "contributed" (done) while its delta streams in.
+            if not (row.phase == "contributed" and progress.phase in _DELTA_PHASES):
+                row.phase = report.PHASE_NAMES.get(progress.phase, "?")
             if progress.phase == pb.CYCLE_PHASE_TRAINING:
                 row.step, row.total_steps = progress.step, progress.total_steps
                 row.loss = progress.loss if progress.HasField("loss") else row.loss

@@ -6,16 +6,21 @@ except that the returned artifact is metadata only: the node keeps its weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
+import torch
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import WireError, quoted
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
+from tapestry.training.consortium.deferred import DeferredState
 from tapestry.training.consortium.limits import (
     MAX_PROGRESS_MESSAGE_BYTES,
     MAX_PROGRESS_MESSAGES,
@@ -37,6 +42,8 @@ from tapestry.wire.tensor_stream import (
     spec_of,
 )
 
+# A node told its delta is not wanted ends the call at once; past this it is cancelled.
+DECLINE_GRACE_S = 10.0
 # A node answers Describe from memory; a few seconds is plenty even across continents. The
 # deadline covers every attempt: a node still unreachable after it has failed this round.
 DESCRIBE_TIMEOUT_S = 10.0
@@ -201,10 +208,14 @@ class RemoteSovereignNode:
     def _cycle(
         self, round_num: int, base_state: ModelState, on_progress: ProgressCallback
     ) -> SovereignCycleResult:
+        """Send the start and the base, read the progress and the result header, and hand
+        the core a result whose delta is deferred: the call stays open until the core
+        fetches the delta (the node is told to send it) or releases it (told not to)."""
         digest = known_digest(base_state)  # the round's digest: hashed once per round
         # A node that holds this very base (it said so in Describe) is not sent it again;
         # it hashes what it holds before training from it.
         held = digest == self.held_base_sha256
+        decisions: queue.Queue[bool] = queue.Queue(maxsize=1)
 
         def requests() -> Iterator[pb.RunSovereignCycleRequest]:
             yield pb.RunSovereignCycleRequest(
@@ -215,27 +226,56 @@ class RemoteSovereignNode:
                     base_held=held,
                 )
             )
-            if held:
+            if not held:
+                yield from send_state(
+                    base_state,
+                    lambda c: pb.RunSovereignCycleRequest(base_chunk=c),
+                    lambda t: pb.RunSovereignCycleRequest(base_end=t),
+                    sha256=digest,
+                    chunk_bytes=self.chunk_bytes,
+                    on_bytes=self._count_sent,
+                )
+            # Held open (on gRPC's sending thread) until the core decides on the delta; a
+            # decision that never comes ends the stream, and the node then ends the call.
+            try:
+                send = decisions.get(timeout=self.timeout_s)
+            except queue.Empty:
                 return
-            yield from send_state(
-                base_state,
-                lambda c: pb.RunSovereignCycleRequest(base_chunk=c),
-                lambda t: pb.RunSovereignCycleRequest(base_end=t),
-                sha256=digest,
-                chunk_bytes=self.chunk_bytes,
-                on_bytes=self._count_sent,
-            )
+            yield pb.RunSovereignCycleRequest(delta_decision=pb.DeltaDecision(send=send))
 
-        # The delta must match the base key for key: anything else is refused on arrival.
-        expected = spec_of(base_state)
+        responses = self._stub.RunSovereignCycle(requests(), timeout=self.timeout_s)
+        try:
+            header = _result_after_progress(responses, on_progress)
+            specs = {name: (t.dtype, tuple(t.shape)) for name, t in base_state.items()}
+            deferred = DeferredState(
+                specs,
+                lambda: self._receive_delta(responses, header, base_state, decisions, on_progress),
+                lambda: self._decline_delta(responses, decisions),
+            )
+            return codec.cycle_result_from_proto(header, deferred)
+        except BaseException:
+            responses.cancel()
+            _offer(decisions, False)  # frees the sending thread, if it waits for one
+            raise
+
+    def _receive_delta(
+        self,
+        responses: Iterator[pb.RunSovereignCycleResponse],
+        header: pb.SovereignCycleResult,
+        base_state: ModelState,
+        decisions: queue.Queue[bool],
+        on_progress: ProgressCallback,
+    ) -> Mapping[str, torch.Tensor]:
+        """Ask the node for its delta and receive it, checked chunk by chunk against the
+        base's layout, spilled to disk when the proxy has a ``spill_dir``."""
+        expected = spec_of(base_state)  # anything else is refused on arrival
         assembler = (
             SpillingAssembler(self.spill_dir / f"{self.node_id}.delta", expected)
             if self.spill_dir is not None
             else StateAssembler(expected)
         )
-        responses = self._stub.RunSovereignCycle(requests(), timeout=self.timeout_s)
         try:
-            header = _result_after_progress(responses, on_progress)
+            _offer(decisions, True)
             on_progress(CycleProgress(CyclePhase.SENDING_DELTA))
             delta = receive_state(
                 responses, "delta_chunk", "delta_end", assembler, self._count_received
@@ -253,12 +293,47 @@ class RemoteSovereignNode:
                     tensor_count=len(delta),
                 )
             )
-            header.contribution.weight_delta_sha256 = assembler.digest
-            return codec.cycle_result_from_proto(header, delta)
+            return delta
+        except grpc.RpcError as error:
+            self._discard(assembler)
+            raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
         except BaseException:
-            if isinstance(assembler, SpillingAssembler):
-                assembler.close()
-                assembler.path.unlink(missing_ok=True)
+            self._discard(assembler)
             raise
         finally:
-            responses.cancel()
+            responses.cancel()  # type: ignore[attr-defined]  # a grpc call: ends it
+
+    @staticmethod
+    def _decline_delta(
+        responses: Iterator[pb.RunSovereignCycleResponse], decisions: queue.Queue[bool]
+    ) -> None:
+        """Tell the node its delta is not wanted, without waiting: a thread lets the node
+        end the call (status OK) and cancels it after :data:`DECLINE_GRACE_S`, or at once
+        if the node sends delta bytes unasked (never read)."""
+        _offer(decisions, False)
+        cancel = threading.Timer(DECLINE_GRACE_S, responses.cancel)  # type: ignore[attr-defined]
+        cancel.daemon = True
+        cancel.start()
+
+        def drain() -> None:
+            try:
+                next(iter(responses), None)  # the call's end, or the first unasked message
+            except grpc.RpcError:
+                pass  # how the call ends is the node's business: nothing of it is used
+            finally:
+                cancel.cancel()
+                responses.cancel()  # type: ignore[attr-defined]
+
+        threading.Thread(target=drain, name="decline-delta", daemon=True).start()
+
+    @staticmethod
+    def _discard(assembler: StateAssembler) -> None:
+        if isinstance(assembler, SpillingAssembler):
+            assembler.close()
+            assembler.path.unlink(missing_ok=True)
+
+
+def _offer(decisions: queue.Queue[bool], send: bool) -> None:
+    """Hand the sending thread a decision, unless it already has one."""
+    with contextlib.suppress(queue.Full):
+        decisions.put_nowait(send)

@@ -66,7 +66,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # Which round runs (its request id and outcome) and which request ids the journal
         # answers, both read and changed under one lock so a retry sees one or the other.
         self._state_lock = threading.Lock()
-        self._running: tuple[str, Future[ConsortiumRoundResult]] | None = None
+        self._running: tuple[str, Future[int]] | None = None
         self._by_request_id = {r.request_id: r.result for r in self._records if r.request_id}
         self._page_tokens = PageTokens(page_token_key)
         self._metrics = metrics or CoordinatorMetrics()
@@ -90,7 +90,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             recorded = self._by_request_id.get(request_id) if request_id else None
             running = self._running
             if recorded is None and running is None:
-                outcome: Future[ConsortiumRoundResult] = Future()
+                outcome: Future[int] = Future()
                 self._running = (request_id, outcome)
         if recorded is not None:
             log.info("request %s: already answered by round %d", request_id, recorded.round_num)
@@ -113,13 +113,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def _run(
         self,
         request_id: str,
-        outcome: Future[ConsortiumRoundResult],
+        outcome: Future[int],
         context: grpc.ServicerContext,
     ) -> Iterator[pb.RunRoundResponse]:
-        events: queue.Queue[RoundEvent | ConsortiumRoundResult | BaseException] = queue.Queue()
+        # A round ends as its number (or its error): the result's states (the base before
+        # and after) are let go once committed, not held until the next round.
+        events: queue.Queue[RoundEvent | int | BaseException] = queue.Queue()
 
         def work() -> None:
-            ended: ConsortiumRoundResult | BaseException
+            ended: int | BaseException
             began = time.monotonic()
             try:
                 self._store.clear_spill()
@@ -127,7 +129,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     self._nodes,
                     events=events.put,
                     commit=lambda result: self._commit(result, request_id),
-                )
+                ).round_num
             except BaseException as error:
                 log.exception("round failed")
                 ended = error
@@ -140,7 +142,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 # must find the coordinator free (and a retry of this id, its record).
                 with self._state_lock:
                     self._running = None
-            if isinstance(ended, ConsortiumRoundResult):
+            if isinstance(ended, int):
                 outcome.set_result(ended)
             else:
                 outcome.set_exception(ended)
@@ -151,26 +153,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             item = events.get()
             if isinstance(item, RoundEvent):
                 yield pb.RunRoundResponse(progress=codec.round_event_to_proto(item))
-            elif isinstance(item, ConsortiumRoundResult):
+            elif isinstance(item, int):
                 yield pb.RunRoundResponse(result=self._records[-1].result)
                 return
             else:
                 abort(context, item)
 
     def _await(
-        self, outcome: Future[ConsortiumRoundResult], context: grpc.ServicerContext
+        self, outcome: Future[int], context: grpc.ServicerContext
     ) -> pb.ConsortiumRoundResult:
         """The recorded result of the running round, once it ends (a retry of its id)."""
         while True:
             try:
-                result = outcome.result(timeout=_RETRY_POLL_S)
+                round_num = outcome.result(timeout=_RETRY_POLL_S)
             except FutureTimeout:
                 if not context.is_active():  # the caller went away: nobody to answer
                     abort(context, Busy("the caller cancelled while the round ran"))
                 continue
             except BaseException as error:
                 abort(context, error)
-            return self._records_by_round()[result.round_num]
+            return self._records_by_round()[round_num]
 
     def _records_by_round(self) -> dict[int, pb.ConsortiumRoundResult]:
         return {r.result.round_num: r.result for r in list(self._records)}
@@ -216,7 +218,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         with self._state_lock:
             running = self._running
             if running is None:
-                outcome: Future[ConsortiumRoundResult] = Future()
+                outcome: Future[int] = Future()
                 self._running = ("", outcome)
         if running is not None:
             abort(
@@ -229,13 +231,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         try:
             records = list(self._records)
             state, sha256 = self._store.committed_base(to_round, records)
-            result = self._core.roll_back(
+            round_num = self._core.roll_back(
                 state,
                 to_round,
                 sha256=sha256,
                 commit=lambda r: self._commit(r, ""),
                 momentum=self._store.committed_momentum(to_round, records),
-            )
+            ).round_num
         except Exception as error:
             if not isinstance(error, NotFound | StoreError | ValueError):
                 log.exception("rollback to round %d failed", to_round)
@@ -243,7 +245,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         finally:
             with self._state_lock:  # nobody waits on it: a rollback has no request id
                 self._running = None
-        return pb.RollBackBaseResponse(result=self._records_by_round()[result.round_num])
+        return pb.RollBackBaseResponse(result=self._records_by_round()[round_num])
 
     def GetRound(
         self, request: pb.GetRoundRequest, context: grpc.ServicerContext

@@ -73,11 +73,14 @@ def build_coordinator_server(
             m.node_id: m.quality_score for m in config.nodes if m.quality_score is not None
         },
         min_nodes=config.policy.quorum(),
+        # The service only sends the base and persists results: no copies, so a round
+        # holds the base and the state integration builds, whatever the number of nodes.
+        copy_states=False,
     )
     resumed = store.latest()
     records: list[jpb.RoundRecord] = []
     if resumed is None:
-        store.save_initial_base(core.shared_base_state)
+        store.save_initial_base(model_state(base_model))  # read, not copied
         log.info("new consortium %s: initial base saved in %s", config.consortium_id, data_dir)
     else:
         round_num, state, records = resumed

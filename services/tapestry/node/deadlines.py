@@ -82,6 +82,12 @@ class ReceiveDeadline(Generic[Message]):
             self._cond.notify_all()
             return message
 
+    def renew(self, timeout_s: float, what: str, setting: str) -> None:
+        """Wait for what comes next under a new deadline, ``timeout_s`` from now."""
+        with self._cond:
+            self._deadline = time.monotonic() + timeout_s
+            self._timeout_s, self._what, self._setting = timeout_s, what, setting
+
     def close(self) -> None:
         """Stop handing messages over; the reader thread ends when the call does."""
         with self._cond:

@@ -103,7 +103,8 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
     ) -> Iterator[pb.RunSovereignCycleResponse]:
         """Check the start (consortium, round), decode the base within
         ``receive_timeout_s``, run the core node's cycle (which checks its input), persist
-        the artifact, then stream back the result header and the delta within
+        the artifact, send the result header, wait for the coordinator's decision on the
+        delta within ``decision_timeout_s``, and when it is wanted stream it within
         ``send_timeout_s``. The node is free again however the call ends."""
         if not self._busy.acquire(blocking=False):
             self._metrics.cycle_ended("busy")
@@ -117,7 +118,6 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         try:
             try:
                 round_num, base = self._receive_base(requests)
-                requests.close()
                 log.info("round %d: base received, training", round_num)
                 received = CycleProgress(
                     CyclePhase.BASE_RECEIVED,
@@ -141,9 +141,19 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
                 abort(context, error)
-            log.info("round %d: artifact stored, streaming the delta", round_num)
-            sending = SendDeadline(self._limits.send_timeout_s, lambda: self._drop(context))
+            log.info("round %d: artifact stored, result sent, awaiting the decision", round_num)
             yield pb.RunSovereignCycleResponse(result=header)
+            try:
+                wanted = self._decision(requests)
+            except Exception as error:
+                log.warning("no decision on the delta: %s", error)
+                abort(context, error)
+            if not wanted:
+                log.info("round %d: the coordinator did not want the delta", round_num)
+                completed = True
+                return
+            log.info("round %d: streaming the delta", round_num)
+            sending = SendDeadline(self._limits.send_timeout_s, lambda: self._drop(context))
             for message in send_state(
                 delta,
                 lambda c: pb.RunSovereignCycleResponse(delta_chunk=c),
@@ -185,6 +195,23 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 yield pb.RunSovereignCycleResponse(progress=codec.cycle_progress_to_proto(progress))
         finally:
             reports.close()  # waits for the cycle however this call ends
+
+    def _decision(self, requests: ReceiveDeadline[pb.RunSovereignCycleRequest]) -> bool:
+        """Whether the coordinator wants the delta: the next request, within
+        ``decision_timeout_s`` of the result header (the other nodes may still be
+        training)."""
+        requests.renew(
+            self._limits.decision_timeout_s,
+            "the coordinator's decision on the delta",
+            "decision_timeout_s",
+        )
+        message = next(requests, None)
+        if message is None or message.WhichOneof("item") != "delta_decision":
+            raise WireError(
+                "after the base, the request stream must carry the coordinator's "
+                "DeltaDecision and nothing else"
+            )
+        return message.delta_decision.send
 
     def _drop(self, context: grpc.ServicerContext) -> None:
         log.warning(

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import torch
 
+from tapestry.training.consortium.tensors import (
+    NORM_BLOCK_ELEMENTS,
+    StateStats,
+    TensorMeasure,
+)
 from tapestry.wire.tensor_stream import StateAssembler, TensorSpec, tensor_from_bytes
 
 SPILL_ALIGN = 64
@@ -23,9 +28,19 @@ SPILL_ALIGN = 64
 class SpilledState(Mapping[str, torch.Tensor]):
     """A read-only state whose tensors live in a file; each access reads one from disk."""
 
-    def __init__(self, path: Path, index: dict[str, tuple[int, int, TensorSpec]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        index: dict[str, tuple[int, int, TensorSpec]],
+        stats: StateStats | None = None,
+        sha256: str = "",
+    ) -> None:
+        """``stats``: norm and finiteness, measured as the bytes were spilled; ``sha256``:
+        the digest they were checked against."""
         self.path = path
         self._index = index  # name -> (byte offset, byte length, spec)
+        self.stats = stats
+        self.sha256 = sha256
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor over a private (copy-on-write) map of its bytes in the file: read
@@ -56,7 +71,11 @@ class SpilledState(Mapping[str, torch.Tensor]):
 
 
 class SpillingAssembler(StateAssembler):
-    """:class:`StateAssembler` with every check, writing the bytes to ``path``."""
+    """:class:`StateAssembler` with every check, writing the bytes to ``path``.
+
+    Bytes are staged block by block (:data:`NORM_BLOCK_ELEMENTS` elements) in one reused
+    buffer, measured there (norm, finiteness) and written from it: each byte is touched
+    once in memory, and the spilled file is never read back to check it."""
 
     def __init__(self, path: Path, expected: Mapping[str, TensorSpec] | None = None) -> None:
         super().__init__(expected)
@@ -65,23 +84,58 @@ class SpillingAssembler(StateAssembler):
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self._base = self._next = 0
         self._index: dict[str, tuple[int, int, TensorSpec]] = {}
+        self._stage = bytearray()
+        self._staged = self._flushed = 0
+        self._dtype = torch.float32
+        self._tensor_measure: TensorMeasure | None = None
 
     def _begin(self, nbytes: int) -> None:
         # Each tensor starts on a 64-byte boundary, so the map of it is aligned for its dtype.
         self._base = -(-self._next // SPILL_ALIGN) * SPILL_ALIGN
+        assert self._spec is not None
+        self._dtype = self._spec.dtype
+        block = NORM_BLOCK_ELEMENTS * torch.empty((), dtype=self._dtype).element_size()
+        if len(self._stage) != block:
+            self._stage = bytearray(block)
+        self._staged = self._flushed = 0
+        floating = self._dtype.is_floating_point or self._dtype.is_complex
+        self._tensor_measure = TensorMeasure() if floating else None
 
     def _write(self, offset: int, data: bytes) -> None:
-        written = os.pwrite(self._fd, data, self._base + offset)
-        if written != len(data):
+        view = memoryview(data)
+        while view:
+            take = min(len(view), len(self._stage) - self._staged)
+            self._stage[self._staged : self._staged + take] = view[:take]
+            self._staged += take
+            view = view[take:]
+            if self._staged == len(self._stage):
+                self._flush()
+
+    def _flush(self) -> None:
+        """Measure the staged block and write it after the tensor's bytes so far."""
+        if not self._staged:
+            return
+        if self._tensor_measure is not None:
+            size = torch.empty((), dtype=self._dtype).element_size()
+            values = torch.frombuffer(self._stage, dtype=self._dtype, count=self._staged // size)
+            self._tensor_measure.block(values)
+        staged = memoryview(self._stage)[: self._staged]
+        written = os.pwrite(self._fd, staged, self._base + self._flushed)
+        if written != self._staged:
             raise OSError(f"{self.path}: short write while spilling")
+        self._flushed += self._staged
+        self._staged = 0
 
     def _end(self, name: str, spec: TensorSpec) -> None:
+        self._flush()
+        if self._tensor_measure is not None:
+            self._measure.add(name, self._tensor_measure)
         self._index[name] = (self._base, self._nbytes, spec)
         self._next = self._base + self._nbytes
 
     def _result(self) -> SpilledState:
         self.close()
-        return SpilledState(self.path, self._index)
+        return SpilledState(self.path, self._index, self._measure.stats(), self.digest)
 
     def close(self) -> None:
         if self._fd >= 0:

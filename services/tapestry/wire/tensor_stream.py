@@ -21,9 +21,13 @@ from tapestry.errors import WireError, quoted
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.tensors import (
     DTYPES,
+    MeasuredState,
     StateHasher,
+    StateMeasure,
     dtype_name,
+    measured,
     tensor_bytes,
+    tensor_measure,
 )
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message limit
@@ -157,7 +161,9 @@ class StateAssembler:
     """Rebuilds a state from chunks, checking every chunk before it is accepted.
 
     Tensors must arrive in sorted key order (as :func:`state_to_chunks` sends them); the
-    digest is computed as the bytes arrive, so checking the trailer costs no second pass.
+    digest is computed as the bytes arrive, so checking the trailer costs no second pass,
+    and so are the state's norm and finiteness (:class:`~tapestry.training.consortium.
+    tensors.StateStats`, on the result as ``stats``), so no check needs another.
     With ``expected`` (name -> dtype and shape), anything else is refused as it arrives, so a
     peer can neither send unexpected keys nor make the receiver allocate more than the
     expected state's bytes.
@@ -173,6 +179,7 @@ class StateAssembler:
         self._filled = 0
         self._finished = False
         self._hasher = StateHasher()
+        self._measure = StateMeasure()
         self._last = ""
         self._state: ModelState = {}
         self._buffer = bytearray()
@@ -298,11 +305,14 @@ class StateAssembler:
         self._buffer[offset : offset + len(data)] = data
 
     def _end(self, name: str, spec: TensorSpec) -> None:
-        self._state[name] = tensor_from_bytes(self._buffer, spec)
+        tensor = tensor_from_bytes(self._buffer, spec)
+        if measured(tensor):
+            self._measure.add(name, tensor_measure(tensor))
+        self._state[name] = tensor
         self._buffer = bytearray()
 
     def _result(self) -> Mapping[str, torch.Tensor]:
-        return self._state
+        return MeasuredState(self._state, stats=self._measure.stats(), sha256=self.digest)
 
 
 def tensor_from_bytes(buffer: bytearray, spec: TensorSpec) -> torch.Tensor:

@@ -24,8 +24,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from tapestry.training.consortium.admission import Refused, admit
+from tapestry.training.consortium.admission import Refused, admit, describe_failure
+from tapestry.training.consortium.deferred import DeferredState
 from tapestry.training.consortium.events import EventSink, Reporter, RoundStage
+from tapestry.training.consortium.integration import check_contribution
 from tapestry.training.consortium.messages import (
     ConsortiumRoundResult,
     ModelState,
@@ -33,7 +35,11 @@ from tapestry.training.consortium.messages import (
     SovereignCycleResult,
     SovereignModelArtifact,
 )
-from tapestry.training.consortium.model import load_model_state, model_state
+from tapestry.training.consortium.model import (
+    install_model_state,
+    load_model_state,
+    model_state,
+)
 from tapestry.training.consortium.policy import ContributionPolicy, PolicyDecision
 from tapestry.training.consortium.relay import run_cycle
 from tapestry.training.consortium.strategies import StrategyName, momentum_mismatch
@@ -86,6 +92,18 @@ class ConsortiumCoordinator:
     in ``aborted_reason``. An aborted round is still a round: the commit step records it
     and the round number moves on (the nodes that answered keep their artifacts of it),
     but the base is bitwise unchanged and the stage reported last is ``ABORTED``.
+
+    **Copies.** By default the coordinator copies every state that crosses its boundary,
+    as the proof of concept did: the model it is given, the base each round hands the
+    nodes, the states in a result. With ``copy_states=False`` (keyword-only) it copies
+    none, so a round holds the base and the one new state integration builds, whatever the
+    number of nodes: the coordinator keeps the model it is given (the caller must not use
+    it), every node is handed the base's own tensors (it must only read them: a remote
+    proxy that sends them over the wire, never a node that trains in place), a result's
+    ``previous_base_state`` and ``shared_base_state`` are the coordinator's own tensors
+    before and after the round (read, never edit), and a committed new base becomes the
+    model's tensors rather than being copied into them. For services, which send the base
+    and persist results; the bits of every result are the same either way.
     """
 
     def __init__(
@@ -96,6 +114,7 @@ class ConsortiumCoordinator:
         round_num: int = 0,
         assessed_quality: Mapping[str, float] | None = None,
         min_nodes: int = 0,
+        copy_states: bool = True,
     ) -> None:
         """``assessed_quality`` (node id -> score) is the consortium's own assessment of a
         member, e.g. from evaluation on held-out data; where given it replaces the score the
@@ -104,7 +123,8 @@ class ConsortiumCoordinator:
         if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 0:
             raise ValueError(f"min_nodes must be an integer >= 0, got {min_nodes!r}")
         self.min_nodes = min_nodes
-        self.base_model = copy.deepcopy(base_model)
+        self.copy_states = copy_states
+        self.base_model = copy.deepcopy(base_model) if copy_states else base_model
         self.assessed_quality = dict(assessed_quality or {})
         self.contribution_policy = contribution_policy or ContributionPolicy()
         self.round_num = round_num
@@ -146,7 +166,7 @@ class ConsortiumCoordinator:
         problem = momentum_mismatch(momentum, state)
         if problem is not None:
             raise ValueError(problem)
-        load_model_state(self.base_model, state)
+        self._install(state)
         self.round_num = round_num
         self._base_sha256 = sha256
         self._outer_momentum = None if momentum is None else clone_state(momentum)
@@ -183,12 +203,14 @@ class ConsortiumCoordinator:
         round_num = report.round_num
         started_at = datetime.now(UTC)
         previous_sha256 = self.base_sha256
-        snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)  # what nodes get
-        # Deltas are checked against and integrated into the coordinator's own base, which
-        # no node can reach; a node that edited its input in place shifts nothing.
         base = model_state(self.base_model)
+        # What the nodes get: a copy, unless they only read it (copy_states=False).
+        given = self.shared_base_state if self.copy_states else base
+        snapshot = Snapshot(given, sha256=previous_sha256)
+        # Deltas are checked against and integrated into the coordinator's own base, which
+        # no node can reach; a node that edited its copy in place shifts nothing.
         outcomes = self._run_cycles(nodes, round_num, snapshot, base, report)
-        if any(not torch.equal(snapshot[name], base[name]) for name in base):
+        if self.copy_states and any(not torch.equal(snapshot[name], base[name]) for name in base):
             snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)
 
         contributions: dict[str, SovereignContribution] = {}
@@ -201,20 +223,46 @@ class ConsortiumCoordinator:
                 contributions[node.node_id] = outcome.contribution
                 artifacts[node.node_id] = outcome.artifact
 
-        scores = {
-            node_id: self.assessed_quality.get(node_id, c.quality_score)
-            for node_id, c in contributions.items()
-        }
         policy = self.contribution_policy
-        norms = (
-            {n: state_norm(c.weight_delta) for n, c in contributions.items()}
-            if policy.needs_delta_norms
-            else None
-        )
-        aborted_reason = self._quorum_problem(len(contributions), len(nodes))
-        # An aborted round consults no policy: nobody is weighed, nobody is accepted.
-        decision = PolicyDecision({}) if aborted_reason else policy.decide(scores, norms)
         node_ids = [node.node_id for node in nodes]
+        # Deltas a node still holds (a remote node's, after its result header): only those
+        # the policy accepts are fetched, so a rejected delta never crosses the wire. The
+        # policy weighs norms measured from the bytes, never a node's claim: with norm
+        # bounds or clipping every delta is fetched first.
+        deferred = {
+            n: c.weight_delta
+            for n, c in contributions.items()
+            if isinstance(c.weight_delta, DeferredState)
+        }
+        try:
+            if policy.needs_delta_norms:
+                self._fetch(list(deferred), deferred, base, contributions, failed, report)
+            while True:
+                scores = {
+                    node_id: self.assessed_quality.get(node_id, c.quality_score)
+                    for node_id, c in contributions.items()
+                }
+                norms = (
+                    {n: state_norm(c.weight_delta) for n, c in contributions.items()}
+                    if policy.needs_delta_norms
+                    else None
+                )
+                aborted_reason = self._quorum_problem(len(contributions), len(nodes))
+                # An aborted round consults no policy: nobody is weighed, nobody accepted.
+                decision = PolicyDecision({}) if aborted_reason else policy.decide(scores, norms)
+                wanted = [
+                    n
+                    for n in node_ids
+                    if n in decision.weights and n in deferred and not deferred[n].fetched
+                ]
+                if not wanted:
+                    break
+                # A delta that fails its checks on arrival fails its node: weigh again.
+                self._fetch(wanted, deferred, base, contributions, failed, report)
+        finally:
+            for delta in deferred.values():
+                delta.release()  # not wanted (a no-op for those fetched)
+        failed = {n: failed[n] for n in node_ids if n in failed}
         accepted = [n for n in node_ids if n in decision.weights]
         rejected = [
             n
@@ -223,7 +271,12 @@ class ConsortiumCoordinator:
         ]
         weighted = [(decision.weights[n], contributions[n].weight_delta) for n in accepted]
         # Metadata only from here on: the deltas are dropped once they are integrated.
-        received = {n: dataclasses.replace(c, weight_delta={}) for n, c in contributions.items()}
+        received = {
+            n: dataclasses.replace(
+                c, weight_delta={}, weight_delta_sha256=c.weight_delta_sha256 or _digest(c)
+            )
+            for n, c in contributions.items()
+        }
         del outcomes, contributions
         integrated = (
             policy.strategy.apply(
@@ -260,7 +313,8 @@ class ConsortiumCoordinator:
         if new_state is not None:
             new_sha256 = state_digest(new_state)
         else:
-            new_state, new_sha256 = clone_state(snapshot), previous_sha256
+            unchanged = clone_state(snapshot) if self.copy_states else dict(snapshot)
+            new_state, new_sha256 = unchanged, previous_sha256
         if not aborted_reason:
             report(
                 RoundStage.INTEGRATED,
@@ -357,11 +411,13 @@ class ConsortiumCoordinator:
     ) -> ConsortiumRoundResult:
         started_at = datetime.now(UTC)
         previous_sha256 = self.base_sha256
-        new_state = clone_state(state)
+        new_state = clone_state(state) if self.copy_states else dict(state)
         new_sha256 = sha256 or state_digest(new_state)
         result = ConsortiumRoundResult(
             round_num=report.round_num,
-            previous_base_state=self.shared_base_state,
+            previous_base_state=(
+                self.shared_base_state if self.copy_states else model_state(self.base_model)
+            ),
             shared_base_state=new_state,
             accepted_nodes=[],
             rejected_nodes=[],
@@ -392,11 +448,19 @@ class ConsortiumCoordinator:
         if commit is not None:
             commit(result)
         if load_base:
-            load_model_state(self.base_model, result.shared_base_state)
+            self._install(result.shared_base_state)
         self._outer_momentum = result.outer_momentum
         self._base_sha256 = result.shared_base_sha256
         self.sovereign_artifacts.update(result.artifacts)
         self.round_num = result.round_num
+
+    def _install(self, state: Mapping[str, torch.Tensor]) -> None:
+        """``state`` becomes the base: copied into the model, or (``copy_states=False``)
+        made the model's own tensors."""
+        if self.copy_states:
+            load_model_state(self.base_model, state)
+        else:
+            install_model_state(self.base_model, state)
 
     def _quorum_problem(self, contributed: int, members: int) -> str:
         """Why ``contributed`` of ``members`` nodes fall short of the quorum; ``""`` when
@@ -407,6 +471,42 @@ class ConsortiumCoordinator:
             f"quorum not met: {contributed} of {members} node(s) contributed and min_nodes "
             f"is {self.min_nodes}; nothing was integrated and the base is unchanged"
         )
+
+    @staticmethod
+    def _fetch(
+        wanted: Sequence[str],
+        deferred: Mapping[str, DeferredState],
+        base: Mapping[str, torch.Tensor],
+        contributions: dict[str, SovereignContribution],
+        failed: dict[str, str],
+        report: Reporter,
+    ) -> None:
+        """Fetch the ``wanted`` deferred deltas in parallel and check each as
+        :func:`admit` checks a delta that came with its header; a node whose delta cannot
+        be fetched or fails a check leaves ``contributions`` for ``failed``."""
+
+        def fetch(node_id: str) -> str | None:
+            contribution = contributions[node_id]
+            try:
+                deferred[node_id].fetch()
+                check_contribution(
+                    contribution, base, node_id=node_id, round_num=contribution.round_num
+                )
+            except ValueError as error:
+                return Refused(f"invalid contribution: {error}").reason
+            except Exception as error:  # a node's failure must not sink the round
+                return Refused(describe_failure(error)).reason
+            return None
+
+        if not wanted:
+            return
+        with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
+            problems = list(pool.map(fetch, wanted))
+        for node_id, problem in zip(wanted, problems, strict=True):
+            if problem is not None:
+                del contributions[node_id]
+                failed[node_id] = problem
+                report(RoundStage.NODE_FAILED, node_id, problem)
 
     @staticmethod
     def _run_cycles(
@@ -430,6 +530,9 @@ class ConsortiumCoordinator:
             try:
                 checked = admit(outcome, base, node, round_num)
             except Refused as refusal:
+                delta = getattr(getattr(outcome, "contribution", None), "weight_delta", None)
+                if isinstance(delta, DeferredState):
+                    delta.release()  # refused on its header: its delta is not wanted
                 report(RoundStage.NODE_FAILED, node.node_id, refusal.reason)
                 return refusal
             c = checked.contribution
@@ -450,3 +553,9 @@ class ConsortiumCoordinator:
 
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
             return list(pool.map(cycle, nodes))
+
+
+def _digest(contribution: SovereignContribution) -> str:
+    """The digest a fetched deferred delta arrived with (``""`` for any other delta)."""
+    delta = contribution.weight_delta
+    return delta.sha256 if isinstance(delta, DeferredState) else ""

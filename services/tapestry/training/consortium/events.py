@@ -20,7 +20,9 @@ class RoundStage(StrEnum):
     """Where a round, or one node in it, has got to."""
 
     NODE_STARTED = "node_started"  # the node was handed the base
-    NODE_CONTRIBUTED = "node_contributed"  # its contribution arrived and passed every check
+    # Its contribution arrived and passed every check; a delta the node still holds (a
+    # remote node's) is checked when it is fetched, after the policy accepted it.
+    NODE_CONTRIBUTED = "node_contributed"
     NODE_FAILED = "node_failed"  # its cycle raised, or its contribution was refused
     INTEGRATED = "integrated"  # the policy decided and the new base is computed
     COMMITTED = "committed"  # the commit step succeeded and the coordinator moved on

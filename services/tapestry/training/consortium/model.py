@@ -236,3 +236,30 @@ def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Non
     for alias, canonical in aliases.items():
         full[alias] = state[canonical]  # the same value into the same parameter
     model.load_state_dict(full)
+
+
+def install_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Make ``state``'s tensors the model's own parameters and buffers, without a copy: a
+    state the caller hands over (and no longer edits) replaces the model's in place of
+    :func:`load_model_state`'s copy into it; the tensors it had are left to whoever else
+    holds them. Keys as for :func:`load_model_state`; each tensor must have its
+    counterpart's dtype and shape (``ValueError`` otherwise, and the model is unchanged)."""
+    aliases = tied_keys(model)
+    current = model.state_dict(keep_vars=True)
+    expected = [name for name in current if name not in aliases]
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"state keys differ from the model's: missing {few_names(missing)}, "
+            f"unexpected {few_names(extra)}"
+        )
+    for name in expected:
+        have, given = current[name], state[name]
+        if have.dtype != given.dtype or have.shape != given.shape:
+            raise ValueError(
+                f"{name!r}: the model holds {have.dtype} {tuple(have.shape)}, the state "
+                f"{given.dtype} {tuple(given.shape)}"
+            )
+    for name, tensor in current.items():
+        tensor.data = state[aliases.get(name, name)].detach()

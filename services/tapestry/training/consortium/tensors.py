@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tapestry.training.consortium.deferred import DeferredState
+
 # Element dtypes a model state may hold: those safetensors can persist (so whatever crosses
 # the wire can also be stored). Names are torch's without the "torch." prefix and are what
 # travels on the wire; anything else is refused before any work is done.
@@ -153,6 +155,8 @@ def state_mismatch(
 
     The one check shared by a node refusing a base and a coordinator refusing a delta;
     ``what`` names the state in the message ("base", "delta"), ``against`` the reference.
+    A :class:`~tapestry.training.consortium.deferred.DeferredState` not fetched yet is
+    checked by its layout alone: its values are checked by whoever fetches it.
     """
     missing = sorted(set(reference) - set(state))
     extra = sorted(set(state) - set(reference))
@@ -161,17 +165,24 @@ def state_mismatch(
             f"{what} keys differ from {against}: missing {few_names(missing)}, "
             f"unexpected {few_names(extra)}"
         )
+    deferred = isinstance(state, DeferredState) and not state.fetched
     for name, want in reference.items():
-        got = state[name]
-        if not isinstance(got, torch.Tensor):
-            return f"{what} {name!r} is a {type(got).__name__}, not a tensor"
-        if got.dtype != want.dtype or got.shape != want.shape:
+        if isinstance(state, DeferredState) and deferred:
+            dtype, shape = state.specs[name]
+        else:
+            got = state[name]
+            if not isinstance(got, torch.Tensor):
+                return f"{what} {name!r} is a {type(got).__name__}, not a tensor"
+            dtype, shape = got.dtype, tuple(got.shape)
+        if dtype != want.dtype or shape != tuple(want.shape):
             return (
-                f"{what} {name!r}: expected {want.dtype} {tuple(want.shape)}, "
-                f"got {got.dtype} {tuple(got.shape)}"
+                f"{what} {name!r}: expected {want.dtype} {tuple(want.shape)}, got {dtype} {shape}"
             )
-        if (got.is_floating_point() or got.is_complex()) and not bool(torch.isfinite(got).all()):
-            return f"{what} {name!r} holds NaN or Inf values"
+    if deferred:
+        return None
+    nonfinite = first_nonfinite(state)  # type: ignore[arg-type]  # all tensors by now
+    if nonfinite is not None:
+        return f"{what} {nonfinite!r} holds NaN or Inf values"
     return None
 
 
@@ -183,23 +194,131 @@ def few_names(names: Sequence[str], limit: int = 5) -> str:
     return f"[{shown}{more}]"
 
 
-def state_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """The L2 norm of a state's floating entries taken as one vector, accumulated in float64
-    one tensor at a time (a spilled state is read from disk tensor by tensor); ``inf`` or
-    ``nan`` when an entry is not finite."""
-    total = 0.0
-    for name in state:
+NORM_BLOCK_ELEMENTS = 1 << 18
+"""A tensor's squared norm is summed over blocks of this many elements, in order, so a
+receiver that sees the bytes in chunks gets the very bits :func:`state_norm` gets from the
+whole tensor, wherever the chunks were cut."""
+
+
+@dataclass(frozen=True)
+class StateStats:
+    """What one pass over a state's bytes measured: its :func:`state_norm`, and the first
+    key (in sorted order) of a floating tensor holding NaN or Inf (``None``: all finite)."""
+
+    norm: float
+    nonfinite: str | None = None
+
+
+class TensorMeasure:
+    """One floating tensor's squared L2 norm (float64) and finiteness, fed block by block
+    of :data:`NORM_BLOCK_ELEMENTS` elements (the last may be shorter)."""
+
+    def __init__(self) -> None:
+        self.square_sum = 0.0
+        self.finite = True
+
+    def block(self, values: torch.Tensor) -> None:
+        wide = torch.complex128 if values.is_complex() else torch.float64
+        norm = float(torch.linalg.vector_norm(values, dtype=wide))
+        self.square_sum += norm * norm  # past float range: inf (** would raise)
+        if self.finite and not finite(values):
+            self.finite = False
+
+
+class StateMeasure:
+    """Incremental :class:`StateStats`: :meth:`add` each floating tensor's measure in
+    sorted key order."""
+
+    def __init__(self) -> None:
+        self._square_sum = 0.0
+        self._nonfinite: str | None = None
+
+    def add(self, name: str, measure: TensorMeasure) -> None:
+        self._square_sum += measure.square_sum
+        if not measure.finite and self._nonfinite is None:
+            self._nonfinite = name
+
+    def stats(self) -> StateStats:
+        return StateStats(math.sqrt(self._square_sum), self._nonfinite)
+
+
+def measured(tensor: torch.Tensor) -> bool:
+    """Whether a state's stats cover ``tensor``: floating and complex entries do."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def tensor_measure(tensor: torch.Tensor) -> TensorMeasure:
+    """:class:`TensorMeasure` of a whole (floating) tensor, block by block."""
+    flat = tensor.detach().reshape(-1)
+    measure = TensorMeasure()
+    for start in range(0, flat.numel(), NORM_BLOCK_ELEMENTS):
+        measure.block(flat[start : start + NORM_BLOCK_ELEMENTS])
+    return measure
+
+
+def known_stats(state: Mapping[str, object]) -> StateStats | None:
+    """The stats a receiver measured while the state's bytes streamed in (the ``stats`` of
+    a :class:`MeasuredState` or a spilled state), else ``None``."""
+    stats = getattr(state, "stats", None)
+    return stats if isinstance(stats, StateStats) else None
+
+
+class MeasuredState(dict[str, torch.Tensor]):
+    """A received state with the :class:`StateStats` measured as its bytes arrived, and
+    the :func:`state_digest` they were checked against."""
+
+    def __init__(
+        self, state: Mapping[str, torch.Tensor], *, stats: StateStats, sha256: str
+    ) -> None:
+        super().__init__(state)
+        self.stats = stats
+        self.sha256 = sha256
+
+
+def state_stats(state: Mapping[str, torch.Tensor]) -> StateStats:
+    """Norm and finiteness of a state in one pass over it, or none where they are known."""
+    known = known_stats(state)
+    if known is not None:
+        return known
+    measure = StateMeasure()
+    for name in sorted(state):
         tensor = state[name]
-        if tensor.is_floating_point() or tensor.is_complex():
-            wide = torch.complex128 if tensor.is_complex() else torch.float64
-            total += float(torch.linalg.vector_norm(tensor.detach(), dtype=wide)) ** 2
-    return math.sqrt(total)
+        if measured(tensor):
+            measure.add(name, tensor_measure(tensor))
+    return measure.stats()
+
+
+def state_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of a state's floating entries taken as one vector: squared norms summed
+    in float64 block by block (:data:`NORM_BLOCK_ELEMENTS`) and tensor by tensor in sorted
+    key order, so a state measured as it streamed in (:func:`known_stats`) gives the same
+    bits; ``inf`` or ``nan`` when an entry is not finite."""
+    return state_stats(state).norm
+
+
+def first_nonfinite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key, in sorted order, of a floating entry holding NaN or Inf (``None``:
+    all finite); known without a pass where the state was measured as it arrived."""
+    known = known_stats(state)
+    if known is not None:
+        return known.nonfinite
+    return next(
+        (name for name in sorted(state) if measured(state[name]) and not finite(state[name])),
+        None,
+    )
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of a floating tensor is finite, checked block by block
+    (:data:`NORM_BLOCK_ELEMENTS`), so the check's temporaries stay a few MiB however large
+    the tensor."""
+    flat = tensor.detach().reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[start : start + NORM_BLOCK_ELEMENTS]).all())
+        for start in range(0, flat.numel(), NORM_BLOCK_ELEMENTS)
+    )
 
 
 def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
     """Whether every floating entry of ``state`` is finite (integer entries always are)."""
-    return all(
-        bool(torch.isfinite(t).all())
-        for t in state.values()
-        if t.is_floating_point() or t.is_complex()
-    )
+    return first_nonfinite(state) is None

@@ -1,0 +1,193 @@
+"""Deltas over the wire, integrated as they stream: the same bits as the in-process core for
+N = 1, 3 and 8 and for accepted/rejected mixes; a rejected delta never crosses the wire; a
+delta cut off midway fails its node and leaves the base untouched.
+
+The coordinator here is the services' core exactly as ``tapestry coordinator serve`` builds it
+(``copy_states=False``, remote proxies spilling deltas to disk); each node is a real gRPC
+server on 127.0.0.1 (in this process, so that eight of them start in a second).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.coordinator.remote_node import RemoteSovereignNode
+from tapestry.node.artifacts import ArtifactStore
+from tapestry.node.servicer import SovereignNodeServicer
+from tapestry.training.consortium import (
+    ConsortiumCoordinator,
+    ContributionPolicy,
+    SovereignTrainingNode,
+    state_digest,
+)
+from tapestry.training.consortium.model import ModelSpec, model_state
+from tapestry.training.consortium.strategies import IntegrationStrategy, StrategyName
+from tapestry.wire.grpc_plumbing import build_server
+
+CONSORTIUM = "tapestry-streamed"
+SEED = 2026
+SPEC = ModelSpec(hidden_size=64)
+CHUNK_BYTES = 4096  # many chunks per tensor, several tensors cut mid-way
+# Node i's score: with a floor of 0.5 the odd nodes are rejected.
+SCORES = [0.9, 0.3, 0.8, 0.2, 0.7, 0.4, 0.95, 0.1]
+
+
+def _node(node_id: str, score: float) -> SovereignTrainingNode:
+    corpus = [list(f"{node_id} keeps its data at home, line {i}".encode()) for i in range(6)]
+    return SovereignTrainingNode(
+        node_id, node_id.upper(), SPEC.build(SEED), corpus, score, local_epochs=1, seed=SEED
+    )
+
+
+class CutOffServicer(SovereignNodeServicer):
+    """A node whose delta stream stops after ``keep`` chunks (the call then fails)."""
+
+    def __init__(self, *args: object, keep: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.keep = keep
+
+    def RunSovereignCycle(self, request_iterator, context):  # noqa: N802
+        chunks = 0
+        for message in super().RunSovereignCycle(request_iterator, context):
+            if message.WhichOneof("item") == "delta_chunk":
+                chunks += 1
+                if chunks > self.keep:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "link lost mid-delta")
+            yield message
+
+
+@dataclass
+class Served:
+    proxies: list[RemoteSovereignNode]
+    received: dict[str, int]  # delta bytes the coordinator received, per node
+
+
+@contextmanager
+def served_nodes(root: Path, count: int, cut: dict[str, int] | None = None) -> Iterator[Served]:
+    """``count`` node servers and the coordinator's proxies to them."""
+    cut = cut or {}
+    received: dict[str, int] = {}
+    proxies = []
+    with ExitStack() as stack:
+        for i in range(count):
+            node_id = f"n{i}"
+            store = ArtifactStore(root / node_id)
+            args = (_node(node_id, SCORES[i]), SPEC, store, CONSORTIUM)
+            servicer = (
+                CutOffServicer(*args, keep=cut[node_id], chunk_bytes=CHUNK_BYTES)
+                if node_id in cut
+                else SovereignNodeServicer(*args, chunk_bytes=CHUNK_BYTES)
+            )
+            server, port, _ = build_server(
+                "127.0.0.1:0",
+                [lambda s, v=servicer: pb_grpc.add_SovereignNodeServiceServicer_to_server(v, s)],
+                [],
+            )
+            server.start()
+            stack.callback(lambda s=server: s.stop(None).wait())
+            received[node_id] = 0
+
+            def count_received(n: int, node_id: str = node_id) -> None:
+                received[node_id] += n
+
+            proxy = RemoteSovereignNode(
+                node_id,
+                node_id.upper(),
+                f"127.0.0.1:{port}",
+                model=SPEC,
+                consortium_id=CONSORTIUM,
+                timeout_s=120,
+                chunk_bytes=CHUNK_BYTES,
+                spill_dir=root / "spill",
+                count_received=count_received,
+            )
+            stack.callback(proxy.close)
+            proxies.append(proxy)
+        yield Served(proxies, received)
+
+
+def _policy(mix: str) -> ContributionPolicy:
+    if mix == "all accepted":
+        return ContributionPolicy(max_node_weight=1.0)
+    if mix == "some rejected":
+        return ContributionPolicy(quality_floor=0.5)
+    if mix == "norm-clipped, some rejected":
+        clipped = IntegrationStrategy(StrategyName.FEDAVG, clip_delta_norm=0.05)
+        return ContributionPolicy(quality_floor=0.5, strategy=clipped)
+    return ContributionPolicy(quality_floor=0.99)  # all rejected
+
+
+@pytest.mark.parametrize(
+    "mix", ["all accepted", "some rejected", "norm-clipped, some rejected", "all rejected"]
+)
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_streamed_integration_is_the_in_process_core_bit_for_bit(
+    tmp_path: Path, count: int, mix: str
+) -> None:
+    in_process = ConsortiumCoordinator(SPEC.build(SEED), _policy(mix))
+    nodes = [_node(f"n{i}", SCORES[i]) for i in range(count)]
+    expected = [in_process.run_round(nodes) for _ in range(2)]
+
+    streamed = ConsortiumCoordinator(SPEC.build(SEED), _policy(mix), copy_states=False)
+    with served_nodes(tmp_path, count) as served:
+        for want in expected:
+            got = streamed.run_round(served.proxies)
+            assert got.accepted_nodes == want.accepted_nodes
+            assert got.rejected_nodes == want.rejected_nodes
+            assert got.failed_nodes == {}
+            assert got.shared_base_sha256 == want.shared_base_sha256
+            assert state_digest(model_state(streamed.base_model)) == want.shared_base_sha256
+            # A delta crosses the wire only for a node the policy accepted, unless the policy
+            # weighs norms: a norm is measured from the bytes, never taken on trust.
+            delta_bytes = SPEC.build(SEED).state_dict()
+            size = sum(t.numel() * t.element_size() for t in delta_bytes.values())
+            fetched = want.accepted_nodes if "norm" not in mix else list(served.received)
+            for node_id, received in served.received.items():
+                assert received == (size if node_id in fetched else 0), node_id
+                served.received[node_id] = 0
+            # Accepted deltas' digests are recorded; rejected ones never arrived to be hashed.
+            for node_id, contribution in got.contributions.items():
+                assert bool(contribution.weight_delta_sha256) == (node_id in fetched)
+    if mix == "all rejected":
+        assert expected[-1].shared_base_sha256 == expected[0].previous_base_sha256
+
+
+def test_a_delta_cut_off_midway_fails_its_node_and_the_base_is_untouched(
+    tmp_path: Path,
+) -> None:
+    streamed = ConsortiumCoordinator(SPEC.build(SEED), ContributionPolicy(), copy_states=False)
+    before = state_digest(model_state(streamed.base_model))
+    with served_nodes(tmp_path, 1, cut={"n0": 3}) as served:
+        result = streamed.run_round(served.proxies)
+
+    assert result.accepted_nodes == []
+    assert list(result.failed_nodes) == ["n0"]
+    assert "link lost mid-delta" in result.failed_nodes["n0"]
+    assert result.shared_base_sha256 == before
+    assert state_digest(model_state(streamed.base_model)) == before
+    assert not any((tmp_path / "spill").glob("*.delta"))  # the partial spill is gone
+
+
+def test_a_cut_off_node_is_left_out_and_the_others_integrate_as_without_it(
+    tmp_path: Path,
+) -> None:
+    policy = ContributionPolicy(weighting="equal")
+    without = ConsortiumCoordinator(SPEC.build(SEED), policy)
+    expected = without.run_round([_node("n0", SCORES[0]), _node("n2", SCORES[2])])
+
+    streamed = ConsortiumCoordinator(SPEC.build(SEED), policy, copy_states=False)
+    with served_nodes(tmp_path, 3, cut={"n1": 2}) as served:
+        result = streamed.run_round(served.proxies)
+
+    assert result.accepted_nodes == ["n0", "n2"]
+    assert list(result.failed_nodes) == ["n1"]
+    # Weighed again without n1: each of the two counts 1/2, as if n1 had never answered.
+    assert result.contribution_weights == {"n0": 0.5, "n2": 0.5}
+    assert result.shared_base_sha256 == expected.shared_base_sha256
