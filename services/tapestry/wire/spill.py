@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
+from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.tensor_stream import StateAssembler, TensorSpec, tensor_from_bytes
 
 SPILL_ALIGN = 64
@@ -56,10 +57,16 @@ class SpilledState(Mapping[str, torch.Tensor]):
 
 
 class SpillingAssembler(StateAssembler):
-    """:class:`StateAssembler` with every check, writing the bytes to ``path``."""
+    """:class:`StateAssembler` with every check, writing the bytes to ``path`` (decoded:
+    an encoded delta is spilled as the tensors of its announced dtypes)."""
 
-    def __init__(self, path: Path, expected: Mapping[str, TensorSpec] | None = None) -> None:
-        super().__init__(expected)
+    def __init__(
+        self,
+        path: Path,
+        expected: Mapping[str, TensorSpec] | None = None,
+        encodings: Collection[DeltaEncoding] = (),
+    ) -> None:
+        super().__init__(expected, encodings)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -70,7 +77,7 @@ class SpillingAssembler(StateAssembler):
         # Each tensor starts on a 64-byte boundary, so the map of it is aligned for its dtype.
         self._base = -(-self._next // SPILL_ALIGN) * SPILL_ALIGN
 
-    def _write(self, offset: int, data: bytes) -> None:
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
         written = os.pwrite(self._fd, data, self._base + offset)
         if written != len(data):
             raise OSError(f"{self.path}: short write while spilling")
