@@ -19,6 +19,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium.tensors import DTYPES, state_digest, tensor_bytes
 from tapestry.wire.delta_encoding import (
     INT8_BLOCK,
+    SLAB,
     DeltaEncoding,
     decode,
     encode,
@@ -399,3 +400,22 @@ def test_float32_is_the_default_and_an_unknown_encoding_is_a_config_error() -> N
         "test.toml: delta_encoding: Input should be 'float32', 'bfloat16', 'float16' or "
         "'int8_block'"
     )
+
+
+@pytest.mark.parametrize("encoding", ENCODED, ids=str)
+def test_a_tensor_longer_than_a_slab_is_encoded_slab_by_slab_within_the_bound(
+    encoding: DeltaEncoding,
+) -> None:
+    sent = {"w": delta_like(torch.float32, (SLAB + INT8_BLOCK + 5,))}
+    messages = stream(sent, encoding, 1 << 20)
+    assert set(wire_encodings(messages).values()) != {pb.TENSOR_ENCODING_UNSPECIFIED}
+    received = assemble(messages, spec_of(sent), [encoding])
+    assert_within_bound(received["w"], sent["w"], encoding)
+
+
+def test_a_value_past_float16s_range_in_a_later_slab_still_sends_the_tensor_raw() -> None:
+    sent = {"w": torch.zeros(SLAB + 10)}
+    sent["w"][SLAB + 3] = 1e6
+    messages = stream(sent, DeltaEncoding.FLOAT16, 1 << 20)
+    assert set(wire_encodings(messages).values()) == {pb.TENSOR_ENCODING_UNSPECIFIED}
+    assert torch.equal(assemble(messages, spec_of(sent), [DeltaEncoding.FLOAT16])["w"], sent["w"])

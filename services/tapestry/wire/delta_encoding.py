@@ -36,6 +36,9 @@ INT8_BLOCK = 256
 (3.94x fewer bytes than float32), and a block is short enough that one large value costs
 precision to few others."""
 INT8_LEVELS = 127  # int8 values in [-127, 127]: symmetric, so -x encodes as -q
+SLAB = INT8_BLOCK * 4096
+"""Values encoded at a time (a whole number of blocks): the float32 working copies stay
+at a few MiB whatever the tensor's size, beside the one buffer of its encoded bytes."""
 SCALE_BYTES = 4
 FLOAT32_ROUNDOFF = 2.0**-24
 # Below this a bound's relative terms are meaningless (float32 subnormals); no delta of a
@@ -84,28 +87,41 @@ def encodes(encoding: DeltaEncoding, dtype: torch.dtype) -> bool:
     return size > 2 if encoding in _CAST_TYPES else size >= 2
 
 
-def encode(tensor: torch.Tensor, encoding: DeltaEncoding) -> bytes | None:
-    """``tensor``'s values in ``encoding``, or ``None`` when it must travel raw (see the
-    module docstring for when)."""
+def encode(tensor: torch.Tensor, encoding: DeltaEncoding) -> bytearray | None:
+    """``tensor``'s values in ``encoding`` (one buffer of :func:`encoded_nbytes`, filled
+    :data:`SLAB` values at a time), or ``None`` when it must travel raw (see the module
+    docstring for when)."""
     if not encodes(encoding, tensor.dtype) or tensor.numel() == 0:
         return None
     flat = tensor.detach().to("cpu").reshape(-1)
-    if not bool(torch.isfinite(flat).all()):
-        return None
+    count = flat.numel()
+    out = bytearray(encoded_nbytes(encoding, count))
     cast = _CAST_TYPES.get(encoding)
     if cast is not None:
-        # Through float32 first: one rounding path for float32 and float64 alike.
-        encoded = flat.to(torch.float32).to(cast)
-        if not bool(torch.isfinite(encoded).all()):
-            return None  # past the type's range: raw, never silently infinite
-        return encoded.view(torch.int16).numpy().tobytes()
-    return _int8_blocks(flat)
+        encoded = torch.frombuffer(out, dtype=cast)
+        for start in range(0, count, SLAB):
+            # Through float32 first: one rounding path for float32 and float64 alike.
+            piece = flat[start : start + SLAB].to(torch.float32).to(cast)
+            if not bool(torch.isfinite(piece).all()):
+                return None  # non-finite, or past the type's range: raw, never made infinite
+            encoded[start : start + piece.numel()] = piece
+        return out
+    blocks = math.ceil(count / INT8_BLOCK)
+    scales = torch.frombuffer(out, dtype=torch.float32, count=blocks)
+    ints = torch.frombuffer(out, dtype=torch.int8, offset=SCALE_BYTES * blocks)
+    for start in range(0, count, SLAB):
+        piece = flat[start : start + SLAB].to(torch.float32)
+        if not bool(torch.isfinite(piece).all()):
+            return None  # non-finite, or a float64 value past float32's range
+        first = start // INT8_BLOCK
+        piece_scales, piece_ints = _int8_slab(piece)
+        scales[first : first + piece_scales.numel()] = piece_scales
+        ints[start : start + piece.numel()] = piece_ints
+    return out
 
 
-def _int8_blocks(flat: torch.Tensor) -> bytes | None:
-    values = flat.to(torch.float32)  # (n,)
-    if not bool(torch.isfinite(values).all()):
-        return None  # a float64 value past float32's range
+def _int8_slab(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales and int8 values of ``values`` (float32, starting on a block boundary)."""
     count = values.numel()
     blocks = math.ceil(count / INT8_BLOCK)
     padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32)
@@ -114,8 +130,7 @@ def _int8_blocks(flat: torch.Tensor) -> bytes | None:
     scales = grid.abs().amax(dim=1) / INT8_LEVELS  # (blocks,)
     divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
     quantised = torch.round(grid / divisor[:, None]).clamp_(-INT8_LEVELS, INT8_LEVELS)
-    ints = quantised.to(torch.int8).reshape(-1)[:count]
-    return scales.numpy().tobytes() + ints.numpy().tobytes()
+    return scales, quantised.to(torch.int8).reshape(-1)[:count]
 
 
 def decoded_scales(data: bytes, dtype: torch.dtype) -> torch.Tensor:
