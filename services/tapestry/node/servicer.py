@@ -142,7 +142,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
                 abort(context, error)
-            log.info("round %d: artifact stored, streaming the delta", round_num)
+            log.info(
+                "round %d: artifact stored, streaming the delta (%s)", round_num, encoding.value
+            )
             sending = SendDeadline(self._limits.send_timeout_s, lambda: self._drop(context))
             yield pb.RunSovereignCycleResponse(result=header)
             for message in send_state(
