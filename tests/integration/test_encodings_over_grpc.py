@@ -10,12 +10,10 @@ import urllib.request
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tapestry.config import NodeConfig, load_config
-from tapestry.node.corpus import load_node_corpus
-from tapestry.training.consortium import ModelSpec, SovereignTrainingNode
+from tapestry.training.consortium import ModelSpec
 from tapestry.wire.delta_encoding import INT8_BLOCK, DeltaEncoding, error_bound
 
-from .conftest import CORPORA
+from .conftest import CORPORA, core_node
 
 NODES = list(CORPORA)
 # tiny-causal, vocab 256, hidden 32: embedding and lm_head weights (256 x 32) and bias (256)
@@ -62,26 +60,12 @@ def test_an_int8_round_moves_the_deltas_in_3_5x_fewer_bytes_within_the_bound(
     # Each node's exact delta, as the in-process core computes it from the same seeds and
     # corpora: the served base is base + sum w_i * decoded delta_i, so it lies within
     # sum w_i * bound_i (plus float32 rounding of the sum) of base + sum w_i * delta_i.
-    spec, seed = ModelSpec(), consortium.seed
     expected = {name: tensor.clone() for name, tensor in before.items()}
     allowed = {
         name: torch.zeros(tensor.numel(), dtype=torch.float64) for name, tensor in before.items()
     }
     for node_id in NODES:
-        config = load_config(consortium.node_config_path(node_id), NodeConfig)
-        corpus = load_node_corpus(config)
-        node = SovereignTrainingNode(
-            node_id,
-            config.jurisdiction,
-            spec.build(seed),
-            corpus.training,
-            config.quality_score,
-            config.training.local_epochs,
-            config.training.lr,
-            config.training.batch_size,
-            seed=seed,
-            heldout_corpus=corpus.heldout,
-        )
+        node = core_node(consortium, node_id, ModelSpec())
         delta = node.run_sovereign_cycle(1, before).contribution.weight_delta
         weight = result.contribution_weights[node_id]
         for name, values in delta.items():
