@@ -322,6 +322,11 @@ HOSTILE: dict[str, tuple[pb.TensorChunk, str]] = {
         "int8 block 0 has scale 600.0: a scale must be finite, >= 0 and at most 515.78 "
         "(max of torch.float16 / 127)",
     ),
+    "a float64 tensor's scale is float32: bounded by float32's range": (
+        one_chunk(int8_bytes([1.0, float("inf")], [1] * 300), dtype="float64"),
+        "int8 block 1 has scale inf: a scale must be finite, >= 0 and at most 2.67939e+36 "
+        "(max of torch.float32 / 127)",
+    ),
     "an int8 value of -128": (
         one_chunk(int8_bytes([1.0, 1.0], [-128] + [0] * 299)),
         "an int8 value of -128, outside [-127, 127]",

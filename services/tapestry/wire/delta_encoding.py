@@ -138,13 +138,14 @@ def decoded_scales(data: bytes, dtype: torch.dtype) -> torch.Tensor:
     not finite, negative, or so large that 127 times it is past the range of ``dtype``
     (float32 for float64): no honest sender makes such a scale."""
     scales = torch.frombuffer(bytearray(data), dtype=torch.float32)
-    limit = float(torch.finfo(dtype if dtype.itemsize <= 4 else torch.float32).max) / INT8_LEVELS
+    bounding = dtype if dtype.itemsize <= 4 else torch.float32  # scales are float32
+    limit = float(torch.finfo(bounding).max) / INT8_LEVELS
     bad = ~torch.isfinite(scales) | (scales < 0) | (scales > limit)
     if bool(bad.any()):
         index = int(bad.nonzero()[0, 0])
         raise WireError(
             f"int8 block {index} has scale {float(scales[index])!r}: a scale must be finite, "
-            f">= 0 and at most {limit:.6g} (max of {dtype} / {INT8_LEVELS})"
+            f">= 0 and at most {limit:.6g} (max of {bounding} / {INT8_LEVELS})"
         )
     return scales
 
