@@ -152,7 +152,7 @@ def test_a_tensor_split_across_chunk_boundaries_decodes_as_in_one_piece(
         assert torch.equal(spilled["w"], whole["w"])
 
 
-@settings(max_examples=40)
+@settings(max_examples=40, deadline=None, derandomize=True)  # a loaded CI machine is slow
 @given(
     values=st.lists(
         st.floats(-1e4, 1e4, allow_nan=False, width=32) | st.just(0.0), min_size=1, max_size=700

@@ -137,6 +137,8 @@ def decoded_scales(data: bytes, dtype: torch.dtype) -> torch.Tensor:
     """The int8 blocks' scales from their bytes, refused (:class:`WireError`) when one is
     not finite, negative, or so large that 127 times it is past the range of ``dtype``
     (float32 for float64): no honest sender makes such a scale."""
+    if not data:  # an empty tensor has no blocks
+        return torch.empty(0, dtype=torch.float32)
     scales = torch.frombuffer(bytearray(data), dtype=torch.float32)
     bounding = dtype if dtype.itemsize <= 4 else torch.float32  # scales are float32
     limit = float(torch.finfo(bounding).max) / INT8_LEVELS
