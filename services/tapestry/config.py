@@ -34,6 +34,11 @@ MAX_NODE_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_MEMBERS = 10_000
 
 
+# The names of tapestry.wire.delta_encoding.DeltaEncoding (that module imports torch; a test
+# keeps the two lists equal).
+DeltaEncodingName = Literal["float32", "bfloat16", "float16", "int8_block"]
+
+
 # Quality scores live in [0, 1] in a consortium run by the services: a member cannot report
 # more, and the policy refuses a contribution that claims more (DESIGN §5).
 MAX_QUALITY = 1.0
@@ -329,6 +334,10 @@ class ConsortiumConfig(_Strict):
     nodes: list[MemberConfig] = Field(min_length=1)
     node_timeout_s: float = Field(3600.0, gt=0, le=MAX_NODE_TIMEOUT_S)
     chunk_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)
+    # How nodes send their deltas' floating tensors: "float32" raw and exact; "bfloat16",
+    # "float16" or "int8_block" in fewer bytes within a stated error bound
+    # (tapestry.wire.delta_encoding; README, "Delta encodings").
+    delta_encoding: DeltaEncodingName = "float32"
     tls: TlsConfig | None = None
 
     @model_validator(mode="after")

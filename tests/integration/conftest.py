@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tapestry.config import NodeConfig, load_config
 from tapestry.launcher import LocalConsortium, LocalNodeSpec
+from tapestry.node.corpus import load_node_corpus
+from tapestry.training.consortium import ModelSpec, SovereignTrainingNode
 
 # Written for these tests: distinct per node, so their deltas differ.
 CORPORA = {
@@ -93,6 +96,27 @@ def shared_consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loca
         yield consortium
     finally:
         consortium.stop()
+
+
+def core_node(consortium: LocalConsortium, node_id: str, spec: ModelSpec) -> SovereignTrainingNode:
+    """The in-process core's twin of ``consortium``'s node ``node_id``: its seed, its
+    corpus split as the node splits it, its training settings, and ``spec`` (checked
+    against its file), so the twin's cycles give the node process's bits."""
+    config = load_config(consortium.node_config_path(node_id), NodeConfig)
+    assert config.model.spec() == spec
+    corpus = load_node_corpus(config)
+    return SovereignTrainingNode(
+        node_id,
+        config.jurisdiction,
+        spec.build(consortium.seed),
+        corpus.training,
+        config.quality_score,
+        config.training.local_epochs,
+        config.training.lr,
+        config.training.batch_size,
+        seed=consortium.seed,
+        heldout_corpus=corpus.heldout,
+    )
 
 
 def round_run(consortium: LocalConsortium, *args: str) -> subprocess.CompletedProcess[str]:

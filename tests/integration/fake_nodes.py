@@ -18,6 +18,7 @@ from tapestry.training.consortium.limits import MAX_PROGRESS_MESSAGES
 from tapestry.training.consortium.model import model_state
 from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire.codec import model_spec_to_proto, state_layout_to_proto
+from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state
 
 
@@ -90,6 +91,10 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
                 lambda t: pb.RunSovereignCycleResponse(delta_end=t),
                 sha256=digest,
                 chunk_bytes=4096,
+                # int8 blocks when the coordinator asked for raw float32 (CycleStart says so)
+                encoding=DeltaEncoding.INT8_BLOCK
+                if self.behaviour == "unasked-encoding"
+                else DeltaEncoding.FLOAT32,
             )
         )
         if self.behaviour == "truncated":

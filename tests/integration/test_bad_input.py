@@ -88,6 +88,14 @@ MALFORMED: dict[str, tuple[Callable[[], Stream], str]] = {
         lambda: [_start(), *_edit_chunk(_stream(_base()), 0, dtype="float128")],
         "unsupported dtype 'float128'",
     ),
+    "a base in an encoding (only a delta may be encoded)": (
+        lambda: [
+            _start(),
+            *_edit_chunk(_stream(_base()), 0, encoding=pb.TENSOR_ENCODING_INT8_BLOCK),
+        ],
+        "arrived in encoding 'int8_block'; this stream accepts raw tensors and these "
+        "encodings only: none",
+    ),
     "a tampered trailer digest": (
         lambda: [_start(), *_tampered_trailer(_stream(_base()))],
         "digest mismatch",

@@ -20,6 +20,8 @@ BEHAVIOURS = {
     "impostor": "invalid contribution: contribution claims node_id 'vietnam' but came from "
     "'impostor'",
     "tampered": "delta trailer digest differs from the announced one",
+    "unasked-encoding": "tensor 'embedding.weight' arrived in encoding 'int8_block'; this "
+    "stream accepts raw tensors and these encodings only: none",
 }
 
 

@@ -14,25 +14,23 @@ import torch
 from safetensors import safe_open
 
 from tapestry.atomic_files import load_state
-from tapestry.config import NodeConfig, build_config, load_config
+from tapestry.config import NodeConfig, build_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.remote_node import NodeMismatch, RemoteSovereignNode
 from tapestry.launcher import LocalConsortium
-from tapestry.node.corpus import load_node_corpus
 from tapestry.node.startup import SERVICE_NAME, build_node_server
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ContributionPolicy,
     ModelSpec,
     ModelState,
-    SovereignTrainingNode,
     state_digest,
 )
 from tapestry.training.consortium.model import GPT_TEST, load_model_state, model_state
 from tapestry.training.consortium.tensors import StateLayout, state_layout
 from tapestry.wire.grpc_plumbing import mark_serving
 
-from .conftest import POLICY, TRAINING, node_specs, write_corpora
+from .conftest import POLICY, TRAINING, core_node, node_specs, write_corpora
 from .fake_nodes import FakeNode, serve
 
 NODES = ["vietnam", "switzerland", "india"]
@@ -113,25 +111,7 @@ def test_a_tied_gpt_round_over_grpc_equals_the_core_and_stores_the_tie_once(gpt_
     assert EMBEDDING in served and HEAD not in served
     # The same seeds, corpora and settings, run by the in-process core.
     seed = consortium.seed
-    nodes = []
-    for node_id in NODES:
-        config = load_config(consortium.node_config_path(node_id), NodeConfig)
-        assert config.model.spec() == GPT_TEST
-        corpus = load_node_corpus(config)
-        nodes.append(
-            SovereignTrainingNode(
-                node_id,
-                config.jurisdiction,
-                GPT_TEST.build(seed),
-                corpus.training,
-                config.quality_score,
-                config.training.local_epochs,
-                config.training.lr,
-                config.training.batch_size,
-                seed=seed,
-                heldout_corpus=corpus.heldout,
-            )
-        )
+    nodes = [core_node(consortium, node_id, GPT_TEST) for node_id in NODES]
     core = ConsortiumCoordinator(GPT_TEST.build(seed), ContributionPolicy(**POLICY))
     expected = core.run_round(nodes).shared_base_state
     assert state_digest(served) == state_digest(expected) == result.shared_base_sha256

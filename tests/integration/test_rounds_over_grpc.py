@@ -6,18 +6,15 @@ import pytest
 import torch
 
 from tapestry.atomic_files import load_state, read_json
-from tapestry.config import NodeConfig, load_config
-from tapestry.node.corpus import load_node_corpus
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ContributionPolicy,
     ModelSpec,
-    SovereignTrainingNode,
     state_digest,
 )
 from tapestry.wire import codec
 
-from .conftest import POLICY
+from .conftest import POLICY, core_node
 
 NODES = ["vietnam", "switzerland", "india"]
 
@@ -97,24 +94,7 @@ def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
     # The same seeds, corpora (split as each node splits its own) and settings, run by the
     # in-process core.
     spec, seed = ModelSpec(), consortium.seed
-    nodes = []
-    for node_id in NODES:
-        config = load_config(consortium.node_config_path(node_id), NodeConfig)
-        corpus = load_node_corpus(config)
-        nodes.append(
-            SovereignTrainingNode(
-                node_id,
-                config.jurisdiction,
-                spec.build(seed),
-                corpus.training,
-                config.quality_score,
-                config.training.local_epochs,
-                config.training.lr,
-                config.training.batch_size,
-                seed=seed,
-                heldout_corpus=corpus.heldout,
-            )
-        )
+    nodes = [core_node(consortium, node_id, spec) for node_id in NODES]
     core = ConsortiumCoordinator(spec.build(seed), ContributionPolicy(**POLICY))
     core_rounds = [core.run_round(nodes) for _ in range(2)]
     expected = core.shared_base_state

@@ -427,3 +427,12 @@ def test_a_member_that_cannot_serve_its_cycle_is_reported_in_those_words(
             "If not, fix its address in the consortium file.",
         }[where]
     )
+
+
+def test_the_demo_refuses_a_delta_encoding_it_does_not_know() -> None:
+    result = _cli("demo", "--delta-encoding", "int4", "--rounds", "0")
+    assert result.exit_code == 2
+    assert _error_line(result) == (
+        "Error: Invalid value for '--delta-encoding': 'int4' is not one of 'float32', "
+        "'bfloat16', 'float16', 'int8_block'."
+    )

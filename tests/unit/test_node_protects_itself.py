@@ -407,3 +407,38 @@ def test_anything_but_a_decision_after_the_base_is_refused(node: Node) -> None:
         "WireError: after the base, the request stream must carry the coordinator's "
         "DeltaDecision and nothing else"
     )
+
+
+def _encoded_start(round_num: int, encoding: int) -> Request:
+    start = pb.CycleStart(round_num=round_num, consortium_id=CONSORTIUM)
+    start.delta_encoding = encoding  # type: ignore[assignment]
+    return Request(start=start)
+
+
+def test_a_delta_encoding_the_node_does_not_know_is_refused_and_changes_nothing(
+    node: Node, tmp_path: Path
+) -> None:
+    before = files_of(tmp_path)
+    error = node.refusal(iter([_encoded_start(3, 42), *_base_stream()]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == (
+        "WireError: CycleStart.delta_encoding must be one of TENSOR_ENCODING_UNSPECIFIED, "
+        "TENSOR_ENCODING_BFLOAT16, TENSOR_ENCODING_FLOAT16, TENSOR_ENCODING_INT8_BLOCK; got "
+        "enum number 42 (an encoding this node's release does not know)"
+    )
+    assert files_of(tmp_path) == before
+
+
+def test_a_node_asked_for_int8_blocks_sends_its_delta_in_them(node: Node) -> None:
+    replies = list(
+        node.stub.RunSovereignCycle(
+            iter([_encoded_start(3, pb.TENSOR_ENCODING_INT8_BLOCK), *_base_stream(), SEND]),
+            timeout=60,
+        )
+    )
+    chunks = [r.delta_chunk for r in replies if r.WhichOneof("item") == "delta_chunk"]
+    assert {c.name: c.encoding for c in chunks} == {
+        name: pb.TENSOR_ENCODING_INT8_BLOCK for name in _base()
+    }
+    numel = sum(t.numel() for t in _base().values())  # tiny-causal: 256 x 32 twice, 256
+    assert sum(len(c.data) for c in chunks) == numel + 4 * (numel // 256)

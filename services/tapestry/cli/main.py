@@ -16,13 +16,14 @@ import tempfile
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, Literal, NoReturn, ParamSpec, TypeVar
+from typing import Any, Literal, NoReturn, ParamSpec, TypeVar, get_args
 
 import click
 import grpc
 from click.core import ParameterSource
 
 from tapestry.address import check_address
+from tapestry.config import DeltaEncodingName
 from tapestry.errors import UserError
 from tapestry.wire.status import COORDINATOR, SERVER, describe_rpc_error
 
@@ -882,11 +883,19 @@ def certs_revoke(root: Path, node_id: str | None, operator: str | None) -> None:
     help="After the rounds, leave the consortium up until Ctrl-C or SIGTERM and write "
     "WORKDIR/endpoints.json (addresses, CA, operator and node credentials).",
 )
+@click.option(
+    "--delta-encoding",
+    type=click.Choice(get_args(DeltaEncodingName)),
+    default="float32",
+    show_default=True,
+    help="How nodes send their deltas (the consortium file's delta_encoding): float32 is "
+    "exact; bfloat16, float16 and int8_block take fewer bytes within a stated error bound.",
+)
 @_friendly_errors
-def demo(round_count: int, workdir: Path | None, keep_running: bool) -> None:
+def demo(round_count: int, workdir: Path | None, keep_running: bool, delta_encoding: str) -> None:
     """Start a coordinator and three nodes on 127.0.0.1 (mutual TLS, certificates made for
     the run) and run rounds over gRPC."""
     from tapestry.demo.run import run_demo
 
     workdir = workdir or Path(tempfile.mkdtemp(prefix="tapestry-demo-"))
-    run_demo(round_count, workdir, keep_running=keep_running)
+    run_demo(round_count, workdir, keep_running=keep_running, delta_encoding=delta_encoding)

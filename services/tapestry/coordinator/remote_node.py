@@ -30,6 +30,7 @@ from tapestry.training.consortium.model import ModelSpec, spec_differences
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressCallback
 from tapestry.training.consortium.tensors import StateLayout, known_digest, state_nbytes
 from tapestry.wire import codec
+from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.grpc_plumbing import node_channel
 from tapestry.wire.spill import SpillingAssembler
 from tapestry.wire.status import NODE, describe_rpc_error
@@ -110,6 +111,7 @@ class RemoteSovereignNode:
         server_check: ServerCertificateCheck | None = None,
         count_sent: ByteCount | None = None,
         count_received: ByteCount | None = None,
+        delta_encoding: DeltaEncoding = DeltaEncoding.FLOAT32,
     ) -> None:
         """``model`` is the consortium's model spec: before any weights are sent, the node
         must describe itself as ``node_id`` in ``jurisdiction`` training that model, and
@@ -121,7 +123,10 @@ class RemoteSovereignNode:
         (:func:`~tapestry.pki.layout.node_server_name`); ``server_check`` then refuses one
         whose certificate the CRL lists, which gRPC's handshake does not check.
         ``count_sent`` and ``count_received`` are told the tensor bytes of the base sent and
-        the delta received (the coordinator's metrics)."""
+        the delta received (the coordinator's metrics), as they travel. ``delta_encoding``
+        is asked of the node for its delta's floating tensors
+        (:mod:`tapestry.wire.delta_encoding`); its stream may hold raw tensors and that
+        encoding, nothing else, and is decoded as it arrives."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.address = address
@@ -134,6 +139,7 @@ class RemoteSovereignNode:
         self.server_check = server_check
         self._count_sent = count_sent
         self._count_received = count_received
+        self.delta_encoding = delta_encoding
         self._channel = node_channel(
             address, credentials, node_server_name(node_id) if credentials else None
         )
@@ -224,6 +230,7 @@ class RemoteSovereignNode:
                     consortium_id=self.consortium_id,
                     base_sha256=digest,
                     base_held=held,
+                    delta_encoding=codec.encoding_to_proto(self.delta_encoding),
                 )
             )
             if not held:
@@ -269,10 +276,11 @@ class RemoteSovereignNode:
         """Ask the node for its delta and receive it, checked chunk by chunk against the
         base's layout, spilled to disk when the proxy has a ``spill_dir``."""
         expected = spec_of(base_state)  # anything else is refused on arrival
+        encodings = [self.delta_encoding]  # raw, or the one this consortium asked for
         assembler = (
-            SpillingAssembler(self.spill_dir / f"{self.node_id}.delta", expected)
+            SpillingAssembler(self.spill_dir / f"{self.node_id}.delta", expected, encodings)
             if self.spill_dir is not None
-            else StateAssembler(expected)
+            else StateAssembler(expected, encodings)
         )
         try:
             _offer(decisions, True)

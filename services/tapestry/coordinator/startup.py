@@ -23,6 +23,7 @@ from tapestry.training.consortium.coordinator import ConsortiumCoordinator
 from tapestry.training.consortium.model import model_state
 from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire import codec
+from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.grpc_plumbing import build_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
@@ -110,6 +111,7 @@ def build_coordinator_server(
             server_check=security.server_check,
             count_sent=metrics.base_sent(member.node_id),
             count_received=metrics.delta_received(member.node_id),
+            delta_encoding=DeltaEncoding(config.delta_encoding),
         )
         for member in config.nodes
     ]

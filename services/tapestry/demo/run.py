@@ -16,16 +16,22 @@ from tapestry.demo import DEMO_NODES, DEMO_POLICY
 from tapestry.launcher import LocalConsortium
 
 
-def run_demo(round_count: int, workdir: Path, *, keep_running: bool = False) -> None:
+def run_demo(
+    round_count: int, workdir: Path, *, keep_running: bool = False, delta_encoding: str = "float32"
+) -> None:
     """Start the local consortium, run ``round_count`` rounds and stop it; with
     ``keep_running``, write ``<workdir>/endpoints.json`` and leave it up until SIGINT or
-    SIGTERM."""
+    SIGTERM. ``delta_encoding`` is the consortium file's (how nodes send their deltas)."""
     out = report.console()
     out.print(
         f"Tapestry demo: coordinator + {len(DEMO_NODES)} nodes on 127.0.0.1 (work folder {workdir})"
     )
     with LocalConsortium(
-        workdir, DEMO_NODES, consortium_id="tapestry-demo", policy=DEMO_POLICY
+        workdir,
+        DEMO_NODES,
+        consortium_id="tapestry-demo",
+        policy=DEMO_POLICY,
+        settings={"delta_encoding": delta_encoding},
     ) as consortium:
         for name, process in consortium.processes.items():
             out.print(f"  {name:<12} pid {process.popen.pid:<7} {process.address}")

@@ -33,6 +33,7 @@ from tapestry.training.consortium.tensors import (
     state_nbytes,
 )
 from tapestry.wire import codec
+from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
 
@@ -117,7 +118,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         sending: SendDeadline | None = None
         try:
             try:
-                round_num, base = self._receive_base(requests)
+                round_num, base, encoding = self._receive_base(requests)
                 log.info("round %d: base received, training", round_num)
                 received = CycleProgress(
                     CyclePhase.BASE_RECEIVED,
@@ -152,7 +153,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 log.info("round %d: the coordinator did not want the delta", round_num)
                 completed = True
                 return
-            log.info("round %d: streaming the delta", round_num)
+            log.info("round %d: streaming the delta (%s)", round_num, encoding.value)
             sending = SendDeadline(self._limits.send_timeout_s, lambda: self._drop(context))
             for message in send_state(
                 delta,
@@ -160,6 +161,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 lambda t: pb.RunSovereignCycleResponse(delta_end=t),
                 chunk_bytes=self._chunk_bytes,
                 on_bytes=self._metrics.delta_sent(),
+                encoding=encoding,
             ):
                 # Complete once the trailer is handed over: the caller may cancel the call
                 # as soon as it has it, before this generator is resumed again.
@@ -222,11 +224,13 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
 
     def _receive_base(
         self, requests: Iterator[pb.RunSovereignCycleRequest]
-    ) -> tuple[int, Mapping[str, torch.Tensor]]:
-        """The round number and the base, assembled against this node's own keys, dtypes
-        and shapes (so a peer cannot make it allocate more than one model). The start is
-        checked before any of the base is read (:func:`check_cycle_start`); what the base
-        must hold to be trained on is the core node's check, not this one's."""
+    ) -> tuple[int, Mapping[str, torch.Tensor], DeltaEncoding]:
+        """The round number, the base, assembled against this node's own keys, dtypes
+        and shapes (so a peer cannot make it allocate more than one model), and how to
+        encode the delta. The start is checked before any of the base is read
+        (:func:`check_cycle_start`; an encoding this release does not know is a
+        :class:`WireError`); what the base must hold to be trained on is the core node's
+        check, not this one's."""
         first = next(requests, None)
         if first is None or first.WhichOneof("item") != "start":
             raise WireError("the request stream must begin with a CycleStart message")
@@ -240,8 +244,12 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             max_round_gap=self._limits.max_round_gap,
         )
         start = first.start
+        try:
+            encoding = codec.encoding_from_proto(start.delta_encoding, "CycleStart.delta_encoding")
+        except ValueError as error:
+            raise WireError(f"{error} (an encoding this node's release does not know)") from None
         if start.base_held:
-            return start.round_num, self._held_base(start.base_sha256)
+            return start.round_num, self._held_base(start.base_sha256), encoding
         self._held = None  # dropped before a new base is assembled: one base at a time
         assembler = StateAssembler(self._expected)
         base = receive_state(
@@ -253,7 +261,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 f"announced ({quoted(start.base_sha256)})"
             )
         self._held = Snapshot(base, sha256=assembler.digest)
-        return start.round_num, self._held
+        return start.round_num, self._held, encoding
 
     def _held_base(self, sha256: str) -> Snapshot:
         """The base this node holds, once hashed again and found to be ``sha256`` (what it

@@ -39,6 +39,7 @@ from tapestry.training.consortium.strategies import (
     StrategyName,
 )
 from tapestry.training.consortium.tensors import StateLayout, state_digest
+from tapestry.wire.delta_encoding import DeltaEncoding
 
 
 def model_spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
@@ -185,6 +186,24 @@ _WEIGHTINGS = {
     ContributionWeighting.QUALITY: pb.CONTRIBUTION_WEIGHTING_QUALITY,
     ContributionWeighting.EQUAL: pb.CONTRIBUTION_WEIGHTING_EQUAL,
 }
+
+
+_ENCODINGS = {
+    DeltaEncoding.FLOAT32: pb.TENSOR_ENCODING_UNSPECIFIED,  # raw: each tensor's own bytes
+    DeltaEncoding.BFLOAT16: pb.TENSOR_ENCODING_BFLOAT16,
+    DeltaEncoding.FLOAT16: pb.TENSOR_ENCODING_FLOAT16,
+    DeltaEncoding.INT8_BLOCK: pb.TENSOR_ENCODING_INT8_BLOCK,
+}
+
+
+def encoding_to_proto(encoding: DeltaEncoding) -> pb.TensorEncoding.ValueType:
+    return _ENCODINGS[encoding]
+
+
+def encoding_from_proto(number: int, field: str = "encoding") -> DeltaEncoding:
+    """The encoding a wire number stands for (unset: raw, ``float32``); a number this
+    release does not know is a ``ValueError`` naming ``field``."""
+    return _lookup(_ENCODINGS, number, field, pb.TensorEncoding.Name)
 
 
 _STRATEGIES = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from tapestry.training.consortium.tensors import (
     StateStats,
     TensorMeasure,
 )
+from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.tensor_stream import StateAssembler, TensorSpec, tensor_from_bytes
 
 SPILL_ALIGN = 64
@@ -71,14 +72,20 @@ class SpilledState(Mapping[str, torch.Tensor]):
 
 
 class SpillingAssembler(StateAssembler):
-    """:class:`StateAssembler` with every check, writing the bytes to ``path``.
+    """:class:`StateAssembler` with every check, writing the bytes to ``path`` (decoded:
+    an encoded delta is spilled as the tensors of its announced dtypes).
 
     Bytes are staged block by block (:data:`NORM_BLOCK_ELEMENTS` elements) in one reused
     buffer, measured there (norm, finiteness) and written from it: each byte is touched
     once in memory, and the spilled file is never read back to check it."""
 
-    def __init__(self, path: Path, expected: Mapping[str, TensorSpec] | None = None) -> None:
-        super().__init__(expected)
+    def __init__(
+        self,
+        path: Path,
+        expected: Mapping[str, TensorSpec] | None = None,
+        encodings: Collection[DeltaEncoding] = (),
+    ) -> None:
+        super().__init__(expected, encodings)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -101,7 +108,7 @@ class SpillingAssembler(StateAssembler):
         floating = self._dtype.is_floating_point or self._dtype.is_complex
         self._tensor_measure = TensorMeasure() if floating else None
 
-    def _write(self, offset: int, data: bytes) -> None:
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             take = min(len(view), len(self._stage) - self._staged)

@@ -4,12 +4,18 @@ A state is sent tensor by tensor in key order, each cut into byte ranges of at m
 ``chunk_bytes``, and closed by a :class:`StateTrailer` (count, bytes, digest), so no message
 exceeds a few MiB whatever the model size, and a truncated or tampered stream is refused.
 Bytes from a peer are only ever reinterpreted as plain numbers: nothing is unpickled.
+
+A delta's floating tensors may travel encoded (:mod:`tapestry.wire.delta_encoding`): a
+chunk's ``encoding`` says how, its offsets and ``total_bytes`` count the encoded bytes, and
+the digest covers what travelled (each encoded tensor's encoding name and encoded bytes). A
+receiver accepts only the encodings it was told to expect and decodes as the bytes arrive,
+so what it assembles, in memory or spilled, is always a tensor of the announced dtype.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,6 +35,8 @@ from tapestry.training.consortium.tensors import (
     tensor_bytes,
     tensor_measure,
 )
+from tapestry.wire.codec import encoding_from_proto, encoding_to_proto
+from tapestry.wire.delta_encoding import Decoder, DeltaEncoding, encode, encoded_nbytes
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message limit
 
@@ -44,32 +52,43 @@ def spec_of(state: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
 
 
 def state_to_chunks(
-    state: Mapping[str, torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    state: Mapping[str, torch.Tensor],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    encoding: DeltaEncoding = DeltaEncoding.FLOAT32,
 ) -> Iterator[pb.TensorChunk]:
-    """Every tensor of ``state`` in sorted key order, as chunks of at most ``chunk_bytes``."""
-    for header, piece in _pieces(state, chunk_bytes):
+    """Every tensor of ``state`` in sorted key order, as chunks of at most ``chunk_bytes``
+    (the floating ones in ``encoding`` where it carries them)."""
+    for header, piece in _pieces(state, chunk_bytes, encoding):
         header.data = piece.tobytes()
         yield header
 
 
 def _pieces(
-    state: Mapping[str, torch.Tensor], chunk_bytes: int
+    state: Mapping[str, torch.Tensor], chunk_bytes: int, encoding: DeltaEncoding
 ) -> Iterator[tuple[pb.TensorChunk, memoryview]]:
-    """Each chunk's header (everything but ``data``) with a view of its bytes in the
-    tensor's own memory: the caller decides where the one copy into protobuf lands."""
+    """Each chunk's header (everything but ``data``) with a view of its bytes: in the
+    tensor's own memory when it travels raw, so the caller decides where the one copy into
+    protobuf lands; else in the tensor's encoded bytes (one transient buffer per tensor)."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     for name in sorted(state):
         tensor = state[name]
         dtype = dtype_name(tensor.dtype)
-        data = tensor_bytes(tensor)
+        encoded = encode(tensor, encoding)
+        data = tensor_bytes(tensor) if encoded is None else memoryview(encoded)
+        wire = encoding_to_proto(encoding if encoded is not None else DeltaEncoding.FLOAT32)
         shape = list(tensor.shape)
         total = len(data)
         offset = 0
         while True:  # an empty tensor still sends one (empty) chunk carrying its shape
             piece = data[offset : offset + chunk_bytes]
             header = pb.TensorChunk(
-                name=name, dtype=dtype, shape=shape, offset=offset, total_bytes=total
+                name=name,
+                dtype=dtype,
+                shape=shape,
+                offset=offset,
+                total_bytes=total,
+                encoding=wire,
             )
             yield header, piece
             offset += len(piece)
@@ -90,13 +109,15 @@ def send_state(
     sha256: str = "",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_bytes: ByteCount | None = None,
+    encoding: DeltaEncoding = DeltaEncoding.FLOAT32,
 ) -> Iterator[Message]:
     """The one sender of a tensor stream: every chunk of ``state`` (wrapped by ``chunk``),
     then its trailer (wrapped by ``end``) with count, bytes and digest.
 
     Pass ``sha256`` when the digest is already known (a committed base, a delta announced
     in a header); otherwise it is computed from the bytes as they go out, with no extra pass.
-    ``on_bytes`` is told each chunk's tensor bytes as it is handed to gRPC.
+    ``on_bytes`` is told each chunk's tensor bytes as it is handed to gRPC. With an
+    ``encoding`` (a delta), the floating tensors it carries travel encoded.
 
     ``chunk`` is given each chunk's header without its bytes; the bytes are then written
     into the message it returns (into the one ``TensorChunk`` its oneof holds), so they are
@@ -104,11 +125,17 @@ def send_state(
     """
     hasher = None if sha256 else StateHasher()
     count = total = 0
-    for header, piece in _pieces(state, chunk_bytes):
+    for header, piece in _pieces(state, chunk_bytes, encoding):
         if header.offset == 0:
             count, total = count + 1, total + header.total_bytes
             if hasher is not None:
-                hasher.tensor(header.name, header.dtype, header.shape, header.total_bytes)
+                hasher.tensor(
+                    header.name,
+                    header.dtype,
+                    header.shape,
+                    header.total_bytes,
+                    _encoding_label(encoding_from_proto(header.encoding)),
+                )
         if hasher is not None:
             hasher.data(piece)
         if on_bytes is not None:
@@ -118,6 +145,12 @@ def send_state(
         yield message
     digest = sha256 or (hasher.hexdigest() if hasher is not None else "")
     yield end(pb.StateTrailer(tensor_count=count, total_bytes=total, sha256=digest))
+
+
+def _encoding_label(encoding: DeltaEncoding) -> str:
+    """What the digest hashes of a tensor's encoding: nothing for a raw tensor (so a raw
+    stream's digest is the state's own :func:`state_digest`), else the encoding's name."""
+    return "" if encoding is DeltaEncoding.FLOAT32 else encoding.value
 
 
 def _chunk_inside(message: ProtoMessage) -> pb.TensorChunk:
@@ -166,17 +199,27 @@ class StateAssembler:
     tensors.StateStats`, on the result as ``stats``), so no check needs another.
     With ``expected`` (name -> dtype and shape), anything else is refused as it arrives, so a
     peer can neither send unexpected keys nor make the receiver allocate more than the
-    expected state's bytes.
+    expected state's bytes. ``encodings`` are those (besides raw) a tensor may arrive in;
+    an encoded tensor is decoded as its bytes arrive, into a tensor of its announced dtype.
     """
 
-    def __init__(self, expected: Mapping[str, TensorSpec] | None = None) -> None:
+    def __init__(
+        self,
+        expected: Mapping[str, TensorSpec] | None = None,
+        encodings: Collection[DeltaEncoding] = (),
+    ) -> None:
         self._expected = expected
+        self._encodings = frozenset(encodings) - {DeltaEncoding.FLOAT32}
         self._done: dict[str, TensorSpec] = {}
         self._total = 0
         self._name: str | None = None
         self._spec: TensorSpec | None = None
-        self._nbytes = 0
-        self._filled = 0
+        self._nbytes = 0  # of the tensor as assembled (decoded)
+        self._filled = 0  # bytes of the tensor received, as they travel
+        self._wire_nbytes = 0  # of the tensor as it travels: _nbytes unless encoded
+        self._wire_encoding = 0  # the tensor's TensorEncoding number
+        self._written = 0  # decoded bytes written
+        self._decoder: Decoder | None = None
         self._finished = False
         self._hasher = StateHasher()
         self._measure = StateMeasure()
@@ -202,18 +245,29 @@ class StateAssembler:
                 f"{_shape(chunk.shape)} but the "
                 f"tensor began as {dtype_name(self._spec.dtype)} {_shape(self._spec.shape)}"
             )
+        if chunk.encoding != self._wire_encoding:
+            raise WireError(
+                f"tensor {quoted(chunk.name)}: chunk encoding {int(chunk.encoding)} differs "
+                f"from the encoding {self._wire_encoding} its first chunk announced"
+            )
         if chunk.offset != self._filled:
             raise WireError(
                 f"tensor {quoted(chunk.name)}: chunk at byte {chunk.offset}, expected byte "
                 f"{self._filled} (chunks must arrive in order, without gaps or overlaps)"
             )
         end = self._filled + len(data)
-        if end > self._nbytes:
+        if end > self._wire_nbytes:
             raise WireError(
                 f"tensor {quoted(chunk.name)}: {end} bytes received, more than its "
-                f"{self._nbytes} bytes"
+                f"{self._wire_nbytes} bytes"
             )
-        self._write(self._filled, data)
+        if self._decoder is None:
+            self._write(self._filled, data)
+            self._written = end
+        else:
+            values = tensor_bytes(self._decoder.feed(data))
+            self._write(self._written, values)
+            self._written += len(values)
         self._hasher.data(data)
         self._filled = end
 
@@ -270,27 +324,54 @@ class StateAssembler:
                     f"tensor {quoted(name)}: expected {dtype_name(want.dtype)} {want.shape}, "
                     f"got {quoted(chunk.dtype)} {_shape(shape)}"
                 )
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if chunk.total_bytes != nbytes:
+        encoding = self._encoding_of(chunk)
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if encoding is DeltaEncoding.FLOAT32:
+            wire, decoder, how = nbytes, None, ""
+        else:
+            wire, how = encoded_nbytes(encoding, numel), f" in {encoding.value}"
+            decoder = Decoder(encoding, dtype, numel)  # refuses a dtype it cannot carry
+        if chunk.total_bytes != wire:
             raise WireError(
                 f"tensor {quoted(name)}: total_bytes {chunk.total_bytes} does not match "
-                f"{quoted(chunk.dtype)} {_shape(shape)} ({_number(nbytes)} bytes)"
+                f"{quoted(chunk.dtype)} {_shape(shape)}{how} ({_number(wire)} bytes)"
             )
         self._name, self._spec = name, TensorSpec(dtype, shape)
-        self._hasher.tensor(name, chunk.dtype, shape, nbytes)
-        self._nbytes, self._filled = nbytes, 0
+        self._hasher.tensor(name, chunk.dtype, shape, wire, _encoding_label(encoding))
+        self._nbytes, self._wire_nbytes, self._wire_encoding = nbytes, wire, chunk.encoding
+        self._filled = self._written = 0
+        self._decoder = decoder
         self._begin(nbytes)
+
+    def _encoding_of(self, chunk: pb.TensorChunk) -> DeltaEncoding:
+        """The chunk's encoding, refused unless raw or one this stream accepts."""
+        try:
+            encoding = encoding_from_proto(chunk.encoding)
+        except ValueError as error:
+            raise WireError(f"tensor {quoted(chunk.name)}: {error}") from None
+        if encoding is not DeltaEncoding.FLOAT32 and encoding not in self._encodings:
+            accepted = ", ".join(sorted(e.value for e in self._encodings)) or "none"
+            raise WireError(
+                f"tensor {quoted(chunk.name)} arrived in encoding {encoding.value!r}; this "
+                f"stream accepts raw tensors and these encodings only: {accepted}"
+            )
+        return encoding
 
     def _close_current(self) -> None:
         if self._name is None or self._spec is None:
             return
-        if self._filled != self._nbytes:
+        if self._filled != self._wire_nbytes:
             raise WireError(
-                f"tensor {quoted(self._name)} truncated: {self._filled} of {self._nbytes} bytes"
+                f"tensor {quoted(self._name)} truncated: {self._filled} of "
+                f"{self._wire_nbytes} bytes"
             )
+        if self._decoder is not None:
+            self._decoder.finish()
+            self._decoder = None
         self._end(self._name, self._spec)
         self._done[self._name] = self._spec
-        self._total += self._nbytes
+        self._total += self._wire_nbytes
         self._name, self._spec = None, None
 
     # Where the bytes go: memory here, a scratch file in SpillingAssembler. ---------------
@@ -301,7 +382,7 @@ class StateAssembler:
         # announces a huge tensor costs nothing until it sends the bytes.
         self._buffer = bytearray(nbytes) if self._expected is not None else bytearray()
 
-    def _write(self, offset: int, data: bytes) -> None:
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
         self._buffer[offset : offset + len(data)] = data
 
     def _end(self, name: str, spec: TensorSpec) -> None:

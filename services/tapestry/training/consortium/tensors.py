@@ -59,8 +59,14 @@ class StateHasher:
     def __init__(self) -> None:
         self._sha = hashlib.sha256()
 
-    def tensor(self, name: str, dtype: str, shape: Sequence[int], nbytes: int) -> None:
+    def tensor(
+        self, name: str, dtype: str, shape: Sequence[int], nbytes: int, encoding: str = ""
+    ) -> None:
+        """Announce a tensor of ``nbytes`` bytes; ``encoding`` names how its bytes encode
+        its values when they are not its own (a delta on the wire), and is then hashed too."""
         header = f"{name}\0{dtype}\0{list(shape)}\0".encode()
+        if encoding:
+            header += f"{encoding}\0".encode()
         self._sha.update(len(header).to_bytes(8, "little"))
         self._sha.update(header)
         self._sha.update(nbytes.to_bytes(8, "little"))
