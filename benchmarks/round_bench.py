@@ -48,6 +48,7 @@ from loopback import mutual_tls, transfer_seconds
 from tapestry.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.training.consortium import ConsortiumCoordinator, SovereignTrainingNode
 from tapestry.training.consortium.model import ModelSpec
+from tapestry.wire.delta_encoding import DeltaEncoding
 
 VOCAB = 256
 SEED = 2026
@@ -120,20 +121,27 @@ def machine() -> dict[str, Any]:
 
 
 @contextmanager
-def consortium(root: Path, hidden: int, nodes: int, trainer: str) -> Iterator[LocalConsortium]:
+def consortium(
+    root: Path, hidden: int, nodes: int, trainer: str, encoding: str = "float32"
+) -> Iterator[LocalConsortium]:
     corpus = root / "corpus.txt"
     corpus.write_text(CORPUS_LINE * 16)
     training = {**TRAINING, "trainer": trainer}
     specs = [LocalNodeSpec(f"n{i}", f"J{i}", 0.9, [corpus], training) for i in range(nodes)]
     model = {"architecture": "tiny-causal", "vocab_size": VOCAB, "hidden_size": hidden}
-    with LocalConsortium(root / "c", specs, model=model, seed=SEED, metrics=True) as local:
+    settings = {"delta_encoding": encoding}
+    with LocalConsortium(
+        root / "c", specs, model=model, seed=SEED, metrics=True, settings=settings
+    ) as local:
         yield local
 
 
-def served_rounds(root: Path, hidden: int, nodes: int, rounds: int, trainer: str) -> dict[str, Any]:
+def served_rounds(
+    root: Path, hidden: int, nodes: int, rounds: int, trainer: str, encoding: str
+) -> dict[str, Any]:
     """Rounds through the services; the peak RSS of every process once they are done."""
     walls, slowest, overhead = [], [], []
-    with consortium(root, hidden, nodes, trainer) as local:
+    with consortium(root, hidden, nodes, trainer, encoding) as local:
         url = local.metrics_url("coordinator")
         with local.client() as client:
             for _ in range(rounds):
@@ -200,7 +208,7 @@ def one_run(params: int, nodes: int, args: argparse.Namespace) -> dict[str, Any]
     print(f"{actual:,} params (H={hidden}), {nodes} nodes", file=sys.stderr)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="round-bench-") as tmp:
-        served = served_rounds(Path(tmp), hidden, nodes, args.rounds, args.trainer)
+        served = served_rounds(Path(tmp), hidden, nodes, args.rounds, args.trainer, args.encoding)
     tls = served.pop("_tls")
     wire = served["wire_bytes"]
     plain = statistics.median(transfer_seconds(wire, None) for _ in range(3))
@@ -253,7 +261,7 @@ def main() -> None:
     parser.add_argument("--params", nargs="+", default=["1M", "25M", "100M", "400M"])
     parser.add_argument("--nodes", nargs="+", type=int, default=[3, 8])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--encoding", choices=["float32"], default="float32")
+    parser.add_argument("--encoding", choices=[e.value for e in DeltaEncoding], default="float32")
     parser.add_argument("--trainer", choices=["synthetic", "real"], default="synthetic")
     parser.add_argument("--json", type=Path, help="append one object per run to this list")
     parser.add_argument("--table", type=Path, help="print this --json file as Markdown, run none")
