@@ -28,6 +28,7 @@ from tapestry.training.consortium.node import SovereignTrainingNode
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressThrottle
 from tapestry.training.consortium.tensors import (
     Snapshot,
+    known_stats,
     state_digest,
     state_layout,
     state_nbytes,
@@ -260,7 +261,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 f"the base's digest {assembler.digest} differs from the one its CycleStart "
                 f"announced ({quoted(start.base_sha256)})"
             )
-        self._held = Snapshot(base, sha256=assembler.digest)
+        self._held = Snapshot(base, sha256=assembler.digest, stats=known_stats(base))
         return start.round_num, self._held, encoding
 
     def _held_base(self, sha256: str) -> Snapshot:

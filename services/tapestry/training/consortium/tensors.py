@@ -139,11 +139,16 @@ def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class Snapshot(dict[str, torch.Tensor]):
     """A model state that knows its :func:`state_digest` (``sha256``), so the many receivers
-    of one round's base need not hash it again. Still a plain ``ModelState`` dict."""
+    of one round's base need not hash it again, and, when it was measured as it arrived,
+    its :class:`StateStats` (``stats``), so its checks need no pass over it. Still a plain
+    ``ModelState`` dict."""
 
-    def __init__(self, state: Mapping[str, torch.Tensor], *, sha256: str) -> None:
+    def __init__(
+        self, state: Mapping[str, torch.Tensor], *, sha256: str, stats: StateStats | None = None
+    ) -> None:
         super().__init__(state)
         self.sha256 = sha256
+        self.stats = stats
 
 
 def known_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -224,10 +229,9 @@ class TensorMeasure:
         self.finite = True
 
     def block(self, values: torch.Tensor) -> None:
-        wide = torch.complex128 if values.is_complex() else torch.float64
-        norm = float(torch.linalg.vector_norm(values, dtype=wide))
-        self.square_sum += norm * norm  # past float range: inf (** would raise)
-        if self.finite and not finite(values):
+        square_sum = _square_sum(values)
+        self.square_sum += square_sum
+        if self.finite and not _finite_block(values, square_sum):
             self.finite = False
 
 
@@ -319,10 +323,29 @@ def finite(tensor: torch.Tensor) -> bool:
     (:data:`NORM_BLOCK_ELEMENTS`), so the check's temporaries stay a few MiB however large
     the tensor."""
     flat = tensor.detach().reshape(-1)
-    return all(
-        bool(torch.isfinite(flat[start : start + NORM_BLOCK_ELEMENTS]).all())
-        for start in range(0, flat.numel(), NORM_BLOCK_ELEMENTS)
-    )
+    for start in range(0, flat.numel(), NORM_BLOCK_ELEMENTS):
+        block = flat[start : start + NORM_BLOCK_ELEMENTS]
+        if not _finite_block(block, _square_sum(block)):
+            return False
+    return True
+
+
+def _square_sum(values: torch.Tensor) -> float:
+    """Σ|x|² of a block in float64 (complex128 for complex entries): one dot product, the
+    one formula every measure of a state shares."""
+    if values.is_complex():
+        wide = values.to(torch.complex128)
+        return float(torch.vdot(wide, wide).real)
+    wide = values.to(torch.float64)
+    return float(torch.dot(wide, wide))
+
+
+def _finite_block(values: torch.Tensor, square_sum: float) -> bool:
+    """Whether a block's entries are finite, given its :func:`_square_sum`: a finite sum
+    says so at once (a NaN or Inf entry makes it NaN or Inf); only a sum that is not finite
+    needs a look at the entries, since float64 squares of finite float64 values can
+    overflow (those of every narrower dtype cannot, over a block)."""
+    return math.isfinite(square_sum) or bool(torch.isfinite(values).all())
 
 
 def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
