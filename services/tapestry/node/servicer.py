@@ -22,9 +22,9 @@ from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.node.guard import CycleRefused, check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.training.consortium.limits import NODE_PROGRESS_REPORTS
-from tapestry.training.consortium.messages import SovereignCycleResult
+from tapestry.training.consortium.messages import SovereignCycleResult, SovereignModelArtifact
 from tapestry.training.consortium.model import ModelSpec, model_state
-from tapestry.training.consortium.node import SovereignTrainingNode
+from tapestry.training.consortium.node import Persist, SovereignTrainingNode
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressThrottle
 from tapestry.training.consortium.tensors import (
     Snapshot,
@@ -126,18 +126,22 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 )
                 yield pb.RunSovereignCycleResponse(progress=codec.cycle_progress_to_proto(received))
                 started = time.perf_counter()
-                result = yield from self._train(round_num, base)
-                # The core's own work (what the in-process round also does); the benchmark
-                # reads it to split a round into training and the services' overhead.
-                log.info("round %d: cycle took %.6f s", round_num, time.perf_counter() - started)
+                persisting = _Timed(self._store.save)
+                # Persisted inside the cycle, straight from the model's own tensors (no copy
+                # of the trained model is kept in memory), and before replying: a
+                # contribution is only sent for a model we keep.
+                result = yield from self._train(round_num, base, persisting)
+                # The core's own work (what the in-process round also does, so the artifact's
+                # save is left out); the benchmark reads it to split a round into training
+                # and the services' overhead.
+                took = time.perf_counter() - started - persisting.seconds
+                log.info("round %d: cycle took %.6f s", round_num, took)
+                log.info("round %d: artifact saved in %.6f s", round_num, persisting.seconds)
                 self._metrics.trained(round_num, result.contribution)
-                # Persist before replying: a contribution is only sent for a model we keep.
-                artifact = self._store.save(result.artifact)
                 delta = result.contribution.weight_delta
                 # The delta's digest goes in its trailer, hashed as it streams: announcing
                 # it in the header would cost a whole extra pass over the delta.
                 header = codec.cycle_result_to_proto(result, "")
-                header.artifact.CopyFrom(codec.artifact_to_proto(artifact))
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
                 abort(context, error)
@@ -164,14 +168,14 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             self._busy.release()
 
     def _train(
-        self, round_num: int, base: Mapping[str, torch.Tensor]
+        self, round_num: int, base: Mapping[str, torch.Tensor], persist: Persist
     ) -> Generator[pb.RunSovereignCycleResponse, None, SovereignCycleResult]:
-        """The core node's cycle; its training reports, throttled (at most one every
-        0.5 s, :data:`NODE_PROGRESS_REPORTS` in all, and the last step), are yielded as they
-        come, before the result."""
+        """The core node's cycle, its artifact stored by ``persist``; its training reports,
+        throttled (at most one every 0.5 s, :data:`NODE_PROGRESS_REPORTS` in all, and the
+        last step), are yielded as they come, before the result."""
         reports = reporting(
             lambda on_progress: self._node.run_sovereign_cycle(
-                round_num, base, on_progress=on_progress
+                round_num, base, on_progress=on_progress, persist=persist
             ),
             ProgressThrottle(max_reports=NODE_PROGRESS_REPORTS),
         )
@@ -238,3 +242,18 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 "send the base"
             )
         return held
+
+
+class _Timed:
+    """``persist`` that also adds up the seconds it took (the save, apart from training)."""
+
+    def __init__(self, persist: Persist) -> None:
+        self._persist = persist
+        self.seconds = 0.0
+
+    def __call__(self, artifact: SovereignModelArtifact) -> SovereignModelArtifact:
+        started = time.perf_counter()
+        try:
+            return self._persist(artifact)
+        finally:
+            self.seconds += time.perf_counter() - started
