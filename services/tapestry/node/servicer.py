@@ -8,6 +8,8 @@ import logging
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -27,16 +29,17 @@ from tapestry.training.consortium.model import ModelSpec, model_state
 from tapestry.training.consortium.node import Persist, SovereignTrainingNode
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressThrottle
 from tapestry.training.consortium.tensors import (
-    Snapshot,
     state_digest,
     state_layout,
     state_nbytes,
 )
 from tapestry.wire import codec
+from tapestry.wire.spill import SpillingAssembler
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
 
 log = logging.getLogger(__name__)
+HELD_BASE = "held-base.spill"
 
 
 class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
@@ -49,10 +52,13 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         limits: NodeLimits | None = None,
         chunk_bytes: int = 1 << 20,
         metrics: NodeMetrics | None = None,
+        scratch_dir: Path | None = None,
     ) -> None:
         """``consortium_id`` is the one this node serves; ``limits`` bound what a caller
         may ask of it (:class:`~tapestry.config.NodeLimits`); cycles are counted in
-        ``metrics``."""
+        ``metrics``. With ``scratch_dir`` the received base is kept in a file there
+        (:data:`HELD_BASE`) and read back a tensor at a time, not held in memory: the
+        node's peak is then its model, its optimizer state and the delta."""
         self._node = node
         self._spec = spec
         self._store = store
@@ -65,8 +71,13 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         self._busy = threading.Lock()
         self._metrics = metrics or NodeMetrics()
         # The base of the last cycle, kept so an unchanged base need not cross the wire
-        # again (the coordinator reads its digest in Describe); one model's worth.
-        self._held: Snapshot | None = None
+        # again (the coordinator reads its digest in Describe); one model's worth, on disk
+        # with a scratch directory.
+        self._held: _Held | None = None
+        self._scratch = scratch_dir
+        if scratch_dir is not None:
+            scratch_dir.mkdir(parents=True, exist_ok=True)
+            (scratch_dir / HELD_BASE).unlink(missing_ok=True)  # a base held before a restart
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
@@ -220,7 +231,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         if start.base_held:
             return start.round_num, self._held_base(start.base_sha256)
         self._held = None  # dropped before a new base is assembled: one base at a time
-        assembler = StateAssembler(self._expected)
+        assembler = self._assembler()
         base = receive_state(
             requests, "base_chunk", "base_end", assembler, self._metrics.base_received()
         )
@@ -229,19 +240,28 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 f"the base's digest {assembler.digest} differs from the one its CycleStart "
                 f"announced ({quoted(start.base_sha256)})"
             )
-        self._held = Snapshot(base, sha256=assembler.digest)
-        return start.round_num, self._held
+        self._held = _Held(base, assembler.digest)
+        return start.round_num, base
 
-    def _held_base(self, sha256: str) -> Snapshot:
+    def _assembler(self) -> StateAssembler:
+        """Where the next base goes: memory, or a fresh file in the scratch directory (a
+        new file, never one truncated under a map of the last base)."""
+        if self._scratch is None:
+            return StateAssembler(self._expected)
+        path = self._scratch / HELD_BASE
+        path.unlink(missing_ok=True)
+        return SpillingAssembler(path, self._expected)
+
+    def _held_base(self, sha256: str) -> Mapping[str, torch.Tensor]:
         """The base this node holds, once hashed again and found to be ``sha256`` (what it
         trains from must be exactly the round's base, however long it was held)."""
         held = self._held
-        if held is None or not sha256 or state_digest(held) != sha256:
+        if held is None or not sha256 or state_digest(held.state) != sha256:
             raise CycleRefused(
                 f"node {self._node.node_id!r} holds no base with digest {quoted(sha256)}; "
                 "send the base"
             )
-        return held
+        return held.state
 
 
 class _Timed:
@@ -257,3 +277,11 @@ class _Timed:
             return self._persist(artifact)
         finally:
             self.seconds += time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class _Held:
+    """The base of the last cycle (in memory, or a :class:`SpilledState`) and its digest."""
+
+    state: Mapping[str, torch.Tensor]
+    sha256: str
