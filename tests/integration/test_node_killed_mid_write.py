@@ -30,7 +30,7 @@ CURRENT = re.compile(r"round-\d{6}")
 ASIDE = re.compile(r"round-\d{6}\.superseded-[0-9a-f]{16}")
 FILES = {"model.safetensors", "manifest.json"}
 NODES = ["vietnam", "switzerland", "india"]
-SCRATCH_BASE = Path("scratch", HELD_BASE)
+SCRATCH_BASE = re.compile(HELD_BASE.replace(".", r"\.").format(r"\d+"))
 
 
 def layout_problems(data_dir: Path) -> list[str]:
@@ -39,7 +39,7 @@ def layout_problems(data_dir: Path) -> list[str]:
     for path in sorted(data_dir.rglob("*")):
         relative = path.relative_to(data_dir)
         parts = relative.parts
-        if parts == ("scratch",) or relative == SCRATCH_BASE:
+        if parts == ("scratch",) or (parts[0] == "scratch" and SCRATCH_BASE.fullmatch(parts[1])):
             continue  # the base of the last cycle (not an artifact), removed at start-up
         if parts[0] != "artifacts":
             problems.append(f"{relative}: not the artifact store's")

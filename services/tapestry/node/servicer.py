@@ -4,6 +4,7 @@ stream back only the delta within its deadline."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -34,12 +35,12 @@ from tapestry.training.consortium.tensors import (
     state_nbytes,
 )
 from tapestry.wire import codec
-from tapestry.wire.spill import SpillingAssembler
+from tapestry.wire.spill import SpilledState, SpillingAssembler
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
 
 log = logging.getLogger(__name__)
-HELD_BASE = "held-base.spill"
+HELD_BASE = "held-base-{}.spill"  # in the scratch directory, numbered by arrival
 
 
 class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
@@ -58,7 +59,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         may ask of it (:class:`~tapestry.config.NodeLimits`); cycles are counted in
         ``metrics``. With ``scratch_dir`` the received base is kept in a file there
         (:data:`HELD_BASE`) and read back a tensor at a time, not held in memory: the
-        node's peak is then its model, its optimizer state and the delta."""
+        node's peak is then its model, its optimizer state and the delta. A base that does
+        not arrive whole then leaves the one held before in place (in memory it is dropped
+        first, so that the node never holds two)."""
         self._node = node
         self._spec = spec
         self._store = store
@@ -75,9 +78,11 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         # with a scratch directory.
         self._held: _Held | None = None
         self._scratch = scratch_dir
+        self._arrivals = itertools.count(1)
         if scratch_dir is not None:
             scratch_dir.mkdir(parents=True, exist_ok=True)
-            (scratch_dir / HELD_BASE).unlink(missing_ok=True)  # a base held before a restart
+            for stale in scratch_dir.glob(HELD_BASE.format("*")):  # held before a restart
+                stale.unlink()
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
@@ -230,27 +235,30 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         start = first.start
         if start.base_held:
             return start.round_num, self._held_base(start.base_sha256)
-        self._held = None  # dropped before a new base is assembled: one base at a time
-        assembler = self._assembler()
-        base = receive_state(
-            requests, "base_chunk", "base_end", assembler, self._metrics.base_received()
-        )
-        if start.base_sha256 and assembler.digest != start.base_sha256:
-            raise WireError(
-                f"the base's digest {assembler.digest} differs from the one its CycleStart "
-                f"announced ({quoted(start.base_sha256)})"
-            )
-        self._held = _Held(base, assembler.digest)
-        return start.round_num, base
-
-    def _assembler(self) -> StateAssembler:
-        """Where the next base goes: memory, or a fresh file in the scratch directory (a
-        new file, never one truncated under a map of the last base)."""
         if self._scratch is None:
-            return StateAssembler(self._expected)
-        path = self._scratch / HELD_BASE
-        path.unlink(missing_ok=True)
-        return SpillingAssembler(path, self._expected)
+            self._held = None  # dropped before a new base is assembled: one base at a time
+            assembler = StateAssembler(self._expected)
+        else:  # a new file: the held one stays whole, and no map of it is truncated
+            path = self._scratch / HELD_BASE.format(next(self._arrivals))
+            assembler = SpillingAssembler(path, self._expected)
+        try:
+            base = receive_state(
+                requests, "base_chunk", "base_end", assembler, self._metrics.base_received()
+            )
+            if start.base_sha256 and assembler.digest != start.base_sha256:
+                raise WireError(
+                    f"the base's digest {assembler.digest} differs from the one its "
+                    f"CycleStart announced ({quoted(start.base_sha256)})"
+                )
+        except BaseException:
+            if isinstance(assembler, SpillingAssembler):
+                assembler.close()
+                assembler.path.unlink(missing_ok=True)
+            raise
+        earlier, self._held = self._held, _Held(base, assembler.digest)
+        if earlier is not None and isinstance(earlier.state, SpilledState):
+            earlier.state.discard()
+        return start.round_num, base
 
     def _held_base(self, sha256: str) -> Mapping[str, torch.Tensor]:
         """The base this node holds, once hashed again and found to be ``sha256`` (what it
