@@ -13,7 +13,9 @@ trainer, same seeds, policy and quality scores), then ``MATCH`` or ``MISMATCH``.
 The in-process core runs as the proof of concept's API does, except that its nodes are
 built one at a time when their cycle starts, run one after another, and hand their
 trained state to a ``persist`` that keeps none of it: the same bits (the node's tests say
-so) in about 5 models of memory instead of 9, so both sides fit one after the other.
+so) in fewer models' worth of memory (its peak is recorded as ``inprocess_peak_rss_bytes``:
+this script's own process, which only ran a client while the servers ran), so both sides
+fit one after the other.
 
 Memory is watched while the servers run: when ``MemAvailable`` falls below
 ``--min-available-gib`` the consortium is stopped (before the kernel's OOM killer picks a
@@ -221,8 +223,10 @@ def main() -> None:
         run = served(Path(tmp), hidden, args.nodes, args.rounds, floor)
     config = run.pop("_config")
     expected: list[str] = []
+    inprocess_peak = 0
     if run["served_digests"]:  # servers stopped: the machine is the in-process core's
         expected = in_process(config, len(run["served_digests"]))
+        inprocess_peak = kib(os.getpid(), "VmHWM") * 1024
     verdict = ("MATCH" if expected == run["served_digests"] else "MISMATCH") if expected else ""
     model = params * 4
     record = {
@@ -233,6 +237,7 @@ def main() -> None:
         **run,
         "peak_x_model": {k: round(v / model, 2) for k, v in run["peak_rss_bytes"].items()},
         "inprocess_digests": expected,
+        "inprocess_peak_rss_bytes": inprocess_peak,
         "verdict": verdict,
         "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
