@@ -16,6 +16,7 @@ from tapestry.atomic_files import load_state, read_json
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.launcher import LocalConsortium
 from tapestry.node.artifacts import ArtifactStore
+from tapestry.node.servicer import HELD_BASE
 from tapestry.training.consortium import state_digest
 
 from .conftest import POLICY, node_specs
@@ -29,6 +30,7 @@ CURRENT = re.compile(r"round-\d{6}")
 ASIDE = re.compile(r"round-\d{6}\.superseded-[0-9a-f]{16}")
 FILES = {"model.safetensors", "manifest.json"}
 NODES = ["vietnam", "switzerland", "india"]
+SCRATCH_BASE = re.compile(HELD_BASE.replace(".", r"\.").format(r"\d+"))
 
 
 def layout_problems(data_dir: Path) -> list[str]:
@@ -37,6 +39,8 @@ def layout_problems(data_dir: Path) -> list[str]:
     for path in sorted(data_dir.rglob("*")):
         relative = path.relative_to(data_dir)
         parts = relative.parts
+        if parts == ("scratch",) or (parts[0] == "scratch" and SCRATCH_BASE.fullmatch(parts[1])):
+            continue  # the base of the last cycle (not an artifact), removed at start-up
         if parts[0] != "artifacts":
             problems.append(f"{relative}: not the artifact store's")
         elif len(parts) == 1:

@@ -352,8 +352,9 @@ def test_without_context_an_rpc_error_is_its_code_and_details():
         ),
     ],
 )
-def test_a_bad_environment_setting_is_refused_naming_the_variable(env, expected):
-    result = _cli("coordinator", "serve", "--config", "c.toml", "--data-dir", "d", env=env)
+@pytest.mark.parametrize("server", ["coordinator", "node"])
+def test_a_bad_environment_setting_is_refused_naming_the_variable(server, env, expected):
+    result = _cli(server, "serve", "--config", "c.toml", "--data-dir", "d", env=env)
     assert result.exit_code == 2
     assert _error_line(result) == expected
 
@@ -371,7 +372,16 @@ def test_a_bad_environment_setting_is_refused_naming_the_variable(env, expected)
                 "TAPESTRY_TRIM_THRESHOLD",
             ],
         ),
-        (["node", "serve"], ["TAPESTRY_CONFIG", "TAPESTRY_LISTEN", "TAPESTRY_DATA_DIR"]),
+        (
+            ["node", "serve"],
+            [
+                "TAPESTRY_CONFIG",
+                "TAPESTRY_LISTEN",
+                "TAPESTRY_DATA_DIR",
+                "TAPESTRY_ARENA_MAX",
+                "TAPESTRY_TRIM_THRESHOLD",
+            ],
+        ),
         (["round", "run"], ["TAPESTRY_COORDINATOR"]),
         (["rounds"], ["TAPESTRY_COORDINATOR"]),
         (["artifacts"], ["TAPESTRY_COORDINATOR"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -333,6 +334,68 @@ def test_later_cycles_start_from_the_base_they_are_given(
 
     states_equal(again.artifact.model_state, first.artifact.model_state)
     assert again.contribution.metrics == first.contribution.metrics
+
+
+def test_the_model_shares_no_memory_with_the_base_it_was_loaded_from(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
+    base = {k: v.clone() for k, v in base_model.state_dict().items()}
+    node = make_node("vn")
+    result = node.run_sovereign_cycle(1, base)
+    trained = {k: v.clone() for k, v in node.model.state_dict().items()}
+
+    for tensor in base.values():  # the caller edits its base after the cycle
+        tensor.fill_(7.0)
+
+    states_equal(node.model.state_dict(), trained)
+    states_equal(result.artifact.model_state, trained)
+
+
+def test_persist_stores_the_trained_state_and_the_node_keeps_no_copy(
+    base_model: nn.Module, make_node: MakeNode, states_equal: StatesEqual
+) -> None:
+    base = base_model.state_dict()
+    in_memory = make_node("ch").run_sovereign_cycle(2, base)
+    stored: list[ModelState] = []
+
+    def persist(artifact: SovereignModelArtifact) -> SovereignModelArtifact:
+        assert artifact.model_state_sha256 == state_digest(artifact.model_state)
+        stored.append({k: v.clone() for k, v in artifact.model_state.items()})
+        return dataclasses.replace(artifact, stored_at="/kept/on/disk")
+
+    node = make_node("ch")
+    result = node.run_sovereign_cycle(2, base, persist=persist)
+
+    # the same bits as without a store; only where the trained state is kept differs
+    assert len(stored) == 1
+    states_equal(stored[0], in_memory.artifact.model_state)
+    states_equal(result.contribution.weight_delta, in_memory.contribution.weight_delta)
+    assert result.artifact == dataclasses.replace(
+        in_memory.artifact, model_state={}, stored_at="/kept/on/disk"
+    )
+    assert node.latest_artifact is result.artifact
+    assert result.contribution.metrics == in_memory.contribution.metrics
+
+
+def test_a_failing_persist_fails_the_cycle_and_keeps_the_earlier_artifact(
+    base_model: nn.Module, make_node: MakeNode
+) -> None:
+    node = make_node("ch")
+    first = node.run_sovereign_cycle(1, base_model.state_dict())
+
+    def persist(artifact: SovereignModelArtifact) -> SovereignModelArtifact:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        node.run_sovereign_cycle(2, base_model.state_dict(), persist=persist)
+    assert node.latest_artifact is first.artifact
+
+
+def test_no_gradients_are_kept_after_a_cycle(base_model: nn.Module, make_node: MakeNode) -> None:
+    node = make_node("ch")
+    node.run_sovereign_cycle(1, base_model.state_dict())
+
+    assert all(p.grad is None for p in node.model.parameters())
 
 
 # --- determinism ------------------------------------------------------------------------

@@ -92,19 +92,24 @@ class Node:
         return caught.value
 
 
-def _servicer(data_dir: Path, limits: NodeLimits) -> tuple[SovereignNodeServicer, ArtifactStore]:
+def _servicer(
+    data_dir: Path, limits: NodeLimits, scratch_dir: Path | None = None
+) -> tuple[SovereignNodeServicer, ArtifactStore]:
     spec = ModelSpec()
     node = SovereignTrainingNode(
         "india", "India", spec.build(seed=1), [list(b"namaste duniya")], 0.9, local_epochs=1
     )
     store = ArtifactStore(data_dir, max_superseded=limits.max_superseded)
-    return SovereignNodeServicer(node, spec, store, CONSORTIUM, limits), store
+    servicer = SovereignNodeServicer(node, spec, store, CONSORTIUM, limits, scratch_dir=scratch_dir)
+    return servicer, store
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    """A node that already retains rounds 1 and 2."""
-    servicer, store = _servicer(tmp_path, NodeLimits(receive_timeout_s=RECEIVE_TIMEOUT_S))
+@pytest.fixture(params=["base in memory", "base in a scratch file"])
+def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Node]:
+    """A node that already retains rounds 1 and 2, holding the base in memory or on disk."""
+    scratch = tmp_path / "scratch" if request.param == "base in a scratch file" else None
+    limits = NodeLimits(receive_timeout_s=RECEIVE_TIMEOUT_S)
+    servicer, store = _servicer(tmp_path, limits, scratch)
     server, port, _ = build_server(
         "127.0.0.1:0",
         [lambda s: pb_grpc.add_SovereignNodeServiceServicer_to_server(servicer, s)],
@@ -442,3 +447,15 @@ def test_a_node_asked_for_int8_blocks_sends_its_delta_in_them(node: Node) -> Non
     }
     numel = sum(t.numel() for t in _base().values())  # tiny-causal: 256 x 32 twice, 256
     assert sum(len(c.data) for c in chunks) == numel + 4 * (numel // 256)
+
+
+def test_a_base_that_does_not_arrive_whole_leaves_the_held_one(node: Node, tmp_path: Path) -> None:
+    digest = state_digest(_base())
+    before = files_of(tmp_path)
+    cut = [_start(3), *_base_stream()[:-2]]  # no trailer: truncated
+    error = node.refusal(iter(cut))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert files_of(tmp_path) == before
+    held = node.stub.Describe(pb.DescribeRequest()).held_base_sha256
+    # On disk the held base stays; in memory it was dropped before the new one was read.
+    assert held == (digest if (tmp_path / "scratch").exists() else "")

@@ -252,26 +252,33 @@ def coordinator() -> None:
     """The coordinator service."""
 
 
+def _allocator_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--arena-max`` and ``--trim-threshold``, for both servers: each moves every tensor
+    through 1 MiB chunk buffers on many gRPC threads, which glibc's defaults keep long
+    after (benchmarks/RESULTS.md, issue 8)."""
+    command = click.option(
+        "--trim-threshold",
+        cls=_Option,
+        type=click.IntRange(0, 2**31 - 1),  # mallopt takes a C int
+        default=1 << 20,
+        envvar="TAPESTRY_TRIM_THRESHOLD",
+        show_default=True,
+        help="Bytes of free heap above which glibc returns memory to the system.",
+    )(command)
+    return click.option(
+        "--arena-max",
+        cls=_Option,
+        type=click.IntRange(1, 1024),
+        default=1,
+        envvar="TAPESTRY_ARENA_MAX",
+        show_default=True,
+        help="glibc malloc arenas (M_ARENA_MAX): fewer keeps memory near what is live.",
+    )(command)
+
+
 @coordinator.command("serve")
 @_serve_options
-@click.option(
-    "--arena-max",
-    cls=_Option,
-    type=click.IntRange(1, 1024),
-    default=1,
-    envvar="TAPESTRY_ARENA_MAX",
-    show_default=True,
-    help="glibc malloc arenas (M_ARENA_MAX): fewer keeps memory near what is live.",
-)
-@click.option(
-    "--trim-threshold",
-    cls=_Option,
-    type=click.IntRange(0, 2**31 - 1),  # mallopt takes a C int
-    default=1 << 20,
-    envvar="TAPESTRY_TRIM_THRESHOLD",
-    show_default=True,
-    help="Bytes of free heap above which glibc returns memory to the system.",
-)
+@_allocator_options
 @_friendly_errors
 def coordinator_serve(
     config_path: Path,
@@ -307,6 +314,7 @@ def node() -> None:
 
 @node.command("serve")
 @_serve_options
+@_allocator_options
 @_friendly_errors
 def node_serve(
     config_path: Path,
@@ -315,11 +323,16 @@ def node_serve(
     ready_file: Path | None,
     metrics_listen: str | None,
     insecure: bool,
+    arena_max: int,
+    trim_threshold: int,
 ) -> None:
     """Serve the sovereign node gRPC service for one jurisdiction.
 
     Under ``torchrun`` rank 0 serves and the other ranks train beside it (README, "A node
     on several processes")."""
+    from tapestry.coordinator.memory import tune_allocator
+
+    tune_allocator(arena_max, trim_threshold)
     from tapestry.config import NodeConfig, load_config
     from tapestry.node.corpus import load_node_corpus
     from tapestry.node.processes import join_training_group, serve_as_worker

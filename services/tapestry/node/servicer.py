@@ -4,10 +4,13 @@ stream back only the delta within its deadline."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -22,23 +25,23 @@ from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.node.guard import CycleRefused, check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.training.consortium.limits import NODE_PROGRESS_REPORTS
-from tapestry.training.consortium.messages import SovereignCycleResult
+from tapestry.training.consortium.messages import SovereignCycleResult, SovereignModelArtifact
 from tapestry.training.consortium.model import ModelSpec, model_state
-from tapestry.training.consortium.node import SovereignTrainingNode
+from tapestry.training.consortium.node import Persist, SovereignTrainingNode
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressThrottle
 from tapestry.training.consortium.tensors import (
-    Snapshot,
-    known_stats,
     state_digest,
     state_layout,
     state_nbytes,
 )
 from tapestry.wire import codec
 from tapestry.wire.delta_encoding import DeltaEncoding
+from tapestry.wire.spill import SpilledState, SpillingAssembler
 from tapestry.wire.status import abort
 from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
 
 log = logging.getLogger(__name__)
+HELD_BASE = "held-base-{}.spill"  # in the scratch directory, numbered by arrival
 
 
 class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
@@ -51,10 +54,15 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         limits: NodeLimits | None = None,
         chunk_bytes: int = 1 << 20,
         metrics: NodeMetrics | None = None,
+        scratch_dir: Path | None = None,
     ) -> None:
         """``consortium_id`` is the one this node serves; ``limits`` bound what a caller
         may ask of it (:class:`~tapestry.config.NodeLimits`); cycles are counted in
-        ``metrics``."""
+        ``metrics``. With ``scratch_dir`` the received base is kept in a file there
+        (:data:`HELD_BASE`) and read back a tensor at a time, not held in memory: the
+        node's peak is then its model, its optimizer state and the delta. A base that does
+        not arrive whole then leaves the one held before in place (in memory it is dropped
+        first, so that the node never holds two)."""
         self._node = node
         self._spec = spec
         self._store = store
@@ -67,8 +75,15 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         self._busy = threading.Lock()
         self._metrics = metrics or NodeMetrics()
         # The base of the last cycle, kept so an unchanged base need not cross the wire
-        # again (the coordinator reads its digest in Describe); one model's worth.
-        self._held: Snapshot | None = None
+        # again (the coordinator reads its digest in Describe); one model's worth, on disk
+        # with a scratch directory.
+        self._held: _Held | None = None
+        self._scratch = scratch_dir
+        self._arrivals = itertools.count(1)
+        if scratch_dir is not None:
+            scratch_dir.mkdir(parents=True, exist_ok=True)
+            for stale in scratch_dir.glob(HELD_BASE.format("*")):  # held before a restart
+                stale.unlink()
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
@@ -128,18 +143,22 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 )
                 yield pb.RunSovereignCycleResponse(progress=codec.cycle_progress_to_proto(received))
                 started = time.perf_counter()
-                result = yield from self._train(round_num, base)
-                # The core's own work (what the in-process round also does); the benchmark
-                # reads it to split a round into training and the services' overhead.
-                log.info("round %d: cycle took %.6f s", round_num, time.perf_counter() - started)
+                persisting = _Timed(self._store.save)
+                # Persisted inside the cycle, straight from the model's own tensors (no copy
+                # of the trained model is kept in memory), and before replying: a
+                # contribution is only sent for a model we keep.
+                result = yield from self._train(round_num, base, persisting)
+                # The core's own work (what the in-process round also does, so the artifact's
+                # save is left out); the benchmark reads it to split a round into training
+                # and the services' overhead.
+                took = time.perf_counter() - started - persisting.seconds
+                log.info("round %d: cycle took %.6f s", round_num, took)
+                log.info("round %d: artifact saved in %.6f s", round_num, persisting.seconds)
                 self._metrics.trained(round_num, result.contribution)
-                # Persist before replying: a contribution is only sent for a model we keep.
-                artifact = self._store.save(result.artifact)
                 delta = result.contribution.weight_delta
                 # The delta's digest goes in its trailer, hashed as it streams: announcing
                 # it in the header would cost a whole extra pass over the delta.
                 header = codec.cycle_result_to_proto(result, "")
-                header.artifact.CopyFrom(codec.artifact_to_proto(artifact))
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
                 abort(context, error)
@@ -177,14 +196,14 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             self._busy.release()
 
     def _train(
-        self, round_num: int, base: Mapping[str, torch.Tensor]
+        self, round_num: int, base: Mapping[str, torch.Tensor], persist: Persist
     ) -> Generator[pb.RunSovereignCycleResponse, None, SovereignCycleResult]:
-        """The core node's cycle; its training reports, throttled (at most one every
-        0.5 s, :data:`NODE_PROGRESS_REPORTS` in all, and the last step), are yielded as they
-        come, before the result."""
+        """The core node's cycle, its artifact stored by ``persist``; its training reports,
+        throttled (at most one every 0.5 s, :data:`NODE_PROGRESS_REPORTS` in all, and the
+        last step), are yielded as they come, before the result."""
         reports = reporting(
             lambda on_progress: self._node.run_sovereign_cycle(
-                round_num, base, on_progress=on_progress
+                round_num, base, on_progress=on_progress, persist=persist
             ),
             ProgressThrottle(max_reports=NODE_PROGRESS_REPORTS),
         )
@@ -251,26 +270,61 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             raise WireError(f"{error} (an encoding this node's release does not know)") from None
         if start.base_held:
             return start.round_num, self._held_base(start.base_sha256), encoding
-        self._held = None  # dropped before a new base is assembled: one base at a time
-        assembler = StateAssembler(self._expected)
-        base = receive_state(
-            requests, "base_chunk", "base_end", assembler, self._metrics.base_received()
-        )
-        if start.base_sha256 and assembler.digest != start.base_sha256:
-            raise WireError(
-                f"the base's digest {assembler.digest} differs from the one its CycleStart "
-                f"announced ({quoted(start.base_sha256)})"
+        if self._scratch is None:
+            self._held = None  # dropped before a new base is assembled: one base at a time
+            assembler = StateAssembler(self._expected)
+        else:  # a new file: the held one stays whole, and no map of it is truncated
+            path = self._scratch / HELD_BASE.format(next(self._arrivals))
+            assembler = SpillingAssembler(path, self._expected)
+        try:
+            base = receive_state(
+                requests, "base_chunk", "base_end", assembler, self._metrics.base_received()
             )
-        self._held = Snapshot(base, sha256=assembler.digest, stats=known_stats(base))
-        return start.round_num, self._held, encoding
+            if start.base_sha256 and assembler.digest != start.base_sha256:
+                raise WireError(
+                    f"the base's digest {assembler.digest} differs from the one its "
+                    f"CycleStart announced ({quoted(start.base_sha256)})"
+                )
+        except BaseException:
+            if isinstance(assembler, SpillingAssembler):
+                assembler.close()
+                assembler.path.unlink(missing_ok=True)
+            raise
+        earlier, self._held = self._held, _Held(base, assembler.digest)
+        if earlier is not None and isinstance(earlier.state, SpilledState):
+            earlier.state.discard()
+        return start.round_num, base, encoding
 
-    def _held_base(self, sha256: str) -> Snapshot:
+    def _held_base(self, sha256: str) -> Mapping[str, torch.Tensor]:
         """The base this node holds, once hashed again and found to be ``sha256`` (what it
         trains from must be exactly the round's base, however long it was held)."""
         held = self._held
-        if held is None or not sha256 or state_digest(held) != sha256:
+        if held is None or not sha256 or state_digest(held.state) != sha256:
             raise CycleRefused(
                 f"node {self._node.node_id!r} holds no base with digest {quoted(sha256)}; "
                 "send the base"
             )
-        return held
+        return held.state
+
+
+class _Timed:
+    """``persist`` that also adds up the seconds it took (the save, apart from training)."""
+
+    def __init__(self, persist: Persist) -> None:
+        self._persist = persist
+        self.seconds = 0.0
+
+    def __call__(self, artifact: SovereignModelArtifact) -> SovereignModelArtifact:
+        started = time.perf_counter()
+        try:
+            return self._persist(artifact)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+@dataclass(frozen=True)
+class _Held:
+    """The base of the last cycle (in memory, or a :class:`SpilledState`) and its digest."""
+
+    state: Mapping[str, torch.Tensor]
+    sha256: str

@@ -56,7 +56,14 @@ def build_node_server(
     node = build_training_node(config, corpus, group)
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
     servicer = SovereignNodeServicer(
-        node, spec, store, config.consortium_id, config.limits, metrics=metrics
+        node,
+        spec,
+        store,
+        config.consortium_id,
+        config.limits,
+        metrics=metrics,
+        # the base waits on disk while the model trains: a model's worth less memory
+        scratch_dir=data_dir / "scratch",
     )
     log.info(
         "node %s (%s) of consortium %s: %d sequences, %d tokens to train on, %d sequences "

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +42,13 @@ TRAINERS = ("real", "synthetic")
 """``real`` trains on the corpus; ``synthetic`` draws a seeded random update instead, so a
 benchmark measures what a round moves and checks rather than what training costs."""
 SYNTHETIC_DELTA_STD = 1e-3
+
+Persist = Callable[[SovereignModelArtifact], SovereignModelArtifact]
+"""Stores a cycle's artifact (an artifact store's ``save``) and returns its record. It is
+called once, under the cycle's lock, before the cycle returns; the artifact's
+``model_state`` may be the model's own tensors, valid only during the call (the next cycle
+trains them in place), so it is written out, never kept. The node keeps the returned record
+with an empty ``model_state``."""
 
 
 class InvalidBase(ValueError):
@@ -238,18 +246,29 @@ class SovereignTrainingNode:
         base_state: Mapping[str, torch.Tensor],
         *,
         on_progress: ProgressCallback | None = None,
+        persist: Persist | None = None,
     ) -> SovereignCycleResult:
         """Train from ``base_state`` and return the retained artifact and the delta.
+
+        ``base_state`` is only read: the model is loaded with a copy of its values, and
+        the delta is computed against it, so the caller may keep and reuse it.
 
         ``on_progress`` (an addition to the proof of concept) is told a ``TRAINING``
         :class:`CycleProgress` after every optimiser step, on this thread: whoever passes
         reports on throttles them. If it raises, the cycle stops with that exception.
 
+        ``persist`` (an addition too) stores the trained model instead of a copy of it in
+        memory (:data:`Persist`): a node with an artifact store then holds the base, the
+        model and the delta, not a fourth model's worth. Without it, the artifact holds an
+        independent copy of the trained state, as in the proof of concept.
+
         Raises :class:`InvalidBase` (a ``ValueError``) before any training when
         :meth:`check_base` refuses the input."""
         with self._lock:
             self.check_base(round_num, base_state)
-            load_model_state(self.model, clone_state(base_state))
+            # load_state_dict copies the values into the parameters: no clone is needed to
+            # keep the caller's base unchanged.
+            load_model_state(self.model, base_state)
             base_loss = self._heldout_loss()  # the incoming base, before any training
             if self.trainer == "synthetic":
                 mean_loss = self._synthetic_update(round_num)
@@ -257,10 +276,15 @@ class SovereignTrainingNode:
                 if self._group is not None:  # the workers wait for this, not a collective
                     self._group.post(f"{CYCLE} {round_num}")
                 mean_loss = self._train(round_num, on_progress)
+                # The gradients are a model's worth that nothing reads past the last step.
+                self.model.zero_grad(set_to_none=True)
             evaluation = self._evaluation(base_loss)
-            trained = {  # on the CPU in the base's dtypes, wherever it trained
+            own = model_state(self.model)
+            # On the CPU in the base's dtypes, wherever it trained: the model's own tensors
+            # when they already are (.to returns them), copied when kept in memory.
+            trained = {
                 name: t.to("cpu", base_state[name].dtype)
-                for name, t in clone_state(model_state(self.model)).items()
+                for name, t in (own if persist is not None else clone_state(own)).items()
             }
             delta: ModelState = {name: trained[name] - base_state[name] for name in trained}
             metrics = {"loss": mean_loss, **self._group_metrics}
@@ -274,6 +298,10 @@ class SovereignTrainingNode:
                 model_state_sha256=state_digest(trained),
                 model_state_bytes=state_nbytes(trained),
             )
+            if persist is not None:
+                # Kept without weights: ``trained`` may be the model's own tensors, which
+                # the next cycle trains in place.
+                artifact = dataclasses.replace(persist(artifact), model_state={})
             self.latest_artifact = artifact
             contribution = SovereignContribution(
                 node_id=self.node_id,
