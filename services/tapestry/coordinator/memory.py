@@ -34,7 +34,8 @@ def tune_allocator(arena_max: int, trim_threshold_bytes: int) -> bool:
     applied = bool(mallopt(_M_ARENA_MAX, arena_max)) and bool(
         mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes)
     )
-    log.info(
+    # Debug: a server that then fails its start-up checks says one line, the reason.
+    log.debug(
         "allocator: arena_max=%d trim_threshold=%d bytes (%s)",
         arena_max,
         trim_threshold_bytes,
