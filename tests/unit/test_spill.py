@@ -100,3 +100,34 @@ def test_memory_and_spill_assemblers_agree(tmp_path):
     assert state_digest(memory.finish(trailer_of(state))) == state_digest(
         _spill(tmp_path, state, 512)
     )
+
+
+def test_a_spilled_tensor_is_read_in_blocks_that_cover_it_exactly(tmp_path):
+    state = _state()
+    spilled = _spill(tmp_path, state)
+    for name, tensor in state.items():
+        blocks = list(spilled.blocks(name, 512))
+        flat = tensor.reshape(-1)
+        assert [start for start, _ in blocks] == list(range(0, flat.numel(), 512))
+        joined = torch.cat([b for _, b in blocks]) if blocks else flat[:0]
+        assert torch.equal(joined, flat), name
+
+
+def test_integrating_in_blocks_changes_no_bit(tmp_path, monkeypatch):
+    import tapestry.training.consortium.integration as integration
+
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(1_000_003, generator=g), "m": torch.randn(37, 11, generator=g)}
+    deltas = [{k: torch.randn(v.shape, generator=g) * 1e-3 for k, v in base.items()}]
+    deltas.append({k: torch.randn(v.shape, generator=g) * 1e-3 for k, v in base.items()})
+    weights = (1 / 3, 2 / 3)
+    whole = {k: v.clone() for k, v in base.items()}
+    for w, d in zip(weights, deltas, strict=True):
+        for k in whole:
+            whole[k].add_(d[k], alpha=w)  # the whole tensor at once, as integrate used to
+
+    monkeypatch.setattr(integration, "INTEGRATION_BLOCK_ELEMENTS", 4099)  # odd blocks
+    spilled = [_spill(tmp_path / str(i), d) for i, d in enumerate(deltas)]
+    in_blocks = integrate(base, list(zip(weights, spilled, strict=True)))
+
+    assert state_digest(in_blocks) == state_digest(whole)

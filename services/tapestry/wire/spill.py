@@ -51,6 +51,21 @@ class SpilledState(Mapping[str, torch.Tensor]):
         offset, nbytes, spec = self._index[name]
         if not nbytes:
             return tensor_from_bytes(bytearray(), spec)
+        return self._map(name, offset, nbytes, spec.dtype).reshape(spec.shape)
+
+    def blocks(self, name: str, elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, block)`` over the tensor flattened, ``elements`` at a time, each block
+        over its own map of the file: once the caller lets a block go its pages leave this
+        process, so reading a tensor never holds more than a block of it."""
+        offset, nbytes, spec = self._index[name]
+        size = torch.empty((), dtype=spec.dtype).element_size()
+        numel = nbytes // size
+        for start in range(0, numel, elements):
+            count = min(elements, numel - start)
+            yield start, self._map(name, offset + start * size, count * size, spec.dtype)
+
+    def _map(self, name: str, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat tensor over a private (copy-on-write) map of ``nbytes`` at ``offset``."""
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as handle:
             if os.fstat(handle.fileno()).st_size < offset + nbytes:
@@ -58,8 +73,7 @@ class SpilledState(Mapping[str, torch.Tensor]):
             mapped = mmap.mmap(
                 handle.fileno(), offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY
             )
-        flat = torch.frombuffer(mapped, dtype=spec.dtype, offset=offset - start)
-        return flat.reshape(spec.shape)
+        return torch.frombuffer(mapped, dtype=dtype, offset=offset - start)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)

@@ -13,7 +13,10 @@ from tapestry.training.consortium.limits import (
     quoted,
 )
 from tapestry.training.consortium.messages import ModelState, SovereignContribution
-from tapestry.training.consortium.tensors import state_mismatch
+from tapestry.training.consortium.tensors import state_mismatch, tensor_blocks
+
+INTEGRATION_BLOCK_ELEMENTS = 1 << 22
+"""Integration adds a delta 4 Mi elements (16 MiB of float32) at a time."""
 
 
 class InvalidContribution(ValueError):
@@ -68,12 +71,19 @@ def integrate(
     The one implementation used in-process and by the coordinator service, so both give the
     same bits. Non-floating entries (counters, masks) are kept from the base: a weighted
     average of integer deltas has no meaning. The inputs are never modified.
+
+    Each delta is added in blocks of :data:`INTEGRATION_BLOCK_ELEMENTS` (the sum is element
+    by element, so the blocks change no bit): a delta spilled to disk is read one block at a
+    time (:func:`~tapestry.training.consortium.tensors.tensor_blocks`), so integrating holds
+    the base, the new state and one block, however large a tensor.
     """
     merged: ModelState = {}
     for name, tensor in base.items():
-        out = tensor.detach().clone()
+        out = tensor.detach().clone(memory_format=torch.contiguous_format)
         if out.is_floating_point() or out.is_complex():
+            flat = out.view(-1)
             for weight, delta in weighted_deltas:
-                out.add_(delta[name], alpha=weight)
+                for start, block in tensor_blocks(delta, name, INTEGRATION_BLOCK_ELEMENTS):
+                    flat[start : start + block.numel()].add_(block, alpha=weight)
         merged[name] = out
     return merged

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -264,6 +264,21 @@ def tensor_measure(tensor: torch.Tensor) -> TensorMeasure:
     for start in range(0, flat.numel(), NORM_BLOCK_ELEMENTS):
         measure.block(flat[start : start + NORM_BLOCK_ELEMENTS])
     return measure
+
+
+def tensor_blocks(
+    state: Mapping[str, torch.Tensor], name: str, elements: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, block)`` over ``state[name]`` flattened (row-major), ``elements`` at a time.
+    A state that reads from disk (its ``blocks`` method, as spilled states have) maps one
+    block at a time, so a huge tensor is never resident whole."""
+    blocks = getattr(state, "blocks", None)
+    if callable(blocks):
+        yield from blocks(name, elements)
+        return
+    flat = state[name].detach().reshape(-1)
+    for start in range(0, flat.numel(), elements):
+        yield start, flat[start : start + elements]
 
 
 def known_stats(state: Mapping[str, object]) -> StateStats | None:
