@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tapestry.training.consortium import integrate, state_digest
+from tapestry.training.consortium.tensors import tensor_blocks
 from tapestry.wire.spill import SPILL_ALIGN, SpilledState, SpillingAssembler
 from tapestry.wire.tensor_stream import (
     StateAssembler,
@@ -131,3 +132,25 @@ def test_integrating_in_blocks_changes_no_bit(tmp_path, monkeypatch):
     in_blocks = integrate(base, list(zip(weights, spilled, strict=True)))
 
     assert state_digest(in_blocks) == state_digest(whole)
+
+
+def test_a_deferred_spilled_delta_is_still_read_in_blocks(tmp_path):
+    from tapestry.training.consortium.deferred import DeferredState
+
+    state = _state()
+    spilled = _spill(tmp_path, state)
+    mapped: list[int] = []
+    original = spilled._map
+
+    def counting(name, offset, nbytes, dtype):
+        mapped.append(nbytes)
+        return original(name, offset, nbytes, dtype)
+
+    spilled._map = counting  # type: ignore[method-assign]
+    specs = {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}
+    deferred = DeferredState(specs, lambda: spilled, lambda: None)
+
+    blocks = list(tensor_blocks(deferred, "a.weight", 64))
+
+    assert torch.equal(torch.cat([b for _, b in blocks]), state["a.weight"].reshape(-1))
+    assert mapped and max(mapped) == 64 * 4  # never the whole tensor (300 x 7 floats)

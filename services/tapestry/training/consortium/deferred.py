@@ -78,6 +78,14 @@ class DeferredState(Mapping[str, torch.Tensor]):
             self._settled = True
         self._release()
 
+    def blocks(self, name: str, elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The fetched state's blocks of ``name``
+        (:func:`~tapestry.training.consortium.tensors.tensor_blocks`): a spilled delta is
+        still read a block at a time through its deferred wrapper."""
+        from tapestry.training.consortium.tensors import tensor_blocks  # imports this module
+
+        return tensor_blocks(self.fetch(), name, elements)
+
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.specs:
             raise KeyError(name)
