@@ -181,6 +181,20 @@ def served_rounds(
     }
 
 
+def inprocess_models(nodes: int) -> int:
+    """Model-sized states the in-process core holds in a round: the base, the coordinator's
+    copy and snapshot, the new base, and per node its model, trained state and delta."""
+    return 4 + 3 * nodes
+
+
+def available_bytes() -> int:
+    """``MemAvailable`` from ``/proc/meminfo``."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
 def inprocess_round(hidden: int, nodes: int, rounds: int, trainer: str) -> float:
     """Median round of the in-process core with the same model, nodes and trainer."""
     spec = ModelSpec("tiny-causal", VOCAB, hidden)
@@ -213,7 +227,16 @@ def one_run(params: int, nodes: int, args: argparse.Namespace) -> dict[str, Any]
     wire = served["wire_bytes"]
     plain = statistics.median(transfer_seconds(wire, None) for _ in range(3))
     secure = statistics.median(transfer_seconds(wire, tls) for _ in range(3))
-    inprocess = inprocess_round(hidden, nodes, args.rounds, args.trainer)
+    # The in-process core holds every node's model, trained state and delta at once: skip
+    # it (null, said on stderr) where that would not fit beside what the machine has free.
+    need = actual * 4 * inprocess_models(nodes)
+    inprocess = (
+        inprocess_round(hidden, nodes, args.rounds, args.trainer)
+        if need < 0.8 * available_bytes()
+        else None
+    )
+    if inprocess is None:
+        print(f"  in-process skipped: it needs ~{need / 2**30:.1f} GiB", file=sys.stderr)
     return {
         "params": actual,
         "hidden_size": hidden,
@@ -232,6 +255,10 @@ def one_run(params: int, nodes: int, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f} s"
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     """The runs of a ``--json`` file as a Markdown table (RESULTS.md's)."""
     mib = 2**20
@@ -247,7 +274,7 @@ def table(runs: list[dict[str, Any]]) -> str:
             f"| {r['params'] / 1e6:.0f}M | {r['nodes']} | {r['round_s']:.2f} s "
             f"| {r['slowest_node_s']:.2f} s | {r['overhead_s']:.2f} s "
             f"| {r['wire_bytes'] / mib:.0f} MiB | {loop['plain']:.3f} / {loop['tls']:.3f} s "
-            f"| {r['overhead_s'] / loop['plain']:.1f}x | {r['inprocess_s']:.2f} s "
+            f"| {r['overhead_s'] / loop['plain']:.1f}x | {_seconds(r['inprocess_s'])} "
             f"| {r['coordinator_peak_rss_bytes'] / mib:.0f} MiB "
             f"({r['coordinator_peak_rss_bytes'] / model:.1f}x) "
             f"| {r['node_peak_rss_bytes'] / mib:.0f} MiB ({r['node_peak_rss_bytes'] / model:.1f}x) "
