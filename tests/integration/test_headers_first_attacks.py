@@ -93,6 +93,8 @@ class HostileServicer(SovereignNodeServicer):
                 yield message
                 if self.mode == "second result":
                     yield message
+                elif self.mode == "ends after result":  # OK, and no delta ever
+                    return
                 elif self.mode == "progress after result":
                     progress = pb.CycleProgress(phase=pb.CYCLE_PHASE_TRAINING)
                     yield pb.RunSovereignCycleResponse(progress=progress)
@@ -361,6 +363,7 @@ def test_a_failed_fetch_below_quorum_aborts_the_round(tmp_path: Path) -> None:
         ("second result", "unexpected 'result' message"),
         ("progress after result", "unexpected 'progress' message"),
         ("end first", "stream ended without tensors"),
+        ("ends after result", "ended before its trailer"),
     ],
 )
 def test_a_reply_out_of_order_after_the_header_is_refused(
