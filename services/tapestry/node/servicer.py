@@ -42,6 +42,10 @@ from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_stat
 
 log = logging.getLogger(__name__)
 HELD_BASE = "held-base-{}.spill"  # in the scratch directory, numbered by arrival
+# The coordinator ends a cycle's call without waiting for this node to unwind it (a declined
+# delta; a fetched one, cancelled once its trailer is in), so its next round may arrive while
+# the last call's handler is still finishing: a new cycle waits this long before it is Busy.
+BUSY_GRACE_S = 5.0
 
 
 class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
@@ -123,7 +127,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         the artifact, send the result header, wait for the coordinator's decision on the
         delta within ``decision_timeout_s``, and when it is wanted stream it within
         ``send_timeout_s``. The node is free again however the call ends."""
-        if not self._busy.acquire(blocking=False):
+        if not self._busy.acquire(timeout=BUSY_GRACE_S):
             self._metrics.cycle_ended("busy")
             abort(context, Busy(f"node {self._node.node_id!r} is already running a cycle"))
         began = time.monotonic()
