@@ -42,3 +42,14 @@ def tune_allocator(arena_max: int, trim_threshold_bytes: int) -> bool:
         "applied" if applied else "refused",
     )
     return applied
+
+
+def release_free_memory() -> None:
+    """Hand the pages of freed blocks back to the system (glibc's ``malloc_trim``), also
+    those in the middle of the heap, which the trim threshold alone never returns: the
+    streams of a round leave them behind just before integration allocates a new state."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):
+        return

@@ -17,6 +17,7 @@ import torch
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.coordinator.memory import release_free_memory
 from tapestry.errors import WireError, quoted
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
@@ -310,6 +311,7 @@ class RemoteSovereignNode:
             raise
         finally:
             responses.cancel()  # type: ignore[attr-defined]  # a grpc call: ends it
+            release_free_memory()  # the stream's buffers, before integration allocates
 
     @staticmethod
     def _decline_delta(
