@@ -139,13 +139,15 @@ class NodeMetrics:
         r = self.registry
         self.cycles = Counter(
             "tapestry_cycles",
-            "Sovereign cycles by outcome: completed (delta sent), failed (refused, failed or "
-            "cut off), busy (refused: another cycle was running).",
+            "Sovereign cycles by outcome: completed (result sent, and the delta when the "
+            "coordinator asked for it), failed (refused, failed or cut off), busy (refused: "
+            "another cycle was running).",
             ["outcome"], registry=r,
         )  # fmt: skip
         self.cycle_duration = Histogram(
             "tapestry_cycle_duration_seconds",
-            "Wall time of a cycle, from the first byte of the base to the delta's trailer.",
+            "Wall time of a cycle, from the first byte of the base to the delta's trailer (or "
+            "to the coordinator's decision, when it did not want the delta).",
             buckets=DURATION_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.last_round = Gauge(

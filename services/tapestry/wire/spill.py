@@ -46,8 +46,8 @@ class SpilledState(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor over a private (copy-on-write) map of its bytes in the file: read
         straight from the page cache the spill has just filled, with no copy into a fresh
-        buffer (the checks and integration read each delta several times), and writing to
-        it never reaches the file. The map lives as long as the tensor."""
+        buffer, and writing to it never reaches the file. The map lives as long as the
+        tensor; :meth:`blocks` maps a block at a time, for a whole pass over a tensor."""
         offset, nbytes, spec = self._index[name]
         if not nbytes:
             return tensor_from_bytes(bytearray(), spec)

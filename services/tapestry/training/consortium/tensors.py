@@ -139,16 +139,11 @@ def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 class Snapshot(dict[str, torch.Tensor]):
     """A model state that knows its :func:`state_digest` (``sha256``), so the many receivers
-    of one round's base need not hash it again, and, when it was measured as it arrived,
-    its :class:`StateStats` (``stats``), so its checks need no pass over it. Still a plain
-    ``ModelState`` dict."""
+    of one round's base need not hash it again. Still a plain ``ModelState`` dict."""
 
-    def __init__(
-        self, state: Mapping[str, torch.Tensor], *, sha256: str, stats: StateStats | None = None
-    ) -> None:
+    def __init__(self, state: Mapping[str, torch.Tensor], *, sha256: str) -> None:
         super().__init__(state)
         self.sha256 = sha256
-        self.stats = stats
 
 
 def known_digest(state: Mapping[str, torch.Tensor]) -> str:
