@@ -291,8 +291,8 @@ def coordinator_serve(
     trim_threshold: int,
 ) -> None:
     """Serve the coordinator gRPC service."""
+    from tapestry.allocator import tune_allocator
     from tapestry.config import ConsortiumConfig, load_config
-    from tapestry.coordinator.memory import tune_allocator
 
     tune_allocator(arena_max, trim_threshold)
     from tapestry.coordinator.startup import SERVICE_NAME, build_coordinator_server
@@ -330,7 +330,7 @@ def node_serve(
 
     Under ``torchrun`` rank 0 serves and the other ranks train beside it (README, "A node
     on several processes")."""
-    from tapestry.coordinator.memory import tune_allocator
+    from tapestry.allocator import tune_allocator
 
     tune_allocator(arena_max, trim_threshold)
     from tapestry.config import NodeConfig, load_config

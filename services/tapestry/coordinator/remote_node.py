@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import torch
 
+from tapestry.allocator import release_free_memory
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.memory import release_free_memory
 from tapestry.errors import WireError, quoted
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted

@@ -1,7 +1,8 @@
-"""Keep the coordinator's memory near what it holds, not what it once touched.
+"""Keep a server's memory near what it holds, not what it once touched (the coordinator and
+the node alike).
 
 A round moves every tensor through short-lived buffers (chunks out and in, spilled deltas
-read back, the integrated base, the commit). With glibc's defaults each of the per-node
+read back, the integrated base, the commit). With glibc's defaults each of the per-stream
 threads gets its own malloc arena and freed blocks stay with the process, so the resident
 size climbs round after round to many times the model (benchmarks/RESULTS.md). Capping the
 arenas and returning freed memory above a small threshold holds the peak near the live data.
