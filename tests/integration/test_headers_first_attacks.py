@@ -13,16 +13,13 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import grpc
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.training.consortium import (
@@ -34,7 +31,8 @@ from tapestry.training.consortium import (
 from tapestry.training.consortium.limits import MAX_REASON_CHARS
 from tapestry.training.consortium.messages import ConsortiumRoundResult
 from tapestry.training.consortium.model import ModelSpec, model_state
-from tapestry.wire.grpc_plumbing import build_server
+
+from .node_servers import Served, served_nodes
 
 CONSORTIUM = "tapestry-attacks"
 SEED = 2026
@@ -172,59 +170,30 @@ class NaNNode:
         return result
 
 
-@dataclass
-class Served:
-    proxies: list[RemoteSovereignNode]
-    received: dict[str, int]  # delta bytes the coordinator received, per node
-    servicers: dict[str, SovereignNodeServicer]
-
-
-@contextmanager
-def served_nodes(
+def _served(
     root: Path, node_ids: list[str], hostile: dict[str, str], bad_timeout_s: float = 120
-) -> Iterator[Served]:
+) -> AbstractContextManager[Served]:
     """A server and a proxy per node; ``hostile`` maps a node to its :class:`HostileServicer`
-    mode (or ``"nan"``: an honest servicer over a :class:`NaNNode`)."""
-    received: dict[str, int] = {}
+    mode (or ``"nan"``: an honest servicer over a :class:`NaNNode`), whose proxy waits
+    ``bad_timeout_s`` for its call."""
     servicers: dict[str, SovereignNodeServicer] = {}
-    proxies = []
-    with ExitStack() as stack:
-        for node_id in node_ids:
-            mode = hostile.get(node_id)
-            node = NaNNode(_node(node_id)) if mode == "nan" else _node(node_id)
-            args = (node, SPEC, ArtifactStore(root / node_id), CONSORTIUM)
-            servicer = (
-                HostileServicer(*args, mode=mode, chunk_bytes=CHUNK_BYTES)
-                if mode not in (None, "nan")
-                else SovereignNodeServicer(*args, chunk_bytes=CHUNK_BYTES)  # type: ignore[arg-type]
-            )
-            servicers[node_id] = servicer
-            server, port, _ = build_server(
-                "127.0.0.1:0",
-                [lambda s, v=servicer: pb_grpc.add_SovereignNodeServiceServicer_to_server(v, s)],
-                [],
-            )
-            server.start()
-            stack.callback(lambda s=server: s.stop(None).wait())
-            received[node_id] = 0
-
-            def count_received(n: int, node_id: str = node_id) -> None:
-                received[node_id] += n
-
-            proxy = RemoteSovereignNode(
-                node_id,
-                node_id.upper(),
-                f"127.0.0.1:{port}",
-                model=SPEC,
-                consortium_id=CONSORTIUM,
-                timeout_s=bad_timeout_s if node_id in hostile else 120,
-                chunk_bytes=CHUNK_BYTES,
-                spill_dir=root / "spill",
-                count_received=count_received,
-            )
-            stack.callback(proxy.close)
-            proxies.append(proxy)
-        yield Served(proxies, received, servicers)
+    for node_id in node_ids:
+        mode = hostile.get(node_id)
+        node = NaNNode(_node(node_id)) if mode == "nan" else _node(node_id)
+        args = (node, SPEC, ArtifactStore(root / node_id), CONSORTIUM)
+        servicers[node_id] = (
+            HostileServicer(*args, mode=mode, chunk_bytes=CHUNK_BYTES)
+            if mode not in (None, "nan")
+            else SovereignNodeServicer(*args, chunk_bytes=CHUNK_BYTES)  # type: ignore[arg-type]
+        )
+    return served_nodes(
+        root,
+        servicers,
+        spec=SPEC,
+        consortium_id=CONSORTIUM,
+        chunk_bytes=CHUNK_BYTES,
+        timeout_s=dict.fromkeys(hostile, bad_timeout_s),
+    )
 
 
 def _streamed(policy: ContributionPolicy, **kwargs: int) -> ConsortiumCoordinator:
@@ -264,7 +233,7 @@ def test_an_unasked_delta_from_a_rejected_node_is_not_read_and_the_round_is_prom
     policy = ContributionPolicy(quality_floor=0.65, weighting="equal")  # "bad" scores 0.6
     expected = _honest_only(policy, ["n0", "n1"])
     streamed = _streamed(policy)
-    with served_nodes(tmp_path, ["n0", "n1", "bad"], {"bad": "eager"}) as served:
+    with _served(tmp_path, ["n0", "n1", "bad"], {"bad": "eager"}) as served:
         result, took = _timed(lambda: streamed.run_round(served.proxies))
         assert took < PROMPT_S
         assert result.accepted_nodes == ["n0", "n1"]
@@ -281,7 +250,7 @@ def test_an_unasked_valid_delta_from_an_accepted_node_is_integrated(tmp_path: Pa
     policy = ContributionPolicy(weighting="equal")
     expected = _honest_only(policy, ["n0", "n1", "bad"])
     streamed = _streamed(policy)
-    with served_nodes(tmp_path, ["n0", "n1", "bad"], {"bad": "eager"}) as served:
+    with _served(tmp_path, ["n0", "n1", "bad"], {"bad": "eager"}) as served:
         result = streamed.run_round(served.proxies)
     assert result.accepted_nodes == ["n0", "n1", "bad"]
     assert result.shared_base_sha256 == expected
@@ -292,7 +261,7 @@ def test_a_node_silent_after_send_true_fails_at_the_proxy_timeout(tmp_path: Path
     policy = ContributionPolicy(weighting="equal")
     expected = _honest_only(policy, ["n0", "n1"])
     streamed = _streamed(policy)
-    with served_nodes(tmp_path, ["n0", "n1", "bad"], {"bad": "silent"}, bad_timeout_s=3) as served:
+    with _served(tmp_path, ["n0", "n1", "bad"], {"bad": "silent"}, bad_timeout_s=3) as served:
         result, took = _timed(lambda: streamed.run_round(served.proxies))
     assert took < 3 + PROMPT_S
     assert result.accepted_nodes == ["n0", "n1"]
@@ -308,7 +277,7 @@ def test_a_node_that_floods_after_send_false_is_cut_off(tmp_path: Path) -> None:
     policy = ContributionPolicy(quality_floor=0.65)
     streamed = _streamed(policy)
     before = streamed.base_sha256
-    with served_nodes(tmp_path, ["bad"], {"bad": "flood"}) as served:
+    with _served(tmp_path, ["bad"], {"bad": "flood"}) as served:
         result, took = _timed(lambda: streamed.run_round(served.proxies))
         assert took < PROMPT_S
         assert result.rejected_nodes == ["bad"]
@@ -328,7 +297,7 @@ def test_a_bad_delta_fails_its_node_and_the_rest_are_weighed_again(
     policy = ContributionPolicy(weighting="equal")
     expected = _honest_only(policy, ["n0", "n1", "n2"])
     streamed = _streamed(policy)
-    with served_nodes(tmp_path, ["n0", "bad", "n1", "n2"], {"bad": mode}) as served:
+    with _served(tmp_path, ["n0", "bad", "n1", "n2"], {"bad": mode}) as served:
         result, took = _timed(lambda: streamed.run_round(served.proxies))
     assert took < PROMPT_S
     assert result.accepted_nodes == ["n0", "n1", "n2"]
@@ -347,7 +316,7 @@ def test_a_bad_delta_fails_its_node_and_the_rest_are_weighed_again(
 def test_a_failed_fetch_below_quorum_aborts_the_round(tmp_path: Path) -> None:
     streamed = _streamed(ContributionPolicy(), min_nodes=2)
     before = state_digest(model_state(streamed.base_model))
-    with served_nodes(tmp_path, ["n0", "bad"], {"bad": "nan"}) as served:
+    with _served(tmp_path, ["n0", "bad"], {"bad": "nan"}) as served:
         result = streamed.run_round(served.proxies)
     assert result.aborted_reason.startswith("quorum not met: 1 of 2")
     assert result.accepted_nodes == []
@@ -372,7 +341,7 @@ def test_a_reply_out_of_order_after_the_header_is_refused(
     policy = ContributionPolicy(weighting="equal")
     expected = _honest_only(policy, ["n0"])
     streamed = _streamed(policy)
-    with served_nodes(tmp_path, ["n0", "bad"], {"bad": mode}) as served:
+    with _served(tmp_path, ["n0", "bad"], {"bad": mode}) as served:
         result, took = _timed(lambda: streamed.run_round(served.proxies))
     assert took < PROMPT_S
     assert list(result.failed_nodes) == ["bad"]
@@ -387,7 +356,7 @@ def test_a_reply_out_of_order_after_the_header_is_refused(
 def test_back_to_back_rounds_reach_a_node_still_unwinding_its_last_call(tmp_path: Path) -> None:
     for floor in (0.99, 0.0):  # every delta declined, then every delta fetched
         streamed = _streamed(ContributionPolicy(quality_floor=floor))
-        with served_nodes(tmp_path / str(floor), ["n0"], {"n0": "slow unwind"}) as served:
+        with _served(tmp_path / str(floor), ["n0"], {"n0": "slow unwind"}) as served:
             for _ in range(3):
                 result = streamed.run_round(served.proxies)
                 assert result.failed_nodes == {}, result.failed_nodes
@@ -396,7 +365,7 @@ def test_back_to_back_rounds_reach_a_node_still_unwinding_its_last_call(tmp_path
 # 7b. Twenty rounds of declines leave no threads behind.
 def test_declined_deltas_leave_no_threads_behind(tmp_path: Path) -> None:
     streamed = _streamed(ContributionPolicy(quality_floor=0.99))
-    with served_nodes(tmp_path, ["n0", "n1", "n2"], {}) as served:
+    with _served(tmp_path, ["n0", "n1", "n2"], {}) as served:
         streamed.run_round(served.proxies)  # the channels and servers' own threads start
         baseline = threading.active_count()
         for _ in range(20):

@@ -9,16 +9,12 @@ server on 127.0.0.1 (in this process, so that eight of them start in a second).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.training.consortium import (
@@ -29,7 +25,8 @@ from tapestry.training.consortium import (
 )
 from tapestry.training.consortium.model import ModelSpec, model_state
 from tapestry.training.consortium.strategies import IntegrationStrategy, StrategyName
-from tapestry.wire.grpc_plumbing import build_server
+
+from .node_servers import Served, served_nodes
 
 CONSORTIUM = "tapestry-streamed"
 SEED = 2026
@@ -63,54 +60,23 @@ class CutOffServicer(SovereignNodeServicer):
             yield message
 
 
-@dataclass
-class Served:
-    proxies: list[RemoteSovereignNode]
-    received: dict[str, int]  # delta bytes the coordinator received, per node
-
-
-@contextmanager
-def served_nodes(root: Path, count: int, cut: dict[str, int] | None = None) -> Iterator[Served]:
-    """``count`` node servers and the coordinator's proxies to them."""
-    cut = cut or {}
-    received: dict[str, int] = {}
-    proxies = []
-    with ExitStack() as stack:
-        for i in range(count):
-            node_id = f"n{i}"
-            store = ArtifactStore(root / node_id)
-            args = (_node(node_id, SCORES[i]), SPEC, store, CONSORTIUM)
-            servicer = (
-                CutOffServicer(*args, keep=cut[node_id], chunk_bytes=CHUNK_BYTES)
-                if node_id in cut
-                else SovereignNodeServicer(*args, chunk_bytes=CHUNK_BYTES)
-            )
-            server, port, _ = build_server(
-                "127.0.0.1:0",
-                [lambda s, v=servicer: pb_grpc.add_SovereignNodeServiceServicer_to_server(v, s)],
-                [],
-            )
-            server.start()
-            stack.callback(lambda s=server: s.stop(None).wait())
-            received[node_id] = 0
-
-            def count_received(n: int, node_id: str = node_id) -> None:
-                received[node_id] += n
-
-            proxy = RemoteSovereignNode(
-                node_id,
-                node_id.upper(),
-                f"127.0.0.1:{port}",
-                model=SPEC,
-                consortium_id=CONSORTIUM,
-                timeout_s=120,
-                chunk_bytes=CHUNK_BYTES,
-                spill_dir=root / "spill",
-                count_received=count_received,
-            )
-            stack.callback(proxy.close)
-            proxies.append(proxy)
-        yield Served(proxies, received)
+def _served(
+    root: Path, count: int, cut: dict[str, int] | None = None
+) -> AbstractContextManager[Served]:
+    """``count`` node servers (``cut``: node -> chunks after which its delta stops) and
+    the coordinator's proxies to them."""
+    servicers: dict[str, SovereignNodeServicer] = {}
+    for i in range(count):
+        node_id = f"n{i}"
+        args = (_node(node_id, SCORES[i]), SPEC, ArtifactStore(root / node_id), CONSORTIUM)
+        servicers[node_id] = (
+            CutOffServicer(*args, keep=cut[node_id], chunk_bytes=CHUNK_BYTES)
+            if cut and node_id in cut
+            else SovereignNodeServicer(*args, chunk_bytes=CHUNK_BYTES)
+        )
+    return served_nodes(
+        root, servicers, spec=SPEC, consortium_id=CONSORTIUM, chunk_bytes=CHUNK_BYTES
+    )
 
 
 def _policy(mix: str) -> ContributionPolicy:
@@ -136,7 +102,7 @@ def test_streamed_integration_is_the_in_process_core_bit_for_bit(
     expected = [in_process.run_round(nodes) for _ in range(2)]
 
     streamed = ConsortiumCoordinator(SPEC.build(SEED), _policy(mix), copy_states=False)
-    with served_nodes(tmp_path, count) as served:
+    with _served(tmp_path, count) as served:
         for want in expected:
             got = streamed.run_round(served.proxies)
             assert got.accepted_nodes == want.accepted_nodes
@@ -164,7 +130,7 @@ def test_a_delta_cut_off_midway_fails_its_node_and_the_base_is_untouched(
 ) -> None:
     streamed = ConsortiumCoordinator(SPEC.build(SEED), ContributionPolicy(), copy_states=False)
     before = state_digest(model_state(streamed.base_model))
-    with served_nodes(tmp_path, 1, cut={"n0": 3}) as served:
+    with _served(tmp_path, 1, cut={"n0": 3}) as served:
         result = streamed.run_round(served.proxies)
 
     assert result.accepted_nodes == []
@@ -183,7 +149,7 @@ def test_a_cut_off_node_is_left_out_and_the_others_integrate_as_without_it(
     expected = without.run_round([_node("n0", SCORES[0]), _node("n2", SCORES[2])])
 
     streamed = ConsortiumCoordinator(SPEC.build(SEED), policy, copy_states=False)
-    with served_nodes(tmp_path, 3, cut={"n1": 2}) as served:
+    with _served(tmp_path, 3, cut={"n1": 2}) as served:
         result = streamed.run_round(served.proxies)
 
     assert result.accepted_nodes == ["n0", "n2"]
