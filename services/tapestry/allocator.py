@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,20 @@ _M_TRIM_THRESHOLD = -1
 _M_ARENA_MAX = -8
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (``find_library`` may run a subprocess to look for it);
+    ``None`` where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def tune_allocator(arena_max: int, trim_threshold_bytes: int) -> bool:
     """Apply the settings; False (and a debug log line) when the C library lacks mallopt."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         log.debug("no mallopt in this C library: allocator left as it is")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
@@ -49,8 +58,6 @@ def release_free_memory() -> None:
     """Hand the pages of freed blocks back to the system (glibc's ``malloc_trim``), also
     those in the middle of the heap, which the trim threshold alone never returns: the
     streams of a round leave them behind just before integration allocates a new state."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(ctypes.c_size_t(0))
-    except (OSError, AttributeError):
-        return
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is not None:  # glibc only
+        malloc_trim(ctypes.c_size_t(0))

@@ -171,10 +171,11 @@ def state_mismatch(
             f"{what} keys differ from {against}: missing {few_names(missing)}, "
             f"unexpected {few_names(extra)}"
         )
-    deferred = isinstance(state, DeferredState) and not state.fetched
+    # A deferred state not fetched yet answers by its layout, without its bytes.
+    layout = state.specs if isinstance(state, DeferredState) and not state.fetched else None
     for name, want in reference.items():
-        if isinstance(state, DeferredState) and deferred:
-            dtype, shape = state.specs[name]
+        if layout is not None:
+            dtype, shape = layout[name]
         else:
             got = state[name]
             if not isinstance(got, torch.Tensor):
@@ -184,7 +185,7 @@ def state_mismatch(
             return (
                 f"{what} {name!r}: expected {want.dtype} {tuple(want.shape)}, got {dtype} {shape}"
             )
-    if deferred:
+    if layout is not None:
         return None
     nonfinite = first_nonfinite(state)  # type: ignore[arg-type]  # all tensors by now
     if nonfinite is not None:
