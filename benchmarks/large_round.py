@@ -51,7 +51,7 @@ from round_bench import (
 from tapestry.config import ConsortiumConfig, load_config
 from tapestry.training.consortium import ConsortiumCoordinator, SovereignTrainingNode
 from tapestry.training.consortium.messages import SovereignCycleResult, SovereignModelArtifact
-from tapestry.training.consortium.model import ModelSpec
+from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.training.consortium.progress import ProgressCallback
 
 GIB = 2**30

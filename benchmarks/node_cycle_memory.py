@@ -21,7 +21,8 @@ from round_bench import CORPUS_LINE, VOCAB, hidden_for, parse_params
 
 from tapestry.training.consortium import SovereignTrainingNode
 from tapestry.training.consortium.messages import SovereignModelArtifact
-from tapestry.training.consortium.model import ModelSpec, model_state
+from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.tensors import state_nbytes
 
 

@@ -21,9 +21,10 @@ import torch
 from tapestry.demo import DEMO_NODES
 from tapestry.node.corpus import load_corpus
 from tapestry.node.processes import join_training_group, serve_as_worker, training_device
-from tapestry.training.consortium.distributed import STOP
-from tapestry.training.consortium.model import GPT_DEMO, model_state
-from tapestry.training.consortium.node import SovereignTrainingNode
+from tapestry.training.consortium.local.distributed import STOP
+from tapestry.training.consortium.local.node import SovereignTrainingNode
+from tapestry.training.consortium.models.spec import GPT_DEMO
+from tapestry.training.consortium.models.state import model_state
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ from loopback import mutual_tls, transfer_seconds
 
 from tapestry.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.training.consortium import ConsortiumCoordinator, SovereignTrainingNode
-from tapestry.training.consortium.model import ModelSpec
+from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.wire.delta_encoding import DeltaEncoding
 
 VOCAB = 256

@@ -22,8 +22,8 @@ from tapestry.errors import UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
 
 if TYPE_CHECKING:  # the core imports torch; configuration checks must stay light
-    from tapestry.training.consortium.model import ModelSpec
-    from tapestry.training.consortium.policy import ContributionPolicy
+    from tapestry.training.consortium.governance.policy import ContributionPolicy
+    from tapestry.training.consortium.models.spec import ModelSpec
 
 NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 # A node's cycle may train for hours; a week is past any round we mean to wait for, and a
@@ -207,7 +207,7 @@ class ModelConfig(_Strict):
         return None
 
     def spec(self) -> ModelSpec:
-        from tapestry.training.consortium.model import ModelSpec, canonical_json
+        from tapestry.training.consortium.models.spec import ModelSpec, canonical_json
 
         if self.architecture == "tiny-causal":
             return ModelSpec(self.architecture, self.vocab_size, self.hidden_size)
@@ -284,8 +284,8 @@ class PolicyConfig(_Strict):
         return cap_quorum(self.max_node_weight)
 
     def policy(self) -> ContributionPolicy:
-        from tapestry.training.consortium.policy import ContributionPolicy
-        from tapestry.training.consortium.strategies import (
+        from tapestry.training.consortium.governance.policy import ContributionPolicy
+        from tapestry.training.consortium.strategies.settings import (
             IntegrationStrategy,
             OuterOptimizer,
             strategy_name,
@@ -378,7 +378,7 @@ class ConsortiumConfig(_Strict):
 
 def cap_quorum(max_node_weight: float) -> int:
     """The fewest nodes whose weights can sum to 1 with none above ``max_node_weight``
-    (as the policy computes it, tapestry.training.consortium.policy)."""
+    (as the policy computes it, tapestry.training.consortium.governance.policy)."""
     return math.ceil(1 / max_node_weight - 1e-12)
 
 
@@ -404,7 +404,7 @@ class TrainingConfig(_Strict):
     max_seq_len: int = Field(128, ge=2, le=1 << 20)
     heldout_percent: int = Field(10, ge=0, le=50)
     # "synthetic" replaces training by a seeded random update (benchmarks: the figures then
-    # measure transport); see tapestry.training.consortium.node.TRAINERS.
+    # measure transport); see tapestry.training.consortium.local.node.TRAINERS.
     trainer: Literal["real", "synthetic"] = "real"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     collective_timeout_s: float = Field(300.0, gt=0, le=MAX_NODE_TIMEOUT_S)

@@ -24,6 +24,11 @@ class NotFound(LookupError):
     """The thing asked for does not exist (yet)."""
 
 
+class ModelBuildError(UserError, ValueError):
+    """A spec this process cannot build (a field out of place, a missing optional install);
+    the message names the field or the fix."""
+
+
 def quoted(text: str, limit: int = 80) -> str:
     """``repr`` of a string that came from a peer, cut to ``limit`` characters, so that an
     error message never echoes unbounded input back."""

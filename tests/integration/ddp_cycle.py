@@ -14,9 +14,9 @@ import torch
 
 from tapestry.node.processes import join_training_group, serve_as_worker
 from tapestry.training.consortium import TinyCausalModel
-from tapestry.training.consortium.distributed import STOP, TrainingGroup
-from tapestry.training.consortium.model import model_state
-from tapestry.training.consortium.node import SovereignTrainingNode
+from tapestry.training.consortium.local.distributed import STOP, TrainingGroup
+from tapestry.training.consortium.local.node import SovereignTrainingNode
+from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.tensors import state_digest
 
 # Five rows in batches of 2: the last batch has one row, so rank 1 trains on none of it.

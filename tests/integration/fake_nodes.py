@@ -13,9 +13,9 @@ import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.limits import MAX_PROGRESS_MESSAGES
 from tapestry.training.consortium import ModelSpec, state_digest
-from tapestry.training.consortium.limits import MAX_PROGRESS_MESSAGES
-from tapestry.training.consortium.model import model_state
+from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire.codec import model_spec_to_proto, state_layout_to_proto
 from tapestry.wire.delta_encoding import DeltaEncoding

@@ -12,7 +12,7 @@ from pathlib import Path
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.node.servicer import SovereignNodeServicer
-from tapestry.training.consortium.model import ModelSpec
+from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.wire.grpc_plumbing import build_server
 
 

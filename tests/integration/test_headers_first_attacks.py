@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.limits import MAX_REASON_CHARS
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.training.consortium import (
@@ -28,9 +29,9 @@ from tapestry.training.consortium import (
     SovereignTrainingNode,
     state_digest,
 )
-from tapestry.training.consortium.limits import MAX_REASON_CHARS
-from tapestry.training.consortium.messages import ConsortiumRoundResult
-from tapestry.training.consortium.model import ModelSpec, model_state
+from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.models.state import model_state
+from tapestry.training.consortium.round.result import ConsortiumRoundResult
 
 from .node_servers import Served, served_nodes
 

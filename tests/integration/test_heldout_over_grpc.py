@@ -21,8 +21,8 @@ from tapestry.demo import DEMO_NODES
 from tapestry.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.node.corpus import load_node_corpus
 from tapestry.training.consortium import ModelSpec
-from tapestry.training.consortium.evaluation import heldout_loss
-from tapestry.training.consortium.node import pad_corpus
+from tapestry.training.consortium.local.evaluation import heldout_loss
+from tapestry.training.consortium.local.node import pad_corpus
 from tapestry.wire.codec import message_from_json
 
 from .conftest import POLICY

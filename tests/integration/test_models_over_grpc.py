@@ -26,7 +26,8 @@ from tapestry.training.consortium import (
     ModelState,
     state_digest,
 )
-from tapestry.training.consortium.model import GPT_TEST, load_model_state, model_state
+from tapestry.training.consortium.models.spec import GPT_TEST
+from tapestry.training.consortium.models.state import load_model_state, model_state
 from tapestry.training.consortium.tensors import StateLayout, state_layout
 from tapestry.wire.grpc_plumbing import mark_serving
 

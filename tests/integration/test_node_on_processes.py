@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tapestry.launcher import LocalConsortium, LocalNodeSpec
-from tapestry.training.consortium.model import model_state
+from tapestry.training.consortium.models.state import model_state
 
 from .conftest import write_corpora
 from .ddp_cycle import cycle_node

@@ -20,7 +20,8 @@ from tapestry.coordinator.remote_node import NodeCallFailed, RemoteSovereignNode
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.training.consortium import SovereignTrainingNode
-from tapestry.training.consortium.model import ModelSpec, model_state
+from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.tensors import state_digest, state_nbytes
 from tapestry.wire import grpc_plumbing
 

@@ -10,7 +10,7 @@ from tapestry.config import ConsortiumConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.launcher import LocalConsortium
 from tapestry.training.consortium import ModelState, state_digest
-from tapestry.training.consortium.strategies import Integrated
+from tapestry.training.consortium.strategies.base import Integrated
 
 from .conftest import POLICY
 

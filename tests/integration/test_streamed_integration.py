@@ -23,8 +23,9 @@ from tapestry.training.consortium import (
     SovereignTrainingNode,
     state_digest,
 )
-from tapestry.training.consortium.model import ModelSpec, model_state
-from tapestry.training.consortium.strategies import IntegrationStrategy, StrategyName
+from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.models.state import model_state
+from tapestry.training.consortium.strategies.settings import IntegrationStrategy, StrategyName
 
 from .node_servers import Served, served_nodes
 

@@ -9,11 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.training.consortium.limits import (
-    MAX_HELDOUT_LOSS,
-    MAX_TOKEN_COUNT,
-    evaluation_problem,
-)
+from tapestry.limits import MAX_HELDOUT_LOSS, MAX_TOKEN_COUNT
+from tapestry.training.consortium.governance.checks import evaluation_problem
 from tapestry.wire import codec
 
 from .conftest import MAX_MESSAGE_CHARS, examples

@@ -15,8 +15,9 @@ from tapestry.training.consortium import (
     ModelState,
     state_digest,
 )
-from tapestry.training.consortium.model import ModelSpec, install_model_state, model_state
-from tapestry.training.consortium.strategies import IntegrationStrategy, StrategyName
+from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.models.state import install_model_state, model_state
+from tapestry.training.consortium.strategies.settings import IntegrationStrategy, StrategyName
 
 from .conftest import CONSORTIUM_SEED, MakeNodes
 

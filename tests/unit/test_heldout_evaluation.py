@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
+from tapestry.limits import MAX_HELDOUT_LOSS
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     HeldOutEvaluation,
     SovereignCycleResult,
     TinyCausalModel,
 )
-from tapestry.training.consortium.evaluation import heldout_loss, perplexity
-from tapestry.training.consortium.limits import MAX_HELDOUT_LOSS
-from tapestry.training.consortium.node import pad_corpus
+from tapestry.training.consortium.local.evaluation import heldout_loss, perplexity
+from tapestry.training.consortium.local.node import pad_corpus
 
 from .conftest import CORPORA, MakeNode, encode
 

@@ -20,7 +20,8 @@ from tapestry.config import (
     write_config,
 )
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.training.consortium.model import GPT_TEST, ModelSpec, model_state
+from tapestry.training.consortium.models.spec import GPT_TEST, ModelSpec
+from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.tensors import state_digest, state_layout
 from tapestry.wire.codec import (
     model_spec_from_proto,

@@ -9,19 +9,12 @@ import torch
 from safetensors import safe_open
 
 from tapestry.atomic_files import load_state, save_state
-from tapestry.errors import UserError
+from tapestry.errors import ModelBuildError, UserError
 from tapestry.training.consortium import ModelSpec, TinyCausalModel, state_digest
-from tapestry.training.consortium.gpt import GPTConfig, GPTModel
-from tapestry.training.consortium.hf_causal_lm import HuggingFaceCausalLM
-from tapestry.training.consortium.model import (
-    GPT_DEMO,
-    GPT_TEST,
-    ModelBuildError,
-    load_model_state,
-    model_state,
-    spec_differences,
-    tied_keys,
-)
+from tapestry.training.consortium.models.gpt import GPTModel
+from tapestry.training.consortium.models.hf_causal_lm import HuggingFaceCausalLM
+from tapestry.training.consortium.models.spec import GPT_DEMO, GPT_TEST, spec_differences
+from tapestry.training.consortium.models.state import load_model_state, model_state, tied_keys
 
 from .tiny_models import HF_TINY_SPEC
 
@@ -95,7 +88,7 @@ def test_gpt_refuses_inputs_past_its_context_length() -> None:
 )
 def test_gpt_config_refuses_impossible_shapes(config: dict[str, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        GPTModel(GPTConfig(**config))  # type: ignore[arg-type]
+        GPTModel(**config)  # type: ignore[arg-type]
 
 
 @SPECS

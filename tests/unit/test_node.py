@@ -21,7 +21,7 @@ from tapestry.training.consortium import (
     cycle_seed,
     state_digest,
 )
-from tapestry.training.consortium.node import pad_corpus
+from tapestry.training.consortium.local.node import pad_corpus
 
 from .conftest import MakeNode, StatesEqual
 

@@ -16,7 +16,7 @@ from tapestry.cli import main
 from tapestry.config import ConfigError, NodeConfig, TrainingConfig, build_config
 from tapestry.errors import UserError
 from tapestry.node.processes import join_training_group, serve_as_worker, training_device
-from tapestry.training.consortium.distributed import (
+from tapestry.training.consortium.local.distributed import (
     STOP,
     TrainingGroup,
     TrainingGroupLost,

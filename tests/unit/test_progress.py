@@ -20,9 +20,9 @@ from tapestry.training.consortium import (
     SovereignCycleResult,
     SovereignTrainingNode,
 )
-from tapestry.training.consortium.limits import progress_problem
+from tapestry.training.consortium.governance.checks import progress_problem
 from tapestry.training.consortium.progress import ProgressThrottle, throttled
-from tapestry.training.consortium.relay import reports_progress
+from tapestry.training.consortium.round.relay import reports_progress
 
 from .conftest import MakeNodes
 

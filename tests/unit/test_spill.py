@@ -115,7 +115,7 @@ def test_a_spilled_tensor_is_read_in_blocks_that_cover_it_exactly(tmp_path):
 
 
 def test_integrating_in_blocks_changes_no_bit(tmp_path, monkeypatch):
-    import tapestry.training.consortium.integration as integration
+    import tapestry.training.consortium.strategies.fedavg as integration
 
     g = torch.Generator().manual_seed(3)
     base = {"w": torch.randn(1_000_003, generator=g), "m": torch.randn(37, 11, generator=g)}

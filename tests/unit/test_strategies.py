@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from tapestry.training.consortium import ContributionPolicy, ModelState, integrate
-from tapestry.training.consortium.strategies import (
+from tapestry.training.consortium.strategies.base import Strategy
+from tapestry.training.consortium.strategies.registry import make_strategy
+from tapestry.training.consortium.strategies.settings import (
     IntegrationStrategy,
     OuterOptimizer,
     StrategyName,
@@ -31,8 +33,8 @@ def delta(*values: float, steps: int = 5) -> ModelState:
     return {"w": torch.tensor(values, dtype=torch.float32), "steps": torch.tensor([steps])}
 
 
-def strategy(name: str, **settings: object) -> IntegrationStrategy:
-    return IntegrationStrategy(StrategyName(name), **settings)  # type: ignore[arg-type]
+def strategy(name: str, **settings: object) -> Strategy:
+    return make_strategy(IntegrationStrategy(StrategyName(name), **settings))  # type: ignore[arg-type]
 
 
 def w_after(merged: ModelState) -> list[float]:
@@ -65,10 +67,10 @@ def test_fedavg_is_integrate_bit_for_bit(states_equal: StatesEqual) -> None:
         for w in (0.3, 0.45, 0.25)
     ]
 
-    integrated = IntegrationStrategy().apply(start, weighted)
+    integrated = make_strategy(IntegrationStrategy()).apply(start, weighted)
 
     states_equal(integrated.state, integrate(start, weighted))
-    assert integrated.momentum is None
+    assert integrated.strategy_state is None
 
 
 def test_fedavg_clips_each_delta_to_the_bound_before_weighting() -> None:
@@ -95,7 +97,7 @@ def test_median_of_an_odd_count_is_the_middle_value_per_coordinate() -> None:
 
     assert w_after(merged.state) == [1 + 2, 2 + 5, 3 + 1]
     assert merged.state["steps"].tolist() == [7]
-    assert merged.momentum is None
+    assert merged.strategy_state is None
 
 
 def test_median_of_an_even_count_is_the_mean_of_the_two_middle_values() -> None:
@@ -139,7 +141,7 @@ def test_trimmed_mean_drops_floor_fraction_times_n_values_at_each_end(
 
 def test_trimmed_mean_defaults_to_a_fifth_and_trims_nothing_from_four() -> None:
     chosen = strategy("trimmed_mean")
-    assert chosen.trim_fraction == 0.2
+    assert chosen.settings.trim_fraction == 0.2
     # floor(0.2 · 4) = 0: the mean of (1, 3, 2, 10), (5, 0, 9, -1), (-2, 7, 1, 0)
     merged = chosen.apply(base(), [(0.25, d) for d in EVEN])
     assert w_after(merged.state) == [1 + 4, 2 + 3.25, 3 + 1.5]
@@ -203,14 +205,15 @@ def test_two_diloco_rounds_by_hand(nesterov: bool, after_one: float, after_two: 
     two, four = ({"w": torch.tensor([v]), "steps": torch.tensor([1])} for v in (2.0, 4.0))
     first = outer.apply(start, [(0.5, two), (0.5, four)])
     assert first.state["w"].tolist() == [after_one]
-    assert first.momentum is not None and first.momentum["w"].tolist() == [-3.0]
-    assert list(first.momentum) == ["w"]  # no momentum for integer entries
+    assert first.strategy_state is not None and first.strategy_state["w"].tolist() == [-3.0]
+    assert list(first.strategy_state) == ["w"]  # no momentum for integer entries
     assert first.state["steps"].tolist() == [7]
 
     one = {"w": torch.tensor([1.0]), "steps": torch.tensor([0])}
-    second = outer.apply(first.state, [(0.5, one), (0.5, one)], momentum=first.momentum)
+    outer.adopt(first.strategy_state)  # the round committed: its momentum is in force
+    second = outer.apply(first.state, [(0.5, one), (0.5, one)])
     assert second.state["w"].tolist() == [after_two]
-    assert second.momentum is not None and second.momentum["w"].tolist() == [-2.5]
+    assert second.strategy_state is not None and second.strategy_state["w"].tolist() == [-2.5]
 
 
 def test_diloco_keeps_half_precision_momentum_in_float32() -> None:
@@ -219,7 +222,7 @@ def test_diloco_keeps_half_precision_momentum_in_float32() -> None:
         start, [(1.0, {"w": torch.tensor([0.5], dtype=torch.bfloat16)})]
     )
     assert step.state["w"].dtype == torch.bfloat16
-    assert step.momentum is not None and step.momentum["w"].dtype == torch.float32
+    assert step.strategy_state is not None and step.strategy_state["w"].dtype == torch.float32
 
 
 def test_diloco_clips_before_the_outer_step() -> None:
@@ -234,11 +237,9 @@ def test_inputs_are_never_modified(states_equal: StatesEqual) -> None:
         start, deltas = base(), [delta(1, 2, 3), delta(3, 2, 1)]
         momentum = {"w": torch.tensor([1.0, 1.0, 1.0])}
         before = [{k: v.clone() for k, v in s.items()} for s in (start, *deltas, momentum)]
-        strategy(name).apply(
-            start,
-            [(0.5, d) for d in deltas],
-            momentum=momentum if name is StrategyName.DILOCO else None,
-        )
+        chosen = strategy(name)
+        chosen.adopt(momentum if name is StrategyName.DILOCO else None)
+        chosen.apply(start, [(0.5, d) for d in deltas])
         for kept, now in zip(before, (start, *deltas, momentum), strict=True):
             states_equal(now, kept)
 
@@ -305,7 +306,7 @@ def test_spilled_deltas_give_the_bits_of_deltas_in_memory(
         for _ in range(4)
     ]
     spilled = [_spill(tmp_path / str(i), d) for i, d in enumerate(deltas)]
-    chosen = IntegrationStrategy(name, clip_delta_norm=0.5)
+    chosen = make_strategy(IntegrationStrategy(name, clip_delta_norm=0.5))
     norms = [state_norm(d) for d in deltas]
 
     in_memory = chosen.apply(start, [(0.25, d) for d in deltas], delta_norms=norms)

@@ -22,7 +22,7 @@ from tapestry.training.consortium import (
     SovereignModelArtifact,
     state_digest,
 )
-from tapestry.training.consortium.strategies import (
+from tapestry.training.consortium.strategies.settings import (
     IntegrationStrategy,
     OuterOptimizer,
     StrategyName,

@@ -12,7 +12,7 @@ from tapestry.cli import report
 from tapestry.config import ConfigError, ConsortiumConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.training.consortium import ContributionPolicy
-from tapestry.training.consortium.strategies import (
+from tapestry.training.consortium.strategies.settings import (
     IntegrationStrategy,
     OuterOptimizer,
     StrategyName,

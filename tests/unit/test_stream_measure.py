@@ -8,7 +8,10 @@ import math
 import pytest
 import torch
 
-from tapestry.training.consortium.integration import InvalidContribution, check_contribution
+from tapestry.training.consortium.governance.admission import (
+    InvalidContribution,
+    check_contribution,
+)
 from tapestry.training.consortium.messages import SovereignContribution
 from tapestry.training.consortium.tensors import (
     NORM_BLOCK_ELEMENTS,

@@ -8,8 +8,8 @@ import torch
 
 from tapestry.config import MAX_MODEL_PARAMS, ModelConfig, NodeConfig, build_config
 from tapestry.training.consortium import SovereignTrainingNode, TinyCausalModel, state_digest
-from tapestry.training.consortium.model import model_state
-from tapestry.training.consortium.node import SYNTHETIC_DELTA_STD
+from tapestry.training.consortium.local.node import SYNTHETIC_DELTA_STD
+from tapestry.training.consortium.models.state import model_state
 
 CORPUS = [[1, 2, 3, 4], [5, 6, 7]]
 

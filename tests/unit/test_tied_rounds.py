@@ -12,7 +12,8 @@ from tapestry.training.consortium import (
     ModelSpec,
     SovereignTrainingNode,
 )
-from tapestry.training.consortium.model import GPT_TEST, model_state
+from tapestry.training.consortium.models.spec import GPT_TEST
+from tapestry.training.consortium.models.state import model_state
 
 from .conftest import CORPORA, JURISDICTIONS, QUALITY
 from .tiny_models import HF_TINY_SPEC

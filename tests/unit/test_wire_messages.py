@@ -508,7 +508,7 @@ STATE_FIELDS = {
     "weight_delta": ("weight_delta_sha256",),
     "previous_base_state": ("previous_base_sha256",),
     "shared_base_state": ("shared_base_sha256",),
-    "outer_momentum": ("outer_momentum_sha256",),
+    "strategy_state": ("outer_momentum_sha256",),
     "stored_at": (),  # node-local: stays on the node
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tapestry.training.consortium.model import GPT_TEST, ModelSpec, canonical_json
+from tapestry.training.consortium.models.spec import GPT_TEST, ModelSpec, canonical_json
 
 # A one-block GPT-2 over bytes, as a consortium file's inline [model.hf_config] table. No
 # dropout (it would draw from torch's global RNG), and bos/eos inside the byte vocabulary.

@@ -338,7 +338,7 @@ def node_serve(
     from tapestry.node.processes import join_training_group, serve_as_worker
     from tapestry.node.startup import SERVICE_NAME, build_node_server, build_training_node
     from tapestry.observe.metrics import NodeMetrics
-    from tapestry.training.consortium.distributed import STOP
+    from tapestry.training.consortium.local.distributed import STOP
 
     config = load_config(config_path, NodeConfig)
     group = join_training_group(config.training.device, config.training.collective_timeout_s)
@@ -615,7 +615,7 @@ def base_export(
     from tapestry.cli import report
     from tapestry.coordinator.client import CoordinatorClient
     from tapestry.errors import NotFound
-    from tapestry.observe.base_export import check_destination, write_base
+    from tapestry.coordinator.base_export import check_destination, write_base
 
     check_destination(out, force=force)
     with CoordinatorClient(address, credentials) as client:

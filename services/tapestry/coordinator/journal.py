@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal
 
 from tapestry.atomic_files import (
     load_state,
@@ -35,7 +34,8 @@ from tapestry.atomic_files import (
 )
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import NotFound, UserError
-from tapestry.training.consortium.messages import ConsortiumRoundResult, ModelState
+from tapestry.training.consortium.messages import ModelState
+from tapestry.training.consortium.round.result import ConsortiumRoundResult
 from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire.codec import message_from_json, message_to_json, round_result_to_proto
 
@@ -107,10 +107,10 @@ class CoordinatorStore:
         the coordinator's core calls before it moves to the new base. ``request_id`` (the
         trigger's idempotency key) is kept with it, so it outlives a restart."""
         record = jpb.RoundRecord(result=round_result_to_proto(result), request_id=request_id)
-        if result.outer_momentum is not None:  # before the entry that names its digest
+        if result.strategy_state is not None:  # before the entry that names its digest
             save_state(
                 self.momentum_path(result.round_num),
-                result.outer_momentum,
+                result.strategy_state,
                 {
                     "round_num": str(result.round_num),
                     "sha256": record.result.outer_momentum_sha256,
@@ -139,8 +139,12 @@ class CoordinatorStore:
         while records:
             record = records[-1]
             state = self._load_intact(record.result.round_num, record.result.shared_base_sha256)
-            if state is not None and self._momentum_of(record) is not False:
-                return record.result.round_num, state, records
+            try:
+                if state is not None:
+                    self._strategy_state_of(record)
+                    return record.result.round_num, state, records
+            except StoreError:
+                pass
             log.error(
                 "round %d's base or momentum is missing or damaged; resuming from the round before",
                 record.result.round_num,
@@ -185,21 +189,17 @@ class CoordinatorStore:
     def committed_momentum(
         self, round_num: int, records: list[jpb.RoundRecord]
     ) -> ModelState | None:
-        """Diloco's outer momentum committed with round ``round_num``'s base, checked against
-        its recorded digest; ``None`` when that round recorded none (round 0, a momentum of
-        zeros, another strategy). Raises :class:`StoreError` for a file missing or damaged."""
+        """The strategy's state (diloco's outer momentum) committed with round
+        ``round_num``'s base, checked against its recorded digest; ``None`` when that round
+        recorded none (round 0, a strategy without state). Raises :class:`StoreError` for a
+        file missing or damaged."""
         found = [r for r in records if r.result.round_num == round_num and round_num > 0]
-        momentum = self._momentum_of(found[0]) if found else None
-        if momentum is False:
-            raise StoreError(
-                f"the outer momentum of round {round_num} ({self.momentum_path(round_num)}) is "
-                f"missing or does not match its recorded digest "
-                f"{found[0].result.outer_momentum_sha256[:12]}; it cannot be restored"
-            )
-        return momentum
+        return self._strategy_state_of(found[0]) if found else None
 
-    def _momentum_of(self, record: jpb.RoundRecord) -> ModelState | None | Literal[False]:
-        """The momentum a record names (``None``: it names none; ``False``: damaged)."""
+    def _strategy_state_of(self, record: jpb.RoundRecord) -> ModelState | None:
+        """The strategy state a record names (``None``: it names none); :class:`StoreError`
+        when its file is missing or damaged. On disk it keeps its first name: the field
+        ``outer_momentum_sha256`` and the folder ``momentum/``, so old journals read alike."""
         sha256 = record.result.outer_momentum_sha256
         if not sha256:
             return None
@@ -208,8 +208,14 @@ class CoordinatorStore:
             state, _ = load_state(path)
         except Exception as error:
             log.error("cannot read %s: %s", path, error)
-            return False
-        return state if state_digest(state) == sha256 else False
+            state = None
+        if state is None or state_digest(state) != sha256:
+            raise StoreError(
+                f"the outer momentum of round {record.result.round_num} ({path}), the "
+                f"strategy's state, is missing or does not match its recorded digest "
+                f"{sha256[:12]}; it cannot be restored"
+            )
+        return state
 
     def _load_intact(self, round_num: int, sha256: str) -> ModelState | None:
         path = self.base_path(round_num)

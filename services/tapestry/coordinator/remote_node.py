@@ -19,15 +19,12 @@ from tapestry.allocator import release_free_memory
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import WireError, quoted
+from tapestry.limits import MAX_PROGRESS_MESSAGE_BYTES, MAX_PROGRESS_MESSAGES
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
 from tapestry.training.consortium.deferred import DeferredState
-from tapestry.training.consortium.limits import (
-    MAX_PROGRESS_MESSAGE_BYTES,
-    MAX_PROGRESS_MESSAGES,
-)
 from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
-from tapestry.training.consortium.model import ModelSpec, spec_differences
+from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressCallback
 from tapestry.training.consortium.tensors import StateLayout, known_digest, state_nbytes
 from tapestry.wire import codec

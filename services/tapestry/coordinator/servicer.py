@@ -27,7 +27,8 @@ from tapestry.training.consortium import (
     ConsortiumRoundResult,
     RoundEvent,
 )
-from tapestry.training.consortium.model import ModelSpec
+from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.round.ledger import Claimed, Recorded, RoundLedger
 from tapestry.wire import codec
 from tapestry.wire.pagination import PageTokens, take_page
 from tapestry.wire.status import abort
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 
 # How often a caller waiting on a running round's result checks that it is still there.
 _RETRY_POLL_S = 1.0
+
+
+def record_key(record: jpb.RoundRecord) -> tuple[int, str]:
+    """A journal record's round number and request id, as the round ledger indexes them."""
+    return record.result.round_num, record.request_id
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
@@ -51,23 +57,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         page_token_key: bytes | None = None,
         metrics: CoordinatorMetrics | None = None,
     ) -> None:
-        """``page_token_key`` seals the listings' page tokens (default: drawn at random, so
-        tokens do not outlive this process). Rounds are counted in ``metrics``."""
+        """The journal's ``records`` go into the core's round ledger, which answers request
+        ids and which round runs. ``page_token_key`` seals the listings' page tokens
+        (default: drawn at random, so tokens do not outlive this process). Rounds are counted
+        in ``metrics``."""
         self._core = core
+        self._ledger: RoundLedger[jpb.RoundRecord] = RoundLedger(records, key=record_key)
+        core.ledger = self._ledger
         self._nodes = list(nodes)
         self._store = store
         self._spec = spec
         self._chunk_bytes = chunk_bytes
-        self._records = list(records)
         # (round, digest) of the last commit, replaced as one tuple, so a reader always sees
         # a base with its own round number. GetBase serves it from its committed file, one
         # tensor at a time: the coordinator keeps no second copy of the base in memory.
         self._committed: tuple[int, str] = (core.round_num, core.base_sha256)
-        # Which round runs (its request id and outcome) and which request ids the journal
-        # answers, both read and changed under one lock so a retry sees one or the other.
-        self._state_lock = threading.Lock()
-        self._running: tuple[str, Future[int]] | None = None
-        self._by_request_id = {r.request_id: r.result for r in self._records if r.request_id}
         self._page_tokens = PageTokens(page_token_key)
         self._metrics = metrics or CoordinatorMetrics()
         self._metrics.base_round.set(core.round_num)
@@ -80,42 +84,37 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """Stream the core's events, then the committed result. The round runs in its own
         thread and goes on to its commit even if the caller goes away.
 
-        Exactly once per ``request_id``: an id the journal holds gets that round's result
-        (no new round); the id of the round now running waits for its result."""
+        Exactly once per ``request_id`` (the core's ledger): an id the journal holds gets
+        that round's result (no new round); the id of the round now running waits for its
+        result."""
         try:
             request_id = codec.request_id_from_proto(request)
         except ValueError as error:
             abort(context, error)
-        with self._state_lock:
-            recorded = self._by_request_id.get(request_id) if request_id else None
-            running = self._running
-            if recorded is None and running is None:
-                outcome: Future[int] = Future()
-                self._running = (request_id, outcome)
-        if recorded is not None:
-            log.info("request %s: already answered by round %d", request_id, recorded.round_num)
-            yield pb.RunRoundResponse(result=recorded)
+        claim = self._ledger.claim(request_id)
+        if isinstance(claim, Recorded):
+            log.info(
+                "request %s: already answered by round %d",
+                request_id,
+                claim.record.result.round_num,
+            )
+            yield pb.RunRoundResponse(result=claim.record.result)
             return
-        if running is not None:
-            if not request_id or running[0] != request_id:
-                abort(
-                    context,
-                    Busy(
-                        f"round {self._core.round_num + 1} is already running; wait for its "
-                        "result (tapestry rounds) and trigger the next one after it"
-                    ),
-                )
-            context.send_initial_metadata(())  # the caller may know it is waiting
-            yield pb.RunRoundResponse(result=self._await(running[1], context))
+        if isinstance(claim, Claimed):
+            yield from self._run(request_id, context)
             return
-        yield from self._run(request_id, outcome, context)
+        if not request_id or claim.request_id != request_id:
+            abort(
+                context,
+                Busy(
+                    f"round {self._core.round_num + 1} is already running; wait for its "
+                    "result (tapestry rounds) and trigger the next one after it"
+                ),
+            )
+        context.send_initial_metadata(())  # the caller may know it is waiting
+        yield pb.RunRoundResponse(result=self._await(claim.outcome, context))
 
-    def _run(
-        self,
-        request_id: str,
-        outcome: Future[int],
-        context: grpc.ServicerContext,
-    ) -> Iterator[pb.RunRoundResponse]:
+    def _run(self, request_id: str, context: grpc.ServicerContext) -> Iterator[pb.RunRoundResponse]:
         # A round ends as its number (or its error): the result's states (the base before
         # and after) are let go once committed, not held until the next round.
         events: queue.Queue[RoundEvent | int | BaseException] = queue.Queue()
@@ -138,14 +137,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 self._metrics.round_duration.observe(time.monotonic() - began)
             finally:
                 self._store.clear_spill()  # integrated or not, spilled deltas end with the round
-                # Only now: a caller who triggers the next round on seeing this one's result
-                # must find the coordinator free (and a retry of this id, its record).
-                with self._state_lock:
-                    self._running = None
-            if isinstance(ended, int):
-                outcome.set_result(ended)
-            else:
-                outcome.set_exception(ended)
+            # Only now: a caller who triggers the next round on seeing this one's result
+            # must find the coordinator free (and a retry of this id, its record).
+            self._ledger.settle(ended)
             events.put(ended)
 
         threading.Thread(target=work, name="round", daemon=True).start()
@@ -154,7 +148,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             if isinstance(item, RoundEvent):
                 yield pb.RunRoundResponse(progress=codec.round_event_to_proto(item))
             elif isinstance(item, int):
-                yield pb.RunRoundResponse(result=self._records[-1].result)
+                yield pb.RunRoundResponse(result=self._recorded(item))
                 return
             else:
                 abort(context, item)
@@ -172,55 +166,32 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 continue
             except BaseException as error:
                 abort(context, error)
-            return self._records_by_round()[round_num]
+            return self._recorded(round_num)
 
-    def _records_by_round(self) -> dict[int, pb.ConsortiumRoundResult]:
-        return {r.result.round_num: r.result for r in list(self._records)}
+    def _recorded(self, round_num: int) -> pb.ConsortiumRoundResult:
+        record = self._ledger.by_round(round_num)
+        if record is None:  # the commit step records before the core returns
+            raise NotFound(f"round {round_num} has no record")
+        return record.result
 
     def _commit(self, result: ConsortiumRoundResult, request_id: str) -> None:
         """The core's commit step: the round is durable once its journal entry lands. Runs
         before the core changes anything, so if it raises there is nothing to undo."""
         record = self._store.commit_round(result, request_id)
-        with self._state_lock:
-            # The base first: whoever has seen round N listed then gets round N's base.
-            self._committed = (result.round_num, result.shared_base_sha256)
-            self._records.append(record)
-            if request_id:
-                self._by_request_id[request_id] = record.result
+        # The base first: whoever has seen round N listed then gets round N's base.
+        self._committed = (result.round_num, result.shared_base_sha256)
+        self._ledger.record(record)
         self._metrics.round_recorded(record.result)
-        if result.rolled_back_to is not None:
-            log.info(
-                "round %d committed: the base of round %d restored by an operator, base %s -> %s",
-                result.round_num,
-                result.rolled_back_to,
-                result.previous_base_sha256[:12],
-                result.shared_base_sha256[:12],
-            )
-            return
-        log.info(
-            "round %d %s: accepted %s, rejected %s, failed %s, base %s -> %s",
-            result.round_num,
-            f"aborted ({result.aborted_reason})" if result.aborted else "committed",
-            result.accepted_nodes,
-            result.rejected_nodes,
-            sorted(result.failed_nodes),
-            result.previous_base_sha256[:12],
-            result.shared_base_sha256[:12],
-        )
+        log.info("round %d committed: %s", result.round_num, _summary(result))
 
     def RollBackBase(
         self, request: pb.RollBackBaseRequest, context: grpc.ServicerContext
     ) -> pb.RollBackBaseResponse:
         """Restore round ``to_round``'s committed base as a new round, through the same
-        commit step as rounds. Holds the coordinator as a round does: no round starts while
-        it runs, and it is refused while one runs."""
+        commit step as rounds. Holds the coordinator as a round does (the ledger's claim):
+        no round starts while it runs, and it is refused while one runs."""
         to_round = request.to_round
-        with self._state_lock:
-            running = self._running
-            if running is None:
-                outcome: Future[int] = Future()
-                self._running = ("", outcome)
-        if running is not None:
+        if not isinstance(self._ledger.claim(""), Claimed):
             abort(
                 context,
                 Busy(
@@ -228,10 +199,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     "(tapestry rounds) and roll back after it"
                 ),
             )
+        outcome: int | BaseException = RuntimeError("the rollback did not finish")
         try:
-            records = list(self._records)
+            records = self._ledger.records()
             state, sha256 = self._store.committed_base(to_round, records)
-            round_num = self._core.roll_back(
+            outcome = self._core.roll_back(
                 state,
                 to_round,
                 sha256=sha256,
@@ -241,11 +213,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         except Exception as error:
             if not isinstance(error, NotFound | StoreError | ValueError):
                 log.exception("rollback to round %d failed", to_round)
+            outcome = error
             abort(context, error)
         finally:
-            with self._state_lock:  # nobody waits on it: a rollback has no request id
-                self._running = None
-        return pb.RollBackBaseResponse(result=self._records_by_round()[round_num])
+            self._ledger.settle(outcome)
+        return pb.RollBackBaseResponse(result=self._recorded(outcome))
 
     def GetRound(
         self, request: pb.GetRoundRequest, context: grpc.ServicerContext
@@ -254,7 +226,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             wanted = codec.selected_round(request)
         except ValueError as error:
             abort(context, error)
-        records = list(self._records)
+        records = self._ledger.records()
         if not records:
             abort(context, NotFound("no round has been committed yet"))
         if wanted is None:
@@ -274,7 +246,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.ListRoundsRequest, context: grpc.ServicerContext
     ) -> pb.ListRoundsResponse:
         """Oldest first; a page token continues after the round number it carries."""
-        entries = ((r.result.round_num, r.result) for r in list(self._records))
+        entries = ((r.result.round_num, r.result) for r in self._ledger.records())
         try:
             rounds, token = take_page(
                 entries, "rounds", request.page_size, request.page_token, self._page_tokens
@@ -324,3 +296,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         except ValueError as error:
             abort(context, error)
         return pb.ListArtifactsResponse(artifacts=artifacts, next_page_token=token)
+
+
+def _summary(result: ConsortiumRoundResult) -> str:
+    """One log line's worth of a committed round."""
+    if result.rolled_back_to is not None:
+        return (
+            f"the base of round {result.rolled_back_to} restored by an operator, base "
+            f"{result.previous_base_sha256[:12]} -> {result.shared_base_sha256[:12]}"
+        )
+    return (
+        f"{f'aborted ({result.aborted_reason})' if result.aborted else 'took effect'}: "
+        f"accepted {result.accepted_nodes}, rejected {result.rejected_nodes}, failed "
+        f"{sorted(result.failed_nodes)}, base {result.previous_base_sha256[:12]} -> "
+        f"{result.shared_base_sha256[:12]}"
+    )

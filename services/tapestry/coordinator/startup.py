@@ -19,8 +19,8 @@ from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, Remot
 from tapestry.coordinator.servicer import CoordinatorServicer
 from tapestry.observe.metrics import CoordinatorMetrics
 from tapestry.pki.serving import server_security
-from tapestry.training.consortium.coordinator import ConsortiumCoordinator
-from tapestry.training.consortium.model import model_state
+from tapestry.training.consortium.models.state import model_state
+from tapestry.training.consortium.round.coordinator import ConsortiumCoordinator
 from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire import codec
 from tapestry.wire.delta_encoding import DeltaEncoding

@@ -10,9 +10,10 @@ import torch
 
 from tapestry.config import NodeConfig
 from tapestry.node.corpus import SplitCorpus, load_node_corpus
-from tapestry.training.consortium.evaluation import heldout_loss
-from tapestry.training.consortium.model import ModelSpec, load_model_state
-from tapestry.training.consortium.node import pad_corpus
+from tapestry.training.consortium.local.evaluation import heldout_loss
+from tapestry.training.consortium.local.node import pad_corpus
+from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.models.state import load_model_state
 
 EVAL_BATCH = 32  # rows per forward pass; the mean does not depend on it (heldout_loss)
 

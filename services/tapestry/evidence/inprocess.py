@@ -25,10 +25,10 @@ from typing import Any
 from tapestry.config import PolicyConfig
 from tapestry.evidence.heldout import HeldOutScorer, Member
 from tapestry.node.startup import build_training_node
-from tapestry.training.consortium.coordinator import ConsortiumCoordinator, ConsortiumNode
-from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
-from tapestry.training.consortium.model import ModelSpec
-from tapestry.training.consortium.node import SovereignTrainingNode
+from tapestry.training.consortium.local.node import SovereignTrainingNode
+from tapestry.training.consortium.messages import ConsortiumNode, ModelState, SovereignCycleResult
+from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.round.coordinator import ConsortiumCoordinator
 from tapestry.training.consortium.tensors import state_norm
 
 HOSTILE = "mallory"

@@ -4,7 +4,7 @@ the loop its worker ranks run.
 ``torchrun --nproc-per-node W -m tapestry node serve ...`` starts W copies of the command;
 each reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment. Rank 0 serves
 gRPC as a one-process node does; ranks above 0 serve nothing, and train their share of each
-cycle when rank 0 posts it (:mod:`tapestry.training.consortium.distributed`), until rank 0
+cycle when rank 0 posts it (:mod:`tapestry.training.consortium.local.distributed`), until rank 0
 posts ``stop`` on its way out.
 """
 
@@ -22,8 +22,8 @@ from torch.distributed.distributed_c10d import PrefixStore
 from torch.distributed.rendezvous import rendezvous
 
 from tapestry.errors import UserError
-from tapestry.training.consortium.distributed import CYCLE, STOP, TrainingGroup
-from tapestry.training.consortium.node import SovereignTrainingNode
+from tapestry.training.consortium.local.distributed import CYCLE, STOP, TrainingGroup
+from tapestry.training.consortium.local.node import SovereignTrainingNode
 
 log = logging.getLogger(__name__)
 

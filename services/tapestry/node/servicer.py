@@ -19,15 +19,16 @@ from tapestry.config import NodeLimits
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import Busy, NotFound, WireError, quoted
+from tapestry.limits import NODE_PROGRESS_REPORTS
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.cycle_progress import reporting
 from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.node.guard import CycleRefused, check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
-from tapestry.training.consortium.limits import NODE_PROGRESS_REPORTS
+from tapestry.training.consortium.local.node import Persist, SovereignTrainingNode
 from tapestry.training.consortium.messages import SovereignCycleResult, SovereignModelArtifact
-from tapestry.training.consortium.model import ModelSpec, model_state
-from tapestry.training.consortium.node import Persist, SovereignTrainingNode
+from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressThrottle
 from tapestry.training.consortium.tensors import (
     state_digest,

@@ -16,8 +16,8 @@ from tapestry.node.processes import training_device
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.pki.serving import server_security
-from tapestry.training.consortium.distributed import TrainingGroup
-from tapestry.training.consortium.node import SovereignTrainingNode
+from tapestry.training.consortium.local.distributed import TrainingGroup
+from tapestry.training.consortium.local.node import SovereignTrainingNode
 from tapestry.wire.grpc_plumbing import build_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SovereignNodeService"].full_name

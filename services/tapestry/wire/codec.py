@@ -21,19 +21,19 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.training.consortium.events import RoundEvent, RoundStage
-from tapestry.training.consortium.limits import progress_problem
+from tapestry.training.consortium.governance.checks import progress_problem
+from tapestry.training.consortium.governance.policy import ContributionPolicy, ContributionWeighting
 from tapestry.training.consortium.messages import (
-    ConsortiumRoundResult,
     HeldOutEvaluation,
     SovereignContribution,
     SovereignCycleResult,
     SovereignModelArtifact,
 )
-from tapestry.training.consortium.model import ModelSpec
-from tapestry.training.consortium.policy import ContributionPolicy, ContributionWeighting
+from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress
-from tapestry.training.consortium.strategies import (
+from tapestry.training.consortium.round.events import RoundEvent, RoundStage
+from tapestry.training.consortium.round.result import ConsortiumRoundResult
+from tapestry.training.consortium.strategies.settings import (
     IntegrationStrategy,
     OuterOptimizer,
     StrategyName,
@@ -118,7 +118,7 @@ def evaluation_to_proto(evaluation: HeldOutEvaluation) -> pb.HeldOutEvaluation:
 
 
 def evaluation_from_proto(msg: pb.HeldOutEvaluation) -> HeldOutEvaluation:
-    """As sent: the bounds are admission's (:func:`~tapestry.training.consortium.limits.
+    """As sent: the bounds are admission's (:func:`~tapestry.limits.
     evaluation_problem`), which names what is wrong."""
     return HeldOutEvaluation(
         base_loss=msg.base_loss,
@@ -303,7 +303,7 @@ def cycle_progress_from_proto(
     msg: pb.CycleProgress, phases: frozenset[CyclePhase] = frozenset(CyclePhase)
 ) -> CycleProgress:
     """The report, refused (``ValueError``) with a phase outside ``phases`` or numbers out of
-    range (:func:`~tapestry.training.consortium.limits.progress_problem`)."""
+    range (:func:`~tapestry.limits.progress_problem`)."""
     allowed = {phase: wire for phase, wire in _PHASES.items() if phase in phases}
     progress = CycleProgress(
         _lookup(allowed, msg.phase, "progress phase", pb.CyclePhase.Name),
@@ -371,7 +371,7 @@ def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundRe
         aborted_reason=result.aborted_reason,
         rolled_back_to=result.rolled_back_to,
         outer_momentum_sha256=(
-            state_digest(result.outer_momentum) if result.outer_momentum is not None else ""
+            state_digest(result.strategy_state) if result.strategy_state is not None else ""
         ),
     )
     if result.started_at is not None:

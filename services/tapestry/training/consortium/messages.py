@@ -7,18 +7,16 @@ have defaults, so code written against the proof of concept keeps working.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from tapestry.training.consortium.policy import ContributionPolicy
+from tapestry.training.consortium.progress import ProgressCallback
 
 ModelState = dict[str, torch.Tensor]
 """A model's state: parameter name -> tensor, each tensor once (a tied tensor under its first
-key; :func:`tapestry.training.consortium.model.model_state`). For untied models it is the
+key; :func:`tapestry.training.consortium.models.state.model_state`). For untied models it is the
 ``state_dict``."""
 
 
@@ -81,49 +79,27 @@ class SovereignCycleResult:
     contribution: SovereignContribution
 
 
-@dataclass(frozen=True)
-class ConsortiumRoundResult:
-    """Outcome of one round.
+class PlainNode(Protocol):
+    """The proof of concept's node: an id and a cycle that takes the round's base."""
 
-    ``rejected_nodes`` were dropped by the contribution policy (reasons in
-    ``rejection_reasons``); ``failed_nodes`` maps nodes whose cycle raised or whose
-    contribution failed validation to the reason. Neither kind changes the base.
-    ``contributions`` holds every received contribution's metadata (its delta emptied) and
-    ``quality_scores`` the scores the policy weighed (assessed where the coordinator has an
-    assessment, else self-reported). ``artifacts`` are the sovereign artifacts the nodes
-    that passed every check retain this round (metadata only when they came over the wire).
-    ``policy`` is the policy that decided the round; the two digests are
-    :func:`~tapestry.training.consortium.state_digest` of the base before and after.
-    ``aborted_reason`` says why a round that met no quorum integrated nothing (the policy
-    was not consulted: no node is accepted or rejected); empty when the round took effect.
-    ``rolled_back_to`` is set on a round that is an operator's rollback: no node trained, and
-    the new base is, bitwise, the base committed by that round (0: the initial base).
-    ``outer_momentum`` is diloco's outer momentum in force after the round, persisted with
-    its base (``None``: zeros, or a strategy without momentum); the coordinator keeps these
-    very tensors (no copy of a model's worth), so read them, never change them.
-    """
+    node_id: str
 
-    round_num: int
-    previous_base_state: ModelState
-    shared_base_state: ModelState
-    accepted_nodes: list[str]
-    rejected_nodes: list[str]
-    contribution_weights: dict[str, float]
-    rejection_reasons: dict[str, str] = field(default_factory=dict)
-    failed_nodes: dict[str, str] = field(default_factory=dict)
-    contributions: dict[str, SovereignContribution] = field(default_factory=dict)
-    quality_scores: dict[str, float] = field(default_factory=dict)
-    artifacts: dict[str, SovereignModelArtifact] = field(default_factory=dict)
-    policy: ContributionPolicy | None = None
-    previous_base_sha256: str = ""
-    shared_base_sha256: str = ""
-    started_at: datetime | None = None  # timezone-aware (UTC)
-    finished_at: datetime | None = None
-    aborted_reason: str = ""  # set when too few nodes contributed: nothing was integrated
-    rolled_back_to: int | None = None  # set on a rollback: the round whose base is restored
-    outer_momentum: ModelState | None = None  # diloco only: persisted with the base
+    def run_sovereign_cycle(
+        self, round_num: int, base_state: ModelState
+    ) -> SovereignCycleResult: ...
 
-    @property
-    def aborted(self) -> bool:
-        """Whether the round was aborted for want of a quorum (the base is unchanged)."""
-        return bool(self.aborted_reason)
+
+class ConsortiumNode(Protocol):
+    """What a round needs of a node, in-process or a remote proxy alike: its cycle, which
+    reports progress to ``on_progress`` where it is given one. A :class:`PlainNode` takes
+    part through :func:`~tapestry.training.consortium.round.relay.as_consortium_node`."""
+
+    node_id: str
+
+    def run_sovereign_cycle(
+        self,
+        round_num: int,
+        base_state: ModelState,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> SovereignCycleResult: ...

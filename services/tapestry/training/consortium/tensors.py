@@ -6,10 +6,9 @@ import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
-
-from tapestry.training.consortium.deferred import DeferredState
 
 # Element dtypes a model state may hold: those safetensors can persist (so whatever crosses
 # the wire can also be stored). Names are torch's without the "torch." prefix and are what
@@ -30,6 +29,17 @@ DTYPES: dict[str, torch.dtype] = {
         "complex64",
     )
 }
+
+
+@runtime_checkable
+class Pending(Protocol):
+    """A state known by its layout (``specs``: key -> dtype and shape) until it is
+    ``fetched``: a :class:`~tapestry.training.consortium.deferred.DeferredState`."""
+
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+    @property
+    def fetched(self) -> bool: ...
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -172,7 +182,7 @@ def state_mismatch(
             f"unexpected {few_names(extra)}"
         )
     # A deferred state not fetched yet answers by its layout, without its bytes.
-    layout = state.specs if isinstance(state, DeferredState) and not state.fetched else None
+    layout = state.specs if isinstance(state, Pending) and not state.fetched else None
     for name, want in reference.items():
         if layout is not None:
             dtype, shape = layout[name]

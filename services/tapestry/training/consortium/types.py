@@ -1,13 +1,13 @@
 """Re-exports of the round messages and ``ModelState`` (the proof of concept's ``types``)."""
 
 from tapestry.training.consortium.messages import (
-    ConsortiumRoundResult,
     HeldOutEvaluation,
     ModelState,
     SovereignContribution,
     SovereignCycleResult,
     SovereignModelArtifact,
 )
+from tapestry.training.consortium.round.result import ConsortiumRoundResult
 
 __all__ = [
     "ConsortiumRoundResult",

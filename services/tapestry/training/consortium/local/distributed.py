@@ -33,7 +33,7 @@ from torch.distributed.distributed_c10d import Store
 from torch.nn.parallel import DistributedDataParallel
 
 from tapestry.errors import UserError
-from tapestry.training.consortium.evaluation import IGNORE_INDEX, next_token_loss
+from tapestry.training.consortium.local.evaluation import IGNORE_INDEX, next_token_loss
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tapestry.training.consortium.model import ModelBuildError
+from tapestry.errors import ModelBuildError
 
 INSTALL_HINT = "install the optional extra: pip install 'tapestry-consortium[hf]'"
 
@@ -27,7 +27,7 @@ class HuggingFaceCausalLM(nn.Module):
     The wrapped model is ``self.hf``: state keys are the library's own prefixed with
     ``hf.`` (strip it to load a state into a bare ``transformers`` model). Models that tie
     their input embedding to the output head (GPT-2 does) keep the tie; see
-    :func:`~tapestry.training.consortium.model.model_state`.
+    :func:`~tapestry.training.consortium.models.state.model_state`.
     """
 
     def __init__(self, config_json: str) -> None:

@@ -1,23 +1,26 @@
 """The coordinator's side of node progress: checks each report a node makes during its cycle
 and passes it, throttled, to the round's events as ``NODE_PROGRESS``.
 
-A node reports progress when its ``run_sovereign_cycle`` takes a keyword-only
-``on_progress`` (:class:`~tapestry.training.consortium.node.SovereignTrainingNode` and the
-remote proxy do); any other node runs as before, without progress.
+Every node the round runs is a :class:`~tapestry.training.consortium.messages.ConsortiumNode`,
+whose cycle takes ``on_progress``; a proof-of-concept node whose cycle does not
+(:class:`~tapestry.training.consortium.messages.PlainNode`) is adapted once, at the start of
+the round, by :func:`as_consortium_node`, and runs without progress.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
+from typing import TypeGuard
 
-from tapestry.training.consortium.events import Reporter, RoundStage
-from tapestry.training.consortium.limits import progress_problem
-from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
-from tapestry.training.consortium.progress import CycleProgress, ProgressThrottle
-
-if TYPE_CHECKING:
-    from tapestry.training.consortium.coordinator import ConsortiumNode
+from tapestry.training.consortium.governance.checks import progress_problem
+from tapestry.training.consortium.messages import (
+    ConsortiumNode,
+    ModelState,
+    PlainNode,
+    SovereignCycleResult,
+)
+from tapestry.training.consortium.progress import CycleProgress, ProgressCallback, ProgressThrottle
+from tapestry.training.consortium.round.events import Reporter, RoundStage
 
 
 class InvalidProgress(ValueError):
@@ -25,7 +28,7 @@ class InvalidProgress(ValueError):
     raised into the node's cycle, which fails the node with this reason."""
 
 
-def reports_progress(node: ConsortiumNode) -> bool:
+def reports_progress(node: ConsortiumNode | PlainNode) -> TypeGuard[ConsortiumNode]:
     """Whether ``node.run_sovereign_cycle`` takes a keyword ``on_progress``."""
     try:
         parameters = inspect.signature(node.run_sovereign_cycle).parameters
@@ -58,13 +61,35 @@ class ProgressRelay:
             )
 
 
+class _Silent:
+    """A proof-of-concept node as a :class:`ConsortiumNode` that reports no progress."""
+
+    def __init__(self, node: PlainNode) -> None:
+        self.node_id = node.node_id
+        self.plain = node
+
+    def __getattr__(self, name: str) -> object:  # jurisdiction and the like, where it has them
+        return getattr(self.plain, name)
+
+    def run_sovereign_cycle(
+        self,
+        round_num: int,
+        base_state: ModelState,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> SovereignCycleResult:
+        return self.plain.run_sovereign_cycle(round_num, base_state)
+
+
+def as_consortium_node(node: ConsortiumNode | PlainNode) -> ConsortiumNode:
+    """``node`` itself where its cycle takes ``on_progress``; else the node adapted to run
+    without progress."""
+    return node if reports_progress(node) else _Silent(node)
+
+
 def run_cycle(
     node: ConsortiumNode, round_num: int, base_state: ModelState, report: Reporter
 ) -> SovereignCycleResult:
-    """``node``'s cycle, its progress (where it reports any) relayed to ``report``."""
-    if not reports_progress(node):
-        return node.run_sovereign_cycle(round_num, base_state)
+    """``node``'s cycle, its progress relayed to ``report``."""
     relay = ProgressRelay(node.node_id, report, ProgressThrottle())
-    cycle = node.run_sovereign_cycle
-    result: SovereignCycleResult = cycle(round_num, base_state, on_progress=relay)  # type: ignore[call-arg]
-    return result
+    return node.run_sovereign_cycle(round_num, base_state, on_progress=relay)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from tapestry.training.consortium.strategies import IntegrationStrategy, strategy_name
+from tapestry.training.consortium.strategies.settings import IntegrationStrategy, strategy_name
 
 # Shares within this of the cap count as at the cap: keeps float noise from re-capping a
 # node the previous pass already fixed.

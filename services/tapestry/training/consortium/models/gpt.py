@@ -3,7 +3,7 @@
 Learned positional embeddings, pre-LayerNorm blocks (causal self-attention, then an MLP),
 a final LayerNorm and a linear head. With ``tie_embeddings`` the head's weight *is* the
 token embedding (GPT-2's choice: fewer parameters, and the input and output views of a
-byte agree); :func:`~tapestry.training.consortium.model.model_state` keeps such a tensor
+byte agree); :func:`~tapestry.training.consortium.models.state.model_state` keeps such a tensor
 once, so a shared update is applied once and stored once.
 
 No dropout: a node draws every random number from its own seeded generator (DESIGN §2),
@@ -13,48 +13,18 @@ and dropout would draw from torch's global one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass(frozen=True)
-class GPTConfig:
-    """The shape of a :class:`GPTModel`; ``hidden_size`` must be divisible by ``n_heads``."""
-
-    vocab_size: int = 256
-    hidden_size: int = 32
-    n_layers: int = 2
-    n_heads: int = 2
-    context_length: int = 128
-    tie_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        sizes = {
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "n_layers": self.n_layers,
-            "n_heads": self.n_heads,
-            "context_length": self.context_length,
-        }
-        small = [f"{name} = {value}" for name, value in sizes.items() if value < 1]
-        if small:
-            raise ValueError(f"gpt needs every size >= 1, got {', '.join(small)}")
-        if self.hidden_size % self.n_heads:
-            raise ValueError(
-                f"gpt hidden_size = {self.hidden_size} is not divisible by n_heads = "
-                f"{self.n_heads}; each head takes an equal slice of the width"
-            )
-
-
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, hidden_size: int, n_heads: int) -> None:
         super().__init__()
-        self.n_heads = config.n_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, time, width = x.shape  # (B, T, C)
@@ -67,10 +37,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.hidden_size, 4 * config.hidden_size)
-        self.proj = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.fc = nn.Linear(hidden_size, 4 * hidden_size)
+        self.proj = nn.Linear(4 * hidden_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.proj(F.gelu(self.fc(x)))
@@ -80,12 +50,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm: normalise, transform, add back (the residual stream stays unscaled)."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, hidden_size: int, n_heads: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.hidden_size)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.hidden_size)
-        self.mlp = MLP(config)
+        self.ln_1 = nn.LayerNorm(hidden_size)
+        self.attn = CausalSelfAttention(hidden_size, n_heads)
+        self.ln_2 = nn.LayerNorm(hidden_size)
+        self.mlp = MLP(hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -95,7 +65,7 @@ class Block(nn.Module):
 
 class GPTModel(nn.Module):
     """``forward(input_ids[B, T]) -> logits[B, T, V]`` with ``T <= context_length``: the
-    same interface as :class:`~tapestry.training.consortium.model.TinyCausalModel`, so a
+    same interface as :class:`~tapestry.training.consortium.models.tiny.TinyCausalModel`, so a
     node trains either unchanged.
 
     Initialised as GPT-2: weights N(0, 0.02), biases 0, LayerNorms 1/0, and each residual
@@ -104,23 +74,32 @@ class GPTModel(nn.Module):
     :meth:`ModelSpec.build` seeds (and forks, so the caller's stream is untouched).
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(
+        self,
+        *,
+        vocab_size: int = 256,
+        hidden_size: int = 32,
+        n_layers: int = 2,
+        n_heads: int = 2,
+        context_length: int = 128,
+        tie_embeddings: bool = True,
+    ) -> None:
         super().__init__()
-        self.config = config
-        self.vocab_size = config.vocab_size
-        self.hidden_size = config.hidden_size
-        self.context_length = config.context_length
+        _check_shape(vocab_size, hidden_size, n_layers, n_heads, context_length)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.context_length = context_length
         # Declared before the head, so the tied tensor's first (canonical) key is the
         # embedding's: "token_embedding.weight".
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.context_length, config.hidden_size)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_embeddings:
+        self.token_embedding = nn.Embedding(vocab_size, hidden_size)
+        self.position_embedding = nn.Embedding(context_length, hidden_size)
+        self.blocks = nn.ModuleList(Block(hidden_size, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(hidden_size)
+        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+        if tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.apply(self._init_weights)
-        residual_std = 0.02 / math.sqrt(2 * config.n_layers)
+        residual_std = 0.02 / math.sqrt(2 * n_layers)
         for block in self.blocks:
             assert isinstance(block, Block)
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
@@ -146,3 +125,24 @@ class GPTModel(nn.Module):
             x = block(x)
         logits: torch.Tensor = self.lm_head(self.ln_f(x))  # (B, T, V)
         return logits
+
+
+def _check_shape(
+    vocab_size: int, hidden_size: int, n_layers: int, n_heads: int, context_length: int
+) -> None:
+    """Every size at least 1, and ``hidden_size`` divisible by ``n_heads``."""
+    sizes = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "context_length": context_length,
+    }
+    small = [f"{name} = {value}" for name, value in sizes.items() if value < 1]
+    if small:
+        raise ValueError(f"gpt needs every size >= 1, got {', '.join(small)}")
+    if hidden_size % n_heads:
+        raise ValueError(
+            f"gpt hidden_size = {hidden_size} is not divisible by n_heads = {n_heads}; "
+            "each head takes an equal slice of the width"
+        )

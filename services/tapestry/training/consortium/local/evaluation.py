@@ -37,7 +37,7 @@ def heldout_loss(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int
 ) -> tuple[float, int]:
     """``(mean loss in nats, target tokens)`` of ``model`` over ``inputs``/``targets``
-    (N, T) from :func:`~tapestry.training.consortium.node.pad_corpus`.
+    (N, T) from :func:`~tapestry.training.consortium.local.node.pad_corpus`.
 
     Deterministic: eval mode (no dropout), no gradients, rows in order in batches of
     ``batch_size``; each batch's summed loss is added up in double precision and divided

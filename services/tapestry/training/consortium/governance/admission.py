@@ -1,28 +1,76 @@
 """What a node's cycle must be to count in a round: its contribution passes
 :func:`check_contribution` against the coordinator's own base, its artifact is this node's
-and this round's, and everything it says is within :mod:`limits`. Anything else is a
-:class:`Refused` with the reason, kept (bounded) in the round's result and journal."""
+and this round's, and everything it says is within :mod:`tapestry.limits`. Anything else is
+a :class:`Refused` with the reason, kept (bounded) in the round's result and journal."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 
-from tapestry.training.consortium.integration import check_contribution
-from tapestry.training.consortium.limits import (
+from tapestry.limits import (
     MAX_REASON_CHARS,
     MAX_STATE_BYTES,
+    MAX_TOKEN_COUNT,
+)
+from tapestry.training.consortium.governance.checks import (
     bounded_text,
+    evaluation_problem,
     metrics_problem,
     name_problem,
     quoted,
 )
-from tapestry.training.consortium.messages import SovereignCycleResult, SovereignModelArtifact
+from tapestry.training.consortium.messages import (
+    ConsortiumNode,
+    SovereignContribution,
+    SovereignCycleResult,
+    SovereignModelArtifact,
+)
+from tapestry.training.consortium.tensors import state_mismatch
 
-if TYPE_CHECKING:
-    from tapestry.training.consortium.coordinator import ConsortiumNode
+
+class InvalidContribution(ValueError):
+    """A contribution that cannot be integrated; the message says what and where."""
+
+
+def check_contribution(
+    contribution: SovereignContribution,
+    base: Mapping[str, torch.Tensor],
+    *,
+    node_id: str,
+    round_num: int,
+) -> None:
+    """Refuse a contribution that speaks for another node or round, whose numbers are out of
+    bounds (:mod:`~tapestry.limits`: token count, metrics, held-out
+    evaluation), or whose delta does not match the base key for key (same keys, shapes,
+    dtypes) or holds NaN/Inf."""
+    if not isinstance(contribution, SovereignContribution):
+        raise InvalidContribution(
+            f"expected a SovereignContribution, got {type(contribution).__name__}"
+        )
+    if contribution.node_id != node_id:
+        raise InvalidContribution(
+            f"contribution claims node_id {quoted(contribution.node_id)} but came from {node_id!r}"
+        )
+    if contribution.round_num != round_num:
+        raise InvalidContribution(
+            f"contribution is for round {contribution.round_num}, expected round {round_num}"
+        )
+    count = contribution.token_count
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_TOKEN_COUNT:
+        raise InvalidContribution(
+            f"token_count must be an integer in [0, MAX_TOKEN_COUNT = {MAX_TOKEN_COUNT}]"
+        )
+    score = contribution.quality_score
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        raise InvalidContribution(f"quality_score is a {type(score).__name__}, not a number")
+    problem = metrics_problem(contribution.metrics) or evaluation_problem(contribution.evaluation)
+    if problem is not None:
+        raise InvalidContribution(problem)
+    problem = state_mismatch(contribution.weight_delta, base, what="delta", against="the base")
+    if problem is not None:
+        raise InvalidContribution(problem)
 
 
 def describe_failure(error: BaseException) -> str:

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from tapestry.training.consortium.distributed import CYCLE, TrainingGroup, train_sharded
-from tapestry.training.consortium.evaluation import (
+from tapestry.training.consortium.local.distributed import CYCLE, TrainingGroup, train_sharded
+from tapestry.training.consortium.local.evaluation import (
     IGNORE_INDEX,
     heldout_evaluation,
     heldout_loss,
@@ -26,7 +26,7 @@ from tapestry.training.consortium.messages import (
     SovereignCycleResult,
     SovereignModelArtifact,
 )
-from tapestry.training.consortium.model import load_model_state, model_state, tied_keys
+from tapestry.training.consortium.models.state import load_model_state, model_state, tied_keys
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressCallback
 from tapestry.training.consortium.tensors import (
     clone_state,
@@ -129,7 +129,7 @@ class SovereignTrainingNode:
     tensors in the base's dtypes. ``group`` (keyword-only) spans the training over the
     processes of a :class:`TrainingGroup` (``torchrun``): rank 0 runs the cycle and its
     workers join it through :meth:`run_worker_cycle`
-    (:mod:`~tapestry.training.consortium.distributed`); held-out evaluation runs on rank 0
+    (:mod:`~tapestry.training.consortium.local.distributed`); held-out evaluation runs on rank 0
     only.
     """
 

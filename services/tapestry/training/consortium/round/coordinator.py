@@ -1,0 +1,352 @@
+"""The consortium coordinator: runs rounds over any nodes with ``run_sovereign_cycle``.
+
+A round is a transaction the coordinator owns from start to end, in the stages of
+:mod:`.stages`::
+
+    snapshot ──▶ collect (every node's cycle, in parallel) ──▶ decide and fetch (policy,
+       headers first) ──▶ integrate (the strategy) ──▶ commit step (the caller's: persist it)
+       ──▶ the coordinator moves to the new base
+
+The commit step sees the finished round before any in-memory state changes, so a commit that
+fails leaves the coordinator exactly as it was: nothing needs undoing by hand. Progress is
+reported to an event sink from the core itself, so in-process and remote runs report alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from torch import nn
+
+from tapestry.training.consortium.governance.policy import ContributionPolicy
+from tapestry.training.consortium.messages import (
+    ConsortiumNode,
+    ModelState,
+    PlainNode,
+    SovereignModelArtifact,
+)
+from tapestry.training.consortium.models.state import (
+    install_model_state,
+    load_model_state,
+    model_state,
+)
+from tapestry.training.consortium.round import stages
+from tapestry.training.consortium.round.events import EventSink, Reporter, RoundStage
+from tapestry.training.consortium.round.ledger import RoundLedger
+from tapestry.training.consortium.round.relay import as_consortium_node
+from tapestry.training.consortium.round.result import ConsortiumRoundResult
+from tapestry.training.consortium.strategies.base import Strategy
+from tapestry.training.consortium.strategies.registry import make_strategy
+from tapestry.training.consortium.tensors import Snapshot, clone_state, state_digest, state_mismatch
+
+log = logging.getLogger(__name__)
+
+CommitStep = Callable[[ConsortiumRoundResult], None]
+"""Persists a finished round (its result holds the new base); raising aborts the round."""
+
+
+class ConsortiumCoordinator:
+    """Keeps the shared base and runs rounds: every node trains from the same snapshot (in
+    parallel threads), the policy weighs their contributions, and the accepted deltas are
+    integrated by the policy's strategy: by default ``base + Σ wᵢ·Δᵢ`` in the order the
+    nodes were given (see :mod:`~tapestry.training.consortium.strategies.settings`).
+
+    **Strategy state.** The policy's strategy is an object the coordinator keeps across
+    rounds (:mod:`~tapestry.training.consortium.strategies`); a strategy with state (diloco's
+    outer momentum) carries it itself. A round's result carries the state in force after it
+    (``strategy_state``; ``None``: none, or its initial value), the commit step persists it
+    with the base, and :meth:`load_base_state` restores it. A round that integrates nothing
+    leaves it as it was; a rollback restores the state committed with the round it restores
+    (none given: the initial state). The coordinator never asks which strategy runs.
+
+    A node whose cycle raises, or whose contribution fails :func:`check_contribution`, is
+    reported in ``failed_nodes`` and the round goes on with the others. With no accepted
+    node the base stays bitwise identical.
+
+    **Quorum.** With ``min_nodes`` (keyword-only; default 0, the proof of concept's
+    behaviour: every round takes effect), a round in which fewer nodes contributed (their
+    contribution arrived and passed every check, whatever the policy then makes of it) is
+    *aborted*: the policy is not consulted, nothing is integrated, and the result says why
+    in ``aborted_reason``. An aborted round is still a round: the commit step records it
+    and the round number moves on (the nodes that answered keep their artifacts of it),
+    but the base is bitwise unchanged and the stage reported last is ``ABORTED``.
+
+    **Copies.** By default the coordinator copies every state that crosses its boundary,
+    as the proof of concept did: the model it is given, the base each round hands the
+    nodes, the states in a result. With ``copy_states=False`` (keyword-only) it copies
+    none, so a round holds the base and the one new state integration builds, whatever the
+    number of nodes: the coordinator keeps the model it is given (the caller must not use
+    it), every node is handed the base's own tensors (it must only read them: a remote
+    proxy that sends them over the wire, never a node that trains in place), a result's
+    ``previous_base_state`` and ``shared_base_state`` are the coordinator's own tensors
+    before and after the round (read, never edit), and a committed new base becomes the
+    model's tensors rather than being copied into them. For services, which send the base
+    and persist results; the bits of every result are the same either way.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        contribution_policy: ContributionPolicy | None = None,
+        *,
+        round_num: int = 0,
+        assessed_quality: Mapping[str, float] | None = None,
+        min_nodes: int = 0,
+        copy_states: bool = True,
+        ledger: RoundLedger[Any] | None = None,
+    ) -> None:
+        """``assessed_quality`` (node id -> score) is the consortium's own assessment of a
+        member, e.g. from evaluation on held-out data; where given it replaces the score the
+        node reports about itself when the policy weighs contributions. ``min_nodes`` is the
+        quorum: a round with fewer contributing nodes is aborted (see the class). ``ledger``
+        answers which transaction runs and which request ids are answered
+        (:class:`~.ledger.RoundLedger`; a fresh one by default)."""
+        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 0:
+            raise ValueError(f"min_nodes must be an integer >= 0, got {min_nodes!r}")
+        self.min_nodes = min_nodes
+        self.copy_states = copy_states
+        self.base_model = copy.deepcopy(base_model) if copy_states else base_model
+        self.assessed_quality = dict(assessed_quality or {})
+        self.contribution_policy = contribution_policy or ContributionPolicy()
+        self.strategy: Strategy = make_strategy(self.contribution_policy.strategy)
+        self.round_num = round_num
+        self.sovereign_artifacts: dict[str, SovereignModelArtifact] = {}
+        self.ledger: RoundLedger[Any] = ledger or RoundLedger()
+        self._base_sha256 = ""  # digest of the current base, once known
+
+    @property
+    def shared_base_state(self) -> ModelState:
+        """A copy of the current base (clones: changing it leaves the base alone)."""
+        return clone_state(model_state(self.base_model))
+
+    @property
+    def base_sha256(self) -> str:
+        """:func:`state_digest` of the current base (computed once per base)."""
+        if not self._base_sha256:
+            self._base_sha256 = state_digest(model_state(self.base_model))
+        return self._base_sha256
+
+    @property
+    def strategy_state(self) -> ModelState | None:
+        """A copy of the strategy's state (``None``: none, or its initial value)."""
+        state = self.strategy.state
+        return None if state is None else clone_state(state)
+
+    @property
+    def outer_momentum(self) -> ModelState | None:
+        """Diloco's name for :attr:`strategy_state`: its outer momentum."""
+        return self.strategy_state
+
+    def load_base_state(
+        self,
+        state: ModelState,
+        round_num: int,
+        *,
+        sha256: str = "",
+        artifacts: Mapping[str, SovereignModelArtifact] | None = None,
+        momentum: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Resume from a committed base (e.g. after a restart): the base, its round, its
+        digest where the caller has verified it, the artifacts the nodes retain, and the
+        strategy's state committed with that base (``momentum``, diloco's; ``None``: the
+        initial state)."""
+        problem = self.strategy.state_problem(momentum, state)
+        if problem is not None:
+            raise ValueError(problem)
+        self._install(state)
+        self.round_num = round_num
+        self._base_sha256 = sha256
+        self.strategy.adopt(self.strategy.restorable(None if momentum is None else dict(momentum)))
+        if artifacts is not None:
+            self.sovereign_artifacts = dict(artifacts)
+
+    def run_round(
+        self,
+        nodes: Sequence[ConsortiumNode | PlainNode],
+        *,
+        events: EventSink | None = None,
+        commit: CommitStep | None = None,
+    ) -> ConsortiumRoundResult:
+        """Run one round over ``nodes`` and return its result.
+
+        ``events`` receives a :class:`RoundEvent` per step (calls are serialised). ``commit``
+        is called with the finished result before the coordinator changes any state; if it
+        raises, the exception propagates and the coordinator is exactly as before the round
+        (base, round number, retained artifacts). One round at a time per coordinator: while
+        a round or rollback runs, another is refused (``RuntimeError``) unless the caller
+        holds the ledger's claim already (:meth:`RoundLedger.claim`).
+        """
+        node_ids = [node.node_id for node in nodes]
+        if len(set(node_ids)) != len(node_ids):
+            raise ValueError(f"node ids must be unique in a round, got {node_ids}")
+        with self.ledger.exclusive(f"round {self.round_num + 1} is already running"):
+            members = [as_consortium_node(node) for node in nodes]
+            return self._run_round(members, Reporter(self.round_num + 1, events), commit)
+
+    def _run_round(
+        self, nodes: Sequence[ConsortiumNode], report: Reporter, commit: CommitStep | None
+    ) -> ConsortiumRoundResult:
+        started_at = datetime.now(UTC)
+        previous_sha256 = self.base_sha256
+        base = model_state(self.base_model)
+        # What the nodes get: a copy, unless they only read it (copy_states=False).
+        given = self.shared_base_state if self.copy_states else base
+        snapshot = Snapshot(given, sha256=previous_sha256)
+        # Deltas are checked against and integrated into the coordinator's own base, which
+        # no node can reach; a node that edited its copy in place shifts nothing.
+        collected = stages.collect(nodes, report.round_num, snapshot, base, report)
+        if self.copy_states and any(not torch.equal(snapshot[name], base[name]) for name in base):
+            snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)
+        decided = stages.decide(
+            collected, self.contribution_policy, self.assessed_quality, self.min_nodes, base, report
+        )
+        received = stages.received(decided)
+        integrated = stages.integrate(decided, self.strategy, base)
+        failed, scores, aborted_reason = decided.failed, decided.scores, decided.aborted_reason
+        artifacts = collected.artifacts
+        del decided, collected  # metadata only from here on: the deltas are let go
+        if integrated.new_state is not None:
+            new_state, new_sha256 = integrated.new_state, state_digest(integrated.new_state)
+        else:
+            unchanged = clone_state(snapshot) if self.copy_states else dict(snapshot)
+            new_state, new_sha256 = unchanged, previous_sha256
+        if not aborted_reason:
+            report(
+                RoundStage.INTEGRATED,
+                "",
+                f"accepted {len(integrated.accepted)}, rejected {len(integrated.rejected)}, "
+                f"failed {len(failed)}; base {previous_sha256[:12]} -> {new_sha256[:12]}",
+            )
+        result = self._finish(
+            commit,
+            ConsortiumRoundResult(
+                round_num=report.round_num,
+                previous_base_state=dict(snapshot),
+                shared_base_state=new_state,
+                accepted_nodes=integrated.accepted,
+                rejected_nodes=integrated.rejected,
+                contribution_weights=integrated.weights,
+                rejection_reasons=integrated.rejection_reasons,
+                failed_nodes=failed,
+                quality_scores=scores,
+                contributions=received,
+                artifacts=artifacts,
+                policy=self.contribution_policy,
+                previous_base_sha256=previous_sha256,
+                shared_base_sha256=new_sha256,
+                started_at=started_at,
+                finished_at=datetime.now(UTC),
+                aborted_reason=aborted_reason,
+                strategy_state=integrated.strategy_state,
+            ),
+            load_base=bool(integrated.accepted),
+        )
+        if aborted_reason:
+            report(RoundStage.ABORTED, "", aborted_reason)
+        else:
+            report(RoundStage.COMMITTED, "", f"base {new_sha256[:12]} is now the shared base")
+        return result
+
+    def roll_back(
+        self,
+        state: ModelState,
+        to_round: int,
+        *,
+        sha256: str = "",
+        events: EventSink | None = None,
+        commit: CommitStep | None = None,
+        momentum: Mapping[str, torch.Tensor] | None = None,
+    ) -> ConsortiumRoundResult:
+        """Make ``state``, the base committed by round ``to_round``, the shared base again,
+        as a new round: history is never rewritten, a rollback is recorded like any round.
+        ``momentum`` is the strategy's state committed with that base (diloco's outer
+        momentum); it comes back with it where the strategy keeps state (``None``: the
+        initial state).
+
+        A transaction exactly like :meth:`run_round`: the result (round ``round_num + 1``, no
+        nodes, ``rolled_back_to=to_round``, the current policy) is handed to ``commit``
+        before anything changes; if it raises, the coordinator is exactly as before. It
+        takes the same one-at-a-time claim (:attr:`ledger`): while a round runs it is
+        refused with ``RuntimeError``. ``to_round`` must be a round already committed (``0`` to
+        ``round_num``; the current round is a recorded no-op); ``state`` must match the
+        current base key for key (dtype, shape) and be finite, else ``ValueError``.
+        ``sha256`` is the state's digest where the caller has verified it. Retained
+        artifacts are left alone: they are the nodes' own history. The stage reported
+        last is ``ROLLED_BACK``.
+        """
+        if isinstance(to_round, bool) or not isinstance(to_round, int) or to_round < 0:
+            raise ValueError(f"to_round must be an integer >= 0, got {to_round!r}")
+        with self.ledger.exclusive(
+            f"round {self.round_num + 1} is already running; roll back after it"
+        ):
+            if to_round > self.round_num:
+                raise ValueError(
+                    f"cannot roll back to round {to_round}: the newest committed round is "
+                    f"{self.round_num}"
+                )
+            current = model_state(self.base_model)
+            problem = state_mismatch(
+                state, current, what="rollback base", against="the current base"
+            ) or self.strategy.state_problem(momentum, current)
+            if problem is not None:
+                raise ValueError(problem)
+            restored = self.strategy.restorable(None if momentum is None else dict(momentum))
+            report = Reporter(self.round_num + 1, events)
+            previous_sha256 = self.base_sha256
+            new_state = clone_state(state) if self.copy_states else dict(state)
+            new_sha256 = sha256 or state_digest(new_state)
+            result = self._finish(
+                commit,
+                ConsortiumRoundResult(
+                    round_num=report.round_num,
+                    previous_base_state=(self.shared_base_state if self.copy_states else current),
+                    shared_base_state=new_state,
+                    accepted_nodes=[],
+                    rejected_nodes=[],
+                    contribution_weights={},
+                    policy=self.contribution_policy,
+                    previous_base_sha256=previous_sha256,
+                    shared_base_sha256=new_sha256,
+                    started_at=datetime.now(UTC),
+                    finished_at=datetime.now(UTC),
+                    rolled_back_to=to_round,
+                    strategy_state=restored,
+                ),
+                load_base=True,
+            )
+            report(
+                RoundStage.ROLLED_BACK,
+                "",
+                f"base {previous_sha256[:12]} -> {new_sha256[:12]}, the base of round {to_round}",
+            )
+            return result
+
+    def _finish(
+        self, commit: CommitStep | None, result: ConsortiumRoundResult, *, load_base: bool
+    ) -> ConsortiumRoundResult:
+        """The one way the coordinator moves on, for rounds and rollbacks alike: the commit
+        step first (if it raises, nothing below happens and nothing needs undoing), then the
+        result's base (when it changed), the strategy's state, digest, retained artifacts
+        and round number."""
+        if commit is not None:
+            commit(result)
+        if load_base:
+            self._install(result.shared_base_state)
+        self.strategy.adopt(result.strategy_state)
+        self._base_sha256 = result.shared_base_sha256
+        self.sovereign_artifacts.update(result.artifacts)
+        self.round_num = result.round_num
+        return result
+
+    def _install(self, state: Mapping[str, torch.Tensor]) -> None:
+        """``state`` becomes the base: copied into the model, or (``copy_states=False``)
+        made the model's own tensors."""
+        if self.copy_states:
+            load_model_state(self.base_model, state)
+        else:
+            install_model_state(self.base_model, state)
