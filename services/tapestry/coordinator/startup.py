@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from torch import nn
 
 from tapestry.config import ConsortiumConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
@@ -18,10 +19,11 @@ from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, RemoteSovereignNode
 from tapestry.coordinator.servicer import CoordinatorServicer
 from tapestry.observe.metrics import CoordinatorMetrics
-from tapestry.pki.serving import server_security
+from tapestry.pki.serving import ServerSecurity, server_security
+from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.round.coordinator import ConsortiumCoordinator
-from tapestry.training.consortium.tensors import state_layout
+from tapestry.training.consortium.tensors import StateLayout, state_layout
 from tapestry.wire import codec
 from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.grpc_plumbing import build_server
@@ -78,11 +80,32 @@ def build_coordinator_server(
         # holds the base and the state integration builds, whatever the number of nodes.
         copy_states=False,
     )
+    records = _resume(core, store, base_model, config.consortium_id)
+    layout = state_layout(model_state(base_model))  # what every member's state must hold
+    nodes = _remote_nodes(config, spec, layout, store, security, metrics)
+    threading.Thread(target=warn_about_members, args=(nodes,), daemon=True).start()
+    servicer = CoordinatorServicer(
+        core, nodes, store, spec, records, config.chunk_bytes, metrics=metrics
+    )
+    return build_server(
+        listen,
+        [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+        credentials=security.credentials,
+        interceptors=security.interceptors,
+    )
+
+
+def _resume(
+    core: ConsortiumCoordinator, store: CoordinatorStore, base_model: nn.Module, consortium_id: str
+) -> list[jpb.RoundRecord]:
+    """Put ``core`` at the journal's last intact commit (or save the initial base of a new
+    consortium) and return the journal's records."""
     resumed = store.latest()
     records: list[jpb.RoundRecord] = []
     if resumed is None:
         store.save_initial_base(model_state(base_model))  # read, not copied
-        log.info("new consortium %s: initial base saved in %s", config.consortium_id, data_dir)
+        log.info("new consortium %s: initial base saved in %s", consortium_id, store.root)
     else:
         round_num, state, records = resumed
         retained = {
@@ -94,9 +117,20 @@ def build_coordinator_server(
         digest = records[-1].result.shared_base_sha256 if records else ""
         momentum = store.committed_momentum(round_num, records)
         core.load_base_state(state, round_num, sha256=digest, artifacts=retained, momentum=momentum)
-        log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
-    layout = state_layout(model_state(base_model))  # what every member's state must hold
-    nodes = [
+        log.info("consortium %s resumed at round %d", consortium_id, round_num)
+    return records
+
+
+def _remote_nodes(
+    config: ConsortiumConfig,
+    spec: ModelSpec,
+    layout: StateLayout,
+    store: CoordinatorStore,
+    security: ServerSecurity,
+    metrics: CoordinatorMetrics,
+) -> list[RemoteSovereignNode]:
+    """A proxy for every member the consortium file names, in its order."""
+    return [
         RemoteSovereignNode(
             member.node_id,
             member.jurisdiction,
@@ -115,17 +149,6 @@ def build_coordinator_server(
         )
         for member in config.nodes
     ]
-    threading.Thread(target=warn_about_members, args=(nodes,), daemon=True).start()
-    servicer = CoordinatorServicer(
-        core, nodes, store, spec, records, config.chunk_bytes, metrics=metrics
-    )
-    return build_server(
-        listen,
-        [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],
-        [SERVICE_NAME],
-        credentials=security.credentials,
-        interceptors=security.interceptors,
-    )
 
 
 def warn_about_members(nodes: Sequence[RemoteSovereignNode]) -> None:

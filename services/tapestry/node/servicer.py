@@ -139,31 +139,8 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         sending: SendDeadline | None = None
         try:
             try:
-                round_num, base, encoding = self._receive_base(requests)
-                log.info("round %d: base received, training", round_num)
-                received = CycleProgress(
-                    CyclePhase.BASE_RECEIVED,
-                    state_bytes=state_nbytes(base),
-                    tensor_count=len(base),
-                )
-                yield pb.RunSovereignCycleResponse(progress=codec.cycle_progress_to_proto(received))
-                started = time.perf_counter()
-                persisting = _Timed(self._store.save)
-                # Persisted inside the cycle, straight from the model's own tensors (no copy
-                # of the trained model is kept in memory), and before replying: a
-                # contribution is only sent for a model we keep.
-                result = yield from self._train(round_num, base, persisting)
-                # The core's own work (what the in-process round also does, so the artifact's
-                # save is left out); the benchmark reads it to split a round into training
-                # and the services' overhead.
-                took = time.perf_counter() - started - persisting.seconds
-                log.info("round %d: cycle took %.6f s", round_num, took)
-                log.info("round %d: artifact saved in %.6f s", round_num, persisting.seconds)
-                self._metrics.trained(round_num, result.contribution)
+                round_num, result, header, encoding = yield from self._trained(requests)
                 delta = result.contribution.weight_delta
-                # The delta's digest goes in its trailer, hashed as it streams: announcing
-                # it in the header would cost a whole extra pass over the delta.
-                header = codec.cycle_result_to_proto(result, "")
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
                 abort(context, error)
@@ -199,6 +176,41 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 sending.stop()
             requests.close()
             self._busy.release()
+
+    def _trained(
+        self, requests: ReceiveDeadline[pb.RunSovereignCycleRequest]
+    ) -> Generator[
+        pb.RunSovereignCycleResponse,
+        None,
+        tuple[int, SovereignCycleResult, pb.SovereignCycleResult, DeltaEncoding],
+    ]:
+        """Receive the base, train, persist the artifact: ``(round, result, its header,
+        the delta's encoding)``, reporting the base's arrival on the way."""
+        round_num, base, encoding = self._receive_base(requests)
+        log.info("round %d: base received, training", round_num)
+        received = CycleProgress(
+            CyclePhase.BASE_RECEIVED,
+            state_bytes=state_nbytes(base),
+            tensor_count=len(base),
+        )
+        yield pb.RunSovereignCycleResponse(progress=codec.cycle_progress_to_proto(received))
+        started = time.perf_counter()
+        persisting = _Timed(self._store.save)
+        # Persisted inside the cycle, straight from the model's own tensors (no copy
+        # of the trained model is kept in memory), and before replying: a
+        # contribution is only sent for a model we keep.
+        result = yield from self._train(round_num, base, persisting)
+        # The core's own work (what the in-process round also does, so the artifact's
+        # save is left out); the benchmark reads it to split a round into training
+        # and the services' overhead.
+        took = time.perf_counter() - started - persisting.seconds
+        log.info("round %d: cycle took %.6f s", round_num, took)
+        log.info("round %d: artifact saved in %.6f s", round_num, persisting.seconds)
+        self._metrics.trained(round_num, result.contribution)
+        # The delta's digest goes in its trailer, hashed as it streams: announcing
+        # it in the header would cost a whole extra pass over the delta.
+        header = codec.cycle_result_to_proto(result, "")
+        return round_num, result, header, encoding
 
     def _train(
         self, round_num: int, base: Mapping[str, torch.Tensor], persist: Persist

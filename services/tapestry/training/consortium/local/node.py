@@ -107,6 +107,39 @@ def token_problem(corpus: Sequence[Sequence[int]], vocab: int | None) -> str | N
     return None
 
 
+def _check_corpora(
+    node_id: str,
+    model: nn.Module,
+    sovereign_corpus: Sequence[Sequence[int]],
+    heldout_corpus: Sequence[Sequence[int]] | None,
+) -> None:
+    """Refuse corpora the model cannot read: tokens outside its vocabulary, a held-out split
+    with nothing to score, sequences past its context length."""
+    longest = max(len(seq) for seq in sovereign_corpus)
+    vocab = getattr(model, "vocab_size", None)
+    problem = token_problem(sovereign_corpus, vocab)
+    if problem is not None:
+        raise ValueError(f"node {node_id!r}: {problem}")
+    if heldout_corpus is not None:
+        if not any(len(seq) >= 2 for seq in heldout_corpus):
+            raise ValueError(
+                f"node {node_id!r}: heldout_corpus has no sequence of 2 or more tokens, so "
+                "nothing to evaluate; give one, or pass heldout_corpus=None"
+            )
+        problem = token_problem(heldout_corpus, vocab)
+        if problem is not None:
+            raise ValueError(f"node {node_id!r}: heldout_corpus {problem}")
+    context = getattr(model, "context_length", None)
+    scored = max((len(seq) for seq in heldout_corpus or ()), default=0)
+    if context is not None and max(longest, scored) - 1 > context:
+        too_long = max(longest, scored)
+        raise ValueError(
+            f"node {node_id!r}: the longest corpus sequence has {too_long} tokens, so "
+            f"{too_long - 1} input positions, past the model's context_length = {context}; "
+            f"cut sequences to at most {context + 1} tokens (training.max_seq_len)"
+        )
+
+
 class SovereignTrainingNode:
     """One jurisdiction's node. Keeps a deep copy of ``model``; trains it from each round's
     base on ``sovereign_corpus`` (a list of token-id lists) and keeps the result as
@@ -171,28 +204,7 @@ class SovereignTrainingNode:
                 f"node {node_id!r}: need local_epochs >= 1, batch_size >= 1 and lr > 0; got "
                 f"{local_epochs}, {batch_size}, {lr}"
             )
-        vocab = getattr(model, "vocab_size", None)
-        problem = token_problem(sovereign_corpus, vocab)
-        if problem is not None:
-            raise ValueError(f"node {node_id!r}: {problem}")
-        if heldout_corpus is not None:
-            if not any(len(seq) >= 2 for seq in heldout_corpus):
-                raise ValueError(
-                    f"node {node_id!r}: heldout_corpus has no sequence of 2 or more tokens, so "
-                    "nothing to evaluate; give one, or pass heldout_corpus=None"
-                )
-            problem = token_problem(heldout_corpus, vocab)
-            if problem is not None:
-                raise ValueError(f"node {node_id!r}: heldout_corpus {problem}")
-        context = getattr(model, "context_length", None)
-        scored = max((len(seq) for seq in heldout_corpus or ()), default=0)
-        if context is not None and max(longest, scored) - 1 > context:
-            too_long = max(longest, scored)
-            raise ValueError(
-                f"node {node_id!r}: the longest corpus sequence has {too_long} tokens, so "
-                f"{too_long - 1} input positions, past the model's context_length = {context}; "
-                f"cut sequences to at most {context + 1} tokens (training.max_seq_len)"
-            )
+        _check_corpora(node_id, model, sovereign_corpus, heldout_corpus)
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.device = torch.device(device)
