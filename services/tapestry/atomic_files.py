@@ -1,7 +1,8 @@
-"""Crash-safe files: every write goes to a temporary file, is fsynced, then renamed over the
-target (and the directory fsynced), so a reader sees the old file or the new one, never half.
-
-Model states are stored with safetensors (no pickle), manifests as JSON.
+"""Crash-safe files, the one atomic write: every write goes to a temporary file, is fsynced,
+then renamed over the target (and the directory fsynced), so a reader sees the old file or the
+new one, never half. Standard library only, so the PKI, the demo and the gRPC plumbing use it
+without importing torch; model states go through :mod:`tapestry.state_files`, which commits
+its safetensors files with :func:`commit`.
 """
 
 from __future__ import annotations
@@ -9,16 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from tapestry.training.consortium.messages import ModelState
-from tapestry.training.consortium.tensors import clone_state
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -29,7 +22,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _commit(tmp: Path, target: Path) -> None:
+def commit(tmp: Path, target: Path) -> None:
+    """Make the written ``tmp`` the file ``target``: fsync it, rename it over, fsync the
+    folder."""
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, target)
@@ -51,66 +46,36 @@ def remove_temporaries(directory: Path) -> list[Path]:
     return removed
 
 
+def temporary(path: Path) -> Path:
+    """Where a write of ``path`` goes before it is renamed into place (``.<name>.tmp``)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def write_json(path: Path, payload: Any) -> None:
+    write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: Path, text: str, *, mode: int | None = None) -> None:
+    write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+def write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically; with ``mode``, the file has exactly that
+    mode from its first byte (a key is never readable by others, whatever the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _commit(tmp, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    _commit(tmp, path)
+    tmp = temporary(path)
+    tmp.unlink(missing_ok=True)  # a write cut short before
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)  # the umask may have narrowed it
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    commit(tmp, path)
 
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def save_state(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Save a state with safetensors. Tied weights (one storage under two keys, which
-    safetensors refuses) and strided views are stored as independent entries: such states
-    are copied first; plain ones are written as they are (no extra copy of the model)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    storages = [t.untyped_storage().data_ptr() for t in state.values() if t.numel()]
-    plain = len(set(storages)) == len(storages) and all(
-        t.is_contiguous() and not t.is_conj() and not t.is_neg() for t in state.values()
-    )
-    save_file(dict(state) if plain else clone_state(state), str(tmp), metadata=dict(metadata))
-    _commit(tmp, path)
-
-
-def load_state(path: Path) -> tuple[ModelState, dict[str, str]]:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        state = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    return state, metadata
-
-
-class StoredState(Mapping[str, torch.Tensor]):
-    """A saved state read one tensor per access, so serving it never holds it whole."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with safe_open(str(path), framework="pt") as handle:
-            self._keys = sorted(handle.keys())  # noqa: SIM118 - a method, not a dict
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._keys:
-            raise KeyError(name)
-        with safe_open(str(self.path), framework="pt") as handle:
-            tensor: torch.Tensor = handle.get_tensor(name)
-        return tensor
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)

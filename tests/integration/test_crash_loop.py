@@ -15,10 +15,10 @@ from collections import Counter
 
 import grpc
 
-from tapestry.atomic_files import load_state
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.client import CoordinatorClient
 from tapestry.launcher import LocalConsortium
+from tapestry.state_files import load_state
 from tapestry.training.consortium.tensors import state_digest, tensor_bytes
 
 KILLS = int(os.environ.get("TAPESTRY_CRASH_KILLS", "4"))

@@ -12,11 +12,12 @@ import threading
 import time
 from pathlib import Path
 
-from tapestry.atomic_files import load_state, read_json
+from tapestry.atomic_files import read_json
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.launcher import LocalConsortium
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.servicer import HELD_BASE
+from tapestry.state_files import load_state
 from tapestry.training.consortium import state_digest
 
 from .conftest import POLICY, node_specs

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tapestry.atomic_files import load_state, read_json
+from tapestry.atomic_files import read_json
+from tapestry.state_files import load_state
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ContributionPolicy,

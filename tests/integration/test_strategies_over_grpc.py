@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from tapestry.atomic_files import load_state
 from tapestry.config import ConsortiumConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.launcher import LocalConsortium
+from tapestry.state_files import load_state
 from tapestry.training.consortium import ModelState, state_digest
 from tapestry.training.consortium.strategies.base import Integrated
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tapestry.atomic_files import load_state
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.state_files import load_state
 from tapestry.training.consortium.tensors import state_digest, tensor_bytes
 from tapestry.wire.tensor_stream import StateAssembler
 

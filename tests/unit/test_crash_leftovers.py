@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from tapestry.atomic_files import load_state, write_json
+from tapestry.atomic_files import write_json
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.node.artifacts import ArtifactStore
+from tapestry.state_files import load_state
 from tapestry.training.consortium import SovereignModelArtifact, state_digest
 
 

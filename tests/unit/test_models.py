@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tapestry.atomic_files import load_state, save_state
 from tapestry.errors import ModelBuildError, UserError
+from tapestry.state_files import load_state, save_state
 from tapestry.training.consortium import ModelSpec, TinyCausalModel, state_digest
 from tapestry.training.consortium.models.gpt import GPTModel
 from tapestry.training.consortium.models.hf_causal_lm import HuggingFaceCausalLM

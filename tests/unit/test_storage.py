@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tapestry.atomic_files import load_state, read_json, save_state, write_json
+from tapestry.atomic_files import read_json, write_json
+from tapestry.state_files import load_state, save_state
 from tapestry.training.consortium.tensors import DTYPES, state_digest, tensor_bytes
 
 
@@ -166,7 +167,7 @@ def test_a_node_never_overwrites_a_stored_artifact(tmp_path: Path) -> None:
 
 
 def test_a_stored_state_is_read_one_tensor_at_a_time(tmp_path: Path) -> None:
-    from tapestry.atomic_files import StoredState
+    from tapestry.state_files import StoredState
 
     state = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([1, 2], dtype=torch.int64)}
     save_state(tmp_path / "s.safetensors", state, {})

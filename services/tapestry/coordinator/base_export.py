@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tapestry.atomic_files import save_state
 from tapestry.coordinator.client import FetchedBase
 from tapestry.errors import UserError
+from tapestry.state_files import save_state
 from tapestry.wire.codec import message_to_dict
 
 

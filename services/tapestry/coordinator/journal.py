@@ -24,16 +24,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from tapestry.atomic_files import (
-    load_state,
-    read_json,
-    remove_temporaries,
-    save_state,
-    write_json,
-    write_text,
-)
+from tapestry.atomic_files import read_json, remove_temporaries, write_json, write_text
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import NotFound, UserError
+from tapestry.state_files import load_state, save_state
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.round.result import ConsortiumRoundResult
 from tapestry.training.consortium.tensors import state_digest

@@ -14,7 +14,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
-from tapestry.atomic_files import StoredState
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.consortium.v1 import journal_pb2 as jpb
@@ -22,6 +21,7 @@ from tapestry.coordinator.journal import CoordinatorStore, StoreError
 from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.errors import Busy, NotFound
 from tapestry.observe.metrics import CLIENT_PEER, CoordinatorMetrics
+from tapestry.state_files import StoredState
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ConsortiumRoundResult,

@@ -26,7 +26,8 @@ import json
 import shutil
 from pathlib import Path
 
-from tapestry.atomic_files import read_json, remove_temporaries, save_state, write_json
+from tapestry.atomic_files import read_json, remove_temporaries, write_json
+from tapestry.state_files import save_state
 from tapestry.training.consortium.messages import SovereignModelArtifact
 from tapestry.training.consortium.tensors import state_digest
 

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tapestry.atomic_files import write_bytes
 from tapestry.errors import UserError, quoted
 from tapestry.pki.credentials import revoked_serials
 from tapestry.pki.layout import (
@@ -25,7 +26,6 @@ from tapestry.pki.layout import (
     check_name,
     key_pem,
     node_server_name,
-    replace_file,
     san_for_host,
     spiffe_id,
     write_new,
@@ -277,7 +277,7 @@ def _write_crl(
     for entry in entries:
         builder = builder.add_revoked_certificate(entry)
     crl = builder.sign(ca_key, hashes.SHA256())
-    replace_file(layout.crl, crl.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+    write_bytes(layout.crl, crl.public_bytes(serialization.Encoding.PEM), mode=CERT_MODE)
 
 
 def revoke_certificate(root: Path, cert_path: Path) -> int:

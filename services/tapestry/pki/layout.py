@@ -109,13 +109,6 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def replace_file(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    write_new(tmp, data, mode)
-    os.replace(tmp, path)
-
-
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 

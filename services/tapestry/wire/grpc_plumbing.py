@@ -31,6 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tapestry.atomic_files import write_text
 from tapestry.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -216,9 +217,7 @@ def mark_serving(health_servicer: health.HealthServicer, service_names: Sequence
 def write_ready_file(path: Path, port: int, extra: Mapping[str, int] | None = None) -> None:
     """Tell whoever started us which port we bound, and ``extra`` ports (e.g.
     ``metrics_port``); written atomically, then renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"port": port, "pid": os.getpid(), **(extra or {})}))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"port": port, "pid": os.getpid(), **(extra or {})}))
 
 
 def check_health(
