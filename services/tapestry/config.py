@@ -50,8 +50,11 @@ class ConfigError(UserError, ValueError):
 
 class _Strict(BaseModel):
     # No NaN or infinity anywhere: `quality_floor = inf` or `node_timeout_s = nan` is a typo,
-    # never a setting.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # never a setting. A field's docstring is its description (the generated configuration
+    # reference, docs/reference/configuration.md, prints it).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 class TlsConfig(_Strict):
@@ -61,9 +64,13 @@ class TlsConfig(_Strict):
     the configuration file's folder."""
 
     ca: Path
+    """The consortium CA's certificate (``ca.pem``)."""
     cert: Path
+    """This server's certificate (``coordinator/cert.pem`` or ``nodes/<id>/cert.pem``)."""
     key: Path
+    """This server's private key; refused when group or others may read it."""
     crl: Path | None = None
+    """The consortium's revocation list (``crl.pem``), read again whenever it changes."""
 
 
 # Corpora are UTF-8 bytes: token ids 0..255.
@@ -83,8 +90,8 @@ crosses the wire, since tensors travel in chunks of at most ``chunk_bytes``."""
 
 
 class ModelConfig(_Strict):
-    """Section ``[model]``: the architecture every member trains and its shape (README,
-    "Models").
+    """Section ``[model]``: the architecture every member trains and its shape
+    (docs/concepts/models.md). The consortium file and every node file carry the same one.
 
     - ``tiny-causal`` (default): ``vocab_size``, ``hidden_size``.
     - ``gpt``: also ``n_layers``, ``n_heads`` (dividing ``hidden_size``),
@@ -98,18 +105,29 @@ class ModelConfig(_Strict):
 
     ``gpt`` and ``hf-causal-lm`` read byte corpora, so their ``vocab_size`` is at least 256.
     A field the architecture does not read is refused, so a typo cannot pass unnoticed.
+    Each dimension has its own bound (a typo of a few digits is refused) and the whole
+    model is bounded by ``MAX_MODEL_PARAMS``.
     """
 
     architecture: Literal["tiny-causal", "gpt", "hf-causal-lm"] = "tiny-causal"
+    """The model every member builds: the proof of concept's embedding and linear head, the
+    byte-level transformer written here, or a ``transformers`` causal LM."""
     vocab_size: int = Field(BYTE_VOCAB, ge=1, le=1 << 20)
-    # Each dimension is bounded on its own (a typo of a few digits is refused) and the
-    # whole model by MAX_MODEL_PARAMS (see _fits_architecture).
+    """Number of token ids (byte tokens: 256); for ``hf-causal-lm``, taken from its config."""
     hidden_size: int = Field(32, ge=1, le=1 << 24)
+    """Width of the embedding and hidden layers (``tiny-causal``, ``gpt``)."""
     n_layers: int | None = Field(None, ge=1, le=1024)
+    """Transformer blocks (``gpt``; 2 when unset)."""
     n_heads: int | None = Field(None, ge=1, le=1024)
+    """Attention heads per block, dividing ``hidden_size`` (``gpt``; 2 when unset)."""
     context_length: int | None = Field(None, ge=1, le=1 << 20)
+    """Most positions one input may hold (``gpt``; 128 when unset)."""
     tie_embeddings: bool | None = None
+    """Whether the output head shares the token embedding's weight (``gpt``; true when
+    unset)."""
     hf_config: dict[str, Any] | None = None
+    """The ``transformers`` config as an inline table (``hf-causal-lm``); or give
+    ``hf_config_dir``, a local folder holding ``config.json``."""
 
     @model_validator(mode="before")
     @classmethod
@@ -155,7 +173,7 @@ class ModelConfig(_Strict):
         if unused:
             raise ValueError(
                 f"{', '.join(unused)} does not apply to architecture {self.architecture!r}; "
-                "remove it (README, Models)"
+                "remove it (docs/concepts/models.md)"
             )
         if self.architecture != "tiny-causal" and self.vocab_size < BYTE_VOCAB:
             raise ValueError(
@@ -231,8 +249,11 @@ class DilocoConfig(_Strict):
     pseudo-gradient); the defaults are the DiLoCo paper's."""
 
     outer_lr: float = Field(0.7, gt=0, le=10)
+    """The outer learning rate the pseudo-gradient step is scaled by."""
     momentum: float = Field(0.9, ge=0, lt=1)
+    """The outer momentum; 0 with ``outer_lr = 1`` is ``fedavg``."""
     nesterov: bool = True
+    """Nesterov momentum (step ``g + momentum * m``) rather than plain (step ``m``)."""
 
 
 class PolicyConfig(_Strict):
@@ -241,26 +262,34 @@ class PolicyConfig(_Strict):
     weight (so at least two members must contribute for a round to integrate), quality
     scores are in [0, 1], and a delta more than ten times the round's median norm is
     refused (which binds once honest members are the majority: three or more).
-
-    ``min_nodes`` is the quorum: a round in which fewer members contribute (answer with a
-    contribution that passes every check) is aborted, recorded with the base unchanged.
-    Unset, it is the cap's own quorum, ``ceil(1/max_node_weight)`` (2 with the default
-    cap): the fewest contributions the cap lets a round integrate.
-
-    ``strategy`` is how the accepted deltas are combined (README, "Integration
-    strategies"); ``trim_fraction`` goes with ``trimmed_mean`` only and ``[policy.diloco]``
-    with ``diloco`` only; ``clip_delta_norm`` with any."""
+    docs/concepts/policy.md and docs/concepts/strategies.md say how each setting acts."""
 
     quality_floor: float = Field(0.0, ge=0, le=MAX_QUALITY)
+    """A contribution whose quality score is below this is rejected."""
     max_node_weight: float = Field(0.5, gt=0, le=1)
+    """The cap: no member takes more than this share of the weight. With ``k`` members,
+    ``k * max_node_weight`` must be at least 1."""
     weighting: Literal["quality", "equal"] = "quality"
+    """How the accepted members are weighed: in proportion to their quality scores (each
+    held to the cap), or equally."""
     max_delta_norm: float | None = Field(None, gt=0)
+    """A delta whose L2 norm is above this is rejected (no bound when unset)."""
     max_delta_norm_ratio: float | None = Field(10.0, gt=1)
+    """A delta whose L2 norm is more than this multiple of the round's median delta norm
+    is rejected; it binds once honest members are the majority (three or more)."""
     min_nodes: int | None = Field(None, ge=1, le=MAX_MEMBERS)
+    """The quorum: a round in which fewer members contribute (answer with a contribution
+    that passes every check) is aborted, recorded with the base unchanged. Unset, it is the
+    cap's own quorum, ``ceil(1/max_node_weight)`` (2 with the default cap)."""
     strategy: Literal["fedavg", "diloco", "median", "trimmed_mean"] = "fedavg"
+    """How the accepted deltas are combined into the next base."""
     trim_fraction: float | None = Field(None, ge=0, lt=0.5)
+    """``trimmed_mean`` only: the share of values dropped from each end per coordinate
+    (0.2 when unset)."""
     clip_delta_norm: float | None = Field(None, gt=0)
+    """Any strategy: an accepted delta whose L2 norm is above this is scaled down to it."""
     diloco: DilocoConfig | None = None
+    """``diloco`` only: the outer optimizer's settings."""
 
     @model_validator(mode="after")
     def _settings_fit_the_strategy(self) -> PolicyConfig:
@@ -314,11 +343,17 @@ class PolicyConfig(_Strict):
 
 
 class MemberConfig(_Strict):
+    """One ``[[nodes]]`` entry of a consortium file: a member, in integration order."""
+
     node_id: str = Field(pattern=NODE_ID_PATTERN)
+    """The member's id: its node file's ``node_id`` and its certificate's name."""
     jurisdiction: str = Field(min_length=1)
+    """The member's jurisdiction, as its node file names it."""
     address: str
-    # The consortium's own assessment of this member; replaces its self-reported score.
+    """Where the member's node serves: ``HOST:PORT``, port 1..65535."""
     quality_score: float | None = Field(None, ge=0, le=MAX_QUALITY)
+    """The consortium's own assessment of this member; when set, the policy weighs it
+    instead of the node's self-reported score."""
 
     @field_validator("address")
     @classmethod
@@ -327,18 +362,29 @@ class MemberConfig(_Strict):
 
 
 class ConsortiumConfig(_Strict):
+    """A consortium file (``coordinator serve --config``): the members, the model and the
+    policy."""
+
     consortium_id: str = Field(min_length=1)
+    """The consortium's name; every node file names it, and a cycle for another is refused."""
     seed: int = 0
+    """The initial base and every node's shuffling derive from it."""
     model: ModelConfig = ModelConfig()
+    """The model every member trains."""
     policy: PolicyConfig = PolicyConfig()
+    """Who counts, with what weight, and how deltas combine."""
     nodes: list[MemberConfig] = Field(min_length=1)
+    """The members."""
     node_timeout_s: float = Field(3600.0, gt=0, le=MAX_NODE_TIMEOUT_S)
+    """Deadline of one node's cycle, in seconds (at most a week)."""
     chunk_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)
-    # How nodes send their deltas' floating tensors: "float32" raw and exact; "bfloat16",
-    # "float16" or "int8_block" in fewer bytes within a stated error bound
-    # (tapestry.wire.delta_encoding; README, "Delta encodings").
+    """Size of the chunks tensors are cut into on the wire, in bytes."""
     delta_encoding: DeltaEncodingName = "float32"
+    """How nodes send their deltas' floating tensors: ``float32`` raw and exact;
+    ``bfloat16``, ``float16`` or ``int8_block`` in fewer bytes within a stated error bound
+    (``tapestry.wire.delta_encoding``; docs/operating/encodings.md)."""
     tls: TlsConfig | None = None
+    """Mutual TLS; without it the server starts only with ``--insecure``."""
 
     @model_validator(mode="after")
     def _unique_nodes(self) -> ConsortiumConfig:
@@ -383,31 +429,32 @@ def cap_quorum(max_node_weight: float) -> int:
 
 
 class TrainingConfig(_Strict):
-    """Section ``[training]`` of a node file.
-
-    ``max_seq_len``: windows of at most this many byte tokens are cut from each line.
-    ``heldout_percent``: about this share of the corpus's lines is held out, never trained
-    on, and every round's base and sovereign model are evaluated on it (a seeded rule per
-    line; README, "Corpora and held-out evaluation"); 0 holds nothing out and evaluates
-    nothing. At most 50: a node is there to train.
-    ``device``: where the node trains: ``cpu``, ``cuda`` (refused at start without a GPU) or
-    ``auto`` (``cuda`` when torch finds one). Deltas and artifacts are CPU tensors whatever
-    it is (README, "A node on several processes").
-    ``collective_timeout_s``: under ``torchrun``, how long a rank waits in a collective
-    (DDP's all-reduce) for the others before the cycle fails; it bounds how long a dead or
-    stuck worker can hold a cycle.
-    """
+    """Section ``[training]`` of a node file: how the node trains each cycle."""
 
     local_epochs: int = Field(3, ge=1, le=10_000)
+    """Passes over the node's training windows per cycle."""
     lr: float = Field(1e-3, gt=0, le=10)
+    """The local optimizer's learning rate."""
     batch_size: int = Field(8, ge=1, le=1 << 20)
+    """Windows per optimizer step: the global batch, however many processes train it."""
     max_seq_len: int = Field(128, ge=2, le=1 << 20)
+    """Windows of at most this many byte tokens are cut from each line."""
     heldout_percent: int = Field(10, ge=0, le=50)
-    # "synthetic" replaces training by a seeded random update (benchmarks: the figures then
-    # measure transport); see tapestry.training.consortium.local.node.TRAINERS.
+    """About this share of the corpus's lines is held out, never trained on, and every
+    round's base and sovereign model are evaluated on it (a seeded rule per line;
+    docs/concepts/evaluation.md); 0 holds nothing out and evaluates nothing. At most 50:
+    a node is there to train."""
     trainer: Literal["real", "synthetic"] = "real"
+    """``synthetic`` replaces training by a seeded random update, for benchmarks that
+    measure transport (``tapestry.training.consortium.local.node.TRAINERS``)."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    """Where the node trains: ``cpu``, ``cuda`` (refused at start without a GPU) or
+    ``auto`` (``cuda`` when torch finds one). Deltas and artifacts are CPU tensors whatever
+    it is (docs/operating/torchrun.md)."""
     collective_timeout_s: float = Field(300.0, gt=0, le=MAX_NODE_TIMEOUT_S)
+    """Under ``torchrun``, how long a rank waits in a collective (DDP's all-reduce) for the
+    others before the cycle fails; it bounds how long a dead or stuck worker can hold a
+    cycle."""
 
 
 # A transfer over a slow link may take a while; a day is past any we mean to wait for, and a
@@ -420,43 +467,54 @@ MAX_ROUND_NUM = (1 << 32) - 1
 class NodeLimits(_Strict):
     """What a node accepts from whoever calls its cycle, so that a caller posing as the
     coordinator can neither rewrite the node's history, nor hold it busy, nor fill its disk
-    with replays (DESIGN §5; README, "A node protects itself").
-
-    - ``max_round_gap``: a cycle may be at most this many rounds past the node's newest
-      retained round (a node that was down or failed legitimately sees a jump; a forged
-      round 4 000 000 000 is refused). Rounds below the newest retained one are always
-      refused; the newest itself may run again (a coordinator re-running it after a crash).
-    - ``receive_timeout_s``: the whole base must arrive within this many seconds of the
-      call's start, else the call ends with DEADLINE_EXCEEDED and the node is free again.
-    - ``decision_timeout_s``: after its result header the node waits this long for the
-      coordinator's decision on its delta (the coordinator weighs every node first, so this
-      covers the slowest member's training), else the call ends with DEADLINE_EXCEEDED.
-    - ``send_timeout_s``: the caller must take the whole delta within this many seconds of
-      asking for it, else the call is cancelled and the node is free again.
-    - ``max_superseded``: how many earlier artifacts of re-run rounds are kept aside
-      (``round-NNNNNN.superseded-*``); beyond it the oldest are deleted. 0 keeps none.
-    """
+    with replays (DESIGN §5; docs/operating/security.md, "A node protects itself")."""
 
     max_round_gap: int = Field(1000, ge=1, le=MAX_ROUND_NUM)
+    """A cycle may be at most this many rounds past the node's newest retained round (a
+    node that was down or failed legitimately sees a jump; a forged round 4 000 000 000 is
+    refused). Rounds below the newest retained one are always refused; the newest itself
+    may run again (a coordinator re-running it after a crash)."""
     receive_timeout_s: float = Field(300.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
+    """The whole base must arrive within this many seconds of the call's start, else the
+    call ends with DEADLINE_EXCEEDED and the node is free again."""
     decision_timeout_s: float = Field(3600.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
+    """After its result header the node waits this long for the coordinator's decision on
+    its delta (the coordinator weighs every node first, so this covers the slowest
+    member's training), else the call ends with DEADLINE_EXCEEDED."""
     send_timeout_s: float = Field(300.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
+    """The caller must take the whole delta within this many seconds of asking for it,
+    else the call is cancelled and the node is free again."""
     max_superseded: int = Field(3, ge=0, le=10_000)
+    """How many earlier artifacts of re-run rounds are kept aside
+    (``round-NNNNNN.superseded-*``); beyond it the oldest are deleted. 0 keeps none."""
 
 
 class NodeConfig(_Strict):
+    """A node file (``node serve --config``): the node's corpus, its quality score and its
+    training settings."""
+
     node_id: str = Field(pattern=NODE_ID_PATTERN)
+    """This node's id, as the consortium file's ``[[nodes]]`` entry names it."""
     jurisdiction: str = Field(min_length=1)
-    # The consortium this node serves: the coordinator's consortium file `consortium_id`.
-    # A cycle that names another is refused.
+    """This node's jurisdiction."""
     consortium_id: str = Field(min_length=1, max_length=256)
+    """The consortium this node serves: the consortium file's ``consortium_id``. A cycle
+    that names another is refused."""
     quality_score: float = Field(ge=0, le=MAX_QUALITY)
+    """The quality score the node reports with each contribution."""
     corpus: list[Path] = Field(min_length=1)
+    """UTF-8 text files (globs allowed); every non-blank line is a document of byte
+    tokens."""
     seed: int = 0
+    """The consortium's seed: the held-out split and the node's shuffling derive from it."""
     model: ModelConfig = ModelConfig()
+    """The consortium's model; a node whose model differs is refused before weights move."""
     training: TrainingConfig = TrainingConfig()
+    """How the node trains."""
     limits: NodeLimits = NodeLimits()
+    """What the node accepts from whoever calls its cycle."""
     tls: TlsConfig | None = None
+    """Mutual TLS; without it the server starts only with ``--insecure``."""
 
     @model_validator(mode="after")
     def _windows_fit_the_model(self) -> NodeConfig:

@@ -1,5 +1,5 @@
 """A node whose training spans two CPU processes under ``torchrun`` (gloo), rank 0 serving
-gRPC (issue 9 §5; README, "A node on several processes").
+gRPC (issue 9 §5; docs/operating/torchrun.md).
 
 Every process is stopped by its PID: the ranks are found as torchrun's children, and any
 left when a test ends are killed."""

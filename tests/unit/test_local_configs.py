@@ -1,5 +1,6 @@
 """The configs shipped in deploy/local load with the real loaders, agree with each other and
-are the ones the README's "Running the services yourself" starts, so they cannot rot."""
+are the ones the docs' "Running your own consortium" (docs/getting-started.md) starts, so
+they cannot rot."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from tapestry.node.corpus import load_corpus
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "deploy" / "local"
 NODE_FILES = sorted((LOCAL / "nodes").glob("*.toml"))
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+GETTING_STARTED = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
 
 
 def _section(title: str) -> str:
-    """The README section under ``## title``, shell line continuations joined."""
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
-    assert match, f"README.md has no '## {title}' section"
+    """The getting-started section under ``## title``, shell line continuations joined."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", GETTING_STARTED, re.S | re.M)
+    assert match, f"docs/getting-started.md has no '## {title}' section"
     return match.group(1).replace("\\\n", " ")
 
 
@@ -54,8 +55,8 @@ def test_the_shipped_consortium_names_every_shipped_node_as_it_describes_itself(
     assert all(a.startswith("127.0.0.1:") for a in addresses)
 
 
-def test_the_readme_starts_the_shipped_configs_where_the_consortium_expects_them():
-    section = " ".join(_section("Running the services yourself").split())
+def test_the_docs_start_the_shipped_configs_where_the_consortium_expects_them():
+    section = " ".join(_section("Running your own consortium").split())
     consortium = load_config(LOCAL / "consortium.toml", ConsortiumConfig)
     for member in consortium.nodes:
         assert (
@@ -69,12 +70,12 @@ def test_the_readme_starts_the_shipped_configs_where_the_consortium_expects_them
         assert f"tapestry {command}" in section
 
 
-def test_the_shipped_configs_use_the_certificates_the_readme_makes():
-    section = " ".join(_section("Running the services yourself").split())
+def test_the_shipped_configs_use_the_certificates_the_docs_make():
+    section = " ".join(_section("Running your own consortium").split())
     certs = LOCAL / "certs"
     consortium = load_config(LOCAL / "consortium.toml", ConsortiumConfig)
     init = re.search(r"tapestry certs init (.*?)(?: #|$)", section)
-    assert init, "the README does not make the certificates"
+    assert init, "the docs do not make the certificates"
     assert f"--dir deploy/local/certs --consortium {consortium.consortium_id}" in init.group(1)
     assert consortium.tls is not None
     assert (consortium.tls.ca, consortium.tls.cert, consortium.tls.crl) == (

@@ -205,17 +205,15 @@ def test_a_state_layout_round_trips_through_its_proto() -> None:
     assert (layout.tensor_count, layout.element_count) == (28, 35_712)
 
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+MODELS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "concepts" / "models.md"
 
 
-def readme_model_examples() -> list[str]:
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("### Models") : text.index("### A node protects itself")]
-    return re.findall(r"```toml\n(.*?)```", section, re.S)
+def documented_model_examples() -> list[str]:
+    return re.findall(r"```toml\n(.*?)```", MODELS_PAGE.read_text(encoding="utf-8"), re.S)
 
 
-def test_the_readme_model_examples_load_and_have_the_sizes_they_claim() -> None:
-    examples = readme_model_examples()
+def test_the_documented_model_examples_load_and_have_the_sizes_they_claim() -> None:
+    examples = documented_model_examples()
     assert len(examples) == 3
     for example in examples:
         config = model_config(tomllib.loads(example)["model"])

@@ -1,5 +1,5 @@
 """A node's training device and the rule that shares each batch among its processes (issue 9
-§5; README, "A node on several processes"). The processes themselves are exercised in
+§5; docs/operating/torchrun.md). The processes themselves are exercised in
 tests/integration/test_node_on_processes.py."""
 
 from __future__ import annotations

@@ -174,10 +174,9 @@ def test_the_round_table_names_the_strategy_in_80_columns(
     assert line in " ".join(" ".join(lines).split())
 
 
-def test_the_readme_example_loads_as_written(tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Integration strategies", 1)[1]
-    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+def test_the_documented_example_loads_as_written(tmp_path: Path) -> None:
+    page = Path(__file__).resolve().parents[2] / "docs" / "concepts" / "strategies.md"
+    example = page.read_text(encoding="utf-8").split("```toml\n", 1)[1].split("```", 1)[0]
     members = CONSORTIUM[CONSORTIUM.index("[[nodes]]") :]
     path = tmp_path / "c.toml"
     path.write_text(f'consortium_id = "c"\n{example}{members}', encoding="utf-8")

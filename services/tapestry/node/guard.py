@@ -1,5 +1,5 @@
 """What a node accepts before it reads a base: a cycle of its own consortium, for a round it
-can stand behind (DESIGN §5; README, "A node protects itself").
+can stand behind (DESIGN §5; docs/operating/security.md, "A node protects itself").
 
 Anyone who can reach the port can pose as the coordinator until mutual TLS identifies it, so
 a node checks what a ``CycleStart`` claims against what it knows, its configuration and its

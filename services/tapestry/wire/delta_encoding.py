@@ -1,6 +1,6 @@
 """How the floating tensors of a delta may travel in fewer bytes, and what each way costs.
 
-The consortium file's ``delta_encoding`` picks one (README, "Delta encodings"):
+The consortium file's ``delta_encoding`` picks one (docs/operating/encodings.md):
 
 - ``float32`` (default): every tensor raw, exact, bit for bit.
 - ``bfloat16`` / ``float16``: each value rounded to nearest in that type (2 bytes a value).
