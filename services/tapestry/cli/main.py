@@ -345,7 +345,7 @@ def node_serve(
     if group is not None and group.is_worker:
         serve_as_worker(build_training_node(config, load_node_corpus(config), group), group)
         _exit_now()
-    metrics = NodeMetrics()
+    metrics = NodeMetrics(config.node_id)
     server, port, health = build_node_server(
         config, listen, data_dir, insecure=insecure, metrics=metrics, group=group
     )

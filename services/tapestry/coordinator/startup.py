@@ -17,7 +17,7 @@ from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, RemoteSovereignNode
 from tapestry.coordinator.servicer import CoordinatorServicer
-from tapestry.observe.metrics import CoordinatorMetrics
+from tapestry.observe.metrics import CoordinatorMetrics, restore_coordinator_metrics
 from tapestry.pki.serving import server_security
 from tapestry.training.consortium.coordinator import ConsortiumCoordinator
 from tapestry.training.consortium.model import model_state
@@ -95,6 +95,7 @@ def build_coordinator_server(
         momentum = store.committed_momentum(round_num, records)
         core.load_base_state(state, round_num, sha256=digest, artifacts=retained, momentum=momentum)
         log.info("consortium %s resumed at round %d", config.consortium_id, round_num)
+    restore_coordinator_metrics(metrics, records, [member.node_id for member in config.nodes])
     layout = state_layout(model_state(base_model))  # what every member's state must hold
     nodes = [
         RemoteSovereignNode(
