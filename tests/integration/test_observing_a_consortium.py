@@ -179,6 +179,13 @@ def test_report_over_list_rounds(observed, tmp_path: Path) -> None:
     assert "<td>1</td><td>committed</td><td>3</td><td>0</td><td>0</td>" in html.replace(
         ' class="text"', ""
     )
+    # Headed by the consortium its CA names, the model GetBase's header names, the policy.
+    assert f"<h1>Tapestry consortium {consortium.consortium_id}: round 1</h1>" in html
+    assert (
+        f'<dl id="about"><dt>consortium</dt><dd>{consortium.consortium_id}</dd>'
+        "<dt>model</dt><dd>tiny-causal: vocab 256, hidden 32</dd>"
+        "<dt>policy</dt><dd>quality weighting, floor 0.75, cap 0.5, fedavg</dd></dl>"
+    ) in html
 
 
 def _gauges_at_zero(text: str) -> list[str]:
