@@ -1,6 +1,6 @@
 """What an operator sees of a running consortium (mutual TLS, real processes): each
-server's Prometheus endpoint, JSON logs, the base exported to safetensors, and the report
-over ListRounds."""
+server's Prometheus endpoint (also after a restart), JSON logs, the base exported to
+safetensors, and the report over ListRounds."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 
 from tapestry.cli import main as cli
+from tapestry.config import NodeConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.coordinator.journal import read_records
 from tapestry.launcher import LocalConsortium
+from tapestry.node.startup import build_node_server
 from tapestry.observe.heldout import heldout_losses
+from tapestry.observe.metrics import MetricsServer, NodeMetrics
 from tapestry.training.consortium.tensors import state_digest, tensor_bytes
 
 from .conftest import CORPORA, POLICY, node_specs
@@ -80,19 +84,28 @@ def test_every_server_serves_its_named_metrics(observed) -> None:
         )
 
         _, own = _scrape(consortium.metrics_url(node))
+        mine = {"node": node}  # every series a node serves names it
         # Both ends of each link count the same bytes.
-        assert _value(own, "tapestry_bytes_received_total", what="base", peer="coordinator") == sent
-        assert _value(own, "tapestry_bytes_sent_total", what="delta", peer="coordinator") == sent
-        assert _value(own, "tapestry_cycles_total", outcome="completed") == 1
-        assert _value(own, "tapestry_cycle_duration_seconds_count") == 1
-        assert _value(own, "tapestry_last_round") == 1
+        assert (
+            _value(own, "tapestry_bytes_received_total", what="base", peer="coordinator", **mine)
+            == sent
+        )
+        assert (
+            _value(own, "tapestry_bytes_sent_total", what="delta", peer="coordinator", **mine)
+            == sent
+        )
+        assert _value(own, "tapestry_cycles_total", outcome="completed", **mine) == 1
+        assert _value(own, "tapestry_cycle_duration_seconds_count", **mine) == 1
+        assert _value(own, "tapestry_last_round", **mine) == 1
         loss = contributions[node].metrics["loss"]
-        assert _value(own, "tapestry_train_loss") == loss
+        assert _value(own, "tapestry_train_loss", **mine) == loss
         assert _value(coordinator, "tapestry_member_train_loss", node=node) == loss
         losses = heldout_losses(contributions[node])  # once nodes evaluate on held-out text
         if losses is not None:
-            assert _value(own, "tapestry_heldout_loss", model="base") == losses.base
-            assert _value(own, "tapestry_heldout_loss", model="sovereign") == losses.sovereign
+            assert _value(own, "tapestry_heldout_loss", model="base", **mine) == losses.base
+            assert (
+                _value(own, "tapestry_heldout_loss", model="sovereign", **mine) == losses.sovereign
+            )
             assert (
                 _value(coordinator, "tapestry_member_heldout_loss", node=node, model="sovereign")
                 == losses.sovereign
@@ -166,3 +179,99 @@ def test_report_over_list_rounds(observed, tmp_path: Path) -> None:
     assert "<td>1</td><td>committed</td><td>3</td><td>0</td><td>0</td>" in html.replace(
         ' class="text"', ""
     )
+    # Headed by the consortium its CA names, the model GetBase's header names, the policy.
+    assert f"<h1>Tapestry consortium {consortium.consortium_id}: round 1</h1>" in html
+    assert (
+        f'<dl id="about"><dt>consortium</dt><dd>{consortium.consortium_id}</dd>'
+        "<dt>model</dt><dd>tiny-causal: vocab 256, hidden 32</dd>"
+        "<dt>policy</dt><dd>quality weighting, floor 0.75, cap 0.5, fedavg</dd></dl>"
+    ) in html
+
+
+def _gauges_at_zero(text: str) -> list[str]:
+    """Every tapestry_ gauge sample reading 0: none should, in a consortium whose rounds all
+    counted every node (a weight or a loss of 0 would be one never observed)."""
+    return [
+        f"{s.name}{s.labels}"
+        for family in text_string_to_metric_families(text)
+        if family.type == "gauge" and family.name.startswith("tapestry_")
+        for s in family.samples
+        if s.value == 0
+    ]
+
+
+def test_restarted_servers_export_what_their_data_directories_hold(tmp_path: Path) -> None:
+    """Restart the coordinator (its process) and a node (in this process, over the stopped
+    node's data directory): counters start at the journal's, gauges at the newest round's
+    and the newest artifact's values, before any new round."""
+    with LocalConsortium(tmp_path, node_specs(tmp_path), policy=POLICY, metrics=True) as consortium:
+        with consortium.client() as client:
+            client.run_round()
+            client.run_round()
+            client.roll_back_base(1)
+        consortium.restart_coordinator()
+        text, coordinator = _scrape(consortium.metrics_url("coordinator"))
+        journal = [r.result for r in read_records(consortium.coordinator_data_dir / "rounds")]
+        node = NODES[0]
+        consortium.stop_node(node)
+        restarted = _restart_node(consortium, node)
+
+    assert [r.round_num for r in journal] == [1, 2, 3]
+    assert _value(coordinator, "tapestry_rounds_total", outcome="committed") == 2
+    assert _value(coordinator, "tapestry_rounds_total", outcome="rolled_back") == 1
+    assert _value(coordinator, "tapestry_rounds_total", outcome="aborted") == 0
+    assert _value(coordinator, "tapestry_rounds_total", outcome="failed") == 0
+    assert _value(coordinator, "tapestry_base_round") == 3
+    assert _value(coordinator, "tapestry_base_info", sha256=journal[-1].shared_base_sha256) == 1
+    latest = {c.node_id: c for c in journal[1].contributions}  # round 2: the last trained
+    for member in NODES:
+        accepted = sum(member in r.accepted_nodes for r in journal)
+        assert (
+            _value(coordinator, "tapestry_contributions_total", node=member, outcome="accepted")
+            == accepted
+            == 2
+        )
+        assert _value(coordinator, "tapestry_node_failures_total", node=member) == 0
+        assert (
+            _value(coordinator, "tapestry_node_weight", node=member)
+            == journal[1].contribution_weights[member]
+        )
+        assert (
+            _value(coordinator, "tapestry_member_train_loss", node=member)
+            == latest[member].metrics["loss"]
+        )
+    assert _value(coordinator, "tapestry_round_duration_seconds_count") == 0  # none timed yet
+    assert _gauges_at_zero(text) == []
+
+    text, own = restarted
+    manifest = json.loads(
+        (consortium.node_data_dir(node) / "artifacts" / "round-000002" / "manifest.json")
+        .read_text(encoding="utf-8")
+    )  # fmt: skip
+    losses = heldout_losses(latest[node])
+    assert losses is not None  # every node holds a line out
+    assert manifest["evaluation"]["sovereign_loss"] == losses.sovereign
+    assert _value(own, "tapestry_last_round", node=node) == manifest["round_num"] == 2
+    assert _value(own, "tapestry_train_loss", node=node) == manifest["metrics"]["loss"]
+    assert _value(own, "tapestry_train_loss", node=node) == latest[node].metrics["loss"]
+    assert _value(own, "tapestry_heldout_loss", node=node, model="base") == losses.base
+    assert _value(own, "tapestry_heldout_loss", node=node, model="sovereign") == losses.sovereign
+    assert _value(own, "tapestry_cycles_total", node=node, outcome="completed") == 0
+    assert [labels for _, labels in own if ("node", node) not in labels] == []
+    assert _gauges_at_zero(text) == []
+
+
+def _restart_node(consortium: LocalConsortium, node: str) -> tuple[str, Samples]:
+    """Build node ``node``'s server over its data directory as `tapestry node serve` does,
+    and scrape its metrics before any cycle."""
+    config = load_config(consortium.node_config_path(node), NodeConfig)
+    metrics = NodeMetrics(config.node_id)
+    server, _, _ = build_node_server(
+        config, "127.0.0.1:0", consortium.node_data_dir(node), metrics=metrics
+    )
+    served = MetricsServer("127.0.0.1:0", metrics.registry)
+    try:
+        return _scrape(f"http://127.0.0.1:{served.port}/metrics")
+    finally:
+        served.close()
+        server.stop(None)

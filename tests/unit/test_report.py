@@ -10,6 +10,7 @@ from rich.cells import cell_len
 
 from tapestry.cli import report
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.observe.report_data import policy_line
 from tapestry.wire.codec import timestamp_to_proto
 
 BEFORE = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
@@ -111,6 +112,22 @@ def test_the_round_table_fits_80_columns_with_long_reasons() -> None:
         assert "".join(reason.split()) in joined
     assert "india rejected: cap max_node_weight=0.5" in text
     assert "brazil failed: NodeCallFailed" in text
+
+
+def test_the_round_table_and_the_report_page_tell_a_policy_in_the_same_words() -> None:
+    result = realistic_round()
+    result.policy.strategy = pb.INTEGRATION_STRATEGY_TRIMMED_MEAN
+    result.policy.trim_fraction = 0.2
+    text = flat(rendered(report.round_table(result)))
+    assert (
+        policy_line(result.policy)
+        == "quality weighting, floor 0.75, cap 0.5, trimmed_mean trim 0.2"
+    )
+    assert f"policy: {policy_line(result.policy)}" in text
+    result.policy.strategy = 99  # from a newer coordinator
+    assert "policy: quality weighting, floor 0.75, cap 0.5, ?" in flat(
+        rendered(report.round_table(result))
+    )
 
 
 def test_text_from_peers_is_not_markup() -> None:

@@ -1,22 +1,28 @@
 """`tapestry report` on a recorded journal: rounds built by hand (committed, rejected,
-failed, aborted, a rollback), rendered to a PNG and a self-contained HTML page whose tables
-hold the journal's numbers."""
+failed, aborted, a rollback), rendered to a PNG and a self-contained HTML page headed by the
+consortium, its model and policy, whose tables hold the journal's numbers; the figure's
+panels inspected as matplotlib artists."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from tapestry.cli import main as cli
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.observe import report_data as report_data_module
 from tapestry.observe.heldout import HeldOutLosses
-from tapestry.observe.report_data import report_data
+from tapestry.observe.report_data import model_line, policy_line, report_data, served_model
+from tapestry.observe.report_figure import BASE_LABEL, OWN_LABEL, build_figure, verdict
 from tapestry.observe.report_page import write_report
 from tapestry.wire.codec import message_to_json, timestamp_to_proto
 
@@ -37,6 +43,16 @@ EVALUATIONS = {
     ("india", 5): HeldOutLosses(4.4, 3.7),
 }
 HOSTILE = "<script>alert(1)</script>"
+POLICY = pb.ContributionPolicy(
+    quality_floor=0.75, max_node_weight=0.5, weighting=pb.CONTRIBUTION_WEIGHTING_QUALITY
+)
+GPT = {
+    "architecture": "gpt", "vocab_size": 256, "hidden_size": 64, "n_layers": 2, "n_heads": 2,
+    "context_length": 128, "tie_embeddings": True,
+}  # fmt: skip
+IDENTITY = {"consortium_id": "tapestry-demo", "seed": 7, "model": GPT}  # consortium.json
+GPT_LINE = "gpt: vocab 256, hidden 64, 2 layers, 2 heads, context 128, tied embeddings"
+POLICY_LINE = "quality weighting, floor 0.75, cap 0.5, fedavg"
 
 
 def _digest(n: int) -> str:
@@ -82,6 +98,7 @@ def _round(
             for n in contributors
         ],
         aborted_reason=aborted,
+        policy=POLICY,
     )
     result.started_at.CopyFrom(timestamp_to_proto(STARTED + timedelta(minutes=round_num)))
     result.finished_at.CopyFrom(
@@ -93,7 +110,7 @@ def _round(
 def recorded_journal(evaluated: bool = True) -> list[pb.ConsortiumRoundResult]:
     rollback = pb.ConsortiumRoundResult(
         round_num=4, previous_base_sha256=_digest(2), shared_base_sha256=_digest(1),
-        rolled_back_to=1,
+        rolled_back_to=1, policy=POLICY,
     )  # fmt: skip
     return [
         _round(1, {"vietnam": 0.35, "switzerland": 0.3, "india": 0.35}, evaluated=evaluated),
@@ -174,7 +191,7 @@ def _parse(html: str) -> _Tables:
 def test_the_report_on_a_recorded_journal_writes_a_png_and_a_self_contained_page(
     tmp_path: Path, evaluations: None
 ) -> None:
-    png_path, html_path = write_report(recorded_journal(), tmp_path / "out")
+    png_path, html_path = write_report(recorded_journal(), tmp_path / "out", IDENTITY)
 
     assert png_path == tmp_path / "out" / "report.png"
     assert png_path.read_bytes().startswith(PNG_SIGNATURE)
@@ -187,6 +204,13 @@ def test_the_report_on_a_recorded_journal_writes_a_png_and_a_self_contained_page
     assert "url(" not in html and "://" not in html
     # A peer's text is shown, never interpreted.
     assert HOSTILE not in html
+    # The page says what the rounds were of.
+    assert "<h1>Tapestry consortium tapestry-demo: rounds 1–5</h1>" in html
+    assert (
+        '<dl id="about"><dt>consortium</dt><dd>tapestry-demo</dd>'
+        f"<dt>model</dt><dd>{GPT_LINE}</dd>"
+        f"<dt>policy</dt><dd>{POLICY_LINE}</dd></dl>"
+    ) in html
 
     assert page.tables["rounds"] == [
         ["round", "outcome", "accepted", "rejected", "failed", "seconds", "base after"],
@@ -227,6 +251,104 @@ def test_the_report_on_a_recorded_journal_writes_a_png_and_a_self_contained_page
     assert page.tables["train-loss"][1] == ["1", "5.9000", "5.9000", "5.9000"]
 
 
+def _figure(rounds: list[pb.ConsortiumRoundResult], identity: dict | None = IDENTITY) -> Figure:
+    figure = build_figure(report_data(rounds, identity))
+    assert isinstance(figure.canvas, FigureCanvasAgg)
+    figure.canvas.draw()  # lays the figure out, as saving it does
+    return figure
+
+
+def _titled(figure: Figure, first_line: str) -> Axes:
+    (found,) = [a for a in figure.axes if a.get_title().split("\n")[0] == first_line]
+    return found
+
+
+def test_the_figure_is_headed_by_the_consortium_its_model_and_policy(evaluations: None) -> None:
+    figure = _figure(recorded_journal())
+    assert figure.get_suptitle() == (
+        f"Tapestry consortium tapestry-demo: rounds 1–5\nmodel {GPT_LINE}\npolicy: {POLICY_LINE}"
+    )
+
+
+def test_one_axis_per_jurisdiction_holds_its_base_and_its_own_model(evaluations: None) -> None:
+    figure = _figure(recorded_journal())
+    lossy = [a for a in figure.axes if a.get_lines()]
+    assert [a.get_title().split("\n")[0] for a in lossy] == ["Vietnam", "Switzerland", "India"]
+    vietnam = _titled(figure, "Vietnam")
+    lines = {line.get_label(): line for line in vietnam.get_lines()}
+    assert sorted(lines) == sorted([BASE_LABEL, OWN_LABEL])
+    # Both keyed by round r: the base committed by round r, the model trained in round r.
+    assert list(lines[BASE_LABEL].get_xdata()) == [0, 1, 2, 4]
+    assert list(lines[BASE_LABEL].get_ydata()) == [5.5, 4.8, 4.2, 4.3]
+    assert list(lines[OWN_LABEL].get_xdata()) == [1, 2, 3, 5]
+    assert list(lines[OWN_LABEL].get_ydata()) == [4.25, 3.9, 3.5, 3.4]
+    assert vietnam.get_title() == "Vietnam\nround 2: base 4.200 vs own 3.900, own better"
+    # The panels share their rounds.
+    assert all(a.get_shared_x_axes().joined(vietnam, a) for a in lossy)
+
+
+def test_legends_stay_clear_of_the_bars_and_lines(evaluations: None) -> None:
+    figure = _figure(recorded_journal())
+    whole = figure.bbox
+    for title in (
+        "Weight of each node in the shared base, per round",
+        "Nodes accepted, rejected and failed, per round",
+    ):
+        axes = _titled(figure, title)
+        legend = axes.get_legend()
+        assert legend is not None
+        box = legend.get_window_extent()
+        assert not box.overlaps(axes.get_window_extent()), title
+        assert all(whole.contains(x, y) for x, y in box.corners())  # and inside the picture
+    (shared,) = [legend for sub in figure.subfigs for legend in sub.legends]
+    box = shared.get_window_extent()
+    assert [t.get_text() for t in shared.get_texts()] == [BASE_LABEL, f"{OWN_LABEL} (its colour)"]
+    assert not any(box.overlaps(a.get_window_extent()) for a in figure.axes)
+
+
+def test_the_verdict_is_judged_on_the_numbers_shown() -> None:
+    assert verdict({1: 4.0}, {1: 4.5}) == "round 1: base 4.000 vs own 4.500, base better"
+    assert verdict({1: 4.0, 2: 3.9}, {1: 4.5, 2: 3.8}) == (
+        "round 2: base 3.900 vs own 3.800, own better"
+    )
+    assert verdict({2: 3.9000001}, {2: 3.9}) == "round 2: base 3.900 vs own 3.900, a tie"
+    assert verdict({0: 5.0}, {1: 4.0}) == (
+        "no round with both yet (a base is measured in the next round)"
+    )
+
+
+def test_models_and_policies_are_told_in_a_few_words() -> None:
+    assert model_line(GPT) == GPT_LINE
+    assert model_line({"architecture": "tiny-causal", "vocab_size": 256, "hidden_size": 32}) == (
+        "tiny-causal: vocab 256, hidden 32"
+    )
+    hf = {"architecture": "hf-causal-lm", "vocab_size": 320, "hf_config": {"model_type": "llama"}}
+    assert model_line(hf) == "hf-causal-lm: llama, vocab 320"
+    served = pb.ModelSpec(architecture="tiny-causal", vocab_size=256, hidden_size=32, n_layers=2)
+    assert model_line(served_model(served)) == "tiny-causal: vocab 256, hidden 32"
+    diloco = pb.ContributionPolicy(
+        quality_floor=0.5, max_node_weight=1, weighting=pb.CONTRIBUTION_WEIGHTING_EQUAL,
+        strategy=pb.INTEGRATION_STRATEGY_DILOCO,
+        outer=pb.OuterOptimizer(lr=0.7, momentum=0.9, nesterov=True),
+    )  # fmt: skip
+    assert policy_line(diloco) == "equal weighting, floor 0.5, cap 1, diloco lr 0.7 μ 0.9 nesterov"
+
+
+def test_a_change_of_policy_is_told_with_its_rounds(tmp_path: Path) -> None:
+    journal = recorded_journal(evaluated=False)
+    journal[-1].policy.max_node_weight = 0.4
+    _, html_path = write_report(journal, tmp_path)
+    html = html_path.read_text(encoding="utf-8")
+    assert (
+        f"<dt>policy</dt><dd>rounds 1–4: {POLICY_LINE}</dd>"
+        "<dd>rounds 5: quality weighting, floor 0.75, cap 0.4, fedavg</dd></dl>"
+    ) in html
+    # Without an identity the page says the consortium and model are not named.
+    assert "<h1>Tapestry consortium: rounds 1–5</h1>" in html
+    assert "<dt>consortium</dt><dd>not named" in html
+    assert "<dt>model</dt><dd>not recorded</dd>" in html
+
+
 def test_without_held_out_evaluation_the_report_says_so(tmp_path: Path) -> None:
     _, html_path = write_report(recorded_journal(evaluated=False), tmp_path)
     page = _parse(html := html_path.read_text(encoding="utf-8"))
@@ -258,14 +380,18 @@ def test_report_reads_a_coordinators_data_directory_without_a_certificate(
         record = jpb.RoundRecord(result=result)
         path = data_dir / "rounds" / f"round-{result.round_num:06d}.json"
         path.write_text(message_to_json(record), encoding="utf-8")
+    (data_dir / "consortium.json").write_text(json.dumps(IDENTITY), encoding="utf-8")
 
     ran = CliRunner().invoke(
         cli, ["report", "--journal", str(data_dir), "--out", str(tmp_path / "r")], env={}
     )
 
     assert ran.exit_code == 0, ran.output
-    page = _parse((tmp_path / "r" / "report.html").read_text(encoding="utf-8"))
+    html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    page = _parse(html)
     assert [row[0] for row in page.tables["rounds"][1:]] == ["1", "2", "3", "4", "5"]
+    assert "<dt>consortium</dt><dd>tapestry-demo</dd>" in html  # from its consortium.json
+    assert f"<dt>model</dt><dd>{GPT_LINE}</dd>" in html
     assert page.tables["weights"][3] == ["5", "0.4000", "0.3000", "0.3000"]
 
 

@@ -345,7 +345,7 @@ def node_serve(
     if group is not None and group.is_worker:
         serve_as_worker(build_training_node(config, load_node_corpus(config), group), group)
         _exit_now()
-    metrics = NodeMetrics()
+    metrics = NodeMetrics(config.node_id)
     server, port, health = build_node_server(
         config, listen, data_dir, insecure=insecure, metrics=metrics, group=group
     )
@@ -718,25 +718,32 @@ def report_command(
     page_size: int,
     credentials: grpc.ChannelCredentials | None,
 ) -> None:
-    """Write a PNG and a self-contained HTML page of the rounds: held-out loss of the base
-    per jurisdiction and of each sovereign model, weights per node, and accepted, rejected
-    and failed nodes per round."""
+    """Write a PNG and a self-contained HTML page of the rounds, headed by the consortium,
+    its model and policy: per jurisdiction, the held-out loss of the shared base against
+    that of its own model; weights per node; accepted, rejected and failed nodes per round."""
     from tapestry.observe.report_page import write_report
 
     if journal is not None:
-        from tapestry.coordinator.journal import read_records
+        from tapestry.coordinator.journal import read_identity, read_records
 
         if not (journal / "rounds").is_dir():
             raise click.ClickException(
                 f"{journal} has no rounds/ folder: --journal takes a coordinator's --data-dir"
             )
         rounds = [record.result for record in read_records(journal / "rounds")]
+        identity = read_identity(journal)
     else:
         from tapestry.coordinator.client import CoordinatorClient
+        from tapestry.observe.report_data import served_model
+        from tapestry.pki.authority import consortium_named_by
 
         with CoordinatorClient(address, credentials) as client:
             rounds = client.list_rounds(page_size)
-    for path in write_report(rounds, out_dir):
+            identity = {"model": served_model(client.base_header().model)}
+        ca = click.get_current_context().params.get("ca")  # taken by _client_tls_options
+        if ca is not None:  # the consortium the CA certifies is the one the server is of
+            identity["consortium_id"] = consortium_named_by(ca)
+    for path in write_report(rounds, out_dir, identity):
         click.echo(f"wrote {path}")
 
 

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.wire.codec import strategy_from_proto
+from tapestry.observe.report_data import policy_line
 
 WIDTH = 80  # columns when the output is not a terminal (pipes, CI logs)
 DIGEST_CHARS = 12  # enough to tell bases apart by eye; JSON output has the full digests
@@ -39,10 +39,6 @@ PHASE_NAMES = {
     pb.CYCLE_PHASE_TRAINING: "training",
     pb.CYCLE_PHASE_SENDING_DELTA: "sending delta",
     pb.CYCLE_PHASE_DELTA_RECEIVED: "delta received",
-}
-_WEIGHTINGS = {
-    pb.CONTRIBUTION_WEIGHTING_QUALITY: "quality",
-    pb.CONTRIBUTION_WEIGHTING_EQUAL: "equal",
 }
 
 
@@ -137,11 +133,7 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
         took = result.finished_at.ToNanoseconds() - result.started_at.ToNanoseconds()
         caption += f" in {took / 1e9:.2f} s"
     if result.HasField("policy"):
-        p = result.policy
-        caption += (
-            f"\npolicy: {_WEIGHTINGS.get(p.weighting, '?')} weighting, "
-            f"floor {p.quality_floor:g}, cap {p.max_node_weight:g}, {_strategy(p)}"
-        )
+        caption += f"\npolicy: {policy_line(result.policy)}"
     if result.aborted_reason:
         caption += f"\nABORTED: {result.aborted_reason}"
     if result.HasField("rolled_back_to"):
@@ -149,15 +141,6 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
     table.caption = Text(caption)
     table.caption_justify = "left"
     return Group(table, *reasons)
-
-
-def _strategy(policy: pb.ContributionPolicy) -> str:
-    """The strategy that integrated the round, as the core describes it (``"?"`` for one
-    this client does not know, e.g. from a newer coordinator)."""
-    try:
-        return strategy_from_proto(policy).describe()
-    except ValueError:
-        return "?"
 
 
 def _quality(result: pb.ConsortiumRoundResult, node_id: str) -> str:

@@ -119,16 +119,22 @@ class CoordinatorClient:
         base = self.fetch_base()
         return base.round_num, base.state
 
+    def base_header(self) -> pb.BaseHeader:
+        """The current base's round and model spec, without its weights: GetBase's stream
+        is cancelled after its header."""
+        stream = self._stub.GetBase(pb.GetBaseRequest())
+        try:
+            return _header(stream)
+        finally:
+            stream.cancel()
+
     def fetch_base(self, expect_round: int | None = None) -> FetchedBase:
         """The current base with its header and digest. With ``expect_round``, a base of
         another round is refused (:class:`NotFound`) from its header, before any weights
         are read: GetBase serves only the newest committed base."""
         stream = self._stub.GetBase(pb.GetBaseRequest())
         try:
-            first = next(stream, None)
-            if first is None or first.WhichOneof("item") != "header":
-                raise WireError("the GetBase stream must begin with its header")
-            header = first.header
+            header = _header(stream)
             if expect_round is not None and header.round_num != expect_round:
                 raise NotFound(
                     f"the coordinator serves the base of round {header.round_num}, not of round "
@@ -140,6 +146,13 @@ class CoordinatorClient:
         finally:
             stream.cancel()  # a no-op once the stream has ended
         return FetchedBase(header.round_num, header.model, dict(state), assembler.digest)
+
+
+def _header(stream: Iterator[pb.GetBaseResponse]) -> pb.BaseHeader:
+    first = next(stream, None)
+    if first is None or first.WhichOneof("item") != "header":
+        raise WireError("the GetBase stream must begin with its header")
+    return first.header
 
 
 def _every_page(fetch: Callable[[str], tuple[Sequence[Item], str]]) -> Iterator[Item]:

@@ -2,7 +2,7 @@
 
 Layout under ``<data-dir>``::
 
-    consortium.json               identity: consortium id, seed, model spec
+    consortium.json               identity: consortium id, seed, model spec (IDENTITY)
     base/round-000003.safetensors the shared base after round 3 (round 0: the initial base)
     momentum/round-000003.safetensors
                                   under diloco: the outer momentum after round 3 (none when
@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tapestry.atomic_files import read_json, remove_temporaries, write_json, write_text
 from tapestry.consortium.v1 import journal_pb2 as jpb
@@ -34,6 +35,9 @@ from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire.codec import message_from_json, message_to_json, round_result_to_proto
 
 log = logging.getLogger(__name__)
+
+
+IDENTITY = "consortium.json"
 
 
 class StoreError(UserError, RuntimeError):
@@ -50,6 +54,18 @@ def read_records(rounds_dir: Path) -> list[jpb.RoundRecord]:
         except Exception as error:  # a damaged entry is reported, never fatal
             log.error("ignoring unreadable journal entry %s: %s", path, error)
     return out
+
+
+def read_identity(data_dir: Path) -> dict[str, Any] | None:
+    """What a coordinator's data directory was written for (consortium id, seed and model,
+    as :meth:`CoordinatorStore.check_identity` keeps it), or ``None`` when it holds none or
+    it cannot be read; only reads, like :func:`read_records`."""
+    try:
+        found = read_json(data_dir / IDENTITY)
+    except (OSError, ValueError) as error:
+        log.error("cannot read %s: %s", data_dir / IDENTITY, error)
+        return None
+    return found if isinstance(found, dict) else None
 
 
 class CoordinatorStore:
@@ -73,7 +89,7 @@ class CoordinatorStore:
 
     def check_identity(self, identity: dict[str, object]) -> None:
         """Refuse to resume a data directory written for another consortium or model."""
-        path = self.root / "consortium.json"
+        path = self.root / IDENTITY
         if not path.exists():
             write_json(path, identity)
             return

@@ -18,7 +18,7 @@ from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, RemoteSovereignNode
 from tapestry.coordinator.servicer import CoordinatorServicer
-from tapestry.observe.metrics import CoordinatorMetrics
+from tapestry.observe.metrics import CoordinatorMetrics, restore_coordinator_metrics
 from tapestry.pki.serving import ServerSecurity, server_security
 from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.training.consortium.models.state import model_state
@@ -81,6 +81,7 @@ def build_coordinator_server(
         copy_states=False,
     )
     records = _resume(core, store, base_model, config.consortium_id)
+    restore_coordinator_metrics(metrics, records, [member.node_id for member in config.nodes])
     layout = state_layout(model_state(base_model))  # what every member's state must hold
     nodes = _remote_nodes(config, spec, layout, store, security, metrics)
     threading.Thread(target=warn_about_members, args=(nodes,), daemon=True).start()

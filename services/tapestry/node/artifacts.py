@@ -3,7 +3,8 @@
 Layout under ``<data-dir>/artifacts/``::
 
     round-000003/model.safetensors   the full trained state (safetensors)
-    round-000003/manifest.json       node, jurisdiction, stage, round, metrics, sha256, bytes
+    round-000003/manifest.json       node, jurisdiction, stage, round, metrics, sha256, bytes;
+                                     and the cycle's held-out evaluation once it is recorded
 
 The manifest is written last, so a round directory without one is an interrupted write.
 A store opened on the directory (a node starting, after a crash say) first clears what
@@ -25,10 +26,11 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tapestry.atomic_files import read_json, remove_temporaries, write_json
 from tapestry.state_files import save_state
-from tapestry.training.consortium.messages import SovereignModelArtifact
+from tapestry.training.consortium.messages import HeldOutEvaluation, SovereignModelArtifact
 from tapestry.training.consortium.tensors import state_digest
 
 SUPERSEDED = ".superseded-"
@@ -85,6 +87,30 @@ class ArtifactStore:
         self._prune_superseded()
         return stored
 
+    def record_evaluation(self, round_num: int, evaluation: HeldOutEvaluation | None) -> None:
+        """Add the cycle's held-out evaluation (numbers only) to round ``round_num``'s
+        manifest, rewritten atomically, so a restarted node still knows its latest held-out
+        losses; nothing to do when the node held nothing out."""
+        if evaluation is None:
+            return
+        path = self._dir(round_num) / "manifest.json"
+        manifest = read_json(path)
+        manifest["evaluation"] = dataclasses.asdict(evaluation)
+        write_json(path, manifest)
+
+    def newest_manifest(self) -> dict[str, Any] | None:
+        """The manifest of the newest round's artifact, as stored; ``None`` when there is
+        none (or it cannot be read)."""
+        rounds = self.rounds()
+        return self._manifest(rounds[-1]) if rounds else None
+
+    def _manifest(self, round_num: int) -> dict[str, Any] | None:
+        try:
+            manifest = read_json(self._dir(round_num) / "manifest.json")
+        except (OSError, json.JSONDecodeError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
     def _keep_earlier(self, directory: Path) -> None:
         try:
             earlier = read_json(directory / "manifest.json")
@@ -127,11 +153,8 @@ class ArtifactStore:
         if not rounds:
             return None
         wanted = rounds[-1] if round_num == 0 else round_num
-        if wanted not in rounds:
-            return None
-        try:
-            manifest = read_json(self._dir(wanted) / "manifest.json")
-        except (OSError, json.JSONDecodeError):
+        manifest = self._manifest(wanted) if wanted in rounds else None
+        if manifest is None:
             return None
         return SovereignModelArtifact(
             node_id=manifest["node_id"],

@@ -78,7 +78,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         self._expected = spec_of(state)
         self._layout = codec.state_layout_to_proto(state_layout(state))
         self._busy = threading.Lock()
-        self._metrics = metrics or NodeMetrics()
+        self._metrics = metrics or NodeMetrics(node.node_id)
         # The base of the last cycle, kept so an unchanged base need not cross the wire
         # again (the coordinator reads its digest in Describe); one model's worth, on disk
         # with a scratch directory.
@@ -206,6 +206,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         took = time.perf_counter() - started - persisting.seconds
         log.info("round %d: cycle took %.6f s", round_num, took)
         log.info("round %d: artifact saved in %.6f s", round_num, persisting.seconds)
+        self._store.record_evaluation(round_num, result.contribution.evaluation)
         self._metrics.trained(round_num, result.contribution)
         # The delta's digest goes in its trailer, hashed as it streams: announcing
         # it in the header would cost a whole extra pass over the delta.

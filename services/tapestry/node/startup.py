@@ -14,7 +14,7 @@ from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.corpus import SplitCorpus, load_node_corpus
 from tapestry.node.processes import training_device
 from tapestry.node.servicer import SovereignNodeServicer
-from tapestry.observe.metrics import NodeMetrics
+from tapestry.observe.metrics import NodeMetrics, restore_node_metrics
 from tapestry.pki.serving import server_security
 from tapestry.training.consortium.local.distributed import TrainingGroup
 from tapestry.training.consortium.local.node import SovereignTrainingNode
@@ -42,6 +42,7 @@ def build_node_server(
     artifacts' metadata to the coordinator and operators, ``Describe`` to any member;
     plaintext only with ``insecure``. Cycles are counted in ``metrics``. With ``group``
     (rank 0 under ``torchrun``) its cycles train across the group's processes."""
+    metrics = metrics or NodeMetrics(config.node_id)
     security = server_security(
         config.tls,
         insecure=insecure,
@@ -55,6 +56,7 @@ def build_node_server(
     spec = config.model.spec()
     node = build_training_node(config, corpus, group)
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
+    restore_node_metrics(metrics, store.newest_manifest())
     servicer = SovereignNodeServicer(
         node,
         spec,

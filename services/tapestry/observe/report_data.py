@@ -10,19 +10,32 @@ Two readings to keep straight:
 - **Sovereign loss.** The node's new sovereign model of round *r*, trained from that base,
   measured on the same held-out split: keyed by *r*.
 
+Read together, the two answer the report's question per jurisdiction: does the shared base
+after round *r* (everyone's round-*r* work integrated) predict the jurisdiction's held-out
+text better than the model it trained alone in round *r*?
+
 A node appears under its jurisdiction (from the round's artifacts), or as
 ``jurisdiction (node)`` when several nodes share one, or by its node id when no round says.
+
+The page is headed by what the rounds were of (:class:`About`): the consortium and its
+model, from the coordinator's identity (``consortium.json`` in its data directory, or what
+a client learns over the wire), and the policy each round recorded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.observe.heldout import heldout_losses
+from tapestry.training.consortium.models.spec import ARCHITECTURE_FIELDS
+from tapestry.wire.codec import strategy_from_proto
 
 Series = dict[str, dict[int, float]]  # label -> round -> value
+NO_ROUNDS = "no rounds recorded"
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,20 @@ class Reason:
     reason: str
 
 
+@dataclass(frozen=True)
+class About:
+    """What the rounds were of: the consortium, its model and the policies that decided
+    them. ``None`` where the source does not say (a journal without its identity file, a
+    plaintext connection, which names no consortium)."""
+
+    consortium_id: str | None = None
+    model: str | None = None  # e.g. "gpt: vocab 256, hidden 64, 2 layers, ..."
+    policies: list[tuple[str, str]] = field(default_factory=list)  # (rounds, policy line)
+
+
 @dataclass
 class ReportData:
+    about: About = field(default_factory=About)
     rows: list[RoundRow] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)  # every node's label, in first-seen order
     base_loss: Series = field(default_factory=dict)  # keyed by the base's round (see module)
@@ -63,15 +88,35 @@ class ReportData:
         return [row.round_num for row in self.rows]
 
     @property
+    def span(self) -> str:
+        """``rounds 1–5``, ``round 1`` or :data:`NO_ROUNDS`."""
+        if not self.rows:
+            return NO_ROUNDS
+        first, last = self.rounds[0], self.rounds[-1]
+        return f"rounds {first}–{last}" if first != last else f"round {first}"
+
+    @property
     def has_evaluation(self) -> bool:
         return bool(self.base_loss or self.sovereign_loss)
 
 
-def report_data(rounds: Sequence[pb.ConsortiumRoundResult]) -> ReportData:
-    """Everything the report shows, from the journal's rounds (any order)."""
+def report_data(
+    rounds: Sequence[pb.ConsortiumRoundResult], identity: Mapping[str, Any] | None = None
+) -> ReportData:
+    """Everything the report shows, from the journal's rounds (any order) and the
+    coordinator's ``identity`` (``consortium_id`` and ``model``, as in its data directory's
+    ``consortium.json``; either may be missing)."""
     ordered = sorted(rounds, key=lambda r: r.round_num)
     label = _labeller(ordered)
-    data = ReportData()
+    identity = identity or {}
+    model = identity.get("model")
+    data = ReportData(
+        About(
+            identity.get("consortium_id"),
+            model_line(model) if isinstance(model, Mapping) else None,
+            _policies(ordered),
+        )
+    )
     for result in ordered:
         r = result.round_num
         data.rows.append(_row(result))
@@ -143,3 +188,68 @@ class _Label:
         if place is None:
             return node
         return f"{place} ({node})" if place in self.shared else place
+
+
+_WEIGHTINGS = {
+    pb.CONTRIBUTION_WEIGHTING_QUALITY: "quality",
+    pb.CONTRIBUTION_WEIGHTING_EQUAL: "equal",
+}
+
+
+def policy_line(policy: pb.ContributionPolicy) -> str:
+    """A round's policy in a few words: ``quality weighting, floor 0.75, cap 0.5, fedavg``
+    (the strategy as the core describes it; ``?`` for one this build does not know)."""
+    try:
+        strategy = strategy_from_proto(policy).describe()
+    except ValueError:
+        strategy = "?"
+    return (
+        f"{_WEIGHTINGS.get(policy.weighting, '?')} weighting, floor {policy.quality_floor:g}, "
+        f"cap {policy.max_node_weight:g}, {strategy}"
+    )
+
+
+def _policies(rounds: Sequence[pb.ConsortiumRoundResult]) -> list[tuple[str, str]]:
+    """Each run of rounds recorded under one policy: ``("1–5", line)``, in round order."""
+    runs: list[tuple[int, int, str]] = []
+    for result in rounds:
+        if not result.HasField("policy"):
+            continue
+        line = policy_line(result.policy)
+        if runs and runs[-1][2] == line:
+            runs[-1] = (runs[-1][0], result.round_num, line)
+        else:
+            runs.append((result.round_num, result.round_num, line))
+    return [(f"{a}–{b}" if a != b else f"{a}", line) for a, b, line in runs]
+
+
+def model_line(model: Mapping[str, Any]) -> str:
+    """A model spec in a few words, from the fields its architecture reads (as the
+    consortium file names them): ``gpt: vocab 256, hidden 64, 2 layers, 2 heads, context
+    128, tied embeddings``; ``hf-causal-lm: llama, vocab 32000``."""
+    architecture = str(model.get("architecture", "tiny-causal"))
+    parts = []
+    hf_config = model.get("hf_config")
+    if isinstance(hf_config, str) and hf_config:
+        hf_config = json.loads(hf_config)
+    if isinstance(hf_config, Mapping) and "model_type" in hf_config:
+        parts.append(str(hf_config["model_type"]))
+    for name, text in (
+        ("vocab_size", "vocab {}"),
+        ("hidden_size", "hidden {}"),
+        ("n_layers", "{} layers"),
+        ("n_heads", "{} heads"),
+        ("context_length", "context {}"),
+    ):
+        if model.get(name) is not None:
+            parts.append(text.format(model[name]))
+    if model.get("tie_embeddings") is not None:
+        parts.append("tied embeddings" if model["tie_embeddings"] else "untied embeddings")
+    return f"{architecture}: {', '.join(parts)}" if parts else architecture
+
+
+def served_model(spec: pb.ModelSpec) -> dict[str, Any]:
+    """A served model spec (``GetBase``'s header) as the consortium file names it: the
+    architecture and the fields it reads, for :func:`model_line`."""
+    used = ARCHITECTURE_FIELDS.get(spec.architecture, ())
+    return {"architecture": spec.architecture, **{name: getattr(spec, name) for name in used}}

@@ -212,6 +212,11 @@ def consortium_of(ca_cert: x509.Certificate) -> str:
     return str(names[0].value) if names else ""
 
 
+def consortium_named_by(ca_cert: Path) -> str:
+    """The consortium id a CA certificate file names ("" for none)."""
+    return consortium_of(x509.load_pem_x509_certificate(ca_cert.read_bytes()))
+
+
 def _issue_member(
     layout: Layout,
     ca_cert: x509.Certificate,
