@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from grpc_health.v1.health import HealthServicer
 
 from tapestry.config import ConsortiumConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
@@ -39,7 +40,7 @@ def build_coordinator_server(
     *,
     insecure: bool = False,
     metrics: CoordinatorMetrics | None = None,
-) -> tuple[grpc.Server, int, object]:
+) -> tuple[grpc.Server, int, HealthServicer]:
     """``(server, port, health)``, bound and not started, at the last committed round.
 
     With ``[tls]`` it serves mutual TLS: rounds and rollbacks to operators, reads to any
