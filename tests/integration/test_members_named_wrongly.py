@@ -94,9 +94,7 @@ def test_under_tls_an_id_typo_is_read_from_the_nodes_certificate(tmp_path):
     )
 
 
-def test_another_members_id_at_an_address_is_a_warning_and_the_coordinator_starts(
-    tmp_path, caplog
-):
+def test_another_members_id_at_an_address_is_a_warning_and_the_coordinator_starts(tmp_path, caplog):
     """Either an address mistake or an impostor: the round fails that member (tests in
     test_misbehaving_nodes.py); start-up goes on, so an impostor cannot keep the
     coordinator down."""
