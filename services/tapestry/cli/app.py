@@ -58,5 +58,6 @@ for command in (
     health.health,
     certs.certs_group,
     demo.demo,
+    demo.init,
 ):
     main.add_command(command)

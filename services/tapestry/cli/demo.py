@@ -1,5 +1,6 @@
 """``tapestry demo``: a local consortium of real processes (tapestry.demo's three
-jurisdictions), rounds over gRPC, each shown as the other commands show it.
+jurisdictions), rounds over gRPC, each shown as the other commands show it; and ``tapestry
+init``: such a consortium's files for one's own experiment, and the commands that run it.
 
 The consortium, its processes and its files are :mod:`tapestry.demo` and
 :mod:`tapestry.launcher`'s; this module only runs them and prints (the arrow goes one way:
@@ -19,7 +20,16 @@ from typing import TYPE_CHECKING, get_args
 import click
 
 from tapestry.cli.options import friendly_errors
-from tapestry.config import DeltaEncodingName
+from tapestry.config import DeltaEncodingName, PolicyConfig
+
+# The architectures `init` offers: those that build from the configuration alone.
+MODELS = ("tiny-causal", "gpt")
+
+
+def _choices(policy_field: str) -> click.Choice[str]:
+    """The values the consortium file takes for a ``[policy]`` field."""
+    return click.Choice(get_args(PolicyConfig.model_fields[policy_field].annotation))
+
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -62,6 +72,92 @@ def demo(round_count: int, workdir: Path | None, keep_running: bool, delta_encod
     the run) and run rounds over gRPC."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="tapestry-demo-"))
     run_demo(round_count, workdir, keep_running=keep_running, delta_encoding=delta_encoding)
+
+
+@click.command("init")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The folder to write into (new or empty): config/, certs/; data/ once serving.",
+)
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    required=True,
+    help="A member as NODE_ID:JURISDICTION[:CORPUS] (comma-separated or repeated); CORPUS "
+    "is a text file or glob, by default the demo's for vietnam, switzerland and india.",
+)
+@click.option(
+    "--model",
+    type=click.Choice(MODELS),
+    default="tiny-causal",
+    show_default=True,
+    help="The architecture every member trains (its defaults; README, Models).",
+)
+@click.option("--consortium-id", default="tapestry-local", show_default=True)
+@click.option("--seed", type=int, default=2026, show_default=True)
+@click.option(
+    "--strategy",
+    type=_choices("strategy"),
+    default=None,
+    help="How accepted deltas are combined [default: fedavg].",
+)
+@click.option("--weighting", type=_choices("weighting"), default=None, help="[default: quality]")
+@click.option("--quality-floor", type=float, default=None, help="[default: 0]")
+@click.option(
+    "--max-node-weight", type=float, default=None, help="The cap on any one node's weight."
+)
+@click.option("--min-nodes", type=int, default=None, help="The quorum.")
+@click.option("--coordinator-port", type=click.IntRange(1, 65535), default=50051, show_default=True)
+@click.option(
+    "--first-node-port",
+    type=click.IntRange(1, 65535),
+    default=50061,
+    show_default=True,
+    help="Node i listens on this port + i.",
+)
+@click.option("--insecure", is_flag=True, help="Write no certificates: every server plaintext.")
+@friendly_errors
+def init(
+    out: Path,
+    nodes: tuple[str, ...],
+    model: str,
+    consortium_id: str,
+    seed: int,
+    coordinator_port: int,
+    first_node_port: int,
+    insecure: bool,
+    **policy: object,
+) -> None:
+    """Write a local consortium: the consortium file, one node file per member with the
+    same [model], and the certificates; then print the commands that serve it and run a
+    round. Every server listens on 127.0.0.1 at a fixed port. Policy options left out take
+    the consortium file's defaults (README, "The policy")."""
+    from tapestry.demo.scaffold import init_local_consortium, parse_member
+    from tapestry.pki.layout import split_list
+
+    setup = init_local_consortium(
+        out,
+        [parse_member(text) for text in split_list(nodes)],
+        consortium_id=consortium_id,
+        model=model,
+        policy={name: value for name, value in policy.items() if value is not None},
+        coordinator_port=coordinator_port,
+        first_node_port=first_node_port,
+        seed=seed,
+        tls=not insecure,
+    )
+    root = setup.consortium.workdir
+    click.echo(f"consortium {consortium_id}: {len(setup.node_addresses)} nodes, written to {root}")
+    for path in setup.written():
+        click.echo(f"  {path.relative_to(root)}")
+    if not insecure:
+        click.echo("  certs/ (mutual TLS: the CA, the coordinator, each node, one operator)")
+    click.echo("Next, each server in a terminal of its own (nodes first), then a round:")
+    for command in setup.next_steps():
+        click.echo(f"  {command}")
 
 
 def run_demo(
