@@ -8,14 +8,16 @@ names the node's corpus, its quality score and its training settings.
 
 from __future__ import annotations
 
+import difflib
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from tapestry.address import check_address
 from tapestry.errors import UserError
@@ -562,11 +564,54 @@ def build_config(kind: type[Config], raw: Mapping[str, Any], source: str) -> Con
     try:
         return kind.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc']) or '(file)'}: {item['msg']}"
-            for item in error.errors()
-        )
+        problems = "; ".join(_problem(kind, item) for item in error.errors())
         raise ConfigError(f"{source}: {problems}") from None
+
+
+def _problem(kind: type[BaseModel], item: ErrorDetails) -> str:
+    """One refusal: where, pydantic's reason and, for an unknown key, the closest valid one
+    (in its own section first, else anywhere in the file: a key in the wrong section)."""
+    where = ".".join(str(part) for part in item["loc"]) or "(file)"
+    problem = f"{where}: {item['msg']}"
+    if item["type"] != "extra_forbidden" or not item["loc"]:
+        return problem
+    section, key = item["loc"][:-1], str(item["loc"][-1])
+    close = difflib.get_close_matches(key, _keys_at(kind, section), n=1)
+    if not close:
+        anywhere = {path.rpartition(".")[2]: path for path in _key_paths(kind)}
+        close = [anywhere[k] for k in difflib.get_close_matches(key, list(anywhere), n=1)]
+    return f"{problem}; did you mean {close[0]!r}?" if close else problem
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (``X``, ``X | None``, ``list[X]``), or None for a value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        inner = _section_model(argument)
+        if inner is not None:
+            return inner
+    return None
+
+
+def _keys_at(kind: type[BaseModel], section: Sequence[int | str]) -> list[str]:
+    """The keys valid in ``section`` (a validation error's location; list indices skipped)."""
+    model: type[BaseModel] | None = kind
+    for part in section:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _section_model(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _key_paths(kind: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """Every key of the file, as a dotted path (``training.local_epochs``)."""
+    for name, field in kind.model_fields.items():
+        yield prefix + name
+        inner = _section_model(field.annotation)
+        if inner is not None:
+            yield from _key_paths(inner, f"{prefix}{name}.")
 
 
 def write_config(path: Path, config: _Strict) -> Path:

@@ -20,10 +20,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import grpc
 
@@ -35,7 +35,6 @@ from tapestry.config import (
     build_config,
     write_config,
 )
-from tapestry.coordinator.client import CoordinatorClient
 from tapestry.errors import UserError
 from tapestry.pki.access import PeerRole
 from tapestry.pki.authority import init_consortium
@@ -43,6 +42,9 @@ from tapestry.pki.credentials import load_channel_credentials
 from tapestry.pki.layout import Layout, node_server_name
 from tapestry.wire.grpc_plumbing import STOP_GRACE_S, check_health, open_channel
 from tapestry.wire.status import SERVER, describe_rpc_error
+
+if TYPE_CHECKING:  # the client imports torch; writing a consortium's files does not need it
+    from tapestry.coordinator.client import CoordinatorClient
 
 START_TIMEOUT_S = 120.0
 # The operator whose certificate the launcher creates and its clients present.
@@ -192,7 +194,7 @@ class LocalConsortium:
         )
         return {"tls": tls.model_dump()}
 
-    def _create_certificates(self) -> None:
+    def create_certificates(self) -> None:
         """The consortium's certificates, once: a restarted consortium keeps its own."""
         if not self.tls or self.certs.ca_cert.exists():
             return
@@ -204,10 +206,24 @@ class LocalConsortium:
             operators=[OPERATOR],
         )
 
+    def write_node_config(self, spec: LocalNodeSpec) -> Path:
+        """Write the node file of ``spec``; its path."""
+        return write_config(self.node_config_path(spec.node_id), self.node_config(spec))
+
+    def write_consortium_config(self, addresses: Mapping[str, str]) -> Path:
+        """Write the consortium file, each node a member at ``addresses[node_id]``; its path."""
+        members = [
+            MemberConfig(
+                node_id=s.node_id, jurisdiction=s.jurisdiction, address=addresses[s.node_id]
+            )
+            for s in self.nodes
+        ]
+        return write_config(self.consortium_config_path, self.consortium_config(members))
+
     def start(self) -> None:
-        self._create_certificates()
+        self.create_certificates()
         for spec in self.nodes:
-            config = write_config(self.node_config_path(spec.node_id), self.node_config(spec))
+            config = self.write_node_config(spec)
             self._spawn(
                 spec.node_id,
                 [
@@ -222,13 +238,7 @@ class LocalConsortium:
             )
         for spec in self.nodes:
             self._await_ready(spec.node_id)
-        members = [
-            MemberConfig(
-                node_id=s.node_id, jurisdiction=s.jurisdiction, address=self._route(s.node_id)
-            )
-            for s in self.nodes
-        ]
-        write_config(self.consortium_config_path, self.consortium_config(members))
+        self.write_consortium_config({s.node_id: self._route(s.node_id) for s in self.nodes})
         self._start_coordinator()
 
     @property
@@ -390,6 +400,8 @@ class LocalConsortium:
 
     def client(self, role: PeerRole = "operator", name: str = OPERATOR) -> CoordinatorClient:
         """A client of the coordinator, as the operator unless another member is named."""
+        from tapestry.coordinator.client import CoordinatorClient
+
         return CoordinatorClient(self.coordinator_address, self.credentials(role, name))
 
     def channel(

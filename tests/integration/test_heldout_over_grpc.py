@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from click.testing import CliRunner
 
-from tapestry.cli.main import main
+from tapestry.cli import main
 from tapestry.cli.report import WIDTH
 from tapestry.config import NodeConfig, load_config
 from tapestry.consortium.v1 import journal_pb2 as jpb

@@ -4,6 +4,8 @@ what to do, with a non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -446,3 +448,59 @@ def test_the_demo_refuses_a_delta_encoding_it_does_not_know() -> None:
         "Error: Invalid value for '--delta-encoding': 'int4' is not one of 'float32', "
         "'bfloat16', 'float16', 'int8_block'."
     )
+
+
+# The command as `tapestry` runs it, in an interpreter of its own; then whether it imported
+# torch (this test process may have imported it already).
+_FRESH = """
+import sys
+from tapestry.cli import main
+try:
+    main(sys.argv[1:], prog_name="tapestry")
+except SystemExit as exit:
+    print("torch imported:", "torch" in sys.modules)
+    raise
+"""
+
+
+@pytest.mark.parametrize(
+    ("role", "mistake", "expected"),
+    [
+        (
+            "node",
+            ("[training]\nlocal_epochs = 2\n", "[training]\nlocal_epoch = 2\n"),
+            "training.local_epoch: Extra inputs are not permitted; did you mean 'local_epochs'?",
+        ),
+        (
+            "node",
+            (str(CORPUS), "/nonexistent/corpus.txt"),
+            "corpus: corpus entry '/nonexistent/corpus.txt' matches no file; fix the file's "
+            "`corpus` list",
+        ),
+        (
+            "coordinator",
+            ('consortium_id = "c"\n', 'consortium_id = "c"\nnode_timeout = 60\n'),
+            "node_timeout: Extra inputs are not permitted; did you mean 'node_timeout_s'?",
+        ),
+    ],
+)
+def test_a_configuration_mistake_is_reported_before_torch_is_imported(
+    role, mistake, expected, node_config, consortium_config, tmp_path
+):
+    config = node_config if role == "node" else consortium_config
+    if role == "node":
+        config.write_text(config.read_text() + "[training]\nlocal_epochs = 2\n")
+    text = config.read_text()
+    assert mistake[0] in text
+    config.write_text(text.replace(mistake[0], mistake[1]))
+    ran = subprocess.run(
+        [sys.executable, "-c", _FRESH, role, "serve", "--config", str(config),
+         "--data-dir", str(tmp_path / "d"), "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stderr.strip() == f"Error: {config}: {expected}"
+    assert ran.stdout.strip() == "torch imported: False"
+    assert not (tmp_path / "d").exists()

@@ -245,6 +245,44 @@ def test_port_zero_is_allowed_only_where_a_free_port_is_meant():
     )
 
 
+@pytest.mark.parametrize(
+    ("typo", "expected"),
+    [
+        (
+            NODE.replace("local_epochs = 2", "local_epoch = 2"),
+            "training.local_epoch: Extra inputs are not permitted; did you mean 'local_epochs'?",
+        ),
+        (
+            NODE.replace("seed = 7", "seed = 7\nqualty = 1"),
+            "qualty: Extra inputs are not permitted; did you mean 'quality_score'?",
+        ),
+        # the right key in the wrong section: the section is named
+        (
+            NODE.replace("seed = 7", "seed = 7\nlocal_epochs = 1"),
+            "local_epochs: Extra inputs are not permitted; did you mean 'training.local_epochs'?",
+        ),
+        (NODE + "[model]\nhiden_size = 8\n", "did you mean 'hidden_size'?"),
+        (NODE.replace("seed = 7", "seed = 7\nzzz = 1"), "zzz: Extra inputs are not permitted"),
+    ],
+)
+def test_an_unknown_key_is_refused_naming_the_closest_valid_one(tmp_path, typo, expected):
+    path = _write(tmp_path / "node.toml", typo)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, NodeConfig)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert str(caught.value).endswith(expected)
+
+
+def test_an_unknown_member_key_names_the_closest_valid_one(tmp_path):
+    path = _write(tmp_path / "c.toml", CONSORTIUM.replace('address = "india', 'adress = "india'))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ConsortiumConfig)
+    assert str(caught.value) == (
+        f"{path}: nodes.1.address: Field required; nodes.1.adress: Extra inputs are not "
+        "permitted; did you mean 'address'?"
+    )
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config(tmp_path / "absent.toml", NodeConfig)

@@ -56,7 +56,8 @@ def test_a_consortium_file_reads_back_as_the_config_it_was_written_from(tmp_path
         ),
         (
             {"settings": {"node_timeout": 5}},
-            "local consortium: node_timeout: Extra inputs are not permitted",
+            "local consortium: node_timeout: Extra inputs are not permitted; did you mean "
+            "'node_timeout_s'?",
         ),
         (
             {"extra_members": [{"node_id": "x", "jurisdiction": "X", "address": "x"}]},

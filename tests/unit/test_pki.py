@@ -215,6 +215,38 @@ def test_check_refuses_a_key_readable_by_others(pki: Path) -> None:
     )
 
 
+def test_a_certificate_and_key_given_the_wrong_way_round_are_called_swapped(pki: Path) -> None:
+    """Not `chmod 600` on the certificate (readable by all, as a certificate is): that
+    advice only led to the next error."""
+    cert, key = pki / "nodes/eu/cert.pem", pki / "nodes/eu/key.pem"
+    with pytest.raises(CredentialError) as caught:
+        check_credentials(key, cert, pki / "ca.pem")
+    assert str(caught.value) == (
+        f"the certificate and key look swapped: certificate {key} holds a private key and "
+        f"key {cert} a certificate; give {cert} as the certificate and {key} as the key"
+    )
+    with pytest.raises(CredentialError) as caught:
+        check_credentials(cert, cert, pki / "ca.pem")
+    assert str(caught.value) == (
+        f"key {cert} holds a certificate, not a private key; give the certificate's own key "
+        "file (key.pem beside cert.pem in `tapestry certs`' layout)"
+    )
+
+
+def test_a_client_given_swapped_files_is_told_so_in_one_line(pki: Path) -> None:
+    member = pki / "operators/alice"
+    result = _cli(
+        "rounds", "--coordinator", "127.0.0.1:1", "--ca", str(pki / "ca.pem"),
+        "--cert", str(member / "key.pem"), "--key", str(member / "cert.pem"),
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: the certificate and key look swapped: certificate {member}/key.pem holds a "
+        f"private key and key {member}/cert.pem a certificate; give {member}/cert.pem as the "
+        f"certificate and {member}/key.pem as the key"
+    )
+
+
 def test_check_refuses_a_revoked_certificate(pki: Path) -> None:
     result = _cli("certs", "revoke", "--dir", str(pki), "--node", "eu")
     serial = _cert(pki / "nodes/eu/cert.pem").serial_number

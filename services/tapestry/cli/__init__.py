@@ -1,5 +1,5 @@
 """The ``tapestry`` command: serve, trigger and inspect rounds, run the demo."""
 
-from tapestry.cli.main import main
+from tapestry.cli.app import main
 
 __all__ = ["main"]

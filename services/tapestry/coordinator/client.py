@@ -128,18 +128,22 @@ class CoordinatorClient:
         finally:
             stream.cancel()
 
-    def fetch_base(self, expect_round: int | None = None) -> FetchedBase:
-        """The current base with its header and digest. With ``expect_round``, a base of
-        another round is refused (:class:`NotFound`) from its header, before any weights
-        are read: GetBase serves only the newest committed base."""
-        stream = self._stub.GetBase(pb.GetBaseRequest())
+    def fetch_base(self, round_num: int | None = None) -> FetchedBase:
+        """The newest committed base, or the one round ``round_num`` committed (0: the
+        initial base), with its header and verified digest. A header naming another round
+        (a coordinator that serves only its newest base) is refused (:class:`NotFound`)
+        before any weights are read."""
+        request = (
+            pb.GetBaseRequest() if round_num is None else pb.GetBaseRequest(round_num=round_num)
+        )
+        stream = self._stub.GetBase(request)
         try:
             header = _header(stream)
-            if expect_round is not None and header.round_num != expect_round:
+            if round_num is not None and header.round_num != round_num:
                 raise NotFound(
                     f"the coordinator serves the base of round {header.round_num}, not of round "
-                    f"{expect_round}: only the newest committed base is served (`tapestry base "
-                    f"rollback --to {expect_round}` makes an older one the newest, recorded)"
+                    f"{round_num}: it serves only its newest base (a release from before "
+                    "GetBase took a round?)"
                 )
             assembler = StateAssembler()
             state = receive_state(stream, "chunk", "end", assembler)

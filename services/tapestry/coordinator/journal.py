@@ -196,6 +196,30 @@ class CoordinatorStore:
             )
         return state, sha256
 
+    def committed_digest(self, round_num: int, records: list[jpb.RoundRecord]) -> str:
+        """The digest the journal recorded for the base round ``round_num`` committed (0:
+        the initial base, which round 1 started from), once its base file is known to be
+        there; whoever reads the file checks it against this digest. ``records`` are the
+        committed rounds, oldest first. Raises :class:`NotFound` for a round never
+        committed and :class:`StoreError` for a missing base file."""
+        if round_num == 0 and records:
+            sha256 = records[0].result.previous_base_sha256
+        elif round_num == 0:
+            _, metadata = load_state(self.base_path(0))
+            sha256 = metadata.get("sha256", "")
+        else:
+            found = [r for r in records if r.result.round_num == round_num]
+            if not found:
+                newest = records[-1].result.round_num if records else 0
+                raise NotFound(f"round {round_num} not found; committed rounds: 0..{newest}")
+            sha256 = found[0].result.shared_base_sha256
+        if not self.base_path(round_num).is_file():
+            raise StoreError(
+                f"the base of round {round_num} ({self.base_path(round_num)}) is missing; it "
+                "cannot be served"
+            )
+        return sha256
+
     def committed_momentum(
         self, round_num: int, records: list[jpb.RoundRecord]
     ) -> ModelState | None:

@@ -56,6 +56,21 @@ class NodeMismatch(RuntimeError):
     """The server at a member's address is not the member the consortium file names."""
 
 
+class MemberMisnamed(NodeMismatch):
+    """The server at a member's address is another node, or serves another jurisdiction,
+    than the consortium file names: ``node_id`` and ``jurisdiction`` are what it says it
+    is (a peer's text, cut to 64 characters)."""
+
+    def __init__(self, message: str, node_id: str, jurisdiction: str) -> None:
+        super().__init__(message)
+        self.node_id = node_id[:_NAME_CHARS]
+        self.jurisdiction = jurisdiction[:_NAME_CHARS]
+
+
+# How much of a name a peer sends is shown or kept (a node id has at most 63 characters).
+_NAME_CHARS = 64
+
+
 def _ignore(progress: CycleProgress) -> None:
     """The progress callback of a cycle nobody follows."""
 
@@ -150,7 +165,8 @@ class RemoteSovereignNode:
     def check_identity(self) -> None:
         """Ask the node who it is (``Describe``) and refuse a server that is not this
         member or trains another model, by spec or by state layout (:class:`NodeMismatch`,
-        naming the fields that differ), or that presents a revoked certificate
+        naming the fields that differ; :class:`MemberMisnamed` when it is another node or
+        serves another jurisdiction), or that presents a revoked certificate
         (``server_check``, once it answered; also :class:`NodeMismatch`); unreachable is
         :class:`NodeCallFailed`. The channel retries an UNAVAILABLE ``Describe`` with
         backoff (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
@@ -161,10 +177,13 @@ class RemoteSovereignNode:
             raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
         problems = []
         if described.node_id != self.node_id:
-            problems.append(f"node_id {quoted(described.node_id, 64)}, expected {self.node_id!r}")
+            problems.append(
+                f"node_id {quoted(described.node_id, _NAME_CHARS)}, expected {self.node_id!r}"
+            )
         if described.jurisdiction != self.jurisdiction:
             problems.append(
-                f"jurisdiction {quoted(described.jurisdiction, 64)}, expected {self.jurisdiction!r}"
+                f"jurisdiction {quoted(described.jurisdiction, _NAME_CHARS)}, "
+                f"expected {self.jurisdiction!r}"
             )
         if self.model is not None:
             differences = spec_differences(codec.model_spec_from_proto(described.model), self.model)
@@ -180,10 +199,13 @@ class RemoteSovereignNode:
                     "(same spec, other keys, dtypes or shapes: another release of the model code?)"
                 )
         if problems:
-            raise NodeMismatch(
+            message = (
                 f"the server at {self.address} describes itself with {'; '.join(problems)}; "
                 "fix the member's entry in the consortium file or the node's own config"
             )
+            if (described.node_id, described.jurisdiction) != (self.node_id, self.jurisdiction):
+                raise MemberMisnamed(message, described.node_id, described.jurisdiction)
+            raise NodeMismatch(message)
         self.held_base_sha256 = described.held_base_sha256
         if self.server_check is not None:
             try:

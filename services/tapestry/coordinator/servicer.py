@@ -261,6 +261,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.GetBaseRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetBaseResponse]:
         round_num, digest = self._committed
+        if request.HasField("round_num") and request.round_num != round_num:  # another round's
+            try:
+                digest = self._store.committed_digest(request.round_num, self._ledger.records())
+            except (NotFound, StoreError) as error:
+                abort(context, error)
+            round_num = request.round_num
         base = StoredState(self._store.base_path(round_num))
         yield pb.GetBaseResponse(
             header=pb.BaseHeader(round_num=round_num, model=codec.model_spec_to_proto(self._spec))

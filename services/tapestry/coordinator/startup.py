@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from torch import nn
+from grpc_health.v1.health import HealthServicer
+from torch.nn import Module
 
-from tapestry.config import ConsortiumConfig
+from tapestry.config import ConsortiumConfig, TlsConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
-from tapestry.coordinator.remote_node import NodeCallFailed, NodeMismatch, RemoteSovereignNode
+from tapestry.coordinator.remote_node import (
+    MemberMisnamed,
+    NodeCallFailed,
+    NodeMismatch,
+    RemoteSovereignNode,
+)
 from tapestry.coordinator.servicer import CoordinatorServicer
+from tapestry.errors import UserError, quoted
 from tapestry.observe.metrics import CoordinatorMetrics, restore_coordinator_metrics
+from tapestry.pki.server_check import served_node_id
 from tapestry.pki.serving import ServerSecurity, server_security
 from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.training.consortium.models.state import model_state
@@ -41,13 +48,16 @@ def build_coordinator_server(
     *,
     insecure: bool = False,
     metrics: CoordinatorMetrics | None = None,
-) -> tuple[grpc.Server, int, object]:
+    source: str = "the consortium file",
+) -> tuple[grpc.Server, int, HealthServicer]:
     """``(server, port, health)``, bound and not started, at the last committed round.
 
     With ``[tls]`` it serves mutual TLS: rounds and rollbacks to operators, reads to any
     member; and calls each node over mutual TLS, checking that the node's certificate names
     that node. Plaintext (both ways) only with ``insecure``. Rounds, weight streams and
-    outcomes are counted in ``metrics`` (a registry nobody reads, without)."""
+    outcomes are counted in ``metrics`` (a registry nobody reads, without). Every member is
+    asked who it is first (:func:`check_members`): one that ``source`` (the file's name,
+    for the message) names wrongly stops start-up."""
     metrics = metrics or CoordinatorMetrics()
     security = server_security(
         config.tls,
@@ -84,41 +94,47 @@ def build_coordinator_server(
     restore_coordinator_metrics(metrics, records, [member.node_id for member in config.nodes])
     layout = state_layout(model_state(base_model))  # what every member's state must hold
     nodes = _remote_nodes(config, spec, layout, store, security, metrics)
-    threading.Thread(target=warn_about_members, args=(nodes,), daemon=True).start()
     servicer = CoordinatorServicer(
         core, nodes, store, spec, records, config.chunk_bytes, metrics=metrics
     )
-    return build_server(
+    built = build_server(
         listen,
         [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],
         [SERVICE_NAME],
         credentials=security.credentials,
         interceptors=security.interceptors,
     )
+    try:
+        check_members(nodes, source, config.tls)
+    except MemberError:
+        built[0].stop(None)
+        for node in nodes:
+            node.close()
+        raise
+    return built
 
 
 def _resume(
-    core: ConsortiumCoordinator, store: CoordinatorStore, base_model: nn.Module, consortium_id: str
+    core: ConsortiumCoordinator, store: CoordinatorStore, base_model: Module, consortium_id: str
 ) -> list[jpb.RoundRecord]:
-    """Put ``core`` at the journal's last intact commit (or save the initial base of a new
-    consortium) and return the journal's records."""
+    """Load the last intact commit into ``core`` (or save ``base_model`` as the initial
+    base of a new consortium); the committed rounds, oldest first."""
     resumed = store.latest()
-    records: list[jpb.RoundRecord] = []
     if resumed is None:
         store.save_initial_base(model_state(base_model))  # read, not copied
         log.info("new consortium %s: initial base saved in %s", consortium_id, store.root)
-    else:
-        round_num, state, records = resumed
-        retained = {
-            artifact.node_id: codec.artifact_from_proto(artifact)
-            for record in records
-            for artifact in record.result.artifacts
-        }
-        # The store checked the file against this digest before handing the state over.
-        digest = records[-1].result.shared_base_sha256 if records else ""
-        momentum = store.committed_momentum(round_num, records)
-        core.load_base_state(state, round_num, sha256=digest, artifacts=retained, momentum=momentum)
-        log.info("consortium %s resumed at round %d", consortium_id, round_num)
+        return []
+    round_num, state, records = resumed
+    retained = {
+        artifact.node_id: codec.artifact_from_proto(artifact)
+        for record in records
+        for artifact in record.result.artifacts
+    }
+    # The store checked the file against this digest before handing the state over.
+    digest = records[-1].result.shared_base_sha256 if records else ""
+    momentum = store.committed_momentum(round_num, records)
+    core.load_base_state(state, round_num, sha256=digest, artifacts=retained, momentum=momentum)
+    log.info("consortium %s resumed at round %d", consortium_id, round_num)
     return records
 
 
@@ -130,7 +146,8 @@ def _remote_nodes(
     security: ServerSecurity,
     metrics: CoordinatorMetrics,
 ) -> list[RemoteSovereignNode]:
-    """A proxy for every member the consortium file names, in its order."""
+    """A proxy per member of the consortium file; ``layout`` is what every member's state
+    must hold."""
     return [
         RemoteSovereignNode(
             member.node_id,
@@ -152,18 +169,71 @@ def _remote_nodes(
     ]
 
 
-def warn_about_members(nodes: Sequence[RemoteSovereignNode]) -> None:
-    """Ask every member who it is, in parallel, and log a warning for each one that is not
-    reachable or not what the consortium file says. Start-up goes on regardless: the same
-    check runs again before a round sends that node any weights, and fails it there."""
+class MemberError(UserError):
+    """The consortium file names a member wrongly: the node at its address serves another
+    jurisdiction, or is a node the file does not list; the message names the file, the
+    entry and the value the node gives."""
 
-    def check(node: RemoteSovereignNode) -> None:
-        try:
-            node.check_identity()
-        except (NodeCallFailed, NodeMismatch) as problem:
-            log.warning("member %s: %s", node.node_id, problem)
-        else:
-            log.info("member %s at %s: identity and model confirmed", node.node_id, node.address)
 
+# How long start-up waits to read the certificate of a member whose handshake failed (it
+# only explains the failure; the address is already known to answer or not).
+_CERTIFICATE_PROBE_S = 3.0
+
+
+def check_members(
+    nodes: Sequence[RemoteSovereignNode], source: str, tls: TlsConfig | None = None
+) -> None:
+    """Ask every member who it is, in parallel. One that the consortium file (``source``)
+    names wrongly stops start-up (:class:`MemberError`), where a round would only fail it
+    and commit without it: the node at its address serves another jurisdiction, or is a
+    node the file does not list (with ``tls``: whose certificate names such a node, so the
+    handshake was refused for the name). Anything else (unreachable; another member's id,
+    an address mistake or an impostor; another model; a revoked certificate) is logged as
+    a warning: the same check runs again before a round sends that node any weights, and
+    fails it there."""
+    listed = {node.node_id for node in nodes}
     with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
-        list(pool.map(check, nodes))
+        found = list(pool.map(lambda node: _misnamed(node, listed, tls), nodes))
+    problems = [
+        f"member {node.node_id!r} (nodes[{place}], at {node.address}): {problem}"
+        for place, (node, problem) in enumerate(zip(nodes, found, strict=True))
+        if problem
+    ]
+    if problems:
+        raise MemberError(
+            f"{source}: {'; '.join(problems)}. Fix the entry (or the node's own config, if "
+            "the file is right)"
+        )
+
+
+def _misnamed(
+    node: RemoteSovereignNode, listed: Collection[str], tls: TlsConfig | None
+) -> str | None:
+    """How the file names ``node`` wrongly, or None (any other problem is logged)."""
+    try:
+        node.check_identity()
+    except MemberMisnamed as wrong:
+        if wrong.node_id not in listed:
+            return (
+                f"the node there is {quoted(wrong.node_id)}, which the file does not list "
+                f"(did you mean node_id = {wrong.node_id!r}?)"
+            )
+        if wrong.node_id == node.node_id:
+            return (
+                f"the node there serves jurisdiction {quoted(wrong.jurisdiction)}, not "
+                f"{node.jurisdiction!r} (did you mean jurisdiction = {wrong.jurisdiction!r}?)"
+            )
+        log.warning("member %s: %s", node.node_id, wrong)
+    except NodeCallFailed as problem:
+        served = served_node_id(tls, node.address, _CERTIFICATE_PROBE_S) if tls else None
+        if served is not None and served not in listed:
+            return (
+                f"the node there presents the certificate of node {served!r}, which the file "
+                f"does not list (did you mean node_id = {served!r}?)"
+            )
+        log.warning("member %s: %s", node.node_id, problem)
+    except NodeMismatch as problem:
+        log.warning("member %s: %s", node.node_id, problem)
+    else:
+        log.info("member %s at %s: identity and model confirmed", node.node_id, node.address)
+    return None

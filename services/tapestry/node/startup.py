@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from grpc_health.v1.health import HealthServicer
 
 from tapestry.config import NodeConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
@@ -34,7 +35,7 @@ def build_node_server(
     insecure: bool = False,
     metrics: NodeMetrics | None = None,
     group: TrainingGroup | None = None,
-) -> tuple[grpc.Server, int, object]:
+) -> tuple[grpc.Server, int, HealthServicer]:
     """``(server, port, health)``, bound and not started. Certificates, corpus and data
     directory are checked here, so a bad configuration fails before the port answers.
 

@@ -88,7 +88,8 @@ def check_credentials(
     """Refuse, with one line naming the file and the fix, credentials that a handshake would
     reject or that must not be used: a key readable by group or others, a certificate not
     valid now, not signed by ``ca``, not matching ``key``, without ``expect_san``, or listed
-    in ``crl``."""
+    in ``crl``; a certificate and key given the wrong way round are named as such."""
+    _check_contents(cert, key)
     mode = stat.S_IMODE(key.stat().st_mode) if key.exists() else 0
     if mode & 0o077:
         raise CredentialError(
@@ -130,6 +131,44 @@ def check_credentials(
     if crl is not None and certificate.serial_number in revoked_serials(crl, ca):
         raise CredentialError(
             f"certificate {cert} is revoked (serial {certificate.serial_number:x} in {crl})"
+        )
+
+
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_PEM_PRIVATE_KEY = b"PRIVATE KEY-----"  # BEGIN PRIVATE KEY, BEGIN EC PRIVATE KEY, ...
+
+
+def _holds(path: Path) -> str | None:
+    """What a PEM file holds by its header: ``"a certificate"``, ``"a private key"`` or
+    None (missing, unreadable or neither: the checks that follow say what is wrong)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if _PEM_CERTIFICATE in data:
+        return "a certificate"
+    return "a private key" if _PEM_PRIVATE_KEY in data else None
+
+
+def _check_contents(cert: Path, key: Path) -> None:
+    """Refuse a certificate and key given the wrong way round (or a key file holding a
+    certificate) before the key's permissions are judged: advice to ``chmod`` a
+    certificate only leads to the next error."""
+    in_cert, in_key = _holds(cert), _holds(key)
+    if in_cert == "a private key" and in_key == "a certificate":
+        raise CredentialError(
+            f"the certificate and key look swapped: certificate {cert} holds a private key "
+            f"and key {key} a certificate; give {key} as the certificate and {cert} as the key"
+        )
+    if in_key == "a certificate":
+        raise CredentialError(
+            f"key {key} holds a certificate, not a private key; give the certificate's own "
+            "key file (key.pem beside cert.pem in `tapestry certs`' layout)"
+        )
+    if in_cert == "a private key":
+        raise CredentialError(
+            f"certificate {cert} holds a private key, not a certificate; give the member's "
+            "cert.pem as the certificate"
         )
 
 

@@ -26,6 +26,8 @@ from cryptography import x509
 from tapestry.config import TlsConfig
 from tapestry.errors import UserError
 from tapestry.pki.access import RevocationList
+from tapestry.pki.credentials import certificate_sans
+from tapestry.pki.layout import NODE_NAME_SUFFIX
 
 
 class ServerNotTrusted(UserError):
@@ -44,14 +46,8 @@ class ServerCertificateCheck:
 
     def served_certificate(self, address: str, server_name: str, timeout_s: float) -> bytes:
         """The DER certificate served at ``address``, verified for ``server_name``."""
-        host, _, port = address.rpartition(":")
-        host = host.removeprefix("[").removesuffix("]")
         try:
-            with (
-                socket.create_connection((host, int(port)), timeout=timeout_s) as raw,
-                self._context.wrap_socket(raw, server_hostname=server_name) as tls,
-            ):
-                der = tls.getpeercert(binary_form=True)
+            der = _served_der(self._context, address, server_name, timeout_s)
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
             raise ServerNotTrusted(
                 f"the server at {address} could not be checked for a revoked certificate: {error}"
@@ -73,3 +69,37 @@ class ServerCertificateCheck:
                 f"(serial {serial:x} is in {Path(self.revocations.crl)}): it is not that "
                 "member, or the member must be issued a new certificate"
             )
+
+
+def served_node_id(tls: TlsConfig, address: str, timeout_s: float) -> str | None:
+    """The node id that the certificate served at ``address`` names (its
+    ``NODE_ID.node.tapestry.invalid`` DNS name), read over a TLS connection that presents
+    our certificate and checks the chain against our CA but not the name; ``None`` when
+    none can be read. It explains a handshake refused for the name (a member listed under
+    another node's id); it never admits anyone: gRPC's handshake still checks the name."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca)
+    context.check_hostname = False  # the name is what we want to read, not to check
+    context.load_cert_chain(tls.cert, tls.key)
+    context.set_alpn_protocols(["h2"])
+    try:
+        der = _served_der(context, address, None, timeout_s)
+    except (OSError, ValueError):
+        return None
+    if der is None:  # pragma: no cover - a verified handshake always has one
+        return None
+    names = certificate_sans(x509.load_der_x509_certificate(der))
+    ids = [name.removesuffix(NODE_NAME_SUFFIX) for name in names if name.endswith(NODE_NAME_SUFFIX)]
+    return ids[0] if len(ids) == 1 else None
+
+
+def _served_der(
+    context: ssl.SSLContext, address: str, server_name: str | None, timeout_s: float
+) -> bytes | None:
+    """The DER certificate a TLS handshake with ``address`` under ``context`` is shown."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    with (
+        socket.create_connection((host, int(port)), timeout=timeout_s) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        return tls.getpeercert(binary_form=True)

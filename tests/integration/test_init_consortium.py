@@ -1,0 +1,96 @@
+"""The consortium `tapestry init` writes runs as its printed next steps say: the test runs
+those very commands (each server told to report its port in a ready file as well), and a
+round commits with every member."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from tapestry.cli import main
+from tapestry.wire.grpc_plumbing import STOP_GRACE_S
+
+START_TIMEOUT_S = 120.0
+
+
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports that are free on 127.0.0.1 right now."""
+    for _ in range(50):
+        with ExitStack() as held:
+            first = held.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                for offset in range(1, count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def _tapestry(command: str) -> list[str]:
+    """A printed `tapestry ...` command, run by this interpreter."""
+    program, *args = shlex.split(command)
+    assert program == "tapestry"
+    return [sys.executable, "-m", "tapestry", *args]
+
+
+@contextmanager
+def _serving(command: str, logs: Path, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    ready = logs / f"{name}.ready"
+    with open(logs / f"{name}.log", "wb") as log:
+        server = subprocess.Popen(
+            [*_tapestry(command), "--ready-file", str(ready)], stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready.exists():
+            assert server.poll() is None, (logs / f"{name}.log").read_text()
+            assert time.monotonic() < deadline, f"{name} not ready"
+            time.sleep(0.05)
+        assert json.loads(ready.read_text())["port"] > 0
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=STOP_GRACE_S + 5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_the_printed_next_steps_serve_the_consortium_and_a_round_commits(tmp_path: Path) -> None:
+    nodes = _free_ports(3)  # two nodes, then the coordinator
+    coordinator = nodes + 2
+    out = tmp_path / "mine"
+    init = CliRunner().invoke(
+        main,
+        ["init", "--out", str(out), "--node", "vietnam:Vietnam,india:India",
+         "--first-node-port", str(nodes), "--coordinator-port", str(coordinator)],
+    )  # fmt: skip
+    assert init.exit_code == 0, init.output
+    steps = [line.strip() for line in init.output.splitlines() if line.startswith("  tapestry ")]
+    assert len(steps) == 4
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with ExitStack() as servers:
+        for name, command in zip(["vietnam", "india", "coordinator"], steps[:3], strict=True):
+            servers.enter_context(_serving(command, logs, name))
+        ran = subprocess.run(
+            [*_tapestry(steps[3]), "--json"], capture_output=True, text=True, timeout=300
+        )
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(ran.stdout)
+    assert result["round_num"] == 1
+    assert result["accepted_nodes"] == ["vietnam", "india"]
+    assert "identity and model confirmed" in (logs / "coordinator.log").read_text()
