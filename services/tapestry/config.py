@@ -13,19 +13,42 @@ import math
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from tapestry.address import check_address
 from tapestry.errors import UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
-
-if TYPE_CHECKING:  # the core imports torch; configuration checks must stay light
-    from tapestry.training.consortium.governance.policy import ContributionPolicy
-    from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.training.consortium.governance.policy import (
+    CONSORTIUM_MAX_DELTA_NORM_RATIO,
+    CONSORTIUM_MAX_NODE_WEIGHT,
+    ContributionPolicy,
+    checked_max_delta_norm,
+    checked_max_delta_norm_ratio,
+    checked_max_node_weight,
+    checked_quality_floor,
+)
+from tapestry.training.consortium.models.spec import ModelSpec, canonical_json
+from tapestry.training.consortium.strategies.settings import (
+    IntegrationStrategy,
+    OuterOptimizer,
+    checked_clip_delta_norm,
+    checked_outer_lr,
+    checked_outer_momentum,
+    checked_trim_fraction,
+    strategy_name,
+)
 
 NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 # A node's cycle may train for hours; a week is past any round we mean to wait for, and a
@@ -227,8 +250,6 @@ class ModelConfig(_Strict):
         return None
 
     def spec(self) -> ModelSpec:
-        from tapestry.training.consortium.models.spec import ModelSpec, canonical_json
-
         if self.architecture == "tiny-causal":
             return ModelSpec(self.architecture, self.vocab_size, self.hidden_size)
         if self.architecture == "gpt":
@@ -246,15 +267,19 @@ class ModelConfig(_Strict):
         )
 
 
+def _checked_trim(value: float | None) -> float | None:
+    return None if value is None else checked_trim_fraction(value)
+
+
 class DilocoConfig(_Strict):
     """``[policy.diloco]``: DiLoCo's outer optimizer (SGD with momentum on the round's
     pseudo-gradient); the defaults are the DiLoCo paper's."""
 
-    outer_lr: float = Field(0.7, gt=0, le=10)
-    """The outer learning rate the pseudo-gradient step is scaled by."""
-    momentum: float = Field(0.9, ge=0, lt=1)
-    """The outer momentum; 0 with ``outer_lr = 1`` is ``fedavg``."""
-    nesterov: bool = True
+    outer_lr: Annotated[float, AfterValidator(checked_outer_lr)] = OuterOptimizer.lr
+    """The outer learning rate the pseudo-gradient step is scaled by, in (0, 10]."""
+    momentum: Annotated[float, AfterValidator(checked_outer_momentum)] = OuterOptimizer.momentum
+    """The outer momentum, in [0, 1); 0 with ``outer_lr = 1`` is ``fedavg``."""
+    nesterov: bool = OuterOptimizer.nesterov
     """Nesterov momentum (step ``g + momentum * m``) rather than plain (step ``m``)."""
 
 
@@ -264,48 +289,46 @@ class PolicyConfig(_Strict):
     weight (so at least two members must contribute for a round to integrate), quality
     scores are in [0, 1], and a delta more than ten times the round's median norm is
     refused (which binds once honest members are the majority: three or more).
-    docs/concepts/policy.md and docs/concepts/strategies.md say how each setting acts."""
+    docs/concepts/policy.md and docs/concepts/strategies.md say how each setting acts.
+    Each setting is checked once, by the core's own check for it."""
 
-    quality_floor: float = Field(0.0, ge=0, le=MAX_QUALITY)
-    """A contribution whose quality score is below this is rejected."""
-    max_node_weight: float = Field(0.5, gt=0, le=1)
-    """The cap: no member takes more than this share of the weight. With ``k`` members,
-    ``k * max_node_weight`` must be at least 1."""
+    quality_floor: Annotated[float, AfterValidator(checked_quality_floor)] = 0.0
+    """A contribution whose quality score is below this (>= 0) is rejected."""
+    max_node_weight: Annotated[float, AfterValidator(checked_max_node_weight)] = (
+        CONSORTIUM_MAX_NODE_WEIGHT
+    )
+    """The cap, in (0, 1]: no member takes more than this share of the weight. With ``k``
+    members, ``k * max_node_weight`` must be at least 1."""
     weighting: Literal["quality", "equal"] = "quality"
     """How the accepted members are weighed: in proportion to their quality scores (each
     held to the cap), or equally."""
-    max_delta_norm: float | None = Field(None, gt=0)
-    """A delta whose L2 norm is above this is rejected (no bound when unset)."""
-    max_delta_norm_ratio: float | None = Field(10.0, gt=1)
-    """A delta whose L2 norm is more than this multiple of the round's median delta norm
-    is rejected; it binds once honest members are the majority (three or more)."""
+    max_delta_norm: Annotated[float | None, AfterValidator(checked_max_delta_norm)] = None
+    """A delta whose L2 norm is above this (> 0) is rejected (no bound when unset)."""
+    max_delta_norm_ratio: Annotated[float | None, AfterValidator(checked_max_delta_norm_ratio)] = (
+        CONSORTIUM_MAX_DELTA_NORM_RATIO
+    )
+    """A delta whose L2 norm is more than this multiple (> 1) of the round's median delta
+    norm is rejected; it binds once honest members are the majority (three or more)."""
     min_nodes: int | None = Field(None, ge=1, le=MAX_MEMBERS)
     """The quorum: a round in which fewer members contribute (answer with a contribution
     that passes every check) is aborted, recorded with the base unchanged. Unset, it is the
     cap's own quorum, ``ceil(1/max_node_weight)`` (2 with the default cap)."""
     strategy: Literal["fedavg", "diloco", "median", "trimmed_mean"] = "fedavg"
     """How the accepted deltas are combined into the next base."""
-    trim_fraction: float | None = Field(None, ge=0, lt=0.5)
-    """``trimmed_mean`` only: the share of values dropped from each end per coordinate
-    (0.2 when unset)."""
-    clip_delta_norm: float | None = Field(None, gt=0)
-    """Any strategy: an accepted delta whose L2 norm is above this is scaled down to it."""
+    trim_fraction: Annotated[float | None, AfterValidator(_checked_trim)] = None
+    """``trimmed_mean`` only: the share of values dropped from each end per coordinate, in
+    [0, 0.5) (0.2 when unset)."""
+    clip_delta_norm: Annotated[float | None, AfterValidator(checked_clip_delta_norm)] = None
+    """Any strategy: an accepted delta whose L2 norm is above this (> 0) is scaled down to
+    it."""
     diloco: DilocoConfig | None = None
     """``diloco`` only: the outer optimizer's settings."""
 
     @model_validator(mode="after")
-    def _settings_fit_the_strategy(self) -> PolicyConfig:
-        """A setting of another strategy is a mistake (it would be silently ignored)."""
-        if self.trim_fraction is not None and self.strategy != "trimmed_mean":
-            raise ValueError(
-                f"trim_fraction applies to strategy = 'trimmed_mean' only, not "
-                f"{self.strategy!r}: remove it or set strategy = 'trimmed_mean'"
-            )
-        if self.diloco is not None and self.strategy != "diloco":
-            raise ValueError(
-                f"[policy.diloco] applies to strategy = 'diloco' only, not "
-                f"{self.strategy!r}: remove it or set strategy = 'diloco'"
-            )
+    def _the_core_accepts_it(self) -> PolicyConfig:
+        """What no single setting shows: a setting of another strategy (it would be silently
+        ignored), a floor above the highest score. The core's policy says so."""
+        self.policy()
         return self
 
     def quorum(self) -> int:
@@ -314,16 +337,10 @@ class PolicyConfig(_Strict):
             return self.min_nodes
         return cap_quorum(self.max_node_weight)
 
-    def policy(self) -> ContributionPolicy:
-        from tapestry.training.consortium.governance.policy import ContributionPolicy
-        from tapestry.training.consortium.strategies.settings import (
-            IntegrationStrategy,
-            OuterOptimizer,
-            strategy_name,
-        )
-
+    def strategy_settings(self) -> IntegrationStrategy:
+        """The strategy and its parameters, as the core checks them."""
         diloco = self.diloco or (DilocoConfig() if self.strategy == "diloco" else None)
-        strategy = IntegrationStrategy(
+        return IntegrationStrategy(
             strategy_name(self.strategy),
             trim_fraction=self.trim_fraction,
             clip_delta_norm=self.clip_delta_norm,
@@ -333,6 +350,9 @@ class PolicyConfig(_Strict):
                 else None
             ),
         )
+
+    def policy(self) -> ContributionPolicy:
+        """The core's policy for these settings (scores above ``MAX_QUALITY`` refused)."""
         return ContributionPolicy(
             self.quality_floor,
             self.max_node_weight,
@@ -340,7 +360,7 @@ class PolicyConfig(_Strict):
             max_quality=MAX_QUALITY,
             max_delta_norm=self.max_delta_norm,
             max_delta_norm_ratio=self.max_delta_norm_ratio,
-            strategy=strategy,
+            strategy=self.strategy_settings(),
         )
 
 
@@ -572,7 +592,9 @@ def _problem(kind: type[BaseModel], item: ErrorDetails) -> str:
     """One refusal: where, pydantic's reason and, for an unknown key, the closest valid one
     (in its own section first, else anywhere in the file: a key in the wrong section)."""
     where = ".".join(str(part) for part in item["loc"]) or "(file)"
-    problem = f"{where}: {item['msg']}"
+    # A check of our own raised it: its message says it all, without pydantic's prefix.
+    reason = str(item["ctx"]["error"]) if item["type"] == "value_error" else item["msg"]
+    problem = f"{where}: {reason}"
     if item["type"] != "extra_forbidden" or not item["loc"]:
         return problem
     section, key = item["loc"][:-1], str(item["loc"][-1])

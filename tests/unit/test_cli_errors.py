@@ -408,7 +408,7 @@ def test_a_cap_the_configured_members_cannot_meet_stops_the_coordinator_at_start
     )
     assert result.exit_code == 1
     assert result.output.strip() == (
-        f"Error: {config}: (file): Value error, policy.max_node_weight = 0.3 can never hold "
+        f"Error: {config}: (file): policy.max_node_weight = 0.3 can never hold "
         "with the 2 configured node(s): weights that sum to 1 under that cap need a quorum of "
         "at least 4 nodes (ceil(1/max_node_weight)); add members or raise max_node_weight to "
         "at least 0.5"

@@ -148,16 +148,15 @@ def test_bad_node_config_names_the_field(tmp_path, text, fragment):
     [
         (
             CONSORTIUM.replace("max_node_weight = 0.5", "max_node_weight = 1.5"),
-            "policy.max_node_weight: Input should be less than or equal to 1",
+            "policy.max_node_weight: max_node_weight must be in (0, 1], got 1.5",
         ),
         (
             CONSORTIUM.replace('address = "vietnam:50061"', 'address = "vietnam"'),
-            "nodes.0.address: Value error, expected HOST:PORT with a port in 1..65535, "
-            "got 'vietnam' (no port)",
+            "nodes.0.address: expected HOST:PORT with a port in 1..65535, got 'vietnam' (no port)",
         ),
         (
             CONSORTIUM.replace('address = "india:50061"', 'address = "india:99999"'),
-            "nodes.1.address: Value error, expected HOST:PORT with a port in 1..65535, "
+            "nodes.1.address: expected HOST:PORT with a port in 1..65535, "
             "got 'india:99999' (port 99999 is out of range)",
         ),
         (
@@ -181,7 +180,7 @@ def test_bad_node_config_names_the_field(tmp_path, text, fragment):
         ),
         (
             CONSORTIUM.replace("max_node_weight = 0.5", "max_node_weight = 0.3"),
-            "(file): Value error, policy.max_node_weight = 0.3 can never hold with the 2 "
+            "(file): policy.max_node_weight = 0.3 can never hold with the 2 "
             "configured node(s): weights that sum to 1 under that cap need a quorum of at least "
             "4 nodes (ceil(1/max_node_weight)); add members or raise max_node_weight to at least 0.5",
         ),
@@ -338,9 +337,18 @@ def test_the_services_policy_defaults_keep_any_one_member_from_capturing_the_bas
 @pytest.mark.parametrize(
     ("setting", "fragment"),
     [
-        ("max_delta_norm = 0", "policy.max_delta_norm: Input should be greater than 0"),
-        ("max_delta_norm_ratio = 1", "policy.max_delta_norm_ratio: Input should be greater than 1"),
-        ("quality_floor = 2", "policy.quality_floor: Input should be less than or equal to 1"),
+        (
+            "max_delta_norm = 0",
+            "policy.max_delta_norm: max_delta_norm must be None or a finite number > 0.0",
+        ),
+        (
+            "max_delta_norm_ratio = 1",
+            "policy.max_delta_norm_ratio: max_delta_norm_ratio must be None or a finite number > 1.0",
+        ),
+        (
+            "quality_floor = 2",
+            "policy: quality_floor 2.0 is above max_quality = 1.0: every contribution would be refused",
+        ),
     ],
 )
 def test_policy_bounds_that_make_no_sense_are_refused(tmp_path, setting, fragment):

@@ -106,7 +106,7 @@ def test_insecure_writes_no_certificates_and_says_insecure_in_every_command(tmp_
         ),
         (
             ["--node", "vietnam:Vietnam,india:India", "--max-node-weight", "0.3"],
-            "Error: local consortium: (file): Value error, policy.max_node_weight = 0.3 can never "
+            "Error: local consortium: (file): policy.max_node_weight = 0.3 can never "
             "hold with the 2 configured node(s): weights that sum to 1 under that cap need a "
             "quorum of at least 4 nodes (ceil(1/max_node_weight)); add members or raise "
             "max_node_weight to at least 0.5",

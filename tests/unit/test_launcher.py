@@ -52,7 +52,7 @@ def test_a_consortium_file_reads_back_as_the_config_it_was_written_from(tmp_path
     [
         (
             {"policy": {"max_node_weight": 2}},
-            "local consortium: policy.max_node_weight: Input should be less than or equal to 1",
+            "local consortium: policy.max_node_weight: max_node_weight must be in (0, 1], got 2.0",
         ),
         (
             {"settings": {"node_timeout": 5}},
@@ -61,7 +61,7 @@ def test_a_consortium_file_reads_back_as_the_config_it_was_written_from(tmp_path
         ),
         (
             {"extra_members": [{"node_id": "x", "jurisdiction": "X", "address": "x"}]},
-            "local consortium: nodes.1.address: Value error, expected HOST:PORT with a port in "
+            "local consortium: nodes.1.address: expected HOST:PORT with a port in "
             "1..65535, got 'x' (no port)",
         ),
     ],

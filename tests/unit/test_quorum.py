@@ -127,7 +127,7 @@ def test_a_quorum_no_round_can_meet_is_refused() -> None:
     with pytest.raises(ConfigError) as refused:
         _config({"min_nodes": 4})
     assert str(refused.value) == (
-        "test: (file): Value error, policy.min_nodes = 4 can never be met with the 3 "
+        "test: (file): policy.min_nodes = 4 can never be met with the 3 "
         "configured node(s): every round would be aborted; lower it to at most 3 or add members"
     )
     with pytest.raises(

@@ -251,10 +251,16 @@ def test_inputs_are_never_modified(states_equal: StatesEqual) -> None:
     ("settings", "message"),
     [
         ({"name": "mean"}, r"strategy must be one of \['fedavg', 'diloco', 'median'"),
-        ({"name": "median", "trim_fraction": 0.1}, "trim_fraction is for strategy 'trimmed_mean'"),
+        (
+            {"name": "median", "trim_fraction": 0.1},
+            "trim_fraction applies to strategy 'trimmed_mean' only",
+        ),
         ({"name": "trimmed_mean", "trim_fraction": 0.5}, r"trim_fraction must be in \[0, 0.5\)"),
         ({"name": "trimmed_mean", "trim_fraction": -0.1}, r"must be in \[0, 0.5\)"),
-        ({"name": "fedavg", "outer": OuterOptimizer()}, "outer optimizer settings are for"),
+        (
+            {"name": "fedavg", "outer": OuterOptimizer()},
+            "the outer optimizer's settings apply to strategy 'diloco' only",
+        ),
         ({"name": "fedavg", "clip_delta_norm": 0.0}, "clip_delta_norm must be None or"),
         ({"name": "fedavg", "clip_delta_norm": float("inf")}, "clip_delta_norm must be None"),
     ],

@@ -72,24 +72,27 @@ def test_the_file_chooses_the_strategy(
         ('strategy = "krum"', "policy.strategy: Input should be 'fedavg', 'diloco', 'median'"),
         (
             'strategy = "median"\ntrim_fraction = 0.1',
-            "trim_fraction applies to strategy = 'trimmed_mean' only, not 'median': remove it",
+            "policy: trim_fraction applies to strategy 'trimmed_mean' only, not 'median': remove it",
         ),
         (
             "[policy.diloco]\nouter_lr = 0.5",
-            r"\[policy.diloco\] applies to strategy = 'diloco' only, not 'fedavg'",
+            "policy: the outer optimizer's settings apply to strategy 'diloco' only, not 'fedavg'",
         ),
         (
             'strategy = "trimmed_mean"\ntrim_fraction = 0.5',
-            "policy.trim_fraction: Input should be less than 0.5",
+            r"policy.trim_fraction: trim_fraction must be in \[0, 0.5\)",
         ),
-        ("clip_delta_norm = 0", "policy.clip_delta_norm: Input should be greater than 0"),
+        (
+            "clip_delta_norm = 0",
+            "policy.clip_delta_norm: clip_delta_norm must be None or a finite number > 0",
+        ),
         (
             'strategy = "diloco"\n[policy.diloco]\nmomentum = 1.0',
-            "policy.diloco.momentum: Input should be less than 1",
+            r"policy.diloco.momentum: outer momentum must be in \[0, 1\)",
         ),
         (
             'strategy = "diloco"\n[policy.diloco]\nouter_lr = 0',
-            "policy.diloco.outer_lr: Input should be greater than 0",
+            r"policy.diloco.outer_lr: outer lr must be in \(0, 10.0\]",
         ),
         (
             'strategy = "diloco"\n[policy.diloco]\nlr = 0.5',
@@ -138,7 +141,7 @@ def test_a_policy_recorded_before_strategies_reads_as_fedavg() -> None:
 def test_a_recorded_strategy_that_does_not_hold_is_refused() -> None:
     bad = policy_to_proto(ContributionPolicy(strategy="median"))
     bad.trim_fraction = 0.3
-    with pytest.raises(ValueError, match="trim_fraction is for strategy 'trimmed_mean'"):
+    with pytest.raises(ValueError, match="trim_fraction applies to strategy 'trimmed_mean' only"):
         policy_from_proto(bad)
     bad = policy_to_proto(ContributionPolicy())
     bad.strategy = 99  # type: ignore[assignment]

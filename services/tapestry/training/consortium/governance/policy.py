@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -13,6 +13,16 @@ from tapestry.training.consortium.strategies.settings import IntegrationStrategy
 # Shares within this of the cap count as at the cap: keeps float noise from re-capping a
 # node the previous pass already fixed.
 _CAP_TOLERANCE = 1e-12
+
+
+CONSORTIUM_MAX_NODE_WEIGHT = 0.5
+"""The cap a consortium file gets by default (``ContributionPolicy``'s own default, 1.0, is
+the proof of concept's): no member takes more than half the weight, so at least two members
+must contribute for a round to integrate."""
+
+CONSORTIUM_MAX_DELTA_NORM_RATIO = 10.0
+"""The norm bound a consortium file gets by default (``None`` in-process, the proof of
+concept's): a delta more than ten times the round's median norm is refused."""
 
 
 class ContributionWeighting(StrEnum):
@@ -66,20 +76,16 @@ class ContributionPolicy:
         max_delta_norm_ratio: float | None = None,
         strategy: IntegrationStrategy | str | None = None,
     ) -> None:
-        if not math.isfinite(quality_floor) or quality_floor < 0:
-            raise ValueError(f"quality_floor must be a finite number >= 0, got {quality_floor}")
-        for name, bound, least in (
-            ("max_quality", max_quality, 0.0),
-            ("max_delta_norm", max_delta_norm, 0.0),
-            ("max_delta_norm_ratio", max_delta_norm_ratio, 1.0),
-        ):
-            if bound is not None and (not math.isfinite(bound) or bound <= least):
-                raise ValueError(f"{name} must be None or a finite number > {least}, got {bound}")
-        self.max_quality = _optional_float(max_quality)
-        self.max_delta_norm = _optional_float(max_delta_norm)
-        self.max_delta_norm_ratio = _optional_float(max_delta_norm_ratio)
-        if not math.isfinite(max_node_weight) or not 0 < max_node_weight <= 1:
-            raise ValueError(f"max_node_weight must be in (0, 1], got {max_node_weight}")
+        checked_quality_floor(quality_floor)
+        self.max_quality = checked_max_quality(max_quality)
+        self.max_delta_norm = checked_max_delta_norm(max_delta_norm)
+        self.max_delta_norm_ratio = checked_max_delta_norm_ratio(max_delta_norm_ratio)
+        checked_max_node_weight(max_node_weight)
+        if self.max_quality is not None and quality_floor > self.max_quality:
+            raise ValueError(
+                f"quality_floor {quality_floor} is above max_quality = {self.max_quality}: "
+                "every contribution would be refused"
+            )
         try:
             self.weighting = ContributionWeighting(weighting)
         except ValueError:
@@ -191,8 +197,37 @@ class ContributionPolicy:
         return reasons
 
 
-def _optional_float(value: float | None) -> float | None:
-    return None if value is None else float(value)
+# One check per setting, each used by ContributionPolicy and by the configuration file
+# (tapestry.config), so a setting is validated in one place with one message.
+
+
+def checked_quality_floor(value: float) -> float:
+    """``quality_floor``: a finite number >= 0."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"quality_floor must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def checked_max_node_weight(value: float) -> float:
+    """``max_node_weight`` (the cap): in ``(0, 1]``."""
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError(f"max_node_weight must be in (0, 1], got {value}")
+    return float(value)
+
+
+def _bound(name: str, least: float) -> Callable[[float | None], float | None]:
+    def checked(value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or value <= least):
+            raise ValueError(f"{name} must be None or a finite number > {least}, got {value}")
+        return None if value is None else float(value)
+
+    checked.__doc__ = f"``{name}``: unset, or a finite number > {least:g}."
+    return checked
+
+
+checked_max_quality = _bound("max_quality", 0.0)
+checked_max_delta_norm = _bound("max_delta_norm", 0.0)
+checked_max_delta_norm_ratio = _bound("max_delta_norm_ratio", 1.0)
 
 
 def _capped_shares(scores: dict[str, float], cap: float) -> dict[str, float]:

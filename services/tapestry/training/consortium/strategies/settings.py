@@ -70,10 +70,8 @@ class OuterOptimizer:
     nesterov: bool = True
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.lr) and 0 < self.lr <= MAX_OUTER_LR):
-            raise ValueError(f"outer lr must be in (0, {MAX_OUTER_LR}], got {self.lr}")
-        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
-            raise ValueError(f"outer momentum must be in [0, 1), got {self.momentum}")
+        checked_outer_lr(self.lr)
+        checked_outer_momentum(self.momentum)
         if not isinstance(self.nesterov, bool):
             raise ValueError(f"nesterov must be true or false, got {self.nesterov!r}")
 
@@ -98,24 +96,22 @@ class IntegrationStrategy:
         object.__setattr__(self, "name", name)
         trim, outer = self.trim_fraction, self.outer
         if name is StrategyName.TRIMMED_MEAN:
-            trim = DEFAULT_TRIM_FRACTION if trim is None else float(trim)
-            if not (math.isfinite(trim) and 0 <= trim < 0.5):
-                raise ValueError(
-                    f"trim_fraction must be in [0, 0.5) so that each coordinate keeps at "
-                    f"least one value, got {trim}"
-                )
+            trim = checked_trim_fraction(DEFAULT_TRIM_FRACTION if trim is None else trim)
         elif trim is not None:
-            raise ValueError(f"trim_fraction is for strategy 'trimmed_mean', not {name.value!r}")
+            raise ValueError(
+                f"trim_fraction applies to strategy 'trimmed_mean' only, not {name.value!r}: "
+                "remove it or choose 'trimmed_mean'"
+            )
         if name is StrategyName.DILOCO:
             outer = outer or OuterOptimizer()
         elif outer is not None:
-            raise ValueError(f"outer optimizer settings are for 'diloco', not {name.value!r}")
-        clip = self.clip_delta_norm
-        if clip is not None and not (math.isfinite(clip) and clip > 0):
-            raise ValueError(f"clip_delta_norm must be None or a finite number > 0, got {clip}")
+            raise ValueError(
+                f"the outer optimizer's settings apply to strategy 'diloco' only, not "
+                f"{name.value!r}: remove them or choose 'diloco'"
+            )
         object.__setattr__(self, "trim_fraction", trim)
         object.__setattr__(self, "outer", outer)
-        object.__setattr__(self, "clip_delta_norm", None if clip is None else float(clip))
+        object.__setattr__(self, "clip_delta_norm", checked_clip_delta_norm(self.clip_delta_norm))
 
     def describe(self) -> str:
         """Short, for logs and reports: ``"fedavg"``, ``"diloco lr 0.7 μ 0.9 nesterov"``."""
@@ -141,3 +137,41 @@ class IntegrationStrategy:
         if delta_norms is None or len(delta_norms) != len(weighted_deltas):
             raise ValueError("clip_delta_norm needs every accepted delta's norm (delta_norms)")
         return [clip / norm if norm > clip else 1.0 for norm in delta_norms]
+
+
+# One check per setting, each used by the dataclasses above and by the configuration file
+# (tapestry.config), so a setting is validated in one place with one message.
+
+
+def checked_trim_fraction(value: float) -> float:
+    """``trim_fraction`` in ``[0, 0.5)``: each coordinate keeps at least one value."""
+    value = float(value)
+    if not (math.isfinite(value) and 0 <= value < 0.5):
+        raise ValueError(
+            f"trim_fraction must be in [0, 0.5) so that each coordinate keeps at least one "
+            f"value, got {value}"
+        )
+    return value
+
+
+def checked_clip_delta_norm(value: float | None) -> float | None:
+    """``clip_delta_norm``: unset, or a finite number > 0."""
+    if value is None:
+        return None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"clip_delta_norm must be None or a finite number > 0, got {value}")
+    return float(value)
+
+
+def checked_outer_lr(value: float) -> float:
+    """diloco's outer learning rate, in ``(0, MAX_OUTER_LR]``."""
+    if not (math.isfinite(value) and 0 < value <= MAX_OUTER_LR):
+        raise ValueError(f"outer lr must be in (0, {MAX_OUTER_LR}], got {value}")
+    return float(value)
+
+
+def checked_outer_momentum(value: float) -> float:
+    """diloco's outer momentum, in ``[0, 1)``."""
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise ValueError(f"outer momentum must be in [0, 1), got {value}")
+    return float(value)
