@@ -30,6 +30,14 @@ from pydantic_core import ErrorDetails
 from tapestry.address import check_address
 from tapestry.errors import UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
+from tapestry.limits import (
+    MAX_MEMBERS,
+    MAX_MODEL_PARAMS,
+    MAX_NODE_TIMEOUT_S,
+    MAX_QUALITY,
+    MAX_ROUND_NUM,
+    MAX_TRANSFER_TIMEOUT_S,
+)
 from tapestry.training.consortium.governance.policy import (
     CONSORTIUM_MAX_DELTA_NORM_RATIO,
     CONSORTIUM_MAX_NODE_WEIGHT,
@@ -51,22 +59,11 @@ from tapestry.training.consortium.strategies.settings import (
 )
 
 NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-# A node's cycle may train for hours; a week is past any round we mean to wait for, and a
-# bound keeps an `inf` or a typo (3600000) from holding a round open forever.
-MAX_NODE_TIMEOUT_S = 7 * 24 * 3600.0
-# A quorum is a count of members; a consortium is a few institutions, and this bound only
-# keeps a typo from passing as a setting.
-MAX_MEMBERS = 10_000
 
 
 # The names of tapestry.wire.delta_encoding.DeltaEncoding (that module imports torch; a test
 # keeps the two lists equal).
 DeltaEncodingName = Literal["float32", "bfloat16", "float16", "int8_block"]
-
-
-# Quality scores live in [0, 1] in a consortium run by the services: a member cannot report
-# more, and the policy refuses a contribution that claims more (DESIGN §5).
-MAX_QUALITY = 1.0
 
 
 class ConfigError(UserError, ValueError):
@@ -106,12 +103,6 @@ GPT_DEFAULTS: dict[str, Any] = {
     "context_length": 128,
     "tie_embeddings": True,
 }
-
-
-MAX_MODEL_PARAMS = 1 << 36
-"""The most parameters a configured model may hold (~68 G, 256 GiB of float32): past any
-one machine a member runs today, so only a typo is refused; a model of this size still
-crosses the wire, since tensors travel in chunks of at most ``chunk_bytes``."""
 
 
 class ModelConfig(_Strict):
@@ -477,13 +468,6 @@ class TrainingConfig(_Strict):
     """Under ``torchrun``, how long a rank waits in a collective (DDP's all-reduce) for the
     others before the cycle fails; it bounds how long a dead or stuck worker can hold a
     cycle."""
-
-
-# A transfer over a slow link may take a while; a day is past any we mean to wait for, and a
-# bound keeps a typo from letting a stalled caller hold a node for good.
-MAX_TRANSFER_TIMEOUT_S = 24 * 3600.0
-# Round numbers travel as uint32.
-MAX_ROUND_NUM = (1 << 32) - 1
 
 
 class NodeLimits(_Strict):

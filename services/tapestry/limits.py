@@ -1,4 +1,4 @@
-"""The bounds on what a member may send with its contribution, named in one place.
+"""Every bound on what a peer, a member, a client or a file may send, named in one place.
 
 A member is untrusted (DESIGN §5): every string, count and mapping it sends is checked
 against these before it is weighed, journaled or shown, and a refusal names the bound
@@ -55,3 +55,74 @@ PERPLEXITY_RELATIVE_TOLERANCE = 1e-9
 
 MAX_OUTER_LR = 10.0
 """An outer learning rate (diloco) past this is a typo, not a setting (DiLoCo uses 0.7)."""
+
+
+# -- Configuration files -------------------------------------------------------------------
+
+# A node's cycle may train for hours; a week is past any round we mean to wait for, and a
+# bound keeps an `inf` or a typo (3600000) from holding a round open forever.
+MAX_NODE_TIMEOUT_S = 7 * 24 * 3600.0
+
+# A quorum is a count of members; a consortium is a few institutions, and this bound only
+# keeps a typo from passing as a setting.
+MAX_MEMBERS = 10_000
+
+# Quality scores live in [0, 1] in a consortium run by the services: a member cannot report
+# more, and the policy refuses a contribution that claims more (DESIGN §5).
+MAX_QUALITY = 1.0
+
+MAX_MODEL_PARAMS = 1 << 36
+"""The most parameters a configured model may hold (~68 G, 256 GiB of float32): past any
+one machine a member runs today, so only a typo is refused; a model of this size still
+crosses the wire, since tensors travel in chunks of at most ``chunk_bytes``."""
+
+# A transfer over a slow link may take a while; a day is past any we mean to wait for, and a
+# bound keeps a typo from letting a stalled caller hold a node for good.
+MAX_TRANSFER_TIMEOUT_S = 24 * 3600.0
+
+# Round numbers travel as uint32.
+MAX_ROUND_NUM = (1 << 32) - 1
+
+
+# -- Certificates --------------------------------------------------------------------------
+
+MAX_DAYS = 3650
+"""The longest a certificate `tapestry certs` issues may be valid (ten years)."""
+
+
+# -- Requests ------------------------------------------------------------------------------
+
+# A client's idempotency key (AIP-155): a UUID is 36 characters; the bound keeps the journal
+# and the coordinator's table of answered ids small whatever a caller sends.
+MAX_REQUEST_ID_CHARS = 64
+
+
+# -- Messages on the wire ------------------------------------------------------------------
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+"""The largest gRPC message either service sends or accepts; tensors travel in chunks far
+below it (grpc_plumbing says why each gRPC option is set)."""
+
+
+# -- Listings ------------------------------------------------------------------------------
+
+MAX_PAGE_SIZE = 1000
+"""Items one listing page may hold, whatever page size a caller asks for."""
+
+# Half the message limit: the other half is headroom for the response's own fields.
+MAX_PAGE_BYTES = MAX_MESSAGE_BYTES // 2
+
+MAX_PAGE_TOKEN_CHARS = 256
+"""A page token a caller may send back (they are sealed; a longer one is not ours)."""
+
+
+# -- Errors sent back ----------------------------------------------------------------------
+
+# A peer's details are shown, never echoed without bound.
+MAX_ERROR_DETAILS_CHARS = 300
+
+
+# -- What a node says about itself ---------------------------------------------------------
+
+# How much of a name a peer sends is shown or kept (a node id has at most 63 characters).
+MAX_PEER_NAME_CHARS = 64

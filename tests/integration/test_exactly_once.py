@@ -14,7 +14,7 @@ import pytest
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.launcher import LocalConsortium
-from tapestry.wire.codec import MAX_REQUEST_ID_CHARS
+from tapestry.limits import MAX_REQUEST_ID_CHARS
 
 from .conftest import POLICY, round_run
 from .fake_nodes import BlockingNode, FakeNode, serve

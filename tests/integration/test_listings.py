@@ -16,13 +16,13 @@ from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.client import CoordinatorClient
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.servicer import CoordinatorServicer
+from tapestry.limits import MAX_MESSAGE_BYTES, MAX_PAGE_BYTES
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ModelSpec,
     SovereignModelArtifact,
 )
-from tapestry.wire.grpc_plumbing import MAX_MESSAGE_BYTES, build_server, open_channel
-from tapestry.wire.pagination import MAX_PAGE_BYTES
+from tapestry.wire.grpc_plumbing import build_server, open_channel
 
 SPEC = ModelSpec(hidden_size=4)
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

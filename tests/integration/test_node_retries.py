@@ -14,11 +14,7 @@ import torch
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.coordinator.remote_node import (
-    DESCRIBE_TIMEOUT_S,
-    NodeCallFailed,
-    RemoteSovereignNode,
-)
+from tapestry.coordinator.remote_node import DESCRIBE_TIMEOUT_S, NodeCallFailed, RemoteSovereignNode
 from tapestry.training.consortium import ModelSpec
 from tapestry.wire.grpc_plumbing import NODE_SERVICE
 from tapestry.wire.tensor_stream import StateAssembler, receive_state

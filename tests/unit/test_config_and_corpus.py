@@ -7,13 +7,8 @@ from pathlib import Path
 import pytest
 
 from tapestry.address import check_address
-from tapestry.config import (
-    MAX_NODE_TIMEOUT_S,
-    ConfigError,
-    ConsortiumConfig,
-    NodeConfig,
-    load_config,
-)
+from tapestry.config import ConfigError, ConsortiumConfig, NodeConfig, load_config
+from tapestry.limits import MAX_NODE_TIMEOUT_S
 from tapestry.node.corpus import CorpusError, load_corpus
 
 NODE = """

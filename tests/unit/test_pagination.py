@@ -7,12 +7,9 @@ import base64
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.wire.grpc_plumbing import MAX_MESSAGE_BYTES
+from tapestry.limits import MAX_MESSAGE_BYTES, MAX_PAGE_BYTES, MAX_PAGE_SIZE, MAX_PAGE_TOKEN_CHARS
 from tapestry.wire.pagination import (
     DEFAULT_PAGE_SIZE,
-    MAX_PAGE_BYTES,
-    MAX_PAGE_SIZE,
-    MAX_PAGE_TOKEN_CHARS,
     InvalidPageRequest,
     PageTokens,
     page_size,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tapestry.config import MAX_MODEL_PARAMS, ModelConfig, NodeConfig, build_config
+from tapestry.config import ModelConfig, NodeConfig, build_config
+from tapestry.limits import MAX_MODEL_PARAMS
 from tapestry.training.consortium import SovereignTrainingNode, TinyCausalModel, state_digest
 from tapestry.training.consortium.local.node import SYNTHETIC_DELTA_STD
 from tapestry.training.consortium.models.state import model_state

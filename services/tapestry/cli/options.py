@@ -150,7 +150,7 @@ def client_tls_options(command: Callable[..., R]) -> Callable[..., R]:
 def echo_json(document: Message | Sequence[Message], *, indent: bool = True) -> None:
     """Print a message, or a list of them, as JSON: proto field names, counts and sizes as
     numbers (:func:`tapestry.wire.codec.message_to_dict`)."""
-    from tapestry.wire.codec import message_to_dict  # torch: only for the commands that print
+    from tapestry.wire.codec import message_to_dict
 
     value: object = (
         message_to_dict(document)

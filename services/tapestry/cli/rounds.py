@@ -142,7 +142,7 @@ class _Plan:
 
     @classmethod
     def of(cls, key: str, round_count: int, as_json: bool, timeout: float | None) -> _Plan:
-        from tapestry.wire.codec import MAX_REQUEST_ID_CHARS
+        from tapestry.limits import MAX_REQUEST_ID_CHARS
 
         ids = [key] if round_count == 1 else [f"{key}-{i}" for i in range(1, round_count + 1)]
         if len(ids[-1]) > MAX_REQUEST_ID_CHARS:

@@ -19,7 +19,7 @@ from tapestry.allocator import release_free_memory
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import WireError, quoted
-from tapestry.limits import MAX_PROGRESS_MESSAGE_BYTES, MAX_PROGRESS_MESSAGES
+from tapestry.limits import MAX_PEER_NAME_CHARS, MAX_PROGRESS_MESSAGE_BYTES, MAX_PROGRESS_MESSAGES
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
 from tapestry.training.consortium.deferred import DeferredState
@@ -63,12 +63,8 @@ class MemberMisnamed(NodeMismatch):
 
     def __init__(self, message: str, node_id: str, jurisdiction: str) -> None:
         super().__init__(message)
-        self.node_id = node_id[:_NAME_CHARS]
-        self.jurisdiction = jurisdiction[:_NAME_CHARS]
-
-
-# How much of a name a peer sends is shown or kept (a node id has at most 63 characters).
-_NAME_CHARS = 64
+        self.node_id = node_id[:MAX_PEER_NAME_CHARS]
+        self.jurisdiction = jurisdiction[:MAX_PEER_NAME_CHARS]
 
 
 def _ignore(progress: CycleProgress) -> None:
@@ -178,11 +174,12 @@ class RemoteSovereignNode:
         problems = []
         if described.node_id != self.node_id:
             problems.append(
-                f"node_id {quoted(described.node_id, _NAME_CHARS)}, expected {self.node_id!r}"
+                f"node_id {quoted(described.node_id, MAX_PEER_NAME_CHARS)}, "
+                f"expected {self.node_id!r}"
             )
         if described.jurisdiction != self.jurisdiction:
             problems.append(
-                f"jurisdiction {quoted(described.jurisdiction, _NAME_CHARS)}, "
+                f"jurisdiction {quoted(described.jurisdiction, MAX_PEER_NAME_CHARS)}, "
                 f"expected {self.jurisdiction!r}"
             )
         if self.model is not None:

@@ -16,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tapestry.atomic_files import write_bytes
 from tapestry.errors import UserError, quoted
+from tapestry.limits import MAX_DAYS
 from tapestry.pki.credentials import revoked_serials
 from tapestry.pki.layout import (
     CERT_MODE,
@@ -33,7 +34,6 @@ from tapestry.pki.layout import (
 )
 
 DEFAULT_DAYS = 365
-MAX_DAYS = 3650
 
 
 def _now() -> dt.datetime:

@@ -21,6 +21,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.limits import MAX_REQUEST_ID_CHARS
 from tapestry.training.consortium.governance.checks import progress_problem
 from tapestry.training.consortium.governance.policy import ContributionPolicy, ContributionWeighting
 from tapestry.training.consortium.messages import (
@@ -413,11 +414,6 @@ def selected_round(request: pb.GetRoundRequest | pb.GetArtifactRequest) -> int |
             )
         return request.round_num
     raise ValueError("select a round: set round_num (>= 1) or latest=true")
-
-
-# A client's idempotency key (AIP-155): a UUID is 36 characters; the bound keeps the journal
-# and the coordinator's table of answered ids small whatever a caller sends.
-MAX_REQUEST_ID_CHARS = 64
 
 
 def request_id_from_proto(request: pb.RunRoundRequest) -> str:

@@ -33,10 +33,10 @@ from grpc_reflection.v1alpha import reflection
 
 from tapestry.atomic_files import write_text
 from tapestry.errors import UserError
+from tapestry.limits import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # How long a stopping server lets running calls finish (a SIGTERM'd container, say).
 STOP_GRACE_S = 10.0
 

@@ -28,13 +28,9 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from tapestry.wire.grpc_plumbing import MAX_MESSAGE_BYTES
+from tapestry.limits import MAX_PAGE_BYTES, MAX_PAGE_SIZE, MAX_PAGE_TOKEN_CHARS
 
 DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
-# Half the message limit: the other half is headroom for the response's own fields.
-MAX_PAGE_BYTES = MAX_MESSAGE_BYTES // 2
-MAX_PAGE_TOKEN_CHARS = 256
 
 _MAC_BYTES = 16
 _TOKEN_ALPHABET = re.compile(r"[A-Za-z0-9_-]+")

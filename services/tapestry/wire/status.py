@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health
 
 from tapestry.errors import Busy, NotFound, UserError, WireError
+from tapestry.limits import MAX_ERROR_DETAILS_CHARS
 
 # Most specific first: WireError and many UserErrors are ValueErrors too.
 _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -71,9 +72,6 @@ NODE = Peer(
 )
 SERVER = Peer("Tapestry server", service=health.SERVICE_NAME)  # any of ours: all serve health
 
-# A peer's details are shown, never echoed without bound.
-_MAX_DETAILS = 300
-
 
 def describe_rpc_error(
     error: grpc.RpcError, address: str = "", expected: Peer | None = None, option: str = ""
@@ -88,8 +86,8 @@ def describe_rpc_error(
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
     details = str(details or "")
-    if len(details) > _MAX_DETAILS:
-        details = f"{details[:_MAX_DETAILS]}… ({len(details)} characters)"
+    if len(details) > MAX_ERROR_DETAILS_CHARS:
+        details = f"{details[:MAX_ERROR_DETAILS_CHARS]}… ({len(details)} characters)"
     status = f"{code.name if code else 'UNKNOWN'}: {details}"
     if expected is None or not address:
         return f"{address}: {status}" if address else status
