@@ -44,7 +44,7 @@ from evidence.heldout import HeldOutScorer, member
 from evidence.settings import EVIDENCE
 from tapestry.config import NodeConfig, load_config
 from tapestry.demo import DEMO_NODES, DEMO_POLICY
-from tapestry.launcher import LocalConsortium, LocalNodeSpec
+from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.wire.delta_encoding import DeltaEncoding
 
 SEED = 2026

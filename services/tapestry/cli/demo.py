@@ -2,9 +2,9 @@
 jurisdictions), rounds over gRPC, each shown as the other commands show it; and ``tapestry
 init``: such a consortium's files for one's own experiment, and the commands that run it.
 
-The consortium, its processes and its files are :mod:`tapestry.demo` and
-:mod:`tapestry.launcher`'s; this module only runs them and prints (the arrow goes one way:
-the command imports the demo, never the reverse). They are imported inside the command.
+The consortium, its processes and its files are :mod:`tapestry.demo`'s (its launcher and
+its scaffold); this module only runs them and prints (the arrow goes one way: the command
+imports the demo, never the reverse). They are imported inside the command.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _choices(policy_field: str) -> click.Choice[str]:
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from tapestry.launcher import LocalConsortium
+    from tapestry.demo.launcher import LocalConsortium
 
 
 @click.command()
@@ -169,7 +169,7 @@ def run_demo(
     from tapestry.cli import report
     from tapestry.cli.live import PlainProgress
     from tapestry.demo import DEMO_NODES, DEMO_POLICY
-    from tapestry.launcher import LocalConsortium
+    from tapestry.demo.launcher import LocalConsortium
 
     out = report.console()
     out.print(
