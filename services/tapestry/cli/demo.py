@@ -94,7 +94,7 @@ def demo(round_count: int, workdir: Path | None, keep_running: bool, delta_encod
     type=click.Choice(MODELS),
     default="tiny-causal",
     show_default=True,
-    help="The architecture every member trains (its defaults; README, Models).",
+    help="The architecture every member trains (its defaults: docs/concepts/models.md).",
 )
 @click.option("--consortium-id", default="tapestry-local", show_default=True)
 @click.option("--seed", type=int, default=2026, show_default=True)
@@ -134,7 +134,7 @@ def init(
     """Write a local consortium: the consortium file, one node file per member with the
     same [model], and the certificates; then print the commands that serve it and run a
     round. Every server listens on 127.0.0.1 at a fixed port. Policy options left out take
-    the consortium file's defaults (README, "The policy")."""
+    the consortium file's defaults (docs/concepts/policy.md)."""
     from tapestry.demo.scaffold import init_local_consortium, parse_member
     from tapestry.pki.layout import split_list
 
