@@ -1,7 +1,10 @@
 """The demo consortium under each delta encoding: bytes on the wire and held-out loss.
 
-    .venv/bin/python benchmarks/encoding_bench.py --rounds 10 [--model demo|evidence] \\
-        [--encodings float32 int8_block ...] [--json out.json]
+    PYTHONPATH=. .venv/bin/python benchmarks/encoding_bench.py --rounds 10 \\
+        [--model demo|evidence] [--encodings float32 int8_block ...] [--json out.json]
+
+(``PYTHONPATH=.``: it scores with the evidence package, which lives at the repository root,
+outside the product package.)
 
 For each encoding it starts the demo's consortium (coordinator + Vietnam, Switzerland,
 India as processes on 127.0.0.1, mutual TLS, the demo's corpora and policy) with
@@ -10,14 +13,14 @@ India as processes on 127.0.0.1, mutual TLS, the demo's corpora and policy) with
 - ``delta_bytes_per_round``: the delta tensor bytes the coordinator received, all nodes, per
   round (its ``tapestry_bytes_received_total{what="delta"}`` counters: bytes as they travel);
 - ``heldout_loss``: the base committed by the last round, scored on every jurisdiction's
-  held-out split (rebuilt by the nodes' own function, :mod:`tapestry.evidence.heldout`), and
+  held-out split (rebuilt by the nodes' own function, :mod:`evidence.heldout`), and
   their mean (and the initial base's, for scale); and the mean after each round, averaged
   over the last half of the rounds (a base's held-out loss wanders from round to round:
   docs/evidence.md); the table gives each figure against float32's, run the same way.
 
 ``--model demo`` is the demo's own model and training (tiny-causal, 256 x 32, the node
 defaults); ``--model evidence`` is the evidence run's 1.05M-parameter gpt and its training
-settings (:data:`tapestry.evidence.settings.EVIDENCE`). Seeds are fixed, so float32 repeats
+settings (:data:`evidence.settings.EVIDENCE`). Seeds are fixed, so float32 repeats
 bit for bit; the other encodings differ from it only by their rounding.
 """
 
@@ -37,11 +40,11 @@ from typing import Any
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from evidence.heldout import HeldOutScorer, member
+from evidence.settings import EVIDENCE
 from tapestry.config import NodeConfig, load_config
 from tapestry.demo import DEMO_NODES, DEMO_POLICY
-from tapestry.evidence.heldout import HeldOutScorer, member
-from tapestry.evidence.settings import EVIDENCE
-from tapestry.launcher import LocalConsortium, LocalNodeSpec
+from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.wire.delta_encoding import DeltaEncoding
 
 SEED = 2026

@@ -45,7 +45,7 @@ import grpc
 import torch
 from loopback import mutual_tls, transfer_seconds
 
-from tapestry.launcher import LocalConsortium, LocalNodeSpec
+from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.training.consortium import ConsortiumCoordinator, SovereignTrainingNode
 from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.wire.delta_encoding import DeltaEncoding

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from tapestry.launcher import LocalConsortium, LocalNodeSpec
+from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 
 TRAINING = {"local_epochs": 1, "batch_size": 8, "max_seq_len": 64, "lr": 0.001}
 STAMP = re.compile(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tapestry.config import NodeConfig, load_config
-from tapestry.launcher import LocalConsortium, LocalNodeSpec
+from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.node.corpus import load_node_corpus
 from tapestry.training.consortium import ModelSpec, SovereignTrainingNode
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from tapestry.cli import main
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.training.consortium import state_digest
 
 from .conftest import POLICY

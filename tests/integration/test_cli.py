@@ -11,7 +11,7 @@ import time
 
 from tapestry.config import write_config
 from tapestry.coordinator.client import CoordinatorClient
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.wire.status import COORDINATOR
 
 from .conftest import POLICY, node_specs

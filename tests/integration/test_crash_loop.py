@@ -17,7 +17,7 @@ import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.client import CoordinatorClient
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.state_files import load_state
 from tapestry.training.consortium.tensors import state_digest, tensor_bytes
 

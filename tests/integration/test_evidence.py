@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
+from evidence.__main__ import main
+from evidence.heldout import HeldOutScorer
+from evidence.inprocess import honest_node, run_core
+from evidence.run import run_evidence
+from evidence.services import run_services
+from evidence.settings import SMOKE
 from tapestry.demo import DEMO_POLICY
-from tapestry.evidence.__main__ import main
-from tapestry.evidence.heldout import HeldOutScorer
-from tapestry.evidence.inprocess import honest_node, run_core
-from tapestry.evidence.run import run_evidence
-from tapestry.evidence.services import run_services
-from tapestry.evidence.settings import SMOKE
 
 
 def _numbers(value: Any) -> list[float]:

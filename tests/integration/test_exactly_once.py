@@ -13,7 +13,7 @@ import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.limits import MAX_REQUEST_ID_CHARS
 
 from .conftest import POLICY, round_run

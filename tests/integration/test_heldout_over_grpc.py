@@ -18,7 +18,7 @@ from tapestry.cli.report import WIDTH
 from tapestry.config import NodeConfig, load_config
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.demo import DEMO_NODES
-from tapestry.launcher import LocalConsortium, LocalNodeSpec
+from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.node.corpus import load_node_corpus
 from tapestry.training.consortium import ModelSpec
 from tapestry.training.consortium.local.evaluation import heldout_loss

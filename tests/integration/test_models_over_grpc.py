@@ -16,7 +16,7 @@ from safetensors import safe_open
 from tapestry.config import NodeConfig, build_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.remote_node import NodeMismatch, RemoteSovereignNode
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.node.startup import SERVICE_NAME, build_node_server
 from tapestry.state_files import load_state
 from tapestry.training.consortium import (

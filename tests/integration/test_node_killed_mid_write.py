@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tapestry.atomic_files import read_json
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.servicer import HELD_BASE
 from tapestry.state_files import load_state

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tapestry.launcher import LocalConsortium, LocalNodeSpec
+from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.training.consortium.models.state import model_state
 
 from .conftest import write_corpora

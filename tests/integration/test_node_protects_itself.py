@@ -16,7 +16,7 @@ import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.training.consortium import ModelSpec
 from tapestry.wire.tensor_stream import send_state
 

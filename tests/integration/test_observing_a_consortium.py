@@ -19,7 +19,7 @@ from tapestry.cli import main as cli
 from tapestry.config import NodeConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.journal import read_records
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.node.startup import build_node_server
 from tapestry.observe.heldout import heldout_losses
 from tapestry.observe.metrics import MetricsServer, NodeMetrics

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.training.consortium import state_digest
 
 from .conftest import POLICY, round_run

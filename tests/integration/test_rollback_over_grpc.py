@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.training.consortium import state_digest
 
 from .conftest import POLICY

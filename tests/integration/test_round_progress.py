@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.limits import MAX_PROGRESS_MESSAGES
 from tapestry.wire.tensor_stream import send_state
 

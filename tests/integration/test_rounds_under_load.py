@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 
 from .conftest import CORPORA
 

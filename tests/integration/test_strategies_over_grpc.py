@@ -7,7 +7,7 @@ import torch
 
 from tapestry.config import ConsortiumConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.state_files import load_state
 from tapestry.training.consortium import ModelState, state_digest
 from tapestry.training.consortium.strategies.base import Integrated

@@ -38,7 +38,7 @@ import pytest
 from tapestry.config import NodeConfig, TlsConfig, write_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.launcher import OPERATOR, LocalConsortium
+from tapestry.demo.launcher import OPERATOR, LocalConsortium
 from tapestry.pki.access import PeerRole
 from tapestry.pki.authority import (
     init_consortium,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.launcher import LocalConsortium
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.training.consortium.tensors import DTYPES, dtype_name
 from tapestry.wire.tensor_stream import send_state
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tapestry.evidence import claims
+from evidence import claims
 
 CROSS = {
     "base": {"A": 2.0, "B": 2.0},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tapestry.config import ConfigError, ConsortiumConfig, NodeConfig, load_config, write_config
-from tapestry.launcher import LocalConsortium, LocalNodeSpec, Process
+from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec, Process
 
 CORPUS = Path(__file__).parents[2] / "services" / "tapestry" / "demo" / "corpora" / "india.txt"
 SPEC = LocalNodeSpec("india", "India", 0.88, [CORPUS], {"local_epochs": 2, "max_seq_len": 64})
@@ -124,7 +124,7 @@ def test_stop_signals_every_process_before_waiting_for_any(tmp_path):
 
 
 def test_a_process_that_outlives_the_grace_is_killed(tmp_path, monkeypatch):
-    monkeypatch.setattr("tapestry.launcher.STOP_TIMEOUT_S", 0.0)
+    monkeypatch.setattr("tapestry.demo.launcher.STOP_TIMEOUT_S", 0.0)
     local = _local(tmp_path)
     log: list[str] = []
 

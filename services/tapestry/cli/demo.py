@@ -2,9 +2,9 @@
 jurisdictions), rounds over gRPC, each shown as the other commands show it; and ``tapestry
 init``: such a consortium's files for one's own experiment, and the commands that run it.
 
-The consortium, its processes and its files are :mod:`tapestry.demo` and
-:mod:`tapestry.launcher`'s; this module only runs them and prints (the arrow goes one way:
-the command imports the demo, never the reverse). They are imported inside the command.
+The consortium, its processes and its files are :mod:`tapestry.demo`'s (its launcher and
+its scaffold); this module only runs them and prints (the arrow goes one way: the command
+imports the demo, never the reverse). They are imported inside the command.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _choices(policy_field: str) -> click.Choice[str]:
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from tapestry.launcher import LocalConsortium
+    from tapestry.demo.launcher import LocalConsortium
 
 
 @click.command()
@@ -94,7 +94,7 @@ def demo(round_count: int, workdir: Path | None, keep_running: bool, delta_encod
     type=click.Choice(MODELS),
     default="tiny-causal",
     show_default=True,
-    help="The architecture every member trains (its defaults; README, Models).",
+    help="The architecture every member trains (its defaults: docs/concepts/models.md).",
 )
 @click.option("--consortium-id", default="tapestry-local", show_default=True)
 @click.option("--seed", type=int, default=2026, show_default=True)
@@ -134,7 +134,7 @@ def init(
     """Write a local consortium: the consortium file, one node file per member with the
     same [model], and the certificates; then print the commands that serve it and run a
     round. Every server listens on 127.0.0.1 at a fixed port. Policy options left out take
-    the consortium file's defaults (README, "The policy")."""
+    the consortium file's defaults (docs/concepts/policy.md)."""
     from tapestry.demo.scaffold import init_local_consortium, parse_member
     from tapestry.pki.layout import split_list
 
@@ -169,7 +169,7 @@ def run_demo(
     from tapestry.cli import report
     from tapestry.cli.live import PlainProgress
     from tapestry.demo import DEMO_NODES, DEMO_POLICY
-    from tapestry.launcher import LocalConsortium
+    from tapestry.demo.launcher import LocalConsortium
 
     out = report.console()
     out.print(

@@ -164,8 +164,8 @@ def node_serve(
 ) -> None:
     """Serve the sovereign node gRPC service for one jurisdiction.
 
-    Under ``torchrun`` rank 0 serves and the other ranks train beside it (README, "A node
-    on several processes")."""
+    Under ``torchrun`` rank 0 serves and the other ranks train beside it
+    (docs/operating/torchrun.md)."""
     tune_allocator(arena_max, trim_threshold)  # before any thread allocates
     config = load_node_config(config_path)
     from tapestry.node.corpus import load_node_corpus

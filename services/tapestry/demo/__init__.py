@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tapestry.launcher import LocalNodeSpec
+from tapestry.demo.launcher import LocalNodeSpec
 
 CORPORA = Path(__file__).parent / "corpora"
 

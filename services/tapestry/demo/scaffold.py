@@ -1,9 +1,10 @@
 """``tapestry init``: a local consortium's files from a few answers, consistent by
 construction.
 
-The files are :class:`~tapestry.launcher.LocalConsortium`'s, in its layout: the consortium
-file, one node file per member (each with the one ``[model]`` block), the certificates
-(`tapestry certs init`'s layout, one operator) and where each server keeps its data::
+The files are :class:`~tapestry.demo.launcher.LocalConsortium`'s, in its layout: the
+consortium file, one node file per member (each with the one ``[model]`` block), the
+certificates (`tapestry certs init`'s layout, one operator) and where each server keeps its
+data::
 
     OUT/config/consortium.toml    OUT/config/nodes/NODE_ID.toml
     OUT/certs/...                 OUT/data/coordinator, OUT/data/NODE_ID
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from tapestry.demo import DEMO_NODES
+from tapestry.demo.launcher import OPERATOR, LocalConsortium, LocalNodeSpec
 from tapestry.errors import UserError
-from tapestry.launcher import OPERATOR, LocalConsortium, LocalNodeSpec
 from tapestry.node.corpus import CorpusError, corpus_files
 
 HOST = "127.0.0.1"

@@ -2,7 +2,7 @@
 rank trains on, the training step that keeps every rank in step, and how rank 0 tells its
 workers what to do.
 
-The rule (README, "A node on several processes"): ``training.batch_size`` stays the
+The rule (docs/operating/torchrun.md): ``training.batch_size`` stays the
 *global* batch, and the batches are the single-process node's, drawn from the same seeded
 permutation (every rank holds the whole corpus and the same generator). Rank ``r`` of ``W``
 trains on rows ``r, r + W, r + 2W, …`` of each global batch (:func:`shard_rows`), with no

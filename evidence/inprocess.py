@@ -3,7 +3,7 @@
 The same corpora, splits, model spec, seeds and policy as the service run: the core is the
 services' round logic (a round through the services equals it bit for bit), so running it
 in one process only saves the transport. Each run scores the base after every round with
-:class:`~tapestry.evidence.heldout.HeldOutScorer`, as the service run does.
+:class:`~evidence.heldout.HeldOutScorer`, as the service run does.
 
 **The hostile member** (``mallory``) trains every round as an honest node would (on a copy
 of one member's corpus), then sends its delta times ``poison_scale`` (negative: pushed the
@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from evidence.heldout import HeldOutScorer, Member
 from tapestry.config import PolicyConfig
-from tapestry.evidence.heldout import HeldOutScorer, Member
 from tapestry.node.startup import build_training_node
 from tapestry.training.consortium.local.node import SovereignTrainingNode
 from tapestry.training.consortium.messages import ConsortiumNode, ModelState, SovereignCycleResult

@@ -12,11 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tapestry.atomic_files import write_bytes, write_text
-from tapestry.demo import DEMO_POLICY
-from tapestry.evidence import claims
-from tapestry.evidence.heldout import HeldOutScorer
-from tapestry.evidence.inprocess import (
+from evidence import claims
+from evidence.heldout import HeldOutScorer
+from evidence.inprocess import (
     HOSTILE,
     CoreRun,
     NormRecorder,
@@ -24,9 +22,11 @@ from tapestry.evidence.inprocess import (
     hostile_node,
     run_core,
 )
-from tapestry.evidence.page import evidence_sections
-from tapestry.evidence.services import ServiceRun, run_services
-from tapestry.evidence.settings import EvidenceSettings
+from evidence.page import evidence_sections
+from evidence.services import ServiceRun, run_services
+from evidence.settings import EvidenceSettings
+from tapestry.atomic_files import write_bytes, write_text
+from tapestry.demo import DEMO_POLICY
 from tapestry.observe.report_data import report_data
 from tapestry.observe.report_figure import render_png
 from tapestry.observe.report_page import HTML_NAME, PNG_NAME, render_html

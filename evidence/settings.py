@@ -30,9 +30,9 @@ class EvidenceSettings:
 # A gpt of 1.05M parameters (the issue asks 1-10M for the demo): on this 2-core CPU a round
 # of three nodes takes about a second when the machine is idle and tens of seconds under a
 # load of 10+, so the whole run (10 service rounds, 2 x 10 in-process strategy rounds,
-# 3 x poison_rounds poisoned ones) takes 2-10 minutes. The README's demo size (3.3M,
-# context 128) is about 4x the compute per token. lr 3e-3 (AdamW): the default 1e-3 barely
-# moves in 10 rounds.
+# 3 x poison_rounds poisoned ones) takes 2-10 minutes. The demo size (3.3M, context 128;
+# docs/concepts/models.md) is about 4x the compute per token. lr 3e-3 (AdamW): the default
+# 1e-3 barely moves in 10 rounds.
 EVIDENCE = EvidenceSettings(
     model={
         "architecture": "gpt",

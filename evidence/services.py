@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evidence.heldout import HeldOutScorer, Member, member
+from evidence.settings import EvidenceSettings
 from tapestry.config import NodeConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.demo import DEMO_NODES, DEMO_POLICY
+from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.errors import UserError
-from tapestry.evidence.heldout import HeldOutScorer, Member, member
-from tapestry.evidence.settings import EvidenceSettings
-from tapestry.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.state_files import load_state
 
 Losses = dict[str, float]  # jurisdiction -> held-out loss

@@ -1,4 +1,4 @@
-"""``python -m tapestry.evidence OUT_DIR [--smoke]`` (what ``scripts/evidence`` runs)."""
+"""``python -m evidence OUT_DIR [--smoke]`` (what ``scripts/evidence`` runs)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from evidence.run import run_evidence
+from evidence.settings import EVIDENCE, SMOKE
 from tapestry.errors import UserError
-from tapestry.evidence.run import run_evidence
-from tapestry.evidence.settings import EVIDENCE, SMOKE
 
 
 def main(argv: list[str] | None = None) -> int:
