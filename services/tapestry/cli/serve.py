@@ -87,7 +87,7 @@ def _serve_options(command: F) -> F:
             "configuration's [tls] section is required.",
         ),
         # Both servers move every tensor through 1 MiB chunk buffers on many gRPC threads,
-        # which glibc's defaults keep long after (benchmarks/RESULTS.md, issue 8).
+        # which glibc's defaults keep long after (benchmarks/RESULTS.md, coordinator memory).
         click.option(
             "--arena-max",
             cls=EnvOption,

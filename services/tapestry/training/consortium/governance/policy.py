@@ -46,7 +46,7 @@ class ContributionPolicy:
     - A score counts when it is ``>= quality_floor`` and ``> 0`` (and finite), and, with
       ``max_quality`` (the services use 1.0), not above it: a score out of range is refused
       with a reason rather than normalised, so a member that reports 1e300 cannot take the
-      weight of the others. The proof of concept had no ceiling; ``None`` keeps that.
+      weight of the others. ``None`` (the default) sets no ceiling.
     - With ``max_delta_norm`` (absolute) or ``max_delta_norm_ratio`` (a multiple of the
       median L2 norm of the round's deltas), a contribution whose delta's norm is above the
       bound is refused with a reason before any weight is computed, so one member cannot
@@ -57,8 +57,7 @@ class ContributionPolicy:
       remaining mass exceeds ``max_node_weight`` is fixed at exactly the cap and the others
       are renormalised over what is left; finally the weights are renormalised to sum to 1.
 
-    **Infeasible cap** (a documented change from the proof of concept, which silently gave
-    nodes more than the cap): when ``k * max_node_weight < 1`` no weighting of the ``k``
+    **Infeasible cap**: when ``k * max_node_weight < 1`` no weighting of the ``k``
     counted nodes can both respect the cap and sum to 1. The cap is a governance promise
     ("no jurisdiction steers more than this share"), so it is kept: the round integrates
     nothing, every counted node is rejected with a reason naming the quorum it needs, and

@@ -68,8 +68,7 @@ def cycle_seed(seed: int, node_id: str, round_num: int) -> int:
 def pad_corpus(corpus: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), each (N, T-1), from sequences right-padded with 0 to the longest (T).
 
-    A documented fix of the proof of concept: padded positions get the target
-    ``IGNORE_INDEX`` so padding is never trained as a real next token (byte 0 may be real
+    Padded positions get the target ``IGNORE_INDEX``, so padding is never trained as a real next token (byte 0 may be real
     data, so padding is tracked by length, not by value). Sequences under 2 tokens have no
     next-token target and are left out of training (they still count in ``token_count``).
     """
@@ -145,7 +144,7 @@ class SovereignTrainingNode:
     base on ``sovereign_corpus`` (a list of token-id lists) and keeps the result as
     ``latest_artifact``; only the delta goes into the contribution.
 
-    ``seed`` (keyword-only, an addition to the proof of concept) is the consortium seed: the
+    ``seed`` (keyword-only) is the consortium seed: the
     node's shuffling draws from its own generator seeded by :func:`cycle_seed`, never from
     the global RNG.
 
@@ -265,14 +264,14 @@ class SovereignTrainingNode:
         ``base_state`` is only read: the model is loaded with a copy of its values, and
         the delta is computed against it, so the caller may keep and reuse it.
 
-        ``on_progress`` (an addition to the proof of concept) is told a ``TRAINING``
+        ``on_progress`` is told a ``TRAINING``
         :class:`CycleProgress` after every optimiser step, on this thread: whoever passes
         reports on throttles them. If it raises, the cycle stops with that exception.
 
-        ``persist`` (an addition too) stores the trained model instead of a copy of it in
+        ``persist`` stores the trained model instead of a copy of it in
         memory (:data:`Persist`): a node with an artifact store then holds the base, the
         model and the delta, not a fourth model's worth. Without it, the artifact holds an
-        independent copy of the trained state, as in the proof of concept.
+        independent copy of the trained state.
 
         Raises :class:`InvalidBase` (a ``ValueError``) before any training when
         :meth:`check_base` refuses the input."""

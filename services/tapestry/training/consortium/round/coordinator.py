@@ -76,8 +76,8 @@ class ConsortiumCoordinator:
     and the round number moves on (the nodes that answered keep their artifacts of it),
     but the base is bitwise unchanged and the stage reported last is ``ABORTED``.
 
-    **Copies.** By default the coordinator copies every state that crosses its boundary,
-    as the proof of concept did: the model it is given, the base each round hands the
+    **Copies.** By default the coordinator copies every state that crosses its boundary:
+    the model it is given, the base each round hands the
     nodes, the states in a result. With ``copy_states=False`` (keyword-only) it copies
     none, so a round holds the base and the one new state integration builds, whatever the
     number of nodes: the coordinator keeps the model it is given (the caller must not use
