@@ -88,7 +88,7 @@ def run(encoding: DeltaEncoding, rounds: int, model: str, root: Path, seed: int)
             member(load_config(consortium.node_config_path(n.node_id), NodeConfig))
             for n in consortium.nodes
         ]
-        scorer = HeldOutScorer(members[0].config.model.spec(), members, seed)
+        scorer = HeldOutScorer(members[0].config.model, members, seed)
         seconds, curve = [], []
         with consortium.client() as client:
             _, initial = client.get_base()

@@ -186,7 +186,7 @@ def _forget(artifact: SovereignModelArtifact) -> SovereignModelArtifact:
 def in_process(config: ConsortiumConfig, rounds: int) -> list[str]:
     """The base digest after each round of the in-process core, built as the coordinator
     service builds its own (coordinator/startup.py) from the same configuration."""
-    spec = config.model.spec()
+    spec = config.model
     core = ConsortiumCoordinator(
         spec.build(config.seed),
         config.policy.policy(),

@@ -83,7 +83,7 @@ def run_services(
             member(load_config(consortium.node_config_path(n.node_id), NodeConfig))
             for n in consortium.nodes
         ]
-        spec = members[0].config.model.spec()
+        spec = members[0].config.model
         scorer = HeldOutScorer(spec, members, settings.seed)
         run = ServiceRun(members)
         with consortium.client() as client:

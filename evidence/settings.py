@@ -9,7 +9,7 @@ from typing import Any
 @dataclass(frozen=True)
 class EvidenceSettings:
     """One evidence run. ``model`` and ``training`` are the fields of
-    :class:`~tapestry.config.ModelConfig` and :class:`~tapestry.config.TrainingConfig`.
+    :class:`~tapestry.config.ModelTable` and :class:`~tapestry.config.TrainingConfig`.
 
     ``poison_scale``: the hostile member sends its own trained delta times this (-8: eight
     times as long as an honest one, the wrong way; under the default

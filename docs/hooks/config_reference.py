@@ -112,6 +112,10 @@ def _section_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
             return item, True
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, False
+    from tapestry.config import TABLES  # a value read from a table ([model]: a ModelSpec)
+
+    if annotation in TABLES:
+        return TABLES[annotation], False
     return None, False
 
 

@@ -9,6 +9,7 @@ names the node's corpus, its quality score and its training settings.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +22,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     ValidationError,
     field_validator,
     model_validator,
@@ -47,7 +50,7 @@ from tapestry.training.consortium.governance.policy import (
     checked_max_node_weight,
     checked_quality_floor,
 )
-from tapestry.training.consortium.models.spec import ModelSpec, canonical_json
+from tapestry.training.consortium.models.spec import ARCHITECTURE_FIELDS, ModelSpec, canonical_json
 from tapestry.training.consortium.strategies.settings import (
     IntegrationStrategy,
     OuterOptimizer,
@@ -105,9 +108,11 @@ GPT_DEFAULTS: dict[str, Any] = {
 }
 
 
-class ModelConfig(_Strict):
+class ModelTable(_Strict):
     """Section ``[model]``: the architecture every member trains and its shape
-    (docs/concepts/models.md). The consortium file and every node file carry the same one.
+    (docs/concepts/models.md). The consortium file and every node file carry the same one;
+    it is read into the one :class:`~tapestry.training.consortium.models.spec.ModelSpec`
+    (:func:`model_from_table`), which is what the configuration holds.
 
     - ``tiny-causal`` (default): ``vocab_size``, ``hidden_size``.
     - ``gpt``: also ``n_layers``, ``n_heads`` (dividing ``hidden_size``),
@@ -173,7 +178,7 @@ class ModelConfig(_Strict):
         return raw
 
     @model_validator(mode="after")
-    def _fits_architecture(self) -> ModelConfig:
+    def _fits_architecture(self) -> ModelTable:
         used = {
             "tiny-causal": {"vocab_size", "hidden_size"},
             "gpt": {"vocab_size", "hidden_size", *GPT_DEFAULTS},
@@ -228,19 +233,8 @@ class ModelConfig(_Strict):
             return heads * vocab * hidden + context * hidden + layers * 12 * hidden * hidden
         return 0
 
-    @property
-    def context_length_limit(self) -> int | None:
-        """The most positions one input may hold, where the model has such a bound."""
-        if self.architecture == "gpt":
-            return self.context_length
-        if self.architecture == "hf-causal-lm" and self.hf_config is not None:
-            for key in ("n_positions", "max_position_embeddings"):
-                value = self.hf_config.get(key)
-                if isinstance(value, int):
-                    return value
-        return None
-
     def spec(self) -> ModelSpec:
+        """The spec this table names."""
         if self.architecture == "tiny-causal":
             return ModelSpec(self.architecture, self.vocab_size, self.hidden_size)
         if self.architecture == "gpt":
@@ -256,6 +250,52 @@ class ModelConfig(_Strict):
         return ModelSpec(
             self.architecture, self.vocab_size, hf_config=canonical_json(self.hf_config or {})
         )
+
+
+def model_from_table(raw: object) -> ModelSpec:
+    """The ``[model]`` table (or a spec already built) as the one :class:`ModelSpec`,
+    checked as :class:`ModelTable` says."""
+    if isinstance(raw, ModelSpec):
+        raw = model_table(raw)
+    return ModelTable.model_validate(raw).spec()
+
+
+def model_table(spec: ModelSpec) -> dict[str, Any]:
+    """``spec`` as its ``[model]`` table, the keys its architecture reads (and the table's
+    ``hidden_size``, which every table holds), ``hf_config`` as a table. A data directory
+    records this table as the consortium's identity, so it must stay what it always was."""
+    table: dict[str, Any] = {"architecture": spec.architecture}
+    for name in ("vocab_size", "hidden_size", *ARCHITECTURE_FIELDS.get(spec.architecture, ())):
+        if name == "hf_config":
+            table[name] = json.loads(spec.hf_config)
+        elif name not in table:
+            table[name] = getattr(spec, name)
+    return table
+
+
+def context_length_limit(spec: ModelSpec) -> int | None:
+    """The most positions one input may hold, where the model has such a bound."""
+    if spec.architecture == "gpt":
+        return spec.context_length
+    if spec.architecture == "hf-causal-lm":
+        config = json.loads(spec.hf_config)
+        for key in ("n_positions", "max_position_embeddings"):
+            value = config.get(key)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+TABLES: dict[type, type[BaseModel]] = {ModelSpec: ModelTable}
+"""The table a configuration value is read from, where the value is not itself a table
+model (``[model]`` is read by :class:`ModelTable` into a :class:`ModelSpec`)."""
+
+ModelSpecField = Annotated[
+    ModelSpec,
+    PlainValidator(model_from_table, json_schema_input_type=dict[str, Any]),
+    PlainSerializer(model_table),
+]
+"""A ``[model]`` table in a configuration file, held as the one :class:`ModelSpec`."""
 
 
 def _checked_trim(value: float | None) -> float | None:
@@ -382,7 +422,7 @@ class ConsortiumConfig(_Strict):
     """The consortium's name; every node file names it, and a cycle for another is refused."""
     seed: int = 0
     """The initial base and every node's shuffling derive from it."""
-    model: ModelConfig = ModelConfig()
+    model: ModelSpecField = ModelSpec()
     """The model every member trains."""
     policy: PolicyConfig = PolicyConfig()
     """Who counts, with what weight, and how deltas combine."""
@@ -513,7 +553,7 @@ class NodeConfig(_Strict):
     tokens."""
     seed: int = 0
     """The consortium's seed: the held-out split and the node's shuffling derive from it."""
-    model: ModelConfig = ModelConfig()
+    model: ModelSpecField = ModelSpec()
     """The consortium's model; a node whose model differs is refused before weights move."""
     training: TrainingConfig = TrainingConfig()
     """How the node trains."""
@@ -526,7 +566,7 @@ class NodeConfig(_Strict):
     def _windows_fit_the_model(self) -> NodeConfig:
         """A window of ``max_seq_len`` tokens trains on ``max_seq_len - 1`` input positions,
         which must fit the model's context length."""
-        limit, window = self.model.context_length_limit, self.training.max_seq_len
+        limit, window = context_length_limit(self.model), self.training.max_seq_len
         if limit is not None and window - 1 > limit:
             raise ValueError(
                 f"training.max_seq_len = {window} gives inputs of {window - 1} positions, past "
@@ -593,6 +633,8 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     """The model a field holds (``X``, ``X | None``, ``list[X]``), or None for a value."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if annotation in TABLES:
+        return TABLES[annotation]
     for argument in get_args(annotation):
         inner = _section_model(argument)
         if inner is not None:

@@ -103,7 +103,7 @@ def core_node(consortium: LocalConsortium, node_id: str, spec: ModelSpec) -> Sov
     corpus split as the node splits it, its training settings, and ``spec`` (checked
     against its file), so the twin's cycles give the node process's bits."""
     config = load_config(consortium.node_config_path(node_id), NodeConfig)
-    assert config.model.spec() == spec
+    assert config.model == spec
     corpus = load_node_corpus(config)
     return SovereignTrainingNode(
         node_id,

@@ -81,7 +81,7 @@ def test_the_in_process_strategies_start_from_the_service_runs_rounds(tmp_path: 
     """The comparison is fair: fedavg on the in-process core, with the evidence's nodes,
     scores exactly what the service run scores, round for round."""
     service = run_services(SMOKE, tmp_path / "consortium", say=lambda _: None)
-    spec = service.members[0].config.model.spec()
+    spec = service.members[0].config.model
     scorer = HeldOutScorer(spec, service.members, SMOKE.seed)
     nodes = [honest_node(m) for m in service.members]
 

@@ -54,7 +54,7 @@ def test_node_config_resolves_corpus_paths_against_its_folder(tmp_path):
         config.training.batch_size,
         config.training.max_seq_len,
     ) == (2, 1e-3, 8, 16)
-    assert config.model.spec().vocab_size == 256
+    assert config.model.vocab_size == 256
     assert config.consortium_id == "c"
     assert (
         config.limits.max_round_gap,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tapestry.config import model_from_table, model_table
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
@@ -93,3 +94,81 @@ def test_two_journaled_rounds_keep_their_digests(tmp_path: Path, strategy: str) 
     ]
     assert recorded == JOURNALED[strategy]
     assert store.latest() is not None and store.latest()[0] == 2  # the files match them
+
+
+# [model] tables and the identity a coordinator's data directory records for each
+# (consortium.json), as ModelConfig.model_dump(mode="json", exclude_none=True) gave them at
+# 150276e: a data directory written then must still be recognised.
+IDENTITIES = [
+    ({}, {"architecture": "tiny-causal", "vocab_size": 256, "hidden_size": 32}),
+    ({"hidden_size": 48}, {"architecture": "tiny-causal", "vocab_size": 256, "hidden_size": 48}),
+    (
+        {"architecture": "tiny-causal", "vocab_size": 300, "hidden_size": 32},
+        {"architecture": "tiny-causal", "vocab_size": 300, "hidden_size": 32},
+    ),
+    (
+        {"architecture": "gpt"},
+        {
+            "architecture": "gpt",
+            "vocab_size": 256,
+            "hidden_size": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "context_length": 128,
+            "tie_embeddings": True,
+        },
+    ),
+    (
+        {
+            "architecture": "gpt",
+            "hidden_size": 64,
+            "n_layers": 3,
+            "n_heads": 4,
+            "context_length": 32,
+            "tie_embeddings": False,
+        },
+        {
+            "architecture": "gpt",
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "n_layers": 3,
+            "n_heads": 4,
+            "context_length": 32,
+            "tie_embeddings": False,
+        },
+    ),
+    (
+        {
+            "architecture": "hf-causal-lm",
+            "hf_config": {
+                "model_type": "gpt2",
+                "vocab_size": 256,
+                "n_embd": 16,
+                "n_layer": 1,
+                "n_head": 2,
+                "n_positions": 64,
+                "bos_token_id": None,
+            },
+        },
+        {
+            "architecture": "hf-causal-lm",
+            "vocab_size": 256,
+            "hidden_size": 32,
+            "hf_config": {
+                "model_type": "gpt2",
+                "vocab_size": 256,
+                "n_embd": 16,
+                "n_layer": 1,
+                "n_head": 2,
+                "n_positions": 64,
+            },
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(("table", "identity"), IDENTITIES)
+def test_a_model_table_keeps_the_identity_data_directories_recorded(
+    table: dict[str, object], identity: dict[str, object]
+) -> None:
+    assert model_table(model_from_table(table)) == identity

@@ -13,9 +13,10 @@ import pytest
 from tapestry.config import (
     ConfigError,
     ConsortiumConfig,
-    ModelConfig,
+    ModelTable,
     NodeConfig,
     build_config,
+    context_length_limit,
     load_config,
     write_config,
 )
@@ -35,8 +36,8 @@ from .tiny_models import GPT_TEST_CONFIG, HF_TINY_GPT2, HF_TINY_SPEC
 HF = {"architecture": "hf-causal-lm", "hf_config": HF_TINY_GPT2}
 
 
-def model_config(raw: dict[str, Any]) -> ModelConfig:
-    return build_config(ModelConfig, raw, "consortium.toml")
+def model_config(raw: dict[str, Any]) -> ModelTable:
+    return build_config(ModelTable, raw, "consortium.toml")
 
 
 def test_tiny_causal_stays_the_default_with_the_identity_it_always_had() -> None:
@@ -60,7 +61,7 @@ def test_gpt_fields_have_defaults_and_build_the_spec() -> None:
 def test_hf_config_inline_gives_canonical_json_and_its_vocab_size() -> None:
     config = model_config(HF)
     assert config.spec() == HF_TINY_SPEC
-    assert config.vocab_size == 256 and config.context_length_limit == 64
+    assert config.vocab_size == 256 and context_length_limit(config.spec()) == 64
     reordered = model_config({**HF, "hf_config": dict(reversed(HF_TINY_GPT2.items()))})
     assert reordered.spec() == HF_TINY_SPEC
 
@@ -93,7 +94,7 @@ def test_hf_config_dir_is_read_at_load_relative_to_the_file(tmp_path: Path) -> N
             separators=(",", ":"),
         ),
     )
-    assert config.model.spec() == expected
+    assert config.model == expected
 
 
 @pytest.mark.parametrize("raw", [GPT_TEST_CONFIG, HF], ids=["gpt", "hf"])
@@ -109,7 +110,7 @@ def test_a_written_model_section_loads_back_equal(raw: dict[str, Any], tmp_path:
         "test",
     )
     loaded = load_config(write_config(tmp_path / "c.toml", config), ConsortiumConfig)
-    assert loaded == config and loaded.model.spec() == config.model.spec()
+    assert loaded == config and loaded.model == config.model
 
 
 @pytest.mark.parametrize(
@@ -241,4 +242,4 @@ def test_a_folder_saved_by_transformers_builds_the_same_model_as_its_inline_tabl
     inline = HF_TINY_SPEC.build(0)
     assert state_layout(model_state(model)) == state_layout(model_state(inline))
     assert state_digest(model_state(model)) == state_digest(model_state(inline))  # same init
-    assert from_dir.vocab_size == 256 and from_dir.context_length_limit == 64
+    assert from_dir.vocab_size == 256 and context_length_limit(from_dir.spec()) == 64

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tapestry.config import ModelConfig, NodeConfig, build_config
+from tapestry.config import ModelTable, NodeConfig, build_config
 from tapestry.limits import MAX_MODEL_PARAMS
 from tapestry.training.consortium import SovereignTrainingNode, TinyCausalModel, state_digest
 from tapestry.training.consortium.local.node import SYNTHETIC_DELTA_STD
@@ -51,8 +51,8 @@ def test_node_config_names_its_trainer_real_by_default() -> None:
 
 
 def test_a_400m_parameter_model_can_be_configured_and_a_typo_cannot() -> None:
-    config = build_config(ModelConfig, {"hidden_size": 781_250}, "consortium.toml")
+    config = build_config(ModelTable, {"hidden_size": 781_250}, "consortium.toml")
     assert config.estimated_params() == 2 * 256 * 781_250 + 256
     with pytest.raises(ValueError, match="more than MAX_MODEL_PARAMS"):
-        build_config(ModelConfig, {"vocab_size": 1 << 20, "hidden_size": 1 << 24}, "c.toml")
+        build_config(ModelTable, {"vocab_size": 1 << 20, "hidden_size": 1 << 24}, "c.toml")
     assert MAX_MODEL_PARAMS == 1 << 36

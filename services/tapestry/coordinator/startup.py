@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1.health import HealthServicer
 from torch.nn import Module
 
-from tapestry.config import ConsortiumConfig, TlsConfig
+from tapestry.config import ConsortiumConfig, TlsConfig, model_table
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.consortium.v1 import journal_pb2 as jpb
@@ -68,14 +68,14 @@ def build_coordinator_server(
         rounds=OPERATOR_METHODS,
         what="coordinator",
     )
-    spec = config.model.spec()
+    spec = config.model
     store = CoordinatorStore(data_dir)
     store.check_identity(
         {
             "consortium_id": config.consortium_id,
             "seed": config.seed,
             # Unset fields left out: a tiny-causal directory keeps the identity it always had.
-            "model": config.model.model_dump(mode="json", exclude_none=True),
+            "model": model_table(config.model),
         }
     )
     base_model = spec.build(config.seed)

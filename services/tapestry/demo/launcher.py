@@ -99,7 +99,7 @@ class LocalConsortium:
         tls: bool = True,
         metrics: bool = False,
     ) -> None:
-        """``model`` and ``policy`` are the fields of :class:`~tapestry.config.ModelConfig`
+        """``model`` and ``policy`` are the fields of :class:`~tapestry.config.ModelTable`
         and :class:`~tapestry.config.PolicyConfig`, a node's ``training`` those of
         :class:`~tapestry.config.TrainingConfig`; ``extra_members`` are added to the
         consortium file as they are (e.g. a node that is not running); ``route(node_id,

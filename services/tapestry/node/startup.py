@@ -54,7 +54,7 @@ def build_node_server(
         what=f"node {config.node_id}",
     )
     corpus = load_node_corpus(config)
-    spec = config.model.spec()
+    spec = config.model
     node = build_training_node(config, corpus, group)
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
     restore_node_metrics(metrics, store.newest_manifest())
@@ -101,7 +101,7 @@ def build_training_node(
         config.node_id,
         config.jurisdiction,
         # replaced by the base each round; fixes keys and shapes
-        config.model.spec().build(config.seed),
+        config.model.build(config.seed),
         corpus.training,
         config.quality_score,
         local_epochs=config.training.local_epochs,

@@ -68,9 +68,10 @@ def cycle_seed(seed: int, node_id: str, round_num: int) -> int:
 def pad_corpus(corpus: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), each (N, T-1), from sequences right-padded with 0 to the longest (T).
 
-    Padded positions get the target ``IGNORE_INDEX``, so padding is never trained as a real next token (byte 0 may be real
-    data, so padding is tracked by length, not by value). Sequences under 2 tokens have no
-    next-token target and are left out of training (they still count in ``token_count``).
+    Padded positions get the target ``IGNORE_INDEX``, so padding is never trained as a real
+    next token (byte 0 may be real data, so padding is tracked by length, not by value).
+    Sequences under 2 tokens have no next-token target and are left out of training (they
+    still count in ``token_count``).
     """
     trainable = [list(seq) for seq in corpus if len(seq) >= 2]
     longest = max(len(seq) for seq in trainable)
