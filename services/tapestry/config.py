@@ -45,6 +45,7 @@ from tapestry.training.consortium.governance.policy import (
     CONSORTIUM_MAX_DELTA_NORM_RATIO,
     CONSORTIUM_MAX_NODE_WEIGHT,
     ContributionPolicy,
+    ContributionWeighting,
     checked_max_delta_norm,
     checked_max_delta_norm_ratio,
     checked_max_node_weight,
@@ -54,11 +55,11 @@ from tapestry.training.consortium.models.spec import ARCHITECTURE_FIELDS, ModelS
 from tapestry.training.consortium.strategies.settings import (
     IntegrationStrategy,
     OuterOptimizer,
+    StrategyName,
     checked_clip_delta_norm,
     checked_outer_lr,
     checked_outer_momentum,
     checked_trim_fraction,
-    strategy_name,
 )
 
 NODE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -330,7 +331,7 @@ class PolicyConfig(_Strict):
     )
     """The cap, in (0, 1]: no member takes more than this share of the weight. With ``k``
     members, ``k * max_node_weight`` must be at least 1."""
-    weighting: Literal["quality", "equal"] = "quality"
+    weighting: ContributionWeighting = ContributionWeighting.QUALITY
     """How the accepted members are weighed: in proportion to their quality scores (each
     held to the cap), or equally."""
     max_delta_norm: Annotated[float | None, AfterValidator(checked_max_delta_norm)] = None
@@ -344,7 +345,7 @@ class PolicyConfig(_Strict):
     """The quorum: a round in which fewer members contribute (answer with a contribution
     that passes every check) is aborted, recorded with the base unchanged. Unset, it is the
     cap's own quorum, ``ceil(1/max_node_weight)`` (2 with the default cap)."""
-    strategy: Literal["fedavg", "diloco", "median", "trimmed_mean"] = "fedavg"
+    strategy: StrategyName = StrategyName.FEDAVG
     """How the accepted deltas are combined into the next base."""
     trim_fraction: Annotated[float | None, AfterValidator(_checked_trim)] = None
     """``trimmed_mean`` only: the share of values dropped from each end per coordinate, in
@@ -372,7 +373,7 @@ class PolicyConfig(_Strict):
         """The strategy and its parameters, as the core checks them."""
         diloco = self.diloco or (DilocoConfig() if self.strategy == "diloco" else None)
         return IntegrationStrategy(
-            strategy_name(self.strategy),
+            self.strategy,
             trim_fraction=self.trim_fraction,
             clip_delta_norm=self.clip_delta_norm,
             outer=(

@@ -14,6 +14,7 @@ import os
 import signal
 import tempfile
 import threading
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
@@ -28,7 +29,9 @@ MODELS = ("tiny-causal", "gpt")
 
 def _choices(policy_field: str) -> click.Choice[str]:
     """The values the consortium file takes for a ``[policy]`` field."""
-    return click.Choice(get_args(PolicyConfig.model_fields[policy_field].annotation))
+    kind = PolicyConfig.model_fields[policy_field].annotation
+    assert isinstance(kind, type) and issubclass(kind, StrEnum)  # the core's own names
+    return click.Choice([member.value for member in kind])
 
 
 if TYPE_CHECKING:
