@@ -84,9 +84,9 @@ def base_export(
     """Write a committed shared base to a safetensors file, with its round, digest and
     model spec in the file's metadata. Reads only: nothing is recorded."""
     from tapestry.cli import report
+    from tapestry.coordinator.base_export import check_destination, write_base
     from tapestry.coordinator.client import CoordinatorClient
     from tapestry.errors import NotFound
-    from tapestry.coordinator.base_export import check_destination, write_base
 
     check_destination(out, force=force)
     with CoordinatorClient(address, credentials) as client:
