@@ -6,15 +6,23 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.coordinator import servicer as coordinator_servicer
+from tapestry.coordinator.client import CoordinatorClient
+from tapestry.coordinator.journal import CoordinatorStore
+from tapestry.coordinator.servicer import CoordinatorServicer
 from tapestry.demo.launcher import LocalConsortium
 from tapestry.limits import MAX_REQUEST_ID_CHARS
+from tapestry.training.consortium import ConsortiumCoordinator, ModelSpec
+from tapestry.wire.grpc_plumbing import build_server
 
 from .conftest import POLICY, round_run
 from .fake_nodes import BlockingNode, FakeNode, serve
@@ -134,3 +142,51 @@ def test_the_cli_retries_a_round_with_request_id_and_draws_a_fresh_id_otherwise(
     fresh = round_run(consortium, "--json")
     assert [r.returncode for r in (*ran, fresh)] == [0, 0, 0], [r.stderr for r in ran]
     assert [json.loads(r.stdout)["round_num"] for r in (*ran, fresh)] == [1, 1, 2]
+
+
+@contextmanager
+def memberless_coordinator(root: Path) -> Iterator[str]:
+    """A coordinator servicer with no members (a round commits in milliseconds) behind a
+    real server on 127.0.0.1; yields its address."""
+    spec = ModelSpec(hidden_size=4)
+    core = ConsortiumCoordinator(spec.build(seed=1), copy_states=False)
+    store = CoordinatorStore(root)
+    store.save_initial_base(core.shared_base_state)
+    servicer = CoordinatorServicer(core, [], store, spec)
+    server, port, _ = build_server(
+        "127.0.0.1:0",
+        [lambda s: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, s)],
+        ["tapestry.consortium.v1.CoordinatorService"],
+    )
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+class NoThreads:
+    """A process out of threads: ``start`` fails as CPython's does."""
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+def test_a_round_that_cannot_start_its_thread_leaves_the_coordinator_free(tmp_path, monkeypatch):
+    """The claim a trigger takes is always settled: a round whose thread cannot start is that
+    call's error, and the next trigger (its retry included) runs the round, where a leaked
+    claim would refuse every later round and rollback as busy until a restart."""
+    with memberless_coordinator(tmp_path) as address, CoordinatorClient(address) as client:
+        monkeypatch.setattr(coordinator_servicer, "threading", SimpleNamespace(Thread=NoThreads))
+        with pytest.raises(grpc.RpcError) as failed:
+            client.run_round(request_id="out-of-threads", timeout_s=30)
+        monkeypatch.undo()
+        retried = client.run_round(request_id="out-of-threads", timeout_s=30)
+        rolled_back = client.roll_back_base(0)
+
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert failed.value.details() == "RuntimeError: can't start new thread"
+    assert (retried.round_num, rolled_back.round_num) == (1, 2)

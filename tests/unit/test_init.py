@@ -115,6 +115,22 @@ def test_insecure_writes_no_certificates_and_says_insecure_in_every_command(tmp_
             ["--node", "vietnam:Vietnam,vietnam:Vietnam"],
             "Error: --node: each node id once, got ['vietnam', 'vietnam']",
         ),
+        # A node id that no file may hold (a path, a capital, a thousand characters) and a
+        # port past 65535 are the consortium file's refusals, said in one line (the id is
+        # not echoed), never a traceback.
+        *(
+            (
+                ["--node", f"{node_id}:Kenya:{DEMO_CORPORA / 'vietnam.txt'}"],
+                "Error: local consortium: nodes.0.node_id: String should match pattern "
+                "'^[a-z0-9][a-z0-9_-]{0,62}$'",
+            )
+            for node_id in ("../evil", "a/b", "..", "Kenya", "k" * 1000)
+        ),
+        (
+            ["--node", "vietnam:Vietnam,india:India", "--first-node-port", "65535"],
+            "Error: local consortium: nodes.1.address: Value error, expected HOST:PORT with a "
+            "port in 1..65535, got '127.0.0.1:65536' (port 65536 is out of range)",
+        ),
     ],
 )
 def test_an_answer_that_cannot_work_is_refused_and_nothing_is_written(

@@ -161,6 +161,47 @@ def test_the_poc_api_is_unchanged_and_a_node_without_on_progress_still_runs(
     assert RoundStage.NODE_PROGRESS not in {e.stage for e in events}
 
 
+def test_a_node_whose_cycle_cannot_be_inspected_fails_itself_not_the_round(
+    base_model: nn.Module, make_nodes: MakeNodes
+) -> None:
+    """Whether a node takes ``on_progress`` is asked of the node itself: a cycle that raises
+    when looked up (a proxy whose connection is gone) or whose signature raises is that
+    node's failure, as any error in its cycle is; the others' round goes on."""
+
+    class Unreachable:
+        node_id = "gone"
+
+        @property
+        def run_sovereign_cycle(self) -> None:
+            raise RuntimeError("the node's connection is gone")
+
+    class Unsigned:
+        """A cycle whose signature cannot be read: it runs, without progress."""
+
+        def __init__(self, inner: SovereignTrainingNode) -> None:
+            self.node_id = inner.node_id
+            self.inner = inner
+
+        @property
+        def run_sovereign_cycle(self):  # type: ignore[no-untyped-def]
+            inner = self.inner
+
+            class Cycle:
+                @property
+                def __signature__(self) -> None:
+                    raise RuntimeError("no signature here")
+
+                def __call__(self, round_num: int, base: ModelState) -> SovereignCycleResult:
+                    return inner.run_sovereign_cycle(round_num, base)
+
+            return Cycle()
+
+    vn, ch = make_nodes(("vn", "ch"))
+    result = ConsortiumCoordinator(base_model).run_round([vn, Unreachable(), Unsigned(ch)])
+    assert result.accepted_nodes == ["vn", "ch"]
+    assert result.failed_nodes == {"gone": "RuntimeError: the node's connection is gone"}
+
+
 def test_a_node_reporting_a_non_finite_loss_is_failed_with_the_reason(
     base_model: nn.Module, make_nodes: MakeNodes
 ) -> None:

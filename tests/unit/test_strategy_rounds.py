@@ -121,6 +121,23 @@ def test_a_round_that_accepts_nobody_keeps_the_momentum() -> None:
     assert w(result.shared_base_state) == [3.25]
 
 
+def test_a_results_momentum_is_a_copy_the_caller_may_edit() -> None:
+    """With copies on (the default), the states in a result are the caller's: editing the
+    momentum a round returned (one that stepped, or one that accepted nobody and carried it
+    on) never reaches the momentum the next round steps from."""
+    coordinator = diloco()
+    stepped = coordinator.run_round(nodes(2.0, 4.0))
+    carried = coordinator.run_round([])
+    assert stepped.outer_momentum is not None and carried.outer_momentum is not None
+
+    stepped.outer_momentum["w"].add_(100.0)
+    carried.outer_momentum["w"].add_(1000.0)
+
+    assert coordinator.outer_momentum is not None and w(coordinator.outer_momentum) == [-3.0]
+    after = coordinator.run_round(nodes(1.0, 1.0))
+    assert after.outer_momentum is not None and w(after.outer_momentum) == [-2.5]
+
+
 @pytest.mark.parametrize("name", ["fedavg", "median", "trimmed_mean", "diloco"])
 def test_a_non_finite_result_is_never_committed(name: str) -> None:
     big = 2.0**127  # finite in float32; two of them overflow

@@ -120,7 +120,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         events: queue.Queue[RoundEvent | int | BaseException] = queue.Queue()
 
         def work() -> None:
-            ended: int | BaseException
+            ended: int | BaseException = RuntimeError("the round ended without an outcome")
             began = time.monotonic()
             try:
                 self._store.clear_spill()
@@ -137,12 +137,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 self._metrics.round_duration.observe(time.monotonic() - began)
             finally:
                 self._store.clear_spill()  # integrated or not, spilled deltas end with the round
-            # Only now: a caller who triggers the next round on seeing this one's result
-            # must find the coordinator free (and a retry of this id, its record).
-            self._ledger.settle(ended)
-            events.put(ended)
+                # Only now: a caller who triggers the next round on seeing this one's result
+                # must find the coordinator free (and a retry of this id, its record).
+                self._ledger.settle(ended)
+                events.put(ended)
 
-        threading.Thread(target=work, name="round", daemon=True).start()
+        try:
+            threading.Thread(target=work, name="round", daemon=True).start()
+        except BaseException as error:  # out of threads: the claim must not outlive the call
+            self._ledger.settle(error)
+            abort(context, error)
         while True:
             item = events.get()
             if isinstance(item, RoundEvent):

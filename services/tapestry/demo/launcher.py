@@ -211,11 +211,10 @@ class LocalConsortium:
         return write_config(self.node_config_path(spec.node_id), self.node_config(spec))
 
     def write_consortium_config(self, addresses: Mapping[str, str]) -> Path:
-        """Write the consortium file, each node a member at ``addresses[node_id]``; its path."""
+        """Write the consortium file, each node a member at ``addresses[node_id]``; its path.
+        The members are checked with the file (a :class:`ConfigError` naming the field)."""
         members = [
-            MemberConfig(
-                node_id=s.node_id, jurisdiction=s.jurisdiction, address=addresses[s.node_id]
-            )
+            {"node_id": s.node_id, "jurisdiction": s.jurisdiction, "address": addresses[s.node_id]}
             for s in self.nodes
         ]
         return write_config(self.consortium_config_path, self.consortium_config(members))

@@ -337,7 +337,9 @@ class ConsortiumCoordinator:
             commit(result)
         if load_base:
             self._install(result.shared_base_state)
-        self.strategy.adopt(result.strategy_state)
+        state = result.strategy_state
+        # With copies on, the result's state is the caller's to edit: the strategy keeps its own.
+        self.strategy.adopt(clone_state(state) if self.copy_states and state is not None else state)
         self._base_sha256 = result.shared_base_sha256
         self.sovereign_artifacts.update(result.artifacts)
         self.round_num = result.round_num

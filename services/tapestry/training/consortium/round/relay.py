@@ -29,10 +29,13 @@ class InvalidProgress(ValueError):
 
 
 def reports_progress(node: ConsortiumNode | PlainNode) -> TypeGuard[ConsortiumNode]:
-    """Whether ``node.run_sovereign_cycle`` takes a keyword ``on_progress``."""
+    """Whether ``node.run_sovereign_cycle`` takes a keyword ``on_progress``. Asked before
+    any node's cycle starts, so it never raises: a cycle without a signature runs without
+    progress, and one that cannot even be looked up fails in its own call, as the node's
+    failure, not the round's."""
     try:
         parameters = inspect.signature(node.run_sovereign_cycle).parameters
-    except (TypeError, ValueError):  # a callable without a signature: no progress
+    except Exception:  # a callable without a signature, or a node that raises when asked
         return False
     wanted = parameters.get("on_progress")
     return wanted is not None and wanted.kind in (
