@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from tapestry.address import check_address
+from tapestry.atomic_files import write_text
 from tapestry.errors import UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
 from tapestry.limits import (
@@ -669,5 +670,5 @@ def write_config(path: Path, config: _Strict) -> Path:
     optional field is left out: TOML has no null). Paths are written as they are held, so
     give absolute ones when the file lives elsewhere."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)), "utf-8")
+    write_text(path, tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)))
     return path

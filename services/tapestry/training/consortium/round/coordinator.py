@@ -178,8 +178,9 @@ class ConsortiumCoordinator:
         is called with the finished result before the coordinator changes any state; if it
         raises, the exception propagates and the coordinator is exactly as before the round
         (base, round number, retained artifacts). One round at a time per coordinator: while
-        a round or rollback runs, another is refused (``RuntimeError``) unless the caller
-        holds the ledger's claim already (:meth:`RoundLedger.claim`).
+        a round or rollback runs, another is refused (``RuntimeError``): the ledger's
+        :meth:`~RoundLedger.exclusive` hold. (A service answering triggers takes the ledger's
+        :meth:`~RoundLedger.claim` first, so a retried request id never reaches here twice.)
         """
         node_ids = [node.node_id for node in nodes]
         if len(set(node_ids)) != len(node_ids):

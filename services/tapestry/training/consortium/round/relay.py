@@ -72,6 +72,8 @@ class _Silent:
         self.plain = node
 
     def __getattr__(self, name: str) -> object:  # jurisdiction and the like, where it has them
+        if name == "plain":  # not set yet (a copy being built): no node to ask
+            raise AttributeError(name)
         return getattr(self.plain, name)
 
     def run_sovereign_cycle(
