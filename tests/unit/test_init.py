@@ -128,7 +128,7 @@ def test_insecure_writes_no_certificates_and_says_insecure_in_every_command(tmp_
         ),
         (
             ["--node", "vietnam:Vietnam,india:India", "--first-node-port", "65535"],
-            "Error: local consortium: nodes.1.address: Value error, expected HOST:PORT with a "
+            "Error: local consortium: nodes.1.address: expected HOST:PORT with a "
             "port in 1..65535, got '127.0.0.1:65536' (port 65536 is out of range)",
         ),
     ],
