@@ -186,7 +186,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._committed = (result.round_num, result.shared_base_sha256)
         self._ledger.record(record)
         self._metrics.round_recorded(record.result)
-        log.info("round %d committed: %s", result.round_num, _summary(result))
+        log.info("round %d %s", result.round_num, _summary(result))
 
     def RollBackBase(
         self, request: pb.RollBackBaseRequest, context: grpc.ServicerContext
@@ -309,14 +309,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
 
 def _summary(result: ConsortiumRoundResult) -> str:
-    """One log line's worth of a committed round."""
+    """One log line's worth of a committed round, after its number."""
     if result.rolled_back_to is not None:
         return (
-            f"the base of round {result.rolled_back_to} restored by an operator, base "
-            f"{result.previous_base_sha256[:12]} -> {result.shared_base_sha256[:12]}"
+            f"committed: the base of round {result.rolled_back_to} restored by an operator, "
+            f"base {result.previous_base_sha256[:12]} -> {result.shared_base_sha256[:12]}"
         )
     return (
-        f"{f'aborted ({result.aborted_reason})' if result.aborted else 'took effect'}: "
+        f"{f'aborted ({result.aborted_reason})' if result.aborted else 'committed'}: "
         f"accepted {result.accepted_nodes}, rejected {result.rejected_nodes}, failed "
         f"{sorted(result.failed_nodes)}, base {result.previous_base_sha256[:12]} -> "
         f"{result.shared_base_sha256[:12]}"
