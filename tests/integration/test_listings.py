@@ -156,7 +156,8 @@ def test_rounds_committed_between_pages_are_neither_skipped_nor_repeated(coordin
     coordinator = coordinator_with([record(n) for n in range(1, 4)])
     with CoordinatorClient(coordinator.address) as client:
         first = client.list_rounds_page(page_size=2)
-        coordinator.servicer._records += [record(4), record(5)]
+        for committed in (record(4), record(5)):  # as the commit step records them
+            coordinator.core.ledger.record(committed)
         rest = list(client.iter_rounds(page_size=2))
         second = client.list_rounds_page(page_size=2, page_token=first.next_page_token)
 
