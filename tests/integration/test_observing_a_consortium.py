@@ -130,7 +130,7 @@ def test_servers_log_json_lines_when_asked(observed) -> None:
         if line.startswith("{")
     ]
     assert {"time", "level", "logger", "message"} <= set(records[0])
-    assert any(r["message"].startswith("round 1 committed: accepted") for r in records)
+    assert any(r["message"].startswith("round 1 committed: took effect: accepted") for r in records)
 
 
 def test_base_export_writes_the_served_base_bit_for_bit(observed, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from tapestry.demo.launcher import LocalConsortium
 from tapestry.state_files import load_state
 from tapestry.training.consortium import ModelState, state_digest
 from tapestry.training.consortium.strategies.base import Integrated
+from tapestry.training.consortium.strategies.registry import make_strategy
 
 from .conftest import POLICY
 
@@ -38,7 +39,9 @@ def uninterrupted_step(
         (result.contribution_weights[n], delta_of(consortium, n, result.round_num, base))
         for n in result.accepted_nodes
     ]
-    return policy.strategy.apply(base, weighted, momentum=momentum)
+    strategy = make_strategy(policy.strategy)
+    strategy.adopt(momentum)
+    return strategy.apply(base, weighted)
 
 
 def test_diloco_momentum_survives_a_coordinator_restart_and_a_rollback(consortium_factory):
@@ -51,8 +54,8 @@ def test_diloco_momentum_survives_a_coordinator_restart_and_a_rollback(consortiu
     step1 = uninterrupted_step(consortium, first, base0, None)
     assert first.policy.outer.lr == 0.8 and len(first.accepted_nodes) == 3
     assert first.outer_momentum_sha256 == state_digest(momentum1)
-    assert step1.momentum is not None
-    assert state_digest(step1.momentum) == first.outer_momentum_sha256
+    assert step1.strategy_state is not None
+    assert state_digest(step1.strategy_state) == first.outer_momentum_sha256
     assert state_digest(step1.state) == first.shared_base_sha256
 
     consortium.restart_coordinator()  # only the disk carries the momentum over
@@ -61,11 +64,11 @@ def test_diloco_momentum_survives_a_coordinator_restart_and_a_rollback(consortiu
         second = client.run_round()
         _, base2 = client.get_base()
 
-    step2 = uninterrupted_step(consortium, second, base1, step1.momentum)
+    step2 = uninterrupted_step(consortium, second, base1, step1.strategy_state)
     assert second.previous_base_sha256 == first.shared_base_sha256
     assert state_digest(base2) == second.shared_base_sha256 == state_digest(step2.state)
-    assert step2.momentum is not None
-    assert second.outer_momentum_sha256 == state_digest(step2.momentum)
+    assert step2.strategy_state is not None
+    assert second.outer_momentum_sha256 == state_digest(step2.strategy_state)
     # Had the restart lost the momentum (zeros), the round would have differed.
     forgetful = uninterrupted_step(consortium, second, base1, None)
     assert state_digest(forgetful.state) != second.shared_base_sha256
