@@ -3,6 +3,7 @@ the base, survives a coordinator restart, and comes back with a rollback."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tapestry.config import ConsortiumConfig, load_config
@@ -14,6 +15,8 @@ from tapestry.training.consortium.strategies.base import Integrated
 from tapestry.training.consortium.strategies.registry import make_strategy
 
 from .conftest import POLICY
+
+pytestmark = pytest.mark.slow  # whole consortia of training processes
 
 DILOCO = {**POLICY, "strategy": "diloco", "diloco": {"outer_lr": 0.8, "momentum": 0.9}}
 
