@@ -115,6 +115,7 @@ MALFORMED: dict[str, tuple[Callable[[], Stream], str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_a_malformed_base_stream_is_refused_and_stores_nothing(
     shared_consortium, node_stub, case: str
@@ -151,12 +152,14 @@ def test_an_in_process_node_refuses_the_same_base(case: str) -> None:
     assert node.latest_artifact is None
 
 
+@pytest.mark.slow
 def test_an_artifact_the_node_does_not_keep_is_not_found(node_stub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         node_stub.GetArtifact(pb.GetArtifactRequest(round_num=999))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.slow
 def test_a_round_never_committed_is_not_found(shared_consortium) -> None:
     with shared_consortium.channel("coordinator") as channel:
         stub = pb_grpc.CoordinatorServiceStub(channel)

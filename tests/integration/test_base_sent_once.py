@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import CORPORA, POLICY
+
+pytestmark = pytest.mark.slow  # whole consortia of training processes
 
 
 def base_bytes_sent(url: str) -> float:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tapestry.config import write_config
 from tapestry.coordinator.client import CoordinatorClient
 from tapestry.demo.launcher import LocalConsortium
@@ -34,6 +36,7 @@ def _tapestry(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_round_run_says_the_round_goes_on_and_it_commits(tmp_path):
     """The round is held open by a member that does not answer until the test lets it go,
     so Ctrl-C certainly arrives while the round runs, however loaded the machine."""
@@ -72,6 +75,7 @@ def test_ctrl_c_during_round_run_says_the_round_goes_on_and_it_commits(tmp_path)
         assert sorted(rounds[0].accepted_nodes) == ["india", "slow", "switzerland", "vietnam"]
 
 
+@pytest.mark.slow
 def test_a_node_address_given_as_the_coordinator_is_named_as_a_node(tmp_path):
     with LocalConsortium(tmp_path, node_specs(tmp_path)[:2], policy=POLICY) as consortium:
         node = consortium.processes["vietnam"].address

@@ -14,12 +14,15 @@ import time
 from collections import Counter
 
 import grpc
+import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.client import CoordinatorClient
 from tapestry.demo.launcher import LocalConsortium
 from tapestry.state_files import load_state
 from tapestry.training.consortium.tensors import state_digest, tensor_bytes
+
+pytestmark = pytest.mark.slow  # whole consortia of training processes
 
 KILLS = int(os.environ.get("TAPESTRY_CRASH_KILLS", "4"))
 SEED = 20261125

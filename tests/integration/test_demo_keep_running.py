@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.wire.grpc_plumbing import open_channel
+
+pytestmark = pytest.mark.slow  # whole consortia of training processes
 
 WAIT_S = 120.0
 

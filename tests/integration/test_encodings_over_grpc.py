@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import urllib.request
 
+import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -14,6 +15,8 @@ from tapestry.training.consortium import ModelSpec
 from tapestry.wire.delta_encoding import INT8_BLOCK, DeltaEncoding, error_bound
 
 from .conftest import CORPORA, core_node
+
+pytestmark = pytest.mark.slow  # whole consortia of training processes
 
 NODES = list(CORPORA)
 # tiny-causal, vocab 256, hidden 32: embedding and lm_head weights (256 x 32) and bias (256)

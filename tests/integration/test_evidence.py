@@ -31,6 +31,7 @@ def _numbers(value: Any) -> list[float]:
     return []
 
 
+@pytest.mark.slow
 def test_evidence_writes_the_report_and_the_documented_json(tmp_path: Path) -> None:
     returned = run_evidence(SMOKE, tmp_path, say=lambda _: None)
 
@@ -77,6 +78,7 @@ def test_evidence_refuses_an_out_dir_with_an_earlier_consortium(
     )
 
 
+@pytest.mark.slow
 def test_the_in_process_strategies_start_from_the_service_runs_rounds(tmp_path: Path) -> None:
     """The comparison is fair: fedavg on the in-process core, with the evidence's nodes,
     scores exactly what the service run scores, round for round."""

@@ -28,17 +28,31 @@ from .conftest import POLICY, round_run
 from .fake_nodes import BlockingNode, FakeNode, serve
 
 
-@pytest.fixture
-def fake_consortium(tmp_path: Path) -> Iterator[tuple[LocalConsortium, list[FakeNode]]]:
+@contextmanager
+def coordinator_over_fakes(root: Path) -> Iterator[tuple[LocalConsortium, list[FakeNode]]]:
     """A coordinator process over two in-process fake nodes (quick: no training)."""
     nodes = [FakeNode("alpha"), FakeNode("beta")]
     with (
         serve(nodes) as members,
-        LocalConsortium(
-            tmp_path, [], policy=POLICY, extra_members=members, tls=False
-        ) as consortium,
+        LocalConsortium(root, [], policy=POLICY, extra_members=members, tls=False) as consortium,
     ):
         yield consortium, nodes
+
+
+@pytest.fixture
+def fake_consortium(tmp_path: Path) -> Iterator[tuple[LocalConsortium, list[FakeNode]]]:
+    with coordinator_over_fakes(tmp_path) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def untouched_consortium(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LocalConsortium, list[FakeNode]]]:
+    """One for the refused triggers, which must leave it as they found it: no round, no
+    cycle (each of them checks)."""
+    with coordinator_over_fakes(tmp_path_factory.mktemp("untouched")) as started:
+        yield started
 
 
 def test_a_retry_with_the_same_id_returns_the_committed_round_even_after_a_restart(
@@ -84,8 +98,8 @@ def test_calls_without_an_id_each_run_a_round(fake_consortium):
         ),
     ],
 )
-def test_a_bad_request_id_is_refused_without_echoing_it(fake_consortium, request_id, message):
-    consortium, nodes = fake_consortium
+def test_a_bad_request_id_is_refused_without_echoing_it(untouched_consortium, request_id, message):
+    consortium, nodes = untouched_consortium
     with consortium.client() as client:
         with pytest.raises(grpc.RpcError) as refused:
             client.run_round(request_id=request_id)
@@ -134,6 +148,7 @@ def test_a_retry_while_its_round_runs_waits_for_that_rounds_result(tmp_path):
     assert blocking.cycles == 1
 
 
+@pytest.mark.slow
 def test_the_cli_retries_a_round_with_request_id_and_draws_a_fresh_id_otherwise(
     fake_consortium,
 ):

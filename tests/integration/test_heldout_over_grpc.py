@@ -27,6 +27,8 @@ from tapestry.wire.codec import message_from_json
 
 from .conftest import POLICY
 
+pytestmark = pytest.mark.slow  # whole consortia of training processes
+
 NODES = [spec.node_id for spec in DEMO_NODES]
 # A few large steps per round: quick, and enough to learn each corpus's bytes.
 TRAINING = {"local_epochs": 1, "lr": 0.05, "batch_size": 8, "max_seq_len": 128}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -14,28 +13,17 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from tapestry.cli import main
 from tapestry.wire.grpc_plumbing import STOP_GRACE_S
 
+from ..ports import free_ports
+
+pytestmark = pytest.mark.slow  # whole consortia of training processes
+
 START_TIMEOUT_S = 120.0
-
-
-def _free_ports(count: int) -> int:
-    """The first of ``count`` consecutive ports that are free on 127.0.0.1 right now."""
-    for _ in range(50):
-        with ExitStack() as held:
-            first = held.enter_context(socket.socket())
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            try:
-                for offset in range(1, count):
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", port + offset))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 def _tapestry(command: str) -> list[str]:
@@ -70,7 +58,7 @@ def _serving(command: str, logs: Path, name: str) -> Iterator[subprocess.Popen[b
 
 
 def test_the_printed_next_steps_serve_the_consortium_and_a_round_commits(tmp_path: Path) -> None:
-    nodes = _free_ports(3)  # two nodes, then the coordinator
+    nodes = free_ports(3)  # two nodes, then the coordinator
     coordinator = nodes + 2
     out = tmp_path / "mine"
     init = CliRunner().invoke(

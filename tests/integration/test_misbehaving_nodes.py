@@ -13,6 +13,8 @@ from tapestry.training.consortium import ModelSpec
 
 from .fake_nodes import BlockingNode, FakeNode, serve
 
+pytestmark = pytest.mark.slow  # whole consortia of training processes
+
 BEHAVIOURS = {
     "nan": "invalid contribution: delta 'embedding.weight' holds NaN or Inf values",
     "truncated": "the tensor stream ended before its trailer (truncated)",

@@ -34,6 +34,8 @@ from tapestry.wire.grpc_plumbing import mark_serving
 from .conftest import POLICY, TRAINING, core_node, node_specs, write_corpora
 from .fake_nodes import FakeNode, serve
 
+pytestmark = pytest.mark.slow  # whole consortia of training processes
+
 NODES = ["vietnam", "switzerland", "india"]
 GPT = {
     "architecture": "gpt",

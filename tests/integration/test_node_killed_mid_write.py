@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tapestry.atomic_files import read_json
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.demo.launcher import LocalConsortium
@@ -104,6 +106,7 @@ def run_writer_until_killed(data_dir: Path, seed: int, saves: int, delay_s: floa
     assert writer.returncode == -9
 
 
+@pytest.mark.slow
 def test_a_node_killed_while_writing_leaves_only_complete_artifacts(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     interrupted: list[list[str]] = []

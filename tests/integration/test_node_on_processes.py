@@ -143,6 +143,7 @@ def _run_cycle_on_two_processes(out: Path) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_processes_repeat_bit_for_bit_and_differ_from_one_only_by_rounding(
     tmp_path: Path,
 ) -> None:

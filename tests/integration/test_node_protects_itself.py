@@ -22,6 +22,8 @@ from tapestry.wire.tensor_stream import send_state
 
 from .conftest import POLICY, node_specs
 
+pytestmark = pytest.mark.slow  # whole consortia of training processes
+
 CONSORTIUM = "tapestry-guarded"
 RECEIVE_TIMEOUT_S = 2.0
 Request = pb.RunSovereignCycleRequest

@@ -19,6 +19,7 @@ from tapestry.training.consortium import ModelSpec
 from tapestry.wire.grpc_plumbing import NODE_SERVICE
 from tapestry.wire.tensor_stream import StateAssembler, receive_state
 
+from ..ports import free_ports
 from .fake_nodes import FakeNode, serve
 
 
@@ -103,8 +104,8 @@ def test_a_cycle_that_fails_after_the_base_was_sent_is_not_retried():
 def test_a_node_that_comes_up_after_the_first_attempt_is_still_reached():
     """The first attempt meets a listener that drops the connection (nobody serves gRPC
     there yet); only then does the node start on that port."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = listener.getsockname()[1]
+    port = free_ports(1)  # out of reach of other tests' servers while it is between owners
+    with socket.create_server(("127.0.0.1", port)) as listener:
         node = RemoteSovereignNode("late", "Nowhere", f"127.0.0.1:{port}", model=ModelSpec())
         outcome: list[BaseException | None] = []
 

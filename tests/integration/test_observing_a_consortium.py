@@ -27,6 +27,8 @@ from tapestry.training.consortium.tensors import state_digest, tensor_bytes
 
 from .conftest import CORPORA, POLICY, node_specs
 
+pytestmark = pytest.mark.slow  # whole consortia of training processes
+
 NODES = list(CORPORA)
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

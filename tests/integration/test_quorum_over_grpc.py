@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.demo.launcher import LocalConsortium
 from tapestry.training.consortium import state_digest
@@ -53,6 +55,7 @@ def test_a_round_short_of_its_quorum_is_aborted_and_recorded_with_the_base_untou
     assert [r.aborted_reason for r in listed_after_restart] == [REASON]
 
 
+@pytest.mark.slow
 def test_round_run_exits_3_with_one_line_when_aborted_and_0_when_committed(tmp_path: Path):
     alpha, beta = FakeNode("alpha"), FakeNode("beta", "nan")
     with (

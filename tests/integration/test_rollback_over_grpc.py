@@ -38,6 +38,14 @@ def consortium_after_two_rounds(
         yield consortium, rounds
 
 
+@pytest.fixture(scope="module")
+def refusing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalConsortium]:
+    """One consortium after two rounds for the refused rollbacks, which must leave it as
+    they found it (each of them checks)."""
+    with consortium_after_two_rounds(tmp_path_factory.mktemp("refusing")) as (consortium, _):
+        yield consortium
+
+
 def test_a_rollback_is_recorded_as_a_new_round_and_the_earlier_base_is_served(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, (first, second)):
         with consortium.client() as client:
@@ -92,13 +100,11 @@ def test_a_rollback_to_the_initial_base_restores_round_zeros_base(tmp_path):
     assert result.shared_base_sha256 == first.previous_base_sha256 == state_digest(base)
 
 
-def test_a_round_never_committed_is_not_found(tmp_path):
-    with consortium_after_two_rounds(tmp_path) as (consortium, _):
-        client = consortium.client()
-        with client:
-            with pytest.raises(grpc.RpcError) as refused:
-                client.roll_back_base(7)
-            listed = client.list_rounds()
+def test_a_round_never_committed_is_not_found(refusing):
+    with refusing.client() as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.roll_back_base(7)
+        listed = client.list_rounds()
 
     assert refused.value.code() is grpc.StatusCode.NOT_FOUND
     assert refused.value.details() == "NotFound: round 7 not found; committed rounds: 0..2"
@@ -198,12 +204,11 @@ def test_cli_base_rollback_json_is_the_recorded_round(tmp_path):
     assert shown["shared_base_sha256"] == first.previous_base_sha256
 
 
-def test_cli_base_rollback_to_a_missing_round_says_so(tmp_path):
-    with consortium_after_two_rounds(tmp_path) as (consortium, _):
-        address = consortium.coordinator_address
-        ran = _tapestry(
-            "base", "rollback", "--to", "9", "--coordinator", address, env=consortium.cli_env()
-        )
+def test_cli_base_rollback_to_a_missing_round_says_so(refusing):
+    address = refusing.coordinator_address
+    ran = _tapestry(
+        "base", "rollback", "--to", "9", "--coordinator", address, env=refusing.cli_env()
+    )
 
     assert (ran.returncode, ran.stdout) == (1, "")
     assert ran.stderr == (

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import pytest
+
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.demo.launcher import LocalConsortium
@@ -18,6 +20,8 @@ from tapestry.limits import MAX_PROGRESS_MESSAGES
 from tapestry.wire.tensor_stream import send_state
 
 from .fake_nodes import FakeNode, serve
+
+pytestmark = pytest.mark.slow  # whole consortia of training processes
 
 NODES = ["vietnam", "switzerland", "india"]
 

@@ -17,6 +17,8 @@ from tapestry.wire import codec
 
 from .conftest import POLICY, core_node
 
+pytestmark = pytest.mark.slow  # whole consortia of training processes
+
 NODES = ["vietnam", "switzerland", "india"]
 
 

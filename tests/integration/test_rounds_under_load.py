@@ -11,10 +11,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pytest
+
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.demo.launcher import LocalConsortium
 
 from .conftest import CORPORA
+
+pytestmark = pytest.mark.slow  # whole consortia of training processes
 
 NODES = list(CORPORA)
 ROUNDS = 50

@@ -20,6 +20,7 @@ from tapestry.pki.layout import node_server_name
 from tapestry.wire.grpc_plumbing import check_health
 
 
+@pytest.mark.slow
 def test_every_server_is_healthy_and_reflects_its_services(shared_consortium):
     expected = {
         "coordinator": "tapestry.consortium.v1.CoordinatorService",
@@ -36,6 +37,7 @@ def test_every_server_is_healthy_and_reflects_its_services(shared_consortium):
         assert {service, "grpc.health.v1.Health"} <= services
 
 
+@pytest.mark.slow
 def test_describe_names_the_node_and_its_model(shared_consortium):
     with shared_consortium.channel("vietnam") as channel:
         described = pb_grpc.SovereignNodeServiceStub(channel).Describe(pb.DescribeRequest())
@@ -65,6 +67,7 @@ def _fits(output: str) -> None:
     assert wide == [], f"lines past {WIDTH} columns:\n" + "\n".join(wide)
 
 
+@pytest.mark.slow
 def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
     address = shared_consortium.coordinator_address
     ran = _cli("round", "run", "--coordinator", address, "--json", env=shared_consortium.cli_env())
@@ -139,6 +142,7 @@ def test_cli_triggers_a_round_and_lists_rounds_and_artifacts(shared_consortium):
     assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING")
 
 
+@pytest.mark.slow
 def test_cli_round_run_prints_progress_and_a_table_that_fit_80_columns(shared_consortium):
     ran = _cli(
         "round",
@@ -156,6 +160,7 @@ def test_cli_round_run_prints_progress_and_a_table_that_fit_80_columns(shared_co
     _fits(ran.stdout)
 
 
+@pytest.mark.slow
 def test_a_node_serves_its_artifact_by_round_or_latest(shared_consortium):
     with shared_consortium.client() as client:
         committed = client.run_round()

@@ -57,6 +57,8 @@ from tapestry.wire.tensor_stream import send_state
 from .conftest import JURISDICTIONS, POLICY, node_specs
 from .fake_nodes import FakeNode, serve
 
+pytestmark = pytest.mark.slow  # whole consortia of training processes
+
 CONSORTIUM = "tapestry-local"  # the launcher's, and the foreign CA's too
 REAL = list(JURISDICTIONS)  # vietnam, switzerland, india: running nodes
 TARGET = "vietnam"  # the node the attacks on nodes aim at

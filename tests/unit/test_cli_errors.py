@@ -17,6 +17,8 @@ from tapestry.cli import main
 from tapestry.wire.grpc_plumbing import build_server
 from tapestry.wire.status import COORDINATOR, NODE, SERVER, describe_rpc_error
 
+from ..ports import free_ports
+
 CORPUS = Path(__file__).parents[2] / "services" / "tapestry" / "demo" / "corpora" / "vietnam.txt"
 
 
@@ -42,10 +44,9 @@ def held_port() -> Iterator[int]:
 
 @pytest.fixture
 def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (freed right after it was chosen)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on (free, and outside the range that other
+    tests' servers and connections take ports from)."""
+    return free_ports(1)
 
 
 @pytest.fixture
