@@ -35,12 +35,25 @@ from tapestry.atomic_files import write_text
 from tapestry.errors import UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
 from tapestry.limits import (
+    MAX_BATCH_SIZE,
+    MAX_CHUNK_BYTES,
+    MAX_CONTEXT_LENGTH,
+    MAX_HEADS,
+    MAX_HELDOUT_PERCENT,
+    MAX_HIDDEN_SIZE,
+    MAX_LAYERS,
+    MAX_LOCAL_EPOCHS,
+    MAX_LOCAL_LR,
     MAX_MEMBERS,
     MAX_MODEL_PARAMS,
     MAX_NODE_TIMEOUT_S,
     MAX_QUALITY,
     MAX_ROUND_NUM,
+    MAX_SEQ_LEN,
+    MAX_SUPERSEDED,
     MAX_TRANSFER_TIMEOUT_S,
+    MAX_VOCAB_SIZE,
+    MIN_CHUNK_BYTES,
 )
 from tapestry.training.consortium.governance.policy import (
     CONSORTIUM_MAX_DELTA_NORM_RATIO,
@@ -135,15 +148,15 @@ class ModelTable(_Strict):
     architecture: Literal["tiny-causal", "gpt", "hf-causal-lm"] = "tiny-causal"
     """The model every member builds: the proof of concept's embedding and linear head, the
     byte-level transformer written here, or a ``transformers`` causal LM."""
-    vocab_size: int = Field(BYTE_VOCAB, ge=1, le=1 << 20)
+    vocab_size: int = Field(BYTE_VOCAB, ge=1, le=MAX_VOCAB_SIZE)
     """Number of token ids (byte tokens: 256); for ``hf-causal-lm``, taken from its config."""
-    hidden_size: int = Field(32, ge=1, le=1 << 24)
+    hidden_size: int = Field(32, ge=1, le=MAX_HIDDEN_SIZE)
     """Width of the embedding and hidden layers (``tiny-causal``, ``gpt``)."""
-    n_layers: int | None = Field(None, ge=1, le=1024)
+    n_layers: int | None = Field(None, ge=1, le=MAX_LAYERS)
     """Transformer blocks (``gpt``; 2 when unset)."""
-    n_heads: int | None = Field(None, ge=1, le=1024)
+    n_heads: int | None = Field(None, ge=1, le=MAX_HEADS)
     """Attention heads per block, dividing ``hidden_size`` (``gpt``; 2 when unset)."""
-    context_length: int | None = Field(None, ge=1, le=1 << 20)
+    context_length: int | None = Field(None, ge=1, le=MAX_CONTEXT_LENGTH)
     """Most positions one input may hold (``gpt``; 128 when unset)."""
     tie_embeddings: bool | None = None
     """Whether the output head shares the token embedding's weight (``gpt``; true when
@@ -432,7 +445,7 @@ class ConsortiumConfig(_Strict):
     """The members."""
     node_timeout_s: float = Field(3600.0, gt=0, le=MAX_NODE_TIMEOUT_S)
     """Deadline of one node's cycle, in seconds (at most a week)."""
-    chunk_bytes: int = Field(1 << 20, ge=1024, le=4 << 20)
+    chunk_bytes: int = Field(1 << 20, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
     """Size of the chunks tensors are cut into on the wire, in bytes."""
     delta_encoding: DeltaEncodingName = "float32"
     """How nodes send their deltas' floating tensors: ``float32`` raw and exact;
@@ -486,15 +499,15 @@ def cap_quorum(max_node_weight: float) -> int:
 class TrainingConfig(_Strict):
     """Section ``[training]`` of a node file: how the node trains each cycle."""
 
-    local_epochs: int = Field(3, ge=1, le=10_000)
+    local_epochs: int = Field(3, ge=1, le=MAX_LOCAL_EPOCHS)
     """Passes over the node's training windows per cycle."""
-    lr: float = Field(1e-3, gt=0, le=10)
+    lr: float = Field(1e-3, gt=0, le=MAX_LOCAL_LR)
     """The local optimizer's learning rate."""
-    batch_size: int = Field(8, ge=1, le=1 << 20)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
     """Windows per optimizer step: the global batch, however many processes train it."""
-    max_seq_len: int = Field(128, ge=2, le=1 << 20)
+    max_seq_len: int = Field(128, ge=2, le=MAX_SEQ_LEN)
     """Windows of at most this many byte tokens are cut from each line."""
-    heldout_percent: int = Field(10, ge=0, le=50)
+    heldout_percent: int = Field(10, ge=0, le=MAX_HELDOUT_PERCENT)
     """About this share of the corpus's lines is held out, never trained on, and every
     round's base and sovereign model are evaluated on it (a seeded rule per line;
     docs/concepts/evaluation.md); 0 holds nothing out and evaluates nothing. At most 50:
@@ -532,7 +545,7 @@ class NodeLimits(_Strict):
     send_timeout_s: float = Field(300.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
     """The caller must take the whole delta within this many seconds of asking for it,
     else the call is cancelled and the node is free again."""
-    max_superseded: int = Field(3, ge=0, le=10_000)
+    max_superseded: int = Field(3, ge=0, le=MAX_SUPERSEDED)
     """How many earlier artifacts of re-run rounds are kept aside
     (``round-NNNNNN.superseded-*``); beyond it the oldest are deleted. 0 keeps none."""
 

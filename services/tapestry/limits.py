@@ -76,6 +76,46 @@ MAX_MODEL_PARAMS = 1 << 36
 one machine a member runs today, so only a typo is refused; a model of this size still
 crosses the wire, since tensors travel in chunks of at most ``chunk_bytes``."""
 
+MAX_VOCAB_SIZE = 1 << 20
+"""Token ids a configured model may have."""
+
+MAX_HIDDEN_SIZE = 1 << 24
+"""A configured model's width; each dimension has a bound of its own, so a typo of a few
+digits is refused, and the whole model is bounded by :data:`MAX_MODEL_PARAMS`."""
+
+MAX_LAYERS = 1024
+"""Transformer blocks a configured ``gpt`` may have."""
+
+MAX_HEADS = 1024
+"""Attention heads per block a configured ``gpt`` may have."""
+
+MAX_CONTEXT_LENGTH = 1 << 20
+"""Positions one input of a configured ``gpt`` may hold."""
+
+MIN_CHUNK_BYTES = 1024
+"""The smallest chunk tensors may be cut into on the wire (smaller is all overhead)."""
+
+MAX_CHUNK_BYTES = 4 << 20
+"""The largest chunk tensors may be cut into on the wire: well under the message bound."""
+
+MAX_LOCAL_EPOCHS = 10_000
+"""Passes over its corpus a node's configuration may ask of one cycle."""
+
+MAX_LOCAL_LR = 10.0
+"""A local learning rate past this is a typo, not a setting."""
+
+MAX_BATCH_SIZE = 1 << 20
+"""Windows per optimizer step a node's configuration may ask for."""
+
+MAX_SEQ_LEN = 1 << 20
+"""Byte tokens one training window may hold."""
+
+MAX_HELDOUT_PERCENT = 50
+"""The share of its corpus a node may hold out: a node is there to train."""
+
+MAX_SUPERSEDED = 10_000
+"""Artifacts of superseded rounds a node's configuration may ask to keep."""
+
 # A transfer over a slow link may take a while; a day is past any we mean to wait for, and a
 # bound keeps a typo from letting a stalled caller hold a node for good.
 MAX_TRANSFER_TIMEOUT_S = 24 * 3600.0

@@ -10,7 +10,6 @@ imports the demo, never the reverse). They are imported inside the command.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import tempfile
 import threading
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, get_args
 
 import click
 
+from tapestry.atomic_files import write_text
 from tapestry.cli.options import friendly_errors
 from tapestry.config import DeltaEncodingName, PolicyConfig
 
@@ -201,9 +201,8 @@ def run_demo(
 
 def _serve_until_stopped(consortium: LocalConsortium, workdir: Path, out: Console) -> None:
     endpoints = workdir.absolute() / "endpoints.json"
-    tmp = endpoints.with_name(".endpoints.json.tmp")
-    tmp.write_text(json.dumps(consortium.endpoints(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, endpoints)  # whoever waits for the file reads it whole
+    # Written atomically: whoever waits for the file reads it whole.
+    write_text(endpoints, json.dumps(consortium.endpoints(), indent=2) + "\n")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
