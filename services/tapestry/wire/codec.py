@@ -119,8 +119,9 @@ def evaluation_to_proto(evaluation: HeldOutEvaluation) -> pb.HeldOutEvaluation:
 
 
 def evaluation_from_proto(msg: pb.HeldOutEvaluation) -> HeldOutEvaluation:
-    """As sent: the bounds are admission's (:func:`~tapestry.limits.
-    evaluation_problem`), which names what is wrong."""
+    """As sent: the bounds are admission's
+    (:func:`~tapestry.training.consortium.governance.checks.evaluation_problem`), which names
+    what is wrong."""
     return HeldOutEvaluation(
         base_loss=msg.base_loss,
         base_perplexity=msg.base_perplexity,
@@ -304,7 +305,7 @@ def cycle_progress_from_proto(
     msg: pb.CycleProgress, phases: frozenset[CyclePhase] = frozenset(CyclePhase)
 ) -> CycleProgress:
     """The report, refused (``ValueError``) with a phase outside ``phases`` or numbers out of
-    range (:func:`~tapestry.limits.progress_problem`)."""
+    range (:func:`~tapestry.training.consortium.governance.checks.progress_problem`)."""
     allowed = {phase: wire for phase, wire in _PHASES.items() if phase in phases}
     progress = CycleProgress(
         _lookup(allowed, msg.phase, "progress phase", pb.CyclePhase.Name),
