@@ -182,19 +182,7 @@ class RemoteSovereignNode:
                 f"jurisdiction {quoted(described.jurisdiction, MAX_PEER_NAME_CHARS)}, "
                 f"expected {self.jurisdiction!r}"
             )
-        if self.model is not None:
-            differences = spec_differences(codec.model_spec_from_proto(described.model), self.model)
-            if differences:
-                problems.append(f"model {', '.join(differences)}")
-        if self.state_layout is not None:
-            theirs = codec.state_layout_from_proto(described.state_layout)
-            if not described.HasField("state_layout"):
-                problems.append(f"no state layout, expected {self.state_layout}")
-            elif theirs != self.state_layout:
-                problems.append(
-                    f"state layout {theirs}, expected {self.state_layout} "
-                    "(same spec, other keys, dtypes or shapes: another release of the model code?)"
-                )
+        problems.extend(self._model_problems(described))
         if problems:
             message = (
                 f"the server at {self.address} describes itself with {'; '.join(problems)}; "
@@ -211,6 +199,29 @@ class RemoteSovereignNode:
                 )
             except ServerNotTrusted as problem:
                 raise NodeMismatch(str(problem)) from None
+
+    def _model_problems(self, described: pb.DescribeResponse) -> list[str]:
+        """How the node's model differs from the consortium's, one cause said once: a spec
+        that differs (which explains any layout), else a layout that differs under the same
+        spec (model code of another release)."""
+        if self.model is not None:
+            differences = spec_differences(codec.model_spec_from_proto(described.model), self.model)
+            if differences:
+                return [
+                    f"model {', '.join(differences)} (the node file's [model] must match the "
+                    "consortium file's)"
+                ]
+        if self.state_layout is None:
+            return []
+        if not described.HasField("state_layout"):
+            return [f"no state layout, expected {self.state_layout}"]
+        theirs = codec.state_layout_from_proto(described.state_layout)
+        if theirs == self.state_layout:
+            return []
+        return [
+            f"state layout {theirs}, expected {self.state_layout} (the same spec with other "
+            "keys, dtypes or shapes: model code of another release)"
+        ]
 
     def run_sovereign_cycle(
         self,
