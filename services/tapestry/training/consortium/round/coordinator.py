@@ -206,11 +206,12 @@ class ConsortiumCoordinator:
         decided = stages.decide(
             collected, self.contribution_policy, self.assessed_quality, self.min_nodes, base, report
         )
-        received = stages.received(decided)
-        integrated = stages.integrate(decided, self.strategy, base)
-        failed, scores, aborted_reason = decided.failed, decided.scores, decided.aborted_reason
         artifacts = collected.artifacts
-        del decided, collected  # metadata only from here on: the deltas are let go
+        del collected  # only the accepted deltas are held from here on
+        integrated = stages.integrate(decided, self.strategy, base)
+        received, failed, scores = decided.received, decided.failed, decided.scores
+        aborted_reason = decided.aborted_reason
+        del decided  # metadata only from here on: the deltas are let go
         if integrated.new_state is not None:
             new_state, new_sha256 = integrated.new_state, state_digest(integrated.new_state)
         else:

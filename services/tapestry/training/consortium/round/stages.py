@@ -60,7 +60,8 @@ class Decided:
     decided again)."""
 
     decision: PolicyDecision
-    contributions: dict[str, SovereignContribution]
+    contributions: dict[str, SovereignContribution]  # the accepted ones, deltas and all
+    received: dict[str, SovereignContribution]  # every one standing, its delta emptied
     failed: dict[str, str]  # in the nodes' order
     scores: dict[str, float]
     norms: dict[str, float] | None
@@ -204,7 +205,8 @@ def decide(
     ]
     return Decided(
         decision,
-        contributions,
+        {n: contributions[n] for n in accepted},  # the others' deltas are let go here
+        _received(contributions),
         {n: failed[n] for n in node_ids if n in failed},
         scores,
         norms,
@@ -255,13 +257,15 @@ def _fetch(
     return {n: p for n, p in zip(wanted, problems, strict=True) if p is not None}
 
 
-def received(decided: Decided) -> dict[str, SovereignContribution]:
+def _received(
+    contributions: Mapping[str, SovereignContribution],
+) -> dict[str, SovereignContribution]:
     """Every standing contribution's metadata, its delta emptied (and its digest kept)."""
     return {
         n: dataclasses.replace(
             c, weight_delta={}, weight_delta_sha256=c.weight_delta_sha256 or _digest(c)
         )
-        for n, c in decided.contributions.items()
+        for n, c in contributions.items()
     }
 
 
@@ -284,7 +288,7 @@ def integrate(decided: Decided, strategy: Strategy, base: Mapping[str, torch.Ten
         weights = {n: decision.weights[n] for n in accepted}
         reasons = {n: decision.rejection_reasons[n] for n in decided.rejected}
         return Integrated(step.state, after, accepted, decided.rejected, weights, reasons)
-    rejected = list(decided.contributions)  # in the nodes' order
+    rejected = list(decided.received)  # in the nodes' order
     reasons = {n: decision.rejection_reasons.get(n, OVERFLOW) for n in rejected}
     return Integrated(None, strategy.state, [], rejected, {}, reasons)
 
