@@ -36,6 +36,12 @@ def load_state(path: Path) -> tuple[ModelState, dict[str, str]]:
     return state, metadata
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """A saved state's metadata, without reading its tensors."""
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
 class StoredState(Mapping[str, torch.Tensor]):
     """A saved state read one tensor per access, so serving it never holds it whole."""
 

@@ -28,7 +28,7 @@ from typing import Any
 from tapestry.atomic_files import read_json, remove_temporaries, write_json, write_text
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import NotFound, UserError
-from tapestry.state_files import load_state, save_state
+from tapestry.state_files import load_state, read_metadata, save_state
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.round.result import ConsortiumRoundResult
 from tapestry.training.consortium.tensors import state_digest
@@ -174,19 +174,7 @@ class CoordinatorStore:
         the digest saved with it). ``records`` are the committed rounds, oldest first.
         Raises :class:`NotFound` for a round never committed and :class:`StoreError` for a
         base file that is missing or damaged."""
-        if round_num == 0:
-            try:
-                _, metadata = load_state(self.base_path(0))
-                sha256 = metadata.get("sha256", "")
-            except Exception as error:
-                log.error("cannot read %s: %s", self.base_path(0), error)
-                sha256 = ""
-        else:
-            found = [r for r in records if r.result.round_num == round_num]
-            if not found:
-                newest = records[-1].result.round_num if records else 0
-                raise NotFound(f"round {round_num} not found; committed rounds: 0..{newest}")
-            sha256 = found[0].result.shared_base_sha256
+        sha256 = self._recorded_digest(round_num, records)
         state = self._load_intact(round_num, sha256) if sha256 else None
         if state is None:
             raise StoreError(
@@ -198,27 +186,34 @@ class CoordinatorStore:
 
     def committed_digest(self, round_num: int, records: list[jpb.RoundRecord]) -> str:
         """The digest the journal recorded for the base round ``round_num`` committed (0:
-        the initial base, which round 1 started from), once its base file is known to be
-        there; whoever reads the file checks it against this digest. ``records`` are the
-        committed rounds, oldest first. Raises :class:`NotFound` for a round never
-        committed and :class:`StoreError` for a missing base file."""
-        if round_num == 0 and records:
-            sha256 = records[0].result.previous_base_sha256
-        elif round_num == 0:
-            _, metadata = load_state(self.base_path(0))
-            sha256 = metadata.get("sha256", "")
-        else:
-            found = [r for r in records if r.result.round_num == round_num]
-            if not found:
-                newest = records[-1].result.round_num if records else 0
-                raise NotFound(f"round {round_num} not found; committed rounds: 0..{newest}")
-            sha256 = found[0].result.shared_base_sha256
-        if not self.base_path(round_num).is_file():
+        the initial base's, saved with it), once its base file is known to be there; whoever
+        reads the file checks it against this digest. ``records`` are the committed rounds,
+        oldest first. Raises :class:`NotFound` for a round never committed and
+        :class:`StoreError` for a missing base file (or an initial base whose digest cannot
+        be read)."""
+        sha256 = self._recorded_digest(round_num, records)
+        if not sha256 or not self.base_path(round_num).is_file():
             raise StoreError(
                 f"the base of round {round_num} ({self.base_path(round_num)}) is missing; it "
                 "cannot be served"
             )
         return sha256
+
+    def _recorded_digest(self, round_num: int, records: list[jpb.RoundRecord]) -> str:
+        """The digest the journal recorded for round ``round_num``'s base (0: the digest
+        saved with the initial base; ``""`` when it cannot be read). Raises
+        :class:`NotFound` for a round never committed."""
+        if round_num == 0:
+            try:
+                return read_metadata(self.base_path(0)).get("sha256", "")
+            except Exception as error:
+                log.error("cannot read %s: %s", self.base_path(0), error)
+                return ""
+        for record in records:
+            if record.result.round_num == round_num:
+                return record.result.shared_base_sha256
+        newest = records[-1].result.round_num if records else 0
+        raise NotFound(f"round {round_num} not found; committed rounds: 0..{newest}")
 
     def committed_momentum(
         self, round_num: int, records: list[jpb.RoundRecord]

@@ -235,9 +235,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             abort(context, NotFound("no round has been committed yet"))
         if wanted is None:
             return pb.GetRoundResponse(result=records[-1].result)
-        for record in records:
-            if record.result.round_num == wanted:
-                return pb.GetRoundResponse(result=record.result)
+        record = self._ledger.by_round(wanted)
+        if record is not None:
+            return pb.GetRoundResponse(result=record.result)
         abort(
             context,
             NotFound(
