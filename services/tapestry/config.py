@@ -313,10 +313,6 @@ ModelSpecField = Annotated[
 """A ``[model]`` table in a configuration file, held as the one :class:`ModelSpec`."""
 
 
-def _checked_trim(value: float | None) -> float | None:
-    return None if value is None else checked_trim_fraction(value)
-
-
 class DilocoConfig(_Strict):
     """``[policy.diloco]``: DiLoCo's outer optimizer (SGD with momentum on the round's
     pseudo-gradient); the defaults are the DiLoCo paper's."""
@@ -361,7 +357,7 @@ class PolicyConfig(_Strict):
     cap's own quorum, ``ceil(1/max_node_weight)`` (2 with the default cap)."""
     strategy: StrategyName = StrategyName.FEDAVG
     """How the accepted deltas are combined into the next base."""
-    trim_fraction: Annotated[float | None, AfterValidator(_checked_trim)] = None
+    trim_fraction: Annotated[float | None, AfterValidator(checked_trim_fraction)] = None
     """``trimmed_mean`` only: the share of values dropped from each end per coordinate, in
     [0, 0.5) (0.2 when unset)."""
     clip_delta_norm: Annotated[float | None, AfterValidator(checked_clip_delta_norm)] = None

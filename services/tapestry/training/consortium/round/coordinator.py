@@ -297,6 +297,7 @@ class ConsortiumCoordinator:
             ) or self.strategy.state_problem(momentum, current)
             if problem is not None:
                 raise ValueError(problem)
+            started_at = datetime.now(UTC)
             restored = self.strategy.restorable(None if momentum is None else dict(momentum))
             report = Reporter(self.round_num + 1, events)
             previous_sha256 = self.base_sha256
@@ -314,7 +315,7 @@ class ConsortiumCoordinator:
                     policy=self.contribution_policy,
                     previous_base_sha256=previous_sha256,
                     shared_base_sha256=new_sha256,
-                    started_at=datetime.now(UTC),
+                    started_at=started_at,
                     finished_at=datetime.now(UTC),
                     rolled_back_to=to_round,
                     strategy_state=restored,

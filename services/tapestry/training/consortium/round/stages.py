@@ -71,7 +71,7 @@ class Decided:
 
 
 @dataclass(frozen=True)
-class Integrated:
+class Integration:
     """What the accepted deltas made: the new base (``None``: unchanged) and the strategy's
     state after it, with who finally counts."""
 
@@ -269,14 +269,16 @@ def _received(
     }
 
 
-def integrate(decided: Decided, strategy: Strategy, base: Mapping[str, torch.Tensor]) -> Integrated:
+def integrate(
+    decided: Decided, strategy: Strategy, base: Mapping[str, torch.Tensor]
+) -> Integration:
     """The accepted deltas combined by ``strategy`` into a new base. Finite deltas can still
     sum past the dtype's range: such a base (or strategy state) is never committed; nothing
     is integrated and the accepted nodes are rejected."""
     decision, accepted = decided.decision, decided.accepted
     if not accepted:
         reasons = {n: decision.rejection_reasons[n] for n in decided.rejected}
-        return Integrated(None, strategy.state, [], decided.rejected, {}, reasons)
+        return Integration(None, strategy.state, [], decided.rejected, {}, reasons)
     norms = decided.norms
     step = strategy.apply(
         base,
@@ -287,10 +289,10 @@ def integrate(decided: Decided, strategy: Strategy, base: Mapping[str, torch.Ten
     if all_finite(step.state) and (after is None or all_finite(after)):
         weights = {n: decision.weights[n] for n in accepted}
         reasons = {n: decision.rejection_reasons[n] for n in decided.rejected}
-        return Integrated(step.state, after, accepted, decided.rejected, weights, reasons)
+        return Integration(step.state, after, accepted, decided.rejected, weights, reasons)
     rejected = list(decided.received)  # in the nodes' order
     reasons = {n: decision.rejection_reasons.get(n, OVERFLOW) for n in rejected}
-    return Integrated(None, strategy.state, [], rejected, {}, reasons)
+    return Integration(None, strategy.state, [], rejected, {}, reasons)
 
 
 def _digest(contribution: SovereignContribution) -> str:

@@ -143,8 +143,11 @@ class IntegrationStrategy:
 # (tapestry.config), so a setting is validated in one place with one message.
 
 
-def checked_trim_fraction(value: float) -> float:
-    """``trim_fraction`` in ``[0, 0.5)``: each coordinate keeps at least one value."""
+def checked_trim_fraction(value: float | None) -> float | None:
+    """``trim_fraction``: unset, or in ``[0, 0.5)`` (each coordinate keeps at least one
+    value)."""
+    if value is None:
+        return None
     value = float(value)
     if not (math.isfinite(value) and 0 <= value < 0.5):
         raise ValueError(
