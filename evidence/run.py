@@ -82,7 +82,7 @@ def run_evidence(
 def _experiments(
     settings: EvidenceSettings, service: ServiceRun, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    spec = service.members[0].config.model
+    spec = service.spec
     scorer = HeldOutScorer(spec, service.members, settings.seed)
     honest = [NormRecorder(honest_node(m)) for m in service.members]
 

@@ -17,12 +17,13 @@ from typing import Any
 
 from evidence.heldout import HeldOutScorer, Member, member
 from evidence.settings import EvidenceSettings
-from tapestry.config import NodeConfig, load_config
+from tapestry.config import ConsortiumConfig, NodeConfig, load_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.demo import DEMO_NODES, DEMO_POLICY
 from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.errors import UserError
 from tapestry.state_files import load_state
+from tapestry.training.consortium.models.spec import ModelSpec
 
 Losses = dict[str, float]  # jurisdiction -> held-out loss
 
@@ -34,6 +35,7 @@ class EvidenceError(UserError):
 @dataclass
 class ServiceRun:
     members: list[Member]
+    spec: ModelSpec
     rounds: list[pb.ConsortiumRoundResult] = field(default_factory=list)
     base_loss: list[Losses] = field(default_factory=list)  # index r: the base after round r
     received_loss: list[dict[str, float]] = field(default_factory=list)  # as nodes reported
@@ -78,14 +80,20 @@ def run_services(
         policy=DEMO_POLICY,
     )
     with consortium:
+        # The consortium's model: the nodes take it from the coordinator at their session's
+        # opening, so their files do not repeat it; each member's twin is given it here.
+        spec = load_config(consortium.consortium_config_path, ConsortiumConfig).model
         # The files the nodes read: their split is rebuilt from them, by their function.
         members = [
-            member(load_config(consortium.node_config_path(n.node_id), NodeConfig))
+            member(
+                load_config(consortium.node_config_path(n.node_id), NodeConfig).model_copy(
+                    update={"model": spec}
+                )
+            )
             for n in consortium.nodes
         ]
-        spec = members[0].config.model
         scorer = HeldOutScorer(spec, members, settings.seed)
-        run = ServiceRun(members)
+        run = ServiceRun(members, spec)
         with consortium.client() as client:
             _, state = client.get_base()  # a new consortium's: round 0
             round0_state = state

@@ -413,16 +413,18 @@ class MemberConfig(_Strict):
     """The member's id: its node file's ``node_id`` and its certificate's name."""
     jurisdiction: str = Field(min_length=1)
     """The member's jurisdiction, as its node file names it."""
-    address: str
-    """Where the member's node serves: ``HOST:PORT``, port 1..65535."""
+    address: str | None = None
+    """Where the member's node listens, ``HOST:PORT`` (port 1..65535), for a node that
+    accepts connections: the coordinator then dials it. Unset (the default), the node
+    dials out: it connects to the coordinator and holds a session, and opens no port."""
     quality_score: float | None = Field(None, ge=0, le=MAX_QUALITY)
     """The consortium's own assessment of this member; when set, the policy weighs it
     instead of the node's self-reported score."""
 
     @field_validator("address")
     @classmethod
-    def _host_port(cls, value: str) -> str:
-        return check_address(value)
+    def _host_port(cls, value: str | None) -> str | None:
+        return None if value is None else check_address(value)
 
 
 class ConsortiumConfig(_Strict):
@@ -564,8 +566,18 @@ class NodeConfig(_Strict):
     tokens."""
     seed: int = 0
     """The consortium's seed: the held-out split and the node's shuffling derive from it."""
-    model: ModelSpecField = ModelSpec()
-    """The consortium's model; a node whose model differs is refused before weights move."""
+    coordinator: str | None = None
+    """The coordinator to dial, ``HOST:PORT``: the node connects out, holds a session and
+    opens no listening socket (the default way to run a node). Unset, the node listens
+    (``node serve --listen``) and the coordinator dials it."""
+    model: ModelSpecField | None = None
+    """The consortium's model. A node that dials out takes it from the coordinator and
+    needs none; given, it pins it: a coordinator that sends another is refused. A node that
+    listens trains it (the default model without it); a coordinator with another refuses
+    the node before weights move."""
+    model_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+    """Pins the model by its digest (a dialing node logs the digest it is sent at each
+    session's opening): a coordinator whose model has another is refused there."""
     training: TrainingConfig = TrainingConfig()
     """How the node trains."""
     limits: NodeLimits = NodeLimits()
@@ -577,13 +589,26 @@ class NodeConfig(_Strict):
     def _windows_fit_the_model(self) -> NodeConfig:
         """A window of ``max_seq_len`` tokens trains on ``max_seq_len - 1`` input positions,
         which must fit the model's context length."""
-        limit, window = context_length_limit(self.model), self.training.max_seq_len
-        if limit is not None and window - 1 > limit:
-            raise ValueError(
-                f"training.max_seq_len = {window} gives inputs of {window - 1} positions, past "
-                f"the model's context length {limit}; set max_seq_len to at most {limit + 1}"
-            )
+        if self.model is None:
+            return self  # checked when a model is chosen (check_window)
+        check_window(self.model, self.training.max_seq_len)
         return self
+
+    @field_validator("coordinator")
+    @classmethod
+    def _dial_address(cls, value: str | None) -> str | None:
+        return None if value is None else check_address(value)
+
+
+def check_window(model: ModelSpec, max_seq_len: int) -> None:
+    """A window of ``max_seq_len`` tokens trains on ``max_seq_len - 1`` input positions,
+    which must fit the model's context length (ValueError, naming the fix)."""
+    limit, window = context_length_limit(model), max_seq_len
+    if limit is not None and window - 1 > limit:
+        raise ValueError(
+            f"training.max_seq_len = {window} gives inputs of {window - 1} positions, past "
+            f"the model's context length {limit}; set max_seq_len to at most {limit + 1}"
+        )
 
 
 Config = TypeVar("Config", bound=_Strict)

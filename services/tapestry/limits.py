@@ -166,3 +166,6 @@ MAX_ERROR_DETAILS_CHARS = 300
 
 # How much of a name a peer sends is shown or kept (a node id has at most 63 characters).
 MAX_PEER_NAME_CHARS = 64
+# Calls one member (one certificate identity) may hold open at once on a server, its
+# session included; one more is RESOURCE_EXHAUSTED (tapestry.pki.call_limits).
+MAX_CALLS_PER_MEMBER = 6

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tapestry.config import NodeConfig, load_config
+from tapestry.config import ConsortiumConfig, NodeConfig, load_config
 from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 from tapestry.node.corpus import load_node_corpus
 from tapestry.training.consortium import ModelSpec, SovereignTrainingNode
@@ -88,9 +88,22 @@ def consortium_factory(tmp_path: Path) -> Iterator:
 @pytest.fixture(scope="module")
 def shared_consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalConsortium]:
     """One consortium for the read-mostly tests of a module (starting four processes costs
-    a few seconds)."""
+    a few seconds); its nodes dial out."""
     root = tmp_path_factory.mktemp("shared")
     consortium = LocalConsortium(root, node_specs(root), policy=POLICY)
+    try:
+        consortium.start()
+        yield consortium
+    finally:
+        consortium.stop()
+
+
+@pytest.fixture(scope="module")
+def listening_consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalConsortium]:
+    """Like :func:`shared_consortium`, its nodes listening (the coordinator dials them), for
+    the tests that call a node's own port, as a coordinator or a stranger would."""
+    root = tmp_path_factory.mktemp("listening")
+    consortium = LocalConsortium(root, node_specs(root), policy=POLICY, dial_out=False)
     try:
         consortium.start()
         yield consortium
@@ -103,7 +116,11 @@ def core_node(consortium: LocalConsortium, node_id: str, spec: ModelSpec) -> Sov
     corpus split as the node splits it, its training settings, and ``spec`` (checked
     against its file), so the twin's cycles give the node process's bits."""
     config = load_config(consortium.node_config_path(node_id), NodeConfig)
-    assert config.model == spec
+    # The node's model: its file's (a node that listens) or the coordinator's (one that
+    # dials out takes it from the consortium file, through its session).
+    assert (
+        config.model or load_config(consortium.consortium_config_path, ConsortiumConfig).model
+    ) == spec
     corpus = load_node_corpus(config)
     return SovereignTrainingNode(
         node_id,

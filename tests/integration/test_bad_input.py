@@ -22,8 +22,8 @@ Stream = list[Request]
 
 
 @pytest.fixture(scope="module")
-def node_stub(shared_consortium):
-    with shared_consortium.channel("india", "coordinator", "") as channel:
+def node_stub(listening_consortium):
+    with listening_consortium.channel("india", "coordinator", "") as channel:
         yield pb_grpc.SovereignNodeServiceStub(channel)
 
 
@@ -118,10 +118,10 @@ MALFORMED: dict[str, tuple[Callable[[], Stream], str]] = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_a_malformed_base_stream_is_refused_and_stores_nothing(
-    shared_consortium, node_stub, case: str
+    listening_consortium, node_stub, case: str
 ) -> None:
     make, fragment = MALFORMED[case]
-    artifacts = shared_consortium.node_data_dir("india") / "artifacts"
+    artifacts = listening_consortium.node_data_dir("india") / "artifacts"
     before = sorted(p.name for p in artifacts.glob("*"))
 
     with pytest.raises(grpc.RpcError) as caught:
@@ -160,8 +160,8 @@ def test_an_artifact_the_node_does_not_keep_is_not_found(node_stub) -> None:
 
 
 @pytest.mark.slow
-def test_a_round_never_committed_is_not_found(shared_consortium) -> None:
-    with shared_consortium.channel("coordinator") as channel:
+def test_a_round_never_committed_is_not_found(listening_consortium) -> None:
+    with listening_consortium.channel("coordinator") as channel:
         stub = pb_grpc.CoordinatorServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.GetRound(pb.GetRoundRequest(round_num=999))

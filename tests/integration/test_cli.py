@@ -77,7 +77,9 @@ def test_ctrl_c_during_round_run_says_the_round_goes_on_and_it_commits(tmp_path)
 
 @pytest.mark.slow
 def test_a_node_address_given_as_the_coordinator_is_named_as_a_node(tmp_path):
-    with LocalConsortium(tmp_path, node_specs(tmp_path)[:2], policy=POLICY) as consortium:
+    with LocalConsortium(
+        tmp_path, node_specs(tmp_path)[:2], policy=POLICY, dial_out=False
+    ) as consortium:
         node = consortium.processes["vietnam"].address
         ran = subprocess.run(
             [sys.executable, "-m", "tapestry", "rounds", "--coordinator", node],
@@ -96,7 +98,8 @@ def test_a_node_address_given_as_the_coordinator_is_named_as_a_node(tmp_path):
 
 def test_a_node_on_a_port_in_use_exits_with_one_line_and_no_traceback(tmp_path):
     spec = node_specs(tmp_path)[0]
-    local = LocalConsortium(tmp_path, [spec], tls=False)  # only to write the node's config
+    # Only to write the file of a node that listens.
+    local = LocalConsortium(tmp_path, [spec], tls=False, dial_out=False)
     config = write_config(local.node_config_path("vietnam"), local.node_config(spec))
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -63,12 +63,15 @@ def test_keep_running_describes_the_consortium_and_stops_on_sigterm(tmp_path):
         with open_channel(coordinator, operator) as channel:
             listed = pb_grpc.CoordinatorServiceStub(channel).ListRounds(pb.ListRoundsRequest())
         assert [r.round_num for r in listed.rounds] == [1]
-        # A node's own credentials reach it at the address given.
+        # The nodes listen nowhere: each holds its session, as a node's own credentials
+        # read from the coordinator.
+        assert all(described["nodes"][node_id]["address"] is None for node_id in nodes)
         for node_id in nodes:
             own = _credentials(described, described["node_credentials"][node_id])
-            with open_channel(described["nodes"][node_id]["address"], own) as channel:
-                who = pb_grpc.SovereignNodeServiceStub(channel).Describe(pb.DescribeRequest())
-            assert who.node_id == node_id
+            with open_channel(coordinator, own) as channel:
+                stub = pb_grpc.CoordinatorServiceStub(channel)
+                members = stub.ListMembers(pb.ListMembersRequest()).members
+            assert [(m.node_id, m.connected) for m in members] == [(n, True) for n in nodes]
         # The CLI, as the file tells a user to call it.
         env = {
             **os.environ,
@@ -91,7 +94,7 @@ def test_keep_running_describes_the_consortium_and_stops_on_sigterm(tmp_path):
             demo.wait()
     assert demo.returncode == 0
     assert "endpoints.json" in out and "All processes stopped." in out
-    for address in [coordinator, *(n["address"] for n in described["nodes"].values())]:
+    for address in [coordinator]:
         with open_channel(address, operator) as channel:
             try:
                 grpc.channel_ready_future(channel).result(timeout=1)

@@ -31,12 +31,13 @@ def _config(members: list[dict[str, str]], tls: TlsConfig | None = None) -> Cons
 
 @contextmanager
 def _started(config: ConsortiumConfig, data_dir: Path) -> Iterator[None]:
-    server, _, _ = build_coordinator_server(
+    server, _, _, roster = build_coordinator_server(
         config, "127.0.0.1:0", data_dir, insecure=config.tls is None, source=SOURCE
     )
     try:
         yield
     finally:
+        roster.close()
         server.stop(None)
 
 

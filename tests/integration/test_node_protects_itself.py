@@ -37,7 +37,10 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalConsortiu
         dataclasses.replace(spec, limits={"receive_timeout_s": RECEIVE_TIMEOUT_S})
         for spec in node_specs(root)
     ]
-    consortium = LocalConsortium(root, specs, consortium_id=CONSORTIUM, policy=POLICY)
+    # The node listens: a caller posing as its coordinator reaches its port.
+    consortium = LocalConsortium(
+        root, specs, consortium_id=CONSORTIUM, policy=POLICY, dial_out=False
+    )
     try:
         consortium.start()
         with consortium.client() as client:

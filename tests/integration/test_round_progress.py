@@ -42,7 +42,8 @@ def _cycle_requests(
     yield pb.RunSovereignCycleRequest(delta_decision=pb.DeltaDecision(send=True))
 
 
-def test_a_nodes_reply_streams_its_progress_before_its_result(shared_consortium) -> None:
+def test_a_nodes_reply_streams_its_progress_before_its_result(listening_consortium) -> None:
+    shared_consortium = listening_consortium  # its node's own port, called as its coordinator
     """Called as the coordinator would: base received (how much), then training steps up to
     the last, each with a finite loss, then the result and the delta."""
     with shared_consortium.channel("india", "coordinator", "") as channel:

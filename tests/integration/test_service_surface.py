@@ -21,7 +21,8 @@ from tapestry.wire.grpc_plumbing import check_health
 
 
 @pytest.mark.slow
-def test_every_server_is_healthy_and_reflects_its_services(shared_consortium):
+def test_every_server_is_healthy_and_reflects_its_services(listening_consortium):
+    shared_consortium = listening_consortium  # nodes that serve, to be reached
     expected = {
         "coordinator": "tapestry.consortium.v1.CoordinatorService",
         "vietnam": "tapestry.consortium.v1.SovereignNodeService",
@@ -38,7 +39,8 @@ def test_every_server_is_healthy_and_reflects_its_services(shared_consortium):
 
 
 @pytest.mark.slow
-def test_describe_names_the_node_and_its_model(shared_consortium):
+def test_describe_names_the_node_and_its_model(listening_consortium):
+    shared_consortium = listening_consortium
     with shared_consortium.channel("vietnam") as channel:
         described = pb_grpc.SovereignNodeServiceStub(channel).Describe(pb.DescribeRequest())
     assert (described.node_id, described.jurisdiction) == ("vietnam", "Vietnam")
@@ -161,7 +163,8 @@ def test_cli_round_run_prints_progress_and_a_table_that_fit_80_columns(shared_co
 
 
 @pytest.mark.slow
-def test_a_node_serves_its_artifact_by_round_or_latest(shared_consortium):
+def test_a_node_serves_its_artifact_by_round_or_latest(listening_consortium):
+    shared_consortium = listening_consortium  # a node that serves, to be reached
     with shared_consortium.client() as client:
         committed = client.run_round()
     with shared_consortium.channel("india") as channel:

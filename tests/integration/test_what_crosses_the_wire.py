@@ -34,20 +34,23 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
             proxy.close()
     assert "vietnam" in result.accepted_nodes
 
-    # Decode every gRPC message the node sent back, exactly as it crossed the socket: the
-    # answers to Describe (asked before any weights are sent), then one cycle stream.
+    # Decode every gRPC message the node sent, exactly as it crossed the socket: the node
+    # dials out, so what it sends goes upstream, on its one session stream.
     streams = [
-        grpc_messages(bytes(stream))
-        for stream in data_payloads(bytes(recording.downstream)).values()
+        grpc_messages(bytes(stream)) for stream in data_payloads(bytes(recording.upstream)).values()
     ]
     sent = b"".join(m for messages in streams for m in messages)
-    cycles = [messages for messages in streams if len(messages) > 1]
-    assert len(cycles) == 1
-    for messages in streams:
-        if messages is not cycles[0]:
-            (described,) = [pb.DescribeResponse.FromString(m) for m in messages]
-            assert (described.node_id, described.jurisdiction) == ("vietnam", "Vietnam")
-    replies = [pb.RunSovereignCycleResponse.FromString(m) for m in cycles[0]]
+    (session,) = [[pb.OpenSessionRequest.FromString(m) for m in ms] for ms in streams if ms]
+    assert session[0].WhichOneof("item") == "open"
+    described = [m.described for m in session if m.WhichOneof("item") == "described"]
+    # Described at the session's opening and again before the round sends any weights.
+    assert len(described) == 2
+    assert all((d.node_id, d.jurisdiction) == ("vietnam", "Vietnam") for d in described)
+    cycle_ids = {m.exchange_id for m in session if m.WhichOneof("item") == "cycle"}
+    assert len(cycle_ids) == 1
+    replies = [m.cycle for m in session if m.WhichOneof("item") == "cycle"]
+    ends = [m.end for m in session if m.WhichOneof("item") == "end"]
+    assert [end.code for end in ends] in ([], [0])  # the reply's end, if it left before the cancel
     # Progress first (numbers only: phase, steps, loss, sizes), then the result and delta.
     progress = [r.progress for r in replies if r.WhichOneof("item") == "progress"]
     assert progress and all(len(p.SerializeToString()) < 64 for p in progress)
@@ -73,6 +76,7 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
         for fragment in (line.encode(), line[:12].encode()):
             assert fragment not in sent
             assert fragment not in bytes(recording.downstream)
+            assert fragment not in bytes(recording.upstream)
     header = replies[0].result
     assert header.artifact.model_state_sha256  # the state is described, not sent
     # The delta is hashed as it streams: its digest is in the trailer, not the header.
@@ -103,7 +107,8 @@ def test_with_mutual_tls_nothing_readable_crosses_the_wire(consortium_factory):
     assert "vietnam" in result.accepted_nodes
     upstream, downstream = bytes(recording.upstream), bytes(recording.downstream)
     model_bytes = sum(tensor_bytes(t).nbytes for t in base.values())
-    assert len(upstream) > model_bytes and len(downstream) > model_bytes  # base out, delta back
+    # The node dials out: the base comes downstream to it, its delta goes upstream.
+    assert len(upstream) > model_bytes and len(downstream) > model_bytes
     # Each direction opens with a TLS handshake record (content type 22, version 3.x).
     assert upstream[:2] == downstream[:2] == b"\x16\x03"
     assert H2_PREFACE not in upstream
@@ -111,7 +116,7 @@ def test_with_mutual_tls_nothing_readable_crosses_the_wire(consortium_factory):
         consortium.node_data_dir("vietnam") / "artifacts" / "round-000001" / "model.safetensors"
     )
     for name in base:
-        assert bytes(tensor_bytes(base[name])[:64]) not in upstream
-        assert bytes(tensor_bytes(trained[name] - base[name])[:64]) not in downstream
+        assert bytes(tensor_bytes(base[name])[:64]) not in downstream
+        assert bytes(tensor_bytes(trained[name] - base[name])[:64]) not in upstream
     for line in CORPORA["vietnam"]:
-        assert line[:12].encode() not in downstream
+        assert line[:12].encode() not in upstream

@@ -65,8 +65,9 @@ class Consortium:
 def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
     """One node and its coordinator, after one committed round."""
     root = tmp_path_factory.mktemp("property")
+    # The node listens: hostile streams reach its port as from a posing coordinator.
     local = LocalConsortium(
-        root, node_specs(root)[:1], consortium_id=CONSORTIUM, policy=ONE_NODE_POLICY
+        root, node_specs(root)[:1], consortium_id=CONSORTIUM, policy=ONE_NODE_POLICY, dial_out=False
     )
     try:
         local.start()

@@ -17,7 +17,6 @@ import yaml
 from tapestry.cli import main as cli
 from tapestry.config import ConsortiumConfig, NodeConfig, TlsConfig, load_config
 from tapestry.node.corpus import load_corpus
-from tapestry.pki.layout import node_server_name
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -132,18 +131,20 @@ def test_every_command_and_healthcheck_exists_in_the_cli():
         if "healthcheck" in service:
             test = service["healthcheck"]["test"]
             assert test[0] == "CMD"
+            if name in NODES:  # a node listens nowhere: healthy once welcomed (its ready file)
+                _, options = _resolve(_argv(service["command"]))
+                assert test[1:] == ["test", "-f", options["--ready-file"]]
+                continue
             command, options = _resolve(test[1:])
             assert command.name == "health"
         assert service.get("image") or service.get("build"), name
 
 
 @pytest.mark.parametrize("node", NODES)
-def test_nodes_listen_where_the_consortium_file_says(node):
+def test_nodes_dial_the_coordinator_and_listen_nowhere(node):
     service = SERVICES[node]
     _, options = _resolve(_argv(service["command"]))
-    port = options["--listen"].rsplit(":", 1)[1]
-    _, health = _resolve(service["healthcheck"]["test"][1:])
-    assert health["--address"].rsplit(":", 1)[1] == port
+    assert "--listen" not in _argv(service["command"])
 
     config_path = _host_path(service, options["--config"])
     node_config = load_config(config_path, NodeConfig)
@@ -164,9 +165,11 @@ def test_nodes_listen_where_the_consortium_file_says(node):
         _host_path(coordinator, coordinator_options["--config"]), ConsortiumConfig
     )
     member = {m.node_id: m for m in consortium.nodes}[node]
-    assert member.address == f"{node}:{port}"
+    assert member.address is None  # the coordinator never dials a node
+    port = coordinator_options["--listen"].rsplit(":", 1)[1]
+    assert node_config.coordinator == f"coordinator:{port}"
     assert member.jurisdiction == node_config.jurisdiction
-    assert consortium.model == node_config.model
+    assert node_config.model is None  # the node takes the coordinator's
     assert consortium.seed == node_config.seed
     assert consortium.consortium_id == node_config.consortium_id
 
@@ -196,9 +199,13 @@ def test_each_service_keeps_state_in_its_own_named_volume():
 
 
 def test_startup_order_waits_on_health():
-    depends = SERVICES["coordinator"]["depends_on"]
+    """The coordinator first; each node once it is healthy (they dial it); a round once
+    every node holds its session."""
+    assert set(SERVICES["coordinator"]["depends_on"]) == {"certs"}
+    for node in NODES:
+        assert SERVICES[node]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+    depends = SERVICES["cli"]["depends_on"]
     assert {n: depends[n]["condition"] for n in NODES} == dict.fromkeys(NODES, "service_healthy")
-    assert SERVICES["cli"]["depends_on"]["coordinator"]["condition"] == "service_healthy"
 
 
 def test_the_image_is_built_from_files_that_exist():
@@ -240,8 +247,8 @@ def test_every_server_serves_mutual_tls_from_its_own_certificate_volume(name):
     assert share in _shares()
 
 
-@pytest.mark.parametrize("name", SERVERS)
-def test_health_checks_call_with_the_servers_own_certificate(name):
+def test_the_health_check_calls_with_the_coordinators_own_certificate():
+    name = "coordinator"
     service = SERVICES[name]
     tls = _tls(name)
     _, health = _resolve(service["healthcheck"]["test"][1:])
@@ -249,10 +256,7 @@ def test_health_checks_call_with_the_servers_own_certificate(name):
     assert (health["--ca"], health["--cert"], health["--key"]) == tuple(
         str(p) for p in (tls.ca, tls.cert, tls.key)
     )
-    if name == "coordinator":
-        assert health["--server-name"] in _certs_init()["--coordinator-host"]
-    else:
-        assert health["--server-name"] == node_server_name(name)
+    assert health["--server-name"] in _certs_init()["--coordinator-host"]
 
 
 def test_the_certificates_name_this_consortium_and_its_members():
@@ -261,9 +265,10 @@ def test_the_certificates_name_this_consortium_and_its_members():
     _, options = _resolve(_argv(coordinator["command"]))
     consortium = load_config(_host_path(coordinator, options["--config"]), ConsortiumConfig)
     assert init["--consortium"] == [consortium.consortium_id]
-    # Every member is named, and every node is reached by the host its certificate names.
+    # Every member is named; none is dialed (each dials the coordinator by the host its
+    # certificate names).
     assert sorted(init["--node"]) == sorted(NODES)
-    assert {m.address.rsplit(":", 1)[0] for m in consortium.nodes} == set(NODES)
+    assert {m.address for m in consortium.nodes} == {None}
     assert "coordinator" in init["--coordinator-host"]
     assert SERVICES["cli"]["environment"]["TAPESTRY_COORDINATOR"].startswith("coordinator:")
     assert sorted(_shares()) == sorted(
@@ -317,7 +322,7 @@ def test_every_server_serves_metrics_inside_the_network_only(name):
     _, options = _resolve(_argv(service["command"]))
     host, port = options["--metrics-listen"].rsplit(":", 1)
     assert host == "0.0.0.0"  # the container's interfaces: its network, not the host's
-    assert port != options["--listen"].rsplit(":", 1)[1]
+    assert port != options.get("--listen", ":").rsplit(":", 1)[1]
     assert service["expose"] == [port]
     published = [_with_defaults(p) for p in service.get("ports", [])]
     if name == "coordinator":

@@ -54,7 +54,7 @@ def test_node_config_resolves_corpus_paths_against_its_folder(tmp_path):
         config.training.batch_size,
         config.training.max_seq_len,
     ) == (2, 1e-3, 8, 16)
-    assert config.model.vocab_size == 256
+    assert config.model is None  # a node that dials out takes the model from the coordinator
     assert config.consortium_id == "c"
     assert (
         config.limits.max_round_gap,
@@ -272,8 +272,7 @@ def test_an_unknown_member_key_names_the_closest_valid_one(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(path, ConsortiumConfig)
     assert str(caught.value) == (
-        f"{path}: nodes.1.address: Field required; nodes.1.adress: Extra inputs are not "
-        "permitted; did you mean 'address'?"
+        f"{path}: nodes.1.adress: Extra inputs are not permitted; did you mean 'address'?"
     )
 
 

@@ -69,7 +69,16 @@ def test_storage_records_live_apart_from_the_public_api() -> None:
     [
         (
             "CoordinatorService",
-            ["RunRound", "GetRound", "ListRounds", "GetBase", "ListArtifacts", "RollBackBase"],
+            [
+                "RunRound",
+                "GetRound",
+                "ListRounds",
+                "GetBase",
+                "ListArtifacts",
+                "RollBackBase",
+                "OpenSession",
+                "ListMembers",
+            ],
         ),
         ("SovereignNodeService", ["Describe", "RunSovereignCycle", "GetArtifact"]),
     ],

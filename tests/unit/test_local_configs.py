@@ -44,29 +44,28 @@ def test_the_shipped_consortium_names_every_shipped_node_as_it_describes_itself(
     assert [m.node_id for m in consortium.nodes] == ["vietnam", "switzerland", "india"]
     for member in consortium.nodes:
         node = nodes[member.node_id]
-        assert (member.jurisdiction, node.model, node.seed, node.consortium_id) == (
+        assert (member.jurisdiction, node.seed, node.consortium_id) == (
             node.jurisdiction,
-            consortium.model,
             consortium.seed,
             consortium.consortium_id,
         )
-    addresses = [m.address for m in consortium.nodes]
-    assert len(set(addresses)) == len(addresses)
-    assert all(a.startswith("127.0.0.1:") for a in addresses)
+        # Every node dials the coordinator and takes the model from it.
+        assert (member.address, node.model, node.coordinator) == (None, None, "127.0.0.1:50051")
 
 
 def test_the_docs_start_the_shipped_configs_where_the_consortium_expects_them():
     section = " ".join(_section("Running your own consortium").split())
     consortium = load_config(LOCAL / "consortium.toml", ConsortiumConfig)
     for member in consortium.nodes:
-        assert (
-            f"tapestry node serve --config deploy/local/nodes/{member.node_id}.toml "
-            f"--listen {member.address}"
-        ) in section
+        node = load_config(LOCAL / "nodes" / f"{member.node_id}.toml", NodeConfig)
+        assert f"tapestry node serve --config deploy/local/nodes/{member.node_id}.toml" in section
+        # The coordinator listens where every node dials it; the nodes listen nowhere.
+        assert f"--listen {node.coordinator}" in section
+    assert "--listen 127.0.0.1:5006" not in section
     assert "tapestry coordinator serve --config deploy/local/consortium.toml" in section
     for path in re.findall(r"--config (\S+)", section):
         assert (ROOT / path).is_file(), path
-    for command in ("round run", "rounds", "artifacts", "health --address"):
+    for command in ("round run", "rounds", "artifacts", "nodes", "health --address"):
         assert f"tapestry {command}" in section
 
 

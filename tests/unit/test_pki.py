@@ -58,8 +58,9 @@ def test_init_writes_the_documented_layout_with_key_files_0600(pki: Path) -> Non
 
 
 def test_each_certificate_names_its_identity_and_hosts_in_its_san(pki: Path) -> None:
+    # The coordinator's also names it for a dialing node's handshake (COORDINATOR_SERVER_NAME).
     assert certificate_sans(_cert(pki / "coordinator/cert.pem")) == [
-        "spiffe://acme/coordinator", "coordinator", "127.0.0.1",
+        "spiffe://acme/coordinator", "coordinator", "coordinator.tapestry.invalid", "127.0.0.1",
     ]  # fmt: skip
     # A node's certificate also names it for the coordinator's handshake (node_server_name).
     assert certificate_sans(_cert(pki / "nodes/eu/cert.pem")) == [

@@ -53,6 +53,7 @@ for command in (
     rounds.round_group,
     base.base_group,
     rounds.rounds,
+    listings.nodes,
     listings.artifacts,
     listings.report_command,
     health.health,

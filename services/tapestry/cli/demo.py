@@ -114,13 +114,6 @@ def demo(round_count: int, workdir: Path | None, keep_running: bool, delta_encod
 )
 @click.option("--min-nodes", type=int, default=None, help="The quorum.")
 @click.option("--coordinator-port", type=click.IntRange(1, 65535), default=50051, show_default=True)
-@click.option(
-    "--first-node-port",
-    type=click.IntRange(1, 65535),
-    default=50061,
-    show_default=True,
-    help="Node i listens on this port + i.",
-)
 @click.option("--insecure", is_flag=True, help="Write no certificates: every server plaintext.")
 @friendly_errors
 def init(
@@ -130,14 +123,14 @@ def init(
     consortium_id: str,
     seed: int,
     coordinator_port: int,
-    first_node_port: int,
     insecure: bool,
     **policy: object,
 ) -> None:
-    """Write a local consortium: the consortium file, one node file per member with the
-    same [model], and the certificates; then print the commands that serve it and run a
-    round. Every server listens on 127.0.0.1 at a fixed port. Policy options left out take
-    the consortium file's defaults (docs/concepts/policy.md)."""
+    """Write a local consortium: the consortium file (with the [model]), one node file per
+    member (each dials the coordinator and takes the model from it), and the certificates;
+    then print the commands that serve it and run a round. The coordinator listens on
+    127.0.0.1 at a fixed port; the nodes listen nowhere. Policy options left out take the
+    consortium file's defaults (docs/concepts/policy.md)."""
     from tapestry.demo.scaffold import init_local_consortium, parse_member
     from tapestry.pki.layout import split_list
 
@@ -148,17 +141,16 @@ def init(
         model=model,
         policy={name: value for name, value in policy.items() if value is not None},
         coordinator_port=coordinator_port,
-        first_node_port=first_node_port,
         seed=seed,
         tls=not insecure,
     )
     root = setup.consortium.workdir
-    click.echo(f"consortium {consortium_id}: {len(setup.node_addresses)} nodes, written to {root}")
+    click.echo(f"consortium {consortium_id}: {len(setup.node_ids)} nodes, written to {root}")
     for path in setup.written():
         click.echo(f"  {path.relative_to(root)}")
     if not insecure:
         click.echo("  certs/ (mutual TLS: the CA, the coordinator, each node, one operator)")
-    click.echo("Next, each server in a terminal of its own (nodes first), then a round:")
+    click.echo("Next, each server in a terminal of its own (the coordinator first), then a round:")
     for command in setup.next_steps():
         click.echo(f"  {command}")
 

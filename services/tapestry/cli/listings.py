@@ -1,5 +1,6 @@
-"""``tapestry artifacts`` (what the nodes retain) and ``tapestry report`` (the rounds as a
-PNG and an HTML page): what the coordinator has recorded. The client, the views and torch
+"""``tapestry nodes`` (the members and their sessions), ``tapestry artifacts`` (what the
+nodes retain) and ``tapestry report`` (the rounds as a PNG and an HTML page): what the
+coordinator knows and has recorded. The client, the views and torch
 are imported inside the commands."""
 
 from __future__ import annotations
@@ -17,6 +18,25 @@ from tapestry.cli.options import (
     json_option,
     page_size_option,
 )
+
+
+@click.command()
+@coordinator_option
+@json_option
+@client_tls_options
+@friendly_errors
+def nodes(address: str, as_json: bool, credentials: grpc.ChannelCredentials | None) -> None:
+    """List the consortium's members: connected or not, since when, last seen, protocol
+    version, release, and the address their session comes from."""
+    from tapestry.cli import report
+    from tapestry.coordinator.client import CoordinatorClient
+
+    with CoordinatorClient(address, credentials) as client:
+        members = client.list_members()
+    if as_json:
+        echo_json(members)
+    else:
+        report.console().print(report.members_table(members))
 
 
 @click.command()

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich import box
 from rich.console import Console, Group
 from rich.padding import Padding
@@ -152,6 +153,41 @@ def _quality(result: pb.ConsortiumRoundResult, node_id: str) -> str:
     if reported is not None and reported != weighed:
         return f"{weighed:.2f} (self {reported:.2f})"
     return f"{weighed:.2f}"
+
+
+def members_table(members: Sequence[pb.MemberSession]) -> Table:
+    """The members and their sessions: times in UTC to the second, "-" where never."""
+    table = _table(
+        "Members (each node dials the coordinator and holds one session)",
+        "node",
+        "jurisdiction",
+        "session",
+        "since (UTC)",
+        "last seen (UTC)",
+        "version",
+        "address",
+        fixed=("session", "version"),
+    )
+    for m in members:
+        state = "connected" if m.connected else ("never" if not m.HasField("since") else "ended")
+        _row(
+            table,
+            m.node_id,
+            m.jurisdiction,
+            state,
+            _when(m.since) if m.HasField("since") else "-",
+            _when(m.last_seen) if m.HasField("last_seen") else "-",
+            f"{m.protocol_version} ({m.release})" if m.protocol_version else "-",
+            m.address or "-",
+        )
+    ended = [m for m in members if not m.connected and m.ended_reason]
+    if ended:
+        table.caption = "; ".join(f"{m.node_id}: {m.ended_reason}" for m in ended)
+    return table
+
+
+def _when(stamp: Timestamp) -> str:
+    return stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def artifacts_table(artifacts: Sequence[pb.SovereignModelArtifact]) -> Table:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
     import grpc
     from grpc_health.v1.health import HealthServicer
     from prometheus_client import CollectorRegistry
+
+    from tapestry.observe.metrics import NodeMetrics
+    from tapestry.training.consortium.local.distributed import TrainingGroup
 
 F = TypeVar("F", bound=Callable[..., object])
 log = logging.getLogger(__name__)
@@ -137,11 +142,17 @@ def coordinator_serve(
     from tapestry.observe.metrics import CoordinatorMetrics
 
     metrics = CoordinatorMetrics()
-    server, port, health = build_coordinator_server(
-        config, listen, data_dir, insecure=insecure, metrics=metrics
-    )
+    built = build_coordinator_server(config, listen, data_dir, insecure=insecure, metrics=metrics)
     extra = _serve_metrics(metrics_listen, metrics.registry)
-    _serve_then_exit(server, port, health, SERVICE_NAME, ready_file, extra)
+    _serve_then_exit(
+        built.server,
+        built.port,
+        built.health,
+        SERVICE_NAME,
+        ready_file,
+        extra,
+        before_stop=built.roster.close,
+    )
 
 
 @click.group()
@@ -162,10 +173,12 @@ def node_serve(
     arena_max: int,
     trim_threshold: int,
 ) -> None:
-    """Serve the sovereign node gRPC service for one jurisdiction.
+    """Run the sovereign node of one jurisdiction.
 
-    Under ``torchrun`` rank 0 serves and the other ranks train beside it
-    (docs/operating/torchrun.md)."""
+    With ``coordinator = "HOST:PORT"`` in its file (the default way) the node dials the
+    coordinator, holds a session and opens no listening socket (``--listen`` unused);
+    without, it serves on ``--listen`` and the coordinator dials it. Under ``torchrun``
+    rank 0 runs the node and the other ranks train beside it (docs/operating/torchrun.md)."""
     tune_allocator(arena_max, trim_threshold)  # before any thread allocates
     config = load_node_config(config_path)
     from tapestry.node.corpus import load_node_corpus
@@ -179,12 +192,50 @@ def node_serve(
         serve_as_worker(build_training_node(config, load_node_corpus(config), group), group)
         _exit_now()
     metrics = NodeMetrics(config.node_id)
+    stop_workers = None if group is None else lambda: group.post(STOP)
+    if config.coordinator is not None:
+        _dial_out_then_exit(config, data_dir, ready_file, metrics_listen, insecure, metrics, group)
     server, port, health = build_node_server(
         config, listen, data_dir, insecure=insecure, metrics=metrics, group=group
     )
     extra = _serve_metrics(metrics_listen, metrics.registry)
-    stop_workers = None if group is None else lambda: group.post(STOP)
     _serve_then_exit(server, port, health, SERVICE_NAME, ready_file, extra, stop_workers)
+
+
+def _dial_out_then_exit(
+    config: NodeConfig,
+    data_dir: Path,
+    ready_file: Path | None,
+    metrics_listen: str | None,
+    insecure: bool,
+    metrics: NodeMetrics,
+    group: TrainingGroup | None,
+) -> NoReturn:
+    """Hold the node's session with its coordinator until SIGTERM/SIGINT (the ready file is
+    written at each welcome, ``port`` 0: the node listens nowhere), then exit at once."""
+    from tapestry.node.startup import build_dial_out
+    from tapestry.training.consortium.local.distributed import STOP
+    from tapestry.wire.grpc_plumbing import write_ready_file
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    extra = _serve_metrics(metrics_listen, metrics.registry)
+
+    def joined() -> None:
+        if ready_file is not None:
+            write_ready_file(ready_file, 0, extra)
+
+    dial = build_dial_out(
+        config, data_dir, insecure=insecure, metrics=metrics, group=group, on_joined=joined
+    )
+    try:
+        dial.run(stop)
+    finally:
+        if group is not None:
+            group.post(STOP)
+    log.info("node %s stopped", config.node_id)
+    _exit_now()
 
 
 def load_node_config(path: Path) -> NodeConfig:
@@ -221,6 +272,7 @@ def _serve_then_exit(
     ready_file: Path | None,
     ready_extra: dict[str, int],
     before_exit: Callable[[], None] | None = None,
+    before_stop: Callable[[], None] | None = None,
 ) -> NoReturn:
     """Serve until SIGTERM/SIGINT, drain the calls in flight, call ``before_exit``, then
     exit at once.
@@ -233,7 +285,7 @@ def _serve_then_exit(
     """
     from tapestry.wire.grpc_plumbing import serve_forever
 
-    serve_forever(server, port, health, [service_name], ready_file, ready_extra)
+    serve_forever(server, port, health, [service_name], ready_file, ready_extra, before_stop)
     if before_exit is not None:
         before_exit()
     _exit_now()

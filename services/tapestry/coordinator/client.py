@@ -95,6 +95,11 @@ class CoordinatorClient:
     def list_rounds(self, page_size: int = 0) -> list[pb.ConsortiumRoundResult]:
         return list(self.iter_rounds(page_size))
 
+    def list_members(self, timeout_s: float | None = None) -> list[pb.MemberSession]:
+        """Every member and its session, in the consortium file's order."""
+        reply = self._stub.ListMembers(pb.ListMembersRequest(), timeout=timeout_s)
+        return list(reply.members)
+
     def list_artifacts_page(
         self, page_size: int = 0, page_token: str = ""
     ) -> pb.ListArtifactsResponse:

@@ -17,7 +17,7 @@ import torch
 
 from tapestry.allocator import release_free_memory
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.coordinator.node_links import CycleCall, DialedLink, NodeLink
 from tapestry.errors import WireError, quoted
 from tapestry.limits import MAX_PEER_NAME_CHARS, MAX_PROGRESS_MESSAGE_BYTES, MAX_PROGRESS_MESSAGES
 from tapestry.pki.layout import node_server_name
@@ -29,7 +29,6 @@ from tapestry.training.consortium.progress import CyclePhase, CycleProgress, Pro
 from tapestry.training.consortium.tensors import StateLayout, known_digest, state_nbytes
 from tapestry.wire import codec
 from tapestry.wire.delta_encoding import DeltaEncoding
-from tapestry.wire.grpc_plumbing import node_channel
 from tapestry.wire.spill import SpillingAssembler
 from tapestry.wire.status import NODE, describe_rpc_error
 from tapestry.wire.tensor_stream import (
@@ -108,7 +107,7 @@ class RemoteSovereignNode:
         self,
         node_id: str,
         jurisdiction: str,
-        address: str,
+        link: NodeLink | str,
         *,
         model: ModelSpec | None = None,
         state_layout: StateLayout | None = None,
@@ -122,12 +121,14 @@ class RemoteSovereignNode:
         count_received: ByteCount | None = None,
         delta_encoding: DeltaEncoding = DeltaEncoding.FLOAT32,
     ) -> None:
-        """``model`` is the consortium's model spec: before any weights are sent, the node
-        must describe itself as ``node_id`` in ``jurisdiction`` training that model, and
+        """``link`` reaches the node: its session (it dialed out) or, given as an address,
+        a :class:`~tapestry.coordinator.node_links.DialedLink` to a node that listens
+        there. ``model`` is the consortium's model spec: before any weights are sent, the
+        node must describe itself as ``node_id`` in ``jurisdiction`` training that model, and
         ``state_layout`` (the base's, when given) as the layout of its state. With
         ``spill_dir``, the delta is written to ``<spill_dir>/<node_id>.delta`` as it
         arrives instead of being held in memory (see :mod:`tapestry.wire.spill`). With
-        ``credentials`` (the coordinator's) the channel is mutual TLS and the handshake
+        ``credentials`` (the coordinator's) a dialed channel is mutual TLS and the handshake
         refuses a server whose certificate is not this node's
         (:func:`~tapestry.pki.layout.node_server_name`); ``server_check`` then refuses one
         whose certificate the CRL lists, which gRPC's handshake does not check.
@@ -138,7 +139,6 @@ class RemoteSovereignNode:
         encoding, nothing else, and is decoded as it arrives."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
-        self.address = address
         self.model = model
         self.state_layout = state_layout
         self.consortium_id = consortium_id
@@ -149,14 +149,15 @@ class RemoteSovereignNode:
         self._count_sent = count_sent
         self._count_received = count_received
         self.delta_encoding = delta_encoding
-        self._channel = node_channel(
-            address, credentials, node_server_name(node_id) if credentials else None
-        )
-        self._stub = pb_grpc.SovereignNodeServiceStub(self._channel)
+        self._link = DialedLink(node_id, link, credentials) if isinstance(link, str) else link
         self.held_base_sha256 = ""  # the base the node said it holds (Describe)
 
+    @property
+    def address(self) -> str:
+        return self._link.address
+
     def close(self) -> None:
-        self._channel.close()
+        self._link.close()
 
     def check_identity(self) -> None:
         """Ask the node who it is (``Describe``) and refuse a server that is not this
@@ -168,7 +169,7 @@ class RemoteSovereignNode:
         backoff (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
         :data:`DESCRIBE_TIMEOUT_S`; the cycle that follows is never retried."""
         try:
-            described = self._stub.Describe(pb.DescribeRequest(), timeout=DESCRIBE_TIMEOUT_S)
+            described = self._link.describe(DESCRIBE_TIMEOUT_S)
         except grpc.RpcError as error:
             raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
         problems = []
@@ -278,7 +279,7 @@ class RemoteSovereignNode:
                 return
             yield pb.RunSovereignCycleRequest(delta_decision=pb.DeltaDecision(send=send))
 
-        responses = self._stub.RunSovereignCycle(requests(), timeout=self.timeout_s)
+        responses = self._link.cycle(requests(), self.timeout_s)
         try:
             header = _result_after_progress(responses, on_progress)
             specs = {name: (t.dtype, tuple(t.shape)) for name, t in base_state.items()}
@@ -295,7 +296,7 @@ class RemoteSovereignNode:
 
     def _receive_delta(
         self,
-        responses: Iterator[pb.RunSovereignCycleResponse],
+        responses: CycleCall,
         header: pb.SovereignCycleResult,
         base_state: ModelState,
         decisions: queue.Queue[bool],
@@ -337,18 +338,16 @@ class RemoteSovereignNode:
             self._discard(assembler)
             raise
         finally:
-            responses.cancel()  # type: ignore[attr-defined]  # a grpc call: ends it
+            responses.cancel()  # a grpc call: ends it
             release_free_memory()  # the stream's buffers, before integration allocates
 
     @staticmethod
-    def _decline_delta(
-        responses: Iterator[pb.RunSovereignCycleResponse], decisions: queue.Queue[bool]
-    ) -> None:
+    def _decline_delta(responses: CycleCall, decisions: queue.Queue[bool]) -> None:
         """Tell the node its delta is not wanted, without waiting: a thread lets the node
         end the call (status OK) and cancels it after :data:`DECLINE_GRACE_S`, or at once
         if the node sends delta bytes unasked (never read)."""
         _offer(decisions, False)
-        cancel = threading.Timer(DECLINE_GRACE_S, responses.cancel)  # type: ignore[attr-defined]
+        cancel = threading.Timer(DECLINE_GRACE_S, responses.cancel)
         cancel.daemon = True
         cancel.start()
 
@@ -359,7 +358,7 @@ class RemoteSovereignNode:
                 pass  # how the call ends is the node's business: nothing of it is used
             finally:
                 cancel.cancel()
-                responses.cancel()  # type: ignore[attr-defined]
+                responses.cancel()
 
         threading.Thread(target=drain, name="decline-delta", daemon=True).start()
 

@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -18,7 +18,9 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore, StoreError
+from tapestry.coordinator.members import Members
 from tapestry.coordinator.remote_node import RemoteSovereignNode
+from tapestry.coordinator.session_service import SessionDoor
 from tapestry.errors import Busy, NotFound
 from tapestry.observe.metrics import CLIENT_PEER, CoordinatorMetrics
 from tapestry.state_files import StoredState
@@ -49,22 +51,29 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     def __init__(
         self,
         core: ConsortiumCoordinator,
-        nodes: Sequence[RemoteSovereignNode],
+        nodes: Sequence[RemoteSovereignNode] | Callable[[], Sequence[RemoteSovereignNode]],
         store: CoordinatorStore,
         spec: ModelSpec,
         records: Sequence[jpb.RoundRecord] = (),
         chunk_bytes: int = 1 << 20,
         page_token_key: bytes | None = None,
         metrics: CoordinatorMetrics | None = None,
+        sessions: SessionDoor | None = None,
+        members: Members | None = None,
     ) -> None:
-        """The journal's ``records`` go into the core's round ledger, which answers request
-        ids and which round runs. ``page_token_key`` seals the listings' page tokens
-        (default: drawn at random, so tokens do not outlive this process). Rounds are counted
-        in ``metrics``."""
+        """``nodes`` are the round's nodes, or what gives them at each round's start (the
+        members' sessions as they are then). Members' sessions open through ``sessions``
+        (UNIMPLEMENTED without); ``members`` answers ListMembers. The journal's ``records``
+        go into the core's round ledger, which answers request ids and which round runs.
+        ``page_token_key`` seals the listings' page tokens (default: drawn at random, so
+        tokens do not outlive this process). Rounds are counted in ``metrics``."""
         self._core = core
         self._ledger: RoundLedger[jpb.RoundRecord] = RoundLedger(records, key=record_key)
         core.ledger = self._ledger
-        self._nodes = list(nodes)
+        self._nodes = nodes if callable(nodes) else (lambda fixed=list(nodes): fixed)
+        self._order = [node.node_id for node in self._nodes()]  # the consortium file's
+        self._sessions = sessions
+        self._members = members
         self._store = store
         self._spec = spec
         self._chunk_bytes = chunk_bytes
@@ -125,7 +134,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             try:
                 self._store.clear_spill()
                 ended = self._core.run_round(
-                    self._nodes,
+                    self._nodes(),
                     events=events.put,
                     commit=lambda result: self._commit(result, request_id),
                 ).round_num
@@ -292,7 +301,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """Members in consortium-file order, then any others the journal remembers; a page
         token continues after the place it carries in that order."""
         retained = dict(self._core.sovereign_artifacts)
-        order = [node.node_id for node in self._nodes]
+        order = list(self._order)
         order += [n for n in retained if n not in order]
         entries = (
             (place, codec.artifact_to_proto(retained[node_id]))
@@ -306,6 +315,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         except ValueError as error:
             abort(context, error)
         return pb.ListArtifactsResponse(artifacts=artifacts, next_page_token=token)
+
+    # -- members -----------------------------------------------------------------------
+
+    def OpenSession(
+        self, request_iterator: Iterator[pb.OpenSessionRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.OpenSessionResponse]:
+        """A member's session (:mod:`tapestry.coordinator.session_service`)."""
+        if self._sessions is None:
+            context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "this coordinator opens no members' sessions"
+            )
+        yield from self._sessions.open(request_iterator, context)
+
+    def ListMembers(
+        self, request: pb.ListMembersRequest, context: grpc.ServicerContext
+    ) -> pb.ListMembersResponse:
+        """Every member and its session, in the consortium file's order."""
+        if self._members is None:
+            return pb.ListMembersResponse(
+                members=[pb.MemberSession(node_id=node_id) for node_id in self._order]
+            )
+        return pb.ListMembersResponse(members=self._members.listing())
 
 
 def _summary(result: ConsortiumRoundResult) -> str:

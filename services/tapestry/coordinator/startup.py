@@ -6,6 +6,7 @@ import logging
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 from grpc_health.v1.health import HealthServicer
@@ -22,23 +23,35 @@ from tapestry.coordinator.remote_node import (
     NodeMismatch,
     RemoteSovereignNode,
 )
+from tapestry.coordinator.roster import Roster
 from tapestry.coordinator.servicer import CoordinatorServicer
+from tapestry.coordinator.session_service import SessionDoor
 from tapestry.errors import UserError, quoted
 from tapestry.observe.metrics import CoordinatorMetrics, restore_coordinator_metrics
+from tapestry.pki.call_limits import worker_threads
 from tapestry.pki.server_check import served_node_id
-from tapestry.pki.serving import ServerSecurity, server_security
-from tapestry.training.consortium.models.spec import ModelSpec
+from tapestry.pki.serving import server_security
 from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.round.coordinator import ConsortiumCoordinator
-from tapestry.training.consortium.tensors import StateLayout, state_layout
+from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire import codec
-from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.grpc_plumbing import build_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 # What only an operator may call: everything else reads.
 OPERATOR_METHODS = [f"/{SERVICE_NAME}/{name}" for name in ("RunRound", "RollBackBase")]
+SESSION_METHOD = f"/{SERVICE_NAME}/OpenSession"
 log = logging.getLogger(__name__)
+
+
+class CoordinatorServer(NamedTuple):
+    """A coordinator's server, bound and not started; ``roster`` holds its members'
+    sessions (end them with :meth:`~Roster.close` before stopping the server)."""
+
+    server: grpc.Server
+    port: int
+    health: HealthServicer
+    roster: Roster
 
 
 def build_coordinator_server(
@@ -49,22 +62,23 @@ def build_coordinator_server(
     insecure: bool = False,
     metrics: CoordinatorMetrics | None = None,
     source: str = "the consortium file",
-) -> tuple[grpc.Server, int, HealthServicer]:
-    """``(server, port, health)``, bound and not started, at the last committed round.
+) -> CoordinatorServer:
+    """The server, bound and not started, at the last committed round.
 
     With ``[tls]`` it serves mutual TLS: rounds and rollbacks to operators, reads to any
-    member; and calls each node over mutual TLS, checking that the node's certificate names
-    that node. Plaintext (both ways) only with ``insecure``. Rounds, weight streams and
-    outcomes are counted in ``metrics`` (a registry nobody reads, without). Every member is
-    asked who it is first (:func:`check_members`): one that ``source`` (the file's name,
-    for the message) names wrongly stops start-up."""
+    member, a session to each member's node; it calls a member that listens (its entry has
+    an ``address``) over mutual TLS, checking that the node's certificate names that node.
+    Plaintext (both ways) only with ``insecure``. Rounds, weight streams and outcomes are
+    counted in ``metrics`` (a registry nobody reads, without). Every member that listens is
+    asked who it is first (:func:`check_members`): one that ``source`` (the file's name, for
+    the message) names wrongly stops start-up."""
     metrics = metrics or CoordinatorMetrics()
     security = server_security(
         config.tls,
         insecure=insecure,
         consortium=config.consortium_id,
         identity=("coordinator", ""),
-        rules={method: ["operator"] for method in OPERATOR_METHODS},
+        rules={**{method: ["operator"] for method in OPERATOR_METHODS}, SESSION_METHOD: ["node"]},
         rounds=OPERATOR_METHODS,
         what="coordinator",
     )
@@ -79,7 +93,51 @@ def build_coordinator_server(
         }
     )
     base_model = spec.build(config.seed)
-    core = ConsortiumCoordinator(
+    core = _core(config, base_model)
+    records = _resume(core, store, base_model, config.consortium_id)
+    restore_coordinator_metrics(metrics, records, [member.node_id for member in config.nodes])
+    layout = state_layout(model_state(base_model))  # what every member's state must hold
+    roster = Roster(config, layout, store, security, metrics)
+    door = SessionDoor(
+        roster.members,
+        config.consortium_id,
+        spec,
+        lambda: core.round_num,
+        roster.check,
+        secure=security.credentials is not None,
+    )
+    servicer = CoordinatorServicer(
+        core,
+        roster.for_round,
+        store,
+        spec,
+        records,
+        config.chunk_bytes,
+        metrics=metrics,
+        sessions=door,
+        members=roster.members,
+    )
+    server, port, health = build_server(
+        listen,
+        [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+        credentials=security.credentials,
+        interceptors=security.interceptors,
+        # every member at its bound of calls (its session included) leaves room for others
+        max_workers=worker_threads(len(config.nodes)),
+    )
+    try:
+        check_members(roster.dialed, source, config.tls, [m.node_id for m in config.nodes])
+    except MemberError:
+        server.stop(None)
+        roster.close()
+        raise
+    return CoordinatorServer(server, port, health, roster)
+
+
+def _core(config: ConsortiumConfig, base_model: Module) -> ConsortiumCoordinator:
+    """The core coordinator the consortium file describes, from ``base_model``."""
+    return ConsortiumCoordinator(
         base_model,
         config.policy.policy(),
         assessed_quality={
@@ -90,28 +148,6 @@ def build_coordinator_server(
         # holds the base and the state integration builds, whatever the number of nodes.
         copy_states=False,
     )
-    records = _resume(core, store, base_model, config.consortium_id)
-    restore_coordinator_metrics(metrics, records, [member.node_id for member in config.nodes])
-    layout = state_layout(model_state(base_model))  # what every member's state must hold
-    nodes = _remote_nodes(config, spec, layout, store, security, metrics)
-    servicer = CoordinatorServicer(
-        core, nodes, store, spec, records, config.chunk_bytes, metrics=metrics
-    )
-    built = build_server(
-        listen,
-        [lambda server: pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)],
-        [SERVICE_NAME],
-        credentials=security.credentials,
-        interceptors=security.interceptors,
-    )
-    try:
-        check_members(nodes, source, config.tls)
-    except MemberError:
-        built[0].stop(None)
-        for node in nodes:
-            node.close()
-        raise
-    return built
 
 
 def _resume(
@@ -138,37 +174,6 @@ def _resume(
     return records
 
 
-def _remote_nodes(
-    config: ConsortiumConfig,
-    spec: ModelSpec,
-    layout: StateLayout,
-    store: CoordinatorStore,
-    security: ServerSecurity,
-    metrics: CoordinatorMetrics,
-) -> list[RemoteSovereignNode]:
-    """A proxy per member of the consortium file; ``layout`` is what every member's state
-    must hold."""
-    return [
-        RemoteSovereignNode(
-            member.node_id,
-            member.jurisdiction,
-            member.address,
-            model=spec,
-            state_layout=layout,
-            consortium_id=config.consortium_id,
-            timeout_s=config.node_timeout_s,
-            chunk_bytes=config.chunk_bytes,
-            spill_dir=store.spill_dir,
-            credentials=security.channel_credentials,
-            server_check=security.server_check,
-            count_sent=metrics.base_sent(member.node_id),
-            count_received=metrics.delta_received(member.node_id),
-            delta_encoding=DeltaEncoding(config.delta_encoding),
-        )
-        for member in config.nodes
-    ]
-
-
 class MemberError(UserError):
     """The consortium file names a member wrongly: the node at its address serves another
     jurisdiction, or is a node the file does not list; the message names the file, the
@@ -181,9 +186,13 @@ _CERTIFICATE_PROBE_S = 3.0
 
 
 def check_members(
-    nodes: Sequence[RemoteSovereignNode], source: str, tls: TlsConfig | None = None
+    nodes: Sequence[RemoteSovereignNode],
+    source: str,
+    tls: TlsConfig | None = None,
+    members: Collection[str] | None = None,
 ) -> None:
-    """Ask every member who it is, in parallel. One that the consortium file (``source``)
+    """Ask every member in ``nodes`` (those the coordinator dials) who it is, in parallel;
+    ``members`` are all the file lists (``nodes``' ids without). One that the file (``source``)
     names wrongly stops start-up (:class:`MemberError`), where a round would only fail it
     and commit without it: the node at its address serves another jurisdiction, or is a
     node the file does not list (with ``tls``: whose certificate names such a node, so the
@@ -191,7 +200,7 @@ def check_members(
     an address mistake or an impostor; another model; a revoked certificate) is logged as
     a warning: the same check runs again before a round sends that node any weights, and
     fails it there."""
-    listed = {node.node_id for node in nodes}
+    listed = set(members) if members is not None else {node.node_id for node in nodes}
     with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
         found = list(pool.map(lambda node: _misnamed(node, listed, tls), nodes))
     problems = [

@@ -1,7 +1,11 @@
 """A consortium of real processes on 127.0.0.1: the demo and the integration tests use it.
 
-Every server binds port 0 and reports the port it got through a ready file, so there is no
-race for a port chosen in advance; readiness is then confirmed through ``grpc.health.v1``.
+Nodes dial out by default: the coordinator starts first, each node's file names it
+(``coordinator``), and a node is ready once the coordinator has welcomed it (it opens no
+port). With ``dial_out=False`` the nodes listen instead and the coordinator dials them (the
+tests that call a node's own port use that). Every server binds port 0 and reports the port
+it got through a ready file, so there is no race for a port chosen in advance; readiness is
+then confirmed through ``grpc.health.v1``.
 Every process started here is stopped by :meth:`LocalConsortium.stop` (also on errors).
 The configuration files are built as :mod:`tapestry.config` models and written from them,
 so the launcher cannot write a file the servers would refuse.
@@ -50,6 +54,9 @@ START_TIMEOUT_S = 120.0
 # The operator whose certificate the launcher creates and its clients present.
 OPERATOR = "operator"
 COORDINATOR: Final = "coordinator"
+# The coordinator address in a node's file checked before the coordinator has one: each
+# node's file is written again, with the coordinator's address, when the node starts.
+NOT_STARTED = "127.0.0.1:1"
 # A server drains its calls for up to STOP_GRACE_S after SIGTERM; past that (and a margin
 # for its interpreter to exit) it is killed.
 STOP_TIMEOUT_S = STOP_GRACE_S + 5.0
@@ -98,13 +105,15 @@ class LocalConsortium:
         settings: dict[str, Any] | None = None,
         tls: bool = True,
         metrics: bool = False,
+        dial_out: bool = True,
     ) -> None:
         """``model`` and ``policy`` are the fields of :class:`~tapestry.config.ModelTable`
         and :class:`~tapestry.config.PolicyConfig`, a node's ``training`` those of
         :class:`~tapestry.config.TrainingConfig`; ``extra_members`` are added to the
         consortium file as they are (e.g. a node that is not running); ``route(node_id,
         address)`` may give the coordinator another address to reach a node by (e.g. a
-        recording proxy in tests); ``settings`` are further top-level fields of
+        recording proxy in tests; with ``dial_out``, ``route(node_id, coordinator address)``
+        gives the address that node dials instead); ``settings`` are further top-level fields of
         :class:`~tapestry.config.ConsortiumConfig` (e.g. ``node_timeout_s``). Values the
         servers would refuse raise :class:`~tapestry.config.ConfigError` here. With
         ``tls=False`` every server runs ``--insecure`` (plaintext); with ``metrics`` each
@@ -120,6 +129,7 @@ class LocalConsortium:
         self.settings = dict(settings or {})
         self.tls = tls
         self.metrics = metrics
+        self.dial_out = dial_out
         self.certs = Layout(workdir / "certs")
         self.processes: dict[str, Process] = {}
         self.coordinator_address = ""
@@ -157,7 +167,10 @@ class LocalConsortium:
                 "quality_score": spec.quality_score,
                 "corpus": [Path(p).absolute() for p in spec.corpus],
                 "seed": self.seed,
-                "model": self.model,
+                # A node that dials out takes the model from the coordinator, unless it
+                # trains under torchrun (its worker ranks build the model before it dials).
+                **({"coordinator": self._dialed_address(spec.node_id)} if self.dial_out else {}),
+                **({"model": self.model} if not self.dial_out or spec.processes > 1 else {}),
                 "training": spec.training,
                 "limits": spec.limits,
                 **self._tls_section("node", spec.node_id),
@@ -210,45 +223,67 @@ class LocalConsortium:
         """Write the node file of ``spec``; its path."""
         return write_config(self.node_config_path(spec.node_id), self.node_config(spec))
 
-    def write_consortium_config(self, addresses: Mapping[str, str]) -> Path:
-        """Write the consortium file, each node a member at ``addresses[node_id]``; its path.
-        The members are checked with the file (a :class:`ConfigError` naming the field)."""
+    def write_consortium_config(self, addresses: Mapping[str, str] | None = None) -> Path:
+        """Write the consortium file, each node a member at ``addresses[node_id]`` (without
+        addresses, members that dial out); its path. The members are checked with the file
+        (a :class:`ConfigError` naming the field)."""
         members = [
-            {"node_id": s.node_id, "jurisdiction": s.jurisdiction, "address": addresses[s.node_id]}
+            {
+                "node_id": s.node_id,
+                "jurisdiction": s.jurisdiction,
+                **({"address": addresses[s.node_id]} if addresses is not None else {}),
+            }
             for s in self.nodes
         ]
         return write_config(self.consortium_config_path, self.consortium_config(members))
 
     def start(self) -> None:
+        for spec in self.nodes:  # refused here, before any process starts
+            self.node_config(spec)
         self.create_certificates()
+        if self.dial_out:
+            self.write_consortium_config()
+            self._start_coordinator()
         for spec in self.nodes:
-            config = self.write_node_config(spec)
-            self._spawn(
-                spec.node_id,
-                [
-                    "node",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--data-dir",
-                    str(self.node_data_dir(spec.node_id)),
-                ],
-                processes=spec.processes,
-            )
+            self.start_node(spec.node_id, wait=False)
         for spec in self.nodes:
             self._await_ready(spec.node_id)
-        self.write_consortium_config({s.node_id: self._route(s.node_id) for s in self.nodes})
-        self._start_coordinator()
+        if not self.dial_out:
+            self.write_consortium_config({s.node_id: self._route(s.node_id) for s in self.nodes})
+            self._start_coordinator()
+
+    def start_node(self, node_id: str, *, wait: bool = True) -> None:
+        """Start (or start again) the node ``node_id``; with ``wait``, until it is ready
+        (welcomed by the coordinator, when it dials out)."""
+        spec = next(spec for spec in self.nodes if spec.node_id == node_id)
+        config = self.write_node_config(spec)
+        data_dir = str(self.node_data_dir(node_id))
+        self._spawn(
+            node_id,
+            ["node", "serve", "--config", str(config), "--data-dir", data_dir],
+            processes=spec.processes,
+        )
+        if wait:
+            self._await_ready(node_id)
+
+    def _dialed_address(self, node_id: str) -> str:
+        """The address node ``node_id`` dials: the coordinator's, or the route's."""
+        if not self.coordinator_address:
+            return NOT_STARTED  # a file checked before the coordinator starts, not written
+        if self.route is None:
+            return self.coordinator_address
+        return self.route(node_id, self.coordinator_address)
 
     @property
     def consortium_config_path(self) -> Path:
         return self.workdir / "config" / "consortium.toml"
 
-    def _start_coordinator(self) -> str:
+    def _start_coordinator(self, listen: str = "127.0.0.1:0") -> str:
         self._spawn(
             "coordinator",
             ["coordinator", "serve", "--config", str(self.consortium_config_path),
              "--data-dir", str(self.coordinator_data_dir)],
+            listen=listen,
         )  # fmt: skip
         self.coordinator_address = self._await_ready("coordinator")
         return self.coordinator_address
@@ -258,9 +293,33 @@ class LocalConsortium:
         return self.route(node_id, address) if self.route else address
 
     def restart_coordinator(self) -> str:
-        """Stop and start the coordinator on the same data (a restart, for resume tests)."""
+        """Stop and start the coordinator on the same data (a restart, for resume tests).
+        Nodes that dial out dial it again: it comes back on the same port, and this returns
+        once every running node holds a session again."""
+        if not self.dial_out:
+            self._stop(["coordinator"])
+            return self._start_coordinator()
+        address = self.coordinator_address
         self._stop(["coordinator"])
-        return self._start_coordinator()
+        self._start_coordinator(listen=address)
+        self.await_members()
+        return address
+
+    def await_members(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Wait until every running node that dials out holds a session (ListMembers)."""
+        running = {name for name in self.processes if name != COORDINATOR}
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while True:
+                connected = {m.node_id for m in client.list_members() if m.connected}
+                if running <= connected:
+                    return
+                if time.monotonic() > deadline:
+                    raise LaunchError(
+                        f"nodes {sorted(running - connected)} hold no session "
+                        f"{timeout_s:.0f} s after the coordinator started"
+                    )
+                time.sleep(0.1)
 
     def stop_node(self, node_id: str) -> None:
         self._stop([node_id])
@@ -270,7 +329,9 @@ class LocalConsortium:
 
     # -- processes --------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], processes: int = 1) -> None:
+    def _spawn(
+        self, name: str, args: list[str], processes: int = 1, listen: str = "127.0.0.1:0"
+    ) -> None:
         """Start ``tapestry ARGS``; with ``processes`` > 1 under ``torchrun`` (its module,
         ``torch.distributed.run``), whose process is the one kept and stopped: SIGTERM
         reaches every rank through it."""
@@ -295,7 +356,7 @@ class LocalConsortium:
                 *([] if self.tls else ["--insecure"]),
                 *(["--metrics-listen", "127.0.0.1:0"] if self.metrics else []),
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--ready-file",
                 str(ready),
             ],
@@ -323,8 +384,10 @@ class LocalConsortium:
                 )
             time.sleep(0.05)
         announced = json.loads(ready.read_text())
-        process.address = f"127.0.0.1:{announced['port']}"
         process.metrics_port = int(announced.get("metrics_port", 0))
+        if not announced["port"]:
+            return ""  # a node that dials out: the coordinator welcomed it, it listens nowhere
+        process.address = f"127.0.0.1:{announced['port']}"
         try:
             status = check_health(
                 process.address, credentials=self.credentials(), server_name=self._name_of(name)
@@ -371,7 +434,10 @@ class LocalConsortium:
         nodes = [spec.node_id for spec in self.nodes]
         described: dict[str, Any] = {
             "coordinator": {"address": self.coordinator_address},
-            "nodes": {node_id: {"address": self.processes[node_id].address} for node_id in nodes},
+            # A node that dials out has no address: it listens nowhere.
+            "nodes": {
+                node_id: {"address": self.processes[node_id].address or None} for node_id in nodes
+            },
         }
         if self.tls:
 

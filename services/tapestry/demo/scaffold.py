@@ -2,15 +2,16 @@
 construction.
 
 The files are :class:`~tapestry.demo.launcher.LocalConsortium`'s, in its layout: the
-consortium file, one node file per member (each with the one ``[model]`` block), the
-certificates (`tapestry certs init`'s layout, one operator) and where each server keeps its
-data::
+consortium file (the one ``[model]`` block), one node file per member (each naming the
+coordinator it dials; it takes the model from there), the certificates (`tapestry certs
+init`'s layout, one operator) and where each server keeps its data::
 
     OUT/config/consortium.toml    OUT/config/nodes/NODE_ID.toml
     OUT/certs/...                 OUT/data/coordinator, OUT/data/NODE_ID
 
-Every server listens on 127.0.0.1 at a fixed port, so the commands :meth:`LocalSetup.
-next_steps` prints work as written. Imports no torch: it writes files and certificates.
+The coordinator listens on 127.0.0.1 at a fixed port and the nodes dial it (they listen
+nowhere), so the commands :meth:`LocalSetup.next_steps` prints work as written. Imports no
+torch: it writes files and certificates.
 """
 
 from __future__ import annotations
@@ -71,31 +72,32 @@ def parse_member(text: str) -> Member:
 
 @dataclass(frozen=True)
 class LocalSetup:
-    """What :func:`init_local_consortium` wrote, and where each server will listen."""
+    """What :func:`init_local_consortium` wrote, and where the coordinator will listen."""
 
     consortium: LocalConsortium
     coordinator_address: str
-    node_addresses: Mapping[str, str]
+    node_ids: Sequence[str]
 
     def written(self) -> list[Path]:
         """The configuration files, consortium first."""
-        nodes = [self.consortium.node_config_path(node_id) for node_id in self.node_addresses]
+        nodes = [self.consortium.node_config_path(node_id) for node_id in self.node_ids]
         return [self.consortium.consortium_config_path, *nodes]
 
     def next_steps(self) -> list[str]:
-        """The commands that start every node, then the coordinator, then run a round."""
+        """The commands that start the coordinator, then every node (each dials it), then
+        run a round."""
         consortium = self.consortium
         plain = "" if consortium.tls else " --insecure"
         steps = [
-            f"tapestry node serve --config {_q(consortium.node_config_path(node_id))} "
-            f"--data-dir {_q(consortium.node_data_dir(node_id))} --listen {address}{plain}"
-            for node_id, address in self.node_addresses.items()
-        ]
-        steps.append(
             f"tapestry coordinator serve --config {_q(consortium.consortium_config_path)} "
             f"--data-dir {_q(consortium.coordinator_data_dir)} "
             f"--listen {self.coordinator_address}{plain}"
-        )
+        ]
+        steps += [
+            f"tapestry node serve --config {_q(consortium.node_config_path(node_id))} "
+            f"--data-dir {_q(consortium.node_data_dir(node_id))}{plain}"
+            for node_id in self.node_ids
+        ]
         caller = plain.strip()
         if consortium.tls:
             pair = consortium.certs.holder("operator", OPERATOR)
@@ -115,13 +117,12 @@ def init_local_consortium(
     model: str,
     policy: Mapping[str, Any],
     coordinator_port: int,
-    first_node_port: int,
     seed: int,
     tls: bool = True,
 ) -> LocalSetup:
     """Write a consortium of ``members`` under ``out`` (which must be new or empty): the
-    coordinator at ``HOST:coordinator_port``, node i at ``HOST:first_node_port + i``. The
-    consortium file is checked first (members, model, ``policy``: the fields of
+    coordinator at ``HOST:coordinator_port``, every node dialing it. The consortium file
+    is checked first (members, model, ``policy``: the fields of
     :class:`~tapestry.config.PolicyConfig`), so a refused answer writes nothing."""
     out = out.absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -135,19 +136,15 @@ def init_local_consortium(
         policy=dict(policy),
         tls=tls,
     )
-    nodes = {m.node_id: f"{HOST}:{first_node_port + i}" for i, m in enumerate(members)}
-    if len(nodes) < len(members):
-        raise UserError(f"--node: each node id once, got {[m.node_id for m in members]}")
-    if f"{HOST}:{coordinator_port}" in nodes.values():
-        raise UserError(
-            f"--coordinator-port {coordinator_port} is a node's (nodes listen from "
-            f"--first-node-port {first_node_port} on); choose another"
-        )
-    consortium.write_consortium_config(nodes)  # checks every answer before anything else
+    node_ids = [m.node_id for m in members]
+    if len(set(node_ids)) < len(members):
+        raise UserError(f"--node: each node id once, got {node_ids}")
+    consortium.write_consortium_config()  # checks every answer before anything else
+    consortium.coordinator_address = f"{HOST}:{coordinator_port}"  # what the nodes dial
     for spec in consortium.nodes:
         consortium.write_node_config(spec)
     consortium.create_certificates()
-    return LocalSetup(consortium, f"{HOST}:{coordinator_port}", nodes)
+    return LocalSetup(consortium, consortium.coordinator_address, node_ids)
 
 
 def _q(path: Path) -> str:

@@ -22,7 +22,6 @@ from tapestry.errors import Busy, NotFound, WireError, quoted
 from tapestry.limits import NODE_PROGRESS_REPORTS
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.cycle_progress import reporting
-from tapestry.node.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.node.guard import CycleRefused, check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.training.consortium.local.node import Persist, SovereignTrainingNode
@@ -36,6 +35,7 @@ from tapestry.training.consortium.tensors import (
     state_nbytes,
 )
 from tapestry.wire import codec
+from tapestry.wire.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.spill import SpilledState, SpillingAssembler
 from tapestry.wire.status import abort

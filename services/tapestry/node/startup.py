@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -11,14 +12,17 @@ from grpc_health.v1.health import HealthServicer
 from tapestry.config import NodeConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.errors import UserError
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.corpus import SplitCorpus, load_node_corpus
+from tapestry.node.dial_out import DialOut
 from tapestry.node.processes import training_device
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.observe.metrics import NodeMetrics, restore_node_metrics
-from tapestry.pki.serving import server_security
+from tapestry.pki.serving import dialing_credentials, server_security
 from tapestry.training.consortium.local.distributed import TrainingGroup
 from tapestry.training.consortium.local.node import SovereignTrainingNode
+from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.wire.grpc_plumbing import build_server
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SovereignNodeService"].full_name
@@ -53,9 +57,72 @@ def build_node_server(
         rounds=[CYCLE_METHOD],
         what=f"node {config.node_id}",
     )
+    spec = listening_model(config)
     corpus = load_node_corpus(config)
-    spec = config.model
-    node = build_training_node(config, corpus, group)
+    servicer = _servicer(config, spec, corpus, data_dir, metrics, group)
+    return build_server(
+        listen,
+        [lambda server: pb_grpc.add_SovereignNodeServiceServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+        credentials=security.credentials,
+        interceptors=security.interceptors,
+    )
+
+
+def listening_model(config: NodeConfig) -> ModelSpec:
+    """The model of a node that listens: its file's ``[model]``, the default model (the
+    proof of concept's) without one, as before nodes dialed out."""
+    return config.model if config.model is not None else ModelSpec()
+
+
+def build_dial_out(
+    config: NodeConfig,
+    data_dir: Path,
+    *,
+    insecure: bool = False,
+    metrics: NodeMetrics | None = None,
+    group: TrainingGroup | None = None,
+    on_joined: Callable[[], None] | None = None,
+) -> DialOut:
+    """The node's session with the coordinator its file names (``coordinator``), not yet
+    dialed: certificates, corpus and data directory are checked here. The model is built
+    when the coordinator's welcome brings it (:class:`~tapestry.node.dial_out.DialOut`).
+    With ``[tls]`` it presents its certificate and accepts only the consortium's
+    coordinator; plaintext only with ``insecure``."""
+    assert config.coordinator is not None
+    metrics = metrics or NodeMetrics(config.node_id)
+    credentials = dialing_credentials(
+        config.tls,
+        insecure=insecure,
+        consortium=config.consortium_id,
+        identity=("node", config.node_id),
+        what=f"node {config.node_id}",
+    )
+    if group is not None and config.model is None:
+        raise UserError(
+            f"node {config.node_id}: under torchrun a node file needs the consortium's "
+            "[model] (its worker ranks build the model before the session opens)"
+        )
+    corpus = load_node_corpus(config)  # one that cannot be read stops the node before it dials
+    return DialOut(
+        config,
+        config.coordinator,
+        credentials,
+        lambda spec: _servicer(config, spec, corpus, data_dir, metrics, group),
+        on_joined=on_joined,
+    )
+
+
+def _servicer(
+    config: NodeConfig,
+    spec: ModelSpec,
+    corpus: SplitCorpus,
+    data_dir: Path,
+    metrics: NodeMetrics,
+    group: TrainingGroup | None,
+) -> SovereignNodeServicer:
+    """The node's cycle servicer, its model built from ``spec``; logs what it trains on."""
+    node = build_training_node(config, corpus, group, spec)
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
     restore_node_metrics(metrics, store.newest_manifest())
     servicer = SovereignNodeServicer(
@@ -82,26 +149,25 @@ def build_node_server(
         data_dir,
         node.device if group is None else f"{group.world_size} processes ({group.device})",
     )
-    return build_server(
-        listen,
-        [lambda server: pb_grpc.add_SovereignNodeServiceServicer_to_server(servicer, server)],
-        [SERVICE_NAME],
-        credentials=security.credentials,
-        interceptors=security.interceptors,
-    )
+    return servicer
 
 
 def build_training_node(
-    config: NodeConfig, corpus: SplitCorpus, group: TrainingGroup | None = None
+    config: NodeConfig,
+    corpus: SplitCorpus,
+    group: TrainingGroup | None = None,
+    spec: ModelSpec | None = None,
 ) -> SovereignTrainingNode:
-    """The core node ``config`` describes, on its training device (the group's under
+    """The core node ``config`` describes, its model built from ``spec`` (without, the
+    file's: :func:`listening_model`), on its training device (the group's under
     ``torchrun``): the same on rank 0 and on every worker rank."""
+    spec = spec or listening_model(config)
     device = group.device if group is not None else training_device(config.training.device)
     return SovereignTrainingNode(
         config.node_id,
         config.jurisdiction,
         # replaced by the base each round; fixes keys and shapes
-        config.model.build(config.seed),
+        spec.build(config.seed),
         corpus.training,
         config.quality_score,
         local_epochs=config.training.local_epochs,

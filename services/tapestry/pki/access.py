@@ -165,7 +165,7 @@ class AccessPolicy(grpc.ServerInterceptor):
 
             return checked
 
-        return _wrapped(handler, guard)
+        return wrapped_handler(handler, guard)
 
 
 class PlaintextWarning(grpc.ServerInterceptor):
@@ -186,7 +186,7 @@ class PlaintextWarning(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
-def _wrapped(
+def wrapped_handler(
     handler: grpc.RpcMethodHandler[Any, Any],
     guard: Callable[[Callable[[Any, grpc.ServicerContext], Any]], Any],
 ) -> grpc.RpcMethodHandler[Any, Any]:

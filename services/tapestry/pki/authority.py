@@ -20,6 +20,7 @@ from tapestry.limits import MAX_DAYS
 from tapestry.pki.credentials import revoked_serials
 from tapestry.pki.layout import (
     CERT_MODE,
+    COORDINATOR_SERVER_NAME,
     KEY_MODE,
     Layout,
     Role,
@@ -183,6 +184,7 @@ def init_consortium(
         identity=spiffe_id(consortium, "coordinator"),
         hosts=coordinator_hosts,
         server=True,
+        server_names=[COORDINATOR_SERVER_NAME],
         days=days,
     )
     write_pair(layout.coordinator, cert, key)

@@ -70,6 +70,12 @@ def spiffe_id(
 NODE_NAME_SUFFIX = ".node.tapestry.invalid"
 
 
+# The DNS name the coordinator's certificate carries besides its hosts, and the name a node
+# asks for when it dials the coordinator: the handshake then proves that the server is the
+# consortium's coordinator, not another member whose certificate names the same host.
+COORDINATOR_SERVER_NAME = "coordinator.tapestry.invalid"
+
+
 def node_server_name(node_id: str) -> str:
     return node_id + NODE_NAME_SUFFIX
 

@@ -18,6 +18,7 @@ import grpc
 from tapestry.config import TlsConfig
 from tapestry.errors import UserError
 from tapestry.pki.access import AccessPolicy, PeerRole, PlaintextWarning, RevocationList
+from tapestry.pki.call_limits import CallLimits
 from tapestry.pki.credentials import (
     check_credentials,
     load_channel_credentials,
@@ -33,12 +34,14 @@ log = logging.getLogger(__name__)
 class ServerSecurity:
     """The server's TLS credentials and interceptors, the credentials it calls other servers
     with (the coordinator calls the nodes) and, with a CRL, the check that those servers'
-    certificates are not revoked; all ``None``/empty for plaintext."""
+    certificates are not revoked (``revocations``: the CRL, read again when it changes); all
+    ``None``/empty for plaintext."""
 
     credentials: grpc.ServerCredentials | None = None
     interceptors: tuple[grpc.ServerInterceptor, ...] = ()
     channel_credentials: grpc.ChannelCredentials | None = None
     server_check: ServerCertificateCheck | None = None
+    revocations: RevocationList | None = None
 
 
 def server_security(
@@ -80,12 +83,51 @@ def server_security(
     revocations = RevocationList(tls.crl, tls.ca) if tls.crl is not None else None
     return ServerSecurity(
         credentials=load_server_credentials(tls.cert, tls.key, tls.ca),
-        interceptors=(AccessPolicy(consortium, rules, revocations),),
+        # Who may call, then how many calls each member may hold open at once.
+        interceptors=(AccessPolicy(consortium, rules, revocations), CallLimits()),
         channel_credentials=load_channel_credentials(tls.cert, tls.key, tls.ca),
+        revocations=revocations,
         server_check=(
             ServerCertificateCheck(tls, revocations) if revocations is not None else None
         ),
     )
+
+
+def dialing_credentials(
+    tls: TlsConfig | None,
+    *,
+    insecure: bool,
+    consortium: str,
+    identity: tuple[PeerRole, str],
+    what: str,
+) -> grpc.ChannelCredentials | None:
+    """The credentials a member that dials out (a node, to its coordinator) presents:
+    ``[tls]``'s, checked first (``identity`` is the ``(role, name)`` its certificate must
+    name), or ``None`` over plaintext, allowed only with ``insecure`` and then logged as a
+    warning, as :func:`server_security` does for a server."""
+    if tls is not None and insecure:
+        raise UserError(
+            f"{what}: the configuration has a [tls] section and --insecure was given; remove "
+            "one (mutual TLS is the default; --insecure dials in plaintext)"
+        )
+    if tls is None:
+        if not insecure:
+            raise UserError(
+                f"{what}: the configuration has no [tls] section. Create the consortium's "
+                "certificates with `tapestry certs init` and add [tls] ca, cert, key (and "
+                "crl) to the file, or pass --insecure to dial in plaintext"
+            )
+        log.warning(
+            "INSECURE: %s dials its coordinator in plaintext (--insecure): nothing proves "
+            "the server is the coordinator, and anyone on the path reads the weights",
+            what,
+        )
+        return None
+    role, name = identity
+    check_credentials(
+        tls.cert, tls.key, tls.ca, expect_san=spiffe_id(consortium, role, name), crl=tls.crl
+    )
+    return load_channel_credentials(tls.cert, tls.key, tls.ca)
 
 
 def client_credentials(

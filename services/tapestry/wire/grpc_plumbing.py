@@ -92,6 +92,11 @@ NODE_CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 ]
 
 
+# A node's channel to the coordinator, for its session: the node dials again itself (with
+# backoff and jitter, tapestry.node.dial_out), so gRPC's own reconnection is not relied on.
+SESSION_CHANNEL_OPTIONS: list[tuple[str, int | str]] = [*CHANNEL_OPTIONS]
+
+
 class BindError(UserError, OSError):
     """A server could not listen on its address; the message says why and what to do."""
 
@@ -131,7 +136,9 @@ def build_server(
     max_workers: int = 16,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server with our services, ``grpc.health.v1`` and reflection, bound but not started:
-    TLS with ``credentials`` (plaintext without), every call through ``interceptors``.
+    TLS with ``credentials`` (plaintext without), every call through ``interceptors``. At
+    most ``max_workers`` calls run at once, one thread each; gRPC refuses one more at once
+    (RESOURCE_EXHAUSTED) rather than queueing it behind calls that may never end.
 
     Returns ``(server, port, health)``; ``listen`` may end in ``:0`` for a free port.
     Health starts NOT_SERVING; call :func:`mark_serving` once the server is started.
@@ -140,6 +147,7 @@ def build_server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         options=SERVER_OPTIONS,
         interceptors=list(interceptors),
+        maximum_concurrent_rpcs=max_workers,
     )
     for add in register:
         add(server)
@@ -248,7 +256,10 @@ def serve_forever(
     service_names: Sequence[str],
     ready_file: Path | None = None,
     ready_extra: Mapping[str, int] | None = None,
+    before_stop: Callable[[], None] | None = None,
 ) -> None:
+    """Serve until SIGTERM or SIGINT; then ``before_stop`` (ending long-lived calls, such
+    as members' sessions, that would otherwise hold the grace period), then drain."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -260,4 +271,6 @@ def serve_forever(
     stop.wait()
     log.info("stopping: draining calls for up to %.0f s", STOP_GRACE_S)
     health_servicer.enter_graceful_shutdown()
+    if before_stop is not None:
+        before_stop()
     server.stop(STOP_GRACE_S).wait()

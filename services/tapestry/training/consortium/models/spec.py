@@ -98,6 +98,12 @@ class ModelSpec:
             torch.manual_seed(seed)
             return _build(self)
 
+    def digest(self) -> str:
+        """SHA-256 (hex) of the spec's canonical JSON: what a node pins (``model_sha256``)
+        and a session's welcome carries, equal on every member for equal specs."""
+        fields_json = canonical_json({f.name: getattr(self, f.name) for f in fields(self)})
+        return hashlib.sha256(fields_json.encode()).hexdigest()
+
     def summary(self) -> str:
         """The fields that the architecture reads, for people: ``hf_config`` by digest."""
         used = ARCHITECTURE_FIELDS.get(self.architecture, ("vocab_size", "hidden_size"))

@@ -1,0 +1,395 @@
+"""The node's side of its session: it dials the coordinator, holds one session, answers
+describes and runs cycles over it, and dials again with backoff and jitter when it drops.
+
+The node opens no listening socket. With mutual TLS it presents its own certificate and
+asks for the coordinator's name (:data:`~tapestry.pki.layout.COORDINATOR_SERVER_NAME`), so
+the handshake proves the server is the consortium's coordinator. The coordinator's welcome
+carries the consortium's model: the node builds its model from it once (``prepare``) and
+refuses, for good, one that differs from the one it pinned, or from the one it built.
+
+Each cycle is :meth:`SovereignNodeServicer.RunSovereignCycle`, the same code that serves a
+cycle to a coordinator that dials, fed from the session's messages of that exchange.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, NoReturn, cast
+
+import grpc
+
+import tapestry
+from tapestry.config import NodeConfig, check_window
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.errors import UserError, quoted
+from tapestry.limits import MAX_ERROR_DETAILS_CHARS
+from tapestry.node.servicer import SovereignNodeServicer
+from tapestry.pki.layout import COORDINATOR_SERVER_NAME
+from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
+from tapestry.wire import codec
+from tapestry.wire.grpc_plumbing import SESSION_CHANNEL_OPTIONS, open_channel
+from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed
+from tapestry.wire.status import COORDINATOR, describe_rpc_error
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = pb.SESSION_PROTOCOL_V1
+# Dialing again: the n-th failure in a row waits a random time in [d/2, d], d = first * 2^n,
+# at most ``most``; a session that was welcomed starts the count again.
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MOST_S = 30.0
+# Refusals another try would only repeat: the node stops, saying why.
+FINAL = frozenset(
+    {
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+
+
+class SessionClosedForGood(UserError):
+    """The coordinator refused this node in a way another try would repeat."""
+
+
+def backoff_s(failures: int, rng: random.Random, first: float, most: float) -> float:
+    """How long to wait after ``failures`` failed dials in a row (full jitter, halved)."""
+    ceiling = min(most, first * 2 ** min(failures, 30))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+class DialOut:
+    """A node's session with the coordinator at ``address``, held until ``stop``.
+
+    ``prepare(spec)`` builds the node's servicer from the model the coordinator sends (once;
+    later sessions reuse it); ``on_joined`` is called after each welcome (the ready file)."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        address: str,
+        credentials: grpc.ChannelCredentials | None,
+        prepare: Callable[[ModelSpec], SovereignNodeServicer],
+        *,
+        on_joined: Callable[[], None] | None = None,
+        backoff: tuple[float, float] = (BACKOFF_FIRST_S, BACKOFF_MOST_S),
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._address = address
+        self._credentials = credentials
+        self._prepare = prepare
+        self._on_joined = on_joined
+        self._backoff = backoff
+        self._rng = rng or random.Random()
+        self._servicer: SovereignNodeServicer | None = None
+        self._spec: ModelSpec | None = None
+        self.sessions = 0  # welcomed sessions so far
+
+    def run(self, stop: threading.Event) -> None:
+        """Hold a session until ``stop`` is set, dialing again whenever it drops; a final
+        refusal raises :class:`SessionClosedForGood`."""
+        failures = 0
+        while not stop.is_set():
+            welcomed = False
+            try:
+                welcomed = self._session(stop)
+            except grpc.RpcError as error:
+                if stop.is_set():
+                    return
+                said = describe_rpc_error(error, self._address, COORDINATOR, "coordinator")
+                if error.code() in FINAL:
+                    raise SessionClosedForGood(
+                        f"the coordinator refused this node: {said}"
+                    ) from None
+                log.warning("session with the coordinator: %s", said)
+            failures = 0 if welcomed else failures + 1
+            delay = backoff_s(failures, self._rng, *self._backoff)
+            if not stop.is_set():
+                log.info("dialing the coordinator at %s again in %.1f s", self._address, delay)
+            stop.wait(delay)
+
+    def _session(self, stop: threading.Event) -> bool:
+        """One session, until it ends; whether it was welcomed."""
+        server_name = COORDINATOR_SERVER_NAME if self._credentials is not None else None
+        channel = open_channel(
+            self._address,
+            self._credentials,
+            server_name=server_name,
+            options=SESSION_CHANNEL_OPTIONS,
+        )
+        outbox: Outbox[pb.OpenSessionRequest] = Outbox()
+        outbox.control(pb.OpenSessionRequest(open=self._hello()))
+        call = pb_grpc.CoordinatorServiceStub(channel).OpenSession(outbox.messages())
+        ended = threading.Event()
+        threading.Thread(
+            target=_cancel_on_stop, args=(call, stop, ended), name="session-stop", daemon=True
+        ).start()
+        cycles = _Cycles(outbox, plaintext=self._credentials is None, node_id=self._config.node_id)
+        welcomed = False
+        try:
+            for message in call:
+                if not welcomed:
+                    servicer = self._welcomed(message)
+                    cycles.servicer = servicer
+                    welcomed = True
+                    continue
+                cycles.receive(message)
+            return welcomed  # the coordinator ended the session without a word
+        finally:
+            ended.set()
+            outbox.close()
+            cycles.cancel_all()
+            channel.close()
+
+    def _hello(self) -> pb.SessionOpen:
+        config = self._config
+        return pb.SessionOpen(
+            protocol_version=PROTOCOL_VERSION,
+            consortium_id=config.consortium_id,
+            node_id=config.node_id,
+            jurisdiction=config.jurisdiction,
+            release=tapestry.__version__,
+        )
+
+    def _welcomed(self, message: pb.OpenSessionResponse) -> SovereignNodeServicer:
+        """Check the coordinator's welcome; the servicer its cycles run on."""
+        if message.WhichOneof("item") != "welcome":
+            _refuse("the coordinator's first message on a session must be its welcome")
+        welcome = message.welcome
+        if welcome.protocol_version != PROTOCOL_VERSION:
+            _refuse(
+                f"the coordinator speaks session protocol version {welcome.protocol_version}; "
+                f"this node speaks version {PROTOCOL_VERSION}: upgrade the older of the two"
+            )
+        if welcome.consortium_id != self._config.consortium_id:
+            _refuse(
+                f"the coordinator at {self._address} runs consortium "
+                f"{quoted(welcome.consortium_id)}, this node serves "
+                f"{self._config.consortium_id!r}"
+            )
+        spec = self._spec_of(welcome)
+        if self._servicer is None:
+            self._servicer = self._prepare(spec)
+            self._spec = spec
+        self.sessions += 1
+        log.info(
+            "joined the consortium %s at %s (session %d, model %s, sha256 %s, base round %d)",
+            welcome.consortium_id,
+            self._address,
+            self.sessions,
+            spec.summary(),
+            spec.digest(),
+            welcome.round_num,
+        )
+        if self._on_joined is not None:
+            self._on_joined()
+        return self._servicer
+
+    def _spec_of(self, welcome: pb.SessionWelcome) -> ModelSpec:
+        """The welcome's model, refused if it does not match its own digest, the node's pin
+        (``model_sha256``, ``[model]``), the model already built, or the node's windows."""
+        spec = codec.model_spec_from_proto(welcome.model)
+        config = self._config
+        if spec.digest() != welcome.model_sha256:
+            _refuse("the welcome's model does not match the digest it carries")
+        if config.model_sha256 is not None and spec.digest() != config.model_sha256:
+            _refuse(
+                f"the coordinator's model {spec.summary()} has sha256 {spec.digest()}; this "
+                f"node pins model_sha256 = {config.model_sha256}"
+            )
+        for pinned, what in (
+            (config.model, "the node file's [model]"),
+            (self._spec, "the model this node runs"),
+        ):
+            if pinned is not None and pinned != spec:
+                differences = ", ".join(spec_differences(spec, pinned))
+                _refuse(f"the coordinator's model differs from {what}: {differences}")
+        try:
+            check_window(spec, config.training.max_seq_len)
+        except ValueError as problem:
+            _refuse(f"the coordinator's model does not fit this node: {problem}")
+        return spec
+
+
+def _refuse(why: str) -> NoReturn:
+    raise SessionClosedForGood(why)
+
+
+def _cancel_on_stop(
+    call: grpc.Future[object], stop: threading.Event, ended: threading.Event
+) -> None:
+    while not ended.wait(0.2):
+        if stop.is_set():
+            call.cancel()
+            return
+
+
+class _Aborted(Exception):
+    """A cycle's servicer ended it with a status (``context.abort``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _Cancelled(Exception):
+    """The coordinator cancelled the cycle, or the session ended under it."""
+
+
+class _HalfClosed(Exception):
+    """The coordinator sent the last message of the cycle's request stream."""
+
+
+class _Cycles:
+    """The session's exchanges on the node: describes answered at once, each cycle on its
+    own thread."""
+
+    def __init__(
+        self, outbox: Outbox[pb.OpenSessionRequest], *, plaintext: bool, node_id: str
+    ) -> None:
+        self.outbox = outbox
+        self._plaintext = plaintext
+        self._node_id = node_id
+        self.servicer: SovereignNodeServicer | None = None
+        self._runs: dict[int, _CycleRun] = {}
+        self._lock = threading.Lock()
+
+    def receive(self, message: pb.OpenSessionResponse) -> None:
+        assert self.servicer is not None
+        kind = message.WhichOneof("item")
+        exchange_id = message.exchange_id
+        if kind == "describe":
+            described = self.servicer.Describe(message.describe, cast(Any, None))
+            self.outbox.control(pb.OpenSessionRequest(exchange_id=exchange_id, described=described))
+            return
+        with self._lock:
+            run = self._runs.get(exchange_id)
+            if run is None and kind == "cycle" and message.cycle.WhichOneof("item") == "start":
+                if self._plaintext:
+                    log.warning(
+                        "INSECURE: node %s cycle over plaintext, from an unauthenticated "
+                        "coordinator",
+                        self._node_id,
+                    )
+                run = _CycleRun(exchange_id, self.servicer, self.outbox, self._forget)
+                self._runs[exchange_id] = run
+        if run is None:
+            return  # an exchange already over: dropped
+        if kind == "cycle":
+            run.inbox.put(message.cycle)
+        elif kind == "end":
+            run.ended(message.end.code)
+
+    def _forget(self, exchange_id: int) -> None:
+        with self._lock:
+            self._runs.pop(exchange_id, None)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            run.cancel(tell=False)
+
+
+class _CycleRun:
+    """One cycle on the node: the servicer's generator on its own thread, its requests from
+    the exchange's inbox, its replies into the session's outbox."""
+
+    def __init__(
+        self,
+        exchange_id: int,
+        servicer: SovereignNodeServicer,
+        outbox: Outbox[pb.OpenSessionRequest],
+        forget: Callable[[int], None],
+    ) -> None:
+        self.exchange_id = exchange_id
+        self.inbox: Inbox[pb.RunSovereignCycleRequest] = Inbox()
+        self.gone = threading.Event()
+        self._outbox = outbox
+        self._forget = forget
+        self._servicer = servicer
+        threading.Thread(target=self._run, name=f"cycle-{exchange_id}", daemon=True).start()
+
+    def _requests(self) -> Iterator[pb.RunSovereignCycleRequest]:
+        while True:
+            try:
+                yield self.inbox.take()
+            except _HalfClosed:
+                return
+
+    def _run(self) -> None:
+        code, details = grpc.StatusCode.OK, ""
+        context: Any = _ExchangeContext(self)  # what a cycle asks of its call, and no more
+        # The servicer's cycle is a generator (typed as an iterator by its base class).
+        replies = cast(
+            Generator[pb.RunSovereignCycleResponse, None, None],
+            self._servicer.RunSovereignCycle(self._requests(), context),
+        )
+        try:
+            for reply in replies:
+                self._outbox.data(
+                    pb.OpenSessionRequest(exchange_id=self.exchange_id, cycle=reply),
+                    gone=self.gone,
+                )
+        except _Aborted as aborted:
+            code, details = aborted.code, aborted.details
+        except OutboxClosed:
+            return
+        except Exception as error:  # a bug: the coordinator still hears the cycle ended
+            log.exception("cycle %d failed", self.exchange_id)
+            code, details = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
+        finally:
+            replies.close()
+            self._forget(self.exchange_id)
+        # After the replies, never ahead of them: the end travels as data.
+        with contextlib.suppress(OutboxClosed):
+            self._outbox.data(self._end(code, details), gone=self.gone)
+
+    def _end(self, code: grpc.StatusCode, details: str) -> pb.OpenSessionRequest:
+        end = pb.ExchangeEnd(code=code.value[0], message=details[:MAX_ERROR_DETAILS_CHARS])
+        return pb.OpenSessionRequest(exchange_id=self.exchange_id, end=end)
+
+    def ended(self, code: int) -> None:
+        """The coordinator's end of the request stream: its half-close (OK), or a cancel."""
+        if code == grpc.StatusCode.OK.value[0]:
+            self.inbox.fail(_HalfClosed(), discard=False)
+        else:
+            self.cancel(tell=False)
+
+    def cancel(self, *, tell: bool) -> None:
+        """End the cycle; ``tell`` the coordinator so (the node's own deadline)."""
+        if self.gone.is_set():
+            return
+        self.gone.set()
+        self.inbox.fail(_Cancelled("the cycle was cancelled"), discard=True)
+        if tell:  # a cancel may overtake what is queued: nothing queued is wanted
+            end = self._end(
+                grpc.StatusCode.CANCELLED, "the node cancelled the cycle (send_timeout_s)"
+            )
+            with contextlib.suppress(OutboxClosed):
+                self._outbox.control(end)
+
+
+class _ExchangeContext:
+    """What the cycle's servicer asks of its call, for a cycle over a session."""
+
+    def __init__(self, run: _CycleRun) -> None:
+        self._run = run
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise _Aborted(code, details)
+
+    def cancel(self) -> None:
+        self._run.cancel(tell=True)
+
+    def is_active(self) -> bool:
+        return not self._run.gone.is_set()
