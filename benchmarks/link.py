@@ -315,6 +315,11 @@ class _Connection:
         down = _Pipe(
             loop, to_client, self.target, self.client, self.link.sent_down, to_target.delay_s
         )
+        for side, spec in ((self.client, to_target), (self.target, to_client)):
+            if spec.window_bytes is not None and side.transport is not None:
+                # So that one read overshoots the window by little: asyncio's selector
+                # transports read max_size bytes at a time.
+                side.transport.max_size = max(MIN_PIECE, spec.window_bytes // 8)  # type: ignore[attr-defined]
         self.client.outgoing = self.target.incoming = up
         self.target.outgoing = self.client.incoming = down
         self.pipes = [up, down]
