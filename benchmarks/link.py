@@ -258,7 +258,8 @@ class _Pipe:
             if piece is None:
                 self.eof_done = True
                 if sink.can_write_eof() and not sink.is_closing():
-                    sink.write_eof()
+                    with contextlib.suppress(OSError):  # the sink is gone already
+                        sink.write_eof()
                 self.sink.conn.maybe_finish()
                 continue
             sink.write(piece)
