@@ -48,23 +48,34 @@ MIB = 1 << 20
 SERVICE = "/flowstudy.Study"
 Options = list[tuple[str, int]]
 
-# Option sets: applied to the node's channel and to the coordinator's server alike.
-SETS: dict[str, Options] = {
-    # wire/grpc_plumbing.py's node channel today: no BDP probe, a fixed 4 MiB window.
-    "today": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 * MIB)],
+
+def fixed(window: int, *more: tuple[str, int]) -> Options:
+    """No BDP probe: a window of ``window`` bytes, whatever the link."""
+    return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window), *more]
+
+
+def both(options: Options) -> tuple[Options, Options]:
+    return options, options
+
+
+TODAY = fixed(4 * MIB)  # wire/grpc_plumbing.py's node channel today
+
+# Option sets: (the node's channel, the coordinator's server).
+SETS: dict[str, tuple[Options, Options]] = {
+    "today": both(TODAY),
     # gRPC's own: BDP probe on, the window it grows to max(4 MiB, 2 x estimate).
-    "defaults": [],
-    "bdp + 16 MiB initial": [("grpc.http2.lookahead_bytes", 16 * MIB)],
-    "bdp + 64 MiB initial": [("grpc.http2.lookahead_bytes", 64 * MIB)],
-    "fixed 16 MiB": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16 * MIB)],
-    "fixed 32 MiB": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 32 * MIB)],
-    "fixed 64 MiB": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 64 * MIB)],
-    "fixed 32 MiB, 1 MiB frames": [
-        ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", 32 * MIB),
-        ("grpc.http2.max_frame_size", MIB),
-    ],
+    "defaults": both([]),
+    "bdp + 16 MiB initial": both([("grpc.http2.lookahead_bytes", 16 * MIB)]),
+    "bdp + 64 MiB initial": both([("grpc.http2.lookahead_bytes", 64 * MIB)]),
+    "fixed 16 MiB": both(fixed(16 * MIB)),
+    "fixed 32 MiB": both(fixed(32 * MIB)),
+    "fixed 64 MiB": both(fixed(64 * MIB)),
+    "fixed 32 MiB, 1 MiB frames": both(fixed(32 * MIB, ("grpc.http2.max_frame_size", MIB))),
+    # Which side's options count: the receiver's (down: the channel; up: the server).
+    "channel fixed 64 MiB, server today": (fixed(64 * MIB), TODAY),
+    "channel today, server fixed 64 MiB": (TODAY, fixed(64 * MIB)),
 }
+DEFAULT_SETS = list(SETS)[:8]
 
 
 def _identity(data: bytes) -> bytes:
@@ -181,13 +192,18 @@ def _role(*args: str) -> list[str]:
 
 
 def trial(
-    options: Options, spec: Direction, mib: int, warm: bool, tls_dir: Path | None, slow_ms: float
+    options: tuple[Options, Options],
+    spec: Direction,
+    mib: int,
+    warm: bool,
+    tls_dir: Path | None,
+    slow_ms: float,
 ) -> dict[str, Any]:
-    encoded = json.dumps(options)
+    channel_options, server_options = (json.dumps(o) for o in options)
     tls = ["--tls-dir", str(tls_dir)] if tls_dir is not None else []
     tls += ["--slow-ms", str(slow_ms)]
     server = subprocess.Popen(
-        _role("--role", "serve", "--options", encoded, *tls),
+        _role("--role", "serve", "--options", server_options, *tls),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -203,7 +219,7 @@ def trial(
                     "--port",
                     str(link.port),
                     "--options",
-                    encoded,
+                    channel_options,
                     "--mib",
                     str(mib),
                     "--warm" if warm else "--no-warm",
@@ -328,7 +344,7 @@ def main() -> None:
     parser.add_argument(
         "--links", type=parse_link, nargs="+", default=["1000/200", "200/200", "1000/100"]
     )
-    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
+    parser.add_argument("--sets", nargs="+", choices=list(SETS), default=DEFAULT_SETS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tls", action="store_true", help="mutual TLS, as the services run")
