@@ -274,7 +274,7 @@ def study(args: argparse.Namespace) -> list[dict[str, Any]]:
         for rate, rtt in args.links:
             spec = Direction.of(delay_ms=rtt / 2, rate_mbit=rate)
             plain = [exchange(nbytes, spec, spec, tls) for _ in range(args.repeats)]
-            reference = {
+            reference: dict[str, Any] = {
                 "link": f"{rate:g} Mbit/s, {rtt:g} ms",
                 "set": "socket" + (" (mutual TLS)" if args.tls else ""),
                 "down_s": statistics.median(p.down_s for p in plain),
@@ -309,6 +309,9 @@ def _report(row: dict[str, Any], plain_s: float) -> None:
 
 
 def table(rows: Sequence[dict[str, Any]], nbytes: int) -> str:
+    def mb_s(seconds: float) -> str:
+        return f"{seconds:.2f} s ({nbytes / seconds / 1e6:.0f} MB/s)"
+
     lines = [
         "| link | option set | down | up | down + up | vs socket | warm down + up | vs socket "
         "| RSS growth client / server |",
@@ -318,7 +321,6 @@ def table(rows: Sequence[dict[str, Any]], nbytes: int) -> str:
     for row in rows:
         if row["set"].startswith("socket"):
             plain_s = row["total_s"]
-        mb_s = lambda s: f"{s:.2f} s ({nbytes / s / 1e6:.0f} MB/s)"  # noqa: E731
         warm = row.get("warm_total_s")
         growth = (
             f"{row['client_rss_growth_mib']:.0f} / {row['server_rss_growth_mib']:.0f} MiB"
