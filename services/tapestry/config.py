@@ -53,6 +53,7 @@ from tapestry.limits import (
     MAX_SUPERSEDED,
     MAX_TRANSFER_TIMEOUT_S,
     MAX_VOCAB_SIZE,
+    MAX_WINDOW_BUDGET_MIB,
     MIN_CHUNK_BYTES,
 )
 from tapestry.training.consortium.governance.policy import (
@@ -313,6 +314,22 @@ ModelSpecField = Annotated[
 """A ``[model]`` table in a configuration file, held as the one :class:`ModelSpec`."""
 
 
+class LinkConfig(_Strict):
+    """Section ``[link]``: the network between the coordinator and the members, from which
+    the HTTP/2 flow-control windows are sized so that one connection fills it
+    (``tapestry.wire.windows``; docs/operating/network.md). The defaults are an
+    intercontinental research link."""
+
+    bandwidth_mbit: float = Field(1000.0, gt=0, le=400_000)
+    """The link's bandwidth in Mbit/s (the slowest member's, for the coordinator)."""
+    rtt_ms: float = Field(200.0, gt=0, le=5_000)
+    """The round trip between the coordinator and a member, in ms (the longest member's)."""
+    window_budget_mib: int = Field(256, ge=4, le=MAX_WINDOW_BUDGET_MIB)
+    """The most this process lets be in flight toward it over all its streams together, in
+    MiB: each stream's window is at most this divided by the streams that can be open at
+    once (a coordinator: one per member), so memory stays flat in the number of members."""
+
+
 class DilocoConfig(_Strict):
     """``[policy.diloco]``: DiLoCo's outer optimizer (SGD with momentum on the round's
     pseudo-gradient); the defaults are the DiLoCo paper's."""
@@ -449,6 +466,8 @@ class ConsortiumConfig(_Strict):
     """How nodes send their deltas' floating tensors: ``float32`` raw and exact;
     ``bfloat16``, ``float16`` or ``int8_block`` in fewer bytes within a stated error bound
     (``tapestry.wire.delta_encoding``; docs/operating/encodings.md)."""
+    link: LinkConfig = LinkConfig()
+    """The network to the members, for the flow-control windows."""
     tls: TlsConfig | None = None
     """Mutual TLS; without it the server starts only with ``--insecure``."""
 
@@ -582,6 +601,8 @@ class NodeConfig(_Strict):
     """How the node trains."""
     limits: NodeLimits = NodeLimits()
     """What the node accepts from whoever calls its cycle."""
+    link: LinkConfig = LinkConfig()
+    """The network to the coordinator, for the flow-control window of the base's download."""
     tls: TlsConfig | None = None
     """Mutual TLS; without it the server starts only with ``--insecure``."""
 

@@ -140,6 +140,10 @@ MAX_REQUEST_ID_CHARS = 64
 # -- Messages on the wire ------------------------------------------------------------------
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# HTTP/2 flow-control windows (tapestry.wire.windows): never below gRPC's usual 4 MiB, and
+# at most what one process may have in flight toward it across all its streams.
+MIN_WINDOW_BYTES = 4 << 20
+MAX_WINDOW_BUDGET_MIB = 4096
 """The largest gRPC message either service sends or accepts; tensors travel in chunks far
 below it (grpc_plumbing says why each gRPC option is set)."""
 

@@ -19,8 +19,10 @@ import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.limits import MIN_WINDOW_BYTES
 from tapestry.pki.layout import node_server_name
 from tapestry.wire.grpc_plumbing import node_channel
+from tapestry.wire.windows import window_options
 
 
 class CycleCall(Protocol):
@@ -72,11 +74,20 @@ class DialedLink:
     ``node_id``'s (:func:`~tapestry.pki.layout.node_server_name`)."""
 
     def __init__(
-        self, node_id: str, address: str, credentials: grpc.ChannelCredentials | None = None
+        self,
+        node_id: str,
+        address: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        window: int = MIN_WINDOW_BYTES,
     ) -> None:
+        """``window`` is the flow-control window of the deltas it receives
+        (:mod:`tapestry.wire.windows`)."""
         self._address = address
         self._channel = node_channel(
-            address, credentials, node_server_name(node_id) if credentials else None
+            address,
+            credentials,
+            node_server_name(node_id) if credentials else None,
+            window_options(window),
         )
         self._stub = pb_grpc.SovereignNodeServiceStub(self._channel)
 

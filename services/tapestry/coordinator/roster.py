@@ -17,13 +17,14 @@ from tapestry.config import ConsortiumConfig, MemberConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.members import Members
-from tapestry.coordinator.node_links import CycleCall, LinkError, NodeLink
+from tapestry.coordinator.node_links import CycleCall, DialedLink, LinkError, NodeLink
 from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.coordinator.sessions import Session
 from tapestry.observe.metrics import CoordinatorMetrics
 from tapestry.pki.serving import ServerSecurity
 from tapestry.training.consortium.tensors import StateLayout
 from tapestry.wire.delta_encoding import DeltaEncoding
+from tapestry.wire.windows import window_bytes
 
 
 class Absent:
@@ -72,8 +73,14 @@ class Roster:
             [(member.node_id, member.jurisdiction) for member in config.nodes],
             security.revocations,
         )
+        window = window_bytes(config.link, len(config.nodes))
         self.dialed = [
-            self._proxy(member, member.address) for member in config.nodes if member.address
+            self._proxy(
+                member,
+                DialedLink(member.node_id, member.address, security.channel_credentials, window),
+            )
+            for member in config.nodes
+            if member.address
         ]
 
     def _proxy(self, member: MemberConfig, link: NodeLink | str) -> RemoteSovereignNode:
@@ -89,7 +96,7 @@ class Roster:
             chunk_bytes=config.chunk_bytes,
             spill_dir=self._store.spill_dir,
             credentials=self._security.channel_credentials,
-            server_check=self._security.server_check if isinstance(link, str) else None,
+            server_check=self._security.server_check if isinstance(link, DialedLink) else None,
             count_sent=self._metrics.base_sent(member.node_id),
             count_received=self._metrics.delta_received(member.node_id),
             delta_encoding=DeltaEncoding(config.delta_encoding),

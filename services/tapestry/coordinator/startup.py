@@ -36,6 +36,7 @@ from tapestry.training.consortium.round.coordinator import ConsortiumCoordinator
 from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import build_server
+from tapestry.wire.windows import window_bytes, window_options
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 # What only an operator may call: everything else reads.
@@ -83,15 +84,7 @@ def build_coordinator_server(
         what="coordinator",
     )
     spec = config.model
-    store = CoordinatorStore(data_dir)
-    store.check_identity(
-        {
-            "consortium_id": config.consortium_id,
-            "seed": config.seed,
-            # Unset fields left out: a tiny-causal directory keeps the identity it always had.
-            "model": model_table(config.model),
-        }
-    )
+    store = _store(config, data_dir)
     base_model = spec.build(config.seed)
     core = _core(config, base_model)
     records = _resume(core, store, base_model, config.consortium_id)
@@ -125,6 +118,8 @@ def build_coordinator_server(
         interceptors=security.interceptors,
         # every member at its bound of calls (its session included) leaves room for others
         max_workers=worker_threads(len(config.nodes)),
+        # the deltas' window: the link's, within the budget shared by every member
+        options=window_options(window_bytes(config.link, len(config.nodes))),
     )
     try:
         check_members(roster.dialed, source, config.tls, [m.node_id for m in config.nodes])
@@ -133,6 +128,20 @@ def build_coordinator_server(
         roster.close()
         raise
     return CoordinatorServer(server, port, health, roster)
+
+
+def _store(config: ConsortiumConfig, data_dir: Path) -> CoordinatorStore:
+    """The journal in ``data_dir``, refused if it holds another consortium's rounds."""
+    store = CoordinatorStore(data_dir)
+    store.check_identity(
+        {
+            "consortium_id": config.consortium_id,
+            "seed": config.seed,
+            # Unset fields left out: a tiny-causal directory keeps the identity it always had.
+            "model": model_table(config.model),
+        }
+    )
+    return store
 
 
 def _core(config: ConsortiumConfig, base_model: Module) -> ConsortiumCoordinator:

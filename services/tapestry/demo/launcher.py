@@ -173,6 +173,8 @@ class LocalConsortium:
                 **({"model": self.model} if not self.dial_out or spec.processes > 1 else {}),
                 "training": spec.training,
                 "limits": spec.limits,
+                # The consortium's link, seen from the node (the base's window).
+                **({"link": self.settings["link"]} if "link" in self.settings else {}),
                 **self._tls_section("node", spec.node_id),
             },
             f"local node {spec.node_id!r}",

@@ -35,6 +35,7 @@ from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import SESSION_CHANNEL_OPTIONS, open_channel
 from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed
 from tapestry.wire.status import COORDINATOR, describe_rpc_error
+from tapestry.wire.windows import window_bytes, window_options
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,9 @@ class DialOut:
     def _session(self, stop: threading.Event) -> bool:
         """One session, until it ends; whether it was welcomed."""
         server_name = COORDINATOR_SERVER_NAME if self._credentials is not None else None
+        options = [*SESSION_CHANNEL_OPTIONS, *window_options(window_bytes(self._config.link))]
         channel = open_channel(
-            self._address,
-            self._credentials,
-            server_name=server_name,
-            options=SESSION_CHANNEL_OPTIONS,
+            self._address, self._credentials, server_name=server_name, options=options
         )
         outbox: Outbox[pb.OpenSessionRequest] = Outbox()
         outbox.control(pb.OpenSessionRequest(open=self._hello()))

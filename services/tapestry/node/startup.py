@@ -24,6 +24,7 @@ from tapestry.training.consortium.local.distributed import TrainingGroup
 from tapestry.training.consortium.local.node import SovereignTrainingNode
 from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.wire.grpc_plumbing import build_server
+from tapestry.wire.windows import window_bytes, window_options
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SovereignNodeService"].full_name
 CYCLE_METHOD = f"/{SERVICE_NAME}/RunSovereignCycle"
@@ -66,6 +67,7 @@ def build_node_server(
         [SERVICE_NAME],
         credentials=security.credentials,
         interceptors=security.interceptors,
+        options=window_options(window_bytes(config.link)),  # the base's window
     )
 
 

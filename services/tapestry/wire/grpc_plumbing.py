@@ -87,8 +87,6 @@ NODE_CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", 4 << 20),
 ]
 
 
@@ -119,11 +117,16 @@ def open_channel(
 
 
 def node_channel(
-    address: str, credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None
+    address: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+    window: Sequence[tuple[str, int]] = (),
 ) -> grpc.Channel:
-    """The coordinator's channel to a node: :data:`CHANNEL_OPTIONS` plus the retry of
-    ``Describe`` on UNAVAILABLE (:data:`NODE_RETRY_POLICY`)."""
-    return open_channel(address, credentials, server_name=server_name, options=NODE_CHANNEL_OPTIONS)
+    """The coordinator's channel to a node that listens: :data:`CHANNEL_OPTIONS` plus the
+    retry of ``Describe`` on UNAVAILABLE (:data:`NODE_RETRY_POLICY`) and the ``window``
+    options of the deltas it receives (:mod:`tapestry.wire.windows`)."""
+    options = [*NODE_CHANNEL_OPTIONS, *window]
+    return open_channel(address, credentials, server_name=server_name, options=options)
 
 
 def build_server(
@@ -134,18 +137,20 @@ def build_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_workers: int = 16,
+    options: Sequence[tuple[str, int]] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A server with our services, ``grpc.health.v1`` and reflection, bound but not started:
     TLS with ``credentials`` (plaintext without), every call through ``interceptors``. At
     most ``max_workers`` calls run at once, one thread each; gRPC refuses one more at once
     (RESOURCE_EXHAUSTED) rather than queueing it behind calls that may never end.
+    ``options`` are added to :data:`SERVER_OPTIONS` (the flow-control window).
 
     Returns ``(server, port, health)``; ``listen`` may end in ``:0`` for a free port.
     Health starts NOT_SERVING; call :func:`mark_serving` once the server is started.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        options=SERVER_OPTIONS,
+        options=[*SERVER_OPTIONS, *options],
         interceptors=list(interceptors),
         maximum_concurrent_rpcs=max_workers,
     )
