@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     state_bytes = (2 * VOCAB * hidden + VOCAB) * 4
     link = Direction.of(args.delay_ms, args.rate_mbit)
     links: list[Link] = []
-    walls, slowest, failed = [], [], 0
+    walls, slowest, failed, bases = [], [], 0, []
     with wan_consortium(root, hidden, args.nodes, link, links, args.fixed_window) as local:
         url = local.metrics_url("coordinator")
         expected_s = 2 * state_bytes * 8 / (args.rate_mbit * 1e6) + 1.0
@@ -156,6 +156,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 for name, pid in pids.items():
                     cpu[name].append(cpu_seconds(pid) - cpu_before[name])
                 failed += len(result.failed_nodes)
+                bases.append(result.shared_base_sha256)
                 cycles = [
                     cycle_seconds(local.processes[s.node_id].log_path).get(result.round_num, 0.0)
                     for s in local.nodes
@@ -195,6 +196,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "wire_bytes": int(wire),
         "link_bytes": int(link_bytes),
         "cuts": cuts,
+        # Each round's shared base: a run with cuts must give an uncut run's, bit for bit.
+        "bases_sha256": bases,
         "failed": failed,
         "resumes": int(resumes),
         "coordinator_peak_rss_bytes": peaks.pop("coordinator"),

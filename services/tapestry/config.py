@@ -460,6 +460,9 @@ class ConsortiumConfig(_Strict):
     """The members."""
     node_timeout_s: float = Field(3600.0, gt=0, le=MAX_NODE_TIMEOUT_S)
     """Deadline of one node's cycle, in seconds (at most a week)."""
+    resume_window_s: float = Field(120.0, gt=0, le=MAX_NODE_TIMEOUT_S)
+    """How long a cycle whose session dropped waits for its node to dial again, in seconds;
+    it then goes on from the last message that arrived. Past it the node fails the round."""
     chunk_bytes: int = Field(1 << 20, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
     """Size of the chunks tensors are cut into on the wire, in bytes."""
     delta_encoding: DeltaEncodingName = "float32"

@@ -173,3 +173,6 @@ MAX_PEER_NAME_CHARS = 64
 # Calls one member (one certificate identity) may hold open at once on a server, its
 # session included; one more is RESOURCE_EXHAUSTED (tapestry.pki.call_limits).
 MAX_CALLS_PER_MEMBER = 6
+# Exchanges a node may say it still holds when it reconnects (one cycle at a time, and a
+# few describes); the rest of a longer list is ignored.
+MAX_EXCHANGES = 16

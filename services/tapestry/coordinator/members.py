@@ -19,7 +19,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.node_links import LinkError
-from tapestry.coordinator.sessions import Session, SessionOpened
+from tapestry.coordinator.sessions import MemberLink, Session, SessionOpened
+from tapestry.observe.metrics import CoordinatorMetrics
 from tapestry.pki.access import RevocationList
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ REVOCATION_POLL_S = 1.0
 class _Member:
     node_id: str
     jurisdiction: str
+    link: MemberLink
     session: Session | None = None
     last: Session | None = None  # the latest session, open or ended
     ended_reason: str = ""
@@ -52,11 +54,22 @@ class Members:
         self,
         members: Sequence[tuple[str, str]],
         revocations: RevocationList | None = None,
+        *,
+        resume_window_s: float = 120.0,
+        retain_bytes: int = 64 << 20,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         """``members`` are ``(node_id, jurisdiction)`` pairs; with ``revocations`` a
-        thread ends the session of a member whose certificate the CRL comes to list."""
-        self._members = {node_id: _Member(node_id, place) for node_id, place in members}
+        thread ends the session of a member whose certificate the CRL comes to list. A
+        member's cycles wait ``resume_window_s`` for it to dial again after its session
+        dropped, each keeping at most ``retain_bytes`` to send again
+        (:class:`~tapestry.coordinator.sessions.MemberLink`)."""
+        self._members = {
+            node_id: _Member(node_id, place, MemberLink(node_id, resume_window_s, retain_bytes))
+            for node_id, place in members
+        }
         self._lock = threading.Lock()
+        self._metrics = metrics
         self._revocations = revocations
         self._stop = threading.Event()
         if revocations is not None:
@@ -66,44 +79,60 @@ class Members:
         member = self._members.get(node_id)
         return member.jurisdiction if member is not None else None
 
-    def join(self, opened: SessionOpened) -> Session:
+    def link(self, node_id: str) -> MemberLink:
+        return self._members[node_id].link
+
+    def join(
+        self, opened: SessionOpened, held: Sequence[tuple[int, int]] = ()
+    ) -> tuple[Session, list[tuple[int, int]]]:
         """A session for ``opened.node_id``, replacing an older one with the same
-        certificate (:class:`SessionRefused` ALREADY_EXISTS with another)."""
+        certificate (:class:`SessionRefused` ALREADY_EXISTS with another), and the cycles it
+        resumes (``held``: the node's, from its SessionOpen; see
+        :meth:`MemberLink.attach`)."""
         member = self._members[opened.node_id]
         session = Session(opened)
         with self._lock:
-            held = member.session
-            if held is not None and held.ended is None:
-                if held.opened.serial != opened.serial:
+            older = member.session
+            if older is not None and older.ended is None:
+                if older.opened.serial != opened.serial:
                     log.warning(
                         "refused a second session for node %s from %s: its session from %s "
                         "holds another certificate",
                         opened.node_id,
                         opened.address,
-                        held.opened.address,
+                        older.opened.address,
                     )
                     raise SessionRefused(
                         grpc.StatusCode.ALREADY_EXISTS,
                         f"node {opened.node_id!r} already holds a session (from "
-                        f"{held.opened.address}, since {held.opened.since:%Y-%m-%d %H:%M:%S} "
+                        f"{older.opened.address}, since {older.opened.since:%Y-%m-%d %H:%M:%S} "
                         "UTC) with another certificate; only one session per node",
                     )
                 log.warning(
                     "node %s opened a new session from %s: it replaces the one from %s",
                     opened.node_id,
                     opened.address,
-                    held.opened.address,
+                    older.opened.address,
                 )
             member.session = member.last = session
-        if held is not None:
-            held.end(
+            resumed = member.link.attach(session, held)
+        if older is not None:
+            older.end(
                 LinkError(
                     grpc.StatusCode.ABORTED,
                     f"replaced by a newer session of the same node from {opened.address}",
                 )
             )
-        log.info("node %s joined from %s", opened.node_id, opened.address)
-        return session
+        if self._metrics is not None:
+            self._metrics.sessions.labels(node=opened.node_id).inc()
+            self._metrics.resumes.labels(node=opened.node_id).inc(len(resumed))
+        log.info(
+            "node %s joined from %s%s",
+            opened.node_id,
+            opened.address,
+            f", resuming {len(resumed)} cycle(s)" if resumed else "",
+        )
+        return session, resumed
 
     def leave(self, session: Session) -> None:
         """Forget ``session`` once its stream has ended (a newer one may hold its place)."""
@@ -113,16 +142,27 @@ class Members:
             if member.session is session:
                 member.session = None
                 member.ended_reason = reason
+        member.link.detach(session)
         log.info("node %s left: %s", session.opened.node_id, reason)
 
-    def connected(self) -> dict[str, Session]:
-        """The sessions open now, by node id: a round counts these members only."""
+    def connected(self) -> dict[str, MemberLink]:
+        """The links of the members holding a session now, by node id: a round counts
+        these members only."""
         with self._lock:
             return {
-                node_id: member.session
+                node_id: member.link
                 for node_id, member in self._members.items()
                 if member.session is not None and member.session.ended is None
             }
+
+    def sessions(self) -> list[Session]:
+        """The sessions open now."""
+        with self._lock:
+            return [
+                member.session
+                for member in self._members.values()
+                if member.session is not None and member.session.ended is None
+            ]
 
     def listing(self) -> list[pb.MemberSession]:
         """Every member, in the consortium file's order, as ``ListMembers`` shows it."""
@@ -132,14 +172,14 @@ class Members:
     def end_all(self, reason: str) -> None:
         """End every session (the coordinator is stopping)."""
         self._stop.set()
-        for session in self.connected().values():
+        for session in self.sessions():
             session.end(LinkError(grpc.StatusCode.UNAVAILABLE, reason))
 
     def _watch_revocations(self) -> None:
         assert self._revocations is not None
         while not self._stop.wait(REVOCATION_POLL_S):
             revoked = self._revocations.serials()
-            for session in self.connected().values():
+            for session in self.sessions():
                 if session.opened.serial in revoked:
                     log.warning(
                         "node %s: its certificate (serial %x) is revoked; session ended",

@@ -19,7 +19,7 @@ from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.members import Members
 from tapestry.coordinator.node_links import CycleCall, DialedLink, LinkError, NodeLink
 from tapestry.coordinator.remote_node import RemoteSovereignNode
-from tapestry.coordinator.sessions import Session
+from tapestry.coordinator.sessions import MemberLink
 from tapestry.observe.metrics import CoordinatorMetrics
 from tapestry.pki.serving import ServerSecurity
 from tapestry.training.consortium.tensors import StateLayout
@@ -69,11 +69,15 @@ class Roster:
         self._security = security
         self._metrics = metrics
         self._by_id = {member.node_id: member for member in config.nodes}
+        window = window_bytes(config.link, len(config.nodes))
         self.members = Members(
             [(member.node_id, member.jurisdiction) for member in config.nodes],
             security.revocations,
+            resume_window_s=config.resume_window_s,
+            # what a cycle keeps to send again after a reconnection: its share of the budget
+            retain_bytes=window,
+            metrics=metrics,
         )
-        window = window_bytes(config.link, len(config.nodes))
         self.dialed = [
             self._proxy(
                 member,
@@ -123,10 +127,10 @@ class Roster:
                 nodes.append(self._proxy(member, Absent(node_id, why)))
         return nodes
 
-    def check(self, session: Session) -> None:
+    def check(self, link: MemberLink) -> None:
         """The identity check of a session that just opened: the node must describe itself
         as its member, training the consortium's model (raises the proxy's mismatch)."""
-        self._proxy(self._by_id[session.opened.node_id], session).check_identity()
+        self._proxy(self._by_id[link.node_id], link).check_identity()
 
     def close(self) -> None:
         self.members.end_all("the coordinator is stopping")

@@ -22,9 +22,9 @@ import grpc
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.members import Members, SessionRefused
 from tapestry.coordinator.node_links import LinkError
-from tapestry.coordinator.sessions import Session, SessionOpened
+from tapestry.coordinator.sessions import MemberLink, Session, SessionOpened
 from tapestry.errors import quoted
-from tapestry.limits import MAX_PEER_NAME_CHARS
+from tapestry.limits import MAX_EXCHANGES, MAX_PEER_NAME_CHARS
 from tapestry.pki.access import calling_peer
 from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.wire import codec
@@ -55,7 +55,7 @@ class SessionDoor:
         consortium_id: str,
         spec: ModelSpec,
         round_num: Callable[[], int],
-        check: Callable[[Session], None],
+        check: Callable[[MemberLink], None],
         *,
         secure: bool,
     ) -> None:
@@ -72,7 +72,9 @@ class SessionDoor:
         first = _first(requests, context)
         try:
             opened = self._opened(first, context)
-            session = self._members.join(opened)
+            assert first is not None  # _opened refused a stream without one
+            held = [(e.exchange_id, e.received) for e in first.open.exchanges[:MAX_EXCHANGES]]
+            session, resumed = self._members.join(opened, held)
         except (Refused, SessionRefused) as refused:
             log.warning("session refused: %s", refused)
             context.abort(refused.code, str(refused))
@@ -84,10 +86,14 @@ class SessionDoor:
                     model=codec.model_spec_to_proto(self._spec),
                     model_sha256=self._spec.digest(),
                     round_num=self._round_num(),
+                    exchanges=[
+                        pb.ExchangeState(exchange_id=key, received=count) for key, count in resumed
+                    ],
                 )
             )
+            link = self._members.link(opened.node_id)
             threading.Thread(
-                target=_read, args=(requests, session), name="session-reader", daemon=True
+                target=_read, args=(requests, session, link), name="session-reader", daemon=True
             ).start()
             threading.Thread(
                 target=self._admit, args=(session,), name="session-check", daemon=True
@@ -102,7 +108,7 @@ class SessionDoor:
 
     def _admit(self, session: Session) -> None:
         try:
-            self._check(session)
+            self._check(self._members.link(session.opened.node_id))
         except LinkError:
             return  # the session ended while it was checked: its end says why
         except Exception as problem:
@@ -188,14 +194,18 @@ def _first(
         timer.cancel()
 
 
-def _read(requests: Iterator[pb.OpenSessionRequest], session: Session) -> None:
-    """Hand each message of the node to its exchange, until the stream ends."""
-    why = "the node closed its session"
+def _read(requests: Iterator[pb.OpenSessionRequest], session: Session, link: MemberLink) -> None:
+    """Hand each message of the node to its exchange, until the stream ends, while this
+    session is the member's (a replaced one's late messages are not taken)."""
+    why = LinkError(grpc.StatusCode.UNAVAILABLE, "the node closed its session")
     try:
         for message in requests:
-            session.receive(message)
-            if session.ended is not None:
+            if session.ended is not None or link.session is not session:
                 return
+            session.last_seen = datetime.now(UTC)
+            link.receive(message)
+    except LinkError as error:
+        why = error
     except Exception:
-        why = "the node's connection dropped"
-    session.end(LinkError(grpc.StatusCode.UNAVAILABLE, why))
+        why = LinkError(grpc.StatusCode.UNAVAILABLE, "the node's connection dropped")
+    session.end(why)

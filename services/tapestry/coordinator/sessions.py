@@ -1,12 +1,16 @@
 """Members' sessions, as the coordinator holds them: a node dials out and holds one session,
 over which the coordinator asks it to describe itself and runs its cycles.
 
-A :class:`Session` is a :class:`~tapestry.coordinator.node_links.NodeLink`: its
-``describe`` and ``cycle`` are exchanges multiplexed on the one stream, each with its own id
-(``exchange_id``), its own bounded reply queue and its own deadline. Messages toward the node
-go through an :class:`~tapestry.wire.outbox.Outbox` (control first, data bounded). When the
-session ends, every exchange on it fails at once with the reason (UNAVAILABLE for a dropped
-connection), which the round words as the node's failure.
+A :class:`Session` is one connection: its outbox (what the stream's handler sends) and how
+it ended. A :class:`MemberLink` is the member, across its sessions, and the round's
+:class:`~tapestry.coordinator.node_links.NodeLink` to it: ``describe`` and ``cycle`` are
+exchanges multiplexed on the session now open, each with its own id, its own bounded reply
+queue and its own deadline. A cycle's messages are numbered (:mod:`tapestry.wire.numbering`):
+when the session drops, the cycle waits up to ``resume_window_s`` for the node to dial
+again, then both sides send again what the other did not get, and the base or delta goes on
+from the last chunk that arrived. A node that does not come back in time, or comes back
+without the cycle (it restarted), fails the round with the reason; a describe fails at
+once.
 """
 
 from __future__ import annotations
@@ -15,15 +19,16 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.node_links import CycleCall, LinkError
 from tapestry.limits import MAX_ERROR_DETAILS_CHARS
+from tapestry.wire.numbering import Numbering, OutOfOrder
 from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -50,8 +55,8 @@ class SessionOpened:
 
 
 class Session:
-    """One member's session: its outbox (read by the handler that serves the stream), the
-    exchanges open on it, and how it ended."""
+    """One connection of a member: its outbox (read by the handler that serves the stream)
+    and how it ended."""
 
     def __init__(self, opened: SessionOpened) -> None:
         self.opened = opened
@@ -59,81 +64,162 @@ class Session:
         self.last_seen = opened.since
         self.ended: LinkError | None = None
         self._lock = threading.Lock()
-        self._exchanges: dict[int, Inbox[Reply]] = {}
-        self._ids = itertools.count(1)
 
     @property
     def address(self) -> str:
         return f"session of {self.opened.node_id} from {self.opened.address}"
 
-    # -- the reader's side -----------------------------------------------------------------
-
-    def receive(self, message: pb.OpenSessionRequest) -> None:
-        """Hand a message from the node to its exchange (the stream's reader thread). A
-        message of an exchange already over is dropped; a second ``open``, or one that
-        carries nothing, ends the session (INVALID_ARGUMENT)."""
-        self.last_seen = datetime.now(UTC)
-        kind = message.WhichOneof("item")
-        if kind not in ("described", "cycle", "end"):
-            what = "a second SessionOpen" if kind == "open" else "a message with no item"
-            self.end(LinkError(grpc.StatusCode.INVALID_ARGUMENT, f"the node sent {what}"))
-            return
-        with self._lock:
-            replies = self._exchanges.get(message.exchange_id)
-        if replies is not None:
-            replies.put(getattr(message, kind))
-
     def end(self, error: LinkError) -> None:
-        """End the session with ``error`` (once): every exchange fails with it, and the
-        stream's handler stops sending."""
+        """End the session with ``error`` (once): the stream's handler stops sending."""
         with self._lock:
             if self.ended is not None:
                 return
             self.ended = error
-            exchanges = list(self._exchanges.values())
-            self._exchanges.clear()
-        for replies in exchanges:
-            replies.fail(error, discard=False)
         self.outbox.close()
+
+
+class MemberLink:
+    """A member's exchanges with the coordinator, across its sessions (its ``NodeLink``)."""
+
+    def __init__(self, node_id: str, resume_window_s: float, retain_bytes: int) -> None:
+        self.node_id = node_id
+        self.resume_window_s = resume_window_s
+        self.numbering: Numbering[pb.OpenSessionResponse] = Numbering(
+            lambda exchange, count: pb.OpenSessionResponse(exchange_id=exchange, ack=count),
+            retain_bytes,
+        )
+        self.session: Session | None = None
+        self.resumes = 0  # cycles resumed after a reconnection
+        self._lock = threading.Lock()
+        self._inboxes: dict[int, Inbox[Reply]] = {}
+        self._cycles: set[int] = set()
+        self._ids = itertools.count(1)
+        self._lost: threading.Timer | None = None
+
+    @property
+    def address(self) -> str:
+        session = self.session
+        return session.address if session is not None else f"no session of {self.node_id}"
+
+    # -- sessions (tapestry.coordinator.members) ---------------------------------------------
+
+    def attach(self, session: Session, held: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``session`` is now the member's; ``held`` are the node's ``(exchange, received)``
+        from its SessionOpen. The cycles both hold resume (their unacknowledged messages are
+        queued again); the others fail. Returns ours, for the welcome."""
+        node_has = dict(held)
+        with self._lock:
+            if self._lost is not None:
+                self._lost.cancel()
+                self._lost = None
+            self.session = session
+            resumed = [key for key in self._cycles if key in node_has]
+            lost = [key for key in self._inboxes if key not in resumed]
+            self.resumes += len(resumed)
+        for key in lost:
+            self._fail(key, "the node no longer holds the cycle (it restarted?)")
+        self.numbering.attach(session.outbox, [(key, node_has[key]) for key in resumed])
+        return [(key, received) for key, received in self.numbering.states() if key in resumed]
+
+    def detach(self, session: Session) -> None:
+        """``session`` ended: a describe on it fails now; a cycle waits for the next session
+        up to ``resume_window_s``, then fails."""
+        with self._lock:
+            if self.session is not session:
+                return
+            self.session = None
+            describes = [key for key in self._inboxes if key not in self._cycles]
+            if self._cycles:
+                self._lost = threading.Timer(self.resume_window_s, self._give_up, (session,))
+                self._lost.daemon = True
+                self._lost.start()
+        self.numbering.detach(session.outbox)
+        why = session.ended.details() if session.ended is not None else "the session ended"
+        for key in describes:
+            self._fail(key, why)
+
+    def _give_up(self, session: Session) -> None:
+        why = session.ended.details() if session.ended is not None else "the session ended"
+        with self._lock:
+            if self.session is not None:
+                return
+            keys = list(self._inboxes)
+        for key in keys:
+            self._fail(
+                key,
+                f"{why}; the node did not dial again within resume_window_s = "
+                f"{self.resume_window_s:g} s",
+            )
+
+    def _fail(self, key: int, why: str) -> None:
+        with self._lock:
+            inbox = self._inboxes.pop(key, None)
+            self._cycles.discard(key)
+        self.numbering.close(key)
+        if inbox is not None:
+            inbox.fail(LinkError(grpc.StatusCode.UNAVAILABLE, why), discard=False)
+
+    def receive(self, message: pb.OpenSessionRequest) -> None:
+        """Hand a message from the node to its exchange (the stream's reader thread): each
+        numbered one once, in order; one of an exchange already over is dropped. A second
+        ``open``, one that carries nothing, or a gap in the numbers is a
+        :class:`LinkError` (INVALID_ARGUMENT) that ends the session."""
+        if message.ack:
+            self.numbering.acknowledged(message.exchange_id, message.ack)
+        kind = message.WhichOneof("item")
+        if kind is None and message.ack:
+            return
+        if kind not in ("described", "cycle", "end"):
+            what = "a second SessionOpen" if kind == "open" else "a message with no item"
+            raise LinkError(grpc.StatusCode.INVALID_ARGUMENT, f"the node sent {what}")
+        if message.seq:
+            try:
+                if not self.numbering.take(message, ack_now=kind == "end"):
+                    return
+            except OutOfOrder as error:
+                raise LinkError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        with self._lock:
+            inbox = self._inboxes.get(message.exchange_id)
+        if inbox is not None:
+            inbox.put(getattr(message, kind))
 
     # -- the round's side (NodeLink) -------------------------------------------------------
 
-    def _open(self) -> tuple[int, Inbox[Reply]]:
-        replies: Inbox[Reply] = Inbox()
+    def _open(self, cycle: bool) -> tuple[int, Inbox[Reply]]:
+        inbox: Inbox[Reply] = Inbox()
         with self._lock:
-            if self.ended is not None:
-                raise self.ended
-            exchange_id = next(self._ids)
-            self._exchanges[exchange_id] = replies
-        return exchange_id, replies
+            if self.session is None:
+                raise LinkError(
+                    grpc.StatusCode.UNAVAILABLE, f"node {self.node_id} holds no session"
+                )
+            key = next(self._ids)
+            self._inboxes[key] = inbox
+            if cycle:
+                self._cycles.add(key)
+                self.numbering.open(key)
+        return key, inbox
 
-    def _forget(self, exchange_id: int) -> None:
+    def forget(self, key: int) -> None:
         with self._lock:
-            self._exchanges.pop(exchange_id, None)
+            self._inboxes.pop(key, None)
+            self._cycles.discard(key)
+        self.numbering.close(key)
 
-    def _send(self, message: pb.OpenSessionResponse, *, control: bool, deadline: float) -> None:
-        try:
-            if control:
-                self.outbox.control(message)
-            else:
-                self.outbox.data(message, deadline)
-        except OutboxClosed:
-            raise self.ended or LinkError(grpc.StatusCode.UNAVAILABLE, "session ended") from None
-        except TimeoutError as error:
-            raise LinkError(grpc.StatusCode.DEADLINE_EXCEEDED, str(error)) from None
+    def control(self, message: pb.OpenSessionResponse) -> None:
+        """Queue an unnumbered message on the session now open (dropped without one)."""
+        session = self.session
+        if session is not None:
+            with contextlib.suppress(OutboxClosed):
+                session.outbox.control(message)
 
     def describe(self, timeout_s: float) -> pb.DescribeResponse:
-        exchange_id, replies = self._open()
+        key, replies = self._open(cycle=False)
         deadline = time.monotonic() + timeout_s
         try:
-            self._send(
-                pb.OpenSessionResponse(exchange_id=exchange_id, describe=pb.DescribeRequest()),
-                control=True,
-                deadline=deadline,
-            )
+            self.control(pb.OpenSessionResponse(exchange_id=key, describe=pb.DescribeRequest()))
             reply = _take(replies, deadline, "describe")
         finally:
-            self._forget(exchange_id)
+            self.forget(key)
         if isinstance(reply, pb.DescribeResponse):
             return reply
         if isinstance(reply, pb.ExchangeEnd) and reply.code:
@@ -141,28 +227,29 @@ class Session:
         raise LinkError(grpc.StatusCode.INVALID_ARGUMENT, "the node answered a describe wrongly")
 
     def cycle(self, requests: Iterator[pb.RunSovereignCycleRequest], timeout_s: float) -> CycleCall:
-        exchange_id, replies = self._open()
-        return SessionCall(self, exchange_id, replies, requests, time.monotonic() + timeout_s)
+        key, replies = self._open(cycle=True)
+        return SessionCall(self, key, replies, requests, time.monotonic() + timeout_s)
 
     def close(self) -> None:
-        """Nothing to release per round: the session outlives it."""
+        """Nothing to release per round: the link outlives it."""
 
 
 class SessionCall:
-    """A cycle over a session: a thread sends the requests as they come (data bounded by the
-    outbox), then their end; iterating yields the node's replies until its end. Past the
-    deadline, or on :meth:`cancel`, the node is told the cycle is cancelled."""
+    """A cycle over a member's sessions: a thread sends the requests as they come (numbered,
+    bounded by what the node has not acknowledged), then their end; iterating yields the
+    node's replies until its end. Past the deadline, or on :meth:`cancel`, the node is told
+    the cycle is cancelled."""
 
     def __init__(
         self,
-        session: Session,
-        exchange_id: int,
+        link: MemberLink,
+        key: int,
         replies: Inbox[Reply],
         requests: Iterator[pb.RunSovereignCycleRequest],
         deadline: float,
     ) -> None:
-        self._session = session
-        self._id = exchange_id
+        self._link = link
+        self._key = key
         self._replies = replies
         self._deadline = deadline
         self._done = threading.Event()
@@ -170,24 +257,23 @@ class SessionCall:
             target=self._send_requests, args=(requests,), name="session-cycle", daemon=True
         ).start()
 
+    def _send(self, message: pb.OpenSessionResponse) -> None:
+        try:
+            self._link.numbering.send(message, deadline=self._deadline, gone=self._done)
+        except OutboxClosed:
+            raise LinkError(grpc.StatusCode.CANCELLED, "the cycle ended") from None
+        except TimeoutError as error:
+            raise LinkError(grpc.StatusCode.DEADLINE_EXCEEDED, str(error)) from None
+
     def _send_requests(self, requests: Iterator[pb.RunSovereignCycleRequest]) -> None:
         try:
             for request in requests:
                 if self._done.is_set():
                     return
-                self._session._send(
-                    pb.OpenSessionResponse(exchange_id=self._id, cycle=request),
-                    control=False,
-                    deadline=self._deadline,
-                )
-            if not self._done.is_set():
-                # After the requests, never ahead of them: the half-close travels as data.
+                self._send(pb.OpenSessionResponse(exchange_id=self._key, cycle=request))
+            if not self._done.is_set():  # the half-close, numbered: after the requests
                 end = pb.ExchangeEnd(code=grpc.StatusCode.OK.value[0])
-                self._session._send(
-                    pb.OpenSessionResponse(exchange_id=self._id, end=end),
-                    control=False,
-                    deadline=self._deadline,
-                )
+                self._send(pb.OpenSessionResponse(exchange_id=self._key, end=end))
         except LinkError as error:
             self._replies.fail(error, discard=False)
 
@@ -214,7 +300,7 @@ class SessionCall:
         if self._done.is_set():
             return False
         self._done.set()
-        self._session._forget(self._id)
+        self._link.forget(self._key)
         return True
 
     def cancel(self) -> bool:
@@ -227,9 +313,7 @@ class SessionCall:
             discard=True,
         )
         end = pb.ExchangeEnd(code=grpc.StatusCode.CANCELLED.value[0])
-        # A session already over has ended the cycle on the node too.
-        with contextlib.suppress(OutboxClosed):
-            self._session.outbox.control(pb.OpenSessionResponse(exchange_id=self._id, end=end))
+        self._link.control(pb.OpenSessionResponse(exchange_id=self._key, end=end))
         return True
 
 

@@ -19,8 +19,10 @@ checks) presents a certificate.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +62,19 @@ NOT_STARTED = "127.0.0.1:1"
 # A server drains its calls for up to STOP_GRACE_S after SIGTERM; past that (and a margin
 # for its interpreter to exit) it is killed.
 STOP_TIMEOUT_S = STOP_GRACE_S + 5.0
+
+
+def _stop_with_parent() -> None:
+    """In the child, before it runs: SIGTERM it when the thread that started it ends (its
+    process dying, even by SIGKILL), so no server outlives its launcher (a node that dials
+    out would otherwise dial a coordinator that is gone, forever). Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(UserError, RuntimeError):
@@ -366,6 +381,7 @@ class LocalConsortium:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=_stop_with_parent,
         )
         log_file.close()
         self.processes[name] = Process(name, popen, log_path)

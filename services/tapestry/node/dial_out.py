@@ -26,18 +26,22 @@ import tapestry
 from tapestry.config import NodeConfig, check_window
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.errors import UserError, quoted
+from tapestry.errors import UserError, WireError, quoted
 from tapestry.limits import MAX_ERROR_DETAILS_CHARS
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.pki.layout import COORDINATOR_SERVER_NAME
 from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import SESSION_CHANNEL_OPTIONS, open_channel
+from tapestry.wire.numbering import Numbering, OutOfOrder
 from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed
 from tapestry.wire.status import COORDINATOR, describe_rpc_error
 from tapestry.wire.windows import window_bytes, window_options
 
 log = logging.getLogger(__name__)
+# A cycle that ended waits this long for the coordinator to acknowledge its end (it does at
+# once), so a session that drops just then still delivers it on the next.
+END_ACK_S = 30.0
 
 PROTOCOL_VERSION = pb.SESSION_PROTOCOL_V1
 # Dialing again: the n-th failure in a row waits a random time in [d/2, d], d = first * 2^n,
@@ -92,6 +96,11 @@ class DialOut:
         self._rng = rng or random.Random()
         self._servicer: SovereignNodeServicer | None = None
         self._spec: ModelSpec | None = None
+        self._cycles = _Cycles(
+            plaintext=credentials is None,
+            node_id=config.node_id,
+            retain_bytes=window_bytes(config.link),
+        )
         self.sessions = 0  # welcomed sessions so far
 
     def run(self, stop: threading.Event) -> None:
@@ -131,21 +140,26 @@ class DialOut:
         threading.Thread(
             target=_cancel_on_stop, args=(call, stop, ended), name="session-stop", daemon=True
         ).start()
-        cycles = _Cycles(outbox, plaintext=self._credentials is None, node_id=self._config.node_id)
+        cycles = self._cycles
         welcomed = False
         try:
             for message in call:
                 if not welcomed:
-                    servicer = self._welcomed(message)
-                    cycles.servicer = servicer
+                    cycles.servicer = self._welcomed(message)
+                    cycles.attach(outbox, message.welcome)
                     welcomed = True
                     continue
                 cycles.receive(message)
             return welcomed  # the coordinator ended the session without a word
+        except WireError as problem:
+            log.warning("the coordinator broke the session protocol: %s", problem)
+            return welcomed
         finally:
             ended.set()
             outbox.close()
-            cycles.cancel_all()
+            cycles.detach(outbox)
+            if stop.is_set():
+                cycles.cancel_all()
             channel.close()
 
     def _hello(self) -> pb.SessionOpen:
@@ -156,6 +170,7 @@ class DialOut:
             node_id=config.node_id,
             jurisdiction=config.jurisdiction,
             release=tapestry.__version__,
+            exchanges=self._cycles.states(),
         )
 
     def _welcomed(self, message: pb.OpenSessionResponse) -> SovereignNodeServicer:
@@ -249,48 +264,115 @@ class _HalfClosed(Exception):
 
 
 class _Cycles:
-    """The session's exchanges on the node: describes answered at once, each cycle on its
-    own thread."""
+    """The node's exchanges with the coordinator, across its sessions: describes answered
+    at once, each cycle on its own thread, its messages numbered
+    (:mod:`tapestry.wire.numbering`) so that a cycle whose session drops resumes on the
+    next one where it stopped."""
 
-    def __init__(
-        self, outbox: Outbox[pb.OpenSessionRequest], *, plaintext: bool, node_id: str
-    ) -> None:
-        self.outbox = outbox
+    def __init__(self, *, plaintext: bool, node_id: str, retain_bytes: int) -> None:
         self._plaintext = plaintext
         self._node_id = node_id
         self.servicer: SovereignNodeServicer | None = None
+        self.numbering: Numbering[pb.OpenSessionRequest] = Numbering(
+            lambda exchange, count: pb.OpenSessionRequest(exchange_id=exchange, ack=count),
+            retain_bytes,
+        )
+        self._outbox: Outbox[pb.OpenSessionRequest] | None = None
         self._runs: dict[int, _CycleRun] = {}
         self._lock = threading.Lock()
 
+    def states(self) -> list[pb.ExchangeState]:
+        """The cycles this node holds, for its next SessionOpen."""
+        return [
+            pb.ExchangeState(exchange_id=key, received=count)
+            for key, count in self.numbering.states()
+        ]
+
+    def attach(self, outbox: Outbox[pb.OpenSessionRequest], welcome: pb.SessionWelcome) -> None:
+        """A new session: the cycles the coordinator resumes (its welcome lists them) go on,
+        their unacknowledged replies sent again; the others end."""
+        resumed = {e.exchange_id: e.received for e in welcome.exchanges}
+        with self._lock:
+            self._outbox = outbox
+            lost = [run for key, run in self._runs.items() if key not in resumed]
+        for run in lost:
+            run.cancel(tell=False)
+        if resumed:
+            log.info("resuming %d cycle(s) where they stopped", len(resumed))
+        self.numbering.attach(outbox, resumed.items())
+
+    def detach(self, outbox: Outbox[pb.OpenSessionRequest]) -> None:
+        """The session ended: cycles wait for the next (their deadlines still run)."""
+        with self._lock:
+            if self._outbox is outbox:
+                self._outbox = None
+        self.numbering.detach(outbox)
+
+    def control(self, message: pb.OpenSessionRequest) -> None:
+        """Queue an unnumbered message on the session now open (dropped without one)."""
+        outbox = self._outbox
+        if outbox is not None:
+            with contextlib.suppress(OutboxClosed):
+                outbox.control(message)
+
     def receive(self, message: pb.OpenSessionResponse) -> None:
+        """Hand a message of the coordinator on: a gap in an exchange's numbers, or a
+        second welcome, is a :class:`WireError` that ends the session."""
         assert self.servicer is not None
+        if message.ack:
+            self.numbering.acknowledged(message.exchange_id, message.ack)
         kind = message.WhichOneof("item")
-        exchange_id = message.exchange_id
+        key = message.exchange_id
         if kind == "describe":
             described = self.servicer.Describe(message.describe, cast(Any, None))
-            self.outbox.control(pb.OpenSessionRequest(exchange_id=exchange_id, described=described))
+            self.control(pb.OpenSessionRequest(exchange_id=key, described=described))
             return
+        if kind not in ("cycle", "end"):
+            if kind is None and message.ack:
+                return
+            raise WireError(f"the coordinator sent {kind or 'a message with no item'} mid-session")
+        if not message.seq:  # an unnumbered end: the coordinator cancels the cycle
+            with self._lock:
+                run = self._runs.get(key)
+            if run is not None:
+                run.cancel(tell=False)
+            return
+        run = self._run_for(message)
+        if run is None:
+            return  # an exchange already over: dropped
+        try:
+            if not self.numbering.take(message, ack_now=kind == "end"):
+                return
+        except OutOfOrder as error:
+            raise WireError(str(error)) from None
+        if kind == "cycle":
+            run.inbox.put(message.cycle)
+        else:
+            run.ended(message.end.code)
+
+    def _run_for(self, message: pb.OpenSessionResponse) -> _CycleRun | None:
+        """The cycle ``message`` belongs to; a new one for the first message of a cycle."""
+        assert self.servicer is not None
+        key = message.exchange_id
         with self._lock:
-            run = self._runs.get(exchange_id)
-            if run is None and kind == "cycle" and message.cycle.WhichOneof("item") == "start":
+            run = self._runs.get(key)
+            starts = message.seq == 1 and message.cycle.WhichOneof("item") == "start"
+            if run is None and starts:
                 if self._plaintext:
                     log.warning(
                         "INSECURE: node %s cycle over plaintext, from an unauthenticated "
                         "coordinator",
                         self._node_id,
                     )
-                run = _CycleRun(exchange_id, self.servicer, self.outbox, self._forget)
-                self._runs[exchange_id] = run
-        if run is None:
-            return  # an exchange already over: dropped
-        if kind == "cycle":
-            run.inbox.put(message.cycle)
-        elif kind == "end":
-            run.ended(message.end.code)
+                self.numbering.open(key)
+                run = _CycleRun(key, self.servicer, self, self._forget)
+                self._runs[key] = run
+        return run
 
-    def _forget(self, exchange_id: int) -> None:
+    def _forget(self, key: int) -> None:
         with self._lock:
-            self._runs.pop(exchange_id, None)
+            self._runs.pop(key, None)
+        self.numbering.close(key)
 
     def cancel_all(self) -> None:
         with self._lock:
@@ -301,19 +383,19 @@ class _Cycles:
 
 class _CycleRun:
     """One cycle on the node: the servicer's generator on its own thread, its requests from
-    the exchange's inbox, its replies into the session's outbox."""
+    the exchange's inbox, its replies numbered onto whichever session is open."""
 
     def __init__(
         self,
         exchange_id: int,
         servicer: SovereignNodeServicer,
-        outbox: Outbox[pb.OpenSessionRequest],
+        cycles: _Cycles,
         forget: Callable[[int], None],
     ) -> None:
         self.exchange_id = exchange_id
         self.inbox: Inbox[pb.RunSovereignCycleRequest] = Inbox()
         self.gone = threading.Event()
-        self._outbox = outbox
+        self._cycles = cycles
         self._forget = forget
         self._servicer = servicer
         threading.Thread(target=self._run, name=f"cycle-{exchange_id}", daemon=True).start()
@@ -325,6 +407,9 @@ class _CycleRun:
             except _HalfClosed:
                 return
 
+    def _send(self, message: pb.OpenSessionRequest) -> None:
+        self._cycles.numbering.send(message, gone=self.gone)
+
     def _run(self) -> None:
         code, details = grpc.StatusCode.OK, ""
         context: Any = _ExchangeContext(self)  # what a cycle asks of its call, and no more
@@ -335,23 +420,22 @@ class _CycleRun:
         )
         try:
             for reply in replies:
-                self._outbox.data(
-                    pb.OpenSessionRequest(exchange_id=self.exchange_id, cycle=reply),
-                    gone=self.gone,
-                )
+                self._send(pb.OpenSessionRequest(exchange_id=self.exchange_id, cycle=reply))
         except _Aborted as aborted:
             code, details = aborted.code, aborted.details
         except OutboxClosed:
+            replies.close()
+            self._forget(self.exchange_id)
             return
         except Exception as error:  # a bug: the coordinator still hears the cycle ended
             log.exception("cycle %d failed", self.exchange_id)
             code, details = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
-        finally:
-            replies.close()
-            self._forget(self.exchange_id)
-        # After the replies, never ahead of them: the end travels as data.
+        replies.close()
+        # After the replies, numbered like them; kept until the coordinator has it.
         with contextlib.suppress(OutboxClosed):
-            self._outbox.data(self._end(code, details), gone=self.gone)
+            self._send(self._end(code, details))
+            self._cycles.numbering.drained(self.exchange_id, END_ACK_S, self.gone)
+        self._forget(self.exchange_id)
 
     def _end(self, code: grpc.StatusCode, details: str) -> pb.OpenSessionRequest:
         end = pb.ExchangeEnd(code=code.value[0], message=details[:MAX_ERROR_DETAILS_CHARS])
@@ -370,12 +454,12 @@ class _CycleRun:
             return
         self.gone.set()
         self.inbox.fail(_Cancelled("the cycle was cancelled"), discard=True)
-        if tell:  # a cancel may overtake what is queued: nothing queued is wanted
-            end = self._end(
-                grpc.StatusCode.CANCELLED, "the node cancelled the cycle (send_timeout_s)"
+        if tell:  # unnumbered: it may overtake what is queued, nothing queued is wanted
+            self._cycles.control(
+                self._end(
+                    grpc.StatusCode.CANCELLED, "the node cancelled the cycle (send_timeout_s)"
+                )
             )
-            with contextlib.suppress(OutboxClosed):
-                self._outbox.control(end)
 
 
 class _ExchangeContext:

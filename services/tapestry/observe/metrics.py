@@ -102,6 +102,17 @@ class CoordinatorMetrics:
             "failed the checks).",
             ["node"], registry=r,
         )  # fmt: skip
+        self.resumes = Counter(
+            "tapestry_transfer_resumes",
+            "Cycles that went on, where they stopped, after the node's session dropped and it "
+            "dialed again (tapestry.wire.numbering).",
+            ["node"], registry=r,
+        )  # fmt: skip
+        self.sessions = Counter(
+            "tapestry_sessions_opened",
+            "Sessions members opened (a node that dials again opens another).",
+            ["node"], registry=r,
+        )  # fmt: skip
         self.contributions = Counter(
             "tapestry_contributions",
             "Contributions the policy accepted (given weight) or rejected, by node.",

@@ -1,0 +1,118 @@
+"""Numbered exchanges (tapestry.wire.numbering): each message taken once and in order, kept
+until acknowledged, sent again after a reconnection from the first one the peer lacks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.wire.numbering import MIN_RETAIN_BYTES, Numbering, OutOfOrder
+from tapestry.wire.outbox import Outbox, OutboxClosed
+
+CHUNK = 1 << 20
+
+
+def _numbering(retain: int = MIN_RETAIN_BYTES) -> Numbering[pb.OpenSessionRequest]:
+    return Numbering(lambda key, count: pb.OpenSessionRequest(exchange_id=key, ack=count), retain)
+
+
+def _chunk(key: int, tag: int) -> pb.OpenSessionRequest:
+    chunk = pb.TensorChunk(name="w", offset=tag * CHUNK, data=bytes([tag % 256]) * CHUNK)
+    return pb.OpenSessionRequest(
+        exchange_id=key, cycle=pb.RunSovereignCycleResponse(delta_chunk=chunk)
+    )
+
+
+def _queued(outbox: Outbox[pb.OpenSessionRequest]) -> list[pb.OpenSessionRequest]:
+    """What the outbox holds now, without waiting."""
+    taken = []
+    stream = outbox.messages()
+    outbox.control(pb.OpenSessionRequest(exchange_id=0))  # a marker: the end of what is queued
+    for message in stream:
+        if message.exchange_id == 0 and not message.seq:
+            return taken
+        taken.append(message)
+    return taken
+
+
+def test_messages_are_numbered_in_order_and_carry_what_was_received():
+    sender, outbox = _numbering(), Outbox()
+    sender.attach(outbox, [])
+    sender.open(7)
+    for tag in range(3):
+        sender.send(_chunk(7, tag))
+    assert [(m.exchange_id, m.seq) for m in _queued(outbox)] == [(7, 1), (7, 2), (7, 3)]
+
+
+def test_a_receiver_takes_each_message_once_and_refuses_a_gap():
+    receiver, outbox = _numbering(), Outbox()
+    receiver.attach(outbox, [])
+    receiver.open(7)
+    first, second, fourth = (_chunk(7, t) for t in (1, 2, 4))
+    first.seq, second.seq, fourth.seq = 1, 2, 4
+    assert receiver.take(first) and receiver.take(second)
+    assert not receiver.take(first)  # sent again after a reconnection: dropped
+    with pytest.raises(OutOfOrder):
+        receiver.take(fourth)
+    # It acknowledged what it took, so the sender may let it go.
+    assert [m.ack for m in _queued(outbox)] == [1, 2]
+    assert receiver.states() == [(7, 2)]
+
+
+def test_a_sender_keeps_at_most_its_budget_unacknowledged_and_an_ack_frees_it():
+    sender, outbox = _numbering(MIN_RETAIN_BYTES), Outbox()
+    sender.attach(outbox, [])
+    sender.open(1)
+    fits = MIN_RETAIN_BYTES // (CHUNK + 64)
+    for tag in range(fits):
+        sender.send(_chunk(1, tag))
+    with pytest.raises(TimeoutError):
+        sender.send(_chunk(1, fits), deadline=time.monotonic() + 0.2)
+
+    def acknowledge() -> None:
+        time.sleep(0.1)
+        sender.acknowledged(1, 3)
+
+    threading.Thread(target=acknowledge).start()
+    sender.send(_chunk(1, fits), deadline=time.monotonic() + 5)  # waits for room, then goes
+
+
+def test_a_reconnection_sends_again_what_the_peer_did_not_get_in_order():
+    sender, first = _numbering(), Outbox()
+    sender.attach(first, [])
+    sender.open(5)
+    for tag in range(6):
+        sender.send(_chunk(5, tag))
+    sender.acknowledged(5, 2)  # the peer took 1 and 2 and said so
+    sender.detach(first)
+    first.close()  # the session drops
+    sender.send(_chunk(5, 6))  # kept while no session is attached
+    second = Outbox()
+    sender.attach(second, [(5, 4)])  # the peer says it got 4 (its ack of 3 and 4 was lost)
+    again = _queued(second)
+    assert [m.seq for m in again] == [5, 6, 7]
+    assert [m.cycle.delta_chunk.offset // CHUNK for m in again] == [4, 5, 6]
+
+
+def test_a_closed_exchange_sends_nothing_and_forgets_what_it_kept():
+    sender, outbox = _numbering(), Outbox()
+    sender.attach(outbox, [])
+    sender.open(2)
+    sender.send(_chunk(2, 0))
+    sender.close(2)
+    with pytest.raises(OutboxClosed):
+        sender.send(_chunk(2, 1))
+    assert sender.states() == []
+
+
+def test_drained_waits_for_the_last_acknowledgement():
+    sender, outbox = _numbering(), Outbox()
+    sender.attach(outbox, [])
+    sender.open(3)
+    sender.send(_chunk(3, 0))
+    assert not sender.drained(3, 0.1)
+    threading.Timer(0.1, sender.acknowledged, (3, 1)).start()
+    assert sender.drained(3, 5.0)
