@@ -98,9 +98,9 @@ class DialOut:
         refusal raises :class:`SessionClosedForGood`."""
         failures = 0
         while not stop.is_set():
-            welcomed = False
+            opened = self.sessions
             try:
-                welcomed = self._session(stop)
+                self._session(stop)
             except grpc.RpcError as error:
                 if stop.is_set():
                     return
@@ -110,14 +110,16 @@ class DialOut:
                         f"the coordinator refused this node: {said}"
                     ) from None
                 log.warning("session with the coordinator: %s", said)
-            failures = 0 if welcomed else failures + 1
+            # Counted whether the session ended quietly or raised: a session that drops
+            # (a cut link) after its welcome starts the count again.
+            failures = 0 if self.sessions > opened else failures + 1
             delay = backoff_s(failures, self._rng, *self._backoff)
             if not stop.is_set():
                 log.info("dialing the coordinator at %s again in %.1f s", self._address, delay)
             stop.wait(delay)
 
-    def _session(self, stop: threading.Event) -> bool:
-        """One session, until it ends; whether it was welcomed."""
+    def _session(self, stop: threading.Event) -> None:
+        """One session, until it ends (:attr:`sessions` counts its welcome)."""
         server_name = COORDINATOR_SERVER_NAME if self._credentials is not None else None
         channel = open_channel(
             self._address,
@@ -142,7 +144,6 @@ class DialOut:
                     welcomed = True
                     continue
                 cycles.receive(message)
-            return welcomed  # the coordinator ended the session without a word
         finally:
             ended.set()
             outbox.close()
