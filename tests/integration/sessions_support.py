@@ -1,9 +1,10 @@
 """Helpers for the dial-out session tests: which TCP ports a process listens on (read from
-``/proc``, no tool needed), a raw ``OpenSession`` a test drives message by message, and a
-bounded poll."""
+``/proc``, no tool needed), a raw ``OpenSession`` a test drives message by message, members'
+sessions as ``ListMembers`` shows them, and a bounded poll."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import queue
 import time
@@ -16,13 +17,15 @@ import grpc
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.coordinator.session_service import PROTOCOL_VERSION
-from tapestry.pki.layout import COORDINATOR_SERVER_NAME
+from tapestry.demo.launcher import LocalConsortium
+from tapestry.pki.authority import issue_certificate, load_authority
+from tapestry.pki.layout import COORDINATOR_SERVER_NAME, node_server_name, spiffe_id, write_pair
 from tapestry.wire.grpc_plumbing import open_channel
 
 T = TypeVar("T")
 LISTEN = "0A"  # TCP_LISTEN, as /proc/net/tcp writes a socket's state
 ESTABLISHED = "01"
-ANSWER_TIMEOUT_S = 10.0
+EVER = dt.datetime.min.replace(tzinfo=dt.UTC)  # before any session opened
 
 
 def _sockets(pid: int, state: str) -> list[tuple[tuple[str, int], tuple[str, int]]]:
@@ -159,3 +162,71 @@ def poll(
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout_s:.0f} s for {what}")
         time.sleep(every_s)
+
+
+# -- members' sessions -------------------------------------------------------------------
+
+
+def members(consortium: LocalConsortium) -> dict[str, pb.MemberSession]:
+    """Every member's session, by node id, as the operator lists them."""
+    with consortium.client() as client:
+        return {m.node_id: m for m in client.list_members(timeout_s=10)}
+
+
+def since(member: pb.MemberSession) -> dt.datetime:
+    return member.since.ToDatetime(dt.UTC)
+
+
+def connected_after(
+    consortium: LocalConsortium, node_id: str, moment: dt.datetime = EVER
+) -> pb.MemberSession:
+    """Wait until ``node_id`` holds a session opened after ``moment``; its listing."""
+
+    def probe() -> pb.MemberSession | None:
+        member = members(consortium)[node_id]
+        return member if member.connected and since(member) > moment else None
+
+    return poll(f"{node_id} to hold a session opened after {moment:%H:%M:%S.%f}", probe)
+
+
+def disconnected(
+    consortium: LocalConsortium, node_id: str, timeout_s: float = 15.0
+) -> pb.MemberSession:
+    """Wait until ``node_id`` holds no session; its listing."""
+    return poll(
+        f"{node_id} to lose its session",
+        lambda: m if not (m := members(consortium)[node_id]).connected else None,
+        timeout_s,
+    )
+
+
+class Log:
+    """A server's log from now on (``<workdir>/logs/<name>.log``)."""
+
+    def __init__(self, consortium: LocalConsortium, name: str) -> None:
+        self.path = consortium.workdir / "logs" / f"{name}.log"
+        self.start = len(self._text())
+
+    def _text(self) -> str:
+        return self.path.read_text(errors="replace") if self.path.exists() else ""
+
+    def new(self) -> str:
+        """What was written since this object was made."""
+        return self._text()[self.start :]
+
+
+def issue_node_pair(certs: Path, folder: Path, node_id: str, consortium: str) -> Path:
+    """Another certificate from the CA in ``certs``, naming ``node_id`` of ``consortium``,
+    written to ``folder``; the folder."""
+    ca_cert, ca_key = load_authority(certs)
+    cert, key = issue_certificate(
+        ca_cert,
+        ca_key,
+        common_name=f"node {node_id}",
+        identity=spiffe_id(consortium, "node", node_id),
+        hosts=["127.0.0.1"],
+        server=True,
+        server_names=[node_server_name(node_id)],
+    )
+    write_pair(folder, cert, key)
+    return folder

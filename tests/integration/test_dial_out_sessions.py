@@ -33,19 +33,25 @@ from tapestry.config import ConsortiumConfig, NodeConfig, TlsConfig, build_confi
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.demo.launcher import OPERATOR, LocalConsortium
 from tapestry.limits import MAX_CALLS_PER_MEMBER
-from tapestry.pki.authority import init_consortium, issue_certificate, load_authority
+from tapestry.pki.authority import init_consortium
 from tapestry.pki.credentials import load_channel_credentials
-from tapestry.pki.layout import Layout, node_server_name, spiffe_id, write_pair
+from tapestry.pki.layout import Layout, spiffe_id
 from tapestry.wire.grpc_plumbing import open_channel
 
 from .conftest import JURISDICTIONS, POLICY, node_specs
 from .sessions_support import (
+    Log,
     RawSession,
+    connected_after,
+    disconnected,
     established,
     hello,
+    issue_node_pair,
     listening_ports,
+    members,
     poll,
     refusal,
+    since,
 )
 
 pytestmark = pytest.mark.slow  # a consortium of processes, nodes started and stopped
@@ -110,71 +116,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def members(world: World) -> dict[str, pb.MemberSession]:
-    with world.consortium.client() as client:
-        return {m.node_id: m for m in client.list_members(timeout_s=10)}
-
-
 def run_round(world: World) -> pb.ConsortiumRoundResult:
     with world.consortium.client() as client:
         return client.run_round(timeout_s=ROUND_TIMEOUT_S)
-
-
-def connected_anew(world: World, node_id: str, after: dt.datetime) -> pb.MemberSession:
-    """Wait until ``node_id`` holds a session opened after ``after``; its listing."""
-
-    def probe() -> pb.MemberSession | None:
-        member = members(world)[node_id]
-        opened = member.since.ToDatetime(dt.UTC)
-        return member if member.connected and opened > after else None
-
-    return poll(f"node {node_id} to hold a new session", probe)
-
-
-def disconnected(world: World, node_id: str, timeout_s: float = 15.0) -> pb.MemberSession:
-    return poll(
-        f"node {node_id} to lose its session",
-        lambda: m if not (m := members(world)[node_id]).connected else None,
-        timeout_s,
-    )
-
-
-def since(member: pb.MemberSession) -> dt.datetime:
-    return member.since.ToDatetime(dt.UTC)
 
 
 def node_credentials(world: World, node_id: str) -> grpc.ChannelCredentials:
     credentials = world.consortium.credentials("node", node_id)
     assert credentials is not None
     return credentials
-
-
-def credentials_in(world: World, folder: Path) -> grpc.ChannelCredentials:
-    return load_channel_credentials(folder / "cert.pem", folder / "key.pem", world.certs.ca_cert)
-
-
-def issue_node_pair(world: World, folder: Path, node_id: str, consortium: str = CONSORTIUM) -> Path:
-    """A second certificate from our CA naming ``node_id`` of ``consortium``, in ``folder``."""
-    ca_cert, ca_key = load_authority(world.certs.root)
-    cert, key = issue_certificate(
-        ca_cert,
-        ca_key,
-        common_name=f"node {node_id}",
-        identity=spiffe_id(consortium, "node", node_id),
-        hosts=["127.0.0.1"],
-        server=True,
-        server_names=[node_server_name(node_id)],
-    )
-    write_pair(folder, cert, key)
-    return folder
-
-
-def log_since(world: World, name: str, offset: int) -> str:
-    return (world.consortium.workdir / "logs" / f"{name}.log").read_text(errors="replace")[offset:]
-
-
-def log_size(world: World, name: str) -> int:
-    return len((world.consortium.workdir / "logs" / f"{name}.log").read_text(errors="replace"))
 
 
 def cli(world: World, *args: str, certs: bool = False) -> subprocess.CompletedProcess[str]:
@@ -208,7 +158,7 @@ def error_lines(output: str) -> list[str]:
 
 def test_a_node_opens_no_listening_socket_and_rounds_commit(world: World) -> None:
     consortium = world.consortium
-    assert all(members(world)[node_id].connected for node_id in REAL)
+    assert all(members(world.consortium)[node_id].connected for node_id in REAL)
     coordinator = consortium.processes["coordinator"].popen.pid
     coordinator_port = int(world.address.rpartition(":")[2])
     assert [port for _, port in listening_ports(coordinator)] == [coordinator_port]
@@ -260,9 +210,9 @@ def test_tapestry_nodes_lists_sessions_and_a_stopped_node_joins_again(world: Wor
         assert "connected" in row and f"1 ({tapestry.__version__})" in row, table.stdout
     assert "never" in table_row(table.stdout, ABSENT), table.stdout
 
-    before = since(members(world)["india"])
+    before = since(members(world.consortium)["india"])
     consortium.stop_node("india")
-    gone = disconnected(world, "india")
+    gone = disconnected(world.consortium, "india")
     assert gone.ended_reason, gone
     assert since(gone) == before  # its last session, still shown
     listed = cli(world, "nodes", "--json")
@@ -277,7 +227,7 @@ def test_tapestry_nodes_lists_sessions_and_a_stopped_node_joins_again(world: Wor
     assert NO_SESSION in without.failed_nodes["india"], without.failed_nodes
 
     consortium.start_node("india")
-    connected_anew(world, "india", before)
+    connected_after(world.consortium, "india", before)
     again = run_round(world)
     assert list(again.accepted_nodes) == REAL
 
@@ -292,9 +242,9 @@ REPLACED = re.compile(
 def test_a_newer_session_with_the_same_certificate_replaces_the_older(world: World) -> None:
     """The raw session (vietnam's own certificate) replaces the node's; the node, told
     ABORTED, dials again and replaces the raw one in turn, which is told ABORTED."""
-    held = members(world)["vietnam"]
-    coordinator_log = log_size(world, "coordinator")
-    node_log = log_size(world, "vietnam")
+    held = members(world.consortium)["vietnam"]
+    coordinator_log = Log(world.consortium, "coordinator")
+    node_log = Log(world.consortium, "vietnam")
     opening = hello("vietnam", "Vietnam", CONSORTIUM)
     with RawSession(world.address, node_credentials(world, "vietnam"), opening) as raw:
         welcome = raw.next().welcome
@@ -305,24 +255,25 @@ def test_a_newer_session_with_the_same_certificate_replaces_the_older(world: Wor
     assert ended.code() == grpc.StatusCode.ABORTED, ended.details()
 
     def logged() -> list[tuple[str, str]] | None:
-        found = REPLACED.findall(log_since(world, "coordinator", coordinator_log))
+        found = REPLACED.findall(coordinator_log.new())
         return found if len(found) >= 2 else None
 
     replacements = poll("the coordinator to log both replacements", logged)
     (raw_address, replaced), (node_address, replaced_raw) = replacements[:2]
     assert replaced == held.address and replaced_raw == raw_address
     assert ended.details() == f"replaced by a newer session of the same node from {node_address}"
-    told = log_since(world, "vietnam", node_log)
+    told = node_log.new()
     assert "ABORTED" in told and f"same node from {raw_address}" in told, told
-    back = connected_anew(world, "vietnam", since(held))
+    back = connected_after(world.consortium, "vietnam", since(held))
     assert back.address == node_address
 
 
 def test_a_second_session_with_another_certificate_is_refused(world: World, tmp_path: Path) -> None:
-    held = members(world)["vietnam"]
+    held = members(world.consortium)["vietnam"]
     assert held.connected
-    coordinator_log = log_size(world, "coordinator")
-    second = credentials_in(world, issue_node_pair(world, tmp_path / "second", "vietnam"))
+    coordinator_log = Log(world.consortium, "coordinator")
+    pair = issue_node_pair(world.certs.root, tmp_path / "second", "vietnam", CONSORTIUM)
+    second = load_channel_credentials(pair / "cert.pem", pair / "key.pem", world.certs.ca_cert)
 
     error = refusal(world.address, second, hello("vietnam", "Vietnam", CONSORTIUM))
 
@@ -331,11 +282,9 @@ def test_a_second_session_with_another_certificate_is_refused(world: World, tmp_
         f"node 'vietnam' already holds a session (from {held.address}, since "
     ), error.details()
     assert error.details().endswith("with another certificate; only one session per node")
-    now = members(world)["vietnam"]
+    now = members(world.consortium)["vietnam"]
     assert now.connected and since(now) == since(held) and now.address == held.address
-    assert "refused a second session for node vietnam" in log_since(
-        world, "coordinator", coordinator_log
-    )
+    assert "refused a second session for node vietnam" in coordinator_log.new()
 
 
 # -- 4. versions, models, consortia ----------------------------------------------------
@@ -343,7 +292,7 @@ def test_a_second_session_with_another_certificate_is_refused(world: World, tmp_
 
 @pytest.mark.parametrize("version", [0, 2])
 def test_another_protocol_version_is_refused_naming_both(world: World, version: int) -> None:
-    held = members(world)["vietnam"]
+    held = members(world.consortium)["vietnam"]
     opening = hello("vietnam", "Vietnam", CONSORTIUM, protocol_version=version)
 
     error = refusal(world.address, node_credentials(world, "vietnam"), opening)
@@ -353,7 +302,7 @@ def test_another_protocol_version_is_refused_naming_both(world: World, version: 
         f"the node speaks session protocol version {version}; this coordinator speaks "
         "version 1: upgrade the older of the two"
     )
-    assert since(members(world)["vietnam"]) == since(held)
+    assert since(members(world.consortium)["vietnam"]) == since(held)
 
 
 def load_consortium(world: World) -> ConsortiumConfig:
@@ -403,14 +352,14 @@ def test_a_node_pinning_another_model_stops_at_once(world: World, tmp_path: Path
     assert len(said) == 1 and pinned in said[0] and actual in said[0], node.stderr
     assert "Traceback" not in node.stderr
     # Welcomed, it refused the model and hung up: its listing says the node went.
-    gone = members(world)[ABSENT]
+    gone = members(world.consortium)[ABSENT]
     assert not gone.connected and gone.ended_reason in NODE_WENT, gone
 
 
 def test_a_node_of_another_consortium_is_refused_and_stops(world: World, tmp_path: Path) -> None:
     """Its certificate comes from our CA (a CA two consortia share) and names the other."""
     other = "another-consortium"
-    pair = issue_node_pair(world, tmp_path / "pair", ABSENT, consortium=other)
+    pair = issue_node_pair(world.certs.root, tmp_path / "pair", ABSENT, other)
     before = observable(world)
 
     node = absent_node(world, tmp_path, pair, consortium_id=other)
@@ -487,7 +436,7 @@ def observable(world: World) -> tuple[object, ...]:
     """What a refused session must not change: every member's session, and the journal."""
     sessions = tuple(
         (m.node_id, m.connected, since(m), m.address, m.ended_reason)
-        for m in members(world).values()
+        for m in members(world.consortium).values()
     )
     with world.consortium.client() as client:
         rounds = tuple(r.SerializeToString(deterministic=True) for r in client.list_rounds())
@@ -514,7 +463,7 @@ def test_a_stranger_cannot_open_a_session(world: World, case: str) -> None:
 def test_a_member_opening_50_streams_starves_nobody(world: World) -> None:
     """Switzerland's certificate: its node holds its session (one call), so its streams get
     the rest of MAX_CALLS_PER_MEMBER; every other stream and session is refused at once."""
-    held = members(world)["switzerland"]
+    held = members(world.consortium)["switzerland"]
     credentials = node_credentials(world, "switzerland")
     channel = open_channel(world.address, credentials)
     watch = health_pb2_grpc.HealthStub(channel).Watch
@@ -547,7 +496,7 @@ def test_a_member_opening_50_streams_starves_nobody(world: World) -> None:
             assert time.monotonic() - began < 2.0
         result = run_round(world)
         assert list(result.accepted_nodes) == REAL
-        now = members(world)["switzerland"]
+        now = members(world.consortium)["switzerland"]
         assert now.connected and since(now) == since(held)
     finally:
         for stream in streams:
@@ -583,16 +532,16 @@ def refusal_of(session: RawSession) -> grpc.RpcError:
 
 def test_a_revoked_members_session_ends_within_seconds(world: World) -> None:
     consortium = world.consortium
-    held = members(world)["india"]
+    held = members(world.consortium)["india"]
     assert held.connected
     node = consortium.processes["india"].popen
-    node_log = log_size(world, "india")
+    node_log = Log(consortium, "india")
 
     revoked = cli(world, "certs", "revoke", "--dir", str(world.certs.root), "--node", "india",
                   certs=True)  # fmt: skip
     assert revoked.returncode == 0, revoked.stderr
     began = time.monotonic()
-    gone = disconnected(world, "india", timeout_s=15.0)
+    gone = disconnected(world.consortium, "india", timeout_s=15.0)
     took = time.monotonic() - began
 
     assert took < 15.0
@@ -600,7 +549,7 @@ def test_a_revoked_members_session_ends_within_seconds(world: World) -> None:
     assert gone.ended_reason.endswith(") is revoked"), gone
     poll("the revoked node to exit", lambda: node.poll() is not None, EXIT_TIMEOUT_S)
     assert node.returncode == 1
-    said = error_lines(log_since(world, "india", node_log))
+    said = error_lines(node_log.new())
     assert len(said) == 1, said
     assert said[0].startswith("Error: the coordinator refused this node: "), said
     assert "PERMISSION_DENIED" in said[0] and "is revoked" in said[0], said
@@ -613,5 +562,5 @@ def test_a_revoked_members_session_ends_within_seconds(world: World) -> None:
                  "--host", "127.0.0.1", certs=True)  # fmt: skip
     assert issued.returncode == 0, issued.stderr
     consortium.start_node("india")
-    connected_anew(world, "india", since(held))
+    connected_after(world.consortium, "india", since(held))
     assert list(run_round(world).accepted_nodes) == REAL
