@@ -40,7 +40,7 @@ from tapestry.node.dial_out import BACKOFF_FIRST_S
 from tapestry.training.consortium import ConsortiumCoordinator, ContributionPolicy, state_digest
 
 from .conftest import JURISDICTIONS, POLICY, core_node, node_specs
-from .sessions_support import poll
+from .sessions_support import Log, connected_after, members, poll, since
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -259,22 +259,6 @@ CUTS: dict[str, Callable[[Slow, WatchedRound], Ending]] = {
 # -- what must hold after a round --------------------------------------------------------
 
 
-def members(consortium: LocalConsortium) -> dict[str, pb.MemberSession]:
-    with consortium.client() as client:
-        return {m.node_id: m for m in client.list_members(timeout_s=10)}
-
-
-def connected_after(
-    consortium: LocalConsortium, node_id: str, moment: dt.datetime
-) -> pb.MemberSession:
-    def probe() -> pb.MemberSession | None:
-        member = members(consortium)[node_id]
-        opened = member.since.ToDatetime(dt.UTC)
-        return member if member.connected and opened > moment else None
-
-    return poll(f"{node_id} to hold a session opened after {moment:%H:%M:%S.%f}", probe)
-
-
 def check_base(
     consortium: LocalConsortium,
     previous: pb.ConsortiumRoundResult,
@@ -324,10 +308,9 @@ def test_a_session_cut_mid_round_fails_its_node_or_resumes_and_the_base_holds(
     slow: Slow, phase: str
 ) -> None:
     consortium = slow.consortium
-    held = connected_after(consortium, CUT, dt.datetime.min.replace(tzinfo=dt.UTC))
+    held = connected_after(consortium, CUT)
     node = consortium.processes[CUT].popen
-    log = consortium.workdir / "logs" / f"{CUT}.log"
-    logged = len(log.read_text())
+    log = Log(consortium, CUT)
     previous = latest(consortium)
     cuts, connections = slow.link.stats().cuts, slow.link.stats().connections
 
@@ -356,11 +339,11 @@ def test_a_session_cut_mid_round_fails_its_node_or_resumes_and_the_base_holds(
     # India dials again by itself (the same process, with backoff), through the link.
     again = connected_after(consortium, CUT, cut_at)
     assert node.poll() is None and consortium.processes[CUT].popen is node
-    assert again.since.ToDatetime(dt.UTC) > held.since.ToDatetime(dt.UTC)
+    assert since(again) > since(held)
     assert slow.link.stats().connections > connections
     # A session that was welcomed starts the backoff again: the first delay, however many
     # sessions were cut before.
-    delays = [float(s) for s in REDIAL.findall(log.read_text()[logged:])]
+    delays = [float(s) for s in REDIAL.findall(log.new())]
     assert len(delays) == 1 and delays[0] <= BACKOFF_FIRST_S, delays  # logged to 0.1 s
 
     following = WatchedRound(consortium).result()
@@ -376,24 +359,23 @@ def test_a_node_that_connects_mid_round_joins_at_the_next(slow: Slow) -> None:
     joining = "switzerland"
     consortium.stop_node(joining)
     poll(f"{joining} to lose its session", lambda: not members(consortium)[joining].connected)
-    log = consortium.workdir / "logs" / f"{joining}.log"
 
     watched = WatchedRound(consortium)
     watched.until("vietnam training", progress(HOLD, PHASE.CYCLE_PHASE_TRAINING, mid_training=True))
     paused_at = len(watched.events)
     with paused(consortium, HOLD):  # the round cannot end while vietnam trains
-        logged = len(log.read_text()) if log.exists() else 0
+        log = Log(consortium, joining)
         consortium.start_node(joining)  # returns once the coordinator welcomed it
-        joined = connected_after(consortium, joining, dt.datetime.min.replace(tzinfo=dt.UTC))
+        joined = connected_after(consortium, joining)
     result = watched.result()
 
-    assert joined.since.ToDatetime(dt.UTC) < result.finished_at.ToDatetime(dt.UTC)
+    assert since(joined) < result.finished_at.ToDatetime(dt.UTC)
     assert NO_SESSION in result.failed_nodes[joining], result.failed_nodes
     assert list(result.accepted_nodes) == ["vietnam", "india"]
     # Failed at the round's start, before vietnam was paused; never sent the base.
     assert 0 <= watched.index(stage(joining, STAGE.ROUND_STAGE_NODE_FAILED)) < paused_at
     assert watched.index(stage(joining, STAGE.ROUND_STAGE_NODE_PROGRESS)) < 0, watched.described()
-    assert f"round {result.round_num}:" not in log.read_text()[logged:]
+    assert f"round {result.round_num}:" not in log.new()
 
     following = WatchedRound(consortium).result()
     assert list(following.accepted_nodes) == REAL, following.failed_nodes
