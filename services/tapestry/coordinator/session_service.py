@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = pb.SESSION_PROTOCOL_V1
 # A node's SessionOpen must arrive this soon after its call opens, or the call is cancelled.
 OPEN_TIMEOUT_S = 10.0
+# Why a session ended when the node's call broke off (its connection, or its cancel).
+_NODE_DROPPED = "the node's connection dropped"
 # Codes that end a session without a word from the coordinator (the node went away).
 _SILENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
@@ -100,7 +102,13 @@ class SessionDoor:
             ).start()
             yield from session.outbox.messages()
         finally:
-            session.end(LinkError(grpc.StatusCode.CANCELLED, "the coordinator ended the call"))
+            # gRPC also closes this generator when the node hangs up (a node that refuses
+            # the welcome, say) before the reader has noticed: that is the node's doing.
+            session.end(
+                LinkError(grpc.StatusCode.CANCELLED, "the coordinator ended the call")
+                if context.is_active()
+                else LinkError(grpc.StatusCode.UNAVAILABLE, _NODE_DROPPED)
+            )
             self._members.leave(session)
         ended = session.ended
         if ended is not None and ended.code() not in _SILENT:
@@ -207,5 +215,5 @@ def _read(requests: Iterator[pb.OpenSessionRequest], session: Session, link: Mem
     except LinkError as error:
         why = error
     except Exception:
-        why = LinkError(grpc.StatusCode.UNAVAILABLE, "the node's connection dropped")
+        why = LinkError(grpc.StatusCode.UNAVAILABLE, _NODE_DROPPED)
     session.end(why)

@@ -108,9 +108,10 @@ class DialOut:
         refusal raises :class:`SessionClosedForGood`."""
         failures = 0
         while not stop.is_set():
-            welcomed = False
+            opened = self.sessions
+            replaced = False
             try:
-                welcomed = self._session(stop)
+                self._session(stop)
             except grpc.RpcError as error:
                 if stop.is_set():
                     return
@@ -119,15 +120,20 @@ class DialOut:
                     raise SessionClosedForGood(
                         f"the coordinator refused this node: {said}"
                     ) from None
+                # Replaced by a newer session of this node id: another process with this
+                # node's certificate runs. Backing off keeps the two from taking turns.
+                replaced = error.code() is grpc.StatusCode.ABORTED
                 log.warning("session with the coordinator: %s", said)
-            failures = 0 if welcomed else failures + 1
+            # Counted whether the session ended quietly or raised: a session that drops
+            # (a cut link) after its welcome starts the count again.
+            failures = 0 if self.sessions > opened and not replaced else failures + 1
             delay = backoff_s(failures, self._rng, *self._backoff)
             if not stop.is_set():
                 log.info("dialing the coordinator at %s again in %.1f s", self._address, delay)
             stop.wait(delay)
 
-    def _session(self, stop: threading.Event) -> bool:
-        """One session, until it ends; whether it was welcomed."""
+    def _session(self, stop: threading.Event) -> None:
+        """One session, until it ends (:attr:`sessions` counts its welcome)."""
         server_name = COORDINATOR_SERVER_NAME if self._credentials is not None else None
         options = [*SESSION_CHANNEL_OPTIONS, *window_options(window_bytes(self._config.link))]
         channel = open_channel(
@@ -150,10 +156,8 @@ class DialOut:
                     welcomed = True
                     continue
                 cycles.receive(message)
-            return welcomed  # the coordinator ended the session without a word
         except WireError as problem:
             log.warning("the coordinator broke the session protocol: %s", problem)
-            return welcomed
         finally:
             ended.set()
             outbox.close()
