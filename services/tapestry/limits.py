@@ -170,8 +170,12 @@ MAX_ERROR_DETAILS_CHARS = 300
 
 # How much of a name a peer sends is shown or kept (a node id has at most 63 characters).
 MAX_PEER_NAME_CHARS = 64
-# Calls one member (one certificate identity) may hold open at once on a server, its
-# session included; one more is RESOURCE_EXHAUSTED (tapestry.pki.call_limits).
+# Calls one member (one certificate identity) may hold open at once on a server; one more is
+# RESOURCE_EXHAUSTED (tapestry.pki.call_limits). A node holds its one session and nothing
+# more: 2 lets a node that dials again open its new session before the coordinator has
+# noticed the old one drop. Operators (and the coordinator, on a node that listens) read
+# and run rounds: a few calls at once.
+MAX_CALLS_PER_NODE = 2
 MAX_CALLS_PER_MEMBER = 6
 # Exchanges a node may say it still holds when it reconnects (one cycle at a time, and a
 # few describes); the rest of a longer list is ignored.

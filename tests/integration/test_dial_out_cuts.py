@@ -309,9 +309,7 @@ def latest(consortium: LocalConsortium) -> pb.ConsortiumRoundResult:
 
 
 @pytest.mark.parametrize("phase", list(CUTS))
-def test_a_session_cut_mid_round_resumes_and_the_base_holds(
-    slow: Slow, phase: str
-) -> None:
+def test_a_session_cut_mid_round_resumes_and_the_base_holds(slow: Slow, phase: str) -> None:
     consortium = slow.consortium
     held = connected_after(consortium, CUT)
     node = consortium.processes[CUT].popen

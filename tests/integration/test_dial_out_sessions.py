@@ -32,7 +32,7 @@ import tapestry
 from tapestry.config import ConsortiumConfig, NodeConfig, TlsConfig, build_config, write_config
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.demo.launcher import OPERATOR, LocalConsortium
-from tapestry.limits import MAX_CALLS_PER_MEMBER
+from tapestry.limits import MAX_CALLS_PER_NODE
 from tapestry.pki.authority import init_consortium
 from tapestry.pki.credentials import load_channel_credentials
 from tapestry.pki.layout import Layout, spiffe_id
@@ -145,8 +145,8 @@ def cli(world: World, *args: str, certs: bool = False) -> subprocess.CompletedPr
 
 def table_row(table: str, node_id: str) -> str:
     """The first line of ``node_id``'s row in a table of `tapestry nodes` (80 columns wide
-    off a terminal: a long id folds, its first 10 characters start the row)."""
-    return next(line for line in table.splitlines() if line.startswith(f"{node_id[:10]} "))
+    off a terminal: ids, times and versions never fold)."""
+    return next(line for line in table.splitlines() if line.startswith(f"{node_id} "))
 
 
 def error_lines(output: str) -> list[str]:
@@ -208,7 +208,8 @@ def test_tapestry_nodes_lists_sessions_and_a_stopped_node_joins_again(world: Wor
     assert table.returncode == 0, table.stderr
     for node_id in REAL:
         row = table_row(table.stdout, node_id)
-        assert "connected" in row and f"1 ({tapestry.__version__})" in row, table.stdout
+        assert "connected" in row and f" 1/{tapestry.__version__} " in row, table.stdout
+        assert len(row) <= 80, row
     assert "never" in table_row(table.stdout, ABSENT), table.stdout
 
     before = since(members(world.consortium)["india"])
@@ -463,7 +464,7 @@ def test_a_stranger_cannot_open_a_session(world: World, case: str) -> None:
 
 def test_a_member_opening_50_streams_starves_nobody(world: World) -> None:
     """Switzerland's certificate: its node holds its session (one call), so its streams get
-    the rest of MAX_CALLS_PER_MEMBER; every other stream and session is refused at once."""
+    the rest of MAX_CALLS_PER_NODE; every other stream and session is refused at once."""
     held = members(world.consortium)["switzerland"]
     credentials = node_credentials(world, "switzerland")
     channel = open_channel(world.address, credentials)
@@ -483,12 +484,12 @@ def test_a_member_opening_50_streams_starves_nobody(world: World) -> None:
         sessions = [RawSession(world.address, credentials, opening) for _ in range(3)]
         refused_sessions = [refusal_of(session) for session in sessions]
 
-        assert len(admitted) == MAX_CALLS_PER_MEMBER - 1  # + its node's session
+        assert len(admitted) == MAX_CALLS_PER_NODE - 1  # + its node's session
         assert set(admitted) == {health_pb2.HealthCheckResponse.SERVING}
         assert {e.code() for e in [*refused, *refused_sessions]} == {
             grpc.StatusCode.RESOURCE_EXHAUSTED
         }
-        assert f"already has {MAX_CALLS_PER_MEMBER} calls open" in refused[0].details()
+        assert f"already has {MAX_CALLS_PER_NODE} calls open" in refused[0].details()
         assert answered_s < 5.0, answered_s
 
         with world.consortium.client() as operator:

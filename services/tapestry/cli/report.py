@@ -156,29 +156,29 @@ def _quality(result: pb.ConsortiumRoundResult, node_id: str) -> str:
 
 
 def members_table(members: Sequence[pb.MemberSession]) -> Table:
-    """The members and their sessions: times in UTC to the second, "-" where never."""
+    """The members and their sessions, in 80 columns: times in UTC (month-day and time),
+    "-" where never; the version as protocol/release; the address without gRPC's
+    ``ipv4:``/``ipv6:`` prefix."""
     table = _table(
-        "Members (each node dials the coordinator and holds one session)",
+        "Members (each node dials the coordinator and holds one session; times UTC)",
         "node",
-        "jurisdiction",
         "session",
-        "since (UTC)",
-        "last seen (UTC)",
+        "since",
+        "last seen",
         "version",
         "address",
-        fixed=("session", "version"),
+        fixed=("node", "session", "since", "last seen", "version"),
     )
     for m in members:
         state = "connected" if m.connected else ("never" if not m.HasField("since") else "ended")
         _row(
             table,
             m.node_id,
-            m.jurisdiction,
             state,
             _when(m.since) if m.HasField("since") else "-",
             _when(m.last_seen) if m.HasField("last_seen") else "-",
-            f"{m.protocol_version} ({m.release})" if m.protocol_version else "-",
-            m.address or "-",
+            f"{m.protocol_version}/{m.release}" if m.protocol_version else "-",
+            m.address.removeprefix("ipv4:").removeprefix("ipv6:") or "-",
         )
     ended = [m for m in members if not m.connected and m.ended_reason]
     if ended:
@@ -187,7 +187,7 @@ def members_table(members: Sequence[pb.MemberSession]) -> Table:
 
 
 def _when(stamp: Timestamp) -> str:
-    return stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+    return stamp.ToDatetime().strftime("%m-%d %H:%M:%S")
 
 
 def artifacts_table(artifacts: Sequence[pb.SovereignModelArtifact]) -> Table:

@@ -1,9 +1,10 @@
 """Calls no member can starve: each member (a certificate's identity) may hold at most
-:data:`~tapestry.limits.MAX_CALLS_PER_MEMBER` calls open at once on a server; one more is
-refused at once with RESOURCE_EXHAUSTED, naming the bound, instead of waiting for a worker
-thread that others need. A server's worker pool is sized so that every member at its bound
-still leaves room for the rest (:func:`worker_threads`), and gRPC refuses what would exceed
-the pool (``maximum_concurrent_rpcs``) rather than queueing it.
+:data:`~tapestry.limits.MAX_CALLS_PER_MEMBER` calls open at once on a server, a node
+:data:`~tapestry.limits.MAX_CALLS_PER_NODE` (its one session, and its next while it dials
+again); one more is refused at once with RESOURCE_EXHAUSTED, naming the bound, instead of
+waiting for a worker thread that others need. A server's worker pool is sized so that every
+member at its bound still leaves room for the rest (:func:`worker_threads`), and gRPC
+refuses what would exceed the pool (``maximum_concurrent_rpcs``) rather than queueing it.
 
 Streams that never end by themselves (``grpc.health.v1.Health/Watch``) are also bounded in
 time: past their lifetime the server ends them, and a client that still wants them opens
@@ -19,8 +20,8 @@ from typing import Any
 
 import grpc
 
-from tapestry.limits import MAX_CALLS_PER_MEMBER
-from tapestry.pki.access import calling_peer, wrapped_handler
+from tapestry.limits import MAX_CALLS_PER_MEMBER, MAX_CALLS_PER_NODE
+from tapestry.pki.access import Peer, calling_peer, wrapped_handler
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,17 @@ def worker_threads(members: int, per_member: int = MAX_CALLS_PER_MEMBER) -> int:
 
 class CallLimits(grpc.ServerInterceptor):
     """Count each member's open calls (by its certificate's identity) and refuse one past
-    ``per_member``; end a stream of a method in ``lifetimes`` after its lifetime."""
+    ``per_member`` (``per_node`` for a node); end a stream of a method in ``lifetimes`` after
+    its lifetime."""
 
     def __init__(
         self,
         per_member: int = MAX_CALLS_PER_MEMBER,
         lifetimes: Mapping[str, float] | None = None,
+        per_node: int = MAX_CALLS_PER_NODE,
     ) -> None:
         self.per_member = per_member
+        self.per_node = per_node
         self.lifetimes = dict({WATCH_METHOD: WATCH_LIFETIME_S} if lifetimes is None else lifetimes)
         self._open: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -55,10 +59,14 @@ class CallLimits(grpc.ServerInterceptor):
         with self._lock:
             return self._open.get(member, 0)
 
-    def _enter(self, member: str) -> bool:
+    def bound(self, peer: Peer) -> int:
+        """The calls ``peer`` may hold open at once."""
+        return self.per_node if peer.role == "node" else self.per_member
+
+    def _enter(self, member: str, bound: int) -> bool:
         with self._lock:
             held = self._open.get(member, 0)
-            if held >= self.per_member:
+            if held >= bound:
                 return False
             self._open[member] = held + 1
             return True
@@ -71,12 +79,14 @@ class CallLimits(grpc.ServerInterceptor):
             else:
                 self._open.pop(member, None)
 
-    def _refuse(self, context: grpc.ServicerContext, member: str, method: str) -> None:
-        log.warning("refused %s from %s: %d calls open", method, member, self.per_member)
+    def _refuse(self, context: grpc.ServicerContext, peer: Peer, method: str) -> None:
+        bound = self.bound(peer)
+        name = "MAX_CALLS_PER_NODE" if peer.role == "node" else "MAX_CALLS_PER_MEMBER"
+        log.warning("refused %s from %s: %d calls open", method, peer.uri, bound)
         context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"{member} already has {self.per_member} calls open on this server, the most a "
-            f"member may hold at once (MAX_CALLS_PER_MEMBER); end one first",
+            f"{peer.uri} already has {bound} calls open on this server, the most it may "
+            f"hold at once ({name}); end one first",
         )
 
     def intercept_service(
@@ -96,8 +106,8 @@ class CallLimits(grpc.ServerInterceptor):
                 peer = calling_peer(context)
                 if peer is None:
                     return behavior(request, context)
-                if not self._enter(peer.uri):
-                    self._refuse(context, peer.uri, method)
+                if not self._enter(peer.uri, self.bound(peer)):
+                    self._refuse(context, peer, method)
                 try:
                     return behavior(request, context)
                 finally:
@@ -105,8 +115,8 @@ class CallLimits(grpc.ServerInterceptor):
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 peer = calling_peer(context)
-                if peer is not None and not self._enter(peer.uri):
-                    self._refuse(context, peer.uri, method)
+                if peer is not None and not self._enter(peer.uri, self.bound(peer)):
+                    self._refuse(context, peer, method)
                 timer = threading.Timer(lifetime, context.cancel) if lifetime else None
                 if timer is not None:
                     timer.daemon = True
