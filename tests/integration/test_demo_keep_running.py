@@ -101,3 +101,40 @@ def test_keep_running_describes_the_consortium_and_stops_on_sigterm(tmp_path):
             except grpc.FutureTimeoutError:
                 continue
         raise AssertionError(f"{address} still answers after the demo stopped")
+
+
+def _servers_of(workdir: Path) -> list[int]:
+    """The pids of the servers whose command line names ``workdir`` (the demo's own
+    process excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if b"serve" in command and any(str(workdir).encode() in part for part in command):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_demo_killed_by_sigkill_leaves_no_server_behind(tmp_path):
+    """Even a launcher that cannot clean up (SIGKILL) takes its servers with it: a node that
+    dials out would otherwise go on dialing a coordinator that is gone."""
+    workdir = tmp_path / "killed"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "tapestry", "demo", "--rounds", "1", "--keep-running",
+         "--workdir", str(workdir)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(workdir / "endpoints.json", demo)  # type: ignore[arg-type]
+        assert len(_servers_of(workdir)) == 4  # the coordinator and three nodes
+    finally:
+        demo.kill()
+        demo.wait()
+    deadline = time.monotonic() + WAIT_S
+    while (left := _servers_of(workdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == []

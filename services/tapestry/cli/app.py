@@ -21,6 +21,7 @@ import click
 
 from tapestry.cli import base, certs, demo, health, listings, rounds, serve
 from tapestry.cli.options import EnvOption
+from tapestry.lifetime import stop_with_parent
 from tapestry.observe import json_logs
 
 
@@ -44,6 +45,7 @@ from tapestry.observe import json_logs
 )
 def main(log_level: str, log_format: Literal["text", "json"]) -> None:
     """Tapestry Consortium: one shared base model, one sovereign model per jurisdiction."""
+    stop_with_parent()  # a server a launcher started ends with it (tapestry.lifetime)
     json_logs.configure_logging(log_level, log_format)
 
 

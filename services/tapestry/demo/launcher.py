@@ -19,10 +19,8 @@ checks) presents a certificate.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -42,6 +40,7 @@ from tapestry.config import (
     write_config,
 )
 from tapestry.errors import UserError
+from tapestry.lifetime import STOP_WITH_PARENT
 from tapestry.pki.access import PeerRole
 from tapestry.pki.authority import init_consortium
 from tapestry.pki.credentials import load_channel_credentials
@@ -62,19 +61,6 @@ NOT_STARTED = "127.0.0.1:1"
 # A server drains its calls for up to STOP_GRACE_S after SIGTERM; past that (and a margin
 # for its interpreter to exit) it is killed.
 STOP_TIMEOUT_S = STOP_GRACE_S + 5.0
-
-
-def _stop_with_parent() -> None:
-    """In the child, before it runs: SIGTERM it when the thread that started it ends (its
-    process dying, even by SIGKILL), so no server outlives its launcher (a node that dials
-    out would otherwise dial a coordinator that is gone, forever). Linux's
-    PR_SET_PDEATHSIG; elsewhere nothing."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(UserError, RuntimeError):
@@ -358,7 +344,9 @@ class LocalConsortium:
         ready.unlink(missing_ok=True)
         log_path = logs / f"{name}.log"
         log_file: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - lives with the process
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The server stops when this process dies, even by SIGKILL (tapestry.cli.app): no
+        # node that dials out is left dialing a coordinator that is gone.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", STOP_WITH_PARENT: str(os.getpid())}
         popen = subprocess.Popen(
             [
                 sys.executable,
@@ -381,7 +369,6 @@ class LocalConsortium:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=env,
-            preexec_fn=_stop_with_parent,
         )
         log_file.close()
         self.processes[name] = Process(name, popen, log_path)
