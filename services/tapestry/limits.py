@@ -180,3 +180,23 @@ MAX_CALLS_PER_MEMBER = 6
 # Exchanges a node may say it still holds when it reconnects (one cycle at a time, and a
 # few describes); the rest of a longer list is ignored.
 MAX_EXCHANGES = 16
+# -- Sessions ------------------------------------------------------------------------------
+
+SESSION_CONTROL_MESSAGES = 64
+"""Control messages (describes, their answers, exchanges' ends) one side of a session queues
+for a peer that has not taken them. A peer that reads takes them at once (they go ahead of
+any data); one that does not would have them pile up, a few a round, for as long as its
+connection lasts: one more ends the session (RESOURCE_EXHAUSTED)."""
+
+MAX_SESSION_CYCLES = 4
+"""Cycles a node runs at once on one session, each on its own thread. An honest coordinator
+runs one a round (two while the last one unwinds); a start past the bound is refused at
+once (RESOURCE_EXHAUSTED) without a thread, so a coordinator cannot make a node start
+threads without end."""
+
+SESSION_HANG_UP_S = 5.0
+"""How long the call of a session that has ended (revoked, replaced, refused) may stay open
+before the coordinator cancels it. Its handler returns at once, unless it waits in gRPC's
+flow control behind a member that does not read: there the session's end cannot reach it,
+and it would hold a worker thread and one of the member's calls for as long as the member's
+connection lasts."""

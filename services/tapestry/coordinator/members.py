@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -83,14 +83,17 @@ class Members:
         return self._members[node_id].link
 
     def join(
-        self, opened: SessionOpened, held: Sequence[tuple[int, int]] = ()
+        self,
+        opened: SessionOpened,
+        held: Sequence[tuple[int, int]] = (),
+        hang_up: Callable[[], None] | None = None,
     ) -> tuple[Session, list[tuple[int, int]]]:
         """A session for ``opened.node_id``, replacing an older one with the same
         certificate (:class:`SessionRefused` ALREADY_EXISTS with another), and the cycles it
         resumes (``held``: the node's, from its SessionOpen; see
-        :meth:`MemberLink.attach`)."""
+        :meth:`MemberLink.attach`); ``hang_up`` cancels its call (:class:`Session`)."""
         member = self._members[opened.node_id]
-        session = Session(opened)
+        session = Session(opened, hang_up)
         with self._lock:
             older = member.session
             if older is not None and older.ended is None:

@@ -22,6 +22,7 @@ import grpc
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.members import Members, SessionRefused
 from tapestry.coordinator.node_links import LinkError
+from tapestry.coordinator.remote_node import NodeCallFailed
 from tapestry.coordinator.sessions import MemberLink, Session, SessionOpened
 from tapestry.errors import quoted
 from tapestry.limits import MAX_EXCHANGES, MAX_PEER_NAME_CHARS
@@ -72,11 +73,17 @@ class SessionDoor:
         self, requests: Iterator[pb.OpenSessionRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.OpenSessionResponse]:
         first = _first(requests, context)
+        handled = threading.Event()
+
+        def hang_up() -> None:  # the session ended, and this handler is still held
+            if not handled.is_set():
+                context.cancel()
+
         try:
             opened = self._opened(first, context)
             assert first is not None  # _opened refused a stream without one
             held = [(e.exchange_id, e.received) for e in first.open.exchanges[:MAX_EXCHANGES]]
-            session, resumed = self._members.join(opened, held)
+            session, resumed = self._members.join(opened, held, hang_up)
         except (Refused, SessionRefused) as refused:
             log.warning("session refused: %s", refused)
             context.abort(refused.code, str(refused))
@@ -102,6 +109,7 @@ class SessionDoor:
             ).start()
             yield from session.outbox.messages()
         finally:
+            handled.set()
             # gRPC also closes this generator when the node hangs up (a node that refuses
             # the welcome, say) before the reader has noticed: that is the node's doing.
             session.end(
@@ -119,6 +127,15 @@ class SessionDoor:
             self._check(self._members.link(session.opened.node_id))
         except LinkError:
             return  # the session ended while it was checked: its end says why
+        except NodeCallFailed as problem:  # unanswered is not refused: the node dials again
+            if session.ended is not None:
+                return  # it ended while it was checked: its end says why
+            log.warning(
+                "node %s did not answer at its session's opening: %s",
+                session.opened.node_id,
+                problem,
+            )
+            session.end(LinkError(grpc.StatusCode.UNAVAILABLE, str(problem)))
         except Exception as problem:
             log.warning(
                 "node %s refused at its session's opening: %s", session.opened.node_id, problem

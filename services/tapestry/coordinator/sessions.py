@@ -11,15 +11,18 @@ again, then both sides send again what the other did not get, and the base or de
 from the last chunk that arrived. A node that does not come back in time, or comes back
 without the cycle (it restarted), fails the round with the reason; a describe fails at
 once.
+
+A member that does not read loses its session once the control messages for it pile up
+(:data:`~tapestry.limits.SESSION_CONTROL_MESSAGES`). The call of a session that ended is hung
+up if it is still held after :data:`~tapestry.limits.SESSION_HANG_UP_S`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -27,9 +30,9 @@ import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.node_links import CycleCall, LinkError
-from tapestry.limits import MAX_ERROR_DETAILS_CHARS
+from tapestry.limits import MAX_ERROR_DETAILS_CHARS, SESSION_HANG_UP_S
 from tapestry.wire.numbering import Numbering, OutOfOrder
-from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed
+from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed, OutboxFull
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 Reply = pb.DescribeResponse | pb.RunSovereignCycleResponse | pb.ExchangeEnd
@@ -56,10 +59,13 @@ class SessionOpened:
 
 class Session:
     """One connection of a member: its outbox (read by the handler that serves the stream)
-    and how it ended."""
+    and how it ended. ``hang_up`` cancels the session's call: it is called
+    :data:`SESSION_HANG_UP_S` after the end, for a handler held in gRPC's flow control,
+    where the closed outbox does not reach it."""
 
-    def __init__(self, opened: SessionOpened) -> None:
+    def __init__(self, opened: SessionOpened, hang_up: Callable[[], None] | None = None) -> None:
         self.opened = opened
+        self._hang_up = hang_up
         self.outbox: Outbox[pb.OpenSessionResponse] = Outbox()
         self.last_seen = opened.since
         self.ended: LinkError | None = None
@@ -76,6 +82,10 @@ class Session:
                 return
             self.ended = error
         self.outbox.close()
+        if self._hang_up is not None:
+            timer = threading.Timer(SESSION_HANG_UP_S, self._hang_up)
+            timer.daemon = True
+            timer.start()
 
 
 class MemberLink:
@@ -117,7 +127,8 @@ class MemberLink:
             lost = [key for key in self._inboxes if key not in resumed]
             self.resumes += len(resumed)
         for key in lost:
-            self._fail(key, "the node no longer holds the cycle (it restarted?)")
+            lost_it = "the node no longer holds the cycle (it restarted?)"
+            self._fail(key, LinkError(grpc.StatusCode.UNAVAILABLE, lost_it))
         self.numbering.attach(session.outbox, [(key, node_has[key]) for key in resumed])
         return [(key, received) for key, received in self.numbering.states() if key in resumed]
 
@@ -134,9 +145,9 @@ class MemberLink:
                 self._lost.daemon = True
                 self._lost.start()
         self.numbering.detach(session.outbox)
-        why = session.ended.details() if session.ended is not None else "the session ended"
+        error = session.ended or LinkError(grpc.StatusCode.UNAVAILABLE, "the session ended")
         for key in describes:
-            self._fail(key, why)
+            self._fail(key, error)
 
     def _give_up(self, session: Session) -> None:
         why = session.ended.details() if session.ended is not None else "the session ended"
@@ -144,20 +155,21 @@ class MemberLink:
             if self.session is not None:
                 return
             keys = list(self._inboxes)
+        gone = LinkError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{why}; the node did not dial again within resume_window_s = "
+            f"{self.resume_window_s:g} s",
+        )
         for key in keys:
-            self._fail(
-                key,
-                f"{why}; the node did not dial again within resume_window_s = "
-                f"{self.resume_window_s:g} s",
-            )
+            self._fail(key, gone)
 
-    def _fail(self, key: int, why: str) -> None:
+    def _fail(self, key: int, error: LinkError) -> None:
         with self._lock:
             inbox = self._inboxes.pop(key, None)
             self._cycles.discard(key)
         self.numbering.close(key)
         if inbox is not None:
-            inbox.fail(LinkError(grpc.StatusCode.UNAVAILABLE, why), discard=False)
+            inbox.fail(error, discard=False)
 
     def receive(self, message: pb.OpenSessionRequest) -> None:
         """Hand a message from the node to its exchange (the stream's reader thread): each
@@ -200,17 +212,29 @@ class MemberLink:
         return key, inbox
 
     def forget(self, key: int) -> None:
+        """The exchange is over: what the node sends for it is dropped, and a reader waiting
+        to hand it a message (its queue full) goes on."""
         with self._lock:
-            self._inboxes.pop(key, None)
+            inbox = self._inboxes.pop(key, None)
             self._cycles.discard(key)
         self.numbering.close(key)
+        if inbox is not None:
+            inbox.fail(LinkError(grpc.StatusCode.CANCELLED, "the exchange is over"), discard=True)
 
     def control(self, message: pb.OpenSessionResponse) -> None:
-        """Queue an unnumbered message on the session now open (dropped without one)."""
+        """Queue an unnumbered message on the session now open (dropped without one); a node
+        that has not taken the control messages already queued for it loses its session
+        (RESOURCE_EXHAUSTED)."""
         session = self.session
-        if session is not None:
-            with contextlib.suppress(OutboxClosed):
-                session.outbox.control(message)
+        if session is None:
+            return
+        try:
+            session.outbox.control(message)
+        except OutboxClosed:
+            pass
+        except OutboxFull as full:
+            why = f"the node did not read its session: {full}"
+            session.end(LinkError(grpc.StatusCode.RESOURCE_EXHAUSTED, why))
 
     def describe(self, timeout_s: float) -> pb.DescribeResponse:
         key, replies = self._open(cycle=False)
@@ -306,12 +330,13 @@ class SessionCall:
     def cancel(self) -> bool:
         """End the cycle on both sides (the node is told CANCELLED); ``False`` if it had
         ended already."""
-        if not self._finish():
-            return False
+        # Before the exchange is forgotten, which would fail it with a vaguer reason.
         self._replies.fail(
             LinkError(grpc.StatusCode.CANCELLED, "the coordinator cancelled the cycle"),
             discard=True,
         )
+        if not self._finish():
+            return False
         end = pb.ExchangeEnd(code=grpc.StatusCode.CANCELLED.value[0])
         self._link.control(pb.OpenSessionResponse(exchange_id=self._key, end=end))
         return True

@@ -5,7 +5,9 @@ The node opens no listening socket. With mutual TLS it presents its own certific
 asks for the coordinator's name (:data:`~tapestry.pki.layout.COORDINATOR_SERVER_NAME`), so
 the handshake proves the server is the consortium's coordinator. The coordinator's welcome
 carries the consortium's model: the node builds its model from it once (``prepare``) and
-refuses, for good, one that differs from the one it pinned, or from the one it built.
+refuses, for good, one that differs from the one it pinned, or from the one it built, and
+one that no consortium file could name (checked as a ``[model]`` table is, before anything is
+built from it).
 
 Each cycle is :meth:`SovereignNodeServicer.RunSovereignCycle`, the same code that serves a
 cycle to a coordinator that dials, fed from the session's messages of that exchange.
@@ -23,18 +25,25 @@ from typing import Any, NoReturn, cast
 import grpc
 
 import tapestry
-from tapestry.config import NodeConfig, check_window
+from tapestry.config import (
+    ConfigError,
+    ModelTable,
+    NodeConfig,
+    build_config,
+    check_window,
+    model_table,
+)
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import UserError, WireError, quoted
-from tapestry.limits import MAX_ERROR_DETAILS_CHARS
+from tapestry.limits import MAX_ERROR_DETAILS_CHARS, MAX_SESSION_CYCLES
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.pki.layout import COORDINATOR_SERVER_NAME
 from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import SESSION_CHANNEL_OPTIONS, open_channel
 from tapestry.wire.numbering import Numbering, OutOfOrder
-from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed
+from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed, OutboxFull
 from tapestry.wire.status import COORDINATOR, describe_rpc_error
 from tapestry.wire.windows import window_bytes, window_options
 
@@ -158,6 +167,8 @@ class DialOut:
                 cycles.receive(message)
         except WireError as problem:
             log.warning("the coordinator broke the session protocol: %s", problem)
+        except OutboxFull as full:
+            log.warning("the coordinator did not read this node's session: %s", full)
         finally:
             ended.set()
             outbox.close()
@@ -195,7 +206,11 @@ class DialOut:
             )
         spec = self._spec_of(welcome)
         if self._servicer is None:
-            self._servicer = self._prepare(spec)
+            try:
+                self._servicer = self._prepare(spec)
+            except Exception as error:  # what a model of a bound that fits may still raise
+                why = f"this node cannot build the coordinator's model: {error}"
+                _refuse(why[:MAX_ERROR_DETAILS_CHARS])
             self._spec = spec
         self.sessions += 1
         log.info(
@@ -214,7 +229,7 @@ class DialOut:
     def _spec_of(self, welcome: pb.SessionWelcome) -> ModelSpec:
         """The welcome's model, refused if it does not match its own digest, the node's pin
         (``model_sha256``, ``[model]``), the model already built, or the node's windows."""
-        spec = codec.model_spec_from_proto(welcome.model)
+        spec = _buildable(codec.model_spec_from_proto(welcome.model))
         config = self._config
         if spec.digest() != welcome.model_sha256:
             _refuse("the welcome's model does not match the digest it carries")
@@ -235,6 +250,23 @@ class DialOut:
         except ValueError as problem:
             _refuse(f"the coordinator's model does not fit this node: {problem}")
         return spec
+
+
+def _buildable(spec: ModelSpec) -> ModelSpec:
+    """``spec`` if a consortium file could name it (:class:`ModelTable`: each bound, no code
+    from elsewhere, its canonical form); refused otherwise, before anything is built (the
+    reason cut: it may quote what the coordinator sent)."""
+    problems = spec.problems()
+    if problems:
+        why = f"the coordinator's model cannot be built: {'; '.join(problems)}"
+        _refuse(why[:MAX_ERROR_DETAILS_CHARS])
+    try:
+        named = build_config(ModelTable, model_table(spec), "the coordinator's model").spec()
+    except ConfigError as error:
+        _refuse(str(error)[:MAX_ERROR_DETAILS_CHARS])
+    if named != spec:
+        _refuse("the coordinator's model is not in the form a consortium file gives it")
+    return spec
 
 
 def _refuse(why: str) -> NoReturn:
@@ -313,15 +345,17 @@ class _Cycles:
         self.numbering.detach(outbox)
 
     def control(self, message: pb.OpenSessionRequest) -> None:
-        """Queue an unnumbered message on the session now open (dropped without one)."""
+        """Queue an unnumbered message on the session now open (dropped without one); a
+        coordinator that does not take them raises :class:`OutboxFull` (the session ends)."""
         outbox = self._outbox
         if outbox is not None:
             with contextlib.suppress(OutboxClosed):
                 outbox.control(message)
 
     def receive(self, message: pb.OpenSessionResponse) -> None:
-        """Hand a message of the coordinator on: a gap in an exchange's numbers, or a
-        second welcome, is a :class:`WireError` that ends the session."""
+        """Hand a message of the coordinator on: a gap in an exchange's numbers is a
+        :class:`WireError` that ends the session; what has no place mid-session (a second
+        welcome, an empty message) is dropped."""
         assert self.servicer is not None
         if message.ack:
             self.numbering.acknowledged(message.exchange_id, message.ack)
@@ -332,9 +366,7 @@ class _Cycles:
             self.control(pb.OpenSessionRequest(exchange_id=key, described=described))
             return
         if kind not in ("cycle", "end"):
-            if kind is None and message.ack:
-                return
-            raise WireError(f"the coordinator sent {kind or 'a message with no item'} mid-session")
+            return  # an acknowledgement alone, or what has no place mid-session: dropped
         if not message.seq:  # an unnumbered end: the coordinator cancels the cycle
             with self._lock:
                 run = self._runs.get(key)
@@ -358,10 +390,13 @@ class _Cycles:
         """The cycle ``message`` belongs to; a new one for the first message of a cycle."""
         assert self.servicer is not None
         key = message.exchange_id
+        refused = False
         with self._lock:
             run = self._runs.get(key)
             starts = message.seq == 1 and message.cycle.WhichOneof("item") == "start"
-            if run is None and starts:
+            if run is None and starts and len(self._runs) >= MAX_SESSION_CYCLES:
+                refused = True
+            elif run is None and starts:
                 if self._plaintext:
                     log.warning(
                         "INSECURE: node %s cycle over plaintext, from an unauthenticated "
@@ -371,6 +406,13 @@ class _Cycles:
                 self.numbering.open(key)
                 run = _CycleRun(key, self.servicer, self, self._forget)
                 self._runs[key] = run
+        if refused:  # no thread for it: the coordinator is told at once
+            end = pb.ExchangeEnd(
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                message=f"this node already runs {MAX_SESSION_CYCLES} cycles on this session, "
+                "the most it runs at once (MAX_SESSION_CYCLES)",
+            )
+            self.control(pb.OpenSessionRequest(exchange_id=key, end=end))
         return run
 
     def _forget(self, key: int) -> None:
@@ -429,12 +471,16 @@ class _CycleRun:
             code, details = aborted.code, aborted.details
         except OutboxClosed:
             replies.close()
+            self.inbox.fail(_Cancelled("the cycle is over"), discard=True)
             self._forget(self.exchange_id)
             return
         except Exception as error:  # a bug: the coordinator still hears the cycle ended
             log.exception("cycle %d failed", self.exchange_id)
             code, details = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
         replies.close()
+        # What the coordinator still sends for it is dropped: neither the session's reader
+        # nor the servicer's receiving thread waits on this inbox any more.
+        self.inbox.fail(_Cancelled("the cycle is over"), discard=True)
         # After the replies, numbered like them; kept until the coordinator has it.
         with contextlib.suppress(OutboxClosed):
             self._send(self._end(code, details))
@@ -459,11 +505,9 @@ class _CycleRun:
         self.gone.set()
         self.inbox.fail(_Cancelled("the cycle was cancelled"), discard=True)
         if tell:  # unnumbered: it may overtake what is queued, nothing queued is wanted
-            self._cycles.control(
-                self._end(
-                    grpc.StatusCode.CANCELLED, "the node cancelled the cycle (send_timeout_s)"
-                )
-            )
+            why = "the node cancelled the cycle (send_timeout_s)"
+            with contextlib.suppress(OutboxFull):
+                self._cycles.control(self._end(grpc.StatusCode.CANCELLED, why))
 
 
 class _ExchangeContext:

@@ -126,7 +126,7 @@ class Numbering(Generic[Message]):
             # Queued in number order: the exchange's lock is held until it is on the outbox.
             if outbox is not None:
                 with contextlib.suppress(OutboxClosed):  # sent again on the next session
-                    outbox.control(message)
+                    outbox.numbered(message)
 
     def acknowledged(self, exchange_id: int, count: int) -> None:
         """The peer took our messages of ``exchange_id`` up to ``count``: let them go."""
@@ -179,8 +179,7 @@ class Numbering(Generic[Message]):
                 ack = self._make_ack(message.exchange_id, sending.received)
                 outbox = self._outbox
         if ack is not None:
-            with contextlib.suppress(OutboxClosed):
-                outbox.control(ack)
+            outbox.ack(message.exchange_id, ack)
         return True
 
     # -- sessions ----------------------------------------------------------------------------
@@ -194,8 +193,9 @@ class Numbering(Generic[Message]):
             self._outbox = outbox
             for exchange_id, sending in self._exchanges.items():
                 self._drop_acknowledged(sending, received.get(exchange_id, 0))
-                for message, _ in sending.kept:
-                    outbox.control(message)
+                with contextlib.suppress(OutboxClosed):  # that session is already over
+                    for message, _ in sending.kept:
+                        outbox.numbered(message)
 
     @staticmethod
     def _drop_acknowledged(sending: _Sending[Message], count: int) -> None:

@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
+from tapestry.limits import SESSION_CONTROL_MESSAGES
+
 Message = TypeVar("Message")
 
 # Data messages (each at most a chunk, 1 MiB by default) queued before a sender waits: what
@@ -30,21 +32,59 @@ class OutboxClosed(Exception):
     """The session is over: nothing more is sent."""
 
 
+class OutboxFull(Exception):
+    """The peer has not taken the control messages queued for it: it does not read its
+    session, which its holder then ends."""
+
+
 class Outbox(Generic[Message]):
-    def __init__(self, data_messages: int = DATA_MESSAGES) -> None:
+    """Sent in this order: each exchange's latest acknowledgement (:meth:`ack`, one per
+    exchange, replaced while it waits), control messages (:meth:`control`, at most
+    ``control_messages`` waiting), numbered messages (:meth:`numbered`, bounded by their
+    sender: :mod:`tapestry.wire.numbering`), then data (:meth:`data`, ``data_messages``)."""
+
+    def __init__(
+        self, data_messages: int = DATA_MESSAGES, control_messages: int = SESSION_CONTROL_MESSAGES
+    ) -> None:
         self._cond = threading.Condition()
+        self._acks: dict[int, Message] = {}
         self._control: deque[Message] = deque()
+        self._numbered: deque[Message] = deque()
         self._data: deque[Message] = deque()
         self._capacity = data_messages
+        self._control_capacity = control_messages
         self._closed = False
 
     def control(self, message: Message) -> None:
         """Queue ``message`` ahead of any data, without waiting (an exchange's end, a
-        describe: a few per exchange). Raises :class:`OutboxClosed` once closed."""
+        describe: a few per exchange). Raises :class:`OutboxClosed` once closed, and
+        :class:`OutboxFull` while ``control_messages`` wait to be taken already."""
         with self._cond:
             if self._closed:
                 raise OutboxClosed
+            if len(self._control) >= self._control_capacity:
+                raise OutboxFull(
+                    f"{len(self._control)} control messages wait for it (SESSION_CONTROL_MESSAGES)"
+                )
             self._control.append(message)
+            self._cond.notify_all()
+
+    def ack(self, key: int, message: Message) -> None:
+        """Queue ``message`` as exchange ``key``'s acknowledgement, replacing one of it that
+        still waits (acknowledgements are cumulative: the latest says all). Dropped once
+        closed."""
+        with self._cond:
+            if not self._closed:
+                self._acks[key] = message
+                self._cond.notify_all()
+
+    def numbered(self, message: Message) -> None:
+        """Queue a numbered message after those already queued, without waiting: its
+        sender bounds how many it keeps unacknowledged. Raises :class:`OutboxClosed`."""
+        with self._cond:
+            if self._closed:
+                raise OutboxClosed
+            self._numbered.append(message)
             self._cond.notify_all()
 
     def data(
@@ -70,7 +110,9 @@ class Outbox(Generic[Message]):
         """Drop what is queued and end :meth:`messages`; later sends raise."""
         with self._cond:
             self._closed = True
+            self._acks.clear()
             self._control.clear()
+            self._numbered.clear()
             self._data.clear()
             self._cond.notify_all()
 
@@ -79,15 +121,20 @@ class Outbox(Generic[Message]):
         return self._closed
 
     def messages(self) -> Iterator[Message]:
-        """What to send, control first, until :meth:`close`."""
+        """What to send, in the order the class says, until :meth:`close`."""
         while True:
             with self._cond:
-                while not (self._control or self._data or self._closed):
+                while not (
+                    self._acks or self._control or self._numbered or self._data or self._closed
+                ):
                     self._cond.wait()
                 if self._closed:
                     return
-                queue = self._control if self._control else self._data
-                message = queue.popleft()
+                if self._acks:
+                    message = self._acks.pop(next(iter(self._acks)))
+                else:
+                    queue = next(q for q in (self._control, self._numbered, self._data) if q)
+                    message = queue.popleft()
                 self._cond.notify_all()
             yield message
 
