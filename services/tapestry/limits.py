@@ -169,3 +169,12 @@ MAX_PEER_NAME_CHARS = 64
 # Calls one member (one certificate identity) may hold open at once on a server, its
 # session included; one more is RESOURCE_EXHAUSTED (tapestry.pki.call_limits).
 MAX_CALLS_PER_MEMBER = 6
+
+
+# -- Sessions ------------------------------------------------------------------------------
+
+SESSION_CONTROL_MESSAGES = 64
+"""Control messages (describes, their answers, exchanges' ends) one side of a session queues
+for a peer that has not taken them. A peer that reads takes them at once (they go ahead of
+any data); one that does not would have them pile up, a few a round, for as long as its
+connection lasts: one more ends the session (RESOURCE_EXHAUSTED)."""

@@ -7,6 +7,9 @@ A :class:`Session` is a :class:`~tapestry.coordinator.node_links.NodeLink`: its
 go through an :class:`~tapestry.wire.outbox.Outbox` (control first, data bounded). When the
 session ends, every exchange on it fails at once with the reason (UNAVAILABLE for a dropped
 connection), which the round words as the node's failure.
+
+A member that does not read loses its session once the control messages for it pile up
+(:data:`~tapestry.limits.SESSION_CONTROL_MESSAGES`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import grpc
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.node_links import CycleCall, LinkError
 from tapestry.limits import MAX_ERROR_DETAILS_CHARS
-from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed
+from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed, OutboxFull
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 Reply = pb.DescribeResponse | pb.RunSovereignCycleResponse | pb.ExchangeEnd
@@ -112,11 +115,19 @@ class Session:
             self._exchanges.pop(exchange_id, None)
 
     def _send(self, message: pb.OpenSessionResponse, *, control: bool, deadline: float) -> None:
+        """Queue ``message`` (a :class:`LinkError` if it cannot be); a node that has not
+        taken the control messages already queued for it loses its session."""
         try:
             if control:
                 self.outbox.control(message)
             else:
                 self.outbox.data(message, deadline)
+        except OutboxFull as full:
+            error = LinkError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"the node did not read its session: {full}"
+            )
+            self.end(error)
+            raise self.ended or error from None
         except OutboxClosed:
             raise self.ended or LinkError(grpc.StatusCode.UNAVAILABLE, "session ended") from None
         except TimeoutError as error:
@@ -228,8 +239,12 @@ class SessionCall:
         )
         end = pb.ExchangeEnd(code=grpc.StatusCode.CANCELLED.value[0])
         # A session already over has ended the cycle on the node too.
-        with contextlib.suppress(OutboxClosed):
-            self._session.outbox.control(pb.OpenSessionResponse(exchange_id=self._id, end=end))
+        with contextlib.suppress(LinkError):
+            self._session._send(
+                pb.OpenSessionResponse(exchange_id=self._id, end=end),
+                control=True,
+                deadline=self._deadline,
+            )
         return True
 
 

@@ -33,7 +33,7 @@ from tapestry.pki.layout import COORDINATOR_SERVER_NAME
 from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import SESSION_CHANNEL_OPTIONS, open_channel
-from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed
+from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed, OutboxFull
 from tapestry.wire.status import COORDINATOR, describe_rpc_error
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,9 @@ class DialOut:
                     continue
                 cycles.receive(message)
             return welcomed  # the coordinator ended the session without a word
+        except OutboxFull as full:
+            log.warning("the coordinator did not read this node's session: %s", full)
+            return welcomed
         finally:
             ended.set()
             outbox.close()
@@ -375,7 +378,7 @@ class _CycleRun:
             end = self._end(
                 grpc.StatusCode.CANCELLED, "the node cancelled the cycle (send_timeout_s)"
             )
-            with contextlib.suppress(OutboxClosed):
+            with contextlib.suppress(OutboxClosed, OutboxFull):
                 self._outbox.control(end)
 
 

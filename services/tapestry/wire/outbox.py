@@ -2,7 +2,8 @@
 
 :class:`Outbox`: what it sends, in the order gRPC takes it: control messages (an
 exchange's end, a describe) ahead of data (tensor chunks), data bounded so a sender waits
-for the wire instead of filling memory, and one :meth:`Outbox.close` that wakes everyone.
+for the wire instead of filling memory, control bounded so a peer that reads nothing is
+found out (:class:`OutboxFull`), and one :meth:`Outbox.close` that wakes everyone.
 
 Both ends of a member's session use it: the coordinator's handler yields
 :meth:`Outbox.messages` as the session's reply stream, the node hands the same iterator to
@@ -19,6 +20,8 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
+from tapestry.limits import SESSION_CONTROL_MESSAGES
+
 Message = TypeVar("Message")
 
 # Data messages (each at most a chunk, 1 MiB by default) queued before a sender waits: what
@@ -30,20 +33,33 @@ class OutboxClosed(Exception):
     """The session is over: nothing more is sent."""
 
 
+class OutboxFull(Exception):
+    """The peer has not taken the control messages queued for it: it does not read its
+    session, which its holder then ends."""
+
+
 class Outbox(Generic[Message]):
-    def __init__(self, data_messages: int = DATA_MESSAGES) -> None:
+    def __init__(
+        self, data_messages: int = DATA_MESSAGES, control_messages: int = SESSION_CONTROL_MESSAGES
+    ) -> None:
         self._cond = threading.Condition()
         self._control: deque[Message] = deque()
         self._data: deque[Message] = deque()
         self._capacity = data_messages
+        self._control_capacity = control_messages
         self._closed = False
 
     def control(self, message: Message) -> None:
         """Queue ``message`` ahead of any data, without waiting (an exchange's end, a
-        describe: a few per exchange). Raises :class:`OutboxClosed` once closed."""
+        describe: a few per exchange). Raises :class:`OutboxClosed` once closed, and
+        :class:`OutboxFull` while ``control_messages`` wait to be taken already."""
         with self._cond:
             if self._closed:
                 raise OutboxClosed
+            if len(self._control) >= self._control_capacity:
+                raise OutboxFull(
+                    f"{len(self._control)} control messages wait for it (SESSION_CONTROL_MESSAGES)"
+                )
             self._control.append(message)
             self._cond.notify_all()
 
