@@ -178,3 +178,10 @@ SESSION_CONTROL_MESSAGES = 64
 for a peer that has not taken them. A peer that reads takes them at once (they go ahead of
 any data); one that does not would have them pile up, a few a round, for as long as its
 connection lasts: one more ends the session (RESOURCE_EXHAUSTED)."""
+
+SESSION_HANG_UP_S = 5.0
+"""How long the call of a session that has ended (revoked, replaced, refused) may stay open
+before the coordinator cancels it. Its handler returns at once, unless it waits in gRPC's
+flow control behind a member that does not read: there the session's end cannot reach it,
+and it would hold a worker thread and one of the member's calls for as long as the member's
+connection lasts."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -66,11 +66,12 @@ class Members:
         member = self._members.get(node_id)
         return member.jurisdiction if member is not None else None
 
-    def join(self, opened: SessionOpened) -> Session:
+    def join(self, opened: SessionOpened, hang_up: Callable[[], None] | None = None) -> Session:
         """A session for ``opened.node_id``, replacing an older one with the same
-        certificate (:class:`SessionRefused` ALREADY_EXISTS with another)."""
+        certificate (:class:`SessionRefused` ALREADY_EXISTS with another); ``hang_up``
+        cancels its call (:class:`Session`)."""
         member = self._members[opened.node_id]
-        session = Session(opened)
+        session = Session(opened, hang_up)
         with self._lock:
             held = member.session
             if held is not None and held.ended is None:

@@ -70,9 +70,15 @@ class SessionDoor:
         self, requests: Iterator[pb.OpenSessionRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.OpenSessionResponse]:
         first = _first(requests, context)
+        handled = threading.Event()
+
+        def hang_up() -> None:  # the session ended, and this handler is still held
+            if not handled.is_set():
+                context.cancel()
+
         try:
             opened = self._opened(first, context)
-            session = self._members.join(opened)
+            session = self._members.join(opened, hang_up)
         except (Refused, SessionRefused) as refused:
             log.warning("session refused: %s", refused)
             context.abort(refused.code, str(refused))
@@ -94,6 +100,7 @@ class SessionDoor:
             ).start()
             yield from session.outbox.messages()
         finally:
+            handled.set()
             session.end(LinkError(grpc.StatusCode.CANCELLED, "the coordinator ended the call"))
             self._members.leave(session)
         ended = session.ended

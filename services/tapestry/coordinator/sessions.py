@@ -9,7 +9,8 @@ session ends, every exchange on it fails at once with the reason (UNAVAILABLE fo
 connection), which the round words as the node's failure.
 
 A member that does not read loses its session once the control messages for it pile up
-(:data:`~tapestry.limits.SESSION_CONTROL_MESSAGES`).
+(:data:`~tapestry.limits.SESSION_CONTROL_MESSAGES`). The call of a session that ended is hung
+up if it is still held after :data:`~tapestry.limits.SESSION_HANG_UP_S`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -26,7 +27,7 @@ import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.node_links import CycleCall, LinkError
-from tapestry.limits import MAX_ERROR_DETAILS_CHARS
+from tapestry.limits import MAX_ERROR_DETAILS_CHARS, SESSION_HANG_UP_S
 from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed, OutboxFull
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -54,10 +55,13 @@ class SessionOpened:
 
 class Session:
     """One member's session: its outbox (read by the handler that serves the stream), the
-    exchanges open on it, and how it ended."""
+    exchanges open on it, and how it ended. ``hang_up`` cancels the session's call: it is
+    called :data:`SESSION_HANG_UP_S` after the end, for a handler held in gRPC's flow
+    control, where the closed outbox does not reach it."""
 
-    def __init__(self, opened: SessionOpened) -> None:
+    def __init__(self, opened: SessionOpened, hang_up: Callable[[], None] | None = None) -> None:
         self.opened = opened
+        self._hang_up = hang_up
         self.outbox: Outbox[pb.OpenSessionResponse] = Outbox()
         self.last_seen = opened.since
         self.ended: LinkError | None = None
@@ -98,6 +102,10 @@ class Session:
         for replies in exchanges:
             replies.fail(error, discard=False)
         self.outbox.close()
+        if self._hang_up is not None:
+            timer = threading.Timer(SESSION_HANG_UP_S, self._hang_up)
+            timer.daemon = True
+            timer.start()
 
     # -- the round's side (NodeLink) -------------------------------------------------------
 
