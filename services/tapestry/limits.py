@@ -179,6 +179,12 @@ for a peer that has not taken them. A peer that reads takes them at once (they g
 any data); one that does not would have them pile up, a few a round, for as long as its
 connection lasts: one more ends the session (RESOURCE_EXHAUSTED)."""
 
+MAX_SESSION_CYCLES = 4
+"""Cycles a node runs at once on one session, each on its own thread. An honest coordinator
+runs one a round (two while the last one unwinds); a start past the bound is refused at
+once (RESOURCE_EXHAUSTED) without a thread, so a coordinator cannot make a node start
+threads without end."""
+
 SESSION_HANG_UP_S = 5.0
 """How long the call of a session that has ended (revoked, replaced, refused) may stay open
 before the coordinator cancels it. Its handler returns at once, unless it waits in gRPC's

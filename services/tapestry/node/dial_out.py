@@ -27,7 +27,7 @@ from tapestry.config import NodeConfig, check_window
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import UserError, quoted
-from tapestry.limits import MAX_ERROR_DETAILS_CHARS
+from tapestry.limits import MAX_ERROR_DETAILS_CHARS, MAX_SESSION_CYCLES
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.pki.layout import COORDINATOR_SERVER_NAME
 from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
@@ -276,7 +276,21 @@ class _Cycles:
             return
         with self._lock:
             run = self._runs.get(exchange_id)
-            if run is None and kind == "cycle" and message.cycle.WhichOneof("item") == "start":
+        if run is None and kind == "cycle" and message.cycle.WhichOneof("item") == "start":
+            run = self._start(exchange_id)
+        if run is None:
+            return  # an exchange already over, or refused: dropped
+        if kind == "cycle":
+            run.inbox.put(message.cycle)
+        elif kind == "end":
+            run.ended(message.end.code)
+
+    def _start(self, exchange_id: int) -> _CycleRun | None:
+        """A cycle on its own thread; ``None`` (the coordinator told RESOURCE_EXHAUSTED)
+        while :data:`MAX_SESSION_CYCLES` run already."""
+        assert self.servicer is not None
+        with self._lock:
+            if len(self._runs) < MAX_SESSION_CYCLES:
                 if self._plaintext:
                     log.warning(
                         "INSECURE: node %s cycle over plaintext, from an unauthenticated "
@@ -285,12 +299,14 @@ class _Cycles:
                     )
                 run = _CycleRun(exchange_id, self.servicer, self.outbox, self._forget)
                 self._runs[exchange_id] = run
-        if run is None:
-            return  # an exchange already over: dropped
-        if kind == "cycle":
-            run.inbox.put(message.cycle)
-        elif kind == "end":
-            run.ended(message.end.code)
+                return run
+        end = pb.ExchangeEnd(
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+            message=f"this node already runs {MAX_SESSION_CYCLES} cycles on this session, the "
+            "most it runs at once (MAX_SESSION_CYCLES)",
+        )
+        self.outbox.control(pb.OpenSessionRequest(exchange_id=exchange_id, end=end))
+        return None
 
     def _forget(self, exchange_id: int) -> None:
         with self._lock:
