@@ -119,8 +119,12 @@ class Session:
         return exchange_id, replies
 
     def _forget(self, exchange_id: int) -> None:
+        """The exchange is over: what the node sends for it is dropped, and a reader waiting
+        to hand it a message (its queue full) goes on."""
         with self._lock:
-            self._exchanges.pop(exchange_id, None)
+            replies = self._exchanges.pop(exchange_id, None)
+        if replies is not None:
+            replies.fail(LinkError(grpc.StatusCode.CANCELLED, "the exchange is over"), discard=True)
 
     def _send(self, message: pb.OpenSessionResponse, *, control: bool, deadline: float) -> None:
         """Queue ``message`` (a :class:`LinkError` if it cannot be); a node that has not
@@ -239,12 +243,13 @@ class SessionCall:
     def cancel(self) -> bool:
         """End the cycle on both sides (the node is told CANCELLED); ``False`` if it had
         ended already."""
-        if not self._finish():
-            return False
+        # Before the exchange is forgotten, which would fail it with a vaguer reason.
         self._replies.fail(
             LinkError(grpc.StatusCode.CANCELLED, "the coordinator cancelled the cycle"),
             discard=True,
         )
+        if not self._finish():
+            return False
         end = pb.ExchangeEnd(code=grpc.StatusCode.CANCELLED.value[0])
         # A session already over has ended the cycle on the node too.
         with contextlib.suppress(LinkError):

@@ -368,6 +368,9 @@ class _CycleRun:
             code, details = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
         finally:
             replies.close()
+            # What the coordinator still sends for it is dropped: neither the session's
+            # reader nor the servicer's receiving thread waits on this inbox any more.
+            self.inbox.fail(_Cancelled("the cycle is over"), discard=True)
             self._forget(self.exchange_id)
         # After the replies, never ahead of them: the end travels as data.
         with contextlib.suppress(OutboxClosed):
