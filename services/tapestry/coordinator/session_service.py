@@ -22,6 +22,7 @@ import grpc
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.members import Members, SessionRefused
 from tapestry.coordinator.node_links import LinkError
+from tapestry.coordinator.remote_node import NodeCallFailed
 from tapestry.coordinator.sessions import Session, SessionOpened
 from tapestry.errors import quoted
 from tapestry.limits import MAX_PEER_NAME_CHARS
@@ -112,6 +113,15 @@ class SessionDoor:
             self._check(session)
         except LinkError:
             return  # the session ended while it was checked: its end says why
+        except NodeCallFailed as problem:  # unanswered is not refused: the node dials again
+            if session.ended is not None:
+                return  # it ended while it was checked: its end says why
+            log.warning(
+                "node %s did not answer at its session's opening: %s",
+                session.opened.node_id,
+                problem,
+            )
+            session.end(LinkError(grpc.StatusCode.UNAVAILABLE, str(problem)))
         except Exception as problem:
             log.warning(
                 "node %s refused at its session's opening: %s", session.opened.node_id, problem
