@@ -5,7 +5,9 @@ The node opens no listening socket. With mutual TLS it presents its own certific
 asks for the coordinator's name (:data:`~tapestry.pki.layout.COORDINATOR_SERVER_NAME`), so
 the handshake proves the server is the consortium's coordinator. The coordinator's welcome
 carries the consortium's model: the node builds its model from it once (``prepare``) and
-refuses, for good, one that differs from the one it pinned, or from the one it built.
+refuses, for good, one that differs from the one it pinned, or from the one it built, and
+one that no consortium file could name (checked as a ``[model]`` table is, before anything is
+built from it).
 
 Each cycle is :meth:`SovereignNodeServicer.RunSovereignCycle`, the same code that serves a
 cycle to a coordinator that dials, fed from the session's messages of that exchange.
@@ -23,7 +25,14 @@ from typing import Any, NoReturn, cast
 import grpc
 
 import tapestry
-from tapestry.config import NodeConfig, check_window
+from tapestry.config import (
+    ConfigError,
+    ModelTable,
+    NodeConfig,
+    build_config,
+    check_window,
+    model_table,
+)
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import UserError, quoted
@@ -180,7 +189,11 @@ class DialOut:
             )
         spec = self._spec_of(welcome)
         if self._servicer is None:
-            self._servicer = self._prepare(spec)
+            try:
+                self._servicer = self._prepare(spec)
+            except Exception as error:  # what a model of a bound that fits may still raise
+                why = f"this node cannot build the coordinator's model: {error}"
+                _refuse(why[:MAX_ERROR_DETAILS_CHARS])
             self._spec = spec
         self.sessions += 1
         log.info(
@@ -199,7 +212,7 @@ class DialOut:
     def _spec_of(self, welcome: pb.SessionWelcome) -> ModelSpec:
         """The welcome's model, refused if it does not match its own digest, the node's pin
         (``model_sha256``, ``[model]``), the model already built, or the node's windows."""
-        spec = codec.model_spec_from_proto(welcome.model)
+        spec = _buildable(codec.model_spec_from_proto(welcome.model))
         config = self._config
         if spec.digest() != welcome.model_sha256:
             _refuse("the welcome's model does not match the digest it carries")
@@ -220,6 +233,23 @@ class DialOut:
         except ValueError as problem:
             _refuse(f"the coordinator's model does not fit this node: {problem}")
         return spec
+
+
+def _buildable(spec: ModelSpec) -> ModelSpec:
+    """``spec`` if a consortium file could name it (:class:`ModelTable`: each bound, no code
+    from elsewhere, its canonical form); refused otherwise, before anything is built (the
+    reason cut: it may quote what the coordinator sent)."""
+    problems = spec.problems()
+    if problems:
+        why = f"the coordinator's model cannot be built: {'; '.join(problems)}"
+        _refuse(why[:MAX_ERROR_DETAILS_CHARS])
+    try:
+        named = build_config(ModelTable, model_table(spec), "the coordinator's model").spec()
+    except ConfigError as error:
+        _refuse(str(error)[:MAX_ERROR_DETAILS_CHARS])
+    if named != spec:
+        _refuse("the coordinator's model is not in the form a consortium file gives it")
+    return spec
 
 
 def _refuse(why: str) -> NoReturn:
