@@ -29,6 +29,7 @@ KILLS = 8
 SEED = 7077
 SAVE_S = 0.03  # a save of the writer's 24 MB model takes 40-70 ms on the CI machine
 DEADLINE_S = 60.0  # for the writer to start and announce its saves
+RESUME_WINDOW_S = 5.0
 CURRENT = re.compile(r"round-\d{6}")
 ASIDE = re.compile(r"round-\d{6}\.superseded-[0-9a-f]{16}")
 FILES = {"model.safetensors", "manifest.json"}
@@ -136,7 +137,9 @@ def test_a_node_killed_during_its_cycle_fails_alone_and_restarts_with_complete_a
             spec.training["local_epochs"] = 6
     killed = threading.Event()
 
-    with LocalConsortium(tmp_path, specs, policy=POLICY) as consortium:
+    # A killed node's cycle waits resume_window_s for the node to dial again: short here.
+    settings = {"resume_window_s": RESUME_WINDOW_S}
+    with LocalConsortium(tmp_path, specs, policy=POLICY, settings=settings) as consortium:
 
         def kill_india_when_it_starts(event: pb.RoundProgress) -> None:
             if event.node_id == "india" and event.stage == pb.ROUND_STAGE_NODE_STARTED:
@@ -154,6 +157,7 @@ def test_a_node_killed_during_its_cycle_fails_alone_and_restarts_with_complete_a
     # The others' round commits without it.
     assert list(second.accepted_nodes) == ["vietnam", "switzerland"]
     assert list(second.failed_nodes) == ["india"] and not second.aborted_reason
+    assert f"within resume_window_s = {RESUME_WINDOW_S:g} s" in second.failed_nodes["india"]
     assert second.shared_base_sha256 == state_digest(base)
     # Restarted, india's store holds only complete artifacts: round 1's, and round 2's
     # only if it was written whole before the kill.

@@ -24,12 +24,13 @@ from typing import Generic, Protocol, TypeVar
 
 from tapestry.wire.outbox import Outbox, OutboxClosed
 
-# A receiver acknowledges every message it takes (a few bytes per chunk of a MiB): the
-# sender's unacknowledged bytes are then what is truly in flight, and a small budget (on
-# loopback) still streams without waiting for acknowledgements in batches.
-ACK_EVERY = 1
+# A receiver acknowledges every second message it takes (and an exchange's last at once);
+# an acknowledgement still waiting to be sent is replaced by the next (Outbox.ack), so a
+# busy link carries fewer of them.
+ACK_EVERY = 2
 # Whatever a sender's share of the budget, it may keep at least this much unacknowledged:
-# a few of the largest chunks (MAX_CHUNK_BYTES), so that it never waits on every message.
+# four of the largest chunks (MAX_CHUNK_BYTES = 4 MiB), twice what two messages between
+# acknowledgements can hold, so a sender never waits on every acknowledgement.
 MIN_RETAIN_BYTES = 16 << 20
 
 
