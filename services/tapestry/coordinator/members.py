@@ -58,6 +58,7 @@ class Members:
         resume_window_s: float = 120.0,
         retain_bytes: int = 64 << 20,
         metrics: CoordinatorMetrics | None = None,
+        message_bytes: int | None = None,
     ) -> None:
         """``members`` are ``(node_id, jurisdiction)`` pairs; with ``revocations`` a
         thread ends the session of a member whose certificate the CRL comes to list. A
@@ -65,7 +66,9 @@ class Members:
         dropped, each keeping at most ``retain_bytes`` to send again
         (:class:`~tapestry.coordinator.sessions.MemberLink`)."""
         self._members = {
-            node_id: _Member(node_id, place, MemberLink(node_id, resume_window_s, retain_bytes))
+            node_id: _Member(
+                node_id, place, MemberLink(node_id, resume_window_s, retain_bytes, message_bytes)
+            )
             for node_id, place in members
         }
         self._lock = threading.Lock()

@@ -26,6 +26,9 @@ from tapestry.training.consortium.tensors import StateLayout
 from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.windows import window_bytes
 
+# What a chunk's message carries besides its bytes (name, shape, offsets, numbers), at most.
+CHUNK_HEADER_BYTES = 1024
+
 
 class Absent:
     """The link of a member that holds no session: every call fails at once (UNAVAILABLE),
@@ -77,6 +80,8 @@ class Roster:
             # what a cycle keeps to send again after a reconnection: its share of the budget
             retain_bytes=window,
             metrics=metrics,
+            # each kept chunk counted at its chunk size (plus a header), not encoded to size it
+            message_bytes=config.chunk_bytes + CHUNK_HEADER_BYTES,
         )
         self.dialed = [
             self._proxy(

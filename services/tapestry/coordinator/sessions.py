@@ -91,12 +91,20 @@ class Session:
 class MemberLink:
     """A member's exchanges with the coordinator, across its sessions (its ``NodeLink``)."""
 
-    def __init__(self, node_id: str, resume_window_s: float, retain_bytes: int) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        resume_window_s: float,
+        retain_bytes: int,
+        message_bytes: int | None = None,
+    ) -> None:
+        """``message_bytes``: what each message it keeps counts for (its chunk size)."""
         self.node_id = node_id
         self.resume_window_s = resume_window_s
         self.numbering: Numbering[pb.OpenSessionResponse] = Numbering(
             lambda exchange, count: pb.OpenSessionResponse(exchange_id=exchange, ack=count),
             retain_bytes,
+            message_bytes,
         )
         self.session: Session | None = None
         self.resumes = 0  # cycles resumed after a reconnection

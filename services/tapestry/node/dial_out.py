@@ -37,7 +37,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import UserError, WireError, quoted
 from tapestry.limits import MAX_ERROR_DETAILS_CHARS, MAX_SESSION_CYCLES
-from tapestry.node.servicer import SovereignNodeServicer
+from tapestry.node.servicer import DELTA_CHUNK_BYTES, SovereignNodeServicer
 from tapestry.pki.layout import COORDINATOR_SERVER_NAME
 from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
 from tapestry.wire import codec
@@ -312,6 +312,8 @@ class _Cycles:
         self.numbering: Numbering[pb.OpenSessionRequest] = Numbering(
             lambda exchange, count: pb.OpenSessionRequest(exchange_id=exchange, ack=count),
             retain_bytes,
+            # each kept reply counted at the delta's chunk size (plus a header), not encoded
+            message_bytes=DELTA_CHUNK_BYTES + 1024,
         )
         self._outbox: Outbox[pb.OpenSessionRequest] | None = None
         self._runs: dict[int, _CycleRun] = {}

@@ -47,6 +47,8 @@ HELD_BASE = "held-base-{}.spill"  # in the scratch directory, numbered by arriva
 # delta; a fetched one, cancelled once its trailer is in), so its next round may arrive while
 # the last call's handler is still finishing: a new cycle waits this long before it is Busy.
 BUSY_GRACE_S = 5.0
+# The chunks a node cuts its delta into, by default.
+DELTA_CHUNK_BYTES = 1 << 20
 
 
 class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
@@ -57,7 +59,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         store: ArtifactStore,
         consortium_id: str,
         limits: NodeLimits | None = None,
-        chunk_bytes: int = 1 << 20,
+        chunk_bytes: int = DELTA_CHUNK_BYTES,
         metrics: NodeMetrics | None = None,
         scratch_dir: Path | None = None,
     ) -> None:

@@ -62,9 +62,18 @@ class Numbering(Generic[Message]):
     """The numbered exchanges with one peer. ``ack(exchange_id, count)`` makes an
     acknowledgement-only message."""
 
-    def __init__(self, ack: Callable[[int, int], Message], retain_bytes: int) -> None:
+    def __init__(
+        self,
+        ack: Callable[[int, int], Message],
+        retain_bytes: int,
+        message_bytes: int | None = None,
+    ) -> None:
+        """``message_bytes``, when given, is what each kept message counts for (the sender's
+        chunk size, an upper bound: protobuf sizes a message by encoding it, which costs
+        about as much as the copy it would bound); without, each is sized exactly."""
         self._make_ack = ack
         self.retain_bytes = max(retain_bytes, MIN_RETAIN_BYTES)
+        self._message_bytes = message_bytes
         self._cond = threading.Condition()
         self._exchanges: dict[int, _Sending[Message]] = {}
         self._outbox: Outbox[Message] | None = None
@@ -105,7 +114,7 @@ class Numbering(Generic[Message]):
         the next). Waits while the exchange keeps :attr:`retain_bytes` unacknowledged, until
         the monotonic ``deadline`` (:class:`TimeoutError`) or ``gone`` is set
         (:class:`OutboxClosed`). An exchange already closed raises :class:`OutboxClosed`."""
-        size = message.ByteSize()
+        size = self._message_bytes or message.ByteSize()
         with self._cond:
             while True:
                 sending = self._exchanges.get(message.exchange_id)
