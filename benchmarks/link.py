@@ -16,7 +16,8 @@ The model, per direction (``to_target``: client -> target, i.e. node -> coordina
 
 - **Rate.** Bytes leave at the link rate, one after another (serialisation delay: a piece of
   ``n`` bytes occupies the link for ``8 n / rate`` seconds, after whatever is queued before
-  it), and arrive ``delay`` later. Reads are cut into pieces of about 1 ms of link time, so
+  it, on any connection through the link: they share its bandwidth), and arrive ``delay``
+  later. Reads are cut into pieces of about 1 ms of link time, so
   the first byte of a large read does not wait for its last.
 - **Buffer.** The link holds at most ``rate * delay / 8`` bytes on the wire plus
   ``queue_bytes`` waiting to leave (a bottleneck's queue); past that the emulator stops
@@ -174,6 +175,7 @@ class _Pipe:
         sink: _Side,
         counter: list[int],
         ack_delay_s: float,
+        clock: list[float],
     ) -> None:
         self.loop = loop
         self.spec = spec
@@ -184,7 +186,9 @@ class _Pipe:
         self.line: collections.deque[tuple[float, memoryview | None]] = collections.deque()
         self.held = 0  # bytes read from the source and not yet written to the sink
         self.unacked = 0  # bytes read and not yet acknowledged (window_bytes)
-        self.free_at = 0.0  # when the link has sent everything queued so far
+        # When the link has sent everything queued so far, on every connection through it
+        # (one-element list shared by the link's pipes of this direction).
+        self.clock = clock
         self.timer: asyncio.TimerHandle | None = None
         self.reading = True
         self.closed = False
@@ -194,7 +198,7 @@ class _Pipe:
         if self.closed:
             return
         now = self.loop.time()
-        start = max(now, self.free_at)
+        start = max(now, self.clock[0])
         view = memoryview(data)
         step = self.spec.piece_bytes
         for offset in range(0, len(view), step):
@@ -202,7 +206,7 @@ class _Pipe:
             if self.spec.rate_bps is not None:
                 start += len(piece) * 8 / self.spec.rate_bps
             self.line.append((start + self.spec.delay_s, piece))
-        self.free_at = start
+        self.clock[0] = start
         self.held += len(data)
         self.unacked += len(data)
         self._throttle()
@@ -211,8 +215,8 @@ class _Pipe:
     def push_eof(self) -> None:
         if self.closed:
             return
-        self.free_at = max(self.loop.time(), self.free_at)
-        self.line.append((self.free_at + self.spec.delay_s, None))
+        at = max(self.loop.time(), self.clock[0])
+        self.line.append((at + self.spec.delay_s, None))
         self._arm()
 
     def _full(self) -> bool:
@@ -312,9 +316,24 @@ class _Connection:
             self.reset()
             return
         to_target, to_client = self.link.to_target, self.link.to_client
-        up = _Pipe(loop, to_target, self.client, self.target, self.link.sent_up, to_client.delay_s)
+        link = self.link
+        up = _Pipe(
+            loop,
+            to_target,
+            self.client,
+            self.target,
+            link.sent_up,
+            to_client.delay_s,
+            link.clock_up,
+        )
         down = _Pipe(
-            loop, to_client, self.target, self.client, self.link.sent_down, to_target.delay_s
+            loop,
+            to_client,
+            self.target,
+            self.client,
+            link.sent_down,
+            to_target.delay_s,
+            link.clock_down,
         )
         for side, spec in ((self.client, to_target), (self.target, to_client)):
             if spec.window_bytes is not None and side.transport is not None:
@@ -387,6 +406,8 @@ class Link:
         self.cuts = 0
         self.sent_up = [0]
         self.sent_down = [0]
+        self.clock_up = [0.0]  # when each direction has sent all it holds (all connections)
+        self.clock_down = [0.0]
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
         self._port = 0

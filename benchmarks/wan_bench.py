@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ def wan_consortium(
     link: Direction,
     links: list[Link],
     fixed_window: bool = False,
+    streams: int = 1,
 ) -> Iterator[LocalConsortium]:
     """A dial-out consortium whose every node reaches the coordinator through a fresh
     :class:`Link` of ``link`` (appended to ``links``)."""
@@ -82,9 +84,11 @@ def wan_consortium(
     model = {"architecture": "tiny-causal", "vocab_size": VOCAB, "hidden_size": hidden}
     rtt_ms = 2 * link.delay_s * 1e3
     bandwidth = (link.rate_bps or 1e11) / 1e6
-    settings = {"link": {"bandwidth_mbit": bandwidth, "rtt_ms": max(rtt_ms, 1.0)}}
+    settings = {
+        "link": {"bandwidth_mbit": bandwidth, "rtt_ms": max(rtt_ms, 1.0), "streams": streams}
+    }
     if fixed_window:  # as before issue 15: windows of gRPC's usual 4 MiB whatever the link
-        settings = {"link": {"bandwidth_mbit": 1.0, "rtt_ms": 1.0}}
+        settings = {"link": {"bandwidth_mbit": 1.0, "rtt_ms": 1.0, "streams": streams}}
 
     with ExitStack() as stack:
 
@@ -132,12 +136,16 @@ def metric(url: str, name: str) -> float:
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     hidden = hidden_for(parse_params(args.params))
     state_bytes = (2 * VOCAB * hidden + VOCAB) * 4
-    link = Direction.of(args.delay_ms, args.rate_mbit)
+    rate = args.rate_mbit or None
+    tcp_window = args.tcp_window_kib << 10 if args.tcp_window_kib else None
+    link = Direction.of(args.delay_ms, rate, window_bytes=tcp_window)
     links: list[Link] = []
     walls, slowest, failed, bases = [], [], 0, []
-    with wan_consortium(root, hidden, args.nodes, link, links, args.fixed_window) as local:
+    with wan_consortium(
+        root, hidden, args.nodes, link, links, args.fixed_window, args.streams
+    ) as local:
         url = local.metrics_url("coordinator")
-        expected_s = 2 * state_bytes * 8 / (args.rate_mbit * 1e6) + 1.0
+        expected_s = 2 * state_bytes * 8 / ((rate or 1e5) * 1e6) + 1.0
         if args.cuts:
             for number, emulated in enumerate(links):
                 emulated.schedule_cuts(args.cuts, (0.5, args.rounds * expected_s), seed=number)
@@ -176,6 +184,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     tls = bench_tls(root / "tls")
     plain = [exchange(state_bytes, link, link).total_s for _ in range(3)]
     secured = [exchange(state_bytes, link, link, tls).total_s for _ in range(3)]
+    uncapped = replace(link, window_bytes=None)  # one socket with whatever window it needs
+    best = [exchange(state_bytes, uncapped, uncapped, tls).total_s for _ in range(3)]
     round_s = statistics.median(walls)
     return {
         "params": 2 * VOCAB * hidden + VOCAB,
@@ -184,11 +194,16 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "delay_ms_each_way": args.delay_ms,
         "rate_mbit": args.rate_mbit,
         "windows": "fixed 4 MiB" if args.fixed_window else "from [link]",
+        "streams": args.streams,
+        "tcp_window_bytes": tcp_window,
         "round_s": round(round_s, 3),
         "rounds_s": [round(w, 3) for w in walls],
         "socket_s": round(statistics.median(plain), 3),
         "tls_socket_s": round(statistics.median(secured), 3),
         "ratio": round(round_s / statistics.median(secured), 2),
+        # the TLS socket with no TCP window cap: what the link itself allows one connection
+        "tls_socket_uncapped_s": round(statistics.median(best), 3),
+        "ratio_uncapped": round(round_s / statistics.median(best), 2),
         "slowest_node_s": round(statistics.median(slowest), 3),
         # CPU seconds per round (median): the coordinator's, and every node's together.
         "coordinator_cpu_s": round(statistics.median(cpu.pop("coordinator")), 3),
@@ -215,7 +230,15 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--delay-ms", type=float, default=100.0, help="one-way, each way")
-    parser.add_argument("--rate-mbit", type=float, default=1000.0)
+    parser.add_argument("--rate-mbit", type=float, default=1000.0, help="0: no rate cap")
+    parser.add_argument("--streams", type=int, default=1, help="[link] streams: lanes")
+    parser.add_argument(
+        "--tcp-window-kib",
+        type=int,
+        default=0,
+        help="cap each connection's unacknowledged bytes, as a TCP buffer maximum would "
+        "(Linux's default tcp_wmem maximum is 4096); 0: no cap",
+    )
     parser.add_argument("--cuts", type=int, default=0, help="cuts of every link over the run")
     parser.add_argument("--json", type=Path, default=None, help="append the result here")
     parser.add_argument(

@@ -35,6 +35,7 @@ from tapestry.atomic_files import write_text
 from tapestry.errors import UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
 from tapestry.limits import (
+    DEFAULT_LINK_STREAMS,
     MAX_BATCH_SIZE,
     MAX_CHUNK_BYTES,
     MAX_CONTEXT_LENGTH,
@@ -42,6 +43,7 @@ from tapestry.limits import (
     MAX_HELDOUT_PERCENT,
     MAX_HIDDEN_SIZE,
     MAX_LAYERS,
+    MAX_LINK_STREAMS,
     MAX_LOCAL_EPOCHS,
     MAX_LOCAL_LR,
     MAX_MEMBERS,
@@ -327,7 +329,13 @@ class LinkConfig(_Strict):
     window_budget_mib: int = Field(256, ge=4, le=MAX_WINDOW_BUDGET_MIB)
     """The most this process lets be in flight toward it over all its streams together, in
     MiB: each stream's window is at most this divided by the streams that can be open at
-    once (a coordinator: one per member), so memory stays flat in the number of members."""
+    once (a coordinator: ``streams`` per member), so memory stays flat in the number of
+    members."""
+    streams: int = Field(DEFAULT_LINK_STREAMS, ge=1, le=MAX_LINK_STREAMS)
+    """The connections ("lanes") each member's session spreads its transfers over, the
+    coordinator's setting (a node opens what the welcome says): where one TCP connection
+    cannot fill the link (a system's largest socket buffer below the bandwidth-delay
+    product), several do, as PCCL and GridFTP spread transfers."""
 
 
 class DilocoConfig(_Strict):

@@ -176,6 +176,7 @@ MAX_PEER_NAME_CHARS = 64
 # noticed the old one drop. Operators (and the coordinator, on a node that listens) read
 # and run rounds: a few calls at once.
 MAX_CALLS_PER_NODE = 2
+"""Per lane of its session (``[link] streams``): a node with K lanes may hold 2·K calls."""
 MAX_CALLS_PER_MEMBER = 6
 # Exchanges a node may say it still holds when it reconnects (one cycle at a time, and a
 # few describes); the rest of a longer list is ignored.
@@ -193,6 +194,17 @@ MAX_SESSION_CYCLES = 4
 runs one a round (two while the last one unwinds); a start past the bound is refused at
 once (RESOURCE_EXHAUSTED) without a thread, so a coordinator cannot make a node start
 threads without end."""
+
+MAX_LINK_STREAMS = 8
+DEFAULT_LINK_STREAMS = 1
+"""The most connections ("lanes") one member's session may spread its transfers over
+(``[link] streams``)."""
+
+LANE_KEY_BYTES = 16
+"""The random key a session's welcome gives its node for the session's further lanes."""
+
+LANES_OPEN_S = 10.0
+"""How long after its welcome a session's further lanes have to join, or it ends."""
 
 SESSION_HANG_UP_S = 5.0
 """How long the call of a session that has ended (revoked, replaced, refused) may stay open

@@ -11,6 +11,10 @@ what the in-process core computes from the nodes it accepted, and the journal ch
 
 A node that holds no session when a round starts is failed in it as absent, even if it
 connects while the round runs; the next round counts it.
+
+Every test runs twice: with one connection per session, and with a session spread over
+three (``[link] streams = 3``), where each message travels on its own lane and a cut drops
+all three.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from tapestry.node.dial_out import BACKOFF_FIRST_S
 from tapestry.training.consortium import ConsortiumCoordinator, ContributionPolicy, state_digest
 
 from .conftest import JURISDICTIONS, POLICY, core_node, node_specs
-from .sessions_support import Log, connected_after, members, poll, since
+from .sessions_support import Log, connected_after, established, members, poll, since
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -71,14 +75,18 @@ Wanted = Callable[[pb.RoundProgress], bool]  # picks events of a round
 class Slow:
     consortium: LocalConsortium
     links: dict[str, Link]  # by node id: the link that node dials through
+    streams: int  # the lanes of each session
 
     @property
     def link(self) -> Link:
         return self.links[CUT]
 
 
-@pytest.fixture(scope="module")
-def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slow]:
+@pytest.fixture(scope="module", params=[1, 3], ids=["1-lane", "3-lanes"])
+def slow(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Slow]:
+    streams = request.param
     root = tmp_path_factory.mktemp("cuts")
     specs = node_specs(root)
     for spec in specs:
@@ -93,12 +101,19 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slow]:
             links[node_id] = Link((host, int(port)), LINK).start()
         return f"127.0.0.1:{links[node_id].port}"
 
-    consortium = LocalConsortium(root, specs, policy=POLICY, model=MODEL, route=route)
+    consortium = LocalConsortium(
+        root,
+        specs,
+        policy=POLICY,
+        model=MODEL,
+        route=route,
+        settings={"link": {"streams": streams}},
+    )
     try:
         consortium.start()
         with consortium.client() as client:  # the first round pays for torch's warm-up
             assert list(client.run_round(timeout_s=ROUND_TIMEOUT_S).accepted_nodes) == REAL
-        yield Slow(consortium, links)
+        yield Slow(consortium, links, streams)
     finally:
         consortium.stop()
         for link in links.values():
@@ -349,6 +364,19 @@ def test_a_session_cut_mid_round_resumes_and_the_base_holds(slow: Slow, phase: s
     following = WatchedRound(consortium).result()
     assert list(following.accepted_nodes) == REAL, following.failed_nodes
     check_base(consortium, result, following)
+
+
+def test_a_session_holds_one_connection_per_lane(slow: Slow) -> None:
+    consortium = slow.consortium
+    port = int(consortium.coordinator_address.rpartition(":")[2])
+    for node_id, dialed in [("vietnam", port), (CUT, slow.link.port)]:
+        pid = consortium.processes[node_id].popen.pid
+        poll(
+            f"{node_id} to hold {slow.streams} connections",
+            lambda pid=pid, dialed=dialed: (
+                sum(remote == dialed for _, remote in established(pid)) == slow.streams
+            ),
+        )
 
 
 # -- a node that connects mid-round --------------------------------------------------------

@@ -117,6 +117,25 @@ def test_the_rate_cap_holds_and_each_direction_has_its_own() -> None:
     assert 0.39 <= elapsed < 0.4 + 0.3
 
 
+def test_connections_through_one_link_share_its_rate() -> None:
+    # Two connections of 1 MB each at 40 Mbit/s: 2 MB leave in 0.4 s, not 0.2 s each.
+    nbytes = 1_000_000
+    up = Direction.of(rate_mbit=40)
+    with echo_server() as target, Link(target, up, Direction()) as link:
+        conns = [connect(link), connect(link)]
+        start = time.perf_counter()
+        senders = [threading.Thread(target=c.sendall, args=(b"\x03" * nbytes,)) for c in conns]
+        for sender in senders:
+            sender.start()
+        for conn in conns:
+            receive(conn, nbytes)
+        elapsed = time.perf_counter() - start
+        for sender, conn in zip(senders, conns, strict=True):
+            sender.join()
+            conn.close()
+    assert 0.39 <= elapsed < 0.4 + 0.3
+
+
 def test_a_window_cap_allows_one_window_a_round_trip() -> None:
     # 512 KiB through a 64 KiB window over a 50 ms round trip: at least 7 round trips more
     # than the data's own one-way trip (the link's rate is uncapped).

@@ -27,6 +27,7 @@ from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.coordinator.session_service import SessionDoor
 from tapestry.coordinator.sessions import MemberLink, Session, SessionOpened
 from tapestry.limits import (
+    LANE_KEY_BYTES,
     MAX_ERROR_DETAILS_CHARS,
     MAX_PEER_NAME_CHARS,
     MAX_SESSION_CYCLES,
@@ -91,7 +92,7 @@ class Joined:
 
     def receive(self, message: Request) -> None:
         try:
-            self.link.receive(message)
+            self.link.receive(message, self.session)
         except LinkError as error:
             self.end(error)
 
@@ -351,8 +352,11 @@ def test_a_session_replaced_mid_cycle_by_one_without_the_cycle_fails_the_rounds_
     round hears why at once; the older session ends ABORTED, naming the newer."""
     members = Members([("vietnam", "Vietnam")])
     old = members.join(_opened(serial=7))[0]
-    Sent(old.outbox)
-    call = members.link("vietnam").cycle(iter([START]), 30.0)
+    sent = Sent(old.outbox)
+    link = members.link("vietnam")
+    call = link.cycle(iter([START]), 30.0)
+    key = sent.take().exchange_id
+    link.receive(Request(exchange_id=key, ack=1), old)  # the node took the cycle's start
 
     new = members.join(_opened(serial=7))[0]
 
@@ -367,6 +371,32 @@ def test_a_session_replaced_mid_cycle_by_one_without_the_cycle_fails_the_rounds_
     )
     assert list(members.connected()) == ["vietnam"]
     assert members.link("vietnam").session is new and new.ended is None
+
+
+def test_a_cycle_whose_start_never_reached_the_node_starts_again_on_its_next_session() -> None:
+    """The session dropped before the node took anything of the cycle (it acknowledged
+    nothing, sent nothing): the node's next session does not list it, and the cycle goes on
+    there from its first message instead of failing."""
+    members = Members([("vietnam", "Vietnam")])
+    old = members.join(_opened(serial=7))[0]
+    link = members.link("vietnam")
+    call = link.cycle(iter([START]), 30.0)
+    first = Sent(old.outbox).take()
+    assert (first.seq, first.cycle.WhichOneof("item")) == (1, "start")
+    old.end(LinkError(grpc.StatusCode.UNAVAILABLE, "cut"))
+    members.leave(old)
+
+    new, resumed = members.join(_opened(serial=7))
+    again = Sent(new.outbox)
+    assert resumed == [(first.exchange_id, 0)]
+    assert [(m.seq, m.WhichOneof("item")) for m in (again.take(), again.take())] == [
+        (1, "cycle"),
+        (2, "end"),
+    ]
+    link.receive(
+        Request(exchange_id=first.exchange_id, seq=1, cycle=PROGRESS), new
+    )  # and the cycle answers
+    assert next(call) == PROGRESS
 
 
 def test_a_second_session_with_another_certificate_is_refused_and_the_first_kept() -> None:
@@ -589,7 +619,7 @@ def _cycles(servicer: Any) -> tuple[_Cycles, Outbox[Request]]:
     outbox: Outbox[Request] = Outbox()
     cycles = _Cycles(plaintext=False, node_id="vietnam", retain_bytes=16 << 20)
     cycles.servicer = servicer
-    cycles.attach(outbox, pb.SessionWelcome())
+    cycles.attach([outbox], pb.SessionWelcome())
     _numbers.clear()
     return cycles, outbox
 
@@ -726,3 +756,99 @@ def test_a_cycle_start_that_never_sends_the_base_ends_at_the_deadline_and_holds_
     assert end.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert "receive_timeout_s = 0.3 s" in end.message
     assert _eventually(lambda: (_threads("receive-deadline"), _threads("cycle-")) == before)
+
+
+# -- lanes: a session spread over several connections --------------------------------------
+
+
+def _laned(lanes: int = 3) -> tuple[Members, Session]:
+    members = Members([("vietnam", "Vietnam")], lanes=lanes)
+    return members, members.join(_opened(serial=7))[0]
+
+
+def _refused(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(SessionRefused) as caught:
+        call()
+    return caught.value.code, str(caught.value)
+
+
+def test_a_lane_joins_only_its_session_with_its_key_once() -> None:
+    members, session = _laned()
+    key = session.lane_key
+    assert len(key) == LANE_KEY_BYTES and session.lanes == 3
+    hang_up = lambda: None  # noqa: E731
+    join = members.join_lane
+    assert _refused(lambda: join(_opened(serial=7), 1, b"x" * 16, hang_up))[0] is (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert _refused(lambda: join(_opened(serial=8), 1, key, hang_up)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "the session of node 'vietnam' holds another certificate",
+    )
+    for lane in (0, 3, 2**31):
+        assert _refused(lambda lane=lane: join(_opened(serial=7), lane, key, hang_up))[0] is (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+    assert join(_opened(serial=7), 1, key, hang_up) is session
+    assert _refused(lambda: join(_opened(serial=7), 1, key, hang_up))[0] is (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    session.end(LinkError(grpc.StatusCode.UNAVAILABLE, "cut"))
+    members.leave(session)
+    assert _refused(lambda: join(_opened(serial=7), 2, key, hang_up))[0] is (
+        grpc.StatusCode.UNAVAILABLE
+    )
+
+
+def test_a_session_whose_lanes_do_not_all_join_in_time_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sessions, "LANES_OPEN_S", 0.2)
+    members, session = _laned()
+    members.join_lane(_opened(serial=7), 1, session.lane_key, lambda: None)
+    poll_until = time.monotonic() + 5
+    while session.ended is None and time.monotonic() < poll_until:
+        time.sleep(0.05)
+    assert session.ended is not None and session.ended.code() is grpc.StatusCode.UNAVAILABLE
+    assert "1 of the session's 2 further lanes did not open" in session.ended.details()
+
+
+def test_a_cycle_spreads_over_the_lanes_and_takes_the_nodes_replies_in_turn() -> None:
+    members, session = _laned(2)
+    link = members.link("vietnam")
+    call = link.cycle(iter([START, START, START]), 30.0)
+    lanes = [Sent(outbox) for outbox in session.outboxes]
+    sent = [lanes[0].take(), lanes[1].take(), lanes[0].take(), lanes[1].take()]
+    assert [m.seq for m in sent] == [1, 2, 3, 4]  # three requests and the half-close
+    key = sent[0].exchange_id
+    replies = [Request(exchange_id=key, seq=seq, cycle=PROGRESS) for seq in (1, 2, 3)]
+    for reply in replies:
+        reply.cycle.progress.step = reply.seq
+    # Reply 2 arrives on lane 1 before reply 1 on lane 0: it waits for its turn.
+    early = _in_thread(lambda: link.receive(replies[1], session, 1))
+    time.sleep(0.1)
+    assert not early.done()
+    link.receive(replies[0], session, 0)
+    early.result(5)
+    link.receive(replies[2], session, 0)
+    assert [next(call).progress.step for _ in range(3)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("lane", "message", "why"),
+    [
+        (1, Request(exchange_id=1, seq=1, cycle=PROGRESS), "message 1 of exchange 1 on lane 1"),
+        (0, Request(exchange_id=1, seq=5, cycle=PROGRESS), "message 5 of exchange 1 on lane 0"),
+        (1, Request(exchange_id=1, end=pb.ExchangeEnd()), "an unnumbered message on lane 1"),
+    ],
+)
+def test_a_message_out_of_its_lane_or_turn_ends_the_session(
+    lane: int, message: Request, why: str
+) -> None:
+    members, session = _laned(2)
+    link = members.link("vietnam")
+    link.cycle(iter([START]), 30.0)
+    with pytest.raises(LinkError) as caught:
+        link.receive(message, session, lane)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert why in caught.value.details()

@@ -59,12 +59,15 @@ class Members:
         retain_bytes: int = 64 << 20,
         metrics: CoordinatorMetrics | None = None,
         message_bytes: int | None = None,
+        lanes: int = 1,
     ) -> None:
         """``members`` are ``(node_id, jurisdiction)`` pairs; with ``revocations`` a
         thread ends the session of a member whose certificate the CRL comes to list. A
         member's cycles wait ``resume_window_s`` for it to dial again after its session
         dropped, each keeping at most ``retain_bytes`` to send again
-        (:class:`~tapestry.coordinator.sessions.MemberLink`)."""
+        (:class:`~tapestry.coordinator.sessions.MemberLink`); each session spreads its
+        transfers over ``lanes`` connections."""
+        self._lanes = lanes
         self._members = {
             node_id: _Member(
                 node_id, place, MemberLink(node_id, resume_window_s, retain_bytes, message_bytes)
@@ -96,7 +99,7 @@ class Members:
         resumes (``held``: the node's, from its SessionOpen; see
         :meth:`MemberLink.attach`); ``hang_up`` cancels its call (:class:`Session`)."""
         member = self._members[opened.node_id]
-        session = Session(opened, hang_up)
+        session = Session(opened, hang_up, self._lanes)
         with self._lock:
             older = member.session
             if older is not None and older.ended is None:
@@ -139,6 +142,29 @@ class Members:
             f", resuming {len(resumed)} cycle(s)" if resumed else "",
         )
         return session, resumed
+
+    def join_lane(
+        self, opened: SessionOpened, lane: int, key: bytes, hang_up: Callable[[], None]
+    ) -> Session:
+        """The session that lane ``lane`` of ``opened.node_id`` joins with ``key``: the
+        member's open session, with the same certificate (:class:`SessionRefused` with the
+        code to answer otherwise)."""
+        with self._lock:
+            session = self._members[opened.node_id].session
+        if session is None or session.ended is not None:
+            raise SessionRefused(
+                grpc.StatusCode.UNAVAILABLE, f"node {opened.node_id!r} holds no session to join"
+            )
+        if session.opened.serial != opened.serial:
+            raise SessionRefused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the session of node {opened.node_id!r} holds another certificate",
+            )
+        try:
+            session.join_lane(lane, key, hang_up)
+        except LinkError as error:
+            raise SessionRefused(error.code(), error.details()) from None
+        return session
 
     def leave(self, session: Session) -> None:
         """Forget ``session`` once its stream has ended (a newer one may hold its place)."""

@@ -77,11 +77,12 @@ class Roster:
             [(member.node_id, member.jurisdiction) for member in config.nodes],
             security.revocations,
             resume_window_s=config.resume_window_s,
-            # what a cycle keeps to send again after a reconnection: its share of the budget
-            retain_bytes=window,
+            # what a cycle keeps to send again after a reconnection: its lanes' windows
+            retain_bytes=window * config.link.streams,
             metrics=metrics,
             # each kept chunk counted at its chunk size (plus a header), not encoded to size it
             message_bytes=config.chunk_bytes + CHUNK_HEADER_BYTES,
+            lanes=config.link.streams,
         )
         self.dialed = [
             self._proxy(

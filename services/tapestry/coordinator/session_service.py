@@ -82,45 +82,60 @@ class SessionDoor:
         try:
             opened = self._opened(first, context)
             assert first is not None  # _opened refused a stream without one
-            held = [(e.exchange_id, e.received) for e in first.open.exchanges[:MAX_EXCHANGES]]
-            session, resumed = self._members.join(opened, held, hang_up)
+            lane = first.open.lane
+            if lane:
+                session = self._members.join_lane(opened, lane, first.open.lane_key, hang_up)
+            else:
+                held = [(e.exchange_id, e.received) for e in first.open.exchanges[:MAX_EXCHANGES]]
+                session, resumed = self._members.join(opened, held, hang_up)
         except (Refused, SessionRefused) as refused:
             log.warning("session refused: %s", refused)
             context.abort(refused.code, str(refused))
+        link = self._members.link(opened.node_id)
         try:
-            yield pb.OpenSessionResponse(
-                welcome=pb.SessionWelcome(
-                    protocol_version=PROTOCOL_VERSION,
-                    consortium_id=self._consortium_id,
-                    model=codec.model_spec_to_proto(self._spec),
-                    model_sha256=self._spec.digest(),
-                    round_num=self._round_num(),
-                    exchanges=[
-                        pb.ExchangeState(exchange_id=key, received=count) for key, count in resumed
-                    ],
-                )
-            )
-            link = self._members.link(opened.node_id)
+            if not lane:
+                yield self._welcome(session, resumed)
+                threading.Thread(
+                    target=self._admit, args=(session,), name="session-check", daemon=True
+                ).start()
             threading.Thread(
-                target=_read, args=(requests, session, link), name="session-reader", daemon=True
+                target=_read,
+                args=(requests, session, link, lane),
+                name=f"session-reader-{lane}",
+                daemon=True,
             ).start()
-            threading.Thread(
-                target=self._admit, args=(session,), name="session-check", daemon=True
-            ).start()
-            yield from session.outbox.messages()
+            yield from session.outboxes[lane].messages()
         finally:
             handled.set()
             # gRPC also closes this generator when the node hangs up (a node that refuses
             # the welcome, say) before the reader has noticed: that is the node's doing.
+            # A lane that ends ends its session.
             session.end(
                 LinkError(grpc.StatusCode.CANCELLED, "the coordinator ended the call")
                 if context.is_active()
                 else LinkError(grpc.StatusCode.UNAVAILABLE, _NODE_DROPPED)
             )
-            self._members.leave(session)
+            if not lane:
+                self._members.leave(session)
         ended = session.ended
         if ended is not None and ended.code() not in _SILENT:
             context.abort(ended.code(), ended.details())
+
+    def _welcome(self, session: Session, resumed: list[tuple[int, int]]) -> pb.OpenSessionResponse:
+        return pb.OpenSessionResponse(
+            welcome=pb.SessionWelcome(
+                protocol_version=PROTOCOL_VERSION,
+                consortium_id=self._consortium_id,
+                model=codec.model_spec_to_proto(self._spec),
+                model_sha256=self._spec.digest(),
+                round_num=self._round_num(),
+                exchanges=[
+                    pb.ExchangeState(exchange_id=key, received=count) for key, count in resumed
+                ],
+                lanes=session.lanes,
+                lane_key=session.lane_key,
+            )
+        )
 
     def _admit(self, session: Session) -> None:
         try:
@@ -219,16 +234,19 @@ def _first(
         timer.cancel()
 
 
-def _read(requests: Iterator[pb.OpenSessionRequest], session: Session, link: MemberLink) -> None:
-    """Hand each message of the node to its exchange, until the stream ends, while this
-    session is the member's (a replaced one's late messages are not taken)."""
+def _read(
+    requests: Iterator[pb.OpenSessionRequest], session: Session, link: MemberLink, lane: int
+) -> None:
+    """Hand each message of the node on ``lane`` of ``session`` to its exchange, until the
+    stream ends, while this session is the member's (a replaced one's late messages are not
+    taken)."""
     why = LinkError(grpc.StatusCode.UNAVAILABLE, "the node closed its session")
     try:
         for message in requests:
             if session.ended is not None or link.session is not session:
                 return
             session.last_seen = datetime.now(UTC)
-            link.receive(message)
+            link.receive(message, session, lane)
     except LinkError as error:
         why = error
     except Exception:

@@ -27,6 +27,7 @@ from tapestry.coordinator.roster import Roster
 from tapestry.coordinator.servicer import CoordinatorServicer
 from tapestry.coordinator.session_service import SessionDoor
 from tapestry.errors import UserError, quoted
+from tapestry.limits import MAX_CALLS_PER_MEMBER, MAX_CALLS_PER_NODE
 from tapestry.observe.metrics import CoordinatorMetrics, restore_coordinator_metrics
 from tapestry.pki.call_limits import worker_threads
 from tapestry.pki.server_check import served_node_id
@@ -82,6 +83,7 @@ def build_coordinator_server(
         rules={**{method: ["operator"] for method in OPERATOR_METHODS}, SESSION_METHOD: ["node"]},
         rounds=OPERATOR_METHODS,
         what="coordinator",
+        calls_per_node=MAX_CALLS_PER_NODE * config.link.streams,
     )
     spec = config.model
     store = _store(config, data_dir)
@@ -117,7 +119,9 @@ def build_coordinator_server(
         credentials=security.credentials,
         interceptors=security.interceptors,
         # every member at its bound of calls (its session included) leaves room for others
-        max_workers=worker_threads(len(config.nodes)),
+        max_workers=worker_threads(
+            len(config.nodes), max(MAX_CALLS_PER_MEMBER, MAX_CALLS_PER_NODE * config.link.streams)
+        ),
         # the deltas' window: the link's, within the budget shared by every member
         options=window_options(window_bytes(config.link, len(config.nodes))),
     )

@@ -36,7 +36,12 @@ from tapestry.config import (
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import UserError, WireError, quoted
-from tapestry.limits import MAX_ERROR_DETAILS_CHARS, MAX_SESSION_CYCLES
+from tapestry.limits import (
+    LANE_KEY_BYTES,
+    MAX_ERROR_DETAILS_CHARS,
+    MAX_LINK_STREAMS,
+    MAX_SESSION_CYCLES,
+)
 from tapestry.node.servicer import DELTA_CHUNK_BYTES, SovereignNodeServicer
 from tapestry.pki.layout import COORDINATOR_SERVER_NAME
 from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
@@ -143,41 +148,52 @@ class DialOut:
 
     def _session(self, stop: threading.Event) -> None:
         """One session, until it ends (:attr:`sessions` counts its welcome)."""
-        server_name = COORDINATOR_SERVER_NAME if self._credentials is not None else None
-        options = [*SESSION_CHANNEL_OPTIONS, *window_options(window_bytes(self._config.link))]
-        channel = open_channel(
-            self._address, self._credentials, server_name=server_name, options=options
-        )
+        lanes = _Lanes(self._open_channel, stop)
         outbox: Outbox[pb.OpenSessionRequest] = Outbox()
         outbox.control(pb.OpenSessionRequest(open=self._hello()))
-        call = pb_grpc.CoordinatorServiceStub(channel).OpenSession(outbox.messages())
-        ended = threading.Event()
-        threading.Thread(
-            target=_cancel_on_stop, args=(call, stop, ended), name="session-stop", daemon=True
-        ).start()
+        call = lanes.call(outbox, window_bytes(self._config.link))
         cycles = self._cycles
         welcomed = False
         try:
             for message in call:
                 if not welcomed:
                     cycles.servicer = self._welcomed(message)
-                    cycles.attach(outbox, message.welcome)
+                    welcome = message.welcome
+                    count = _lane_count(welcome)
+                    window = window_bytes(self._config.link.model_copy(update={"streams": count}))
+                    for lane in range(1, count):
+                        lanes.open(lane, self._hello(lane, welcome.lane_key), window, cycles)
+                    cycles.attach(lanes.outboxes, welcome)
                     welcomed = True
                     continue
-                cycles.receive(message)
+                cycles.receive(message, 0, lanes.ended)
+        except grpc.RpcError:
+            lanes.raise_lane_error()  # a further lane's refusal ended the session: that
+            raise
         except WireError as problem:
             log.warning("the coordinator broke the session protocol: %s", problem)
         except OutboxFull as full:
             log.warning("the coordinator did not read this node's session: %s", full)
         finally:
-            ended.set()
-            outbox.close()
+            lanes.end()
             cycles.detach(outbox)
             if stop.is_set():
                 cycles.cancel_all()
-            channel.close()
+            lanes.close()
+        lanes.raise_lane_error()
 
-    def _hello(self) -> pb.SessionOpen:
+    def _open_channel(self, window: int, lane: int) -> grpc.Channel:
+        server_name = COORDINATOR_SERVER_NAME if self._credentials is not None else None
+        options = [*SESSION_CHANNEL_OPTIONS, *window_options(window)]
+        if lane:  # its own connection, not the session's shared through gRPC's pool
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        return open_channel(
+            self._address, self._credentials, server_name=server_name, options=options
+        )
+
+    def _hello(self, lane: int = 0, lane_key: bytes = b"") -> pb.SessionOpen:
+        """The SessionOpen of the session (``lane`` 0: with the cycles it still holds) or
+        of one of its further lanes."""
         config = self._config
         return pb.SessionOpen(
             protocol_version=PROTOCOL_VERSION,
@@ -185,7 +201,9 @@ class DialOut:
             node_id=config.node_id,
             jurisdiction=config.jurisdiction,
             release=tapestry.__version__,
-            exchanges=self._cycles.states(),
+            exchanges=[] if lane else self._cycles.states(),
+            lane=lane,
+            lane_key=lane_key,
         )
 
     def _welcomed(self, message: pb.OpenSessionResponse) -> SovereignNodeServicer:
@@ -273,13 +291,87 @@ def _refuse(why: str) -> NoReturn:
     raise SessionClosedForGood(why)
 
 
-def _cancel_on_stop(
-    call: grpc.Future[object], stop: threading.Event, ended: threading.Event
-) -> None:
-    while not ended.wait(0.2):
-        if stop.is_set():
+def _lane_count(welcome: pb.SessionWelcome) -> int:
+    """The lanes the welcome asks for (0 means 1), refused past the bound."""
+    count = welcome.lanes or 1
+    if count > MAX_LINK_STREAMS:
+        _refuse(f"the coordinator asks for {count} lanes; at most {MAX_LINK_STREAMS}")
+    if count > 1 and len(welcome.lane_key) != LANE_KEY_BYTES:
+        _refuse(f"the welcome's lane_key must be {LANE_KEY_BYTES} bytes")
+    return count
+
+
+class _Lanes:
+    """The calls of one session (its own, then its further lanes), each on its own
+    connection: the first that ends ends them all (cancelled), and so the session."""
+
+    def __init__(
+        self, open_channel: Callable[[int, int], grpc.Channel], stop: threading.Event
+    ) -> None:
+        self._open_channel = open_channel
+        self.ended = threading.Event()
+        self.outboxes: list[Outbox[pb.OpenSessionRequest]] = []
+        self._calls: list[Any] = []
+        self._channels: list[grpc.Channel] = []
+        self._lane_error: grpc.RpcError | None = None
+        threading.Thread(target=self._cancel_on_stop, args=(stop,), daemon=True).start()
+
+    def call(self, outbox: Outbox[pb.OpenSessionRequest], window: int) -> Any:
+        """Open the next lane's call, sending what ``outbox`` holds."""
+        channel = self._open_channel(window, len(self._calls))
+        call = pb_grpc.CoordinatorServiceStub(channel).OpenSession(outbox.messages())
+        self._channels.append(channel)
+        self._calls.append(call)
+        self.outboxes.append(outbox)
+        if self.ended.is_set():  # another lane ended the session meanwhile
             call.cancel()
+        return call
+
+    def open(self, lane: int, hello: pb.SessionOpen, window: int, cycles: _Cycles) -> None:
+        """Open lane ``lane`` (from 1), its messages handed to ``cycles`` on its thread."""
+        outbox: Outbox[pb.OpenSessionRequest] = Outbox()
+        outbox.control(pb.OpenSessionRequest(open=hello))
+        call = self.call(outbox, window)
+        threading.Thread(
+            target=self._read, args=(lane, call, cycles), name=f"lane-{lane}", daemon=True
+        ).start()
+
+    def _read(self, lane: int, call: Any, cycles: _Cycles) -> None:
+        try:
+            for message in call:
+                cycles.receive(message, lane, self.ended)
+        except grpc.RpcError as error:
+            if not self.ended.is_set():
+                self._lane_error = error
+        except (WireError, OutboxFull) as problem:
+            log.warning("lane %d of the session: %s", lane, problem)
+        self.end()
+
+    def end(self) -> None:
+        """End every call of the session (once)."""
+        if self.ended.is_set():
             return
+        self.ended.set()
+        for call in self._calls:
+            call.cancel()
+        for outbox in self.outboxes:
+            outbox.close()
+
+    def close(self) -> None:
+        self.end()
+        for channel in self._channels:
+            channel.close()
+
+    def raise_lane_error(self) -> None:
+        """A further lane's refusal, for the caller to handle as the session's own."""
+        if self._lane_error is not None:
+            raise self._lane_error
+
+    def _cancel_on_stop(self, stop: threading.Event) -> None:
+        while not self.ended.wait(0.2):
+            if stop.is_set():
+                self.end()
+                return
 
 
 class _Aborted(Exception):
@@ -314,8 +406,10 @@ class _Cycles:
             retain_bytes,
             # each kept reply counted at the delta's chunk size (plus a header), not encoded
             message_bytes=DELTA_CHUNK_BYTES + 1024,
+            peer_opens=True,
         )
         self._outbox: Outbox[pb.OpenSessionRequest] | None = None
+        self._lanes = 1
         self._runs: dict[int, _CycleRun] = {}
         self._lock = threading.Lock()
 
@@ -326,18 +420,22 @@ class _Cycles:
             for key, count in self.numbering.states()
         ]
 
-    def attach(self, outbox: Outbox[pb.OpenSessionRequest], welcome: pb.SessionWelcome) -> None:
-        """A new session: the cycles the coordinator resumes (its welcome lists them) go on,
-        their unacknowledged replies sent again; the others end."""
+    def attach(
+        self, outboxes: list[Outbox[pb.OpenSessionRequest]], welcome: pb.SessionWelcome
+    ) -> None:
+        """A new session over the lanes of ``outboxes``: the cycles the coordinator resumes
+        (its welcome lists them) go on, their unacknowledged replies sent again; the others
+        end."""
         resumed = {e.exchange_id: e.received for e in welcome.exchanges}
         with self._lock:
-            self._outbox = outbox
+            self._outbox = outboxes[0]
+            self._lanes = len(outboxes)
             lost = [run for key, run in self._runs.items() if key not in resumed]
         for run in lost:
             run.cancel(tell=False)
         if resumed:
             log.info("resuming %d cycle(s) where they stopped", len(resumed))
-        self.numbering.attach(outbox, resumed.items())
+        self.numbering.attach(outboxes, resumed.items())
 
     def detach(self, outbox: Outbox[pb.OpenSessionRequest]) -> None:
         """The session ended: cycles wait for the next (their deadlines still run)."""
@@ -354,15 +452,20 @@ class _Cycles:
             with contextlib.suppress(OutboxClosed):
                 outbox.control(message)
 
-    def receive(self, message: pb.OpenSessionResponse) -> None:
-        """Hand a message of the coordinator on: a gap in an exchange's numbers is a
-        :class:`WireError` that ends the session; what has no place mid-session (a second
-        welcome, an empty message) is dropped."""
+    def receive(
+        self, message: pb.OpenSessionResponse, lane: int = 0, gone: threading.Event | None = None
+    ) -> None:
+        """Hand a message of the coordinator, arrived on ``lane`` of the session that
+        ``gone`` ends, on: a gap in an exchange's numbers, or an unnumbered message on a
+        further lane, is a :class:`WireError` that ends the session; what has no place
+        mid-session (a second welcome, an empty message) is dropped."""
         assert self.servicer is not None
         if message.ack:
             self.numbering.acknowledged(message.exchange_id, message.ack)
         kind = message.WhichOneof("item")
         key = message.exchange_id
+        if kind is not None and not message.seq and lane:
+            raise WireError(f"the coordinator sent an unnumbered message on lane {lane}")
         if kind == "describe":
             described = self.servicer.Describe(message.describe, cast(Any, None))
             self.control(pb.OpenSessionRequest(exchange_id=key, described=described))
@@ -375,21 +478,33 @@ class _Cycles:
             if run is not None:
                 run.cancel(tell=False)
             return
-        run = self._run_for(message)
-        if run is None:
-            return  # an exchange already over: dropped
+        if message.seq == 1:
+            self._run_for(message)
         try:
-            if not self.numbering.take(message, ack_now=kind == "end"):
-                return
+            self.numbering.take(
+                message,
+                lambda: self._hand_on(message),
+                lane=lane,
+                lanes=self._lanes,
+                ack_now=kind == "end",
+                gone=gone,
+            )
         except OutOfOrder as error:
             raise WireError(str(error)) from None
-        if kind == "cycle":
+
+    def _hand_on(self, message: pb.OpenSessionResponse) -> None:
+        with self._lock:
+            run = self._runs.get(message.exchange_id)
+        if run is None:
+            return  # a cycle already over
+        if message.WhichOneof("item") == "cycle":
             run.inbox.put(message.cycle)
         else:
             run.ended(message.end.code)
 
-    def _run_for(self, message: pb.OpenSessionResponse) -> _CycleRun | None:
-        """The cycle ``message`` belongs to; a new one for the first message of a cycle."""
+    def _run_for(self, message: pb.OpenSessionResponse) -> None:
+        """Start the cycle that ``message``, its first, opens (unless one runs under its id,
+        or too many run: the coordinator is then told, and its messages are dropped)."""
         assert self.servicer is not None
         key = message.exchange_id
         refused = False
@@ -409,13 +524,13 @@ class _Cycles:
                 run = _CycleRun(key, self.servicer, self, self._forget)
                 self._runs[key] = run
         if refused:  # no thread for it: the coordinator is told at once
+            self.numbering.close(key)  # what else it sends, on any lane, is dropped
             end = pb.ExchangeEnd(
                 code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
                 message=f"this node already runs {MAX_SESSION_CYCLES} cycles on this session, "
                 "the most it runs at once (MAX_SESSION_CYCLES)",
             )
             self.control(pb.OpenSessionRequest(exchange_id=key, end=end))
-        return run
 
     def _forget(self, key: int) -> None:
         with self._lock:
@@ -468,7 +583,9 @@ class _CycleRun:
         )
         try:
             for reply in replies:
-                self._send(pb.OpenSessionRequest(exchange_id=self.exchange_id, cycle=reply))
+                message = pb.OpenSessionRequest(exchange_id=self.exchange_id)
+                message.cycle.CopyFrom(reply)  # not cycle=reply: see SessionCall._send_requests
+                self._send(message)
         except _Aborted as aborted:
             code, details = aborted.code, aborted.details
         except OutboxClosed:

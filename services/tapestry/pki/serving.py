@@ -17,6 +17,7 @@ import grpc
 
 from tapestry.config import TlsConfig
 from tapestry.errors import UserError
+from tapestry.limits import MAX_CALLS_PER_NODE
 from tapestry.pki.access import AccessPolicy, PeerRole, PlaintextWarning, RevocationList
 from tapestry.pki.call_limits import CallLimits
 from tapestry.pki.credentials import (
@@ -53,10 +54,12 @@ def server_security(
     rules: Mapping[str, Collection[PeerRole]],
     rounds: Collection[str],
     what: str,
+    calls_per_node: int = MAX_CALLS_PER_NODE,
 ) -> ServerSecurity:
     """``identity`` is the ``(role, name)`` this server's certificate must name; ``rules``
     the roles each method admits (see :class:`AccessPolicy`); ``rounds`` the methods that
-    log a warning on every call when serving plaintext; ``what`` names the server."""
+    log a warning on every call when serving plaintext; ``what`` names the server;
+    ``calls_per_node`` how many calls a node may hold at once (:class:`CallLimits`)."""
     if tls is not None and insecure:
         raise UserError(
             f"{what}: the configuration has a [tls] section and --insecure was given; remove "
@@ -84,7 +87,10 @@ def server_security(
     return ServerSecurity(
         credentials=load_server_credentials(tls.cert, tls.key, tls.ca),
         # Who may call, then how many calls each member may hold open at once.
-        interceptors=(AccessPolicy(consortium, rules, revocations), CallLimits()),
+        interceptors=(
+            AccessPolicy(consortium, rules, revocations),
+            CallLimits(per_node=calls_per_node),
+        ),
         channel_credentials=load_channel_credentials(tls.cert, tls.key, tls.ca),
         revocations=revocations,
         server_check=(

@@ -5,6 +5,13 @@ last chunk that arrived instead of from byte zero, and the receiver takes each m
 exactly once, in order: a resumed state is bit-identical to an uninterrupted one (its
 trailer's digest checks that, as for any state).
 
+A session may hold several connections ("lanes", ``[link] streams``): message ``seq`` of an
+exchange travels on lane ``(seq - 1) % lanes``, and each lane's reader hands its message on
+only in its turn (when every earlier one of the exchange was handed on). Each lane keeps its
+order, so a lane's next message is at most ``lanes`` ahead of the exchange's next one: a
+receiver holds no reordering buffer, one message per lane at most, and a lane that runs
+ahead waits in gRPC's flow control.
+
 Both ends of a member's session keep one :class:`Numbering` per peer, outliving its
 sessions. A sender keeps at most ``retain_bytes`` of unacknowledged messages per exchange
 and waits past that: what a resumable transfer costs in memory, on top of the flow-control
@@ -18,7 +25,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -28,6 +35,9 @@ from tapestry.wire.outbox import Outbox, OutboxClosed
 # an acknowledgement still waiting to be sent is replaced by the next (Outbox.ack), so a
 # busy link carries fewer of them.
 ACK_EVERY = 2
+# Exchanges the peer opened that this side closed, remembered so that their late messages on
+# other lanes are dropped instead of awaited (a session runs one cycle per round).
+REMEMBERED_CLOSED = 1024
 # Whatever a sender's share of the budget, it may keep at least this much unacknowledged:
 # four of the largest chunks (MAX_CHUNK_BYTES = 4 MiB), twice what two messages between
 # acknowledgements can hold, so a sender never waits on every acknowledgement.
@@ -56,6 +66,7 @@ class _Sending(Generic[Message]):
     kept_bytes: int = 0
     received: int = 0  # the peer's messages of this exchange taken, in order
     unacked: int = 0  # of those, taken since our last acknowledgement
+    handing: int = 0  # the peer's message being handed on now (its seq), 0: none
 
 
 class Numbering(Generic[Message]):
@@ -67,32 +78,54 @@ class Numbering(Generic[Message]):
         ack: Callable[[int, int], Message],
         retain_bytes: int,
         message_bytes: int | None = None,
+        *,
+        peer_opens: bool = False,
     ) -> None:
         """``message_bytes``, when given, is what each kept message counts for (the sender's
         chunk size, an upper bound: protobuf sizes a message by encoding it, which costs
-        about as much as the copy it would bound); without, each is sized exactly."""
+        about as much as the copy it would bound); without, each is sized exactly.
+        ``peer_opens``: the peer opens exchanges (a node's cycles), so a message of one not
+        open yet may be ahead of its opening on another lane."""
         self._make_ack = ack
         self.retain_bytes = max(retain_bytes, MIN_RETAIN_BYTES)
         self._message_bytes = message_bytes
+        self._peer_opens = peer_opens
         self._cond = threading.Condition()
         self._exchanges: dict[int, _Sending[Message]] = {}
-        self._outbox: Outbox[Message] | None = None
+        self._closed: deque[int] = deque(maxlen=REMEMBERED_CLOSED)
+        self._outboxes: Sequence[Outbox[Message]] | None = None
 
     # -- exchanges ---------------------------------------------------------------------------
 
     def open(self, exchange_id: int) -> None:
         with self._cond:
             self._exchanges.setdefault(exchange_id, _Sending())
+            with contextlib.suppress(ValueError):  # an id used again after a restart
+                self._closed.remove(exchange_id)
+            self._cond.notify_all()  # a message of it may wait on another lane
 
     def close(self, exchange_id: int) -> None:
-        """Forget the exchange: its kept messages are let go."""
+        """Forget the exchange: its kept messages are let go, its late ones dropped."""
         with self._cond:
             self._exchanges.pop(exchange_id, None)
+            self._closed.append(exchange_id)
             self._cond.notify_all()
 
     def __contains__(self, exchange_id: int) -> bool:
         with self._cond:
             return exchange_id in self._exchanges
+
+    def untouched(self, exchange_id: int) -> bool:
+        """Whether the peer shows no sign of the exchange: nothing of it received from the
+        peer, and the peer acknowledged none of ours (all are kept, from the first). A peer
+        that does not hold such an exchange never began it, and it can start again."""
+        with self._cond:
+            sending = self._exchanges.get(exchange_id)
+            return (
+                sending is not None
+                and sending.received == 0
+                and (not sending.kept or sending.kept[0][0].seq == 1)
+            )
 
     def states(self) -> list[tuple[int, int]]:
         """``(exchange, messages received)`` of every open exchange: what a reconnection
@@ -132,11 +165,10 @@ class Numbering(Generic[Message]):
             sending.next_seq += 1
             sending.kept.append((message, size))
             sending.kept_bytes += size
-            outbox = self._outbox
-            # Queued in number order: the exchange's lock is held until it is on the outbox.
-            if outbox is not None:
+            # Queued in number order: the exchange's lock is held until it is on its lane.
+            if self._outboxes is not None:
                 with contextlib.suppress(OutboxClosed):  # sent again on the next session
-                    outbox.numbered(message)
+                    _lane_of(message, self._outboxes).numbered(message)
 
     def acknowledged(self, exchange_id: int, count: int) -> None:
         """The peer took our messages of ``exchange_id`` up to ``count``: let them go."""
@@ -165,47 +197,84 @@ class Numbering(Generic[Message]):
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def take(self, message: NumberedMessage, *, ack_now: bool = False) -> bool:
-        """Whether ``message`` (numbered, of an open exchange) is the next one to hand on:
-        ``False`` for one already taken (sent again after a reconnection); a gap raises
+    def take(
+        self,
+        message: NumberedMessage,
+        hand_on: Callable[[], None],
+        *,
+        lane: int = 0,
+        lanes: int = 1,
+        ack_now: bool = False,
+        gone: threading.Event | None = None,
+    ) -> bool:
+        """Hand ``message`` (numbered, arrived on ``lane`` of ``lanes``) on in its turn:
+        waits until every earlier message of its exchange was handed on, then calls
+        ``hand_on`` (one at a time per exchange). ``False``, without calling it, for a
+        message already taken (sent again after a reconnection), of an exchange closed or
+        unknown, or once ``gone`` (the session of ``lane`` ended: it is sent again on the
+        next). A message on the wrong lane, or further ahead than its lane allows, raises
         :class:`OutOfOrder`. Every :data:`ACK_EVERY` taken (or at once, ``ack_now``: an
         exchange's last message), an acknowledgement is queued."""
+        key, seq = message.exchange_id, message.seq
+        with self._cond:
+            while True:
+                sending = self._exchanges.get(key)
+                if sending is None and not self._awaits_opening(key, seq, lanes):
+                    return False
+                if sending is not None:
+                    if seq <= sending.received:
+                        return False
+                    if (seq - 1) % lanes != lane or seq > sending.received + lanes:
+                        raise OutOfOrder(
+                            f"message {seq} of exchange {key} on lane {lane} of {lanes}, "
+                            f"after {sending.received}"
+                        )
+                    if seq == sending.received + 1 and not sending.handing:
+                        sending.handing = seq
+                        break
+                if gone is not None and gone.is_set():
+                    return False
+                self._cond.wait(0.5)
+        try:
+            hand_on()
+        finally:
+            self._taken(sending, key, ack_now)
+        return True
+
+    def _awaits_opening(self, key: int, seq: int, lanes: int) -> bool:
+        """Whether a message of exchange ``key``, not open, waits for its opening: one the
+        peer opens, not closed here, whose first message may still be on another lane."""
+        return self._peer_opens and 1 < seq <= lanes and key not in self._closed
+
+    def _taken(self, sending: _Sending[Message], key: int, ack_now: bool) -> None:
         ack = None
         with self._cond:
-            sending = self._exchanges.get(message.exchange_id)
-            if sending is None:
-                return False
-            if message.seq <= sending.received:
-                return False
-            if message.seq != sending.received + 1:
-                raise OutOfOrder(
-                    f"message {message.seq} of exchange {message.exchange_id} after "
-                    f"{sending.received}"
-                )
-            sending.received += 1
+            sending.received, sending.handing = sending.handing, 0
             sending.unacked += 1
-            if (ack_now or sending.unacked >= ACK_EVERY) and self._outbox is not None:
+            outboxes = self._outboxes
+            if (ack_now or sending.unacked >= ACK_EVERY) and outboxes is not None:
                 sending.unacked = 0
-                ack = self._make_ack(message.exchange_id, sending.received)
-                outbox = self._outbox
-        if ack is not None:
-            outbox.ack(message.exchange_id, ack)
-        return True
+                ack = self._make_ack(key, sending.received)
+            self._cond.notify_all()
+        if ack is not None and outboxes is not None:
+            outboxes[0].ack(key, ack)
 
     # -- sessions ----------------------------------------------------------------------------
 
-    def attach(self, outbox: Outbox[Message], peer: Iterable[tuple[int, int]]) -> None:
-        """A new session: every kept message the peer has not received (``peer``: its
-        ``(exchange, received)``; an exchange it does not list has received none) is queued
-        again, in order, ahead of anything sent after."""
+    def attach(self, outboxes: Sequence[Outbox[Message]], peer: Iterable[tuple[int, int]]) -> None:
+        """A new session, its lanes' ``outboxes`` (the first also carries acknowledgements):
+        every kept message the peer has not received (``peer``: its ``(exchange,
+        received)``; an exchange it does not list has received none) is queued again, in
+        order, on its lane, ahead of anything sent after."""
         received = dict(peer)
         with self._cond:
-            self._outbox = outbox
+            self._outboxes = outboxes
+            self._closed.clear()  # a new session carries nothing of theirs
             for exchange_id, sending in self._exchanges.items():
                 self._drop_acknowledged(sending, received.get(exchange_id, 0))
                 with contextlib.suppress(OutboxClosed):  # that session is already over
                     for message, _ in sending.kept:
-                        outbox.numbered(message)
+                        _lane_of(message, outboxes).numbered(message)
 
     @staticmethod
     def _drop_acknowledged(sending: _Sending[Message], count: int) -> None:
@@ -213,8 +282,13 @@ class Numbering(Generic[Message]):
             sending.kept_bytes -= sending.kept.popleft()[1]
 
     def detach(self, outbox: Outbox[Message]) -> None:
-        """The session of ``outbox`` ended: send nothing more until the next attaches."""
+        """The session whose first lane is ``outbox`` ended: send nothing more until the
+        next attaches."""
         with self._cond:
-            if self._outbox is outbox:
-                self._outbox = None
+            if self._outboxes is not None and self._outboxes[0] is outbox:
+                self._outboxes = None
             self._cond.notify_all()
+
+
+def _lane_of(message: NumberedMessage, outboxes: Sequence[Outbox[Message]]) -> Outbox[Message]:
+    return outboxes[(message.seq - 1) % len(outboxes)]

@@ -20,11 +20,14 @@ from tapestry.config import LinkConfig
 from tapestry.limits import MIN_WINDOW_BYTES
 
 
-def window_bytes(link: LinkConfig, streams: int = 1) -> int:
-    """The window of each of ``streams`` streams a process receives at once over ``link``."""
-    bdp = link.bandwidth_mbit * 1e6 / 8 * link.rtt_ms / 1e3
+def window_bytes(link: LinkConfig, sessions: int = 1) -> int:
+    """The window of each stream a process receives over ``link`` from ``sessions``
+    sessions at once, each spread over the link's ``streams`` connections (lanes): a lane
+    carries its share of the link, so needs its share of the bandwidth-delay product."""
+    lanes = max(1, link.streams)
+    bdp = link.bandwidth_mbit * 1e6 / 8 * link.rtt_ms / 1e3 / lanes
     wanted = 1 << max(0, int(2 * bdp - 1).bit_length())  # 2·BDP, a power of two
-    share = (link.window_budget_mib << 20) // max(1, streams)
+    share = (link.window_budget_mib << 20) // (max(1, sessions) * lanes)
     return max(MIN_WINDOW_BYTES, min(wanted, share))
 
 
