@@ -344,6 +344,21 @@ def test_a_session_cut_mid_round_resumes_and_the_base_holds(slow: Slow, phase: s
     # stopped, whatever the phase, and it contributed (tapestry.wire.numbering).
     assert sorted(result.accepted_nodes) == sorted([*OTHERS, CUT]), result
     assert _resumes(consortium) == resumed + 1
+    # The round's progress showed the cut state's bytes, rate and the resume, to the end.
+    moving = {
+        "mid-base": PHASE.CYCLE_PHASE_SENDING_BASE,
+        "mid-delta": PHASE.CYCLE_PHASE_SENDING_DELTA,
+    }
+    if phase in moving:
+        reports = [
+            e.progress
+            for e in watched.events
+            if stage(CUT, STAGE.ROUND_STAGE_NODE_PROGRESS)(e) and e.progress.phase == moving[phase]
+        ]
+        last = reports[-1]
+        assert last.state_bytes == last.total_bytes == STATE_BYTES, watched.described()
+        assert last.resumes == 1 and last.bytes_per_s > 0, last
+        assert reports[0].state_bytes == 0 and reports[0].resumes == 0
     if phase == "awaiting-the-delta-decision":  # vietnam's header came only after india's
         contributed = STAGE.ROUND_STAGE_NODE_CONTRIBUTED
         assert watched.index(stage(HOLD, contributed)) > watched.index(stage(CUT, contributed)), (

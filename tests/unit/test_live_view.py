@@ -94,3 +94,50 @@ def test_plain_progress_prints_a_training_line_per_node_every_few_seconds_and_th
     ]
     assert sum(line.startswith("  · vietnam: ") for line in lines) == len(india)
     assert_fits(lines)
+
+
+def transfer(node_id: str, phase: int, done: int, total: int, resumes: int = 0) -> pb.RoundProgress:
+    return node_event(
+        node_id,
+        pb.ROUND_STAGE_NODE_PROGRESS,
+        phase=phase,
+        state_bytes=done,
+        total_bytes=total,
+        bytes_per_s=45.2e6,
+        resumes=resumes,
+    )
+
+
+def test_a_streaming_state_shows_its_bytes_rate_and_resumes_with_its_bar() -> None:
+    view = RoundView(nodes=["vietnam", "india"], clock=lambda: 0.0)
+    mib = 1 << 20
+    view.update(transfer("vietnam", pb.CYCLE_PHASE_SENDING_BASE, 12 * mib, 95 * mib))
+    view.update(transfer("india", pb.CYCLE_PHASE_SENDING_DELTA, 48 * mib, 95 * mib, resumes=2))
+    assert (view.rows["vietnam"].moved, view.rows["vietnam"].total_bytes) == (12 * mib, 95 * mib)
+    lines = rendered(view)
+    rows = {line.split()[0]: line for line in lines[1:] if line.strip()}
+    assert "sending base" in rows["vietnam"]
+    assert "12M/95M" in rows["vietnam"] and "45 MB/s" in rows["vietnam"]
+    assert "sending delta" in rows["india"]
+    assert "48M/95M" in rows["india"] and "45 MB/s 2 resumed" in rows["india"]
+    assert_fits(lines)
+
+
+def test_plain_progress_prints_a_transfers_first_and_last_lines_and_few_between() -> None:
+    out = Console(file=io.StringIO(), width=report.WIDTH)
+    clock = Clock()
+    follow = PlainProgress(out, interval_s=5.0, clock=clock)
+    total = 100 << 20
+    for tick in range(0, 101):  # a report every 0.5 s, 1 MiB each, resumed once halfway
+        clock.now = tick * 0.5
+        follow(transfer("india", pb.CYCLE_PHASE_SENDING_BASE, tick << 20, total, tick // 50))
+    lines = out.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert lines[0] == "  · india: sending base (0 B of 100.0 MiB, 45.2 MB/s)"
+    assert lines[-1] == "  · india: sending base (100.0 MiB of 100.0 MiB, 45.2 MB/s, 2 resumed)"
+    # The first, one every 5 s (10 to 90 MiB), and the last.
+    assert [line.split("(")[1].split(" of")[0] for line in lines] == [
+        "0 B",
+        *(f"{mib}.0 MiB" for mib in range(10, 100, 10)),
+        "100.0 MiB",
+    ]
+    assert_fits(lines)

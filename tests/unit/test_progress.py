@@ -260,3 +260,72 @@ def test_reporting_raises_what_the_cycle_raised_and_waits_for_it_when_closed() -
     threading.Timer(0.05, release.set).start()
     reports.close()  # the caller went away: the cycle still ends before the node is free
     assert finished.is_set()
+
+
+# -- transfers: a state on its way, as the coordinator reports it --------------------------
+
+
+class _Ticks:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_transfer_meter_reports_bytes_rate_and_resumes_every_interval_and_its_last() -> None:
+    from tapestry.coordinator.transfer_meter import TransferMeter
+
+    reports: list[CycleProgress] = []
+    counted: list[int] = []
+    clock, resumes = _Ticks(), [0]
+    meter = TransferMeter(
+        CyclePhase.SENDING_BASE,
+        10 << 20,
+        reports.append,
+        lambda: resumes[0],
+        counted.append,
+        interval_s=0.5,
+        clock=clock,
+    )
+    for chunk in range(10):
+        clock.now += 0.2
+        if chunk == 5:
+            resumes[0] = 1
+        meter(1 << 20)
+    assert sum(counted) == 10 << 20  # the metric is told every byte
+    assert [r.state_bytes >> 20 for r in reports] == [0, 3, 6, 9, 10]
+    last = reports[-1]
+    assert (last.total_bytes, last.resumes, last.phase) == (10 << 20, 1, CyclePhase.SENDING_BASE)
+    assert last.bytes_per_s == pytest.approx((10 << 20) / 2.0)
+    assert last.describe() == ("sending base: 10485760 of 10485760 bytes at 5.2 MB/s, 1 resumed")
+    assert all(progress_problem(r) is None for r in reports)
+
+
+@pytest.mark.parametrize(
+    ("progress", "why"),
+    [
+        (CycleProgress(CyclePhase.TRAINING, 1, 2, resumes=1), "carries transfer numbers"),
+        (CycleProgress(CyclePhase.BASE_RECEIVED, total_bytes=9), "carries transfer numbers"),
+        (CycleProgress(CyclePhase.SENDING_BASE, state_bytes=10, total_bytes=9), "10 bytes of 9"),
+        (CycleProgress(CyclePhase.SENDING_DELTA, bytes_per_s=math.nan), "bytes_per_s"),
+        (CycleProgress(CyclePhase.SENDING_DELTA, bytes_per_s=-1.0), "bytes_per_s"),
+        (CycleProgress(CyclePhase.SENDING_DELTA, resumes=-1), "resumes"),
+    ],
+)
+def test_transfer_numbers_out_of_place_or_range_are_refused(
+    progress: CycleProgress, why: str
+) -> None:
+    problem = progress_problem(progress)
+    assert problem is not None and why in problem
+
+
+def test_transfer_progress_crosses_the_wire_exactly() -> None:
+    from tapestry.wire import codec
+
+    sent = CycleProgress(
+        CyclePhase.SENDING_DELTA, state_bytes=7, total_bytes=9, bytes_per_s=1.5e6, resumes=3
+    )
+    assert codec.cycle_progress_from_proto(codec.cycle_progress_to_proto(sent)) == sent
+    with pytest.raises(ValueError, match="progress phase"):  # a node may not report it
+        codec.cycle_progress_from_proto(codec.cycle_progress_to_proto(sent), codec.NODE_PHASES)

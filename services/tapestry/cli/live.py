@@ -48,6 +48,8 @@ class _Row:
     total_steps: int = 0
     loss: float | None = None
     note: str = ""
+    moved: int = 0  # bytes of the state streaming now (sending base, sending delta)
+    total_bytes: int = 0
 
 
 _DELTA_PHASES = (pb.CYCLE_PHASE_SENDING_DELTA, pb.CYCLE_PHASE_DELTA_RECEIVED)
@@ -87,7 +89,12 @@ class RoundView:
             if progress.phase == pb.CYCLE_PHASE_TRAINING:
                 row.step, row.total_steps = progress.step, progress.total_steps
                 row.loss = progress.loss if progress.HasField("loss") else row.loss
+            elif progress.phase in report.TRANSFER_PHASES:
+                row.moved, row.total_bytes = progress.state_bytes, progress.total_bytes
+                resumed = f" {progress.resumes} resumed" if progress.resumes else ""
+                row.note = f"{progress.bytes_per_s / 1e6:.0f} MB/s{resumed}"
             elif progress.phase == pb.CYCLE_PHASE_DELTA_RECEIVED:
+                row.moved = row.total_bytes = 0
                 row.note = report.size(progress.state_bytes)
         elif event.stage in _NODE_STAGES:
             row.phase = _NODE_STAGES[event.stage]
@@ -128,19 +135,37 @@ class RoundView:
             completed = row.step if row.total_steps else 0
             if row.phase in ("sending delta", "delta received", "contributed"):
                 total, completed = 1, 1
+            if row.phase in ("sending base", "sending delta") and row.total_bytes:
+                total, completed = row.total_bytes, row.moved
             table.add_row(
                 Text(node_id, overflow="ellipsis"),
                 Text(row.phase, style="red" if row.phase == "failed" else ""),
                 ProgressBar(total=total, completed=completed, width=_BAR_WIDTH)
                 if row.phase not in ("waiting", "failed")
                 else Text(""),
-                Text(f"{row.step}/{row.total_steps}" if row.total_steps else "-"),
+                Text(_count(row)),
                 Text(f"{row.loss:.4f}" if row.loss is not None else "-"),
                 Text(row.note),  # a peer's text: plain, never markup
             )
         if not self.closing:
             return table
         return Group(table, Text(f"  {self.closing}"))
+
+
+def _count(row: _Row) -> str:
+    """The step column: training steps, or a streaming state's bytes (``12M/95M``)."""
+    if row.phase in ("sending base", "sending delta") and row.total_bytes:
+        return f"{_short(row.moved)}/{_short(row.total_bytes)}"
+    return f"{row.step}/{row.total_steps}" if row.total_steps else "-"
+
+
+def _short(nbytes: int) -> str:
+    """Bytes in at most four characters: 512, 64K, 95M, 1.5G."""
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return str(nbytes)
 
 
 class PlainProgress:
@@ -157,8 +182,28 @@ class PlainProgress:
         self._interval_s = interval_s
         self._clock = clock
         self._throttles: dict[str, ProgressThrottle] = {}
+        self._transfers: dict[str, float] = {}  # when each node's last transfer line printed
+
+    def _transfer_held(self, event: pb.RoundProgress) -> bool:
+        """Whether a transfer's report is held back: its first and last are printed, the
+        others at most one a node every ``interval_s``."""
+        progress = event.progress
+        if event.stage != pb.ROUND_STAGE_NODE_PROGRESS or progress.phase not in (
+            report.TRANSFER_PHASES
+        ):
+            return False
+        now = self._clock()
+        first = progress.state_bytes == 0
+        last = bool(progress.total_bytes) and progress.state_bytes >= progress.total_bytes
+        printed = self._transfers.get(event.node_id)
+        if not (first or last) and printed is not None and now - printed < self._interval_s:
+            return True
+        self._transfers[event.node_id] = now
+        return False
 
     def __call__(self, event: pb.RoundProgress) -> None:
+        if self._transfer_held(event):
+            return
         if event.stage == pb.ROUND_STAGE_NODE_PROGRESS and event.HasField("progress"):
             throttle = self._throttles.setdefault(
                 event.node_id, ProgressThrottle(self._interval_s, clock=self._clock)

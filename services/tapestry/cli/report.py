@@ -36,6 +36,7 @@ STAGE_NAMES = {
     pb.ROUND_STAGE_NODE_PROGRESS: "progress",
 }
 PHASE_NAMES = {
+    pb.CYCLE_PHASE_SENDING_BASE: "sending base",
     pb.CYCLE_PHASE_BASE_RECEIVED: "base received",
     pb.CYCLE_PHASE_TRAINING: "training",
     pb.CYCLE_PHASE_SENDING_DELTA: "sending delta",
@@ -64,9 +65,22 @@ def progress_text(progress: pb.CycleProgress) -> str:
     if progress.phase == pb.CYCLE_PHASE_TRAINING:
         loss = f", loss {progress.loss:.4f}" if progress.HasField("loss") else ""
         return f"{name} step {progress.step}/{progress.total_steps}{loss}"
+    if progress.phase in TRANSFER_PHASES:
+        return f"{name} ({transfer_text(progress)})"
     if progress.state_bytes or progress.tensor_count:
         return f"{name} ({progress.tensor_count} tensors, {size(progress.state_bytes)})"
     return name
+
+
+TRANSFER_PHASES = (pb.CYCLE_PHASE_SENDING_BASE, pb.CYCLE_PHASE_SENDING_DELTA)
+
+
+def transfer_text(progress: pb.CycleProgress) -> str:
+    """How far a state's stream has got: ``12.0 MiB of 95.4 MiB, 45.2 MB/s, 1 resumed``."""
+    done = size(progress.state_bytes)
+    of = f" of {size(progress.total_bytes)}" if progress.total_bytes else ""
+    resumed = f", {progress.resumes} resumed" if progress.resumes else ""
+    return f"{done}{of}, {progress.bytes_per_s / 1e6:.1f} MB/s{resumed}"
 
 
 def _table(title: str, *columns: str, fixed: Sequence[str] = ()) -> Table:

@@ -38,10 +38,13 @@ class CycleCall(Protocol):
 
 class NodeLink(Protocol):
     """The two calls the coordinator makes on a node; ``address`` names where the node is,
-    for messages."""
+    for messages; ``resumes`` counts the cycles it resumed after a reconnection so far."""
 
     @property
     def address(self) -> str: ...
+
+    @property
+    def resumes(self) -> int: ...
 
     def describe(self, timeout_s: float) -> pb.DescribeResponse: ...
 
@@ -94,6 +97,10 @@ class DialedLink:
     @property
     def address(self) -> str:
         return self._address
+
+    @property
+    def resumes(self) -> int:
+        return 0  # a call the coordinator opens does not resume: it fails with its connection
 
     def describe(self, timeout_s: float) -> pb.DescribeResponse:
         reply: pb.DescribeResponse = self._stub.Describe(pb.DescribeRequest(), timeout=timeout_s)

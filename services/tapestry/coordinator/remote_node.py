@@ -18,6 +18,7 @@ import torch
 from tapestry.allocator import release_free_memory
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.node_links import CycleCall, DialedLink, NodeLink
+from tapestry.coordinator.transfer_meter import TransferMeter
 from tapestry.errors import WireError, quoted
 from tapestry.limits import MAX_PEER_NAME_CHARS, MAX_PROGRESS_MESSAGE_BYTES, MAX_PROGRESS_MESSAGES
 from tapestry.pki.layout import node_server_name
@@ -269,7 +270,9 @@ class RemoteSovereignNode:
                     lambda t: pb.RunSovereignCycleRequest(base_end=t),
                     sha256=digest,
                     chunk_bytes=self.chunk_bytes,
-                    on_bytes=self._count_sent,
+                    on_bytes=self._meter(
+                        CyclePhase.SENDING_BASE, state_nbytes(base_state), on_progress
+                    ),
                 )
             # Held open (on gRPC's sending thread) until the core decides on the delta; a
             # decision that never comes ends the stream, and the node then ends the call.
@@ -313,10 +316,11 @@ class RemoteSovereignNode:
         )
         try:
             _offer(decisions, True)
-            on_progress(CycleProgress(CyclePhase.SENDING_DELTA))
-            delta = receive_state(
-                responses, "delta_chunk", "delta_end", assembler, self._count_received
+            raw = self.delta_encoding is DeltaEncoding.FLOAT32  # else its size is not known
+            meter = self._meter(
+                CyclePhase.SENDING_DELTA, state_nbytes(base_state) if raw else 0, on_progress
             )
+            delta = receive_state(responses, "delta_chunk", "delta_end", assembler, meter)
             # A node may announce the digest in the header; it need not (it then hashes
             # the delta as it streams, one pass fewer), and the trailer's, checked against
             # the bytes received, is the contribution's either way.
@@ -340,6 +344,13 @@ class RemoteSovereignNode:
         finally:
             responses.cancel()  # a grpc call: ends it
             release_free_memory()  # the stream's buffers, before integration allocates
+
+    def _meter(self, phase: CyclePhase, total: int, on_progress: ProgressCallback) -> TransferMeter:
+        """What a state's stream tells its bytes: the metric, and the cycle's progress."""
+        link = self._link
+        resumed = link.resumes
+        count = self._count_sent if phase is CyclePhase.SENDING_BASE else self._count_received
+        return TransferMeter(phase, total, on_progress, lambda: link.resumes - resumed, count)
 
     @staticmethod
     def _decline_delta(responses: CycleCall, decisions: queue.Queue[bool]) -> None:

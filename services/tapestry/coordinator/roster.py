@@ -42,6 +42,10 @@ class Absent:
     def address(self) -> str:
         return self._address
 
+    @property
+    def resumes(self) -> int:
+        return 0
+
     def describe(self, timeout_s: float) -> pb.DescribeResponse:
         raise self._error
 

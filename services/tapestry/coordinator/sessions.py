@@ -106,9 +106,11 @@ class Session:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"lane {lane}: this session has lanes 1 to {self.lanes - 1} to join",
                 )
-            if not secrets.compare_digest(key, self.lane_key):
+            if not secrets.compare_digest(key, self.lane_key):  # ABORTED: not final, as
+                # a lane of the node's previous session, replaced meanwhile, would be told
                 raise LinkError(
-                    grpc.StatusCode.PERMISSION_DENIED, "the lane's key is not its session's"
+                    grpc.StatusCode.ABORTED,
+                    "the lane's key is not its session's (a session replaced since?)",
                 )
             if lane in self._joined:
                 raise LinkError(grpc.StatusCode.ALREADY_EXISTS, f"lane {lane} has joined")

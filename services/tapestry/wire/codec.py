@@ -281,6 +281,7 @@ _STAGES = {
     RoundStage.NODE_PROGRESS: pb.ROUND_STAGE_NODE_PROGRESS,
 }
 _PHASES = {
+    CyclePhase.SENDING_BASE: pb.CYCLE_PHASE_SENDING_BASE,
     CyclePhase.BASE_RECEIVED: pb.CYCLE_PHASE_BASE_RECEIVED,
     CyclePhase.TRAINING: pb.CYCLE_PHASE_TRAINING,
     CyclePhase.SENDING_DELTA: pb.CYCLE_PHASE_SENDING_DELTA,
@@ -298,6 +299,9 @@ def cycle_progress_to_proto(progress: CycleProgress) -> pb.CycleProgress:
         loss=progress.loss,
         state_bytes=progress.state_bytes,
         tensor_count=progress.tensor_count,
+        total_bytes=progress.total_bytes,
+        bytes_per_s=progress.bytes_per_s,
+        resumes=progress.resumes,
     )
 
 
@@ -314,6 +318,9 @@ def cycle_progress_from_proto(
         loss=msg.loss if msg.HasField("loss") else None,
         state_bytes=msg.state_bytes,
         tensor_count=msg.tensor_count,
+        total_bytes=msg.total_bytes,
+        bytes_per_s=msg.bytes_per_s,
+        resumes=msg.resumes,
     )
     problem = progress_problem(progress)
     if problem is not None:

@@ -19,16 +19,23 @@ from enum import StrEnum
 class CyclePhase(StrEnum):
     """Where one node's cycle has got to."""
 
+    SENDING_BASE = "sending_base"  # marked by the coordinator: the base is streaming out
     BASE_RECEIVED = "base_received"  # the node holds the whole base
     TRAINING = "training"  # step of total_steps done; loss is the last step's
     SENDING_DELTA = "sending_delta"  # marked by the coordinator: the delta is streaming in
     DELTA_RECEIVED = "delta_received"  # marked by the coordinator: the delta is in, unchecked
 
 
+TRANSFERS = (CyclePhase.SENDING_BASE, CyclePhase.SENDING_DELTA)
+"""The phases in which a state is on its way: their reports say how far it has got."""
+
+
 @dataclass(frozen=True)
 class CycleProgress:
     """One progress report. ``step``/``total_steps``/``loss`` belong to training;
-    ``state_bytes``/``tensor_count`` to the phases that move a state."""
+    ``state_bytes``/``tensor_count`` to the phases that move a state. While a state streams
+    (:data:`TRANSFERS`), ``state_bytes`` of ``total_bytes`` have crossed so far, at
+    ``bytes_per_s`` on average since it began, after ``resumes`` reconnections."""
 
     phase: CyclePhase
     step: int = 0
@@ -36,6 +43,9 @@ class CycleProgress:
     loss: float | None = None
     state_bytes: int = 0
     tensor_count: int = 0
+    total_bytes: int = 0
+    bytes_per_s: float = 0.0
+    resumes: int = 0
 
     def describe(self) -> str:
         """The report for people, e.g. ``training step 3/12, loss 5.4321``."""
@@ -45,6 +55,12 @@ class CycleProgress:
         words = self.phase.value.replace("_", " ")
         if self.phase in (CyclePhase.BASE_RECEIVED, CyclePhase.DELTA_RECEIVED):
             return f"{words}: {self.tensor_count} tensors, {self.state_bytes} bytes"
+        if self.phase in TRANSFERS and self.total_bytes:
+            resumed = f", {self.resumes} resumed" if self.resumes else ""
+            return (
+                f"{words}: {self.state_bytes} of {self.total_bytes} bytes at "
+                f"{self.bytes_per_s / 1e6:.1f} MB/s{resumed}"
+            )
         return words
 
     @property

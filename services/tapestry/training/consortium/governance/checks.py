@@ -22,7 +22,7 @@ from tapestry.limits import (
     PERPLEXITY_RELATIVE_TOLERANCE,
 )
 from tapestry.training.consortium.messages import HeldOutEvaluation
-from tapestry.training.consortium.progress import CycleProgress
+from tapestry.training.consortium.progress import TRANSFERS, CycleProgress
 
 __all__ = [
     "bounded_text",
@@ -96,6 +96,30 @@ def evaluation_problem(evaluation: object) -> str | None:
     return None
 
 
+def _transfer_problem(progress: CycleProgress) -> str | None:
+    """Why the transfer numbers of ``progress`` are wrong: set outside a transfer, a total
+    beyond MAX_STATE_BYTES or below the bytes so far, a rate that is not a finite number in
+    [0, MAX_STATE_BYTES] bytes/s, resumes outside [0, MAX_TRAINING_STEPS]."""
+    total, rate, resumes = progress.total_bytes, progress.bytes_per_s, progress.resumes
+    if progress.phase not in TRANSFERS:
+        if total or rate or resumes:
+            return f"progress of phase {progress.phase.value!r} carries transfer numbers"
+        return None
+    if isinstance(total, bool) or not isinstance(total, int) or not 0 <= total <= MAX_STATE_BYTES:
+        return f"progress total_bytes must be an integer in [0, {MAX_STATE_BYTES}]"
+    if total and progress.state_bytes > total:
+        return f"progress of {progress.state_bytes} bytes of {total}"
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        return f"progress bytes_per_s is a {type(rate).__name__}, not a number"
+    if not math.isfinite(rate) or not 0 <= rate <= MAX_STATE_BYTES:
+        return f"progress bytes_per_s must be a finite number in [0, {MAX_STATE_BYTES}]"
+    if isinstance(resumes, bool) or not isinstance(resumes, int) or not resumes >= 0:
+        return "progress resumes must be a non-negative integer"
+    if resumes > MAX_TRAINING_STEPS:
+        return f"progress resumes must be at most {MAX_TRAINING_STEPS}"
+    return None
+
+
 def progress_problem(progress: object) -> str | None:
     """Why ``progress`` is not a :class:`CycleProgress` whose numbers are in range: a step
     in ``[0, total_steps]``, ``total_steps`` in ``[1, MAX_TRAINING_STEPS]`` and a finite loss
@@ -112,6 +136,9 @@ def progress_problem(progress: object) -> str | None:
     for name, (value, bound) in numbers.items():
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
             return f"progress {name} must be an integer in [0, {bound}]"
+    problem = _transfer_problem(progress)
+    if problem is not None:
+        return problem
     loss = progress.loss
     if progress.phase != "training":
         if progress.step or progress.total_steps or loss is not None:
