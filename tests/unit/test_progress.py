@@ -329,3 +329,23 @@ def test_transfer_progress_crosses_the_wire_exactly() -> None:
     assert codec.cycle_progress_from_proto(codec.cycle_progress_to_proto(sent)) == sent
     with pytest.raises(ValueError, match="progress phase"):  # a node may not report it
         codec.cycle_progress_from_proto(codec.cycle_progress_to_proto(sent), codec.NODE_PHASES)
+
+
+def test_a_sending_meters_last_report_waits_until_the_peer_holds_the_state() -> None:
+    """What a sender has handed on may still be on its way: its last report, with the
+    resumes since, comes only with finish() (the node saying it holds the base)."""
+    from tapestry.coordinator.transfer_meter import TransferMeter
+
+    reports: list[CycleProgress] = []
+    clock, resumes = _Ticks(), [0]
+    meter = TransferMeter(
+        CyclePhase.SENDING_BASE, 4, reports.append, lambda: resumes[0], sender=True, clock=clock
+    )
+    meter(4)  # all handed on at once
+    assert [r.state_bytes for r in reports] == [0]
+    clock.now += 2.0
+    resumes[0] = 1  # the session dropped and the transfer resumed
+    meter.finish()
+    meter.finish()  # once
+    assert [(r.state_bytes, r.total_bytes, r.resumes) for r in reports] == [(0, 4, 0), (4, 4, 1)]
+    assert reports[-1].bytes_per_s == pytest.approx(2.0)

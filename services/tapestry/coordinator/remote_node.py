@@ -252,6 +252,11 @@ class RemoteSovereignNode:
         # it hashes what it holds before training from it.
         held = digest == self.held_base_sha256
         decisions: queue.Queue[bool] = queue.Queue(maxsize=1)
+        base_meter = (
+            None
+            if held
+            else self._meter(CyclePhase.SENDING_BASE, state_nbytes(base_state), on_progress)
+        )
 
         def requests() -> Iterator[pb.RunSovereignCycleRequest]:
             yield pb.RunSovereignCycleRequest(
@@ -270,9 +275,7 @@ class RemoteSovereignNode:
                     lambda t: pb.RunSovereignCycleRequest(base_end=t),
                     sha256=digest,
                     chunk_bytes=self.chunk_bytes,
-                    on_bytes=self._meter(
-                        CyclePhase.SENDING_BASE, state_nbytes(base_state), on_progress
-                    ),
+                    on_bytes=base_meter,
                 )
             # Held open (on gRPC's sending thread) until the core decides on the delta; a
             # decision that never comes ends the stream, and the node then ends the call.
@@ -284,7 +287,9 @@ class RemoteSovereignNode:
 
         responses = self._link.cycle(requests(), self.timeout_s)
         try:
-            header = _result_after_progress(responses, on_progress)
+            header = _result_after_progress(responses, _settling(base_meter, on_progress))
+            if base_meter is not None:
+                base_meter.finish()  # a node that reported nothing before its result
             specs = {name: (t.dtype, tuple(t.shape)) for name, t in base_state.items()}
             deferred = DeferredState(
                 specs,
@@ -349,8 +354,11 @@ class RemoteSovereignNode:
         """What a state's stream tells its bytes: the metric, and the cycle's progress."""
         link = self._link
         resumed = link.resumes
-        count = self._count_sent if phase is CyclePhase.SENDING_BASE else self._count_received
-        return TransferMeter(phase, total, on_progress, lambda: link.resumes - resumed, count)
+        sending = phase is CyclePhase.SENDING_BASE
+        count = self._count_sent if sending else self._count_received
+        return TransferMeter(
+            phase, total, on_progress, lambda: link.resumes - resumed, count, sender=sending
+        )
 
     @staticmethod
     def _decline_delta(responses: CycleCall, decisions: queue.Queue[bool]) -> None:
@@ -378,6 +386,18 @@ class RemoteSovereignNode:
         if isinstance(assembler, SpillingAssembler):
             assembler.close()
             assembler.path.unlink(missing_ok=True)
+
+
+def _settling(meter: TransferMeter | None, on_progress: ProgressCallback) -> ProgressCallback:
+    """``on_progress``, with the base's last transfer report (``meter``'s, if it was sent)
+    just before the node's first report: it holds the base once it reports anything."""
+
+    def report(progress: CycleProgress) -> None:
+        if meter is not None:
+            meter.finish()
+        on_progress(progress)
+
+    return report
 
 
 def _offer(decisions: queue.Queue[bool], send: bool) -> None:

@@ -21,7 +21,12 @@ class TransferMeter:
     """A :data:`~tapestry.wire.tensor_stream.ByteCount` for one state's stream: told each
     chunk's bytes (and passing them on to ``count``, a metric), it reports ``phase``
     progress to ``on_progress``; ``total`` is 0 where the size is not known ahead (an
-    encoded delta), ``resumes()`` the cycle's resumes so far."""
+    encoded delta), ``resumes()`` the cycle's resumes so far.
+
+    A receiver counts what arrived, and its last report comes with the last byte. A sender
+    counts what it handed on, which may still be on its way (up to the flow-control window
+    and what a session keeps to send again): with ``sender`` its last report waits for
+    :meth:`finish`, when the peer says it has everything."""
 
     def __init__(
         self,
@@ -31,6 +36,7 @@ class TransferMeter:
         resumes: Callable[[], int],
         count: ByteCount | None = None,
         *,
+        sender: bool = False,
         interval_s: float = DEFAULT_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -39,6 +45,8 @@ class TransferMeter:
         self._on_progress = on_progress
         self._resumes = resumes
         self._count = count
+        self._sender = sender
+        self._finished = False
         self._interval_s = interval_s
         self._clock = clock
         self._began = self._reported = clock()
@@ -49,9 +57,21 @@ class TransferMeter:
         if self._count is not None:
             self._count(nbytes)
         self.done += nbytes
-        finished = self._total and self.done >= self._total
-        if finished or self._clock() - self._reported >= self._interval_s:
+        if self._finished:
+            return
+        if self._total and self.done >= self._total:
+            if not self._sender:
+                self.finish()
+        elif self._clock() - self._reported >= self._interval_s:
             self._report()
+
+    def finish(self) -> None:
+        """The state is all there: its last report (once), everything counted."""
+        if self._finished:
+            return
+        self._finished = True
+        self.done = max(self.done, self._total)
+        self._report()
 
     def _report(self) -> None:
         now = self._clock()
