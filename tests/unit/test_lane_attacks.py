@@ -152,6 +152,30 @@ def test_a_replaced_or_ended_sessions_key_joins_nothing() -> None:
     assert (code, why) == (grpc.StatusCode.UNAVAILABLE, "node 'vietnam' holds no session to join")
 
 
+def test_sessions_opened_or_refused_in_a_loop_hold_no_thread_for_their_lanes() -> None:
+    """Each session waits LANES_OPEN_S (10 s) for its lanes: a member that dials again and
+    again, or a second certificate refused each time, must not leave a waiting thread per
+    try."""
+    members = Members([("vietnam", "Vietnam")], lanes=3)
+    members.join(_opened(serial=7))
+    threads = threading.active_count()
+    for _ in range(200):
+        members.join(_opened(serial=7))
+    for _ in range(200):
+        with pytest.raises(SessionRefused):
+            members.join(_opened(serial=8))
+    assert _eventually(lambda: threading.active_count() <= threads)
+
+
+def test_a_session_whose_lanes_all_joined_waits_on_no_thread_and_ends_with_one() -> None:
+    threads = threading.active_count()
+    members, session = _laned(MAX_LINK_STREAMS)
+    _join_all(members, session)
+    assert _eventually(lambda: threading.active_count() <= threads)
+    session.end(CUT)  # the hang-ups of its eight calls: one timer, not eight
+    assert threading.active_count() <= threads + 1
+
+
 def test_every_call_of_a_session_that_ends_is_hung_up_its_lanes_included(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
