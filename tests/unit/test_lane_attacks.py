@@ -362,6 +362,37 @@ def test_one_number_racing_on_an_old_and_a_new_sessions_lane_is_handed_on_once()
 # -- acknowledgements: what a member says it received --------------------------------------
 
 
+@pytest.mark.parametrize("took", ["acknowledged-all", "answered"])
+def test_a_cycle_the_node_took_is_not_started_again_when_it_comes_back_without_it(
+    took: str,
+) -> None:
+    """The node took the whole cycle (acknowledged every message), or answered it, then came
+    back without it (it restarted): the round hears so at once, instead of waiting out its
+    deadline for a cycle that nothing will send again."""
+    members = Members([("vietnam", "Vietnam")])
+    old = members.join(_opened(serial=7))[0]
+    link = members.link("vietnam")
+    call = link.cycle(iter([START]), 30.0)
+    sent = Sent(old.outbox)
+    first, end = sent.take(), sent.take()
+    assert (first.seq, end.seq) == (1, 2)
+    key = first.exchange_id
+    if took == "acknowledged-all":
+        link.receive(Request(exchange_id=key, ack=2), old)
+    else:
+        link.receive(_reply(key, 1), old)
+        assert next(call) == _reply(key, 1).cycle
+    old.end(CUT)
+    members.leave(old)
+
+    assert members.join(_opened(serial=7))[1] == []
+
+    with pytest.raises(LinkError) as caught:
+        _in_thread(lambda: next(call)).result(5)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details() == "the node no longer holds the cycle (it restarted?)"
+
+
 def test_a_node_dialing_again_and_again_without_a_cycle_it_never_took_gets_it_once_a_session() -> (
     None
 ):

@@ -117,14 +117,15 @@ class Numbering(Generic[Message]):
 
     def untouched(self, exchange_id: int) -> bool:
         """Whether the peer shows no sign of the exchange: nothing of it received from the
-        peer, and the peer acknowledged none of ours (all are kept, from the first). A peer
-        that does not hold such an exchange never began it, and it can start again."""
+        peer, and the peer acknowledged none of ours (none sent yet, or all kept from the
+        first). A peer that does not hold such an exchange never began it, and it can start
+        again; one that acknowledged every message sent (nothing kept) took it all."""
         with self._cond:
             sending = self._exchanges.get(exchange_id)
             return (
                 sending is not None
                 and sending.received == 0
-                and (not sending.kept or sending.kept[0][0].seq == 1)
+                and (sending.next_seq == 1 or (bool(sending.kept) and sending.kept[0][0].seq == 1))
             )
 
     def states(self) -> list[tuple[int, int]]:
