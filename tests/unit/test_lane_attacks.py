@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -22,6 +23,7 @@ from tapestry.coordinator.sessions import MemberLink, Session
 from tapestry.errors import WireError
 from tapestry.limits import LANE_KEY_BYTES, MAX_LINK_STREAMS
 from tapestry.node.dial_out import SessionClosedForGood, _Cycles, _lane_count
+from tapestry.wire.numbering import MIN_RETAIN_BYTES, Numbering
 from tapestry.wire.outbox import Outbox
 
 from .test_session_units import (
@@ -362,6 +364,48 @@ def test_one_number_racing_on_an_old_and_a_new_sessions_lane_is_handed_on_once()
 # -- acknowledgements: what a member says it received --------------------------------------
 
 
+def test_a_member_acknowledging_what_it_never_read_cannot_make_the_coordinator_queue_it() -> None:
+    """The node reads none of its lanes but acknowledges, again and again, every message the
+    coordinator has numbered: were that taken, the coordinator would let them go and number
+    more, queueing the whole base for connections that take nothing."""
+    members = Members([("vietnam", "Vietnam")], lanes=2, retain_bytes=MIN_RETAIN_BYTES)
+    session = members.join(_opened(serial=7))[0]
+    _join_all(members, session)
+    link = members.link("vietnam")
+    pulled: list[int] = []
+    chunk = pb.RunSovereignCycleRequest(base_chunk=pb.TensorChunk(data=b"x" * (1 << 20)))
+
+    def base() -> Iterator[pb.RunSovereignCycleRequest]:
+        yield START
+        for index in range(64):
+            pulled.append(index)
+            yield chunk
+
+    link.cycle(base(), 30.0)
+    for _ in range(50):
+        link.receive(Request(exchange_id=1, ack=len(pulled) + 1), session, 0)
+        link.receive(Request(exchange_id=1, ack=2**63), session, 1)
+        time.sleep(0.01)
+    assert len(pulled) <= MIN_RETAIN_BYTES // (1 << 20) + 2
+    # What it lied about is still there, sent in order once it reads.
+    lanes = [Sent(outbox) for outbox in session.outboxes]
+    assert [lanes[(seq - 1) % 2].take().seq for seq in range(1, 6)] == [1, 2, 3, 4, 5]
+    assert session.ended is None
+
+
+def test_an_acknowledgement_beyond_what_left_lets_go_of_nothing_that_did_not() -> None:
+    members, session, link, _, key = _cycle_on(2)  # message 1 was read, 2 waits on lane 1
+    link.receive(Request(exchange_id=key, ack=2**63), session, 1)
+    session.end(CUT)
+    members.leave(session)
+    new, resumed = members.join(_opened(serial=7), [(key, 0)])
+    assert resumed == [(key, 0)]
+    again = [Sent(outbox) for outbox in new.outboxes]
+    message = again[1].take()
+    assert (message.seq, message.WhichOneof("item")) == (2, "end")  # 1 went, 2 kept
+    assert again[0].empty_after(0.1)
+
+
 @pytest.mark.parametrize("took", ["acknowledged-all", "answered"])
 def test_a_cycle_the_node_took_is_not_started_again_when_it_comes_back_without_it(
     took: str,
@@ -497,3 +541,51 @@ def test_a_coordinators_message_on_the_wrong_lane_or_unnumbered_on_a_lane_ends_t
         assert servicer.described == 0
     finally:
         servicer.release.set()
+
+
+def test_a_coordinator_acknowledging_replies_never_sent_lets_go_of_none() -> None:
+    """The node's reply and its end wait on lanes the coordinator does not read; its
+    acknowledgement of a thousand frees neither: both go again on the next session, and
+    the cycle's thread ends once they are acknowledged for real."""
+    cycles, first, servicer = _node(2)
+    threads = threading.active_count()
+    cycles.receive(Response(exchange_id=1, seq=1, cycle=START), 0)
+    servicer.release.set()  # the cycle replies, then ends: messages 1 and 2
+    time.sleep(0.2)
+    cycles.receive(Response(exchange_id=1, ack=1_000), 1)
+    cycles.detach(first[0])
+    second: list[Outbox[Request]] = [Outbox(), Outbox()]
+    cycles.attach(second, pb.SessionWelcome(lanes=2, exchanges=[pb.ExchangeState(exchange_id=1)]))
+    lanes = [Sent(outbox) for outbox in second]
+    reply, end = lanes[0].take(), lanes[1].take()
+    assert (reply.seq, reply.WhichOneof("item"), end.seq, end.WhichOneof("item")) == (
+        1,
+        "cycle",
+        2,
+        "end",
+    )
+    cycles.receive(Response(exchange_id=1, ack=2), 0)
+    assert _eventually(lambda: threading.active_count() <= threads)
+
+
+def test_numbering_lets_go_of_what_left_and_nothing_beyond() -> None:
+    """What the receiving ends rest on: an acknowledgement frees messages up to the last
+    taken off a lane (even on an earlier session), and none still queued."""
+    sender: Numbering[Request] = Numbering(
+        lambda key, count: Request(exchange_id=key, ack=count), MIN_RETAIN_BYTES
+    )
+    first = [Outbox[Request](), Outbox[Request]()]
+    sender.attach(first, [])
+    sender.open(4)
+    for _ in range(4):
+        sender.send(Request(exchange_id=4, cycle=PROGRESS))
+    assert next(first[0].messages()).seq == 1  # the peer read message 1, and no more
+    sender.acknowledged(4, 4)
+    sender.detach(first[0])
+    second = [Outbox[Request](), Outbox[Request]()]
+    sender.attach(second, [])
+    again = [Sent(outbox) for outbox in second]
+    assert [again[0].take().seq, again[1].take().seq, again[1].take().seq] == [3, 2, 4]
+    # Now all left (on this session): acknowledging them frees them.
+    sender.acknowledged(4, 4)
+    assert sender.drained(4, 1.0)
