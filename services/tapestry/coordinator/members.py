@@ -99,7 +99,6 @@ class Members:
         resumes (``held``: the node's, from its SessionOpen; see
         :meth:`MemberLink.attach`); ``hang_up`` cancels its call (:class:`Session`)."""
         member = self._members[opened.node_id]
-        session = Session(opened, hang_up, self._lanes)
         with self._lock:
             older = member.session
             if older is not None and older.ended is None:
@@ -123,6 +122,8 @@ class Members:
                     opened.address,
                     older.opened.address,
                 )
+            # Made once it is admitted: a refused one would still wait for its lanes.
+            session = Session(opened, hang_up, self._lanes)
             member.session = member.last = session
             resumed = member.link.attach(session, held)
         if older is not None:

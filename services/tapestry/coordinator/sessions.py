@@ -82,10 +82,14 @@ class Session:
         self.ended: LinkError | None = None
         self.gone = threading.Event()
         self._lock = threading.Lock()
+        # Let go once every lane joined or the session ended: a member dialing in a loop
+        # must not leave a thread waiting LANES_OPEN_S per session.
+        self._lanes_timer: threading.Timer | None = None
         if lanes > 1:
-            timer = threading.Timer(LANES_OPEN_S, self._lanes_opened)
-            timer.daemon = True
-            timer.start()
+            self._lanes_timer = threading.Timer(LANES_OPEN_S, self._lanes_opened)
+            self._lanes_timer.name = "session-lanes"
+            self._lanes_timer.daemon = True
+            self._lanes_timer.start()
 
     @property
     def outbox(self) -> Outbox[pb.OpenSessionResponse]:
@@ -116,6 +120,8 @@ class Session:
                 raise LinkError(grpc.StatusCode.ALREADY_EXISTS, f"lane {lane} has joined")
             self._joined.add(lane)
             self._hang_ups.append(hang_up)
+            if len(self._joined) == self.lanes and self._lanes_timer is not None:
+                self._lanes_timer.cancel()
 
     def _lanes_opened(self) -> None:
         with self._lock:
@@ -140,13 +146,21 @@ class Session:
                 return
             self.ended = error
             hang_ups = list(self._hang_ups)
+        if self._lanes_timer is not None:
+            self._lanes_timer.cancel()
         self.gone.set()
         for outbox in self.outboxes:
             outbox.close()
-        for hang_up in hang_ups:
-            timer = threading.Timer(SESSION_HANG_UP_S, hang_up)
+        if hang_ups:  # one thread for all the session's calls, whatever its lanes
+            timer = threading.Timer(SESSION_HANG_UP_S, _call_each, (hang_ups,))
+            timer.name = "session-hang-up"
             timer.daemon = True
             timer.start()
+
+
+def _call_each(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
 
 
 class MemberLink:

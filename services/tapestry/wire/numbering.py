@@ -15,8 +15,9 @@ ahead waits in gRPC's flow control.
 Both ends of a member's session keep one :class:`Numbering` per peer, outliving its
 sessions. A sender keeps at most ``retain_bytes`` of unacknowledged messages per exchange
 and waits past that: what a resumable transfer costs in memory, on top of the flow-control
-window it also bounds. A receiver acknowledges every :data:`ACK_EVERY` messages it takes
-off the wire.
+window it also bounds. An acknowledgement frees only what has left for the peer, so that
+budget also bounds what waits on a lane the peer does not read. A receiver acknowledges
+every :data:`ACK_EVERY` messages it takes off the wire.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class _Sending(Generic[Message]):
     received: int = 0  # the peer's messages of this exchange taken, in order
     unacked: int = 0  # of those, taken since our last acknowledgement
     handing: int = 0  # the peer's message being handed on now (its seq), 0: none
+    left: int = 0  # the highest of ours taken off a lane's outbox: the most the peer can have
 
 
 class Numbering(Generic[Message]):
@@ -117,14 +119,15 @@ class Numbering(Generic[Message]):
 
     def untouched(self, exchange_id: int) -> bool:
         """Whether the peer shows no sign of the exchange: nothing of it received from the
-        peer, and the peer acknowledged none of ours (all are kept, from the first). A peer
-        that does not hold such an exchange never began it, and it can start again."""
+        peer, and the peer acknowledged none of ours (none sent yet, or all kept from the
+        first). A peer that does not hold such an exchange never began it, and it can start
+        again; one that acknowledged every message sent (nothing kept) took it all."""
         with self._cond:
             sending = self._exchanges.get(exchange_id)
             return (
                 sending is not None
                 and sending.received == 0
-                and (not sending.kept or sending.kept[0][0].seq == 1)
+                and (sending.next_seq == 1 or (bool(sending.kept) and sending.kept[0][0].seq == 1))
             )
 
     def states(self) -> list[tuple[int, int]]:
@@ -168,16 +171,26 @@ class Numbering(Generic[Message]):
             # Queued in number order: the exchange's lock is held until it is on its lane.
             if self._outboxes is not None:
                 with contextlib.suppress(OutboxClosed):  # sent again on the next session
-                    _lane_of(message, self._outboxes).numbered(message)
+                    _lane_of(message, self._outboxes).numbered(message, self._left)
 
     def acknowledged(self, exchange_id: int, count: int) -> None:
-        """The peer took our messages of ``exchange_id`` up to ``count``: let them go."""
+        """The peer took our messages of ``exchange_id`` up to ``count``: let them go, up to
+        the last that left for it. A peer that acknowledges what it cannot have (still
+        queued for a lane it does not read) frees nothing: what is kept bounds what waits
+        to be sent too."""
         with self._cond:
             sending = self._exchanges.get(exchange_id)
             if sending is None:
                 return
-            self._drop_acknowledged(sending, count)
+            self._drop_acknowledged(sending, min(count, sending.left))
             self._cond.notify_all()
+
+    def _left(self, message: Message) -> None:
+        """``message`` is handed to the wire: the peer may acknowledge it from now on."""
+        with self._cond:
+            sending = self._exchanges.get(message.exchange_id)
+            if sending is not None and message.seq > sending.left:
+                sending.left = message.seq
 
     def drained(
         self, exchange_id: int, timeout_s: float, gone: threading.Event | None = None
@@ -274,7 +287,7 @@ class Numbering(Generic[Message]):
                 self._drop_acknowledged(sending, received.get(exchange_id, 0))
                 with contextlib.suppress(OutboxClosed):  # that session is already over
                     for message, _ in sending.kept:
-                        _lane_of(message, outboxes).numbered(message)
+                        _lane_of(message, outboxes).numbered(message, self._left)
 
     @staticmethod
     def _drop_acknowledged(sending: _Sending[Message], count: int) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from tapestry.limits import SESSION_CONTROL_MESSAGES
@@ -49,7 +49,8 @@ class Outbox(Generic[Message]):
         self._cond = threading.Condition()
         self._acks: dict[int, Message] = {}
         self._control: deque[Message] = deque()
-        self._numbered: deque[Message] = deque()
+        # each with what to tell when it leaves (tapestry.wire.numbering)
+        self._numbered: deque[tuple[Message, Callable[[Message], None] | None]] = deque()
         self._data: deque[Message] = deque()
         self._capacity = data_messages
         self._control_capacity = control_messages
@@ -78,13 +79,15 @@ class Outbox(Generic[Message]):
                 self._acks[key] = message
                 self._cond.notify_all()
 
-    def numbered(self, message: Message) -> None:
+    def numbered(self, message: Message, left: Callable[[Message], None] | None = None) -> None:
         """Queue a numbered message after those already queued, without waiting: its
-        sender bounds how many it keeps unacknowledged. Raises :class:`OutboxClosed`."""
+        sender bounds how many it keeps unacknowledged. ``left(message)`` is called as
+        :meth:`messages` hands it on, before the peer can have it. Raises
+        :class:`OutboxClosed`."""
         with self._cond:
             if self._closed:
                 raise OutboxClosed
-            self._numbered.append(message)
+            self._numbered.append((message, left))
             self._cond.notify_all()
 
     def data(
@@ -123,6 +126,7 @@ class Outbox(Generic[Message]):
     def messages(self) -> Iterator[Message]:
         """What to send, in the order the class says, until :meth:`close`."""
         while True:
+            left = None
             with self._cond:
                 while not (
                     self._acks or self._control or self._numbered or self._data or self._closed
@@ -132,10 +136,15 @@ class Outbox(Generic[Message]):
                     return
                 if self._acks:
                     message = self._acks.pop(next(iter(self._acks)))
+                elif self._control:
+                    message = self._control.popleft()
+                elif self._numbered:
+                    message, left = self._numbered.popleft()
                 else:
-                    queue = next(q for q in (self._control, self._numbered, self._data) if q)
-                    message = queue.popleft()
+                    message = self._data.popleft()
                 self._cond.notify_all()
+            if left is not None:  # outside the lock: its sender's lock comes first
+                left(message)
             yield message
 
 
