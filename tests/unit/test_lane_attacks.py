@@ -547,6 +547,15 @@ def test_a_coordinators_message_on_the_wrong_lane_or_unnumbered_on_a_lane_ends_t
         servicer.release.set()
 
 
+def test_a_cycle_start_on_a_further_lane_starts_nothing_and_ends_the_session() -> None:
+    cycles, _, _ = _node(2)
+    threads = threading.active_count()
+    with pytest.raises(WireError, match="first message on lane 1"):
+        cycles.receive(Response(exchange_id=1, seq=1, cycle=START), 1)
+    assert cycles.numbering.states() == []  # no cycle opened
+    assert threading.active_count() <= threads  # no cycle thread
+
+
 def test_a_coordinator_acknowledging_replies_never_sent_lets_go_of_none() -> None:
     """The node's reply and its end wait on lanes the coordinator does not read; its
     acknowledgement of a thousand frees neither: both go again on the next session, and

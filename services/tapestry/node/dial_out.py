@@ -160,6 +160,7 @@ class DialOut:
                     cycles.servicer = self._welcomed(message)
                     welcome = message.welcome
                     count = _lane_count(welcome)
+                    cycles.lanes = count  # before any further lane can bring a message
                     window = window_bytes(self._config.link.model_copy(update={"streams": count}))
                     for lane in range(1, count):
                         lanes.open(lane, self._hello(lane, welcome.lane_key), window, cycles)
@@ -409,7 +410,7 @@ class _Cycles:
             peer_opens=True,
         )
         self._outbox: Outbox[pb.OpenSessionRequest] | None = None
-        self._lanes = 1
+        self.lanes = 1  # the session's, from its welcome
         self._runs: dict[int, _CycleRun] = {}
         self._lock = threading.Lock()
 
@@ -429,7 +430,7 @@ class _Cycles:
         resumed = {e.exchange_id: e.received for e in welcome.exchanges}
         with self._lock:
             self._outbox = outboxes[0]
-            self._lanes = len(outboxes)
+            self.lanes = len(outboxes)
             lost = [run for key, run in self._runs.items() if key not in resumed]
         for run in lost:
             run.cancel(tell=False)
@@ -479,13 +480,15 @@ class _Cycles:
                 run.cancel(tell=False)
             return
         if message.seq == 1:
+            if lane:  # checked before a cycle starts from it
+                raise WireError(f"the coordinator sent an exchange's first message on lane {lane}")
             self._run_for(message)
         try:
             self.numbering.take(
                 message,
                 lambda: self._hand_on(message),
                 lane=lane,
-                lanes=self._lanes,
+                lanes=self.lanes,
                 ack_now=kind == "end",
                 gone=gone,
             )
