@@ -76,10 +76,23 @@ def test_run_round_relays_training_steps_with_losses_for_every_node(shared_conso
         assert stages[0] == pb.ROUND_STAGE_NODE_STARTED
         # The header first; the delta is fetched once the policy has accepted the node.
         contributed = stages.index(pb.ROUND_STAGE_NODE_CONTRIBUTED)
-        assert stages[contributed + 1 :] == [pb.ROUND_STAGE_NODE_PROGRESS] * 2
+        after = mine[contributed + 1 :]
+        assert all(e.stage == pb.ROUND_STAGE_NODE_PROGRESS for e in after)
+        # The delta's transfer: its first report at 0 bytes, its last with every byte, then
+        # the coordinator's "received".
+        sending = [e.progress for e in after[:-1]]
+        assert all(p.phase == pb.CYCLE_PHASE_SENDING_DELTA for p in sending) and len(sending) >= 2
+        assert sending[0].state_bytes == 0 < sending[-1].state_bytes == sending[-1].total_bytes
+        assert all(p.resumes == 0 for p in sending)
+        assert after[-1].progress.phase == pb.CYCLE_PHASE_DELTA_RECEIVED
         phases = [e.progress.phase for e in mine if e.stage == pb.ROUND_STAGE_NODE_PROGRESS]
-        assert phases[0] == pb.CYCLE_PHASE_BASE_RECEIVED
-        assert phases[-2:] == [pb.CYCLE_PHASE_SENDING_DELTA, pb.CYCLE_PHASE_DELTA_RECEIVED]
+        # The base's transfer, the same way, before the node says it holds it.
+        base = [e.progress for e in mine if e.progress.phase == pb.CYCLE_PHASE_SENDING_BASE]
+        assert len(base) >= 2 and phases[: len(base) + 1] == [
+            *[pb.CYCLE_PHASE_SENDING_BASE] * len(base),
+            pb.CYCLE_PHASE_BASE_RECEIVED,
+        ]
+        assert base[0].state_bytes == 0 < base[-1].state_bytes == base[-1].total_bytes
         steps = [e for e in mine if e.progress.phase == pb.CYCLE_PHASE_TRAINING]
         assert steps[-1].progress.step == steps[-1].progress.total_steps > 0
         assert all(e.progress.HasField("loss") and e.progress.loss > 0 for e in steps)

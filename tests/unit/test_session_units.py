@@ -661,7 +661,7 @@ def test_a_coordinator_speaking_of_exchanges_that_are_not_open_is_ignored() -> N
         cycles.receive(_to_node(exchange_id))  # no item
         cycles.receive(_to_node(exchange_id, welcome=pb.SessionWelcome()))  # a second welcome
 
-    assert threading.active_count() == threads
+    assert threading.active_count() <= threads  # none started (earlier tests' may end)
     assert sent.empty_after(0.1)
 
 
