@@ -142,7 +142,10 @@ def test_a_node_killed_during_its_cycle_fails_alone_and_restarts_with_complete_a
     with LocalConsortium(tmp_path, specs, policy=POLICY, settings=settings) as consortium:
 
         def kill_india_when_it_starts(event: pb.RoundProgress) -> None:
-            if event.node_id == "india" and event.stage == pb.ROUND_STAGE_NODE_STARTED:
+            # Its base on its way: its cycle is open (a kill during the identity check
+            # before it fails the node at once, with no cycle to resume).
+            sending = event.progress.phase == pb.CYCLE_PHASE_SENDING_BASE
+            if event.node_id == "india" and sending and not killed.is_set():
                 consortium.processes["india"].popen.kill()
                 killed.set()
 

@@ -252,11 +252,7 @@ class RemoteSovereignNode:
         # it hashes what it holds before training from it.
         held = digest == self.held_base_sha256
         decisions: queue.Queue[bool] = queue.Queue(maxsize=1)
-        base_meter = (
-            None
-            if held
-            else self._meter(CyclePhase.SENDING_BASE, state_nbytes(base_state), on_progress)
-        )
+        meters: list[TransferMeter] = []  # the base's, once it streams
 
         def requests() -> Iterator[pb.RunSovereignCycleRequest]:
             yield pb.RunSovereignCycleRequest(
@@ -269,13 +265,18 @@ class RemoteSovereignNode:
                 )
             )
             if not held:
+                # Made here, on the sending thread, once the call is open: its first report
+                # says the base is on its way.
+                meters.append(
+                    self._meter(CyclePhase.SENDING_BASE, state_nbytes(base_state), on_progress)
+                )
                 yield from send_state(
                     base_state,
                     lambda c: pb.RunSovereignCycleRequest(base_chunk=c),
                     lambda t: pb.RunSovereignCycleRequest(base_end=t),
                     sha256=digest,
                     chunk_bytes=self.chunk_bytes,
-                    on_bytes=base_meter,
+                    on_bytes=meters[0],
                 )
             # Held open (on gRPC's sending thread) until the core decides on the delta; a
             # decision that never comes ends the stream, and the node then ends the call.
@@ -287,9 +288,9 @@ class RemoteSovereignNode:
 
         responses = self._link.cycle(requests(), self.timeout_s)
         try:
-            header = _result_after_progress(responses, _settling(base_meter, on_progress))
-            if base_meter is not None:
-                base_meter.finish()  # a node that reported nothing before its result
+            header = _result_after_progress(responses, _settling(meters, on_progress))
+            for meter in meters:
+                meter.finish()  # a node that reported nothing before its result
             specs = {name: (t.dtype, tuple(t.shape)) for name, t in base_state.items()}
             deferred = DeferredState(
                 specs,
@@ -388,12 +389,12 @@ class RemoteSovereignNode:
             assembler.path.unlink(missing_ok=True)
 
 
-def _settling(meter: TransferMeter | None, on_progress: ProgressCallback) -> ProgressCallback:
-    """``on_progress``, with the base's last transfer report (``meter``'s, if it was sent)
+def _settling(meters: list[TransferMeter], on_progress: ProgressCallback) -> ProgressCallback:
+    """``on_progress``, with the base's last transfer report (its meter's, if it was sent)
     just before the node's first report: it holds the base once it reports anything."""
 
     def report(progress: CycleProgress) -> None:
-        if meter is not None:
+        for meter in meters:
             meter.finish()
         on_progress(progress)
 
