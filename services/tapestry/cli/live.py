@@ -53,6 +53,8 @@ class _Row:
 
 
 _DELTA_PHASES = (pb.CYCLE_PHASE_SENDING_DELTA, pb.CYCLE_PHASE_DELTA_RECEIVED)
+# The rows' phases while a state streams: their bar and step column show its bytes.
+_TRANSFER_NAMES = tuple(report.PHASE_NAMES[phase] for phase in report.TRANSFER_PHASES)
 
 
 class RoundView:
@@ -135,7 +137,7 @@ class RoundView:
             completed = row.step if row.total_steps else 0
             if row.phase in ("sending delta", "delta received", "contributed"):
                 total, completed = 1, 1
-            if row.phase in ("sending base", "sending delta") and row.total_bytes:
+            if row.phase in _TRANSFER_NAMES and row.total_bytes:
                 total, completed = row.total_bytes, row.moved
             table.add_row(
                 Text(node_id, overflow="ellipsis"),
@@ -154,7 +156,7 @@ class RoundView:
 
 def _count(row: _Row) -> str:
     """The step column: training steps, or a streaming state's bytes (``12M/95M``)."""
-    if row.phase in ("sending base", "sending delta") and row.total_bytes:
+    if row.phase in _TRANSFER_NAMES and row.total_bytes:
         return f"{_short(row.moved)}/{_short(row.total_bytes)}"
     return f"{row.step}/{row.total_steps}" if row.total_steps else "-"
 
