@@ -100,8 +100,8 @@ class Joined:
         self.session.end(error)
         self.link.detach(self.session)
 
-    def describe(self, timeout_s: float) -> pb.DescribeResponse:
-        return self.link.describe(timeout_s)
+    def describe(self, timeout_s: float, *, again: bool = True) -> pb.DescribeResponse:
+        return self.link.describe(timeout_s, again=again)
 
     def cycle(self, requests: Iterator[pb.RunSovereignCycleRequest], timeout_s: float) -> Any:
         return self.link.cycle(requests, timeout_s)
@@ -852,3 +852,84 @@ def test_a_message_out_of_its_lane_or_turn_ends_the_session(
         link.receive(message, session, lane)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert why in caught.value.details()
+
+
+# -- a describe cut by a dropped session --------------------------------------------------
+
+DESCRIBED = pb.DescribeResponse(node_id="vietnam", jurisdiction="Vietnam")
+
+
+def _describing(members: Members, again: bool = True) -> tuple[Future[Any], Session, int]:
+    """A describe in flight on the member's session: the session and the exchange it uses."""
+    session = members.join(_opened(serial=7))[0]
+    asked = _in_thread(lambda: members.link("vietnam").describe(5.0, again=again))
+    message = Sent(session.outbox).take()
+    assert message.WhichOneof("item") == "describe"
+    return asked, session, message.exchange_id
+
+
+def _cut(members: Members, session: Session) -> None:
+    session.end(LinkError(grpc.StatusCode.UNAVAILABLE, "cut"))
+    members.leave(session)
+
+
+def test_a_describe_cut_by_a_dropped_session_is_asked_again_on_the_next() -> None:
+    members = Members([("vietnam", "Vietnam")], resume_window_s=5.0)
+    asked, old, _ = _describing(members)
+    _cut(members, old)
+    time.sleep(0.1)
+    assert not asked.done()  # waiting for the node to dial again, as a cycle would
+
+    new = members.join(_opened(serial=7))[0]
+    again = Sent(new.outbox).take()
+    assert again.WhichOneof("item") == "describe"
+    members.link("vietnam").receive(
+        Request(exchange_id=again.exchange_id, described=DESCRIBED), new
+    )
+    assert asked.result(timeout=5.0) == DESCRIBED
+
+
+def test_an_admission_describe_is_not_asked_again_when_its_session_drops() -> None:
+    members = Members([("vietnam", "Vietnam")], resume_window_s=5.0)
+    asked, old, _ = _describing(members, again=False)
+    _cut(members, old)
+    with pytest.raises(LinkError) as caught:
+        asked.result(timeout=1.0)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_describe_whose_session_is_refused_rather_than_cut_fails_at_once() -> None:
+    members = Members([("vietnam", "Vietnam")], resume_window_s=5.0)
+    asked, old, _ = _describing(members)
+    old.end(LinkError(grpc.StatusCode.PERMISSION_DENIED, "revoked"))
+    members.leave(old)
+    with pytest.raises(LinkError) as caught:
+        asked.result(timeout=1.0)
+    assert (caught.value.code(), caught.value.details()) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "revoked",
+    )
+
+
+def test_a_describe_waits_no_longer_than_the_resume_window_for_a_session() -> None:
+    members = Members([("vietnam", "Vietnam")], resume_window_s=0.3)
+    asked, old, _ = _describing(members)
+    started = time.monotonic()
+    _cut(members, old)
+    with pytest.raises(LinkError) as caught:
+        asked.result(timeout=5.0)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert 0.25 < time.monotonic() - started < 3.0
+
+
+def test_a_member_that_drops_every_session_cannot_hold_a_describe_past_its_attempts() -> None:
+    members = Members([("vietnam", "Vietnam")], resume_window_s=5.0)
+    asked, session, _ = _describing(members)
+    for _ in range(sessions.DESCRIBE_ATTEMPTS - 1):
+        _cut(members, session)
+        session = members.join(_opened(serial=7))[0]
+        assert Sent(session.outbox).take().WhichOneof("item") == "describe"
+    _cut(members, session)
+    with pytest.raises(LinkError) as caught:
+        asked.result(timeout=1.0)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

@@ -46,7 +46,10 @@ class NodeLink(Protocol):
     @property
     def resumes(self) -> int: ...
 
-    def describe(self, timeout_s: float) -> pb.DescribeResponse: ...
+    def describe(self, timeout_s: float, *, again: bool = True) -> pb.DescribeResponse:
+        """The node's ``Describe``; ``again``: one cut by a dropped connection is asked
+        again on the next (a round's check; a session's admission check is not)."""
+        ...
 
     def cycle(
         self, requests: Iterator[pb.RunSovereignCycleRequest], timeout_s: float
@@ -102,7 +105,8 @@ class DialedLink:
     def resumes(self) -> int:
         return 0  # a call the coordinator opens does not resume: it fails with its connection
 
-    def describe(self, timeout_s: float) -> pb.DescribeResponse:
+    def describe(self, timeout_s: float, *, again: bool = True) -> pb.DescribeResponse:
+        # ``again`` either way: the channel's retry policy asks an UNAVAILABLE one again
         reply: pb.DescribeResponse = self._stub.Describe(pb.DescribeRequest(), timeout=timeout_s)
         return reply
 

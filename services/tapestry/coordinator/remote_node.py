@@ -160,7 +160,7 @@ class RemoteSovereignNode:
     def close(self) -> None:
         self._link.close()
 
-    def check_identity(self) -> None:
+    def check_identity(self, *, again: bool = True) -> None:
         """Ask the node who it is (``Describe``) and refuse a server that is not this
         member or trains another model, by spec or by state layout (:class:`NodeMismatch`,
         naming the fields that differ; :class:`MemberMisnamed` when it is another node or
@@ -168,9 +168,11 @@ class RemoteSovereignNode:
         (``server_check``, once it answered; also :class:`NodeMismatch`); unreachable is
         :class:`NodeCallFailed`. The channel retries an UNAVAILABLE ``Describe`` with
         backoff (:func:`~tapestry.wire.grpc_plumbing.node_channel`), all within
-        :data:`DESCRIBE_TIMEOUT_S`; the cycle that follows is never retried."""
+        :data:`DESCRIBE_TIMEOUT_S`; a member's session that drops meanwhile is waited for
+        and asked again, unless not ``again`` (``NodeLink.describe``); the cycle that
+        follows is never retried."""
         try:
-            described = self._link.describe(DESCRIBE_TIMEOUT_S)
+            described = self._link.describe(DESCRIBE_TIMEOUT_S, again=again)
         except grpc.RpcError as error:
             raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
         problems = []

@@ -46,7 +46,7 @@ class Absent:
     def resumes(self) -> int:
         return 0
 
-    def describe(self, timeout_s: float) -> pb.DescribeResponse:
+    def describe(self, timeout_s: float, *, again: bool = True) -> pb.DescribeResponse:
         raise self._error
 
     def cycle(self, requests: Iterator[pb.RunSovereignCycleRequest], timeout_s: float) -> CycleCall:
@@ -139,8 +139,9 @@ class Roster:
 
     def check(self, link: MemberLink) -> None:
         """The identity check of a session that just opened: the node must describe itself
-        as its member, training the consortium's model (raises the proxy's mismatch)."""
-        self._proxy(self._by_id[link.node_id], link).check_identity()
+        as its member, training the consortium's model (raises the proxy's mismatch). A
+        session that drops meanwhile fails it at once: the next is checked on its own."""
+        self._proxy(self._by_id[link.node_id], link).check_identity(again=False)
 
     def close(self) -> None:
         self.members.end_all("the coordinator is stopping")

@@ -9,8 +9,8 @@ queue and its own deadline. A cycle's messages are numbered (:mod:`tapestry.wire
 when the session drops, the cycle waits up to ``resume_window_s`` for the node to dial
 again, then both sides send again what the other did not get, and the base or delta goes on
 from the last chunk that arrived. A node that does not come back in time, or comes back
-without the cycle (it restarted), fails the round with the reason; a describe fails at
-once.
+without the cycle (it restarted), fails the round with the reason. A describe cut by a
+dropped session is asked again on the next one, within the same window.
 
 A member that does not read loses its session once the control messages for it pile up
 (:data:`~tapestry.limits.SESSION_CONTROL_MESSAGES`). The call of a session that ended is hung
@@ -36,6 +36,8 @@ from tapestry.wire.numbering import Numbering, OutOfOrder
 from tapestry.wire.outbox import Inbox, Outbox, OutboxClosed, OutboxFull
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# The sessions a describe is asked on before its UNAVAILABLE stands (MemberLink.describe).
+DESCRIBE_ATTEMPTS = 3
 Reply = pb.DescribeResponse | pb.RunSovereignCycleResponse | pb.ExchangeEnd
 
 
@@ -184,6 +186,7 @@ class MemberLink:
         self.session: Session | None = None
         self.resumes = 0  # cycles resumed after a reconnection
         self._lock = threading.Lock()
+        self._attached = threading.Condition(self._lock)  # told when a session attaches
         self._inboxes: dict[int, Inbox[Reply]] = {}
         self._cycles: set[int] = set()
         self._ids = itertools.count(1)
@@ -207,6 +210,7 @@ class MemberLink:
                 self._lost.cancel()
                 self._lost = None
             self.session = session
+            self._attached.notify_all()
             # A cycle the node does not hold, of which it took nothing (its first message
             # was lost with the session), starts again from that message.
             for key in self._cycles:
@@ -222,8 +226,9 @@ class MemberLink:
         return [(key, received) for key, received in self.numbering.states() if key in resumed]
 
     def detach(self, session: Session) -> None:
-        """``session`` ended: a describe on it fails now; a cycle waits for the next session
-        up to ``resume_window_s``, then fails."""
+        """``session`` ended: a describe on it fails now (and is asked again on the next,
+        :meth:`describe`); a cycle waits for the next session up to ``resume_window_s``,
+        then fails."""
         with self._lock:
             if self.session is not session:
                 return
@@ -341,7 +346,33 @@ class MemberLink:
             why = f"the node did not read its session: {full}"
             session.end(LinkError(grpc.StatusCode.RESOURCE_EXHAUSTED, why))
 
-    def describe(self, timeout_s: float) -> pb.DescribeResponse:
+    def describe(self, timeout_s: float, *, again: bool = True) -> pb.DescribeResponse:
+        """The node's ``Describe``, answered within ``timeout_s``. With ``again``, a
+        session that drops before the answer (UNAVAILABLE: the node dials again) is waited
+        for as a cycle waits, up to ``resume_window_s``, and the node asked again on its
+        next one: a describe changes nothing, so asking twice is safe. At most
+        :data:`DESCRIBE_ATTEMPTS` sessions are asked, so a member that drops its session
+        again and again cannot hold the round's start. Without (a session's admission
+        check: the next session is checked on its own), it fails at once."""
+        attempts = DESCRIBE_ATTEMPTS if again else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._describe_once(timeout_s)
+            except LinkError as error:
+                if (
+                    error.code() is not grpc.StatusCode.UNAVAILABLE
+                    or attempt == attempts
+                    or not self._session_back(self.resume_window_s)
+                ):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _session_back(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a session to be attached; whether one is."""
+        with self._attached:
+            return self._attached.wait_for(lambda: self.session is not None, timeout_s)
+
+    def _describe_once(self, timeout_s: float) -> pb.DescribeResponse:
         key, replies = self._open(cycle=False)
         deadline = time.monotonic() + timeout_s
         try:
