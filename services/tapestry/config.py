@@ -32,7 +32,7 @@ from pydantic_core import ErrorDetails
 
 from tapestry.address import check_address
 from tapestry.atomic_files import write_text
-from tapestry.errors import UserError
+from tapestry.errors import ModelBuildError, UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
 from tapestry.limits import (
     DEFAULT_LINK_STREAMS,
@@ -232,15 +232,20 @@ class ModelTable(_Strict):
         if params > MAX_MODEL_PARAMS:
             raise ValueError(
                 f"the model would hold about {params:,} parameters, more than "
-                f"MAX_MODEL_PARAMS = {MAX_MODEL_PARAMS:,}; lower hidden_size "
-                "(or vocab_size, n_layers)"
+                f"MAX_MODEL_PARAMS = {MAX_MODEL_PARAMS:,}; "
+                + (
+                    "give a smaller hf_config"
+                    if self.architecture == "hf-causal-lm"
+                    else "lower hidden_size (or vocab_size, n_layers)"
+                )
             )
         return self
 
     def estimated_params(self) -> int:
         """Parameters of the configured model, counted from its shape without building it
-        (exact for ``tiny-causal``, within a few per cent for ``gpt``; 0 for
-        ``hf-causal-lm``, whose size its own config decides)."""
+        (exact for ``tiny-causal``, within a few per cent for ``gpt``; for
+        ``hf-causal-lm``, exact, counted on torch's meta device, or 0 without
+        ``transformers``)."""
         vocab, hidden = self.vocab_size, self.hidden_size
         if self.architecture == "tiny-causal":
             return 2 * vocab * hidden + vocab
@@ -249,7 +254,13 @@ class ModelTable(_Strict):
             layers = self.n_layers or GPT_DEFAULTS["n_layers"]
             context = self.context_length or GPT_DEFAULTS["context_length"]
             return heads * vocab * hidden + context * hidden + layers * 12 * hidden * hidden
-        return 0
+        # imported here: it imports torch, which a configuration mistake is reported without
+        from tapestry.training.consortium.models.hf_causal_lm import hf_parameter_count
+
+        try:
+            return hf_parameter_count(canonical_json(self.hf_config or {}))
+        except ModelBuildError as error:
+            raise ValueError(str(error)) from None
 
     def spec(self) -> ModelSpec:
         """The spec this table names."""
@@ -573,6 +584,12 @@ class NodeLimits(_Strict):
     send_timeout_s: float = Field(300.0, gt=0, le=MAX_TRANSFER_TIMEOUT_S)
     """The caller must take the whole delta within this many seconds of asking for it,
     else the call is cancelled and the node is free again."""
+    max_model_params: int = Field(MAX_MODEL_PARAMS, ge=1, le=MAX_MODEL_PARAMS)
+    """The most parameters of a model the coordinator's welcome may ask this node to build
+    (counted from the spec before anything is built; an ``hf-causal-lm`` config on torch's
+    meta device): set it to what the node's memory holds, so a coordinator (or whoever holds
+    its key) cannot make the node allocate past it. Pinning ``model_sha256`` refuses any
+    other model outright."""
     max_superseded: int = Field(3, ge=0, le=MAX_SUPERSEDED)
     """How many earlier artifacts of re-run rounds are kept aside
     (``round-NNNNNN.superseded-*``); beyond it the oldest are deleted. 0 keeps none."""

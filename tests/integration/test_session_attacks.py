@@ -356,7 +356,9 @@ def dial(tmp_path: Path) -> Iterator[Callable[[Script, NodeServicer], DialedNode
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("xin chao\n", encoding="utf-8")
 
-    def start(script: Script, servicer: NodeServicer) -> DialedNode:
+    def start(
+        script: Script, servicer: NodeServicer, limits: dict[str, Any] | None = None
+    ) -> DialedNode:
         fake = FakeCoordinator(script)
         server, port, _ = build_server(
             "127.0.0.1:0", [lambda s: pb_grpc.add_CoordinatorServiceServicer_to_server(fake, s)], []
@@ -373,6 +375,7 @@ def dial(tmp_path: Path) -> Iterator[Callable[[Script, NodeServicer], DialedNode
                 "quality_score": 0.9,
                 "corpus": [str(corpus)],
                 "coordinator": f"127.0.0.1:{port}",
+                **({"limits": limits} if limits else {}),
             },
             "test",
         )
@@ -446,6 +449,16 @@ BAD_WELCOMES: dict[str, tuple[Response, str]] = {
         _welcome(_spec("gpt", 256, 1 << 16, n_layers=1024)),
         "the coordinator's model: (file): the model would hold about",
     ),
+    "an hf config past MAX_MODEL_PARAMS, counted without building it": (
+        _welcome(
+            _hf(
+                '{"hidden_size":65536,"intermediate_size":200000,"model_type":"llama",'
+                '"num_attention_heads":64,"num_hidden_layers":80,"vocab_size":256}'
+            )  # fmt: skip
+        ),
+        "the coordinator's model: (file): the model would hold about 4,520,161,640,448 "
+        "parameters, more than MAX_MODEL_PARAMS",
+    ),
     "a gpt wider than MAX_HIDDEN_SIZE": (
         _welcome(_spec("gpt", 256, 1 << 30)),
         "the coordinator's model: hidden_size: Input should be less than or equal to 16777216",
@@ -477,6 +490,28 @@ def test_a_welcome_the_node_cannot_take_stops_it_before_any_model_is_built(
         node.ran.result(timeout=30)
     assert str(caught.value).startswith(said)
     assert len(str(caught.value)) <= MAX_ERROR_DETAILS_CHARS
+    assert node.built == []
+
+
+def test_a_welcome_past_the_nodes_own_model_bound_is_refused_before_it_is_built(
+    dial: Callable[..., DialedNode],
+) -> None:
+    # A GPT-2 of 2 layers, width 64: 124,672 parameters (counted on the meta device), one
+    # more than this node's [limits] max_model_params lets it build.
+    config = (
+        '{"model_type":"gpt2","n_embd":64,"n_head":2,"n_layer":2,"n_positions":128,'
+        '"vocab_size":256}'
+    )
+
+    def script(requests: Any, context: Any, n: int) -> Iterator[Response]:
+        yield _welcome(_hf(config))
+        _hold(context)
+
+    node = dial(script, NodeServicer(), limits={"max_model_params": 124_671})
+
+    with pytest.raises(SessionClosedForGood) as caught:
+        node.ran.result(timeout=30)
+    assert "holds about 124,672 parameters; this node builds at most 124,671" in str(caught.value)
     assert node.built == []
 
 

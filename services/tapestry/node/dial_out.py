@@ -247,9 +247,11 @@ class DialOut:
 
     def _spec_of(self, welcome: pb.SessionWelcome) -> ModelSpec:
         """The welcome's model, refused if it does not match its own digest, the node's pin
-        (``model_sha256``, ``[model]``), the model already built, or the node's windows."""
-        spec = _buildable(codec.model_spec_from_proto(welcome.model))
+        (``model_sha256``, ``[model]``), the model already built, the node's windows, or its
+        ``max_model_params``."""
         config = self._config
+        limit = config.limits.max_model_params
+        spec = _buildable(codec.model_spec_from_proto(welcome.model), limit)
         if spec.digest() != welcome.model_sha256:
             _refuse("the welcome's model does not match the digest it carries")
         if config.model_sha256 is not None and spec.digest() != config.model_sha256:
@@ -271,20 +273,27 @@ class DialOut:
         return spec
 
 
-def _buildable(spec: ModelSpec) -> ModelSpec:
+def _buildable(spec: ModelSpec, max_params: int) -> ModelSpec:
     """``spec`` if a consortium file could name it (:class:`ModelTable`: each bound, no code
-    from elsewhere, its canonical form); refused otherwise, before anything is built (the
-    reason cut: it may quote what the coordinator sent)."""
+    from elsewhere, its canonical form) and it holds at most ``max_params`` parameters (the
+    node's ``[limits]``); refused otherwise, before anything is built (the reason cut: it
+    may quote what the coordinator sent)."""
     problems = spec.problems()
     if problems:
         why = f"the coordinator's model cannot be built: {'; '.join(problems)}"
         _refuse(why[:MAX_ERROR_DETAILS_CHARS])
     try:
-        named = build_config(ModelTable, model_table(spec), "the coordinator's model").spec()
+        table = build_config(ModelTable, model_table(spec), "the coordinator's model")
     except ConfigError as error:
         _refuse(str(error)[:MAX_ERROR_DETAILS_CHARS])
-    if named != spec:
+    if table.spec() != spec:
         _refuse("the coordinator's model is not in the form a consortium file gives it")
+    params = table.estimated_params()
+    if params > max_params:
+        _refuse(
+            f"the coordinator's model {spec.summary()[:200]} holds about {params:,} "
+            f"parameters; this node builds at most {max_params:,} ([limits] max_model_params)"
+        )
     return spec
 
 

@@ -20,6 +20,38 @@ from tapestry.errors import ModelBuildError
 INSTALL_HINT = "install the optional extra: pip install 'tapestry-consortium[hf]'"
 
 
+def hf_parameter_count(config_json: str) -> int:
+    """The parameters the model of ``config_json`` holds (each tied tensor once), counted
+    on torch's meta device: its shapes, no memory, so a config too large to build is
+    refused before anything is allocated. 0 when ``transformers`` is not installed (the
+    build then says what to install); :class:`ModelBuildError` for a config it cannot build.
+    """
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return 0
+    config = _config(config_json)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, trust_remote_code=False
+        )
+    return sum(parameter.numel() for parameter in model.parameters())  # unique: ties once
+
+
+def _config(config_json: str) -> Any:
+    """The ``transformers`` config of ``config_json`` (its ``model_type`` picks the class)."""
+    from transformers import AutoConfig
+
+    fields: dict[str, Any] = json.loads(config_json)
+    model_type = fields.pop("model_type", None)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (ValueError, TypeError) as error:
+        raise ModelBuildError(
+            f"hf_config: transformers cannot build model_type {model_type!r}: {error}"
+        ) from None
+
+
 class HuggingFaceCausalLM(nn.Module):
     """``forward(input_ids[B, T]) -> logits[B, T, V]`` around a ``transformers`` causal LM
     (which returns an output object), so a node trains it as it trains any model here.
@@ -33,19 +65,12 @@ class HuggingFaceCausalLM(nn.Module):
     def __init__(self, config_json: str) -> None:
         super().__init__()
         try:
-            from transformers import AutoConfig, AutoModelForCausalLM
+            from transformers import AutoModelForCausalLM
         except ImportError as error:
             raise ModelBuildError(
                 f"model architecture 'hf-causal-lm' needs transformers ({error}); {INSTALL_HINT}"
             ) from None
-        fields: dict[str, Any] = json.loads(config_json)
-        model_type = fields.pop("model_type", None)
-        try:
-            config = AutoConfig.for_model(model_type, **fields)
-        except ValueError as error:
-            raise ModelBuildError(
-                f"hf_config: transformers cannot build model_type {model_type!r}: {error}"
-            ) from None
+        config = _config(config_json)
         # transformers leaves from_config untyped; it returns a PreTrainedModel (a Module).
         self.hf: nn.Module = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
             config, trust_remote_code=False
