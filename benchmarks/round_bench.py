@@ -122,14 +122,21 @@ def machine() -> dict[str, Any]:
 
 @contextmanager
 def consortium(
-    root: Path, hidden: int, nodes: int, trainer: str, encoding: str = "float32"
+    root: Path,
+    hidden: int,
+    nodes: int,
+    trainer: str,
+    encoding: str = "float32",
+    link: dict[str, Any] | None = None,
 ) -> Iterator[LocalConsortium]:
     corpus = root / "corpus.txt"
     corpus.write_text(CORPUS_LINE * 16)
     training = {**TRAINING, "trainer": trainer}
     specs = [LocalNodeSpec(f"n{i}", f"J{i}", 0.9, [corpus], training) for i in range(nodes)]
     model = {"architecture": "tiny-causal", "vocab_size": VOCAB, "hidden_size": hidden}
-    settings = {"delta_encoding": encoding}
+    settings: dict[str, Any] = {"delta_encoding": encoding}
+    if link:
+        settings["link"] = link
     with LocalConsortium(
         root / "c", specs, model=model, seed=SEED, metrics=True, settings=settings
     ) as local:
@@ -137,11 +144,17 @@ def consortium(
 
 
 def served_rounds(
-    root: Path, hidden: int, nodes: int, rounds: int, trainer: str, encoding: str
+    root: Path,
+    hidden: int,
+    nodes: int,
+    rounds: int,
+    trainer: str,
+    encoding: str,
+    link: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Rounds through the services; the peak RSS of every process once they are done."""
     walls, slowest, overhead = [], [], []
-    with consortium(root, hidden, nodes, trainer, encoding) as local:
+    with consortium(root, hidden, nodes, trainer, encoding, link) as local:
         url = local.metrics_url("coordinator")
         with local.client() as client:
             for _ in range(rounds):
@@ -222,7 +235,10 @@ def one_run(params: int, nodes: int, args: argparse.Namespace) -> dict[str, Any]
     print(f"{actual:,} params (H={hidden}), {nodes} nodes", file=sys.stderr)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="round-bench-") as tmp:
-        served = served_rounds(Path(tmp), hidden, nodes, args.rounds, args.trainer, args.encoding)
+        link = {"window_budget_mib": args.window_budget_mib} if args.window_budget_mib else None
+        served = served_rounds(
+            Path(tmp), hidden, nodes, args.rounds, args.trainer, args.encoding, link
+        )
     tls = served.pop("_tls")
     wire = served["wire_bytes"]
     plain = statistics.median(transfer_seconds(wire, None) for _ in range(3))
@@ -246,6 +262,7 @@ def one_run(params: int, nodes: int, args: argparse.Namespace) -> dict[str, Any]
         "loopback_s": {"plain": plain, "tls": secure},
         "inprocess_s": inprocess,
         "encoding": args.encoding,
+        "window_budget_mib": args.window_budget_mib,
         "trainer": args.trainer,
         "rounds": args.rounds,
         "load_avg_before": [round(x, 2) for x in load_before],
@@ -290,6 +307,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--encoding", choices=[e.value for e in DeltaEncoding], default="float32")
     parser.add_argument("--trainer", choices=["synthetic", "real"], default="synthetic")
+    parser.add_argument(
+        "--window-budget-mib", type=int, help="[link] window_budget_mib (default: the config's)"
+    )
     parser.add_argument("--json", type=Path, help="append one object per run to this list")
     parser.add_argument("--table", type=Path, help="print this --json file as Markdown, run none")
     args = parser.parse_args()

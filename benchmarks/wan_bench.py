@@ -74,6 +74,7 @@ def wan_consortium(
     links: list[Link],
     fixed_window: bool = False,
     streams: int = 1,
+    window_budget_mib: int | None = None,
 ) -> Iterator[LocalConsortium]:
     """A dial-out consortium whose every node reaches the coordinator through a fresh
     :class:`Link` of ``link`` (appended to ``links``)."""
@@ -89,6 +90,8 @@ def wan_consortium(
     }
     if fixed_window:  # as before issue 15: windows of gRPC's usual 4 MiB whatever the link
         settings = {"link": {"bandwidth_mbit": 1.0, "rtt_ms": 1.0, "streams": streams}}
+    if window_budget_mib:
+        settings["link"]["window_budget_mib"] = window_budget_mib
 
     with ExitStack() as stack:
 
@@ -142,7 +145,14 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     links: list[Link] = []
     walls, slowest, failed, bases = [], [], 0, []
     with wan_consortium(
-        root, hidden, args.nodes, link, links, args.fixed_window, args.streams
+        root,
+        hidden,
+        args.nodes,
+        link,
+        links,
+        args.fixed_window,
+        args.streams,
+        args.window_budget_mib,
     ) as local:
         url = local.metrics_url("coordinator")
         expected_s = 2 * state_bytes * 8 / ((rate or 1e5) * 1e6) + 1.0
@@ -195,6 +205,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "rate_mbit": args.rate_mbit,
         "windows": "fixed 4 MiB" if args.fixed_window else "from [link]",
         "streams": args.streams,
+        "window_budget_mib": args.window_budget_mib,
         "tcp_window_bytes": tcp_window,
         "round_s": round(round_s, 3),
         "rounds_s": [round(w, 3) for w in walls],
@@ -232,6 +243,9 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=100.0, help="one-way, each way")
     parser.add_argument("--rate-mbit", type=float, default=1000.0, help="0: no rate cap")
     parser.add_argument("--streams", type=int, default=1, help="[link] streams: lanes")
+    parser.add_argument(
+        "--window-budget-mib", type=int, help="[link] window_budget_mib (default: the config's)"
+    )
     parser.add_argument(
         "--tcp-window-kib",
         type=int,

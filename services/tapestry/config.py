@@ -36,6 +36,7 @@ from tapestry.errors import ModelBuildError, UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
 from tapestry.limits import (
     DEFAULT_LINK_STREAMS,
+    DEFAULT_WINDOW_BUDGET_MIB,
     MAX_BATCH_SIZE,
     MAX_CHUNK_BYTES,
     MAX_CONTEXT_LENGTH,
@@ -337,7 +338,7 @@ class LinkConfig(_Strict):
     """The link's bandwidth in Mbit/s (the slowest member's, for the coordinator)."""
     rtt_ms: float = Field(200.0, gt=0, le=5_000)
     """The round trip between the coordinator and a member, in ms (the longest member's)."""
-    window_budget_mib: int = Field(256, ge=4, le=MAX_WINDOW_BUDGET_MIB)
+    window_budget_mib: int = Field(DEFAULT_WINDOW_BUDGET_MIB, ge=4, le=MAX_WINDOW_BUDGET_MIB)
     """The most this process lets be in flight toward it over all its streams together, in
     MiB: each stream's window is at most this divided by the streams that can be open at
     once (a coordinator: ``streams`` per member), so memory stays flat in the number of

@@ -144,6 +144,11 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # at most what one process may have in flight toward it across all its streams.
 MIN_WINDOW_BYTES = 4 << 20
 MAX_WINDOW_BUDGET_MIB = 4096
+# What a process lets be in flight toward it by default, all its streams together: three
+# members' full windows over the default link (1 Gbit/s, 200 ms: 32 MiB each, 168 MB/s at
+# 200 ms, past the link's 125 MB/s), so from three members up the windows share it and the
+# coordinator's memory stays flat in their number (benchmarks/RESULTS.md, "flat in N").
+DEFAULT_WINDOW_BUDGET_MIB = 96
 """The largest gRPC message either service sends or accepts; tensors travel in chunks far
 below it (grpc_plumbing says why each gRPC option is set)."""
 

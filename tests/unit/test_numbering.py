@@ -196,6 +196,21 @@ def test_a_lane_waiting_for_its_turn_lets_go_when_its_session_ends():
     assert receiver.states() == [(3, 0)]  # not taken: it comes again on the next session
 
 
+def test_a_sender_that_sizes_its_messages_may_keep_four_of_them_whatever_its_share():
+    # A member's share of a small budget (many members) still leaves room for four chunks,
+    # and no more: the floor is the sender's own chunk, not the largest chunk there is.
+    def numbering(retain: int, size: int | None) -> Numbering[pb.OpenSessionRequest]:
+        return Numbering(
+            lambda key, count: pb.OpenSessionRequest(exchange_id=key, ack=count),
+            retain,
+            message_bytes=size,
+        )
+
+    assert numbering(1, CHUNK + 64).retain_bytes == 4 * (CHUNK + 64)
+    assert numbering(64 * CHUNK, CHUNK + 64).retain_bytes == 64 * CHUNK
+    assert numbering(1, None).retain_bytes == MIN_RETAIN_BYTES
+
+
 def test_a_message_ahead_of_its_exchanges_opening_waits_for_it_when_the_peer_opens():
     receiver = Numbering(
         lambda key, count: pb.OpenSessionRequest(exchange_id=key, ack=count),

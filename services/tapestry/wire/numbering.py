@@ -39,9 +39,11 @@ ACK_EVERY = 2
 # Exchanges the peer opened that this side closed, remembered so that their late messages on
 # other lanes are dropped instead of awaited (a session runs one cycle per round).
 REMEMBERED_CLOSED = 1024
-# Whatever a sender's share of the budget, it may keep at least this much unacknowledged:
-# four of the largest chunks (MAX_CHUNK_BYTES = 4 MiB), twice what two messages between
-# acknowledgements can hold, so a sender never waits on every acknowledgement.
+# Whatever a sender's share of the budget, it may keep at least this many of its messages
+# unacknowledged: twice what two messages between acknowledgements hold, so a sender never
+# waits on every acknowledgement. A sender that does not say its messages' size keeps at
+# least four of the largest chunks (MAX_CHUNK_BYTES = 4 MiB).
+RETAIN_MESSAGES = 4
 MIN_RETAIN_BYTES = 16 << 20
 
 
@@ -89,7 +91,10 @@ class Numbering(Generic[Message]):
         ``peer_opens``: the peer opens exchanges (a node's cycles), so a message of one not
         open yet may be ahead of its opening on another lane."""
         self._make_ack = ack
-        self.retain_bytes = max(retain_bytes, MIN_RETAIN_BYTES)
+        # the floor is the sender's own messages, not the largest possible: a share of the
+        # budget per member then stays within it, for as many members as a 1 MiB chunk allows
+        floor = RETAIN_MESSAGES * message_bytes if message_bytes else MIN_RETAIN_BYTES
+        self.retain_bytes = max(retain_bytes, floor)
         self._message_bytes = message_bytes
         self._peer_opens = peer_opens
         self._cond = threading.Condition()
