@@ -32,7 +32,7 @@ from pydantic_core import ErrorDetails
 
 from tapestry.address import check_address
 from tapestry.atomic_files import write_text
-from tapestry.errors import ModelBuildError, UserError
+from tapestry.errors import UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
 from tapestry.limits import (
     DEFAULT_LINK_STREAMS,
@@ -233,20 +233,17 @@ class ModelTable(_Strict):
         if params > MAX_MODEL_PARAMS:
             raise ValueError(
                 f"the model would hold about {params:,} parameters, more than "
-                f"MAX_MODEL_PARAMS = {MAX_MODEL_PARAMS:,}; "
-                + (
-                    "give a smaller hf_config"
-                    if self.architecture == "hf-causal-lm"
-                    else "lower hidden_size (or vocab_size, n_layers)"
-                )
+                f"MAX_MODEL_PARAMS = {MAX_MODEL_PARAMS:,}; lower hidden_size "
+                "(or vocab_size, n_layers)"
             )
         return self
 
     def estimated_params(self) -> int:
         """Parameters of the configured model, counted from its shape without building it
-        (exact for ``tiny-causal``, within a few per cent for ``gpt``; for
-        ``hf-causal-lm``, exact, counted on torch's meta device, or 0 without
-        ``transformers``)."""
+        (exact for ``tiny-causal``, within a few per cent for ``gpt``; 0 for
+        ``hf-causal-lm``, whose size its own config decides: it is counted on torch's
+        meta device when the model is built, ``hf_causal_lm.hf_parameter_count``, which
+        a configuration file is read without)."""
         vocab, hidden = self.vocab_size, self.hidden_size
         if self.architecture == "tiny-causal":
             return 2 * vocab * hidden + vocab
@@ -255,13 +252,7 @@ class ModelTable(_Strict):
             layers = self.n_layers or GPT_DEFAULTS["n_layers"]
             context = self.context_length or GPT_DEFAULTS["context_length"]
             return heads * vocab * hidden + context * hidden + layers * 12 * hidden * hidden
-        # imported here: it imports torch, which a configuration mistake is reported without
-        from tapestry.training.consortium.models.hf_causal_lm import hf_parameter_count
-
-        try:
-            return hf_parameter_count(canonical_json(self.hf_config or {}))
-        except ModelBuildError as error:
-            raise ValueError(str(error)) from None
+        return 0
 
     def spec(self) -> ModelSpec:
         """The spec this table names."""

@@ -456,8 +456,33 @@ BAD_WELCOMES: dict[str, tuple[Response, str]] = {
                 '"num_attention_heads":64,"num_hidden_layers":80,"vocab_size":256}'
             )  # fmt: skip
         ),
-        "the coordinator's model: (file): the model would hold about 4,520,161,640,448 "
-        "parameters, more than MAX_MODEL_PARAMS",
+        "the coordinator's model hf-causal-lm(vocab_size=256, hf_config sha256 2f45558c096e) "
+        "holds about 4,520,161,640,448 parameters; this node builds at most 68,719,476,736",
+    ),
+    "an hf config of a million layers, which even counting would build": (
+        _welcome(
+            _hf(
+                '{"hidden_size":8,"intermediate_size":8,"model_type":"llama",'
+                '"num_attention_heads":1,"num_hidden_layers":1000000,"vocab_size":256}'
+            )  # fmt: skip
+        ),
+        "the coordinator's model: (file): hf_config num_hidden_layers = 1,000,000 is more "
+        "than 1,024",
+    ),
+    "an hf config nested 100,000 tables deep": (
+        _welcome(
+            _hf(
+                '{"model_type":"gpt2","vocab_size":256,"x":'
+                + '{"a":' * 100_000
+                + "1"
+                + "}" * 100_001
+            )
+        ),
+        "the coordinator's model cannot be built: hf_config nests too deep",
+    ),
+    "an hf config nested 9 tables deep": (
+        _welcome(_hf('{"model_type":"gpt2","vocab_size":256,"x":' + '{"a":' * 8 + "1" + "}" * 9)),
+        "the coordinator's model: (file): hf_config nests more than 8 tables deep",
     ),
     "a gpt wider than MAX_HIDDEN_SIZE": (
         _welcome(_spec("gpt", 256, 1 << 30)),

@@ -9,10 +9,14 @@ import torch
 from safetensors import safe_open
 
 from tapestry.errors import ModelBuildError, UserError
+from tapestry.hf_config import check_hf_config
 from tapestry.state_files import load_state, save_state
 from tapestry.training.consortium import ModelSpec, TinyCausalModel, state_digest
 from tapestry.training.consortium.models.gpt import GPTModel
-from tapestry.training.consortium.models.hf_causal_lm import HuggingFaceCausalLM
+from tapestry.training.consortium.models.hf_causal_lm import (
+    HuggingFaceCausalLM,
+    hf_parameter_count,
+)
 from tapestry.training.consortium.models.spec import GPT_DEMO, GPT_TEST, spec_differences
 from tapestry.training.consortium.models.state import load_model_state, model_state, tied_keys
 
@@ -203,3 +207,57 @@ def test_without_transformers_an_hf_spec_names_the_extra_to_install(monkeypatch)
     with pytest.raises(ModelBuildError, match=r"pip install 'tapestry-consortium\[hf\]'") as error:
         HF_TINY_SPEC.build(0)
     assert isinstance(error.value, UserError)  # the CLI prints it as one line
+
+
+HUGE_LLAMA = (
+    '{"hidden_size":65536,"intermediate_size":200000,"model_type":"llama",'
+    '"num_attention_heads":64,"num_hidden_layers":80,"vocab_size":256}'
+)
+
+
+def test_an_hf_model_is_counted_on_the_meta_device_before_it_is_built() -> None:
+    # 4.5 trillion parameters: counted from shapes (no memory), then refused before build
+    assert hf_parameter_count(HUGE_LLAMA) == 4_520_161_640_448
+    with pytest.raises(ModelBuildError, match="more than MAX_MODEL_PARAMS = 68,719,476,736"):
+        ModelSpec("hf-causal-lm", 256, hf_config=HUGE_LLAMA).build(0)
+    # a tied model counts its shared tensor once, as its state holds it
+    built = HF_TINY_SPEC.build(0)
+    assert hf_parameter_count(HF_TINY_SPEC.hf_config) == sum(p.numel() for p in built.parameters())
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"num_hidden_layers": 1_000_000}, "hf_config num_hidden_layers = 1,000,000 is more"),
+        ({"n_layer": 1025}, "hf_config n_layer = 1,025 is more than 1,024"),
+        ({"num_attention_heads": 4096}, "hf_config num_attention_heads = 4,096 is more"),
+        ({"num_local_experts": 100_000}, "hf_config num_local_experts = 100,000 is more"),
+        (
+            {"text_config": {"num_hidden_layers": 5000}},
+            "hf_config text_config.num_hidden_layers = 5,000 is more",
+        ),
+    ],
+)
+def test_counts_that_build_a_module_each_are_bounded_before_transformers_is_asked(
+    config: dict[str, object], message: str
+) -> None:
+    table = {"model_type": "llama", "vocab_size": 256, **config}
+    with pytest.raises(ValueError, match=message):
+        check_hf_config(table, 256)
+    check_hf_config({"model_type": "llama", "vocab_size": 256, "num_hidden_layers": 1024}, 256)
+
+
+def test_sizes_named_like_counts_are_not_bounded_as_counts() -> None:
+    # Qwen2-MoE's shared expert width and a head's width are sizes, not module counts
+    check_hf_config(
+        {
+            "model_type": "qwen2_moe",
+            "vocab_size": 256,
+            "shared_expert_intermediate_size": 5632,
+            "head_dim": 4096,
+            "decoder_layers": 24,
+        },
+        256,
+    )
+    with pytest.raises(ValueError, match="decoder_layers = 2,048 is more than 1,024"):
+        check_hf_config({"model_type": "bart", "vocab_size": 256, "decoder_layers": 2048}, 256)

@@ -35,7 +35,7 @@ from tapestry.config import (
 )
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.errors import UserError, WireError, quoted
+from tapestry.errors import ModelBuildError, UserError, WireError, quoted
 from tapestry.limits import (
     LANE_KEY_BYTES,
     MAX_ERROR_DETAILS_CHARS,
@@ -44,6 +44,7 @@ from tapestry.limits import (
 )
 from tapestry.node.servicer import DELTA_CHUNK_BYTES, SovereignNodeServicer
 from tapestry.pki.layout import COORDINATOR_SERVER_NAME
+from tapestry.training.consortium.models.hf_causal_lm import hf_parameter_count
 from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
 from tapestry.wire import codec
 from tapestry.wire.grpc_plumbing import SESSION_CHANNEL_OPTIONS, open_channel
@@ -288,7 +289,14 @@ def _buildable(spec: ModelSpec, max_params: int) -> ModelSpec:
         _refuse(str(error)[:MAX_ERROR_DETAILS_CHARS])
     if table.spec() != spec:
         _refuse("the coordinator's model is not in the form a consortium file gives it")
-    params = table.estimated_params()
+    try:
+        params = (
+            hf_parameter_count(spec.hf_config)
+            if spec.architecture == "hf-causal-lm"
+            else table.estimated_params()
+        )
+    except ModelBuildError as error:
+        _refuse(f"the coordinator's model cannot be built: {error}"[:MAX_ERROR_DETAILS_CHARS])
     if params > max_params:
         _refuse(
             f"the coordinator's model {spec.summary()[:200]} holds about {params:,} "

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tapestry.errors import ModelBuildError
+from tapestry.limits import MAX_MODEL_PARAMS
 
 INSTALL_HINT = "install the optional extra: pip install 'tapestry-consortium[hf]'"
 
@@ -30,11 +31,12 @@ def hf_parameter_count(config_json: str) -> int:
         from transformers import AutoModelForCausalLM
     except ImportError:
         return 0
-    config = _config(config_json)
+    return _meta_count(AutoModelForCausalLM, _config(config_json))
+
+
+def _meta_count(auto: Any, config: Any) -> int:
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-            config, trust_remote_code=False
-        )
+        model = auto.from_config(config, trust_remote_code=False)
     return sum(parameter.numel() for parameter in model.parameters())  # unique: ties once
 
 
@@ -71,6 +73,12 @@ class HuggingFaceCausalLM(nn.Module):
                 f"model architecture 'hf-causal-lm' needs transformers ({error}); {INSTALL_HINT}"
             ) from None
         config = _config(config_json)
+        params = _meta_count(AutoModelForCausalLM, config)  # before any memory is taken
+        if params > MAX_MODEL_PARAMS:
+            raise ModelBuildError(
+                f"hf_config: the model would hold {params:,} parameters, more than "
+                f"MAX_MODEL_PARAMS = {MAX_MODEL_PARAMS:,}"
+            )
         # transformers leaves from_config untyped; it returns a PreTrainedModel (a Module).
         self.hf: nn.Module = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
             config, trust_remote_code=False

@@ -76,6 +76,8 @@ class ModelSpec:
                 config = json.loads(self.hf_config)
             except ValueError:
                 return [*out, "hf_config is not JSON text (a transformers config)"]
+            except RecursionError:  # a hostile spec nested past what the parser can follow
+                return [*out, "hf_config nests too deep to be a transformers config"]
             vocab = config.get("vocab_size") if isinstance(config, dict) else None
             if vocab != self.vocab_size:
                 out.append(
