@@ -933,3 +933,23 @@ def test_a_member_that_drops_every_session_cannot_hold_a_describe_past_its_attem
     with pytest.raises(LinkError) as caught:
         asked.result(timeout=1.0)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_describe_asked_again_keeps_to_its_first_deadline_plus_the_resume_window() -> None:
+    # timeout 2 s + resume window 1.5 s: a session cut at 1.5 s (unanswered), a node back
+    # at 2.9 s that never answers gets what is left (0.6 s), not a fresh 2 s: the describe
+    # ends at ~3.5 s, not ~4.9 s
+    members = Members([("vietnam", "Vietnam")], resume_window_s=1.5)
+    session = members.join(_opened(serial=7))[0]
+    started = time.monotonic()
+    asked = _in_thread(lambda: members.link("vietnam").describe(2.0))
+    assert Sent(session.outbox).take().WhichOneof("item") == "describe"
+    time.sleep(1.5)
+    _cut(members, session)
+    time.sleep(1.4)
+    again = members.join(_opened(serial=7))[0]
+    assert Sent(again.outbox).take().WhichOneof("item") == "describe"
+    with pytest.raises(LinkError) as caught:
+        asked.result(timeout=10.0)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 3.4 < time.monotonic() - started < 4.5

@@ -351,18 +351,20 @@ class MemberLink:
         session that drops before the answer (UNAVAILABLE: the node dials again) is waited
         for as a cycle waits, up to ``resume_window_s``, and the node asked again on its
         next one: a describe changes nothing, so asking twice is safe. At most
-        :data:`DESCRIBE_ATTEMPTS` sessions are asked, so a member that drops its session
-        again and again cannot hold the round's start. Without (a session's admission
+        :data:`DESCRIBE_ATTEMPTS` sessions are asked, all within ``timeout_s`` plus
+        ``resume_window_s``, so a member that drops its session again and again holds the
+        round's start no longer than one cut cycle would. Without (a session's admission
         check: the next session is checked on its own), it fails at once."""
         attempts = DESCRIBE_ATTEMPTS if again else 1
+        give_up = time.monotonic() + timeout_s + self.resume_window_s
         for attempt in range(1, attempts + 1):
             try:
-                return self._describe_once(timeout_s)
+                return self._describe_once(min(timeout_s, give_up - time.monotonic()))
             except LinkError as error:
                 if (
                     error.code() is not grpc.StatusCode.UNAVAILABLE
                     or attempt == attempts
-                    or not self._session_back(self.resume_window_s)
+                    or not self._session_back(min(self.resume_window_s, give_up - time.monotonic()))
                 ):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
