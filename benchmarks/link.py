@@ -266,11 +266,13 @@ class _Pipe:
                         sink.write_eof()
                 self.sink.conn.maybe_finish()
                 continue
+            # counted before it is written: the peer may read it (and a caller the counter)
+            # before this loop ends
+            self.counter[0] += len(piece)
             sink.write(piece)
             delivered += len(piece)
         if delivered:
             self.held -= delivered
-            self.counter[0] += delivered
             if self.spec.window_bytes is not None:
                 self.loop.call_later(self.ack_delay_s, self._ack, delivered)
             self._maybe_resume()
