@@ -120,8 +120,10 @@ MAX_SUPERSEDED = 10_000
 # bound keeps a typo from letting a stalled caller hold a node for good.
 MAX_TRANSFER_TIMEOUT_S = 24 * 3600.0
 
-# Round numbers travel as uint32.
-MAX_ROUND_NUM = (1 << 32) - 1
+# Round numbers travel as uint64 (a uint32 field takes a larger number modulo 2**32, so a
+# rollback asked for round 2**32 + 2 went to round 2); they stay within int64, which JSON
+# readers and signed-integer code hold.
+MAX_ROUND_NUM = (1 << 63) - 1
 
 
 # -- Certificates --------------------------------------------------------------------------

@@ -111,6 +111,38 @@ def test_a_round_never_committed_is_not_found(refusing):
     assert len(listed) == 2
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+@pytest.mark.parametrize("to_round", [2**32 + 2, 2**63, 2**64 - 1])
+def test_a_round_past_32_bits_is_not_taken_modulo_2_to_the_32(refusing, to_round):
+    # Sent as raw bytes, as any client may: field 1 (to_round) as a varint. When round
+    # numbers were uint32, 2**32 + 2 rolled back to round 2 and 2**63 to round 0.
+    method = "/tapestry.consortium.v1.CoordinatorService/RollBackBase"
+    with grpc.insecure_channel(refusing.coordinator_address) as channel:
+        call = channel.unary_unary(
+            method,
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.RollBackBaseResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"\x08" + _varint(to_round), timeout=30)
+    with refusing.client() as client:
+        listed = client.list_rounds()
+
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+    assert refused.value.details() == (
+        f"NotFound: round {to_round} not found; committed rounds: 0..2"
+    )
+    assert len(listed) == 2
+
+
 def test_a_damaged_base_is_not_restored(tmp_path):
     with consortium_after_two_rounds(tmp_path) as (consortium, _):
         damaged = consortium.coordinator_data_dir / "base" / "round-000001.safetensors"

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.limits import MAX_ROUND_NUM
 from tapestry.wire import codec
 
 from .conftest import MAX_MESSAGE_CHARS, examples
@@ -19,6 +20,7 @@ from .conftest import MAX_MESSAGE_CHARS, examples
 FLOATS = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, 0.5, 1.0, -0.0])
 TEXT = st.text(max_size=20) | st.text(min_size=2000, max_size=3000)
 UINT32 = st.integers(0, 2**32 - 1)
+ROUND = st.integers(0, MAX_ROUND_NUM)  # uint64 on the wire, int64 in value
 
 
 def decoded(kind: type[Message], raw: bytes) -> Message | None:
@@ -57,7 +59,7 @@ CYCLE_PROGRESS = st.builds(
 )
 PROGRESS = st.builds(
     pb.RoundProgress,
-    round_num=UINT32,
+    round_num=ROUND,
     stage=st.integers(-3, 10) | st.integers(-(2**31), 2**31 - 1),
     node_id=TEXT,
     detail=TEXT,
@@ -125,7 +127,7 @@ def test_a_cycle_result_decodes_or_is_refused_briefly(raw: bytes) -> None:
 @settings(max_examples=examples(300))
 @given(
     request=st.one_of(
-        st.builds(pb.GetRoundRequest, round_num=UINT32),
+        st.builds(pb.GetRoundRequest, round_num=ROUND),
         st.builds(pb.GetRoundRequest, latest=st.booleans()),
         st.just(pb.GetRoundRequest()),
     ),

@@ -15,8 +15,9 @@ from tapestry.cli.options import (
     friendly_errors,
     json_option,
 )
+from tapestry.limits import MAX_ROUND_NUM
 
-_ROUND = click.IntRange(0, 2**32 - 1)  # the wire's uint32
+_ROUND = click.IntRange(0, MAX_ROUND_NUM)
 
 
 @click.group("base")
