@@ -23,8 +23,10 @@ from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_stat
 
 
 class FakeNode(pb_grpc.SovereignNodeServiceServicer):
-    """Describes itself as told; its cycle adds 0.01 to every weight, with the fault
-    ``behaviour`` names (``"honest"`` for none)."""
+    """Describes itself as told; its cycle adds 0.01 plus 0.0001 x the round to every
+    weight (an honest node's delta differs from round to round), with the fault
+    ``behaviour`` names (``"honest"`` for none; ``"replay"`` sends its first delta, 0.01,
+    every round, ``"replay-unannounced"`` too without its digest in the header)."""
 
     def __init__(
         self,
@@ -57,7 +59,9 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         base = receive_state(request_iterator, "base_chunk", "base_end", StateAssembler())
         self.before_reply()
         yield from self.progress()
-        delta = {name: tensor * 0.0 + 0.01 for name, tensor in base.items()}
+        replays = self.behaviour in ("replay", "replay-unannounced")
+        step = 0.01 if replays else 0.01 + 1e-4 * start.round_num
+        delta = {name: tensor * 0.0 + step for name, tensor in base.items()}
         node_id = "vietnam" if self.behaviour == "impostor" else self.node_id
         if self.behaviour == "nan":
             delta["embedding.weight"][0, 0] = float("nan")
@@ -66,7 +70,7 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         if self.behaviour == "huge":  # finite, but it would drag the base far away
             delta = {name: tensor * 0.0 + 1e30 for name, tensor in base.items()}
         digest = state_digest(delta)
-        announced = "0" * 64 if self.behaviour == "tampered" else digest
+        announced = {"tampered": "0" * 64, "replay-unannounced": ""}.get(self.behaviour, digest)
         yield pb.RunSovereignCycleResponse(
             result=pb.SovereignCycleResult(
                 artifact=pb.SovereignModelArtifact(

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from tapestry.demo.launcher import LocalConsortium
 from tapestry.training.consortium import ModelSpec
 
+from .conftest import POLICY
 from .fake_nodes import BlockingNode, FakeNode, serve
 
 pytestmark = pytest.mark.slow  # whole consortia of training processes
@@ -117,3 +119,39 @@ def test_a_member_cannot_capture_the_base_with_its_score_or_one_huge_delta(conso
     assert result.policy.max_quality == 1.0
     assert result.policy.max_delta_norm_ratio == 10.0
     assert all(bool(t.abs().max() < 100) for t in base.values())
+
+
+def test_a_delta_sent_again_is_refused_in_every_later_round_even_after_a_restart(tmp_path):
+    """The copycat sends its round-1 delta every round (the same bits, the same digest):
+    counted once, then refused with the round it came in, also once the coordinator has
+    restarted and knows it only from its journal."""
+    fakes = [
+        FakeNode("alpha"),
+        FakeNode("beta"),
+        FakeNode("copycat", "replay"),  # refused on its header's digest
+        FakeNode("quiet", "replay-unannounced"),  # refused on its trailer's
+    ]
+    with (
+        serve(fakes) as members,
+        LocalConsortium(
+            tmp_path / "c", [], policy=POLICY, extra_members=members, tls=False
+        ) as consortium,
+    ):
+        with consortium.client() as client:
+            first, second = client.run_round(), client.run_round()
+        consortium.restart_coordinator()
+        with consortium.client() as client:
+            third = client.run_round()
+
+    assert list(first.accepted_nodes) == ["alpha", "beta", "copycat", "quiet"]
+    sent = {c.node_id: c.weight_delta_sha256 for c in first.contributions}
+    assert sent["copycat"] == sent["quiet"]  # the same bits
+    for later in (second, third):
+        assert list(later.accepted_nodes) == ["alpha", "beta"]
+        for node in ("copycat", "quiet"):
+            assert later.failed_nodes[node] == (
+                f"invalid contribution: node {node} sent this delta (sha256 "
+                f"{sent[node][:16]}…) in round 1 already: a delta is counted once"
+            )
+        assert later.previous_base_sha256 != later.shared_base_sha256
+    assert [fake.cycles for fake in fakes] == [3, 3, 3, 3]

@@ -18,6 +18,7 @@ import torch
 from tapestry.allocator import release_free_memory
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.node_links import CycleCall, DialedLink, NodeLink
+from tapestry.coordinator.sent_deltas import SentDeltas
 from tapestry.coordinator.transfer_meter import TransferMeter
 from tapestry.errors import WireError, quoted
 from tapestry.limits import MAX_PEER_NAME_CHARS, MAX_PROGRESS_MESSAGE_BYTES, MAX_PROGRESS_MESSAGES
@@ -121,6 +122,7 @@ class RemoteSovereignNode:
         count_sent: ByteCount | None = None,
         count_received: ByteCount | None = None,
         delta_encoding: DeltaEncoding = DeltaEncoding.FLOAT32,
+        sent_deltas: SentDeltas | None = None,
     ) -> None:
         """``link`` reaches the node: its session (it dialed out) or, given as an address,
         a :class:`~tapestry.coordinator.node_links.DialedLink` to a node that listens
@@ -137,7 +139,9 @@ class RemoteSovereignNode:
         the delta received (the coordinator's metrics), as they travel. ``delta_encoding``
         is asked of the node for its delta's floating tensors
         (:mod:`tapestry.wire.delta_encoding`); its stream may hold raw tensors and that
-        encoding, nothing else, and is decoded as it arrives."""
+        encoding, nothing else, and is decoded as it arrives. ``sent_deltas`` remembers
+        the member's deltas, so that one sent again is refused
+        (:mod:`tapestry.coordinator.sent_deltas`)."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.model = model
@@ -150,6 +154,7 @@ class RemoteSovereignNode:
         self._count_sent = count_sent
         self._count_received = count_received
         self.delta_encoding = delta_encoding
+        self.sent_deltas = sent_deltas
         self._link = DialedLink(node_id, link, credentials) if isinstance(link, str) else link
         self.held_base_sha256 = ""  # the base the node said it holds (Describe)
 
@@ -314,7 +319,13 @@ class RemoteSovereignNode:
         on_progress: ProgressCallback,
     ) -> Mapping[str, torch.Tensor]:
         """Ask the node for its delta and receive it, checked chunk by chunk against the
-        base's layout, spilled to disk when the proxy has a ``spill_dir``."""
+        base's layout, spilled to disk when the proxy has a ``spill_dir``. A delta this
+        member sent in an earlier round (``sent_deltas``) is refused: before it crosses the
+        wire when the header announces its digest, else once its trailer names it."""
+        announced = header.contribution.weight_delta_sha256
+        round_num = header.contribution.round_num
+        if announced and self.sent_deltas is not None:
+            self.sent_deltas.check(self.node_id, announced, round_num)
         expected = spec_of(base_state)  # anything else is refused on arrival
         encodings = [self.delta_encoding]  # raw, or the one this consortium asked for
         assembler = (
@@ -332,9 +343,11 @@ class RemoteSovereignNode:
             # A node may announce the digest in the header; it need not (it then hashes
             # the delta as it streams, one pass fewer), and the trailer's, checked against
             # the bytes received, is the contribution's either way.
-            announced = header.contribution.weight_delta_sha256
             if announced and assembler.digest != announced:
                 raise WireError("delta trailer digest differs from the announced one")
+            if self.sent_deltas is not None:
+                self.sent_deltas.check(self.node_id, assembler.digest, round_num)
+                self.sent_deltas.add(self.node_id, assembler.digest, round_num)
             on_progress(
                 CycleProgress(
                     CyclePhase.DELTA_RECEIVED,

@@ -19,6 +19,7 @@ from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.members import Members
 from tapestry.coordinator.node_links import CycleCall, DialedLink, LinkError, NodeLink
 from tapestry.coordinator.remote_node import RemoteSovereignNode
+from tapestry.coordinator.sent_deltas import SentDeltas
 from tapestry.coordinator.sessions import MemberLink
 from tapestry.observe.metrics import CoordinatorMetrics
 from tapestry.pki.serving import ServerSecurity
@@ -66,10 +67,12 @@ class Roster:
         store: CoordinatorStore,
         security: ServerSecurity,
         metrics: CoordinatorMetrics,
+        sent_deltas: SentDeltas | None = None,
     ) -> None:
         """``layout`` is what every member's state must hold; ``security`` gives the
         credentials to dial members that listen, and the CRL that ends a revoked member's
-        session."""
+        session; ``sent_deltas``, the deltas each member sent (one sent again is refused)."""
+        self.sent_deltas = sent_deltas if sent_deltas is not None else SentDeltas()
         self._config = config
         self._layout = layout
         self._store = store
@@ -114,6 +117,7 @@ class Roster:
             count_sent=self._metrics.base_sent(member.node_id),
             count_received=self._metrics.delta_received(member.node_id),
             delta_encoding=DeltaEncoding(config.delta_encoding),
+            sent_deltas=self.sent_deltas,
         )
 
     def for_round(self) -> list[RemoteSovereignNode]:

@@ -24,6 +24,7 @@ from tapestry.coordinator.remote_node import (
     RemoteSovereignNode,
 )
 from tapestry.coordinator.roster import Roster
+from tapestry.coordinator.sent_deltas import SentDeltas
 from tapestry.coordinator.servicer import CoordinatorServicer
 from tapestry.coordinator.session_service import SessionDoor
 from tapestry.errors import UserError, quoted
@@ -92,7 +93,8 @@ def build_coordinator_server(
     records = _resume(core, store, base_model, config.consortium_id)
     restore_coordinator_metrics(metrics, records, [member.node_id for member in config.nodes])
     layout = state_layout(model_state(base_model))  # what every member's state must hold
-    roster = Roster(config, layout, store, security, metrics)
+    # every delta a member delivered, from the journal: one sent again is refused
+    roster = Roster(config, layout, store, security, metrics, SentDeltas(records))
     door = SessionDoor(
         roster.members,
         config.consortium_id,
