@@ -1,0 +1,190 @@
+"""Member-validated commit: whether the members' own evaluations accept a round's candidate
+base, and the fallback when they do not.
+
+After the deltas are integrated, each member evaluates the candidate on its held-out split
+(the evaluation it already runs) and reports the loss of the base it started from and of
+the candidate. The round's :class:`AcceptanceRule` decides on those numbers:
+
+- ``no_regression`` (the default): no member's loss rises by more than ``tolerance`` nats;
+- ``mean_improves``: the members' mean change is below zero;
+- ``majority_improves``: more than half the members' losses fall.
+
+A rejected candidate is not committed. The fallback shortens the step, ``base + s·(candidate
+- base)`` for s = 1/2, 1/4, … (:attr:`AcceptancePolicy.max_halvings` times), each evaluated
+the same way; the first accepted step is committed. Otherwise the round aborts with the
+base bitwise unchanged, except in one case: **a lone objection** (under ``no_regression``,
+whose objections are its verdict). When a single member alone objects to the full step and
+is still the only objector to every shortened one, the full candidate is committed over it
+and its objection recorded. So under the default rule
+one lying member (its evaluations are its own word) can:
+- make the round try shorter steps (at most ``max_halvings`` more evaluations);
+- shrink the committed step to any of them, by objecting to the longer ones only.
+
+It cannot veto the round: objecting to every step commits the full candidate over it. Nor
+can it hide a rise that another member reports, since a flattering evaluation does not
+remove that member's objection. Two members objecting together can abort a round.
+
+This module decides; it evaluates nothing. Who asks the members and how they answer is the
+caller's (the services' validation phase).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from tapestry.limits import MAX_HELDOUT_LOSS
+
+DEFAULT_TOLERANCE = 0.01
+"""Nats a member's held-out loss may rise under ``no_regression`` before it objects."""
+DEFAULT_MAX_HALVINGS = 3
+MAX_HALVINGS = 10
+"""At most 2**-10 of the step: past that a shorter step is no step."""
+MAX_TOLERANCE = 10.0
+
+
+class AcceptanceRule(StrEnum):
+    NO_REGRESSION = "no_regression"
+    MEAN_IMPROVES = "mean_improves"
+    MAJORITY_IMPROVES = "majority_improves"
+
+
+@dataclass(frozen=True)
+class MemberEvaluation:
+    """One member's evaluation of one candidate: the held-out loss of the base it trained
+    from and of the candidate, in nats per token."""
+
+    node_id: str
+    base_loss: float
+    candidate_loss: float
+
+    def __post_init__(self) -> None:
+        for name in ("base_loss", "candidate_loss"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value) or not 0.0 <= value <= MAX_HELDOUT_LOSS:
+                raise ValueError(
+                    f"{name} {value!r} is not a held-out loss in [0, {MAX_HELDOUT_LOSS:g}]"
+                )
+
+    @property
+    def change(self) -> float:
+        """How far the candidate moved this member's loss (negative: it improved)."""
+        return self.candidate_loss - self.base_loss
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The rule's decision on one candidate: accepted or not, the members whose loss rose
+    past the tolerance (objections, recorded whatever the rule), and why, in words."""
+
+    accepted: bool
+    objections: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class AcceptancePolicy:
+    """The acceptance rule a consortium commits by, recorded with each round."""
+
+    rule: AcceptanceRule = AcceptanceRule.NO_REGRESSION
+    tolerance: float = DEFAULT_TOLERANCE
+    max_halvings: int = DEFAULT_MAX_HALVINGS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rule", AcceptanceRule(self.rule))
+        if not (math.isfinite(self.tolerance) and 0.0 <= self.tolerance <= MAX_TOLERANCE):
+            raise ValueError(f"tolerance {self.tolerance!r} must be in [0, {MAX_TOLERANCE:g}] nats")
+        if isinstance(self.max_halvings, bool) or not 0 <= self.max_halvings <= MAX_HALVINGS:
+            raise ValueError(f"max_halvings {self.max_halvings!r} must be in [0, {MAX_HALVINGS}]")
+
+    def judge(self, evaluations: Sequence[MemberEvaluation]) -> Verdict:
+        """The rule applied to one candidate's evaluations (one per member, checked)."""
+        ids = [e.node_id for e in evaluations]
+        if len(set(ids)) != len(ids):
+            raise ValueError("one evaluation per member: a member was counted twice")
+        if not evaluations:
+            return Verdict(False, (), "no member evaluated the candidate")
+        objections = tuple(e.node_id for e in evaluations if e.change > self.tolerance)
+        changes = [e.change for e in evaluations]
+        if self.rule is AcceptanceRule.NO_REGRESSION:
+            if not objections:
+                return Verdict(True, (), f"no held-out loss rose by more than {self.tolerance:g}")
+            rises = ", ".join(
+                f"{e.node_id} +{e.change:.4g}" for e in evaluations if e.node_id in objections
+            )
+            return Verdict(
+                False, objections, f"held-out loss rose past {self.tolerance:g}: {rises}"
+            )
+        if self.rule is AcceptanceRule.MEAN_IMPROVES:
+            mean = math.fsum(changes) / len(changes)
+            return Verdict(mean < 0, objections, f"mean held-out change {mean:+.4g}")
+        better = sum(1 for change in changes if change < 0)
+        return Verdict(
+            2 * better > len(changes),
+            objections,
+            f"{better} of {len(changes)} held-out losses fell",
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One candidate tried: the step's scale (1 is the full candidate) and its verdict."""
+
+    scale: float
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What validation decided: the scale committed (``None``: abort, the base unchanged),
+    every attempt in order, and the objection committed over (a lone objector's id)."""
+
+    scale: float | None
+    attempts: tuple[Attempt, ...]
+    committed_over: tuple[str, ...] = field(default=())
+
+    @property
+    def reason(self) -> str:
+        """One line for the round's record."""
+        last = self.attempts[-1]
+        if self.scale is None:
+            return f"not committed: {last.verdict.reason} (after {len(self.attempts)} tries)"
+        if self.committed_over:
+            return (
+                f"committed over the lone objection of {self.committed_over[0]} "
+                f"({self.attempts[0].verdict.reason})"
+            )
+        return f"committed at step {self.scale:g}: {last.verdict.reason}"
+
+
+Evaluate = Callable[[float], Sequence[MemberEvaluation]]
+"""The members' evaluations of ``base + scale·(candidate - base)``."""
+
+
+def validate(policy: AcceptancePolicy, evaluate: Evaluate) -> Validation:
+    """Try the full candidate, then each shorter step, as the module says; ``evaluate`` is
+    asked once per step tried."""
+    attempts: list[Attempt] = []
+    scale = 1.0
+    for halving in range(policy.max_halvings + 1):
+        scale = 0.5**halving
+        verdict = policy.judge(evaluate(scale))
+        attempts.append(Attempt(scale, verdict))
+        if verdict.accepted:
+            return Validation(scale, tuple(attempts))
+    # Under no_regression the objections are the verdict: one member alone, the same one
+    # every time, cannot hold the round (the other rules decide on all the members' numbers
+    # together, so no one member's objection is what rejected it).
+    first = attempts[0].verdict.objections
+    lone = (
+        policy.rule is AcceptanceRule.NO_REGRESSION
+        and len(first) == 1
+        and all(a.verdict.objections == first for a in attempts)
+    )
+    if lone:
+        return Validation(1.0, tuple(attempts), first)
+    return Validation(None, tuple(attempts))
