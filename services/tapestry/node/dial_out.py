@@ -249,10 +249,10 @@ class DialOut:
     def _spec_of(self, welcome: pb.SessionWelcome) -> ModelSpec:
         """The welcome's model, refused if it does not match its own digest, the node's pin
         (``model_sha256``, ``[model]``), the model already built, the node's windows, or its
-        ``max_model_params``."""
+        ``max_model_params`` (counted last: an ``hf-causal-lm`` count builds the model's
+        modules on the meta device, which a pinned node need not do for another model)."""
         config = self._config
-        limit = config.limits.max_model_params
-        spec = _buildable(codec.model_spec_from_proto(welcome.model), limit)
+        spec, table = _buildable(codec.model_spec_from_proto(welcome.model))
         if spec.digest() != welcome.model_sha256:
             _refuse("the welcome's model does not match the digest it carries")
         if config.model_sha256 is not None and spec.digest() != config.model_sha256:
@@ -271,14 +271,14 @@ class DialOut:
             check_window(spec, config.training.max_seq_len)
         except ValueError as problem:
             _refuse(f"the coordinator's model does not fit this node: {problem}")
+        _within(spec, table, config.limits.max_model_params)
         return spec
 
 
-def _buildable(spec: ModelSpec, max_params: int) -> ModelSpec:
+def _buildable(spec: ModelSpec) -> tuple[ModelSpec, ModelTable]:
     """``spec`` if a consortium file could name it (:class:`ModelTable`: each bound, no code
-    from elsewhere, its canonical form) and it holds at most ``max_params`` parameters (the
-    node's ``[limits]``); refused otherwise, before anything is built (the reason cut: it
-    may quote what the coordinator sent)."""
+    from elsewhere, its canonical form), with that table; refused otherwise, before anything
+    is built (the reason cut: it may quote what the coordinator sent)."""
     problems = spec.problems()
     if problems:
         why = f"the coordinator's model cannot be built: {'; '.join(problems)}"
@@ -289,6 +289,12 @@ def _buildable(spec: ModelSpec, max_params: int) -> ModelSpec:
         _refuse(str(error)[:MAX_ERROR_DETAILS_CHARS])
     if table.spec() != spec:
         _refuse("the coordinator's model is not in the form a consortium file gives it")
+    return spec, table
+
+
+def _within(spec: ModelSpec, table: ModelTable, max_params: int) -> None:
+    """Refuse ``spec`` if it holds more than ``max_params`` parameters (the node's
+    ``[limits]``), counted without building it."""
     try:
         params = (
             hf_parameter_count(spec.hf_config)
@@ -302,7 +308,6 @@ def _buildable(spec: ModelSpec, max_params: int) -> ModelSpec:
             f"the coordinator's model {spec.summary()[:200]} holds about {params:,} "
             f"parameters; this node builds at most {max_params:,} ([limits] max_model_params)"
         )
-    return spec
 
 
 def _refuse(why: str) -> NoReturn:
