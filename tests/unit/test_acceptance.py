@@ -11,9 +11,9 @@ from tapestry.limits import MAX_HELDOUT_LOSS
 from tapestry.training.consortium.governance.acceptance import (
     AcceptancePolicy,
     AcceptanceRule,
-    MemberEvaluation,
     validate,
 )
+from tapestry.training.consortium.messages import MemberEvaluation
 
 BASE = {"vietnam": 3.0, "switzerland": 3.2, "india": 3.1}
 

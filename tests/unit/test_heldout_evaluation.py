@@ -244,3 +244,61 @@ def test_admission_takes_an_evaluation_within_bounds(
 def test_perplexity_past_a_double_is_inf_not_an_error() -> None:
     assert perplexity(0.0) == 1.0
     assert perplexity(1000.0) == math.inf
+
+
+# -- a member's evaluation of a round's candidate base (member-validated commit) -----------
+
+
+def test_a_member_evaluates_a_candidate_against_the_base_it_trained_from(
+    make_node: MakeNode, base_model: nn.Module
+) -> None:
+    node = make_node("vn", heldout_corpus=HELDOUT["vn"])
+    base = base_model.state_dict()
+    trained = node.run_sovereign_cycle(1, base)
+    own = trained.artifact.model_state
+
+    on_own = node.evaluate_candidate(1, own)  # its own trained model as the candidate
+    on_base = node.evaluate_candidate(1, base)
+
+    assert on_own is not None and on_base is not None
+    assert on_own.node_id == "vn"
+    assert on_own.base_loss == on_base.base_loss == trained.contribution.evaluation.base_loss
+    assert on_own.candidate_loss == pytest.approx(
+        trained.contribution.evaluation.sovereign_loss, rel=1e-6
+    )
+    assert on_base.change == pytest.approx(0.0, abs=1e-6)
+    assert on_own.change < 0  # what it trained improves its own held-out split
+    sovereign = TinyCausalModel()
+    sovereign.load_state_dict(own)
+    assert on_own.candidate_loss == pytest.approx(by_hand(sovereign, HELDOUT["vn"])[0], rel=1e-6)
+
+
+def test_a_candidate_far_past_any_loss_is_an_objection_at_the_bound(
+    make_node: MakeNode, base_model: nn.Module
+) -> None:
+    node = make_node("vn", heldout_corpus=HELDOUT["vn"])
+    base = base_model.state_dict()
+    node.run_sovereign_cycle(1, base)
+    wild = {name: tensor * 0 + 1e30 * (-1) ** torch.arange(tensor.numel()).reshape(tensor.shape)
+            for name, tensor in base.items()}  # fmt: skip
+
+    evaluation = node.evaluate_candidate(1, wild)
+
+    assert evaluation is not None and evaluation.candidate_loss == MAX_HELDOUT_LOSS
+
+
+def test_a_candidate_is_checked_as_a_base_and_only_for_a_round_the_member_trained(
+    make_node: MakeNode, base_model: nn.Module
+) -> None:
+    node = make_node("vn", heldout_corpus=HELDOUT["vn"])
+    base = base_model.state_dict()
+    with pytest.raises(ValueError, match="did not train round 1"):
+        node.evaluate_candidate(1, base)
+    node.run_sovereign_cycle(1, base)
+    with pytest.raises(ValueError, match="did not train round 2"):
+        node.evaluate_candidate(2, base)
+    nan = {name: tensor.clone() for name, tensor in base.items()}
+    next(iter(nan.values())).view(-1)[0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        node.evaluate_candidate(1, nan)
+    assert make_node("ch").evaluate_candidate(1, base) is None  # no held-out split

@@ -6,12 +6,14 @@ have defaults, so code written against the proof of concept keeps working.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from tapestry.limits import MAX_HELDOUT_LOSS
 from tapestry.training.consortium.progress import ProgressCallback
 
 ModelState = dict[str, torch.Tensor]
@@ -55,6 +57,31 @@ class HeldOutEvaluation:
     sovereign_loss: float
     sovereign_perplexity: float
     tokens: int
+
+
+@dataclass(frozen=True)
+class MemberEvaluation:
+    """One member's evaluation of one candidate: the held-out loss of the base it trained
+    from and of the candidate, in nats per token."""
+
+    node_id: str
+    base_loss: float
+    candidate_loss: float
+
+    def __post_init__(self) -> None:
+        for name in ("base_loss", "candidate_loss"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value) or not 0.0 <= value <= MAX_HELDOUT_LOSS:
+                raise ValueError(
+                    f"{name} {value!r} is not a held-out loss in [0, {MAX_HELDOUT_LOSS:g}]"
+                )
+
+    @property
+    def change(self) -> float:
+        """How far the candidate moved this member's loss (negative: it improved)."""
+        return self.candidate_loss - self.base_loss
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from tapestry.limits import MAX_HELDOUT_LOSS
+from tapestry.training.consortium.messages import MemberEvaluation
 
 DEFAULT_TOLERANCE = 0.01
 """Nats a member's held-out loss may rise under ``no_regression`` before it objects."""
@@ -49,31 +49,6 @@ class AcceptanceRule(StrEnum):
     NO_REGRESSION = "no_regression"
     MEAN_IMPROVES = "mean_improves"
     MAJORITY_IMPROVES = "majority_improves"
-
-
-@dataclass(frozen=True)
-class MemberEvaluation:
-    """One member's evaluation of one candidate: the held-out loss of the base it trained
-    from and of the candidate, in nats per token."""
-
-    node_id: str
-    base_loss: float
-    candidate_loss: float
-
-    def __post_init__(self) -> None:
-        for name in ("base_loss", "candidate_loss"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-            if not math.isfinite(value) or not 0.0 <= value <= MAX_HELDOUT_LOSS:
-                raise ValueError(
-                    f"{name} {value!r} is not a held-out loss in [0, {MAX_HELDOUT_LOSS:g}]"
-                )
-
-    @property
-    def change(self) -> float:
-        """How far the candidate moved this member's loss (negative: it improved)."""
-        return self.candidate_loss - self.base_loss
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from tapestry.limits import MAX_HELDOUT_LOSS
 from tapestry.training.consortium.local.distributed import CYCLE, TrainingGroup, train_sharded
 from tapestry.training.consortium.local.evaluation import (
     IGNORE_INDEX,
@@ -21,6 +22,7 @@ from tapestry.training.consortium.local.evaluation import (
 )
 from tapestry.training.consortium.messages import (
     HeldOutEvaluation,
+    MemberEvaluation,
     ModelState,
     SovereignContribution,
     SovereignCycleResult,
@@ -229,6 +231,7 @@ class SovereignTrainingNode:
             else on_device(pad_corpus(self.heldout_corpus), self.device)
         )
         self._fewest_rows = 0  # of the last cycle in a training group
+        self._base_loss: tuple[int, float] | None = None  # (round, the base's held-out loss)
         self._lock = threading.Lock()  # one cycle at a time: the model is trained in place
 
     def check_base(self, round_num: int, base_state: Mapping[str, torch.Tensor]) -> None:
@@ -282,6 +285,7 @@ class SovereignTrainingNode:
             # keep the caller's base unchanged.
             load_model_state(self.model, base_state)
             base_loss = self._heldout_loss()  # the incoming base, before any training
+            self._base_loss = None if base_loss is None else (round_num, base_loss[0])
             if self.trainer == "synthetic":
                 mean_loss = self._synthetic_update(round_num)
             else:
@@ -325,6 +329,38 @@ class SovereignTrainingNode:
                 evaluation=evaluation,
             )
             return SovereignCycleResult(artifact=artifact, contribution=contribution)
+
+    def evaluate_candidate(
+        self, round_num: int, candidate_state: Mapping[str, torch.Tensor]
+    ) -> MemberEvaluation | None:
+        """This member's evaluation of round ``round_num``'s candidate base (member-validated
+        commit, :mod:`~tapestry.training.consortium.governance.acceptance`): the held-out
+        loss of the base this node trained from in that round, measured before training,
+        and of ``candidate_state``, on the same split. ``None`` without a held-out split.
+
+        The candidate is checked as a base is (:meth:`check_base`) and loaded into the
+        node's model, which its cycle trains in place from the next base anyway: the
+        round's sovereign model is the artifact's (kept, or persisted). Raises ``ValueError``
+        for a round this node did not train (it has no base loss of it)."""
+        with self._lock:
+            self.check_base(round_num, candidate_state)
+            if self._heldout is None:
+                return None
+            if self._base_loss is None or self._base_loss[0] != round_num:
+                raise ValueError(
+                    f"node {self.node_id!r} did not train round {round_num}: it has no "
+                    "held-out loss of that round's base to compare the candidate with"
+                )
+            load_model_state(self.model, candidate_state)
+            measured = self._heldout_loss()
+            assert measured is not None  # there is a held-out split
+            # A candidate whose loss is past any bound (finite weights can still overflow
+            # the logits) is as bad as the bound says: an objection, not an error.
+            base, loss = (
+                value if value <= MAX_HELDOUT_LOSS else MAX_HELDOUT_LOSS
+                for value in (self._base_loss[1], measured[0])
+            )
+            return MemberEvaluation(self.node_id, base, loss)
 
     def run_worker_cycle(self, round_num: int) -> float:
         """A worker rank's part of rank 0's cycle ``round_num``: train its share of every
