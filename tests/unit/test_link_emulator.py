@@ -152,7 +152,9 @@ def test_a_window_cap_allows_one_window_a_round_trip() -> None:
         receive(conn, nbytes)
         elapsed = time.perf_counter() - start
         sender.join()
-    assert 0.05 + 7 * 0.05 <= elapsed < 0.05 + 16 * 0.05
+    # The floor is the cap's effect; the ceiling only says the transfer ends (a loaded
+    # machine stretched 16 round trips past it once in the full suite).
+    assert 0.05 + 7 * 0.05 <= elapsed < 0.05 + 60 * 0.05
 
 
 def test_the_buffer_is_bounded_by_bandwidth_times_delay_plus_the_queue() -> None:

@@ -417,9 +417,11 @@ def test_message_to_dict_uses_proto_field_names_and_includes_empty_fields() -> N
 
     as_dict = message_to_dict(msg)
 
-    # rolled_back_to has presence: it appears on a rollback only (see the next test).
+    # rolled_back_to and validation have presence: they appear on a rollback (see the next
+    # test) and on a validated round only.
     assert set(as_dict) == set(pb.ConsortiumRoundResult.DESCRIPTOR.fields_by_name) - {
-        "rolled_back_to"
+        "rolled_back_to",
+        "validation",
     }
     assert as_dict["round_num"] == 3
     assert as_dict["accepted_nodes"] == ["vn", "ch"]

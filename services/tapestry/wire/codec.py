@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.limits import MAX_REQUEST_ID_CHARS
+from tapestry.training.consortium.governance.acceptance import Validation
 from tapestry.training.consortium.governance.checks import progress_problem
 from tapestry.training.consortium.governance.policy import ContributionPolicy, ContributionWeighting
 from tapestry.training.consortium.messages import (
@@ -389,6 +390,38 @@ def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundRe
         msg.finished_at.CopyFrom(timestamp_to_proto(result.finished_at, "finished_at"))
     if result.policy is not None:
         msg.policy.CopyFrom(policy_to_proto(result.policy))
+    if result.validation is not None:
+        msg.validation.CopyFrom(validation_to_proto(result.validation))
+    return msg
+
+
+def validation_to_proto(validation: Validation) -> pb.RoundValidation:
+    """A round's member validation: its rule, each step tried with the members' numbers."""
+    policy = validation.policy
+    msg = pb.RoundValidation(
+        rule=policy.rule.value,
+        tolerance=policy.tolerance,
+        max_halvings=policy.max_halvings,
+        attempts=[
+            pb.ValidationAttempt(
+                scale=attempt.scale,
+                accepted=attempt.verdict.accepted,
+                objections=attempt.verdict.objections,
+                reason=attempt.verdict.reason,
+                evaluations=[
+                    pb.MemberEvaluation(
+                        node_id=e.node_id, base_loss=e.base_loss, candidate_loss=e.candidate_loss
+                    )
+                    for e in attempt.evaluations
+                ],
+            )
+            for attempt in validation.attempts
+        ],
+        committed_over=validation.committed_over,
+        reason=validation.reason,
+    )
+    if validation.scale is not None:
+        msg.committed_scale = validation.scale
     return msg
 
 

@@ -76,13 +76,20 @@ class AcceptancePolicy:
         if isinstance(self.max_halvings, bool) or not 0 <= self.max_halvings <= MAX_HALVINGS:
             raise ValueError(f"max_halvings {self.max_halvings!r} must be in [0, {MAX_HALVINGS}]")
 
-    def judge(self, evaluations: Sequence[MemberEvaluation]) -> Verdict:
-        """The rule applied to one candidate's evaluations (one per member, checked)."""
+    def judge(self, evaluations: Sequence[MemberEvaluation], quorum: int = 1) -> Verdict:
+        """The rule applied to one candidate's evaluations (one per member, checked); fewer
+        than ``quorum`` of them decide nothing (a member that did not answer in time counts
+        as the round's quorum rules say)."""
         ids = [e.node_id for e in evaluations]
         if len(set(ids)) != len(ids):
             raise ValueError("one evaluation per member: a member was counted twice")
-        if not evaluations:
-            return Verdict(False, (), "no member evaluated the candidate")
+        if not evaluations or len(evaluations) < quorum:
+            return Verdict(
+                False,
+                (),
+                f"{len(evaluations)} members evaluated the candidate; at least "
+                f"{max(quorum, 1)} must",
+            )
         objections = tuple(e.node_id for e in evaluations if e.change > self.tolerance)
         changes = [e.change for e in evaluations]
         if self.rule is AcceptanceRule.NO_REGRESSION:
@@ -107,20 +114,24 @@ class AcceptancePolicy:
 
 @dataclass(frozen=True)
 class Attempt:
-    """One candidate tried: the step's scale (1 is the full candidate) and its verdict."""
+    """One candidate tried: the step's scale (1 is the full candidate), the members'
+    evaluations of it, and the verdict on them."""
 
     scale: float
     verdict: Verdict
+    evaluations: tuple[MemberEvaluation, ...] = ()
 
 
 @dataclass(frozen=True)
 class Validation:
-    """What validation decided: the scale committed (``None``: abort, the base unchanged),
-    every attempt in order, and the objection committed over (a lone objector's id)."""
+    """What validation decided under ``policy``: the scale committed (``None``: abort, the
+    base unchanged), every attempt in order, and the objection committed over (a lone
+    objector's id)."""
 
     scale: float | None
     attempts: tuple[Attempt, ...]
     committed_over: tuple[str, ...] = field(default=())
+    policy: AcceptancePolicy = field(default_factory=lambda: AcceptancePolicy())
 
     @property
     def reason(self) -> str:
@@ -140,17 +151,18 @@ Evaluate = Callable[[float], Sequence[MemberEvaluation]]
 """The members' evaluations of ``base + scale·(candidate - base)``."""
 
 
-def validate(policy: AcceptancePolicy, evaluate: Evaluate) -> Validation:
+def validate(policy: AcceptancePolicy, evaluate: Evaluate, quorum: int = 1) -> Validation:
     """Try the full candidate, then each shorter step, as the module says; ``evaluate`` is
-    asked once per step tried."""
+    asked once per step tried, and each step needs ``quorum`` evaluations."""
     attempts: list[Attempt] = []
     scale = 1.0
     for halving in range(policy.max_halvings + 1):
         scale = 0.5**halving
-        verdict = policy.judge(evaluate(scale))
-        attempts.append(Attempt(scale, verdict))
+        evaluations = tuple(evaluate(scale))
+        verdict = policy.judge(evaluations, quorum)
+        attempts.append(Attempt(scale, verdict, evaluations))
         if verdict.accepted:
-            return Validation(scale, tuple(attempts))
+            return Validation(scale, tuple(attempts), policy=policy)
     # Under no_regression the objections are the verdict: one member alone, the same one
     # every time, cannot hold the round (the other rules decide on all the members' numbers
     # together, so no one member's objection is what rejected it).
@@ -161,5 +173,5 @@ def validate(policy: AcceptancePolicy, evaluate: Evaluate) -> Validation:
         and all(a.verdict.objections == first for a in attempts)
     )
     if lone:
-        return Validation(1.0, tuple(attempts), first)
-    return Validation(None, tuple(attempts))
+        return Validation(1.0, tuple(attempts), first, policy)
+    return Validation(None, tuple(attempts), policy=policy)

@@ -15,6 +15,7 @@ reported to an event sink from the core itself, so in-process and remote runs re
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tapestry.training.consortium.governance.acceptance import AcceptancePolicy, Validation
 from tapestry.training.consortium.governance.policy import ContributionPolicy
 from tapestry.training.consortium.messages import (
     ConsortiumNode,
@@ -40,6 +42,8 @@ from tapestry.training.consortium.round.events import EventSink, Reporter, Round
 from tapestry.training.consortium.round.ledger import RoundLedger
 from tapestry.training.consortium.round.relay import as_consortium_node
 from tapestry.training.consortium.round.result import ConsortiumRoundResult
+from tapestry.training.consortium.round.stages import Integration
+from tapestry.training.consortium.round.validation import validate_candidate
 from tapestry.training.consortium.strategies.base import Strategy
 from tapestry.training.consortium.strategies.registry import make_strategy
 from tapestry.training.consortium.tensors import Snapshot, clone_state, state_digest, state_mismatch
@@ -99,16 +103,22 @@ class ConsortiumCoordinator:
         min_nodes: int = 0,
         copy_states: bool = True,
         ledger: RoundLedger[Any] | None = None,
+        acceptance: AcceptancePolicy | None = None,
     ) -> None:
         """``assessed_quality`` (node id -> score) is the consortium's own assessment of a
         member, e.g. from evaluation on held-out data; where given it replaces the score the
         node reports about itself when the policy weighs contributions. ``min_nodes`` is the
         quorum: a round with fewer contributing nodes is aborted (see the class). ``ledger``
         answers which transaction runs and which request ids are answered
-        (:class:`~.ledger.RoundLedger`; a fresh one by default)."""
+        (:class:`~.ledger.RoundLedger`; a fresh one by default). ``acceptance`` turns on
+        member-validated commit (:mod:`~tapestry.training.consortium.governance.acceptance`):
+        the members that contributed evaluate the integrated candidate (nodes with
+        ``evaluate_candidate``), and it is committed, shortened, or not at all as the rule
+        says; off by default, as in the proof of concept."""
         if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 0:
             raise ValueError(f"min_nodes must be an integer >= 0, got {min_nodes!r}")
         self.min_nodes = min_nodes
+        self.acceptance = acceptance
         self.copy_states = copy_states
         self.base_model = copy.deepcopy(base_model) if copy_states else base_model
         self.assessed_quality = dict(assessed_quality or {})
@@ -212,6 +222,14 @@ class ConsortiumCoordinator:
         received, failed, scores = decided.received, decided.failed, decided.scores
         aborted_reason = decided.aborted_reason
         del decided  # metadata only from here on: the deltas are let go
+        validation = None
+        if self.acceptance is not None and integrated.new_state is not None:
+            voters = [node for node in nodes if node.node_id in received]
+            validation, validated = validate_candidate(
+                self.acceptance, voters, report.round_num, base, integrated.new_state,
+                self.min_nodes,
+            )  # fmt: skip
+            integrated = _validated(integrated, validation, validated, self.strategy.state)
         if integrated.new_state is not None:
             new_state, new_sha256 = integrated.new_state, state_digest(integrated.new_state)
         else:
@@ -245,6 +263,7 @@ class ConsortiumCoordinator:
                 finished_at=datetime.now(UTC),
                 aborted_reason=aborted_reason,
                 strategy_state=integrated.strategy_state,
+                validation=validation,
             ),
             load_base=bool(integrated.accepted),
         )
@@ -355,3 +374,20 @@ class ConsortiumCoordinator:
             load_model_state(self.base_model, state)
         else:
             install_model_state(self.base_model, state)
+
+
+def _validated(
+    integrated: Integration,
+    validation: Validation,
+    state: ModelState | None,
+    strategy_state: ModelState | None,
+) -> Integration:
+    """The integration as validation leaves it: its candidate, a shorter step toward it, or
+    nothing (every node that counted is rejected with the validation's reason, the strategy's
+    state is left as it was, and the base stays bitwise unchanged)."""
+    if state is not None:
+        return dataclasses.replace(integrated, new_state=state)
+    why = f"the members did not accept the candidate: {validation.reason}"
+    rejected = [*integrated.accepted, *integrated.rejected]
+    reasons = {**{n: why for n in integrated.accepted}, **integrated.rejection_reasons}
+    return Integration(None, strategy_state, [], rejected, {}, reasons)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from tapestry.training.consortium.governance.acceptance import Validation
 from tapestry.training.consortium.governance.policy import ContributionPolicy
 from tapestry.training.consortium.messages import (
     ModelState,
@@ -33,7 +34,10 @@ class ConsortiumRoundResult:
     ``strategy_state`` is the integration strategy's state in force after the round (diloco's
     outer momentum; ``None``: none, or its initial value), persisted with its base; the
     coordinator keeps these very tensors (no copy of a model's worth), so read them, never
-    change them.
+    change them. ``validation`` is the members' validation of the round's candidate
+    (:mod:`~tapestry.training.consortium.governance.acceptance`): every step tried, the
+    members' evaluations and verdicts, and the step committed; ``None`` where the round ran
+    none (no acceptance policy, or nothing was integrated).
     """
 
     round_num: int
@@ -55,6 +59,7 @@ class ConsortiumRoundResult:
     aborted_reason: str = ""  # set when too few nodes contributed: nothing was integrated
     rolled_back_to: int | None = None  # set on a rollback: the round whose base is restored
     strategy_state: ModelState | None = None  # persisted with the base
+    validation: Validation | None = None  # member-validated commit, where the round ran it
 
     @property
     def aborted(self) -> bool:

@@ -1,0 +1,238 @@
+"""Member-validated commit in the core: off unless asked (the proof of concept's rounds are
+unchanged); on, the members that contributed evaluate the candidate and the round commits
+it, a shorter step toward it, or nothing, as the acceptance rule says."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import pytest
+import torch
+from torch import nn
+
+from tapestry.training.consortium import (
+    ConsortiumCoordinator,
+    ContributionPolicy,
+    SovereignTrainingNode,
+)
+from tapestry.training.consortium.governance.acceptance import AcceptancePolicy
+from tapestry.training.consortium.local.evaluation import heldout_loss
+from tapestry.training.consortium.local.node import pad_corpus
+from tapestry.training.consortium.messages import MemberEvaluation, SovereignCycleResult
+from tapestry.training.consortium.models.state import model_state
+from tapestry.training.consortium.tensors import clone_state, state_digest
+from tapestry.wire.codec import round_result_to_proto
+
+from .conftest import CORPORA, MakeNode, encode
+
+HELDOUT = {
+    "vn": [encode("Chợ nổi Cái Răng họp từ sáng sớm."), encode("Lúa nổi trên đồng.")],
+    "ch": [encode("Der Zug nach Chur fährt um acht."), encode("Le train part.")],
+    "in": [encode("बारिश आज रात होगी।"), encode("दिल्ली में बारिश।")],
+}
+
+
+def _members(make_node: MakeNode) -> list[SovereignTrainingNode]:
+    return [make_node(n, heldout_corpus=HELDOUT[n]) for n in ("vn", "ch", "in")]
+
+
+class Reversed:
+    """The issue's hostile member: trains honestly on Vietnamese, sends its delta times
+    -9.9 with quality 1.0, and flatters every candidate in its evaluation."""
+
+    def __init__(self, node: SovereignTrainingNode) -> None:
+        self.node = node
+        self.node_id = node.node_id
+
+    def run_sovereign_cycle(
+        self, round_num: int, base_state: Mapping[str, torch.Tensor], *, on_progress=None
+    ) -> SovereignCycleResult:
+        result = self.node.run_sovereign_cycle(round_num, base_state, on_progress=on_progress)
+        delta = {k: v * -9.9 for k, v in result.contribution.weight_delta.items()}
+        contribution = dataclasses.replace(
+            result.contribution, weight_delta=delta, quality_score=1.0
+        )
+        return dataclasses.replace(result, contribution=contribution)
+
+    def evaluate_candidate(
+        self, round_num: int, candidate_state: Mapping[str, torch.Tensor]
+    ) -> MemberEvaluation | None:
+        honest = self.node.evaluate_candidate(round_num, candidate_state)
+        assert honest is not None
+        return dataclasses.replace(honest, candidate_loss=honest.base_loss * 0.5)
+
+
+def _loss(model: nn.Module, state: Mapping[str, torch.Tensor], node_id: str) -> float:
+    model.load_state_dict(state)
+    inputs, targets = pad_corpus(HELDOUT[node_id])
+    return heldout_loss(model, inputs, targets, 2)[0]
+
+
+def test_validation_is_off_unless_asked_and_then_an_accepted_round_is_the_same_bits(
+    make_node: MakeNode, base_model: nn.Module
+) -> None:
+    plain = ConsortiumCoordinator(base_model).run_round(_members(make_node))
+    validated = ConsortiumCoordinator(base_model, acceptance=AcceptancePolicy()).run_round(
+        _members(make_node)
+    )
+
+    assert plain.validation is None
+    assert validated.validation is not None
+    assert validated.validation.scale == 1.0
+    assert validated.shared_base_sha256 == plain.shared_base_sha256
+    (attempt,) = validated.validation.attempts
+    assert [e.node_id for e in attempt.evaluations] == ["vn", "ch", "in"]
+    assert all(e.change <= 0.01 for e in attempt.evaluations)
+
+
+def test_the_reversed_member_is_contained_the_honest_held_out_loss_never_rises(
+    make_node: MakeNode, base_model: nn.Module
+) -> None:
+    def consortium(acceptance: AcceptancePolicy | None) -> list[tuple[str, float, float]]:
+        honest = _members(make_node)
+        rogue = Reversed(
+            make_node(
+                "rogue",
+                corpus=CORPORA["vn"],
+                quality_score=1.0,
+                jurisdiction="Rogue",
+                heldout_corpus=HELDOUT["vn"],
+            )
+        )
+        coordinator = ConsortiumCoordinator(
+            base_model, ContributionPolicy(max_delta_norm_ratio=10.0), acceptance=acceptance
+        )
+        probe = type(base_model)()
+        rises = []
+        for _ in range(3):
+            result = coordinator.run_round([*honest, rogue])
+            for node_id in ("vn", "ch", "in"):
+                before = _loss(probe, result.previous_base_state, node_id)
+                after = _loss(probe, result.shared_base_state, node_id)
+                rises.append((node_id, before, after))
+        return rises
+
+    unvalidated = consortium(None)
+    validated = consortium(AcceptancePolicy())
+
+    # Without validation the rogue drags some honest member's held-out loss up...
+    assert max(after - before for _, before, after in unvalidated) > 0.01
+    # ...with it, no honest member's loss rises past the tolerance in any round.
+    assert max(after - before for _, before, after in validated) <= 0.01
+
+
+class Scripted:
+    """A member whose delta is +1 everywhere and whose evaluations follow a script, one
+    change per step asked (it raises past the script: never asked more)."""
+
+    def __init__(self, node_id: str, changes: list[float]) -> None:
+        self.node_id = node_id
+        self.changes = list(changes)
+        self.asked: list[float] = []
+
+    def run_sovereign_cycle(self, round_num, base_state, *, on_progress=None):
+        from tapestry.training.consortium.messages import (
+            SovereignContribution,
+            SovereignModelArtifact,
+        )
+
+        delta = {k: torch.ones_like(v) for k, v in base_state.items()}
+        return SovereignCycleResult(
+            artifact=SovereignModelArtifact(self.node_id, self.node_id, "cpt", {}, {}, round_num),
+            contribution=SovereignContribution(self.node_id, round_num, delta, 1.0, 1, {}),
+        )
+
+    def evaluate_candidate(self, round_num, candidate_state) -> MemberEvaluation:
+        change = self.changes.pop(0)
+        step = next(iter(candidate_state.values())).flatten()[0].item()
+        self.asked.append(step)
+        return MemberEvaluation(self.node_id, 3.0, 3.0 + change)
+
+
+def test_a_rejected_candidate_commits_the_first_shorter_step_the_members_accept() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+    members = [Scripted("a", [0.5, -0.1]), Scripted("b", [0.3, 0.0]), Scripted("c", [0, 0])]
+    result = ConsortiumCoordinator(base, acceptance=AcceptancePolicy()).run_round(members)
+
+    assert result.validation is not None and result.validation.scale == 0.5
+    assert [m.asked for m in members] == [[1.0, 0.5]] * 3  # the full step, then half of it
+    assert torch.equal(result.shared_base_state["weight"], torch.full((2, 2), 0.5))
+    assert result.accepted_nodes == ["a", "b", "c"]
+
+
+def test_a_candidate_the_members_never_accept_leaves_the_base_bitwise_and_says_why() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    before = clone_state(model_state(base))
+    members = [Scripted("a", [0.5] * 4), Scripted("b", [0.3] * 4), Scripted("c", [0] * 4)]
+    coordinator = ConsortiumCoordinator(base, acceptance=AcceptancePolicy())
+
+    result = coordinator.run_round(members)
+
+    assert result.validation is not None and result.validation.scale is None
+    assert len(result.validation.attempts) == 4  # 1, 1/2, 1/4, 1/8
+    assert result.accepted_nodes == [] and result.contribution_weights == {}
+    assert sorted(result.rejected_nodes) == ["a", "b", "c"]
+    assert result.rejection_reasons["a"].startswith(
+        "the members did not accept the candidate: not committed: held-out loss rose past "
+        "0.01: a +0.5, b +0.3"
+    )
+    assert result.shared_base_sha256 == result.previous_base_sha256 == state_digest(before)
+    assert torch.equal(model_state(coordinator.base_model)["weight"], before["weight"])
+    assert coordinator.round_num == 1  # a round, recorded, that changed nothing
+    wire = round_result_to_proto(result).validation
+    assert (wire.rule, wire.tolerance, wire.max_halvings) == ("no_regression", 0.01, 3)
+    assert not wire.HasField("committed_scale")
+    assert [a.scale for a in wire.attempts] == [1.0, 0.5, 0.25, 0.125]
+    assert [(e.node_id, e.candidate_loss) for e in wire.attempts[0].evaluations] == [
+        ("a", 3.5),
+        ("b", 3.3),
+        ("c", 3.0),
+    ]
+
+
+def test_a_lone_objector_is_committed_over_and_recorded() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    members = [Scripted("a", [9.0] * 4), Scripted("b", [-0.1] * 4), Scripted("c", [-0.2] * 4)]
+    result = ConsortiumCoordinator(base, acceptance=AcceptancePolicy()).run_round(members)
+
+    assert result.validation is not None
+    assert (result.validation.scale, result.validation.committed_over) == (1.0, ("a",))
+    assert list(round_result_to_proto(result).validation.committed_over) == ["a"]
+
+
+def test_members_that_cannot_evaluate_do_not_count_and_a_quorum_is_needed() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    before = state_digest(model_state(base))
+
+    class Broken(Scripted):
+        def evaluate_candidate(self, round_num, candidate_state):
+            raise RuntimeError("held-out split unreadable")
+
+    members = [Scripted("a", [-0.1] * 4), Broken("b", []), Broken("c", [])]
+    result = ConsortiumCoordinator(base, acceptance=AcceptancePolicy(), min_nodes=2).run_round(
+        members
+    )
+
+    assert result.validation is not None and result.validation.scale is None
+    assert result.validation.attempts[0].verdict.reason == (
+        "1 members evaluated the candidate; at least 2 must"
+    )
+    assert result.shared_base_sha256 == before
+
+
+@pytest.mark.parametrize("impostor", ["b", "nobody"])
+def test_an_evaluation_in_another_members_name_is_not_counted(impostor: str) -> None:
+    base = nn.Linear(2, 2, bias=False)
+
+    class Impostor(Scripted):
+        def evaluate_candidate(self, round_num, candidate_state):
+            return MemberEvaluation(impostor, 3.0, 9.0)
+
+    members = [Scripted("a", [-0.1] * 4), Scripted("b", [-0.1] * 4), Impostor("c", [])]
+    result = ConsortiumCoordinator(base, acceptance=AcceptancePolicy()).run_round(members)
+
+    assert result.validation is not None and result.validation.scale == 1.0
+    assert [e.node_id for e in result.validation.attempts[0].evaluations] == ["a", "b"]
