@@ -233,3 +233,48 @@ def test_counts_and_sizes_are_abbreviated() -> None:
         "1.5 MiB",
         "3.0 TiB",
     ]
+
+
+def _validated(scale: float | None, over: list[str] | None = None) -> pb.ConsortiumRoundResult:
+    result = realistic_round()
+    attempts = [
+        pb.ValidationAttempt(
+            scale=1.0, accepted=False, objections=["vietnam", "india"], reason="rose"
+        ),
+        pb.ValidationAttempt(scale=0.5, accepted=scale == 0.5, reason="no rise past 0.01"),
+    ]
+    result.validation.CopyFrom(
+        pb.RoundValidation(
+            rule="no_regression",
+            tolerance=0.01,
+            max_halvings=1,
+            attempts=attempts,
+            committed_over=over or [],
+            reason="committed at step 0.5: no rise past 0.01",
+        )
+    )
+    if scale is not None:
+        result.validation.committed_scale = scale
+    return result
+
+
+def test_a_validated_round_shows_the_rule_each_step_and_the_verdict() -> None:
+    lines = rendered(report.round_table(_validated(0.5)))
+
+    assert_fits(lines)
+    text = flat(lines)
+    assert (
+        "validation (no_regression, tolerance 0.01): committed at step 0.5: no rise past 0.01"
+        in text
+    )
+    assert "step 1: refused, objections: vietnam, india" in text
+    assert "step 0.5: accepted" in text
+
+
+def test_the_rounds_listing_says_what_validation_did_to_a_round() -> None:
+    accepted = "vietnam, switzerland-federal-archive"
+    assert report._accepted(realistic_round()) == accepted
+    assert report._accepted(_validated(0.5)) == f"{accepted} (step 0.5)"
+    assert report._accepted(_validated(None)) == "- (the members refused it)"
+    assert report._accepted(_validated(1.0, ["india"])) == f"{accepted} (over india)"
+    assert_fits(rendered(report.rounds_table([realistic_round(), _validated(0.5)])))

@@ -153,6 +153,8 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
         caption += f"\nABORTED: {result.aborted_reason}"
     if result.HasField("rolled_back_to"):
         caption += f"\nROLLBACK: the base of round {result.rolled_back_to} restored"
+    if result.HasField("validation"):
+        caption += "\n" + "\n".join(validation_lines(result.validation))
     table.caption = Text(caption)
     table.caption_justify = "left"
     return Group(table, *reasons)
@@ -298,10 +300,33 @@ def heldout_change(evaluation: pb.HeldOutEvaluation) -> str:
 
 
 def _accepted(r: pb.ConsortiumRoundResult) -> str:
-    """The accepted nodes, or what the round was when no node could be: a rollback."""
+    """The accepted nodes, or what the round was when no node could be: a rollback; with
+    the members' validation's verdict where it shortened the step, committed over an
+    objection, or refused the candidate."""
     if r.HasField("rolled_back_to"):
         return f"rollback to {r.rolled_back_to}"
-    return ", ".join(r.accepted_nodes) or "-"
+    accepted = ", ".join(r.accepted_nodes) or "-"
+    if not r.HasField("validation"):
+        return accepted
+    validation = r.validation
+    if not validation.HasField("committed_scale"):
+        return "- (the members refused it)"
+    if validation.committed_over:
+        return f"{accepted} (over {', '.join(validation.committed_over)})"
+    if validation.committed_scale != 1.0:
+        return f"{accepted} (step {validation.committed_scale:g})"
+    return accepted
+
+
+def validation_lines(validation: pb.RoundValidation) -> list[str]:
+    """The members' validation in words: the rule, then each step with its verdict."""
+    lines = [f"validation ({validation.rule}, tolerance {validation.tolerance:g}): "
+             f"{validation.reason}"]  # fmt: skip
+    for attempt in validation.attempts:
+        verdict = "accepted" if attempt.accepted else "refused"
+        objections = f", objections: {', '.join(attempt.objections)}" if attempt.objections else ""
+        lines.append(f"  step {attempt.scale:g}: {verdict}{objections}")
+    return lines
 
 
 def rollback_line(result: pb.ConsortiumRoundResult) -> str:
