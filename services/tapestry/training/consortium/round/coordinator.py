@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tapestry.training.consortium.governance.acceptance import AcceptancePolicy, Validation
+from tapestry.training.consortium.governance.measured import reference_scores
 from tapestry.training.consortium.governance.policy import ContributionPolicy
 from tapestry.training.consortium.messages import (
     ConsortiumNode,
@@ -104,6 +105,7 @@ class ConsortiumCoordinator:
         copy_states: bool = True,
         ledger: RoundLedger[Any] | None = None,
         acceptance: AcceptancePolicy | None = None,
+        reference: ConsortiumNode | PlainNode | None = None,
     ) -> None:
         """``assessed_quality`` (node id -> score) is the consortium's own assessment of a
         member, e.g. from evaluation on held-out data; where given it replaces the score the
@@ -114,11 +116,17 @@ class ConsortiumCoordinator:
         member-validated commit (:mod:`~tapestry.training.consortium.governance.acceptance`):
         the members that contributed evaluate the integrated candidate (nodes with
         ``evaluate_candidate``), and it is committed, shortened, or not at all as the rule
-        says; off by default, as in the proof of concept."""
+        says; off by default, as in the proof of concept. ``reference`` measures quality
+        rather than taking it on a member's word
+        (:mod:`~tapestry.training.consortium.governance.measured`): a node the coordinator
+        runs itself on a public reference corpus, whose update each round every delta is
+        scored against; those scores replace the reported and assessed ones in the round's
+        weighting (its ``quality_scores``; each contribution keeps what its member said)."""
         if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 0:
             raise ValueError(f"min_nodes must be an integer >= 0, got {min_nodes!r}")
         self.min_nodes = min_nodes
         self.acceptance = acceptance
+        self.reference = None if reference is None else as_consortium_node(reference)
         self.copy_states = copy_states
         self.base_model = copy.deepcopy(base_model) if copy_states else base_model
         self.assessed_quality = dict(assessed_quality or {})
@@ -211,10 +219,17 @@ class ConsortiumCoordinator:
         # Deltas are checked against and integrated into the coordinator's own base, which
         # no node can reach; a node that edited its copy in place shifts nothing.
         collected = stages.collect(nodes, report.round_num, snapshot, base, report)
+        measure = self._measure(report.round_num, snapshot)
         if self.copy_states and any(not torch.equal(snapshot[name], base[name]) for name in base):
             snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)
         decided = stages.decide(
-            collected, self.contribution_policy, self.assessed_quality, self.min_nodes, base, report
+            collected,
+            self.contribution_policy,
+            self.assessed_quality,
+            self.min_nodes,
+            base,
+            report,
+            measure,
         )
         artifacts = collected.artifacts
         del collected  # only the accepted deltas are held from here on
@@ -272,6 +287,15 @@ class ConsortiumCoordinator:
         else:
             report(RoundStage.COMMITTED, "", f"base {new_sha256[:12]} is now the shared base")
         return result
+
+    def _measure(self, round_num: int, base: ModelState) -> stages.Measure | None:
+        """The round's measured quality: the reference node's update from ``base``, which
+        each delta is scored against (``None`` without a reference node). Its failure fails
+        the round: it is the coordinator's own."""
+        if self.reference is None:
+            return None
+        update = self.reference.run_sovereign_cycle(round_num, base).contribution.weight_delta
+        return lambda deltas: reference_scores(deltas, update)
 
     def roll_back(
         self,

@@ -10,7 +10,7 @@ are integrated.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -153,11 +153,14 @@ def decide(
     quorum: int,
     base: Mapping[str, torch.Tensor],
     report: Reporter,
+    measure: Measure | None = None,
 ) -> Decided:
     """Weigh the contributions on their headers and fetch the deltas the policy accepts, so
     a rejected delta never crosses the wire; a fetched delta that fails its checks fails its
     node and the policy decides again. A policy that weighs norms measures them from the
-    bytes, never a node's claim: every delta is fetched first."""
+    bytes, never a node's claim: every delta is fetched first. So with ``measure`` (quality
+    measured from the deltas, :mod:`~tapestry.training.consortium.governance.measured`),
+    whose scores then replace both the assessed and the self-reported ones."""
     node_ids = collected.node_ids
     contributions = dict(collected.contributions)
     failed = dict(collected.failed)
@@ -174,10 +177,17 @@ def decide(
             report(RoundStage.NODE_FAILED, node_id, problem)
 
     try:
-        if policy.needs_delta_norms:
+        measured: Mapping[str, float] | None = None
+        if policy.needs_delta_norms or measure is not None:
             fetch(list(deferred))
+        if measure is not None:
+            measured = measure({n: c.weight_delta for n, c in contributions.items()})
         while True:
-            scores = {n: assessed_quality.get(n, c.quality_score) for n, c in contributions.items()}
+            scores = (
+                {n: measured.get(n, 0.0) for n in contributions}
+                if measured is not None
+                else {n: assessed_quality.get(n, c.quality_score) for n, c in contributions.items()}
+            )
             norms = (
                 {n: state_norm(c.weight_delta) for n, c in contributions.items()}
                 if policy.needs_delta_norms
@@ -214,6 +224,10 @@ def decide(
         accepted,
         rejected,
     )
+
+
+Measure = Callable[[Mapping[str, Mapping[str, torch.Tensor]]], Mapping[str, float]]
+"""Each member's quality from its delta (every delta fetched and checked)."""
 
 
 def quorum_problem(contributed: int, members: int, quorum: int) -> str:

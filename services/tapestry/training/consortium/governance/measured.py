@@ -1,0 +1,52 @@
+"""Quality measured, not claimed: each delta's score from what it does, against a reference
+update the consortium trusts (in the spirit of FLTrust, arXiv 2012.13995).
+
+The coordinator trains the round's base on a public reference corpus that the consortium
+agreed on and that it holds itself. That gives the reference update. A member's delta then
+scores by its direction and size against that update:
+
+    score = max(0, cos(delta, reference)) x min(1, |reference| / |delta|)
+
+- A delta that points away from the reference (the reversed member: its honest delta times
+  -9.9) scores 0, so the policy does not count it.
+- One far larger than the reference is scaled down in proportion.
+- No delta scores above 1, so a member gains nothing by claiming.
+
+The scores replace the members' self-reported quality for the round's weighting. The
+results keep both: ``quality_scores`` holds what was weighed, and each contribution's
+``quality_score`` what the member said.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+State = Mapping[str, torch.Tensor]
+
+
+def reference_scores(deltas: Mapping[str, State], reference: State) -> dict[str, float]:
+    """Each member's score in [0, 1] against ``reference`` (every delta holds the
+    reference's keys and shapes: the round checked them against the base). Sums run in
+    float64; a zero delta or reference, or one whose sums overflow even float64, scores 0
+    (never a NaN that a comparison would let through)."""
+    ref_norm = _norm(reference)
+    scores = {}
+    for node_id, delta in deltas.items():
+        norm = _norm(delta)
+        dot = sum(
+            float(torch.sum(delta[name].double() * reference[name].double())) for name in reference
+        )
+        finite = all(math.isfinite(x) for x in (norm, ref_norm, dot))
+        if not finite or norm == 0.0 or ref_norm == 0.0:
+            scores[node_id] = 0.0
+            continue
+        cosine = dot / (norm * ref_norm)
+        scores[node_id] = max(0.0, min(1.0, cosine)) * min(1.0, ref_norm / norm)
+    return scores
+
+
+def _norm(state: State) -> float:
+    return math.sqrt(sum(float(torch.sum(t.double() * t.double())) for t in state.values()))

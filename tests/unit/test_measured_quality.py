@@ -1,0 +1,78 @@
+"""Quality measured, not claimed: each delta scored against a reference update the
+coordinator trains itself on a public corpus (FLTrust's direction and size)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tapestry.training.consortium import ConsortiumCoordinator, ContributionPolicy
+from tapestry.training.consortium.governance.measured import reference_scores
+
+from .conftest import CORPORA, MakeNode
+from .test_member_validation import HELDOUT, Reversed, _loss, _members
+
+REF = {"w": torch.tensor([1.0, 2.0, 2.0]), "b": torch.tensor([0.0])}  # norm 3
+
+
+def _scaled(factor: float) -> dict[str, torch.Tensor]:
+    return {k: v * factor for k, v in REF.items()}
+
+
+def test_a_delta_scores_by_its_direction_and_size_against_the_reference() -> None:
+    scores = reference_scores(
+        {
+            "same": _scaled(1.0),
+            "half": _scaled(0.5),  # smaller: not raised above 1
+            "twice": _scaled(2.0),  # larger: scaled down in proportion
+            "reversed": _scaled(-9.9),
+            "orthogonal": {"w": torch.tensor([2.0, -1.0, 0.0]), "b": torch.tensor([0.0])},
+            "zero": _scaled(0.0),
+        },
+        REF,
+    )
+    assert scores == pytest.approx(
+        {"same": 1.0, "half": 1.0, "twice": 0.5, "reversed": 0.0, "orthogonal": 0.0, "zero": 0.0}
+    )
+
+
+def test_a_delta_whose_sums_overflow_scores_zero_never_nan() -> None:
+    huge = {"w": torch.full((3,), 1e300, dtype=torch.float64), "b": torch.zeros(1)}
+    scores = reference_scores({"huge": huge}, {k: v.double() for k, v in REF.items()})
+    assert scores == {"huge": 0.0}
+    assert not any(math.isnan(s) for s in scores.values())
+
+
+def test_measured_quality_refuses_the_reversed_member_and_keeps_what_each_member_said(
+    make_node: MakeNode, base_model: nn.Module
+) -> None:
+    # The coordinator's reference: the public corpus is every jurisdiction's text.
+    public = [line for lines in CORPORA.values() for line in lines]
+    reference = make_node("reference", corpus=public, quality_score=1.0, jurisdiction="-")
+    honest = _members(make_node)
+    rogue = Reversed(
+        make_node(
+            "rogue",
+            corpus=CORPORA["vn"],
+            quality_score=1.0,
+            jurisdiction="Rogue",
+            heldout_corpus=HELDOUT["vn"],
+        )
+    )
+    coordinator = ConsortiumCoordinator(
+        base_model, ContributionPolicy(max_delta_norm_ratio=10.0), reference=reference
+    )
+    probe = type(base_model)()
+
+    for _ in range(3):
+        result = coordinator.run_round([*honest, rogue])
+        assert result.accepted_nodes == ["vn", "ch", "in"]
+        assert result.quality_scores["rogue"] == 0.0  # measured
+        assert result.contributions["rogue"].quality_score == 1.0  # what it claimed
+        assert all(0 < result.quality_scores[n] <= 1 for n in ("vn", "ch", "in"))
+        for node_id in ("vn", "ch", "in"):
+            before = _loss(probe, result.previous_base_state, node_id)
+            assert _loss(probe, result.shared_base_state, node_id) < before
