@@ -236,3 +236,14 @@ def test_an_evaluation_in_another_members_name_is_not_counted(impostor: str) -> 
 
     assert result.validation is not None and result.validation.scale == 1.0
     assert [e.node_id for e in result.validation.attempts[0].evaluations] == ["a", "b"]
+
+
+def test_a_shorter_step_keeps_each_tensors_dtype_and_leaves_integer_buffers_alone() -> None:
+    from tapestry.training.consortium.round.validation import step
+
+    base = {"w": torch.zeros(2, dtype=torch.bfloat16), "ids": torch.arange(3)}
+    candidate = {"w": torch.ones(2, dtype=torch.bfloat16), "ids": torch.arange(3)}
+    half = step(base, candidate, 0.5)
+    assert half["w"].dtype is torch.bfloat16 and torch.equal(half["w"], torch.full((2,), 0.5))
+    assert half["ids"].dtype is torch.int64 and half["ids"] is candidate["ids"]
+    assert step(base, candidate, 1.0) is candidate

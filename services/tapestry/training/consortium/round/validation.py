@@ -32,10 +32,18 @@ class Evaluator(Protocol):
 
 def step(base: ModelState, candidate: ModelState, scale: float) -> ModelState:
     """``base + scale·(candidate - base)``, tensor by tensor in the base's dtype; the
-    candidate itself (its very tensors) at scale 1."""
+    candidate itself (its very tensors) at scale 1. A tensor that is not floating (a
+    buffer of indices or flags, which no step moves) is the candidate's as it is."""
     if scale == 1.0:
         return candidate
-    return {name: base[name] + (candidate[name] - base[name]) * scale for name in candidate}
+    return {
+        name: (
+            base[name] + (candidate[name] - base[name]) * scale
+            if candidate[name].is_floating_point()
+            else candidate[name]
+        )
+        for name in candidate
+    }
 
 
 def validate_candidate(
