@@ -247,3 +247,23 @@ def test_a_shorter_step_keeps_each_tensors_dtype_and_leaves_integer_buffers_alon
     assert half["w"].dtype is torch.bfloat16 and torch.equal(half["w"], torch.full((2,), 0.5))
     assert half["ids"].dtype is torch.int64 and half["ids"] is candidate["ids"]
     assert step(base, candidate, 1.0) is candidate
+
+
+def test_a_member_that_edits_the_candidate_in_place_changes_nothing_committed() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+
+    class Vandal(Scripted):
+        def evaluate_candidate(self, round_num, candidate_state):
+            seen = super().evaluate_candidate(round_num, candidate_state)
+            for tensor in candidate_state.values():
+                tensor.fill_(1e6)  # tries to make the committed base its own
+            return seen
+
+    members = [Vandal("a", [-0.1]), Scripted("b", [-0.1]), Scripted("c", [-0.1])]
+    result = ConsortiumCoordinator(base, acceptance=AcceptancePolicy()).run_round(members)
+
+    assert result.validation is not None and result.validation.scale == 1.0
+    assert [m.asked for m in members] == [[1.0]] * 3  # b and c saw the candidate, not 1e6
+    assert torch.equal(result.shared_base_state["weight"], torch.ones(2, 2))

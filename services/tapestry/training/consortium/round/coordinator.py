@@ -219,9 +219,9 @@ class ConsortiumCoordinator:
         # Deltas are checked against and integrated into the coordinator's own base, which
         # no node can reach; a node that edited its copy in place shifts nothing.
         collected = stages.collect(nodes, report.round_num, snapshot, base, report)
-        measure = self._measure(report.round_num, snapshot)
         if self.copy_states and any(not torch.equal(snapshot[name], base[name]) for name in base):
             snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)
+        measure = self._measure(report.round_num, snapshot)  # from the base as it is
         decided = stages.decide(
             collected,
             self.contribution_policy,
@@ -242,7 +242,7 @@ class ConsortiumCoordinator:
             voters = [node for node in nodes if node.node_id in received]
             validation, validated = validate_candidate(
                 self.acceptance, voters, report.round_num, base, integrated.new_state,
-                self.min_nodes,
+                self.min_nodes, copy=self.copy_states,
             )  # fmt: skip
             integrated = _validated(integrated, validation, validated, self.strategy.state)
         if integrated.new_state is not None:

@@ -17,6 +17,7 @@ from tapestry.training.consortium.governance.acceptance import (
     validate,
 )
 from tapestry.training.consortium.messages import MemberEvaluation, ModelState
+from tapestry.training.consortium.tensors import clone_state
 
 
 @runtime_checkable
@@ -53,11 +54,15 @@ def validate_candidate(
     base: ModelState,
     candidate: ModelState,
     quorum: int = 1,
+    *,
+    copy: bool = True,
 ) -> tuple[Validation, ModelState | None]:
     """Ask every member that can (an :class:`Evaluator`) to evaluate each step tried; the
     validation and the state to commit (``None``: the base stays as it is). A member whose
     evaluation raises, names another member, or that has no held-out split does not count
-    (as one that did not answer); at least ``quorum`` must answer each step."""
+    (as one that did not answer); at least ``quorum`` must answer each step. With ``copy``
+    each member is handed a copy of the step (one at a time), so one that edits it in place
+    changes neither what is committed nor what the next member sees."""
     evaluators = [member for member in members if isinstance(member, Evaluator)]
 
     def evaluate(scale: float) -> list[MemberEvaluation]:
@@ -65,7 +70,7 @@ def validate_candidate(
         answers = []
         for member in evaluators:
             try:
-                answer = member.evaluate_candidate(round_num, state)
+                answer = member.evaluate_candidate(round_num, clone_state(state) if copy else state)
             except Exception:  # a member's failure must not sink the round
                 continue
             if isinstance(answer, MemberEvaluation) and answer.node_id == member.node_id:
