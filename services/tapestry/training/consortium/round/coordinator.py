@@ -242,7 +242,7 @@ class ConsortiumCoordinator:
             voters = [node for node in nodes if node.node_id in received]
             validation, validated = validate_candidate(
                 self.acceptance, voters, report.round_num, base, integrated.new_state,
-                self.min_nodes,
+                self.min_nodes, copies=self.copy_states,
             )  # fmt: skip
             integrated = _validated(integrated, validation, validated, self.strategy.state)
         if integrated.new_state is not None:
