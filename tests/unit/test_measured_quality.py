@@ -13,7 +13,7 @@ from tapestry.training.consortium import ConsortiumCoordinator, ContributionPoli
 from tapestry.training.consortium.governance.measured import reference_scores
 
 from .conftest import CORPORA, MakeNode
-from .test_member_validation import HELDOUT, Reversed, _loss, _members
+from .test_member_validation import HELDOUT, Reversed, Scripted, _loss, _members
 
 REF = {"w": torch.tensor([1.0, 2.0, 2.0]), "b": torch.tensor([0.0])}  # norm 3
 
@@ -76,3 +76,38 @@ def test_measured_quality_refuses_the_reversed_member_and_keeps_what_each_member
         for node_id in ("vn", "ch", "in"):
             before = _loss(probe, result.previous_base_state, node_id)
             assert _loss(probe, result.shared_base_state, node_id) < before
+
+
+class _Recording(Scripted):
+    """The coordinator's reference node: keeps a copy of every base it is given."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id, [])
+        self.bases: list[dict[str, torch.Tensor]] = []
+
+    def run_sovereign_cycle(self, round_num, base_state, *, on_progress=None):
+        self.bases.append({k: v.clone() for k, v in base_state.items()})
+        return super().run_sovereign_cycle(round_num, base_state, on_progress=on_progress)
+
+
+class _EditsItsBase(Scripted):
+    """A member that shifts the base it was handed in place (toward where it would like
+    the reference to start from) before it answers."""
+
+    def run_sovereign_cycle(self, round_num, base_state, *, on_progress=None):
+        with torch.no_grad():
+            for tensor in base_state.values():
+                tensor.add_(100.0)
+        return super().run_sovereign_cycle(round_num, base_state, on_progress=on_progress)
+
+
+def test_the_reference_trains_from_the_round_s_base_even_when_a_member_edited_its_copy() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+    reference = _Recording("reference")
+    coordinator = ConsortiumCoordinator(base, reference=reference)
+
+    coordinator.run_round([_EditsItsBase("rogue", []), Scripted("a", [])])
+
+    assert torch.equal(reference.bases[0]["weight"], torch.zeros(2, 2))

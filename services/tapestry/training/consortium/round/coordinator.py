@@ -219,9 +219,11 @@ class ConsortiumCoordinator:
         # Deltas are checked against and integrated into the coordinator's own base, which
         # no node can reach; a node that edited its copy in place shifts nothing.
         collected = stages.collect(nodes, report.round_num, snapshot, base, report)
+        # The reference trains from the round's base, not from a copy a node edited.
+        snapshot = self._unedited(snapshot, base)
         measure = self._measure(report.round_num, snapshot)
-        if self.copy_states and any(not torch.equal(snapshot[name], base[name]) for name in base):
-            snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)
+        if measure is not None:
+            snapshot = self._unedited(snapshot, base)
         decided = stages.decide(
             collected,
             self.contribution_policy,
@@ -287,6 +289,13 @@ class ConsortiumCoordinator:
         else:
             report(RoundStage.COMMITTED, "", f"base {new_sha256[:12]} is now the shared base")
         return result
+
+    def _unedited(self, snapshot: Snapshot, base: ModelState) -> Snapshot:
+        """``snapshot``, or a fresh copy of the base where whoever was handed it edited it
+        in place (with copies on: without them, they only read it)."""
+        if self.copy_states and any(not torch.equal(snapshot[name], base[name]) for name in base):
+            return Snapshot(self.shared_base_state, sha256=snapshot.sha256)
+        return snapshot
 
     def _measure(self, round_num: int, base: ModelState) -> stages.Measure | None:
         """The round's measured quality: the reference node's update from ``base``, which
