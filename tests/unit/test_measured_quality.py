@@ -3,6 +3,7 @@ coordinator trains itself on a public corpus (FLTrust's direction and size)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -111,3 +112,40 @@ def test_the_reference_trains_from_the_round_s_base_even_when_a_member_edited_it
     coordinator.run_round([_EditsItsBase("rogue", []), Scripted("a", [])])
 
     assert torch.equal(reference.bases[0]["weight"], torch.zeros(2, 2))
+
+
+class _BrokenReference(Scripted):
+    """A reference node whose update is not one every delta can be scored against."""
+
+    def __init__(self, node_id: str, spoil: str) -> None:
+        super().__init__(node_id, [])
+        self.spoil = spoil
+
+    def run_sovereign_cycle(self, round_num, base_state, *, on_progress=None):
+        result = super().run_sovereign_cycle(round_num, base_state, on_progress=on_progress)
+        delta = dict(result.contribution.weight_delta)
+        if self.spoil == "nan":
+            delta = {k: torch.full_like(v, math.nan) for k, v in delta.items()}
+        else:
+            delta = {"other": torch.ones(1)}
+        contribution = dataclasses.replace(result.contribution, weight_delta=delta)
+        return dataclasses.replace(result, contribution=contribution)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        ("nan", "the reference node's update 'weight' holds NaN or Inf"),
+        ("keys", "the reference node's update keys differ from the base"),
+    ],
+)
+def test_a_reference_update_that_cannot_score_fails_the_round_rather_than_every_member(
+    spoil: str, message: str
+) -> None:
+    # A NaN update scored every member 0 (all refused, the round recorded as theirs); one
+    # with other keys raised a bare KeyError from the scoring.
+    base = nn.Linear(2, 2, bias=False)
+    coordinator = ConsortiumCoordinator(base, reference=_BrokenReference("reference", spoil))
+    with pytest.raises(ValueError, match=message):
+        coordinator.run_round([Scripted("a", []), Scripted("b", [])])
+    assert coordinator.round_num == 0

@@ -304,6 +304,13 @@ class ConsortiumCoordinator:
         if self.reference is None:
             return None
         update = self.reference.run_sovereign_cycle(round_num, base).contribution.weight_delta
+        # Checked as a member's delta is: a NaN update would score every member 0 (the
+        # round recorded as theirs), one with other keys would fail the scoring bare.
+        problem = state_mismatch(
+            update, base, what="the reference node's update", against="the base"
+        )
+        if problem is not None:
+            raise ValueError(problem)
         return lambda deltas: reference_scores(deltas, update)
 
     def roll_back(
