@@ -151,7 +151,17 @@ def test_a_lone_objection_under_another_rule_is_not_committed_over() -> None:
 
 
 @pytest.mark.parametrize(
-    "loss", [math.nan, math.inf, -0.1, MAX_HELDOUT_LOSS + 1, True, "3.0", None]
+    "loss",
+    [
+        math.nan,
+        math.inf,
+        -0.1,
+        MAX_HELDOUT_LOSS + 1,
+        True,
+        "3.0",
+        None,
+        pytest.param(10**400, id="int-past-floats"),
+    ],
 )
 def test_an_evaluation_is_checked_like_every_other_number(loss) -> None:
     with pytest.raises(ValueError, match="held-out loss|must be a number"):
@@ -173,6 +183,9 @@ def test_a_member_counted_twice_or_none_at_all_decides_nothing() -> None:
         ({"tolerance": math.nan}, "tolerance"),
         ({"max_halvings": 11}, "max_halvings"),
         ({"max_halvings": -1}, "max_halvings"),
+        ({"max_halvings": 2.0}, "max_halvings"),  # range() would raise in the round
+        ({"tolerance": True}, "tolerance"),
+        ({"tolerance": "0.01"}, "tolerance"),
     ],
 )
 def test_an_acceptance_policy_out_of_bounds_is_refused(fields, message) -> None:

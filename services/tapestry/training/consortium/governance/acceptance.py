@@ -71,9 +71,19 @@ class AcceptancePolicy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule", AcceptanceRule(self.rule))
-        if not (math.isfinite(self.tolerance) and 0.0 <= self.tolerance <= MAX_TOLERANCE):
-            raise ValueError(f"tolerance {self.tolerance!r} must be in [0, {MAX_TOLERANCE:g}] nats")
-        if isinstance(self.max_halvings, bool) or not 0 <= self.max_halvings <= MAX_HALVINGS:
+        tolerance, halvings = self.tolerance, self.max_halvings
+        if (
+            isinstance(tolerance, bool)
+            or not isinstance(tolerance, int | float)
+            or not (0.0 <= tolerance <= MAX_TOLERANCE and math.isfinite(tolerance))
+        ):
+            raise ValueError(f"tolerance {tolerance!r} must be in [0, {MAX_TOLERANCE:g}] nats")
+        # an integer: it counts the steps tried (and is recorded as one)
+        if (
+            isinstance(halvings, bool)
+            or not isinstance(halvings, int)
+            or not 0 <= halvings <= MAX_HALVINGS
+        ):
             raise ValueError(f"max_halvings {self.max_halvings!r} must be in [0, {MAX_HALVINGS}]")
 
     def judge(self, evaluations: Sequence[MemberEvaluation], quorum: int = 1) -> Verdict:
