@@ -149,3 +149,13 @@ def test_a_reference_update_that_cannot_score_fails_the_round_rather_than_every_
     with pytest.raises(ValueError, match=message):
         coordinator.run_round([Scripted("a", []), Scripted("b", [])])
     assert coordinator.round_num == 0
+
+
+def test_half_precision_deltas_are_scored_in_float64_not_in_their_own_dtype() -> None:
+    # 300² = 90,000 is past float16's largest (65,504): summed in float16 the norms would
+    # be inf and every delta would score 0.
+    reference = {"w": torch.full((4,), 300.0, dtype=torch.float16)}
+    scores = reference_scores(
+        {"same": {"w": reference["w"].clone()}, "twice": {"w": reference["w"] * 2}}, reference
+    )
+    assert scores == pytest.approx({"same": 1.0, "twice": 0.5})
