@@ -84,6 +84,21 @@ def test_a_lone_objector_cannot_veto_the_round_it_is_committed_over_and_recorded
     assert outcome.reason.startswith("committed over the lone objection of vietnam")
 
 
+def test_the_only_member_that_evaluated_is_no_lone_objector_to_commit_over() -> None:
+    # The others did not answer (no held-out split, a timeout): nobody found the candidate
+    # acceptable, and the one evaluation there is says it is worse. Committing over it
+    # would make the only evidence the round has the one thing it ignores.
+    only = {"vietnam": 0.5}
+    evaluate, asked = _by_scale({s: only for s in (1.0, 0.5, 0.25, 0.125)})
+    outcome = validate(AcceptancePolicy(), evaluate)
+    assert (outcome.scale, outcome.committed_over) == (None, ())
+    assert len(asked) == 4
+    # ...nor is a member whose every other step found no one else to answer
+    table = {s: {"vietnam": 0.5, "india": -0.1} for s in (1.0, 0.5, 0.25)} | {0.125: only}
+    evaluate, _ = _by_scale(table)
+    assert validate(AcceptancePolicy(), evaluate).scale is None
+
+
 def test_a_lone_objector_can_shrink_the_step_but_no_further_than_max_halvings() -> None:
     # objects to the full and the half step only: the quarter step is committed
     table = {

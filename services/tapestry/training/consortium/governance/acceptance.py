@@ -20,9 +20,11 @@ one lying member (its evaluations are its own word) can:
 - make the round try shorter steps (at most ``max_halvings`` more evaluations);
 - shrink the committed step to any of them, by objecting to the longer ones only.
 
-It cannot veto the round: objecting to every step commits the full candidate over it. Nor
-can it hide a rise that another member reports, since a flattering evaluation does not
-remove that member's objection. Two members objecting together can abort a round.
+It cannot veto the round: objecting to every step commits the full candidate over it,
+provided another member answered each step (the only member that evaluated is no lone
+objector: its objection stands). Nor can it hide a rise that another member reports, since
+a flattering evaluation does not remove that member's objection. Two members objecting
+together can abort a round.
 
 This module decides; it evaluates nothing. Who asks the members and how they answer is the
 caller's (the services' validation phase).
@@ -175,12 +177,14 @@ def validate(policy: AcceptancePolicy, evaluate: Evaluate, quorum: int = 1) -> V
             return Validation(scale, tuple(attempts), policy=policy)
     # Under no_regression the objections are the verdict: one member alone, the same one
     # every time, cannot hold the round (the other rules decide on all the members' numbers
-    # together, so no one member's objection is what rejected it).
+    # together, so no one member's objection is what rejected it). Alone means against
+    # others: at every step another member answered and did not object; the only member
+    # that evaluated is the round's only evidence, not a lone objector.
     first = attempts[0].verdict.objections
     lone = (
         policy.rule is AcceptanceRule.NO_REGRESSION
         and len(first) == 1
-        and all(a.verdict.objections == first for a in attempts)
+        and all(a.verdict.objections == first and len(a.evaluations) > 1 for a in attempts)
     )
     if lone:
         return Validation(1.0, tuple(attempts), first, policy)
