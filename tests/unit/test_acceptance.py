@@ -84,6 +84,21 @@ def test_a_lone_objector_cannot_veto_the_round_it_is_committed_over_and_recorded
     assert outcome.reason.startswith("committed over the lone objection of vietnam")
 
 
+def test_the_only_member_that_evaluated_is_no_lone_objector_to_commit_over() -> None:
+    # The others did not answer (no held-out split, a timeout): nobody found the candidate
+    # acceptable, and the one evaluation there is says it is worse. Committing over it
+    # would make the only evidence the round has the one thing it ignores.
+    only = {"vietnam": 0.5}
+    evaluate, asked = _by_scale({s: only for s in (1.0, 0.5, 0.25, 0.125)})
+    outcome = validate(AcceptancePolicy(), evaluate)
+    assert (outcome.scale, outcome.committed_over) == (None, ())
+    assert len(asked) == 4
+    # ...nor is a member whose every other step found no one else to answer
+    table = {s: {"vietnam": 0.5, "india": -0.1} for s in (1.0, 0.5, 0.25)} | {0.125: only}
+    evaluate, _ = _by_scale(table)
+    assert validate(AcceptancePolicy(), evaluate).scale is None
+
+
 def test_a_lone_objector_can_shrink_the_step_but_no_further_than_max_halvings() -> None:
     # objects to the full and the half step only: the quarter step is committed
     table = {
@@ -151,7 +166,17 @@ def test_a_lone_objection_under_another_rule_is_not_committed_over() -> None:
 
 
 @pytest.mark.parametrize(
-    "loss", [math.nan, math.inf, -0.1, MAX_HELDOUT_LOSS + 1, True, "3.0", None]
+    "loss",
+    [
+        math.nan,
+        math.inf,
+        -0.1,
+        MAX_HELDOUT_LOSS + 1,
+        True,
+        "3.0",
+        None,
+        pytest.param(10**400, id="int-past-floats"),
+    ],
 )
 def test_an_evaluation_is_checked_like_every_other_number(loss) -> None:
     with pytest.raises(ValueError, match="held-out loss|must be a number"):
@@ -173,6 +198,9 @@ def test_a_member_counted_twice_or_none_at_all_decides_nothing() -> None:
         ({"tolerance": math.nan}, "tolerance"),
         ({"max_halvings": 11}, "max_halvings"),
         ({"max_halvings": -1}, "max_halvings"),
+        ({"max_halvings": 2.0}, "max_halvings"),  # range() would raise in the round
+        ({"tolerance": True}, "tolerance"),
+        ({"tolerance": "0.01"}, "tolerance"),
     ],
 )
 def test_an_acceptance_policy_out_of_bounds_is_refused(fields, message) -> None:

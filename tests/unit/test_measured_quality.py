@@ -3,6 +3,7 @@ coordinator trains itself on a public corpus (FLTrust's direction and size)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from tapestry.training.consortium import ConsortiumCoordinator, ContributionPoli
 from tapestry.training.consortium.governance.measured import reference_scores
 
 from .conftest import CORPORA, MakeNode
-from .test_member_validation import HELDOUT, Reversed, _loss, _members
+from .test_member_validation import HELDOUT, Reversed, Scripted, _loss, _members
 
 REF = {"w": torch.tensor([1.0, 2.0, 2.0]), "b": torch.tensor([0.0])}  # norm 3
 
@@ -76,3 +77,85 @@ def test_measured_quality_refuses_the_reversed_member_and_keeps_what_each_member
         for node_id in ("vn", "ch", "in"):
             before = _loss(probe, result.previous_base_state, node_id)
             assert _loss(probe, result.shared_base_state, node_id) < before
+
+
+class _Recording(Scripted):
+    """The coordinator's reference node: keeps a copy of every base it is given."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id, [])
+        self.bases: list[dict[str, torch.Tensor]] = []
+
+    def run_sovereign_cycle(self, round_num, base_state, *, on_progress=None):
+        self.bases.append({k: v.clone() for k, v in base_state.items()})
+        return super().run_sovereign_cycle(round_num, base_state, on_progress=on_progress)
+
+
+class _EditsItsBase(Scripted):
+    """A member that shifts the base it was handed in place (toward where it would like
+    the reference to start from) before it answers."""
+
+    def run_sovereign_cycle(self, round_num, base_state, *, on_progress=None):
+        with torch.no_grad():
+            for tensor in base_state.values():
+                tensor.add_(100.0)
+        return super().run_sovereign_cycle(round_num, base_state, on_progress=on_progress)
+
+
+def test_the_reference_trains_from_the_round_s_base_even_when_a_member_edited_its_copy() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+    reference = _Recording("reference")
+    coordinator = ConsortiumCoordinator(base, reference=reference)
+
+    coordinator.run_round([_EditsItsBase("rogue", []), Scripted("a", [])])
+
+    assert torch.equal(reference.bases[0]["weight"], torch.zeros(2, 2))
+
+
+class _BrokenReference(Scripted):
+    """A reference node whose update is not one every delta can be scored against."""
+
+    def __init__(self, node_id: str, spoil: str) -> None:
+        super().__init__(node_id, [])
+        self.spoil = spoil
+
+    def run_sovereign_cycle(self, round_num, base_state, *, on_progress=None):
+        result = super().run_sovereign_cycle(round_num, base_state, on_progress=on_progress)
+        delta = dict(result.contribution.weight_delta)
+        if self.spoil == "nan":
+            delta = {k: torch.full_like(v, math.nan) for k, v in delta.items()}
+        else:
+            delta = {"other": torch.ones(1)}
+        contribution = dataclasses.replace(result.contribution, weight_delta=delta)
+        return dataclasses.replace(result, contribution=contribution)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        ("nan", "the reference node's update 'weight' holds NaN or Inf"),
+        ("keys", "the reference node's update keys differ from the base"),
+    ],
+)
+def test_a_reference_update_that_cannot_score_fails_the_round_rather_than_every_member(
+    spoil: str, message: str
+) -> None:
+    # A NaN update scored every member 0 (all refused, the round recorded as theirs); one
+    # with other keys raised a bare KeyError from the scoring.
+    base = nn.Linear(2, 2, bias=False)
+    coordinator = ConsortiumCoordinator(base, reference=_BrokenReference("reference", spoil))
+    with pytest.raises(ValueError, match=message):
+        coordinator.run_round([Scripted("a", []), Scripted("b", [])])
+    assert coordinator.round_num == 0
+
+
+def test_half_precision_deltas_are_scored_in_float64_not_in_their_own_dtype() -> None:
+    # 300² = 90,000 is past float16's largest (65,504): summed in float16 the norms would
+    # be inf and every delta would score 0.
+    reference = {"w": torch.full((4,), 300.0, dtype=torch.float16)}
+    scores = reference_scores(
+        {"same": {"w": reference["w"].clone()}, "twice": {"w": reference["w"] * 2}}, reference
+    )
+    assert scores == pytest.approx({"same": 1.0, "twice": 0.5})

@@ -249,21 +249,29 @@ def test_a_shorter_step_keeps_each_tensors_dtype_and_leaves_integer_buffers_alon
     assert step(base, candidate, 1.0) is candidate
 
 
-def test_a_member_that_edits_the_candidate_in_place_changes_nothing_committed() -> None:
+class Vandal(Scripted):
+    """A member that edits the candidate it was handed in place (+100 everywhere) and
+    flatters it: what it edited must be neither what is committed nor what others judge."""
+
+    def evaluate_candidate(self, round_num, candidate_state):
+        evaluation = super().evaluate_candidate(round_num, candidate_state)
+        with torch.no_grad():
+            for tensor in candidate_state.values():
+                tensor.add_(100.0)
+        return evaluation
+
+
+def test_a_member_that_edits_the_candidate_in_place_changes_neither_the_base_nor_the_others_view() -> (
+    None
+):
     base = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         base.weight.zero_()
-
-    class Vandal(Scripted):
-        def evaluate_candidate(self, round_num, candidate_state):
-            seen = super().evaluate_candidate(round_num, candidate_state)
-            for tensor in candidate_state.values():
-                tensor.fill_(1e6)  # tries to make the committed base its own
-            return seen
-
     members = [Vandal("a", [-0.1]), Scripted("b", [-0.1]), Scripted("c", [-0.1])]
     result = ConsortiumCoordinator(base, acceptance=AcceptancePolicy()).run_round(members)
 
     assert result.validation is not None and result.validation.scale == 1.0
-    assert [m.asked for m in members] == [[1.0]] * 3  # b and c saw the candidate, not 1e6
-    assert torch.equal(result.shared_base_state["weight"], torch.ones(2, 2))
+    assert [m.asked for m in members] == [[1.0]] * 3  # b and c saw the candidate as it is
+    assert torch.equal(result.shared_base_state["weight"], torch.ones(2, 2))  # 0 + mean(+1)
+    # the member whose evaluation edited what it judged is not counted
+    assert [e.node_id for e in result.validation.attempts[0].evaluations] == ["b", "c"]

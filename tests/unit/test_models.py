@@ -261,3 +261,30 @@ def test_sizes_named_like_counts_are_not_bounded_as_counts() -> None:
     )
     with pytest.raises(ValueError, match="decoder_layers = 2,048 is more than 1,024"):
         check_hf_config({"model_type": "bart", "vocab_size": 256, "decoder_layers": 2048}, 256)
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"n_head": 0},  # transformers divides by it: ZeroDivisionError
+        {"n_layer": 2.0},  # huggingface_hub's strict dataclass error, not a ValueError
+        {"n_positions": -5},  # torch refuses a negative dimension: RuntimeError
+    ],
+    ids=["zero-heads", "float-layers", "negative-positions"],
+)
+def test_a_config_transformers_cannot_count_is_a_build_error_and_a_node_refuses_it(
+    patch: dict[str, object],
+) -> None:
+    import json
+
+    from tapestry.node.dial_out import SessionClosedForGood, _buildable, _within
+
+    fields = {"model_type": "gpt2", "vocab_size": 256, "n_embd": 32, "n_layer": 2, "n_head": 2}
+    settings = {**fields, "n_positions": 64, **patch}
+    config = json.dumps(settings, sort_keys=True, separators=(",", ":"))  # canonical
+    with pytest.raises(ModelBuildError, match="transformers cannot build model_type 'gpt2'"):
+        hf_parameter_count(config)
+    # a coordinator's welcome with it: the node refuses it in words, it does not crash
+    spec, table = _buildable(ModelSpec("hf-causal-lm", 256, hf_config=config))
+    with pytest.raises(SessionClosedForGood, match="the coordinator's model cannot be built"):
+        _within(spec, table, 10**9)

@@ -73,7 +73,8 @@ class MemberEvaluation:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number, got {type(value).__name__}")
-            if not math.isfinite(value) or not 0.0 <= value <= MAX_HELDOUT_LOSS:
+            # bounds first: an int past float's range compares, but isfinite overflows
+            if not 0.0 <= value <= MAX_HELDOUT_LOSS or not math.isfinite(value):
                 raise ValueError(
                     f"{name} {value!r} is not a held-out loss in [0, {MAX_HELDOUT_LOSS:g}]"
                 )

@@ -20,9 +20,11 @@ one lying member (its evaluations are its own word) can:
 - make the round try shorter steps (at most ``max_halvings`` more evaluations);
 - shrink the committed step to any of them, by objecting to the longer ones only.
 
-It cannot veto the round: objecting to every step commits the full candidate over it. Nor
-can it hide a rise that another member reports, since a flattering evaluation does not
-remove that member's objection. Two members objecting together can abort a round.
+It cannot veto the round: objecting to every step commits the full candidate over it,
+provided another member answered each step (the only member that evaluated is no lone
+objector: its objection stands). Nor can it hide a rise that another member reports, since
+a flattering evaluation does not remove that member's objection. Two members objecting
+together can abort a round.
 
 This module decides; it evaluates nothing. Who asks the members and how they answer is the
 caller's (the services' validation phase).
@@ -71,9 +73,19 @@ class AcceptancePolicy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule", AcceptanceRule(self.rule))
-        if not (math.isfinite(self.tolerance) and 0.0 <= self.tolerance <= MAX_TOLERANCE):
-            raise ValueError(f"tolerance {self.tolerance!r} must be in [0, {MAX_TOLERANCE:g}] nats")
-        if isinstance(self.max_halvings, bool) or not 0 <= self.max_halvings <= MAX_HALVINGS:
+        tolerance, halvings = self.tolerance, self.max_halvings
+        if (
+            isinstance(tolerance, bool)
+            or not isinstance(tolerance, int | float)
+            or not (0.0 <= tolerance <= MAX_TOLERANCE and math.isfinite(tolerance))
+        ):
+            raise ValueError(f"tolerance {tolerance!r} must be in [0, {MAX_TOLERANCE:g}] nats")
+        # an integer: it counts the steps tried (and is recorded as one)
+        if (
+            isinstance(halvings, bool)
+            or not isinstance(halvings, int)
+            or not 0 <= halvings <= MAX_HALVINGS
+        ):
             raise ValueError(f"max_halvings {self.max_halvings!r} must be in [0, {MAX_HALVINGS}]")
 
     def judge(self, evaluations: Sequence[MemberEvaluation], quorum: int = 1) -> Verdict:
@@ -165,12 +177,14 @@ def validate(policy: AcceptancePolicy, evaluate: Evaluate, quorum: int = 1) -> V
             return Validation(scale, tuple(attempts), policy=policy)
     # Under no_regression the objections are the verdict: one member alone, the same one
     # every time, cannot hold the round (the other rules decide on all the members' numbers
-    # together, so no one member's objection is what rejected it).
+    # together, so no one member's objection is what rejected it). Alone means against
+    # others: at every step another member answered and did not object; the only member
+    # that evaluated is the round's only evidence, not a lone objector.
     first = attempts[0].verdict.objections
     lone = (
         policy.rule is AcceptanceRule.NO_REGRESSION
         and len(first) == 1
-        and all(a.verdict.objections == first for a in attempts)
+        and all(a.verdict.objections == first and len(a.evaluations) > 1 for a in attempts)
     )
     if lone:
         return Validation(1.0, tuple(attempts), first, policy)

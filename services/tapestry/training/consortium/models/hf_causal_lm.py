@@ -35,8 +35,15 @@ def hf_parameter_count(config_json: str) -> int:
 
 
 def _meta_count(auto: Any, config: Any) -> int:
-    with torch.device("meta"):
-        model = auto.from_config(config, trust_remote_code=False)
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=False)
+    except Exception as error:  # a head count of 0 divides by zero, a negative size is
+        # torch's RuntimeError: whatever a config makes transformers raise, it is refused
+        raise ModelBuildError(
+            f"hf_config: transformers cannot build model_type {config.model_type!r}: "
+            f"{type(error).__name__}: {error}"
+        ) from None
     return sum(parameter.numel() for parameter in model.parameters())  # unique: ties once
 
 
@@ -48,7 +55,7 @@ def _config(config_json: str) -> Any:
     model_type = fields.pop("model_type", None)
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except (ValueError, TypeError) as error:
+    except Exception as error:  # huggingface_hub's strict field checks are no ValueError
         raise ModelBuildError(
             f"hf_config: transformers cannot build model_type {model_type!r}: {error}"
         ) from None

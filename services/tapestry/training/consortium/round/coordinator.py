@@ -219,9 +219,11 @@ class ConsortiumCoordinator:
         # Deltas are checked against and integrated into the coordinator's own base, which
         # no node can reach; a node that edited its copy in place shifts nothing.
         collected = stages.collect(nodes, report.round_num, snapshot, base, report)
-        if self.copy_states and any(not torch.equal(snapshot[name], base[name]) for name in base):
-            snapshot = Snapshot(self.shared_base_state, sha256=previous_sha256)
-        measure = self._measure(report.round_num, snapshot)  # from the base as it is
+        # The reference trains from the round's base, not from a copy a node edited.
+        snapshot = self._unedited(snapshot, base)
+        measure = self._measure(report.round_num, snapshot)
+        if measure is not None:
+            snapshot = self._unedited(snapshot, base)
         decided = stages.decide(
             collected,
             self.contribution_policy,
@@ -242,7 +244,7 @@ class ConsortiumCoordinator:
             voters = [node for node in nodes if node.node_id in received]
             validation, validated = validate_candidate(
                 self.acceptance, voters, report.round_num, base, integrated.new_state,
-                self.min_nodes, copy=self.copy_states,
+                self.min_nodes, copies=self.copy_states,
             )  # fmt: skip
             integrated = _validated(integrated, validation, validated, self.strategy.state)
         if integrated.new_state is not None:
@@ -288,6 +290,13 @@ class ConsortiumCoordinator:
             report(RoundStage.COMMITTED, "", f"base {new_sha256[:12]} is now the shared base")
         return result
 
+    def _unedited(self, snapshot: Snapshot, base: ModelState) -> Snapshot:
+        """``snapshot``, or a fresh copy of the base where whoever was handed it edited it
+        in place (with copies on: without them, they only read it)."""
+        if self.copy_states and any(not torch.equal(snapshot[name], base[name]) for name in base):
+            return Snapshot(self.shared_base_state, sha256=snapshot.sha256)
+        return snapshot
+
     def _measure(self, round_num: int, base: ModelState) -> stages.Measure | None:
         """The round's measured quality: the reference node's update from ``base``, which
         each delta is scored against (``None`` without a reference node). Its failure fails
@@ -295,6 +304,13 @@ class ConsortiumCoordinator:
         if self.reference is None:
             return None
         update = self.reference.run_sovereign_cycle(round_num, base).contribution.weight_delta
+        # Checked as a member's delta is: a NaN update would score every member 0 (the
+        # round recorded as theirs), one with other keys would fail the scoring bare.
+        problem = state_mismatch(
+            update, base, what="the reference node's update", against="the base"
+        )
+        if problem is not None:
+            raise ValueError(problem)
         return lambda deltas: reference_scores(deltas, update)
 
     def roll_back(

@@ -55,23 +55,31 @@ def validate_candidate(
     candidate: ModelState,
     quorum: int = 1,
     *,
-    copy: bool = True,
+    copies: bool = True,
 ) -> tuple[Validation, ModelState | None]:
     """Ask every member that can (an :class:`Evaluator`) to evaluate each step tried; the
     validation and the state to commit (``None``: the base stays as it is). A member whose
     evaluation raises, names another member, or that has no held-out split does not count
-    (as one that did not answer); at least ``quorum`` must answer each step. With ``copy``
-    each member is handed a copy of the step (one at a time), so one that edits it in place
-    changes neither what is committed nor what the next member sees."""
+    (as one that did not answer); at least ``quorum`` must answer each step.
+
+    With ``copies`` (the coordinator's ``copy_states``) the members are handed a copy of
+    each step, never the candidate that is committed: a member that edits it in place
+    (the full step is the candidate's very tensors) does not count, and the next member
+    gets a fresh copy, so no member changes what is committed or what the others judge.
+    Without it the members must only read what they are handed."""
     evaluators = [member for member in members if isinstance(member, Evaluator)]
 
     def evaluate(scale: float) -> list[MemberEvaluation]:
         state = step(base, candidate, scale)
+        given = clone_state(state) if copies else state
         answers = []
         for member in evaluators:
             try:
-                answer = member.evaluate_candidate(round_num, clone_state(state) if copy else state)
+                answer: object = member.evaluate_candidate(round_num, given)
             except Exception:  # a member's failure must not sink the round
+                answer = None
+            if copies and any(not torch.equal(given[name], state[name]) for name in state):
+                given = clone_state(state)  # it judged something else: not counted
                 continue
             if isinstance(answer, MemberEvaluation) and answer.node_id == member.node_id:
                 answers.append(answer)
