@@ -302,3 +302,14 @@ def test_a_candidate_is_checked_as_a_base_and_only_for_a_round_the_member_traine
     with pytest.raises(ValueError, match="NaN"):
         node.evaluate_candidate(1, nan)
     assert make_node("ch").evaluate_candidate(1, base) is None  # no held-out split
+
+
+def test_a_round_past_max_round_num_is_refused_whatever_gap_the_node_allows(
+    make_node: MakeNode, base_model: nn.Module
+) -> None:
+    from tapestry.limits import MAX_ROUND_NUM
+    from tapestry.training.consortium import InvalidBase
+
+    node = make_node("vn")
+    with pytest.raises(InvalidBase, match="past MAX_ROUND_NUM"):
+        node.run_sovereign_cycle(MAX_ROUND_NUM + 1, base_model.state_dict())

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from tapestry.limits import MAX_HELDOUT_LOSS
+from tapestry.limits import MAX_HELDOUT_LOSS, MAX_ROUND_NUM
 from tapestry.training.consortium.local.distributed import CYCLE, TrainingGroup, train_sharded
 from tapestry.training.consortium.local.evaluation import (
     IGNORE_INDEX,
@@ -243,6 +243,8 @@ class SovereignTrainingNode:
         before it is assembled, to bound what a peer can make it allocate)."""
         if isinstance(round_num, bool) or not isinstance(round_num, int) or round_num < 1:
             raise InvalidBase(f"round_num must be an integer >= 1, got {round_num!r}")
+        if round_num > MAX_ROUND_NUM:  # whatever gap a node's file allows
+            raise InvalidBase(f"round_num {round_num} is past MAX_ROUND_NUM = {MAX_ROUND_NUM}")
         problem = state_mismatch(
             base_state, model_state(self.model), what="base", against="this node's model"
         )
