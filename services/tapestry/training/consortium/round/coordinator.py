@@ -239,14 +239,8 @@ class ConsortiumCoordinator:
         received, failed, scores = decided.received, decided.failed, decided.scores
         aborted_reason = decided.aborted_reason
         del decided  # metadata only from here on: the deltas are let go
-        validation = None
-        if self.acceptance is not None and integrated.new_state is not None:
-            voters = [node for node in nodes if node.node_id in received]
-            validation, validated = validate_candidate(
-                self.acceptance, voters, report.round_num, base, integrated.new_state,
-                self.min_nodes, copies=self.copy_states,
-            )  # fmt: skip
-            integrated = _validated(integrated, validation, validated, self.strategy.state)
+        voters = [node for node in nodes if node.node_id in received]
+        integrated, validation = self._validate(integrated, voters, report.round_num, base)
         if integrated.new_state is not None:
             new_state, new_sha256 = integrated.new_state, state_digest(integrated.new_state)
         else:
@@ -289,6 +283,23 @@ class ConsortiumCoordinator:
         else:
             report(RoundStage.COMMITTED, "", f"base {new_sha256[:12]} is now the shared base")
         return result
+
+    def _validate(
+        self,
+        integrated: Integration,
+        voters: Sequence[ConsortiumNode],
+        round_num: int,
+        base: ModelState,
+    ) -> tuple[Integration, Validation | None]:
+        """The integration as the members' validation leaves it, and the validation
+        (``None`` without an acceptance policy or a candidate)."""
+        if self.acceptance is None or integrated.new_state is None:
+            return integrated, None
+        validation, validated = validate_candidate(
+            self.acceptance, voters, round_num, base, integrated.new_state, self.min_nodes,
+            copies=self.copy_states,
+        )  # fmt: skip
+        return _validated(integrated, validation, validated, self.strategy.state), validation
 
     def _unedited(self, snapshot: Snapshot, base: ModelState) -> Snapshot:
         """``snapshot``, or a fresh copy of the base where whoever was handed it edited it
