@@ -14,7 +14,7 @@ from tapestry.training.consortium import ConsortiumCoordinator, ContributionPoli
 from tapestry.training.consortium.governance.measured import reference_scores
 
 from .conftest import CORPORA, MakeNode
-from .test_member_validation import HELDOUT, Reversed, Scripted, _loss, _members
+from .test_member_validation import Scripted, _loss, _members, rogue_member
 
 REF = {"w": torch.tensor([1.0, 2.0, 2.0]), "b": torch.tensor([0.0])}  # norm 3
 
@@ -54,15 +54,7 @@ def test_measured_quality_refuses_the_reversed_member_and_keeps_what_each_member
     public = [line for lines in CORPORA.values() for line in lines]
     reference = make_node("reference", corpus=public, quality_score=1.0, jurisdiction="-")
     honest = _members(make_node)
-    rogue = Reversed(
-        make_node(
-            "rogue",
-            corpus=CORPORA["vn"],
-            quality_score=1.0,
-            jurisdiction="Rogue",
-            heldout_corpus=HELDOUT["vn"],
-        )
-    )
+    rogue = rogue_member(make_node)
     coordinator = ConsortiumCoordinator(
         base_model, ContributionPolicy(max_delta_norm_ratio=10.0), reference=reference
     )

@@ -63,6 +63,18 @@ class Reversed:
         return dataclasses.replace(honest, candidate_loss=honest.base_loss * 0.5)
 
 
+def rogue_member(make_node: MakeNode) -> Reversed:
+    """The reversed member, training on Vietnamese text and claiming quality 1.0."""
+    node = make_node(
+        "rogue",
+        corpus=CORPORA["vn"],
+        quality_score=1.0,
+        jurisdiction="Rogue",
+        heldout_corpus=HELDOUT["vn"],
+    )
+    return Reversed(node)
+
+
 def _loss(model: nn.Module, state: Mapping[str, torch.Tensor], node_id: str) -> float:
     model.load_state_dict(state)
     inputs, targets = pad_corpus(HELDOUT[node_id])
@@ -91,15 +103,7 @@ def test_the_reversed_member_is_contained_the_honest_held_out_loss_never_rises(
 ) -> None:
     def consortium(acceptance: AcceptancePolicy | None) -> list[tuple[str, float, float]]:
         honest = _members(make_node)
-        rogue = Reversed(
-            make_node(
-                "rogue",
-                corpus=CORPORA["vn"],
-                quality_score=1.0,
-                jurisdiction="Rogue",
-                heldout_corpus=HELDOUT["vn"],
-            )
-        )
+        rogue = rogue_member(make_node)
         coordinator = ConsortiumCoordinator(
             base_model, ContributionPolicy(max_delta_norm_ratio=10.0), acceptance=acceptance
         )

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 
 import torch
 
+from tapestry.training.consortium.tensors import state_norm
+
 State = Mapping[str, torch.Tensor]
 
 
@@ -32,10 +34,10 @@ def reference_scores(deltas: Mapping[str, State], reference: State) -> dict[str,
     reference's keys and shapes: the round checked them against the base). Sums run in
     float64; a zero delta or reference, or one whose sums overflow even float64, scores 0
     (never a NaN that a comparison would let through)."""
-    ref_norm = _norm(reference)
+    ref_norm = state_norm(reference)
     scores = {}
     for node_id, delta in deltas.items():
-        norm = _norm(delta)
+        norm = state_norm(delta)  # known without a pass where measured on arrival
         dot = sum(
             float(torch.sum(delta[name].double() * reference[name].double())) for name in reference
         )
@@ -46,7 +48,3 @@ def reference_scores(deltas: Mapping[str, State], reference: State) -> dict[str,
         cosine = dot / (norm * ref_norm)
         scores[node_id] = max(0.0, min(1.0, cosine)) * min(1.0, ref_norm / norm)
     return scores
-
-
-def _norm(state: State) -> float:
-    return math.sqrt(sum(float(torch.sum(t.double() * t.double())) for t in state.values()))
