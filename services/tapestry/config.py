@@ -35,6 +35,7 @@ from tapestry.atomic_files import write_text
 from tapestry.errors import UserError
 from tapestry.hf_config import check_hf_config, read_hf_config_dir
 from tapestry.limits import (
+    DEFAULT_EVALUATION_TIMEOUT_S,
     DEFAULT_LINK_STREAMS,
     DEFAULT_WINDOW_BUDGET_MIB,
     MAX_BATCH_SIZE,
@@ -58,6 +59,12 @@ from tapestry.limits import (
     MAX_VOCAB_SIZE,
     MAX_WINDOW_BUDGET_MIB,
     MIN_CHUNK_BYTES,
+)
+from tapestry.training.consortium.governance.acceptance import (
+    DEFAULT_MAX_HALVINGS,
+    DEFAULT_TOLERANCE,
+    AcceptancePolicy,
+    AcceptanceRule,
 )
 from tapestry.training.consortium.governance.policy import (
     CONSORTIUM_MAX_DELTA_NORM_RATIO,
@@ -353,6 +360,37 @@ class DilocoConfig(_Strict):
     """Nesterov momentum (step ``g + momentum * m``) rather than plain (step ``m``)."""
 
 
+class AcceptanceConfig(_Strict):
+    """``[policy.acceptance]``: member-validated commit. After integrating, the coordinator
+    has each member that contributed evaluate the candidate base on its held-out split, and
+    the rule decides whether it is committed, a shorter step toward it, or nothing
+    (docs/concepts/policy.md says what a lying member can and cannot do under each)."""
+
+    rule: AcceptanceRule | Literal["off"] = AcceptanceRule.NO_REGRESSION
+    """``no_regression`` (no member's held-out loss rises by more than ``tolerance``),
+    ``mean_improves``, ``majority_improves``, or ``off``: the round commits whatever the
+    weighted deltas give."""
+    tolerance: float = DEFAULT_TOLERANCE
+    """Nats a member's held-out loss may rise before it objects, in [0, 10]."""
+    max_halvings: int = DEFAULT_MAX_HALVINGS
+    """How many times a refused step is halved and evaluated again before the round gives
+    up with the base unchanged, in [0, 10]."""
+    timeout_s: float = Field(DEFAULT_EVALUATION_TIMEOUT_S, gt=0, le=MAX_NODE_TIMEOUT_S)
+    """Deadline of one member's evaluation of one step, the candidate's transfer included,
+    in seconds; a member that does not answer in time does not count for that step."""
+
+    @model_validator(mode="after")
+    def _the_core_accepts_it(self) -> AcceptanceConfig:
+        self.policy()
+        return self
+
+    def policy(self) -> AcceptancePolicy | None:
+        """The core's acceptance policy (``None``: off)."""
+        if self.rule == "off":
+            return None
+        return AcceptancePolicy(AcceptanceRule(self.rule), self.tolerance, self.max_halvings)
+
+
 class PolicyConfig(_Strict):
     """The contribution policy of a consortium run by the services. Its defaults are chosen
     so that no single member can capture the base: no member takes more than half the
@@ -393,6 +431,9 @@ class PolicyConfig(_Strict):
     it."""
     diloco: DilocoConfig | None = None
     """``diloco`` only: the outer optimizer's settings."""
+    acceptance: AcceptanceConfig = AcceptanceConfig()
+    """Member-validated commit: the rule the members' evaluations of each round's candidate
+    are judged by (on by default: ``no_regression``)."""
 
     @model_validator(mode="after")
     def _the_core_accepts_it(self) -> PolicyConfig:

@@ -62,6 +62,9 @@ MAX_OUTER_LR = 10.0
 # A node's cycle may train for hours; a week is past any round we mean to wait for, and a
 # bound keeps an `inf` or a typo (3600000) from holding a round open forever.
 MAX_NODE_TIMEOUT_S = 7 * 24 * 3600.0
+# One member's evaluation of one step toward a round's candidate (member-validated commit):
+# the candidate's transfer, once per round, and a pass over a held-out split.
+DEFAULT_EVALUATION_TIMEOUT_S = 600.0
 
 # A quorum is a count of members; a consortium is a few institutions, and this bound only
 # keeps a typo from passing as a setting.

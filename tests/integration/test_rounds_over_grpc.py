@@ -13,6 +13,7 @@ from tapestry.training.consortium import (
     ModelSpec,
     state_digest,
 )
+from tapestry.training.consortium.governance.acceptance import AcceptancePolicy
 from tapestry.wire import codec
 
 from .conftest import POLICY, core_node
@@ -98,7 +99,10 @@ def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
     # in-process core.
     spec, seed = ModelSpec(), consortium.seed
     nodes = [core_node(consortium, node_id, spec) for node_id in NODES]
-    core = ConsortiumCoordinator(spec.build(seed), ContributionPolicy(**POLICY))
+    # The services validate each candidate by default (no_regression); so does this core.
+    core = ConsortiumCoordinator(
+        spec.build(seed), ContributionPolicy(**POLICY), acceptance=AcceptancePolicy()
+    )
     core_rounds = [core.run_round(nodes) for _ in range(2)]
     expected = core.shared_base_state
 
@@ -106,8 +110,20 @@ def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
     for name in expected:
         assert torch.equal(served[name], expected[name]), name
     assert state_digest(served) == state_digest(expected)
-    # And the same held-out numbers, bit for bit.
+    # And the same held-out numbers and validation, bit for bit.
     for over_grpc, in_process in zip(served_rounds, core_rounds, strict=True):
+        assert in_process.validation is not None
+        validated = codec.validation_to_proto(in_process.validation)
+        for attempt in validated.attempts:  # a member in-process does not hash what it judged
+            for evaluation in attempt.evaluations:
+                evaluation.state_sha256 = next(
+                    e.state_sha256
+                    for a in over_grpc.validation.attempts
+                    if a.scale == attempt.scale
+                    for e in a.evaluations
+                    if e.node_id == evaluation.node_id
+                )
+        assert over_grpc.validation == validated
         for c in over_grpc.contributions:
             assert codec.evaluation_from_proto(c.evaluation) == (
                 in_process.contributions[c.node_id].evaluation

@@ -34,6 +34,7 @@ STAGE_NAMES = {
     pb.ROUND_STAGE_ABORTED: "ABORTED",
     pb.ROUND_STAGE_ROLLED_BACK: "rolled back",
     pb.ROUND_STAGE_NODE_PROGRESS: "progress",
+    pb.ROUND_STAGE_VALIDATED: "validated",
 }
 PHASE_NAMES = {
     pb.CYCLE_PHASE_SENDING_BASE: "sending base",

@@ -17,15 +17,25 @@ import torch
 
 from tapestry.allocator import release_free_memory
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.coordinator.candidate_evaluation import ask_evaluation
 from tapestry.coordinator.node_links import CycleCall, DialedLink, NodeLink
 from tapestry.coordinator.sent_deltas import SentDeltas
 from tapestry.coordinator.transfer_meter import TransferMeter
 from tapestry.errors import WireError, quoted
-from tapestry.limits import MAX_PEER_NAME_CHARS, MAX_PROGRESS_MESSAGE_BYTES, MAX_PROGRESS_MESSAGES
+from tapestry.limits import (
+    DEFAULT_EVALUATION_TIMEOUT_S,
+    MAX_PEER_NAME_CHARS,
+    MAX_PROGRESS_MESSAGE_BYTES,
+    MAX_PROGRESS_MESSAGES,
+)
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
 from tapestry.training.consortium.deferred import DeferredState
-from tapestry.training.consortium.messages import ModelState, SovereignCycleResult
+from tapestry.training.consortium.messages import (
+    MemberEvaluation,
+    ModelState,
+    SovereignCycleResult,
+)
 from tapestry.training.consortium.models.spec import ModelSpec, spec_differences
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressCallback
 from tapestry.training.consortium.tensors import StateLayout, known_digest, state_nbytes
@@ -47,6 +57,8 @@ DECLINE_GRACE_S = 10.0
 # A node answers Describe from memory; a few seconds is plenty even across continents. The
 # deadline covers every attempt: a node still unreachable after it has failed this round.
 DESCRIBE_TIMEOUT_S = 10.0
+# The steps toward a candidate a node may say it holds that are read (one per step tried).
+MAX_HELD_STEPS = 16
 
 
 class NodeCallFailed(RuntimeError):
@@ -123,6 +135,7 @@ class RemoteSovereignNode:
         count_received: ByteCount | None = None,
         delta_encoding: DeltaEncoding = DeltaEncoding.FLOAT32,
         sent_deltas: SentDeltas | None = None,
+        evaluation_timeout_s: float = DEFAULT_EVALUATION_TIMEOUT_S,
     ) -> None:
         """``link`` reaches the node: its session (it dialed out) or, given as an address,
         a :class:`~tapestry.coordinator.node_links.DialedLink` to a node that listens
@@ -141,7 +154,9 @@ class RemoteSovereignNode:
         (:mod:`tapestry.wire.delta_encoding`); its stream may hold raw tensors and that
         encoding, nothing else, and is decoded as it arrives. ``sent_deltas`` remembers
         the member's deltas, so that one sent again is refused
-        (:mod:`tapestry.coordinator.sent_deltas`)."""
+        (:mod:`tapestry.coordinator.sent_deltas`). ``evaluation_timeout_s`` bounds each of
+        its evaluations of a round's candidate (:meth:`evaluate_step`), the candidate's
+        transfer included."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.model = model
@@ -157,6 +172,10 @@ class RemoteSovereignNode:
         self.sent_deltas = sent_deltas
         self._link = DialedLink(node_id, link, credentials) if isinstance(link, str) else link
         self.held_base_sha256 = ""  # the base the node said it holds (Describe)
+        # The steps toward the last candidate it evaluated, which it can compute (Describe).
+        self.held_step_sha256: frozenset[str] = frozenset()
+        self.evaluation_timeout_s = evaluation_timeout_s
+        self._candidate_sent: tuple[int, str] | None = None  # (round, digest) it holds
 
     @property
     def address(self) -> str:
@@ -201,6 +220,8 @@ class RemoteSovereignNode:
                 raise MemberMisnamed(message, described.node_id, described.jurisdiction)
             raise NodeMismatch(message)
         self.held_base_sha256 = described.held_base_sha256
+        # A handful at most are honest (one per step tried); a longer list is cut, not read.
+        self.held_step_sha256 = frozenset(described.held_step_sha256[:MAX_HELD_STEPS])
         if self.server_check is not None:
             try:
                 self.server_check.check(
@@ -248,6 +269,48 @@ class RemoteSovereignNode:
         except grpc.RpcError as error:
             raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
 
+    def evaluate_step(
+        self, round_num: int, base: ModelState, candidate: ModelState, scale: float
+    ) -> MemberEvaluation:
+        """The node's evaluation of the step of ``scale`` toward round ``round_num``'s
+        ``candidate`` from ``base`` (:mod:`~tapestry.coordinator.candidate_evaluation`): the
+        candidate is sent with the round's first evaluation and named held after. One that
+        is not this member's, or of another state than the candidate at scale 1, is a
+        :class:`NodeMismatch`; a refusal or a timeout is :class:`NodeCallFailed`."""
+        digest = known_digest(candidate)
+        held = self._candidate_sent == (round_num, digest)
+        start = pb.EvaluationStart(
+            round_num=round_num,
+            consortium_id=self.consortium_id,
+            base_sha256=known_digest(base),
+            candidate_sha256=digest,
+            candidate_held=held,
+            scale=scale,
+        )
+        try:
+            evaluation = ask_evaluation(
+                self._link,
+                start,
+                None if held else candidate,
+                self.evaluation_timeout_s,
+                self.chunk_bytes,
+                self._count_sent,
+            )
+        except grpc.RpcError as error:
+            raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None
+        self._candidate_sent = (round_num, digest)
+        if evaluation.node_id != self.node_id:
+            raise NodeMismatch(
+                f"the node at {self.address} answered an evaluation as "
+                f"{quoted(evaluation.node_id, MAX_PEER_NAME_CHARS)}, not {self.node_id!r}"
+            )
+        if scale == 1.0 and evaluation.state_sha256 not in ("", digest):
+            raise NodeMismatch(
+                f"node {self.node_id!r} evaluated a state with digest "
+                f"{evaluation.state_sha256}, not the candidate {digest}"
+            )
+        return evaluation
+
     def _cycle(
         self, round_num: int, base_state: ModelState, on_progress: ProgressCallback
     ) -> SovereignCycleResult:
@@ -257,7 +320,7 @@ class RemoteSovereignNode:
         digest = known_digest(base_state)  # the round's digest: hashed once per round
         # A node that holds this very base (it said so in Describe) is not sent it again;
         # it hashes what it holds before training from it.
-        held = digest == self.held_base_sha256
+        held = digest == self.held_base_sha256 or digest in self.held_step_sha256
         decisions: queue.Queue[bool] = queue.Queue(maxsize=1)
         meters: list[TransferMeter] = []  # the base's, once it streams
 

@@ -118,6 +118,7 @@ class Roster:
             count_received=self._metrics.delta_received(member.node_id),
             delta_encoding=DeltaEncoding(config.delta_encoding),
             sent_deltas=self.sent_deltas,
+            evaluation_timeout_s=config.policy.acceptance.timeout_s,
         )
 
     def for_round(self) -> list[RemoteSovereignNode]:

@@ -159,6 +159,7 @@ def _core(config: ConsortiumConfig, base_model: Module) -> ConsortiumCoordinator
             m.node_id: m.quality_score for m in config.nodes if m.quality_score is not None
         },
         min_nodes=config.policy.quorum(),
+        acceptance=config.policy.acceptance.policy(),
         # The service only sends the base and persists results: no copies, so a round
         # holds the base and the state integration builds, whatever the number of nodes.
         copy_states=False,

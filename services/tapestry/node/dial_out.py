@@ -535,7 +535,8 @@ class _Cycles:
         refused = False
         with self._lock:
             run = self._runs.get(key)
-            starts = message.seq == 1 and message.cycle.WhichOneof("item") == "start"
+            # A cycle, or an evaluation of the round's candidate, which runs as one.
+            starts = message.seq == 1 and message.cycle.WhichOneof("item") in ("start", "evaluate")
             if run is None and starts and len(self._runs) >= MAX_SESSION_CYCLES:
                 refused = True
             elif run is None and starts:

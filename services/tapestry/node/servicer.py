@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import Busy, NotFound, WireError, quoted
 from tapestry.limits import NODE_PROGRESS_REPORTS
 from tapestry.node.artifacts import ArtifactStore
+from tapestry.node.candidates import Candidates, assemble, new_assembler
 from tapestry.node.cycle_progress import reporting
 from tapestry.node.guard import CycleRefused, check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
@@ -29,6 +30,7 @@ from tapestry.training.consortium.messages import SovereignCycleResult, Sovereig
 from tapestry.training.consortium.models.spec import ModelSpec
 from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.progress import CyclePhase, CycleProgress, ProgressThrottle
+from tapestry.training.consortium.round.validation import step
 from tapestry.training.consortium.tensors import (
     state_digest,
     state_layout,
@@ -37,9 +39,9 @@ from tapestry.training.consortium.tensors import (
 from tapestry.wire import codec
 from tapestry.wire.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.wire.delta_encoding import DeltaEncoding
-from tapestry.wire.spill import SpilledState, SpillingAssembler
+from tapestry.wire.spill import SpilledState
 from tapestry.wire.status import abort
-from tapestry.wire.tensor_stream import StateAssembler, receive_state, send_state, spec_of
+from tapestry.wire.tensor_stream import send_state, spec_of
 
 log = logging.getLogger(__name__)
 HELD_BASE = "held-base-{}.spill"  # in the scratch directory, numbered by arrival
@@ -91,6 +93,8 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             scratch_dir.mkdir(parents=True, exist_ok=True)
             for stale in scratch_dir.glob(HELD_BASE.format("*")):  # held before a restart
                 stale.unlink()
+        # The newest round's candidate, while its members validate it.
+        self._candidates = Candidates(node.node_id, self._expected, scratch_dir)
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
@@ -105,6 +109,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             latest_round=latest.round_num if latest else 0,
             state_layout=self._layout,
             held_base_sha256=self._held.sha256 if self._held is not None else "",
+            held_step_sha256=self._candidates.step_digests(),
         )
 
     def GetArtifact(
@@ -129,7 +134,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         ``receive_timeout_s``, run the core node's cycle (which checks its input), persist
         the artifact, send the result header, wait for the coordinator's decision on the
         delta within ``decision_timeout_s``, and when it is wanted stream it within
-        ``send_timeout_s``. The node is free again however the call ends."""
+        ``send_timeout_s``. A call that begins with an ``EvaluationStart`` is an evaluation
+        of the round's candidate instead (:meth:`_evaluate`). The node is free again
+        however the call ends."""
         if not self._busy.acquire(timeout=BUSY_GRACE_S):
             self._metrics.cycle_ended("busy")
             abort(context, Busy(f"node {self._node.node_id!r} is already running a cycle"))
@@ -139,9 +146,18 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             request_iterator, self._limits.receive_timeout_s, "the base", "receive_timeout_s"
         )
         sending: SendDeadline | None = None
+        evaluating = False  # an evaluation is not counted as a cycle
         try:
             try:
-                round_num, result, header, encoding = yield from self._trained(requests)
+                first = next(requests, None)
+            except Exception as error:
+                abort(context, error)
+            if first is not None and first.WhichOneof("item") == "evaluate":
+                evaluating = True
+                yield self._evaluated(first.evaluate, requests, context)
+                return
+            try:
+                round_num, result, header, encoding = yield from self._trained(first, requests)
                 delta = result.contribution.weight_delta
             except Exception as error:
                 log.warning("cycle refused or failed: %s", error)
@@ -172,15 +188,76 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 completed = message.HasField("delta_end")
                 yield message
         finally:
-            outcome = "completed" if completed else "failed"
-            self._metrics.cycle_ended(outcome, time.monotonic() - began)
+            if not evaluating:
+                outcome = "completed" if completed else "failed"
+                self._metrics.cycle_ended(outcome, time.monotonic() - began)
             if sending is not None:
                 sending.stop()
             requests.close()
             self._busy.release()
 
+    def _evaluated(
+        self,
+        start: pb.EvaluationStart,
+        requests: Iterator[pb.RunSovereignCycleRequest],
+        context: grpc.ServicerContext,
+    ) -> pb.RunSovereignCycleResponse:
+        """The reply to an evaluation, or the call aborted with what was wrong."""
+        try:
+            evaluation = self._evaluate(start, requests)
+        except Exception as error:
+            log.warning("evaluation refused or failed: %s", error)
+            abort(context, error)
+        return pb.RunSovereignCycleResponse(evaluation=evaluation)
+
+    def _evaluate(
+        self, start: pb.EvaluationStart, requests: Iterator[pb.RunSovereignCycleRequest]
+    ) -> pb.MemberEvaluation:
+        """Evaluate the step ``start`` names, computed from the base this node trained
+        from in the newest round it trained (:mod:`tapestry.node.candidates`)."""
+        rounds = self._store.rounds()
+        newest = rounds[-1] if rounds else 0
+        check_cycle_start(
+            self._node.node_id,
+            start.consortium_id,
+            start.round_num,
+            own_consortium_id=self._consortium_id,
+            newest_round=newest,
+            max_round_gap=0,
+        )
+        held = self._held
+        if start.round_num != newest or held is None or held.sha256 != start.base_sha256:
+            raise CycleRefused(
+                f"node {self._node.node_id!r} did not train round {start.round_num} from a "
+                f"base with digest {quoted(start.base_sha256)}: it evaluates only the "
+                f"candidate of the round it trained last (round {newest}), from its base"
+            )
+        scale = start.scale
+        if not 0.0 < scale <= 1.0:  # NaN too
+            raise WireError(f"EvaluationStart.scale {scale!r} is not in (0, 1]")
+        candidate = self._candidates.take(start, requests, self._metrics.base_received())
+        state = step(dict(held.state), dict(candidate.state), scale)
+        digest = candidate.sha256 if scale == 1.0 else state_digest(state)
+        evaluation = self._node.evaluate_candidate(start.round_num, state)
+        if evaluation is None:
+            raise CycleRefused(
+                f"node {self._node.node_id!r} holds no held-out split: it cannot evaluate "
+                "a candidate ([training] heldout_fraction)"
+            )
+        self._candidates.evaluated(candidate, digest, scale)
+        log.info(
+            "round %d: step %g toward the candidate evaluated, held-out loss %.4f -> %.4f",
+            start.round_num,
+            scale,
+            evaluation.base_loss,
+            evaluation.candidate_loss,
+        )
+        return codec.member_evaluation_to_proto(replace(evaluation, state_sha256=digest))
+
     def _trained(
-        self, requests: ReceiveDeadline[pb.RunSovereignCycleRequest]
+        self,
+        first: pb.RunSovereignCycleRequest | None,
+        requests: ReceiveDeadline[pb.RunSovereignCycleRequest],
     ) -> Generator[
         pb.RunSovereignCycleResponse,
         None,
@@ -188,7 +265,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
     ]:
         """Receive the base, train, persist the artifact: ``(round, result, its header,
         the delta's encoding)``, reporting the base's arrival on the way."""
-        round_num, base, encoding = self._receive_base(requests)
+        round_num, base, encoding = self._receive_base(first, requests)
         log.info("round %d: base received, training", round_num)
         received = CycleProgress(
             CyclePhase.BASE_RECEIVED,
@@ -263,7 +340,9 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         context.cancel()
 
     def _receive_base(
-        self, requests: Iterator[pb.RunSovereignCycleRequest]
+        self,
+        first: pb.RunSovereignCycleRequest | None,
+        requests: Iterator[pb.RunSovereignCycleRequest],
     ) -> tuple[int, Mapping[str, torch.Tensor], DeltaEncoding]:
         """The round number, the base, assembled against this node's own keys, dtypes
         and shapes (so a peer cannot make it allocate more than one model), and how to
@@ -271,7 +350,6 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         (:func:`check_cycle_start`; an encoding this release does not know is a
         :class:`WireError`); what the base must hold to be trained on is the core node's
         check, not this one's."""
-        first = next(requests, None)
         if first is None or first.WhichOneof("item") != "start":
             raise WireError("the request stream must begin with a CycleStart message")
         rounds = self._store.rounds()
@@ -292,33 +370,41 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             return start.round_num, self._held_base(start.base_sha256), encoding
         if self._scratch is None:
             self._held = None  # dropped before a new base is assembled: one base at a time
-            assembler = StateAssembler(self._expected)
-        else:  # a new file: the held one stays whole, and no map of it is truncated
-            path = self._scratch / HELD_BASE.format(next(self._arrivals))
-            assembler = SpillingAssembler(path, self._expected)
-        try:
-            base = receive_state(
-                requests, "base_chunk", "base_end", assembler, self._metrics.base_received()
-            )
-            if start.base_sha256 and assembler.digest != start.base_sha256:
-                raise WireError(
-                    f"the base's digest {assembler.digest} differs from the one its "
-                    f"CycleStart announced ({quoted(start.base_sha256)})"
-                )
-        except BaseException:
-            if isinstance(assembler, SpillingAssembler):
-                assembler.close()
-                assembler.path.unlink(missing_ok=True)
-            raise
-        earlier, self._held = self._held, _Held(base, assembler.digest)
-        if earlier is not None and isinstance(earlier.state, SpilledState):
-            earlier.state.discard()
+            self._candidates.drop()
+        # With a scratch directory, a new file: the held one stays whole, and no map of it
+        # is truncated.
+        assembler = new_assembler(
+            self._expected, self._scratch, HELD_BASE.format(next(self._arrivals))
+        )
+        base = assemble(
+            requests,
+            ("base_chunk", "base_end"),
+            assembler,
+            (start.base_sha256, "CycleStart"),
+            "base",
+            self._metrics.base_received(),
+        )
+        self._hold(_Held(base, assembler.digest))
         return start.round_num, base, encoding
 
+    def _hold(self, held: _Held) -> None:
+        """``held`` is the base of this node's newest cycle: the one before, and the
+        candidate of the round before, are let go."""
+        earlier, self._held = self._held, held
+        if earlier is not None and isinstance(earlier.state, SpilledState):
+            earlier.state.discard()
+        self._candidates.drop()
+
     def _held_base(self, sha256: str) -> Mapping[str, torch.Tensor]:
-        """The base this node holds, once hashed again and found to be ``sha256`` (what it
-        trains from must be exactly the round's base, however long it was held)."""
+        """The base this node holds, or the step toward the last round's candidate that it
+        evaluated, once hashed again and found to be ``sha256`` (what it trains from must
+        be exactly the round's base, however long it was held)."""
         held = self._held
+        if held is not None and sha256 and held.sha256 != sha256:
+            stepped = self._candidates.step_to(held.state, sha256)
+            if stepped is not None:  # the round committed a step this node evaluated
+                self._hold(_Held(stepped, sha256))
+                return stepped
         if held is None or not sha256 or state_digest(held.state) != sha256:
             raise CycleRefused(
                 f"node {self._node.node_id!r} holds no base with digest {quoted(sha256)}; "

@@ -21,12 +21,14 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.errors import quoted
 from tapestry.limits import MAX_REQUEST_ID_CHARS
 from tapestry.training.consortium.governance.acceptance import Validation
 from tapestry.training.consortium.governance.checks import progress_problem
 from tapestry.training.consortium.governance.policy import ContributionPolicy, ContributionWeighting
 from tapestry.training.consortium.messages import (
     HeldOutEvaluation,
+    MemberEvaluation,
     SovereignContribution,
     SovereignCycleResult,
     SovereignModelArtifact,
@@ -280,6 +282,7 @@ _STAGES = {
     RoundStage.ABORTED: pb.ROUND_STAGE_ABORTED,
     RoundStage.ROLLED_BACK: pb.ROUND_STAGE_ROLLED_BACK,
     RoundStage.NODE_PROGRESS: pb.ROUND_STAGE_NODE_PROGRESS,
+    RoundStage.VALIDATED: pb.ROUND_STAGE_VALIDATED,
 }
 _PHASES = {
     CyclePhase.SENDING_BASE: pb.CYCLE_PHASE_SENDING_BASE,
@@ -408,12 +411,7 @@ def validation_to_proto(validation: Validation) -> pb.RoundValidation:
                 accepted=attempt.verdict.accepted,
                 objections=attempt.verdict.objections,
                 reason=attempt.verdict.reason,
-                evaluations=[
-                    pb.MemberEvaluation(
-                        node_id=e.node_id, base_loss=e.base_loss, candidate_loss=e.candidate_loss
-                    )
-                    for e in attempt.evaluations
-                ],
+                evaluations=[member_evaluation_to_proto(e) for e in attempt.evaluations],
             )
             for attempt in validation.attempts
         ],
@@ -423,6 +421,26 @@ def validation_to_proto(validation: Validation) -> pb.RoundValidation:
     if validation.scale is not None:
         msg.committed_scale = validation.scale
     return msg
+
+
+def member_evaluation_to_proto(evaluation: MemberEvaluation) -> pb.MemberEvaluation:
+    """One member's evaluation of a step toward a round's candidate."""
+    return pb.MemberEvaluation(
+        node_id=evaluation.node_id,
+        base_loss=evaluation.base_loss,
+        candidate_loss=evaluation.candidate_loss,
+        state_sha256=evaluation.state_sha256,
+    )
+
+
+def member_evaluation_from_proto(msg: pb.MemberEvaluation) -> MemberEvaluation:
+    """A peer's evaluation, checked: losses in [0, MAX_HELDOUT_LOSS] and finite, a digest
+    that is one (64 lowercase hex digits) or empty; ``ValueError`` naming what is wrong,
+    never the unbounded text itself. Whose it is, the caller checks."""
+    digest = msg.state_sha256
+    if digest and (len(digest) != 64 or digest.strip("0123456789abcdef")):
+        raise ValueError(f"state_sha256 {quoted(digest)} is not a SHA-256 digest")
+    return MemberEvaluation(msg.node_id, msg.base_loss, msg.candidate_loss, digest)
 
 
 def timestamp_to_proto(moment: datetime, field: str = "time") -> Timestamp:

@@ -67,6 +67,7 @@ class MemberEvaluation:
     node_id: str
     base_loss: float
     candidate_loss: float
+    state_sha256: str = ""  # what the member evaluated, as it hashed it ("": not said)
 
     def __post_init__(self) -> None:
         for name in ("base_loss", "candidate_loss"):

@@ -36,8 +36,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from tapestry.training.consortium.messages import MemberEvaluation
+if TYPE_CHECKING:  # torch-free at run time: the consortium file's settings import this
+    from tapestry.training.consortium.messages import MemberEvaluation
 
 DEFAULT_TOLERANCE = 0.01
 """Nats a member's held-out loss may rise under ``no_regression`` before it objects."""
@@ -159,7 +161,7 @@ class Validation:
         return f"committed at step {self.scale:g}: {last.verdict.reason}"
 
 
-Evaluate = Callable[[float], Sequence[MemberEvaluation]]
+Evaluate = Callable[[float], Sequence["MemberEvaluation"]]
 """The members' evaluations of ``base + scale·(candidate - base)``."""
 
 

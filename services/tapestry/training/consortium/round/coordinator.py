@@ -47,7 +47,13 @@ from tapestry.training.consortium.round.stages import Integration
 from tapestry.training.consortium.round.validation import validate_candidate
 from tapestry.training.consortium.strategies.base import Strategy
 from tapestry.training.consortium.strategies.registry import make_strategy
-from tapestry.training.consortium.tensors import Snapshot, clone_state, state_digest, state_mismatch
+from tapestry.training.consortium.tensors import (
+    Snapshot,
+    clone_state,
+    known_digest,
+    state_digest,
+    state_mismatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +247,10 @@ class ConsortiumCoordinator:
         del decided  # metadata only from here on: the deltas are let go
         voters = [node for node in nodes if node.node_id in received]
         integrated, validation = self._validate(integrated, voters, report.round_num, base)
+        if validation is not None:
+            report(RoundStage.VALIDATED, "", validation.reason)
         if integrated.new_state is not None:
-            new_state, new_sha256 = integrated.new_state, state_digest(integrated.new_state)
+            new_state, new_sha256 = integrated.new_state, known_digest(integrated.new_state)
         else:
             unchanged = clone_state(snapshot) if self.copy_states else dict(snapshot)
             new_state, new_sha256 = unchanged, previous_sha256
@@ -295,9 +303,11 @@ class ConsortiumCoordinator:
         (``None`` without an acceptance policy or a candidate)."""
         if self.acceptance is None or integrated.new_state is None:
             return integrated, None
+        # Hashed once here, for the proxies of remote members, which send the candidate.
+        candidate = Snapshot(integrated.new_state, sha256=state_digest(integrated.new_state))
         validation, validated = validate_candidate(
-            self.acceptance, voters, round_num, base, integrated.new_state, self.min_nodes,
-            copies=self.copy_states,
+            self.acceptance, voters, round_num, Snapshot(base, sha256=self.base_sha256),
+            candidate, self.min_nodes, copies=self.copy_states,
         )  # fmt: skip
         return _validated(integrated, validation, validated, self.strategy.state), validation
 

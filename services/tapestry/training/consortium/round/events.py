@@ -29,6 +29,7 @@ class RoundStage(StrEnum):
     ABORTED = "aborted"  # quorum not met: recorded by the commit step, the base unchanged
     ROLLED_BACK = "rolled_back"  # an operator's rollback was committed: an earlier base is back
     NODE_PROGRESS = "node_progress"  # the node's cycle moved on: ``progress`` has the numbers
+    VALIDATED = "validated"  # the members evaluated the candidate: ``detail`` says the verdict
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ commits whatever the weighted deltas give.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -18,6 +19,19 @@ from tapestry.training.consortium.governance.acceptance import (
 )
 from tapestry.training.consortium.messages import MemberEvaluation, ModelState
 from tapestry.training.consortium.tensors import clone_state
+
+
+@runtime_checkable
+class StepEvaluator(Protocol):
+    """A member that evaluates a step toward the candidate from the parts it is made of (a
+    remote member: it sends the candidate once, and the member computes each step from the
+    base it holds, with :func:`step`). It must only read ``base`` and ``candidate``."""
+
+    node_id: str
+
+    def evaluate_step(
+        self, round_num: int, base: ModelState, candidate: ModelState, scale: float
+    ) -> MemberEvaluation | None: ...
 
 
 @runtime_checkable
@@ -57,22 +71,39 @@ def validate_candidate(
     *,
     copies: bool = True,
 ) -> tuple[Validation, ModelState | None]:
-    """Ask every member that can (an :class:`Evaluator`) to evaluate each step tried; the
-    validation and the state to commit (``None``: the base stays as it is). A member whose
-    evaluation raises, names another member, or that has no held-out split does not count
-    (as one that did not answer); at least ``quorum`` must answer each step.
+    """Ask every member that can (a :class:`StepEvaluator`, all at once, or an
+    :class:`Evaluator`, in turn) to evaluate each step tried; the validation and the state
+    to commit (``None``: the base stays as it is). A member whose evaluation raises, names
+    another member, or that has no held-out split does not count (as one that did not
+    answer); at least ``quorum`` must answer each step. ``base`` and ``candidate`` may be
+    :class:`~tapestry.training.consortium.tensors.Snapshot` s, so a remote member's proxy
+    need not hash them again.
 
     With ``copies`` (the coordinator's ``copy_states``) the members are handed a copy of
     each step, never the candidate that is committed: a member that edits it in place
     (the full step is the candidate's very tensors) does not count, and the next member
     gets a fresh copy, so no member changes what is committed or what the others judge.
     Without it the members must only read what they are handed."""
-    evaluators = [member for member in members if isinstance(member, Evaluator)]
+    remote = [member for member in members if isinstance(member, StepEvaluator)]
+    evaluators = [
+        member
+        for member in members
+        if isinstance(member, Evaluator) and not isinstance(member, StepEvaluator)
+    ]
 
     def evaluate(scale: float) -> list[MemberEvaluation]:
+        # The remote members evaluate at once, each on its own side; the in-process ones
+        # in turn, each handed its own copy.
+        with ThreadPoolExecutor(max(len(remote), 1), thread_name_prefix="evaluate") as pool:
+            asked = [
+                (member, pool.submit(member.evaluate_step, round_num, base, candidate, scale))
+                for member in remote
+            ]
+            answers = [answer for answer in map(_answer, asked) if answer is not None]
+        if not evaluators:
+            return answers
         state = step(base, candidate, scale)
         given = clone_state(state) if copies else state
-        answers = []
         for member in evaluators:
             try:
                 answer: object = member.evaluate_candidate(round_num, given)
@@ -89,3 +120,16 @@ def validate_candidate(
     if outcome.scale is None:
         return outcome, None
     return outcome, step(base, candidate, outcome.scale)
+
+
+def _answer(asked: tuple[object, Future[MemberEvaluation | None]]) -> MemberEvaluation | None:
+    """A remote member's evaluation, when it gave one of its own: one that raised (did not
+    answer in time, refused) or names another member does not count."""
+    member, future = asked
+    try:
+        answer = future.result()
+    except Exception:  # a member's failure must not sink the round
+        return None
+    if isinstance(answer, MemberEvaluation) and answer.node_id == getattr(member, "node_id", None):
+        return answer
+    return None
