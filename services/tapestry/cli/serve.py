@@ -142,7 +142,9 @@ def coordinator_serve(
     from tapestry.observe.metrics import CoordinatorMetrics
 
     metrics = CoordinatorMetrics()
-    built = build_coordinator_server(config, listen, data_dir, insecure=insecure, metrics=metrics)
+    built = build_coordinator_server(
+        config, listen, data_dir, insecure=insecure, metrics=metrics, source=str(config_path)
+    )
     extra = _serve_metrics(metrics_listen, metrics.registry)
     _serve_then_exit(
         built.server,
