@@ -18,8 +18,8 @@ import time
 
 import torch
 
+from tapestry.corpus import load_corpus
 from tapestry.demo import DEMO_NODES
-from tapestry.node.corpus import load_corpus
 from tapestry.node.processes import join_training_group, serve_as_worker, training_device
 from tapestry.training.consortium.local.distributed import STOP
 from tapestry.training.consortium.local.node import SovereignTrainingNode

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tapestry.config import NodeConfig
-from tapestry.node.corpus import SplitCorpus, load_node_corpus
+from tapestry.corpus import SplitCorpus, load_node_corpus
 from tapestry.training.consortium.local.evaluation import heldout_loss
 from tapestry.training.consortium.local.node import pad_corpus
 from tapestry.training.consortium.models.spec import ModelSpec

@@ -391,6 +391,28 @@ class AcceptanceConfig(_Strict):
         return AcceptancePolicy(AcceptanceRule(self.rule), self.tolerance, self.max_halvings)
 
 
+class LocalTraining(_Strict):
+    """How a model is trained from each round's base: the settings a node's ``[training]``
+    and the coordinator's reference (``[policy.reference]``) share."""
+
+    local_epochs: int = Field(3, ge=1, le=MAX_LOCAL_EPOCHS)
+    """Passes over the training windows per round."""
+    lr: float = Field(1e-3, gt=0, le=MAX_LOCAL_LR)
+    """The local optimizer's learning rate."""
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
+    """Windows per optimizer step: the global batch, however many processes train it."""
+    max_seq_len: int = Field(128, ge=2, le=MAX_SEQ_LEN)
+    """Windows of at most this many byte tokens are cut from each line."""
+
+
+class ReferenceTraining(LocalTraining):
+    """``[policy.reference]``: how the coordinator trains its reference update each round
+    from the round's base on ``reference_corpus`` (measured quality). The defaults are a
+    node's ``[training]`` defaults; set them to what the members use, so that the
+    reference's step is the size of an honest member's (a delta larger than the reference
+    scores less in proportion)."""
+
+
 class PolicyConfig(_Strict):
     """The contribution policy of a consortium run by the services. Its defaults are chosen
     so that no single member can capture the base: no member takes more than half the
@@ -434,13 +456,43 @@ class PolicyConfig(_Strict):
     acceptance: AcceptanceConfig = AcceptanceConfig()
     """Member-validated commit: the rule the members' evaluations of each round's candidate
     are judged by (on by default: ``no_regression``)."""
+    reference_corpus: Path | None = None
+    """Quality measured, not claimed (docs/concepts/policy.md): a public corpus the
+    consortium agreed on, a UTF-8 text file or a folder of them (every file under it), read
+    as a node reads its corpus; relative to the consortium file's folder. Each round the
+    coordinator trains the round's base on it and weighs each member by its delta's
+    direction and size against that update, instead of by any claimed or assessed score.
+    Unset, members are weighed by the consortium's assessment or their own claim."""
+    reference: ReferenceTraining | None = None
+    """With ``reference_corpus``: how the coordinator trains its reference update (a node's
+    ``[training]`` defaults when unset)."""
+
+    @field_validator("reference_corpus")
+    @classmethod
+    def _a_file_or_folder(cls, path: Path | None) -> Path | None:
+        if path is not None and not (path.is_file() or path.is_dir()):
+            raise ValueError(
+                f"{str(path)!r} is no file or folder; give the reference corpus's path "
+                "(relative to the consortium file's folder)"
+            )
+        return path
 
     @model_validator(mode="after")
     def _the_core_accepts_it(self) -> PolicyConfig:
         """What no single setting shows: a setting of another strategy (it would be silently
-        ignored), a floor above the highest score. The core's policy says so."""
+        ignored), a floor above the highest score. The core's policy says so. And
+        ``[policy.reference]`` without a corpus to train it on."""
         self.policy()
+        if self.reference is not None and self.reference_corpus is None:
+            raise ValueError(
+                "[policy.reference] trains the reference update on reference_corpus, which "
+                "is unset; set policy.reference_corpus or remove [policy.reference]"
+            )
         return self
+
+    def reference_training(self) -> ReferenceTraining:
+        """How the reference update is trained: ``[policy.reference]``, or its defaults."""
+        return self.reference or ReferenceTraining()
 
     def quorum(self) -> int:
         """``min_nodes``, or when unset the cap's quorum ``ceil(1/max_node_weight)``."""
@@ -551,6 +603,25 @@ class ConsortiumConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _measured_quality_fits(self) -> ConsortiumConfig:
+        """With a reference corpus, an assessed score would be silently ignored (measured
+        quality replaces it), and the reference's windows must fit the model."""
+        if self.policy.reference_corpus is None:
+            return self
+        assessed = [i for i, node in enumerate(self.nodes) if node.quality_score is not None]
+        if assessed:
+            raise ValueError(
+                f"nodes[{assessed[0]}].quality_score is never weighed when "
+                "policy.reference_corpus is set (measured quality replaces it); remove one"
+            )
+        check_window(
+            self.model,
+            self.policy.reference_training().max_seq_len,
+            key="policy.reference.max_seq_len",
+        )
+        return self
+
+    @model_validator(mode="after")
     def _quorum_can_be_met(self) -> ConsortiumConfig:
         """A quorum above the number of members would abort every round."""
         need, k = self.policy.min_nodes, len(self.nodes)
@@ -568,17 +639,9 @@ def cap_quorum(max_node_weight: float) -> int:
     return math.ceil(1 / max_node_weight - 1e-12)
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(LocalTraining):
     """Section ``[training]`` of a node file: how the node trains each cycle."""
 
-    local_epochs: int = Field(3, ge=1, le=MAX_LOCAL_EPOCHS)
-    """Passes over the node's training windows per cycle."""
-    lr: float = Field(1e-3, gt=0, le=MAX_LOCAL_LR)
-    """The local optimizer's learning rate."""
-    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE)
-    """Windows per optimizer step: the global batch, however many processes train it."""
-    max_seq_len: int = Field(128, ge=2, le=MAX_SEQ_LEN)
-    """Windows of at most this many byte tokens are cut from each line."""
     heldout_percent: int = Field(10, ge=0, le=MAX_HELDOUT_PERCENT)
     """About this share of the corpus's lines is held out, never trained on, and every
     round's base and sovereign model are evaluated on it (a seeded rule per line;
@@ -682,13 +745,14 @@ class NodeConfig(_Strict):
         return None if value is None else check_address(value)
 
 
-def check_window(model: ModelSpec, max_seq_len: int) -> None:
-    """A window of ``max_seq_len`` tokens trains on ``max_seq_len - 1`` input positions,
-    which must fit the model's context length (ValueError, naming the fix)."""
+def check_window(model: ModelSpec, max_seq_len: int, *, key: str = "training.max_seq_len") -> None:
+    """A window of ``max_seq_len`` tokens (the setting ``key``) trains on
+    ``max_seq_len - 1`` input positions, which must fit the model's context length
+    (ValueError, naming the fix)."""
     limit, window = context_length_limit(model), max_seq_len
     if limit is not None and window - 1 > limit:
         raise ValueError(
-            f"training.max_seq_len = {window} gives inputs of {window - 1} positions, past "
+            f"{key} = {window} gives inputs of {window - 1} positions, past "
             f"the model's context length {limit}; set max_seq_len to at most {limit + 1}"
         )
 
@@ -697,8 +761,9 @@ Config = TypeVar("Config", bound=_Strict)
 
 
 def load_config(path: Path, kind: type[Config]) -> Config:
-    """Parse and validate a TOML file; relative ``corpus``, ``tls`` and
-    ``model.hf_config_dir`` paths resolve against its folder."""
+    """Parse and validate a TOML file; relative ``corpus``, ``tls``,
+    ``model.hf_config_dir`` and ``policy.reference_corpus`` paths resolve against its
+    folder."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -712,6 +777,12 @@ def load_config(path: Path, kind: type[Config]) -> Config:
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("hf_config_dir"), str):
         raw["model"] = {**model, "hf_config_dir": str(path.parent / model["hf_config_dir"])}
+    policy = raw.get("policy")
+    if isinstance(policy, dict) and isinstance(policy.get("reference_corpus"), str):
+        raw["policy"] = {
+            **policy,
+            "reference_corpus": str(path.parent / policy["reference_corpus"]),
+        }
     if isinstance(raw.get("tls"), dict):
         raw["tls"] = {
             key: str(path.parent / value) if isinstance(value, str) else value

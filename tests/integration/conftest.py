@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tapestry.config import ConsortiumConfig, NodeConfig, load_config
+from tapestry.corpus import load_node_corpus
 from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
-from tapestry.node.corpus import load_node_corpus
 from tapestry.training.consortium import ModelSpec, SovereignTrainingNode
 
 # Written for these tests: distinct per node, so their deltas differ.

@@ -10,11 +10,12 @@ from concurrent import futures
 from contextlib import contextmanager
 
 import grpc
+import torch
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.limits import MAX_PROGRESS_MESSAGES
-from tapestry.training.consortium import ModelSpec, state_digest
+from tapestry.training.consortium import ModelSpec, SovereignTrainingNode, state_digest
 from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire.codec import model_spec_to_proto, state_layout_to_proto
@@ -59,16 +60,8 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         base = receive_state(request_iterator, "base_chunk", "base_end", StateAssembler())
         self.before_reply()
         yield from self.progress()
-        replays = self.behaviour in ("replay", "replay-unannounced")
-        step = 0.01 if replays else 0.01 + 1e-4 * start.round_num
-        delta = {name: tensor * 0.0 + step for name, tensor in base.items()}
+        delta = self.delta(start.round_num, base)
         node_id = "vietnam" if self.behaviour == "impostor" else self.node_id
-        if self.behaviour == "nan":
-            delta["embedding.weight"][0, 0] = float("nan")
-        if self.behaviour == "extra-key":
-            delta["backdoor.weight"] = delta["lm_head.bias"].clone()
-        if self.behaviour == "huge":  # finite, but it would drag the base far away
-            delta = {name: tensor * 0.0 + 1e30 for name, tensor in base.items()}
         digest = state_digest(delta)
         announced = {"tampered": "0" * 64, "replay-unannounced": ""}.get(self.behaviour, digest)
         yield pb.RunSovereignCycleResponse(
@@ -105,6 +98,19 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
             stream = stream[: len(stream) // 2]
         yield from stream
 
+    def delta(self, round_num: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The delta this node sends from ``base``, its fault included."""
+        replays = self.behaviour in ("replay", "replay-unannounced")
+        step = 0.01 if replays else 0.01 + 1e-4 * round_num
+        delta = {name: tensor * 0.0 + step for name, tensor in base.items()}
+        if self.behaviour == "nan":
+            delta["embedding.weight"][0, 0] = float("nan")
+        if self.behaviour == "extra-key":
+            delta["backdoor.weight"] = delta["lm_head.bias"].clone()
+        if self.behaviour == "huge":  # finite, but it would drag the base far away
+            delta = {name: tensor * 0.0 + 1e30 for name, tensor in base.items()}
+        return delta
+
     def progress(self) -> Iterator[pb.RunSovereignCycleResponse]:
         """The progress messages sent before the result: two training steps when
         ``"honest"``; a flood, a NaN loss or a phase only the coordinator may mark for the
@@ -139,6 +145,20 @@ class BlockingNode(FakeNode):
         self.started.set()
         if not self.release.wait(timeout=60):
             raise TimeoutError("the test never released the blocking node")
+
+
+class ReversedNode(FakeNode):
+    """The issue's hostile member: it trains from the base as an honest member would (the
+    core's node ``trainer``), then sends that delta times -9.9 and claims quality 1.0.
+    Under ten times an honest norm, it passes the services' norm bound."""
+
+    def __init__(self, node_id: str, trainer: SovereignTrainingNode) -> None:
+        super().__init__(node_id, "reversed")
+        self.trainer = trainer
+
+    def delta(self, round_num: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        honest = self.trainer.run_sovereign_cycle(round_num, base).contribution.weight_delta
+        return {name: tensor * -9.9 for name, tensor in honest.items()}
 
 
 @contextmanager

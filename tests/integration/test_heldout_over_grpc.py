@@ -17,9 +17,9 @@ from tapestry.cli import main
 from tapestry.cli.report import WIDTH
 from tapestry.config import NodeConfig, load_config
 from tapestry.consortium.v1 import journal_pb2 as jpb
+from tapestry.corpus import load_node_corpus
 from tapestry.demo import DEMO_NODES
 from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
-from tapestry.node.corpus import load_node_corpus
 from tapestry.training.consortium import ModelSpec
 from tapestry.training.consortium.local.evaluation import heldout_loss
 from tapestry.training.consortium.local.node import pad_corpus

@@ -16,7 +16,7 @@ import yaml
 
 from tapestry.cli import main as cli
 from tapestry.config import ConsortiumConfig, NodeConfig, TlsConfig, load_config
-from tapestry.node.corpus import load_corpus
+from tapestry.corpus import load_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

@@ -8,8 +8,8 @@ import pytest
 
 from tapestry.address import check_address
 from tapestry.config import ConfigError, ConsortiumConfig, NodeConfig, load_config
+from tapestry.corpus import CorpusError, load_corpus
 from tapestry.limits import MAX_NODE_TIMEOUT_S
-from tapestry.node.corpus import CorpusError, load_corpus
 
 NODE = """
 node_id = "vietnam"

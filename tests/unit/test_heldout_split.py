@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from tapestry.config import NodeConfig, TrainingConfig, build_config
-from tapestry.demo import DEMO_NODES
-from tapestry.node.corpus import (
+from tapestry.corpus import (
     CorpusError,
     heldout_bucket,
     load_node_corpus,
@@ -21,6 +20,7 @@ from tapestry.node.corpus import (
     split_documents,
     windows,
 )
+from tapestry.demo import DEMO_NODES
 
 DOCUMENTS = [f"line {i}: " + "xyz" * (i % 7 + 1) for i in range(400)]
 

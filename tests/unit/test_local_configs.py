@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tapestry.config import ConsortiumConfig, NodeConfig, load_config
-from tapestry.node.corpus import load_corpus
+from tapestry.corpus import load_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "deploy" / "local"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tapestry.training.consortium import ConsortiumCoordinator, ContributionPolicy
-from tapestry.training.consortium.governance.measured import reference_scores
+from tapestry.training.consortium.governance.measured import QualitySource, reference_scores
 
 from .conftest import CORPORA, MakeNode
 from .test_member_validation import Scripted, _loss, _members, rogue_member
@@ -65,6 +65,8 @@ def test_measured_quality_refuses_the_reversed_member_and_keeps_what_each_member
         assert result.accepted_nodes == ["vn", "ch", "in"]
         assert result.quality_scores["rogue"] == 0.0  # measured
         assert result.contributions["rogue"].quality_score == 1.0  # what it claimed
+        assert set(result.quality_sources.values()) == {QualitySource.MEASURED}
+        assert list(result.quality_sources) == ["vn", "ch", "in", "rogue"]
         assert all(0 < result.quality_scores[n] <= 1 for n in ("vn", "ch", "in"))
         for node_id in ("vn", "ch", "in"):
             before = _loss(probe, result.previous_base_state, node_id)
@@ -151,3 +153,23 @@ def test_half_precision_deltas_are_scored_in_float64_not_in_their_own_dtype() ->
         {"same": {"w": reference["w"].clone()}, "twice": {"w": reference["w"] * 2}}, reference
     )
     assert scores == pytest.approx({"same": 1.0, "twice": 0.5})
+
+
+def test_every_weighed_score_is_labelled_with_where_it_came_from() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    members = [Scripted("a", []), Scripted("b", []), Scripted("c", [])]
+    assessed = ConsortiumCoordinator(base, assessed_quality={"b": 0.5}).run_round(members)
+    assert assessed.quality_scores == {"a": 1.0, "b": 0.5, "c": 1.0}
+    assert assessed.quality_sources == {
+        "a": QualitySource.SELF_REPORTED,
+        "b": QualitySource.ASSESSED,
+        "c": QualitySource.SELF_REPORTED,
+    }
+    # With a reference, every score is measured, the assessment included: none is taken on
+    # anyone's word.
+    coordinator = ConsortiumCoordinator(
+        base, assessed_quality={"b": 0.5}, reference=Scripted("reference", [])
+    )
+    measured = coordinator.run_round(members)
+    assert measured.quality_scores == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert measured.quality_sources == dict.fromkeys("abc", QualitySource.MEASURED)

@@ -278,3 +278,52 @@ def test_the_rounds_listing_says_what_validation_did_to_a_round() -> None:
     assert report._accepted(_validated(None)) == "- (the members refused it)"
     assert report._accepted(_validated(1.0, ["india"])) == f"{accepted} (over india)"
     assert_fits(rendered(report.rounds_table([realistic_round(), _validated(0.5)])))
+
+
+def _measured_round(round_num: int) -> pb.ConsortiumRoundResult:
+    """A round weighed by measured quality: the reversed member claimed 1.0 and measured 0."""
+    result = realistic_round()
+    result.round_num = round_num
+    del result.contributions[:]
+    result.contributions.extend(
+        [contribution(n, 1.0 if n == "rogue" else 0.9, 42) for n in ("vietnam", "rogue")]
+    )
+    result.quality_scores.clear()
+    result.quality_scores.update({"vietnam": 0.73, "rogue": 0.0})
+    for node_id in ("vietnam", "rogue"):
+        result.quality_sources[node_id] = pb.QUALITY_SOURCE_MEASURED
+    return result
+
+
+def test_the_round_table_says_where_every_weighed_score_came_from() -> None:
+    text = flat(rendered(report.round_table(_measured_round(7))))
+    assert "0.00 (self 1.00)" in text
+    assert (
+        "quality: measured against the reference corpus (vietnam, rogue); a member's own "
+        "claim in brackets where it differs" in text
+    )
+    mixed = realistic_round()  # the consortium assessed one member; the others said
+    mixed.quality_sources.update(
+        {
+            "vietnam": pb.QUALITY_SOURCE_SELF_REPORTED,
+            "switzerland-federal-archive": pb.QUALITY_SOURCE_ASSESSED,
+            "india": pb.QUALITY_SOURCE_SELF_REPORTED,
+        }
+    )
+    lines = rendered(report.round_table(mixed))
+    assert_fits(lines)
+    assert (
+        "quality: assessed by the consortium (switzerland-federal-archive); self-reported "
+        "(vietnam, india)" in flat(lines)
+    )
+    assert "quality:" not in flat(rendered(report.round_table(realistic_round())))  # unrecorded
+
+
+def test_the_quality_table_puts_each_source_beside_the_score_and_the_claim() -> None:
+    lines = rendered(report.quality_table([realistic_round(), _measured_round(7)]))
+    assert_fits(lines)
+    text = flat(lines)
+    assert "7 vietnam 0.5000 0.73 measured 0.90" in text
+    assert "7 rogue - 0.00 measured 1.00" in text
+    assert "12345" not in text  # a round that records no source has no rows
+    assert report.quality_table([realistic_round()]) is None

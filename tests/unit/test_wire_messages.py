@@ -26,6 +26,7 @@ from tapestry.training.consortium import (
     SovereignCycleResult,
     SovereignModelArtifact,
 )
+from tapestry.training.consortium.governance.measured import QualitySource
 from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire.codec import (
     NODE_PHASES,
@@ -103,6 +104,11 @@ def make_round_result() -> ConsortiumRoundResult:
             "in": make_contribution("in", 3),
         },
         quality_scores={"vn": 0.9, "ch": 0.8, "in": 0.5},
+        quality_sources={
+            "vn": QualitySource.ASSESSED,
+            "ch": QualitySource.SELF_REPORTED,
+            "in": QualitySource.SELF_REPORTED,
+        },
         artifacts={node: make_artifact(node, 3) for node in ("vn", "ch", "in")},
         policy=POLICY,
         previous_base_sha256=state_digest(previous),
@@ -224,6 +230,11 @@ def test_round_result_to_proto_maps_every_field() -> None:
     assert dict(msg.rejection_reasons) == {"in": "quality_score 0.5 below min_quality 0.8"}
     assert dict(msg.failed_nodes) == {"br": "UNAVAILABLE: connection refused"}
     assert dict(msg.quality_scores) == {"vn": 0.9, "ch": 0.8, "in": 0.5}
+    assert dict(msg.quality_sources) == {
+        "vn": pb.QUALITY_SOURCE_ASSESSED,
+        "ch": pb.QUALITY_SOURCE_SELF_REPORTED,
+        "in": pb.QUALITY_SOURCE_SELF_REPORTED,
+    }
     assert timestamp_from_proto(msg.started_at) == STARTED
     assert timestamp_from_proto(msg.finished_at) == FINISHED
     assert (msg.started_at.seconds, msg.started_at.nanos) == (int(STARTED.timestamp()), 125_000_000)
@@ -473,6 +484,15 @@ def test_json_counts_and_sizes_are_numbers_everywhere_they_nest() -> None:
     text = json.dumps(as_dict)
     assert f'"token_count": {(1 << 33) + 1}' in text
     assert '"model_state_bytes": "' not in text
+
+
+def test_every_quality_source_has_a_wire_value_and_json_names_it() -> None:
+    for source in QualitySource:
+        result = dataclasses.replace(make_round_result(), quality_sources={"vn": source})
+        msg = round_result_to_proto(result)
+        assert msg.quality_sources["vn"] != pb.QUALITY_SOURCE_UNSPECIFIED
+        named = message_to_dict(msg)["quality_sources"]["vn"]
+        assert named == f"QUALITY_SOURCE_{source.name}"
 
 
 def test_round_record_json_round_trip() -> None:

@@ -150,6 +150,8 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
         caption += f" in {took / 1e9:.2f} s"
     if result.HasField("policy"):
         caption += f"\npolicy: {policy_line(result.policy)}"
+    if result.quality_sources:
+        caption += f"\n{quality_line(result)}"
     if result.aborted_reason:
         caption += f"\nABORTED: {result.aborted_reason}"
     if result.HasField("rolled_back_to"):
@@ -159,6 +161,36 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
     table.caption = Text(caption)
     table.caption_justify = "left"
     return Group(table, *reasons)
+
+
+# Where a weighed score came from, in words and in a word (pb.QualitySource).
+QUALITY_SOURCES: dict[int, tuple[str, str]] = {
+    pb.QUALITY_SOURCE_MEASURED: ("measured against the reference corpus", "measured"),
+    pb.QUALITY_SOURCE_ASSESSED: ("assessed by the consortium", "assessed"),
+    pb.QUALITY_SOURCE_SELF_REPORTED: ("self-reported", "self"),
+}
+
+
+def _sources(result: pb.ConsortiumRoundResult) -> dict[int, list[str]]:
+    """The nodes whose score came from each source, in the order of QUALITY_SOURCES (an
+    unknown source, from a newer coordinator, last), each in the result's node order."""
+    order = [c.node_id for c in result.contributions]
+    order += sorted(n for n in result.quality_sources if n not in order)
+    found: dict[int, list[str]] = {source: [] for source in QUALITY_SOURCES}
+    for node_id in order:
+        if node_id in result.quality_sources:
+            found.setdefault(result.quality_sources[node_id], []).append(node_id)
+    return {source: nodes for source, nodes in found.items() if nodes}
+
+
+def quality_line(result: pb.ConsortiumRoundResult) -> str:
+    """Where each weighed score came from: ``quality: measured against the reference
+    corpus (vn, ch); a member's own claim in brackets where it differs``."""
+    parts = [
+        f"{QUALITY_SOURCES.get(source, ('?', '?'))[0]} ({', '.join(nodes)})"
+        for source, nodes in _sources(result).items()
+    ]
+    return f"quality: {'; '.join(parts)}; a member's own claim in brackets where it differs"
 
 
 def _quality(result: pb.ConsortiumRoundResult, node_id: str) -> str:
@@ -292,6 +324,40 @@ def heldout_table(rounds: Sequence[pb.ConsortiumRoundResult]) -> Table | None:
                 f"{e.sovereign_perplexity:.5g}",
                 count(e.tokens),
             )
+    return table if table.row_count else None
+
+
+def quality_table(rounds: Sequence[pb.ConsortiumRoundResult]) -> Table | None:
+    """One row per node per round that records where its scores came from: the weight it
+    got, the score the policy weighed, that score's source (``measured`` against the
+    reference corpus, ``assessed`` by the consortium, or ``self``-reported) and what the
+    member claimed. ``None`` when no round records a source (rounds from before sources
+    were recorded, rollbacks)."""
+    table = _table(
+        "Quality weighed: the score, where it came from, and the member's own claim",
+        "round",
+        "node",
+        "weight",
+        "weighed",
+        "source",
+        "claimed",
+        fixed=("round", "weight", "weighed", "source", "claimed"),
+    )
+    for r in rounds:
+        claims = {c.node_id: c.quality_score for c in r.contributions}
+        for source, nodes in _sources(r).items():
+            for node_id in nodes:
+                weight = r.contribution_weights.get(node_id)
+                claim = claims.get(node_id)
+                _row(
+                    table,
+                    str(r.round_num),
+                    node_id,
+                    f"{weight:.4f}" if weight is not None else "-",
+                    f"{r.quality_scores.get(node_id, 0.0):.2f}",
+                    QUALITY_SOURCES.get(source, ("?", "?"))[1],
+                    f"{claim:.2f}" if claim is not None else "-",
+                )
     return table if table.row_count else None
 
 

@@ -211,7 +211,9 @@ def _follow_round(
 def rounds(
     address: str, as_json: bool, page_size: int, credentials: grpc.ChannelCredentials | None
 ) -> None:
-    """List the committed rounds."""
+    """List the committed rounds; then, per round and node, the quality score the policy
+    weighed, where it came from (measured, assessed or self-reported) and what the member
+    claimed; then the held-out evaluations."""
     from tapestry.cli import report
     from tapestry.coordinator.client import CoordinatorClient
 
@@ -222,6 +224,6 @@ def rounds(
         return
     out = report.console()
     out.print(report.rounds_table(committed))
-    heldout = report.heldout_table(committed)
-    if heldout is not None:
-        out.print(heldout)
+    for table in (report.quality_table(committed), report.heldout_table(committed)):
+        if table is not None:
+            out.print(table)

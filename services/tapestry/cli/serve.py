@@ -22,8 +22,8 @@ import click
 from tapestry.allocator import tune_allocator
 from tapestry.cli.options import Address, EnvOption, friendly_errors
 from tapestry.config import ConsortiumConfig, NodeConfig, load_config
+from tapestry.corpus import CorpusError, corpus_files
 from tapestry.errors import UserError
-from tapestry.node.corpus import CorpusError, corpus_files
 
 if TYPE_CHECKING:
     import grpc
@@ -142,7 +142,9 @@ def coordinator_serve(
     from tapestry.observe.metrics import CoordinatorMetrics
 
     metrics = CoordinatorMetrics()
-    built = build_coordinator_server(config, listen, data_dir, insecure=insecure, metrics=metrics)
+    built = build_coordinator_server(
+        config, listen, data_dir, insecure=insecure, metrics=metrics, source=str(config_path)
+    )
     extra = _serve_metrics(metrics_listen, metrics.registry)
     _serve_then_exit(
         built.server,
@@ -181,7 +183,7 @@ def node_serve(
     rank 0 runs the node and the other ranks train beside it (docs/operating/torchrun.md)."""
     tune_allocator(arena_max, trim_threshold)  # before any thread allocates
     config = load_node_config(config_path)
-    from tapestry.node.corpus import load_node_corpus
+    from tapestry.corpus import load_node_corpus
     from tapestry.node.processes import join_training_group, serve_as_worker
     from tapestry.node.startup import SERVICE_NAME, build_node_server, build_training_node
     from tapestry.observe.metrics import NodeMetrics

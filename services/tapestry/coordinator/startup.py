@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1.health import HealthServicer
 from torch.nn import Module
 
-from tapestry.config import ConsortiumConfig, TlsConfig, model_table
+from tapestry.config import ConfigError, ConsortiumConfig, TlsConfig, model_table
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.consortium.v1 import journal_pb2 as jpb
@@ -27,12 +27,14 @@ from tapestry.coordinator.roster import Roster
 from tapestry.coordinator.sent_deltas import SentDeltas
 from tapestry.coordinator.servicer import CoordinatorServicer
 from tapestry.coordinator.session_service import SessionDoor
+from tapestry.corpus import CorpusError, file_or_folder, trainable_documents, windows
 from tapestry.errors import UserError, quoted
 from tapestry.limits import MAX_CALLS_PER_MEMBER, MAX_CALLS_PER_NODE
 from tapestry.observe.metrics import CoordinatorMetrics, restore_coordinator_metrics
 from tapestry.pki.call_limits import worker_threads
 from tapestry.pki.server_check import served_node_id
 from tapestry.pki.serving import server_security
+from tapestry.training.consortium.local.node import SovereignTrainingNode
 from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.round.coordinator import ConsortiumCoordinator
 from tapestry.training.consortium.tensors import state_layout
@@ -87,9 +89,10 @@ def build_coordinator_server(
         calls_per_node=MAX_CALLS_PER_NODE * config.link.streams,
     )
     spec = config.model
+    reference = reference_node(config, source)  # a corpus that cannot be read stops here
     store = _store(config, data_dir)
     base_model = spec.build(config.seed)
-    core = _core(config, base_model)
+    core = _core(config, base_model, reference)
     records = _resume(core, store, base_model, config.consortium_id)
     restore_coordinator_metrics(metrics, records, [member.node_id for member in config.nodes])
     layout = state_layout(model_state(base_model))  # what every member's state must hold
@@ -150,8 +153,11 @@ def _store(config: ConsortiumConfig, data_dir: Path) -> CoordinatorStore:
     return store
 
 
-def _core(config: ConsortiumConfig, base_model: Module) -> ConsortiumCoordinator:
-    """The core coordinator the consortium file describes, from ``base_model``."""
+def _core(
+    config: ConsortiumConfig, base_model: Module, reference: SovereignTrainingNode | None = None
+) -> ConsortiumCoordinator:
+    """The core coordinator the consortium file describes, from ``base_model``; with
+    ``reference`` (:func:`reference_node`), it weighs members by measured quality."""
     return ConsortiumCoordinator(
         base_model,
         config.policy.policy(),
@@ -163,7 +169,49 @@ def _core(config: ConsortiumConfig, base_model: Module) -> ConsortiumCoordinator
         # The service only sends the base and persists results: no copies, so a round
         # holds the base and the state integration builds, whatever the number of nodes.
         copy_states=False,
+        reference=reference,
     )
+
+
+REFERENCE_NODE_ID = "reference"  # the coordinator's own node: never a member, never on the wire
+
+
+def reference_node(
+    config: ConsortiumConfig, source: str = "the consortium file"
+) -> SovereignTrainingNode | None:
+    """The coordinator's own node for measured quality
+    (:mod:`~tapestry.training.consortium.governance.measured`): the consortium's model,
+    trained each round from the round's base on ``[policy] reference_corpus`` as
+    ``[policy.reference]`` says, its update the one every member's delta is scored
+    against. ``None`` without a reference corpus. A corpus that cannot be read, or holds
+    no line to train on, is a :class:`ConfigError` naming ``source``, the key and the path."""
+    path = config.policy.reference_corpus
+    if path is None:
+        return None
+    training = config.policy.reference_training()
+    try:
+        sequences = windows(trainable_documents(file_or_folder(path)), training.max_seq_len)
+    except CorpusError as error:
+        raise ConfigError(f"{source}: policy.reference_corpus = {str(path)!r}: {error}") from None
+    node = SovereignTrainingNode(
+        REFERENCE_NODE_ID,
+        "reference",
+        config.model.build(config.seed),  # replaced by the base each round; fixes the shapes
+        sequences,
+        1.0,  # never weighed: its update is the measure, not a contribution
+        local_epochs=training.local_epochs,
+        lr=training.lr,
+        batch_size=training.batch_size,
+        seed=config.seed,
+    )
+    log.info(
+        "measured quality: the coordinator trains each round's base on %s (%d sequences, "
+        "%d tokens) and weighs each member by its delta against that update",
+        path,
+        len(sequences),
+        node.token_count,
+    )
+    return node
 
 
 def _resume(

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tapestry.corpus import CorpusError, corpus_files
 from tapestry.demo import DEMO_NODES
 from tapestry.demo.launcher import OPERATOR, LocalConsortium, LocalNodeSpec
 from tapestry.errors import UserError
-from tapestry.node.corpus import CorpusError, corpus_files
 
 HOST = "127.0.0.1"
 DEMO_CORPORA = {spec.node_id: spec.corpus for spec in DEMO_NODES}

@@ -12,9 +12,9 @@ from grpc_health.v1.health import HealthServicer
 from tapestry.config import NodeConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
+from tapestry.corpus import SplitCorpus, load_node_corpus
 from tapestry.errors import UserError
 from tapestry.node.artifacts import ArtifactStore
-from tapestry.node.corpus import SplitCorpus, load_node_corpus
 from tapestry.node.dial_out import DialOut
 from tapestry.node.processes import training_device
 from tapestry.node.servicer import SovereignNodeServicer

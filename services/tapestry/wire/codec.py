@@ -25,6 +25,7 @@ from tapestry.errors import quoted
 from tapestry.limits import MAX_REQUEST_ID_CHARS
 from tapestry.training.consortium.governance.acceptance import Validation
 from tapestry.training.consortium.governance.checks import progress_problem
+from tapestry.training.consortium.governance.measured import QualitySource
 from tapestry.training.consortium.governance.policy import ContributionPolicy, ContributionWeighting
 from tapestry.training.consortium.messages import (
     HeldOutEvaluation,
@@ -190,6 +191,12 @@ def cycle_result_from_proto(
 _WEIGHTINGS = {
     ContributionWeighting.QUALITY: pb.CONTRIBUTION_WEIGHTING_QUALITY,
     ContributionWeighting.EQUAL: pb.CONTRIBUTION_WEIGHTING_EQUAL,
+}
+
+_QUALITY_SOURCES = {
+    QualitySource.SELF_REPORTED: pb.QUALITY_SOURCE_SELF_REPORTED,
+    QualitySource.ASSESSED: pb.QUALITY_SOURCE_ASSESSED,
+    QualitySource.MEASURED: pb.QUALITY_SOURCE_MEASURED,
 }
 
 
@@ -368,7 +375,8 @@ def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundRe
     """The base states travel as the result's digests; contributions keep the digest their
     delta had on the wire (the deltas are integrated and gone by the time the result is
     written); artifacts are metadata. Unset times and policy stay unset on the wire. Diloco's
-    outer momentum travels as its digest (empty: zeros or none)."""
+    outer momentum travels as its digest (empty: zeros or none). Each weighed score travels
+    with its source."""
     msg = pb.ConsortiumRoundResult(
         round_num=result.round_num,
         previous_base_sha256=result.previous_base_sha256,
@@ -380,6 +388,7 @@ def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundRe
         failed_nodes=result.failed_nodes,
         contributions=[contribution_to_proto(c) for c in result.contributions.values()],
         quality_scores=result.quality_scores,
+        quality_sources={n: _QUALITY_SOURCES[s] for n, s in result.quality_sources.items()},
         artifacts=[artifact_to_proto(a) for a in result.artifacts.values()],
         aborted_reason=result.aborted_reason,
         rolled_back_to=result.rolled_back_to,

@@ -13,20 +13,34 @@ scores by its direction and size against that update:
 - No delta scores above 1, so a member gains nothing by claiming.
 
 The scores replace the members' self-reported quality for the round's weighting. The
-results keep both: ``quality_scores`` holds what was weighed, and each contribution's
-``quality_score`` what the member said.
+results keep both: ``quality_scores`` holds what was weighed, each contribution's
+``quality_score`` what the member said, and ``quality_sources`` where each weighed score
+came from (:class:`QualitySource`), so no result passes a claim off as a measurement.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from enum import StrEnum
 
 import torch
 
 from tapestry.training.consortium.tensors import state_norm
 
 State = Mapping[str, torch.Tensor]
+
+
+class QualitySource(StrEnum):
+    """Where the quality score a round weighed a member by came from."""
+
+    SELF_REPORTED = "self_reported"
+    """What the member said about itself (its contribution's ``quality_score``)."""
+    ASSESSED = "assessed"
+    """The consortium's own assessment of the member (the coordinator's
+    ``assessed_quality``: a consortium file's ``[[nodes]] quality_score``)."""
+    MEASURED = "measured"
+    """Its delta's direction and size against the reference update (:func:`reference_scores`)."""
 
 
 def reference_scores(deltas: Mapping[str, State], reference: State) -> dict[str, float]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from tapestry.training.consortium.governance.acceptance import Validation
+from tapestry.training.consortium.governance.measured import QualitySource
 from tapestry.training.consortium.governance.policy import ContributionPolicy
 from tapestry.training.consortium.messages import (
     ModelState,
@@ -22,8 +23,11 @@ class ConsortiumRoundResult:
     ``rejection_reasons``); ``failed_nodes`` maps nodes whose cycle raised or whose
     contribution failed validation to the reason. Neither kind changes the base.
     ``contributions`` holds every received contribution's metadata (its delta emptied) and
-    ``quality_scores`` the scores the policy weighed (assessed where the coordinator has an
-    assessment, else self-reported). ``artifacts`` are the sovereign artifacts the nodes
+    ``quality_scores`` the scores the policy weighed, and ``quality_sources`` where each
+    came from (:class:`~tapestry.training.consortium.governance.measured.QualitySource`:
+    measured against the reference update where the coordinator has a reference node, else
+    assessed where it has an assessment, else self-reported); each contribution keeps what
+    its member said. ``artifacts`` are the sovereign artifacts the nodes
     that passed every check retain this round (metadata only when they came over the wire).
     ``policy`` is the policy that decided the round; the two digests are
     :func:`~tapestry.training.consortium.state_digest` of the base before and after.
@@ -50,6 +54,7 @@ class ConsortiumRoundResult:
     failed_nodes: dict[str, str] = field(default_factory=dict)
     contributions: dict[str, SovereignContribution] = field(default_factory=dict)
     quality_scores: dict[str, float] = field(default_factory=dict)
+    quality_sources: dict[str, QualitySource] = field(default_factory=dict)
     artifacts: dict[str, SovereignModelArtifact] = field(default_factory=dict)
     policy: ContributionPolicy | None = None
     previous_base_sha256: str = ""

@@ -23,6 +23,7 @@ from tapestry.training.consortium.governance.admission import (
     check_contribution,
     describe_failure,
 )
+from tapestry.training.consortium.governance.measured import QualitySource
 from tapestry.training.consortium.governance.policy import ContributionPolicy, PolicyDecision
 from tapestry.training.consortium.messages import (
     ConsortiumNode,
@@ -64,6 +65,7 @@ class Decided:
     received: dict[str, SovereignContribution]  # every one standing, its delta emptied
     failed: dict[str, str]  # in the nodes' order
     scores: dict[str, float]
+    sources: dict[str, QualitySource]  # where each score came from
     norms: dict[str, float] | None
     aborted_reason: str
     accepted: list[str]
@@ -183,11 +185,7 @@ def decide(
         if measure is not None:
             measured = measure({n: c.weight_delta for n, c in contributions.items()})
         while True:
-            scores = (
-                {n: measured.get(n, 0.0) for n in contributions}
-                if measured is not None
-                else {n: assessed_quality.get(n, c.quality_score) for n, c in contributions.items()}
-            )
+            scores, sources = weighed_scores(contributions, assessed_quality, measured)
             norms = (
                 {n: state_norm(c.weight_delta) for n, c in contributions.items()}
                 if policy.needs_delta_norms
@@ -219,11 +217,33 @@ def decide(
         _received(contributions),
         {n: failed[n] for n in node_ids if n in failed},
         scores,
+        sources,
         norms,
         aborted_reason,
         accepted,
         rejected,
     )
+
+
+def weighed_scores(
+    contributions: Mapping[str, SovereignContribution],
+    assessed: Mapping[str, float],
+    measured: Mapping[str, float] | None,
+) -> tuple[dict[str, float], dict[str, QualitySource]]:
+    """The score the policy weighs each member by and where it came from: measured where
+    the round measured (a member it could not measure scores 0), else the consortium's
+    assessment where it has one, else what the member said."""
+    if measured is not None:
+        return (
+            {n: measured.get(n, 0.0) for n in contributions},
+            dict.fromkeys(contributions, QualitySource.MEASURED),
+        )
+    scores = {n: assessed.get(n, c.quality_score) for n, c in contributions.items()}
+    sources = {
+        n: QualitySource.ASSESSED if n in assessed else QualitySource.SELF_REPORTED
+        for n in contributions
+    }
+    return scores, sources
 
 
 Measure = Callable[[Mapping[str, Mapping[str, torch.Tensor]]], Mapping[str, float]]

@@ -1,5 +1,7 @@
-"""A node's corpus: UTF-8 text files turned into byte-level token sequences, split into a
-training part and a held-out part that the node never trains on.
+"""A corpus: UTF-8 text files turned into byte-level token sequences. A node's is split into
+a training part and a held-out part that the node never trains on; the coordinator's
+reference corpus (``[policy] reference_corpus``, measured quality) is read by the same
+functions and trained on whole. Both services read it, so it lives outside either.
 
 Every non-blank line (stripped) is one document; its UTF-8 bytes are its tokens (vocabulary
 256), cut into windows of at most ``max_seq_len`` tokens. Files are matched by glob
@@ -60,6 +62,12 @@ def corpus_files(patterns: Sequence[Path]) -> list[Path]:
             raise CorpusError(f"corpus entry {str(pattern)!r} matches no file")
         files.extend(m for m in matches if m not in files)
     return files
+
+
+def file_or_folder(path: Path) -> list[Path]:
+    """The patterns that read ``path``: the file itself, or every file under the folder
+    (recursively, in sorted order; hidden ones skipped, as globs skip them)."""
+    return [path / "**" / "*"] if path.is_dir() else [path]
 
 
 def read_documents(patterns: Sequence[Path]) -> list[str]:
