@@ -237,6 +237,7 @@ class ConsortiumCoordinator:
         del collected  # only the accepted deltas are held from here on
         integrated = stages.integrate(decided, self.strategy, base)
         received, failed, scores = decided.received, decided.failed, decided.scores
+        norms = decided.norms or {}
         aborted_reason = decided.aborted_reason
         del decided  # metadata only from here on: the deltas are let go
         voters = [node for node in nodes if node.node_id in received]
@@ -265,6 +266,7 @@ class ConsortiumCoordinator:
                 rejection_reasons=integrated.rejection_reasons,
                 failed_nodes=failed,
                 quality_scores=scores,
+                delta_norms=norms,
                 contributions=received,
                 artifacts=artifacts,
                 policy=self.contribution_policy,

@@ -23,7 +23,9 @@ class ConsortiumRoundResult:
     contribution failed validation to the reason. Neither kind changes the base.
     ``contributions`` holds every received contribution's metadata (its delta emptied) and
     ``quality_scores`` the scores the policy weighed (assessed where the coordinator has an
-    assessment, else self-reported). ``artifacts`` are the sovereign artifacts the nodes
+    assessment, else self-reported), ``delta_norms`` the deltas' L2 norms it weighed with
+    them (empty where the policy weighs none), so the weights can be decided again from the
+    record. ``artifacts`` are the sovereign artifacts the nodes
     that passed every check retain this round (metadata only when they came over the wire).
     ``policy`` is the policy that decided the round; the two digests are
     :func:`~tapestry.training.consortium.state_digest` of the base before and after.
@@ -50,6 +52,7 @@ class ConsortiumRoundResult:
     failed_nodes: dict[str, str] = field(default_factory=dict)
     contributions: dict[str, SovereignContribution] = field(default_factory=dict)
     quality_scores: dict[str, float] = field(default_factory=dict)
+    delta_norms: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, SovereignModelArtifact] = field(default_factory=dict)
     policy: ContributionPolicy | None = None
     previous_base_sha256: str = ""
