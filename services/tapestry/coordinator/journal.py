@@ -100,15 +100,21 @@ def read_identity(data_dir: Path) -> dict[str, Any] | None:
 
 
 class CoordinatorStore:
-    def __init__(self, data_dir: Path, signer: Signer | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, signer: Signer | None = None, *, read_only: bool = False
+    ) -> None:
         """The store in ``data_dir``; ``signer`` (the coordinator's certificate and key)
-        signs each journal entry as it is committed (``None``: entries are unsigned)."""
+        signs each journal entry as it is committed (``None``: entries are unsigned). With
+        ``read_only`` it only reads (a check of a live coordinator's directory): it makes
+        no folder and removes no temporary."""
         self.root = data_dir
         self.signer = signer
         self._head: tuple[int, str] | None = None  # (round, digest) of the last commit here
         self.base_dir = data_dir / "base"
         self.rounds_dir = data_dir / "rounds"
         self.momentum_dir = data_dir / "momentum"  # made by the first diloco commit
+        if read_only:
+            return
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_dir.mkdir(parents=True, exist_ok=True)
         for directory in (self.root, self.base_dir, self.rounds_dir, self.momentum_dir):
@@ -141,7 +147,7 @@ class CoordinatorStore:
     def momentum_path(self, round_num: int) -> Path:
         return self.momentum_dir / f"round-{round_num:06d}.safetensors"
 
-    def _record_path(self, round_num: int) -> Path:
+    def record_path(self, round_num: int) -> Path:
         return self.rounds_dir / f"round-{round_num:06d}.json"
 
     def save_initial_base(self, state: ModelState) -> None:
@@ -183,7 +189,7 @@ class CoordinatorStore:
             base,
             {"round_num": str(round_num), "sha256": record.result.shared_base_sha256},
         )
-        write_text(self._record_path(round_num), message_to_json(record))
+        write_text(self.record_path(round_num), message_to_json(record))
         self._head = (round_num, record_digest(record))
 
     def _sealed(self, record: jpb.RoundRecord) -> jpb.RoundRecord:
@@ -212,7 +218,7 @@ class CoordinatorStore:
             return self.genesis()
         if self._head is not None and self._head[0] == round_num - 1:
             return self._head[1]
-        path = self._record_path(round_num - 1)
+        path = self.record_path(round_num - 1)
         try:
             previous = message_from_json(path.read_text(encoding="utf-8"), jpb.RoundRecord)
         except Exception as error:

@@ -440,7 +440,7 @@ def _validated(
     state is left as it was, and the base stays bitwise unchanged)."""
     if state is not None:
         return dataclasses.replace(integrated, new_state=state)
-    why = f"the members did not accept the candidate: {validation.reason}"
+    why = f"{stages.NOT_ACCEPTED}: {validation.reason}"
     rejected = [*integrated.accepted, *integrated.rejected]
     reasons = {**{n: why for n in integrated.accepted}, **integrated.rejection_reasons}
     return Integration(None, strategy_state, [], rejected, {}, reasons)
