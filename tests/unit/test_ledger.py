@@ -26,6 +26,11 @@ from tapestry.training.consortium import (
     SovereignTrainingNode,
 )
 from tapestry.training.consortium.governance.acceptance import AcceptancePolicy
+from tapestry.training.consortium.strategies.settings import (
+    IntegrationStrategy,
+    OuterOptimizer,
+    StrategyName,
+)
 from tapestry.wire.codec import message_from_json, message_to_json, signature_to_proto
 
 SPEC = ModelSpec(hidden_size=4)
@@ -49,12 +54,14 @@ class Journal:
     that signs with the coordinator's key of the consortium ``acme`` (``signed=False``: a
     coordinator serving plaintext)."""
 
-    def __init__(self, root: Path, *, signed: bool = True) -> None:
+    def __init__(
+        self, root: Path, *, signed: bool = True, policy: ContributionPolicy | None = None
+    ) -> None:
         self.pki = init_consortium(root / "pki", "acme", coordinator_hosts=["h"], nodes=[])
         self.data = root / "data"
         self.store = CoordinatorStore(self.data, self.signer() if signed else None)
         self.store.check_identity({"consortium_id": "acme", "seed": 1})
-        policy = ContributionPolicy(max_node_weight=0.6, max_delta_norm_ratio=10.0)
+        policy = policy or ContributionPolicy(max_node_weight=0.6, max_delta_norm_ratio=10.0)
         self.core = ConsortiumCoordinator(
             SPEC.build(seed=1), policy, acceptance=AcceptancePolicy(), min_nodes=2
         )
@@ -109,7 +116,7 @@ def test_an_intact_journal_verifies_and_names_its_head(journal: Journal) -> None
     assert records[0].previous_record_sha256 == records[0].result.previous_base_sha256
     assert records[1].previous_record_sha256 == record_digest(records[0])
     assert records[2].previous_record_sha256 == record_digest(records[1])
-    assert all(r.operator == OPERATOR and r.HasField("signature") for r in records)
+    assert all(r.result.operator == OPERATOR and r.HasField("signature") for r in records)
     assert all(r.result.delta_norms.keys() == QUALITY.keys() for r in records)
     assert any(r.result.contribution_weights for r in records)
     assert all(r.result.HasField("validation") for r in records if r.result.accepted_nodes)
@@ -120,6 +127,20 @@ def test_an_intact_journal_verifies_and_names_its_head(journal: Journal) -> None
         f"ledger verified: 3 round(s), head {record_digest(records[2])}, signed by "
         "spiffe://acme/coordinator\n"
     )
+
+
+def test_a_diloco_journal_with_clipped_deltas_verifies_and_checks_its_momentum(
+    tmp_path: Path,
+) -> None:
+    diloco = IntegrationStrategy(
+        StrategyName.DILOCO, outer=OuterOptimizer(0.5, 0.5), clip_delta_norm=1e-3
+    )
+    journal = Journal(tmp_path, policy=ContributionPolicy(weighting="equal", strategy=diloco))
+    journal.run(2)
+    assert journal.record(2).result.outer_momentum_sha256
+    assert journal.problems() == []
+    (journal.data / "momentum" / "round-000002.safetensors").unlink()
+    assert journal.problems() == ["round 2: the momentum file round-000002.safetensors is missing"]
 
 
 def test_a_flipped_byte_in_a_base_file_names_the_round_and_both_digests(journal: Journal) -> None:

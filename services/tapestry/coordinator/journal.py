@@ -161,14 +161,13 @@ class CoordinatorStore:
         trigger's idempotency key) is kept with it, so it outlives a restart; ``operator``
         is who triggered it (a ``spiffe://`` URI; empty: unknown). The record is chained to
         the round before and signed (with a signer) before anything is written."""
-        record = self._sealed(
-            jpb.RoundRecord(
-                result=round_result_to_proto(result),
-                request_id=request_id,
-                operator=operator,
-                previous_record_sha256=self._previous_digest(result.round_num),
-            )
+        record = jpb.RoundRecord(
+            result=round_result_to_proto(result),
+            request_id=request_id,
+            previous_record_sha256=self._previous_digest(result.round_num),
         )
+        record.result.operator = operator  # the service's knowledge, not the core's
+        record = self._sealed(record)
         if result.strategy_state is not None:  # before the entry that names its digest
             save_state(
                 self.momentum_path(result.round_num),
