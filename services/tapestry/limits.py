@@ -222,3 +222,10 @@ before the coordinator cancels it. Its handler returns at once, unless it waits 
 flow control behind a member that does not read: there the session's end cannot reach it,
 and it would hold a worker thread and one of the member's calls for as long as the member's
 connection lasts."""
+
+MAX_SIGNER_CERTIFICATE_BYTES = 16 * 1024
+"""A signature's certificate larger than this is refused unread (the consortium's are under
+1 KiB: one P-256 key, a few SANs)."""
+
+MAX_SIGNATURE_BYTES = 256
+"""A P-256 ECDSA signature in DER is at most 72 bytes; anything past this bound is not one."""

@@ -1,7 +1,7 @@
 """``tapestry``: serve a coordinator or a node, trigger and inspect rounds, run the demo.
 
 The root group and its logging options; each command group lives in a module of its own
-(serve, rounds, base, listings, health, certs, demo). Every module is imported to build
+(serve, rounds, base, listings, health, certs, ledger, demo). Every module is imported to build
 the command, so none imports torch or the services at its top: they are imported inside
 the commands that need them, and `tapestry --help`, `tapestry health` and a configuration
 error stay fast.
@@ -19,7 +19,7 @@ from typing import Literal
 
 import click
 
-from tapestry.cli import base, certs, demo, health, listings, rounds, serve
+from tapestry.cli import base, certs, demo, health, ledger, listings, rounds, serve
 from tapestry.cli.options import EnvOption
 from tapestry.lifetime import stop_with_parent
 from tapestry.observe import json_logs
@@ -60,6 +60,7 @@ for command in (
     listings.report_command,
     health.health,
     certs.certs_group,
+    ledger.ledger_group,
     demo.demo,
     demo.init,
 ):

@@ -158,6 +158,8 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
         caption += f"\nROLLBACK: the base of round {result.rolled_back_to} restored"
     if result.HasField("validation"):
         caption += "\n" + "\n".join(validation_lines(result.validation))
+    if result.operator:
+        caption += f"\ntriggered by {result.operator}"
     table.caption = Text(caption)
     table.caption_justify = "left"
     return Group(table, *reasons)
@@ -401,6 +403,7 @@ def rollback_line(result: pb.ConsortiumRoundResult) -> str:
     return (
         f"Round {result.round_num} rolled the base back to round {result.rolled_back_to}'s: "
         f"base {short(result.previous_base_sha256)} -> {short(result.shared_base_sha256)}"
+        + (f", by {result.operator}" if result.operator else "")
     )
 
 

@@ -11,15 +11,25 @@ Layout under ``<data-dir>``::
                                   result, with its artifacts' metadata, and the request id
                                   that triggered it
 
+Each journal entry is a link of a hash chain signed by the coordinator (the ledger,
+journal.proto's RoundRecord says exactly what is signed and hashed): it carries the digest
+of the entry before it (round 1: the initial base's state digest), the operator who
+triggered it, and the coordinator's signature made with its ``[tls]`` key as it commits (a
+coordinator serving plaintext has none: its entries are chained but unsigned).
+``tapestry ledger verify`` (:mod:`tapestry.coordinator.ledger_check`) checks them.
+
 A round is committed when its journal entry is renamed into place, after its momentum file
 (if any) and its base file. On start the store resumes at the newest journal entry whose
 base file (and momentum file, where it names one) exists and matches the recorded digest,
 so a crash mid-commit leaves the previous round in force; the
-temporary files such a crash leaves are deleted when the store opens.
+temporary files such a crash leaves are deleted when the store opens. The next commit then
+takes the number of the entry skipped, replaces it, and chains to the entry in force (the
+round before its own), never to the one it replaces.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -28,11 +38,17 @@ from typing import Any
 from tapestry.atomic_files import read_json, remove_temporaries, write_json, write_text
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import NotFound, UserError
+from tapestry.pki.signing import Signer
 from tapestry.state_files import load_state, read_metadata, save_state
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.round.result import ConsortiumRoundResult
 from tapestry.training.consortium.tensors import state_digest
-from tapestry.wire.codec import message_from_json, message_to_json, round_result_to_proto
+from tapestry.wire.codec import (
+    message_from_json,
+    message_to_json,
+    round_result_to_proto,
+    signature_to_proto,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +72,21 @@ def read_records(rounds_dir: Path) -> list[jpb.RoundRecord]:
     return out
 
 
+def signed_bytes(record: jpb.RoundRecord) -> bytes:
+    """What the coordinator signs: the record's deterministic binary serialization with its
+    ``signature`` cleared."""
+    unsigned = jpb.RoundRecord()
+    unsigned.CopyFrom(record)
+    unsigned.ClearField("signature")
+    return unsigned.SerializeToString(deterministic=True)
+
+
+def record_digest(record: jpb.RoundRecord) -> str:
+    """The record's link in the chain: SHA-256 (hex) of its whole deterministic binary
+    serialization, signature included; the next record's ``previous_record_sha256``."""
+    return hashlib.sha256(record.SerializeToString(deterministic=True)).hexdigest()
+
+
 def read_identity(data_dir: Path) -> dict[str, Any] | None:
     """What a coordinator's data directory was written for (consortium id, seed and model,
     as :meth:`CoordinatorStore.check_identity` keeps it), or ``None`` when it holds none or
@@ -69,11 +100,21 @@ def read_identity(data_dir: Path) -> dict[str, Any] | None:
 
 
 class CoordinatorStore:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(
+        self, data_dir: Path, signer: Signer | None = None, *, read_only: bool = False
+    ) -> None:
+        """The store in ``data_dir``; ``signer`` (the coordinator's certificate and key)
+        signs each journal entry as it is committed (``None``: entries are unsigned). With
+        ``read_only`` it only reads (a check of a live coordinator's directory): it makes
+        no folder and removes no temporary."""
         self.root = data_dir
+        self.signer = signer
+        self._head: tuple[int, str] | None = None  # (round, digest) of the last commit here
         self.base_dir = data_dir / "base"
         self.rounds_dir = data_dir / "rounds"
         self.momentum_dir = data_dir / "momentum"  # made by the first diloco commit
+        if read_only:
+            return
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_dir.mkdir(parents=True, exist_ok=True)
         for directory in (self.root, self.base_dir, self.rounds_dir, self.momentum_dir):
@@ -106,17 +147,27 @@ class CoordinatorStore:
     def momentum_path(self, round_num: int) -> Path:
         return self.momentum_dir / f"round-{round_num:06d}.safetensors"
 
-    def _record_path(self, round_num: int) -> Path:
+    def record_path(self, round_num: int) -> Path:
         return self.rounds_dir / f"round-{round_num:06d}.json"
 
     def save_initial_base(self, state: ModelState) -> None:
         save_state(self.base_path(0), state, {"round_num": "0", "sha256": state_digest(state)})
 
-    def commit_round(self, result: ConsortiumRoundResult, request_id: str = "") -> jpb.RoundRecord:
+    def commit_round(
+        self, result: ConsortiumRoundResult, request_id: str = "", operator: str = ""
+    ) -> jpb.RoundRecord:
         """Make a finished round durable and return its journal record: the commit step
         the coordinator's core calls before it moves to the new base. ``request_id`` (the
-        trigger's idempotency key) is kept with it, so it outlives a restart."""
-        record = jpb.RoundRecord(result=round_result_to_proto(result), request_id=request_id)
+        trigger's idempotency key) is kept with it, so it outlives a restart; ``operator``
+        is who triggered it (a ``spiffe://`` URI; empty: unknown). The record is chained to
+        the round before and signed (with a signer) before anything is written."""
+        record = jpb.RoundRecord(
+            result=round_result_to_proto(result),
+            request_id=request_id,
+            previous_record_sha256=self._previous_digest(result.round_num),
+        )
+        record.result.operator = operator  # the service's knowledge, not the core's
+        record = self._sealed(record)
         if result.strategy_state is not None:  # before the entry that names its digest
             save_state(
                 self.momentum_path(result.round_num),
@@ -137,7 +188,44 @@ class CoordinatorStore:
             base,
             {"round_num": str(round_num), "sha256": record.result.shared_base_sha256},
         )
-        write_text(self._record_path(round_num), message_to_json(record))
+        write_text(self.record_path(round_num), message_to_json(record))
+        self._head = (round_num, record_digest(record))
+
+    def _sealed(self, record: jpb.RoundRecord) -> jpb.RoundRecord:
+        """``record`` as its file will read back (proto JSON), signed where there is a
+        signer: what is signed is exactly what a verifier reads."""
+        sealed: jpb.RoundRecord = message_from_json(message_to_json(record), jpb.RoundRecord)
+        if self.signer is not None:
+            signature = self.signer.sign(signed_bytes(sealed))
+            sealed.signature.CopyFrom(signature_to_proto(signature))
+        return sealed
+
+    def genesis(self) -> str:
+        """The link of round 1: the initial base's state digest, as saved with it (``""``
+        when it cannot be read)."""
+        try:
+            return read_metadata(self.base_path(0)).get("sha256", "")
+        except Exception as error:
+            log.error("cannot read %s: %s", self.base_path(0), error)
+            return ""
+
+    def _previous_digest(self, round_num: int) -> str:
+        """The link round ``round_num``'s record carries: the digest of the record in force
+        before it, round ``round_num - 1``'s (its file: after a resume that skipped a
+        damaged newest entry, the entry this commit replaces is not the one chained to)."""
+        if round_num <= 1:
+            return self.genesis()
+        if self._head is not None and self._head[0] == round_num - 1:
+            return self._head[1]
+        path = self.record_path(round_num - 1)
+        try:
+            previous = message_from_json(path.read_text(encoding="utf-8"), jpb.RoundRecord)
+        except Exception as error:
+            raise StoreError(
+                f"round {round_num - 1}'s journal entry {path} cannot be read ({error}): "
+                f"round {round_num} cannot be chained to it"
+            ) from None
+        return record_digest(previous)
 
     def records(self) -> list[jpb.RoundRecord]:
         """Every committed round, oldest first."""
@@ -204,11 +292,7 @@ class CoordinatorStore:
         saved with the initial base; ``""`` when it cannot be read). Raises
         :class:`NotFound` for a round never committed."""
         if round_num == 0:
-            try:
-                return read_metadata(self.base_path(0)).get("sha256", "")
-            except Exception as error:
-                log.error("cannot read %s: %s", self.base_path(0), error)
-                return ""
+            return self.genesis()
         for record in records:
             if record.result.round_num == round_num:
                 return record.result.shared_base_sha256

@@ -23,6 +23,7 @@ from tapestry.coordinator.remote_node import RemoteSovereignNode
 from tapestry.coordinator.session_service import SessionDoor
 from tapestry.errors import Busy, NotFound
 from tapestry.observe.metrics import CLIENT_PEER, CoordinatorMetrics
+from tapestry.pki.access import calling_peer
 from tapestry.state_files import StoredState
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
@@ -110,7 +111,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             yield pb.RunRoundResponse(result=claim.record.result)
             return
         if isinstance(claim, Claimed):
-            yield from self._run(request_id, context)
+            yield from self._run(request_id, context, _operator(context))
             return
         if not request_id or claim.request_id != request_id:
             abort(
@@ -123,7 +124,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         context.send_initial_metadata(())  # the caller may know it is waiting
         yield pb.RunRoundResponse(result=self._await(claim.outcome, context))
 
-    def _run(self, request_id: str, context: grpc.ServicerContext) -> Iterator[pb.RunRoundResponse]:
+    def _run(
+        self, request_id: str, context: grpc.ServicerContext, operator: str
+    ) -> Iterator[pb.RunRoundResponse]:
         # A round ends as its number (or its error): the result's states (the base before
         # and after) are let go once committed, not held until the next round.
         events: queue.Queue[RoundEvent | int | BaseException] = queue.Queue()
@@ -136,7 +139,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 ended = self._core.run_round(
                     self._nodes(),
                     events=events.put,
-                    commit=lambda result: self._commit(result, request_id),
+                    commit=lambda result: self._commit(result, request_id, operator),
                 ).round_num
             except BaseException as error:
                 log.exception("round failed")
@@ -187,10 +190,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             raise NotFound(f"round {round_num} has no record")
         return record.result
 
-    def _commit(self, result: ConsortiumRoundResult, request_id: str) -> None:
-        """The core's commit step: the round is durable once its journal entry lands. Runs
-        before the core changes anything, so if it raises there is nothing to undo."""
-        record = self._store.commit_round(result, request_id)
+    def _commit(self, result: ConsortiumRoundResult, request_id: str, operator: str) -> None:
+        """The core's commit step: the round is durable once its journal entry lands (with
+        the ``operator`` who triggered it). Runs before the core changes anything, so if it
+        raises there is nothing to undo."""
+        record = self._store.commit_round(result, request_id, operator)
         # The base first: whoever has seen round N listed then gets round N's base.
         self._committed = (result.round_num, result.shared_base_sha256)
         self._ledger.record(record)
@@ -220,7 +224,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 state,
                 to_round,
                 sha256=sha256,
-                commit=lambda r: self._commit(r, ""),
+                commit=lambda r: self._commit(r, "", _operator(context)),
                 momentum=self._store.committed_momentum(to_round, records),
             ).round_num
         except Exception as error:
@@ -337,6 +341,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 members=[pb.MemberSession(node_id=node_id) for node_id in self._order]
             )
         return pb.ListMembersResponse(members=self._members.listing())
+
+
+def _operator(context: grpc.ServicerContext) -> str:
+    """Who called, as the journal records it: the ``spiffe://`` URI of the caller's client
+    certificate; empty over plaintext, where nobody is known."""
+    peer = calling_peer(context)
+    return peer.uri if peer is not None else ""
 
 
 def _summary(result: ConsortiumRoundResult) -> str:

@@ -34,6 +34,7 @@ from tapestry.observe.metrics import CoordinatorMetrics, restore_coordinator_met
 from tapestry.pki.call_limits import worker_threads
 from tapestry.pki.server_check import served_node_id
 from tapestry.pki.serving import server_security
+from tapestry.pki.signing import Signer
 from tapestry.training.consortium.local.node import SovereignTrainingNode
 from tapestry.training.consortium.models.state import model_state
 from tapestry.training.consortium.round.coordinator import ConsortiumCoordinator
@@ -90,7 +91,7 @@ def build_coordinator_server(
     )
     spec = config.model
     reference = reference_node(config, source)  # a corpus that cannot be read stops here
-    store = _store(config, data_dir)
+    store = _store(config, data_dir, insecure=insecure)
     base_model = spec.build(config.seed)
     core = _core(config, base_model, reference)
     records = _resume(core, store, base_model, config.consortium_id)
@@ -139,9 +140,13 @@ def build_coordinator_server(
     return CoordinatorServer(server, port, health, roster)
 
 
-def _store(config: ConsortiumConfig, data_dir: Path) -> CoordinatorStore:
-    """The journal in ``data_dir``, refused if it holds another consortium's rounds."""
-    store = CoordinatorStore(data_dir)
+def _store(config: ConsortiumConfig, data_dir: Path, *, insecure: bool) -> CoordinatorStore:
+    """The journal in ``data_dir``, refused if it holds another consortium's rounds; its
+    entries signed with the coordinator's ``[tls]`` certificate and key (unsigned when it
+    serves plaintext: it has none)."""
+    tls = None if insecure else config.tls
+    signer = Signer.from_files(tls.cert, tls.key, tls.ca) if tls is not None else None
+    store = CoordinatorStore(data_dir, signer)
     store.check_identity(
         {
             "consortium_id": config.consortium_id,

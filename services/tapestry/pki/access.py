@@ -63,6 +63,12 @@ def _peer_of(pem: bytes) -> Peer | None:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
         return None
+    return peer_of_certificate(cert)
+
+
+def peer_of_certificate(cert: x509.Certificate) -> Peer | None:
+    """The identity ``cert`` names in its one ``spiffe://`` URI SAN, or None (none, several,
+    or one that names no role of a member)."""
     uris = [san for san in certificate_sans(cert) if san.startswith("spiffe://")]
     if len(uris) != 1:
         return None

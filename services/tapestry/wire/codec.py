@@ -23,7 +23,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.errors import quoted
 from tapestry.limits import MAX_REQUEST_ID_CHARS
-from tapestry.training.consortium.governance.acceptance import Validation
+from tapestry.pki.signing import Signature
+from tapestry.training.consortium.governance.acceptance import (
+    AcceptancePolicy,
+    AcceptanceRule,
+    Validation,
+)
 from tapestry.training.consortium.governance.checks import progress_problem
 from tapestry.training.consortium.governance.measured import QualitySource
 from tapestry.training.consortium.governance.policy import ContributionPolicy, ContributionWeighting
@@ -389,6 +394,7 @@ def round_result_to_proto(result: ConsortiumRoundResult) -> pb.ConsortiumRoundRe
         contributions=[contribution_to_proto(c) for c in result.contributions.values()],
         quality_scores=result.quality_scores,
         quality_sources={n: _QUALITY_SOURCES[s] for n, s in result.quality_sources.items()},
+        delta_norms=result.delta_norms,
         artifacts=[artifact_to_proto(a) for a in result.artifacts.values()],
         aborted_reason=result.aborted_reason,
         rolled_back_to=result.rolled_back_to,
@@ -426,6 +432,7 @@ def validation_to_proto(validation: Validation) -> pb.RoundValidation:
         ],
         committed_over=validation.committed_over,
         reason=validation.reason,
+        quorum=validation.quorum,
     )
     if validation.scale is not None:
         msg.committed_scale = validation.scale
@@ -450,6 +457,33 @@ def member_evaluation_from_proto(msg: pb.MemberEvaluation) -> MemberEvaluation:
     if digest and (len(digest) != 64 or digest.strip("0123456789abcdef")):
         raise ValueError(f"state_sha256 {quoted(digest)} is not a SHA-256 digest")
     return MemberEvaluation(msg.node_id, msg.base_loss, msg.candidate_loss, digest)
+
+
+def acceptance_policy_from_proto(msg: pb.RoundValidation) -> AcceptancePolicy:
+    """The acceptance rule a round's validation was decided by; ``ValueError`` for a rule
+    or setting out of range (:class:`AcceptancePolicy` checks them)."""
+    try:
+        rule = AcceptanceRule(msg.rule)
+    except ValueError:
+        known = ", ".join(r.value for r in AcceptanceRule)
+        raise ValueError(f"validation rule must be one of {known}; got {msg.rule!r}") from None
+    return AcceptancePolicy(rule, msg.tolerance, msg.max_halvings)
+
+
+def member_evaluations_from_proto(msg: pb.ValidationAttempt) -> tuple[MemberEvaluation, ...]:
+    """The members' evaluations of one step tried, as the rule judged them."""
+    return tuple(
+        MemberEvaluation(e.node_id, e.base_loss, e.candidate_loss, e.state_sha256)
+        for e in msg.evaluations
+    )
+
+
+def signature_to_proto(signature: Signature) -> pb.Signature:
+    return pb.Signature(certificate=signature.certificate, signature=signature.signature)
+
+
+def signature_from_proto(msg: pb.Signature) -> Signature:
+    return Signature(certificate=msg.certificate, signature=msg.signature)
 
 
 def timestamp_to_proto(moment: datetime, field: str = "time") -> Timestamp:

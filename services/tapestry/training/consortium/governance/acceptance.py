@@ -139,13 +139,14 @@ class Attempt:
 @dataclass(frozen=True)
 class Validation:
     """What validation decided under ``policy``: the scale committed (``None``: abort, the
-    base unchanged), every attempt in order, and the objection committed over (a lone
-    objector's id)."""
+    base unchanged), every attempt in order, the objection committed over (a lone
+    objector's id), and how many evaluations each step needed (``quorum``)."""
 
     scale: float | None
     attempts: tuple[Attempt, ...]
     committed_over: tuple[str, ...] = field(default=())
     policy: AcceptancePolicy = field(default_factory=lambda: AcceptancePolicy())
+    quorum: int = 1
 
     @property
     def reason(self) -> str:
@@ -176,7 +177,7 @@ def validate(policy: AcceptancePolicy, evaluate: Evaluate, quorum: int = 1) -> V
         verdict = policy.judge(evaluations, quorum)
         attempts.append(Attempt(scale, verdict, evaluations))
         if verdict.accepted:
-            return Validation(scale, tuple(attempts), policy=policy)
+            return Validation(scale, tuple(attempts), policy=policy, quorum=quorum)
     # Under no_regression the objections are the verdict: one member alone, the same one
     # every time, cannot hold the round (the other rules decide on all the members' numbers
     # together, so no one member's objection is what rejected it). Alone means against
@@ -189,5 +190,5 @@ def validate(policy: AcceptancePolicy, evaluate: Evaluate, quorum: int = 1) -> V
         and all(a.verdict.objections == first and len(a.evaluations) > 1 for a in attempts)
     )
     if lone:
-        return Validation(1.0, tuple(attempts), first, policy)
-    return Validation(None, tuple(attempts), policy=policy)
+        return Validation(1.0, tuple(attempts), first, policy, quorum)
+    return Validation(None, tuple(attempts), policy=policy, quorum=quorum)

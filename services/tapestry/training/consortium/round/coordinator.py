@@ -244,6 +244,7 @@ class ConsortiumCoordinator:
         integrated = stages.integrate(decided, self.strategy, base)
         received, failed, scores = decided.received, decided.failed, decided.scores
         sources = decided.sources
+        norms = decided.norms or {}
         aborted_reason = decided.aborted_reason
         del decided  # metadata only from here on: the deltas are let go
         voters = [node for node in nodes if node.node_id in received]
@@ -275,6 +276,7 @@ class ConsortiumCoordinator:
                 failed_nodes=failed,
                 quality_scores=scores,
                 quality_sources=sources,
+                delta_norms=norms,
                 contributions=received,
                 artifacts=artifacts,
                 policy=self.contribution_policy,
@@ -450,7 +452,7 @@ def _validated(
     state is left as it was, and the base stays bitwise unchanged)."""
     if state is not None:
         return dataclasses.replace(integrated, new_state=state)
-    why = f"the members did not accept the candidate: {validation.reason}"
+    why = f"{stages.NOT_ACCEPTED}: {validation.reason}"
     rejected = [*integrated.accepted, *integrated.rejected]
     reasons = {**{n: why for n in integrated.accepted}, **integrated.rejection_reasons}
     return Integration(None, strategy_state, [], rejected, {}, reasons)

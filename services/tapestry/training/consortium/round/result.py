@@ -27,7 +27,9 @@ class ConsortiumRoundResult:
     came from (:class:`~tapestry.training.consortium.governance.measured.QualitySource`:
     measured against the reference update where the coordinator has a reference node, else
     assessed where it has an assessment, else self-reported); each contribution keeps what
-    its member said. ``artifacts`` are the sovereign artifacts the nodes
+    its member said; ``delta_norms`` the deltas' L2 norms it weighed with
+    them (empty where the policy weighs none), so the weights can be decided again from the
+    record. ``artifacts`` are the sovereign artifacts the nodes
     that passed every check retain this round (metadata only when they came over the wire).
     ``policy`` is the policy that decided the round; the two digests are
     :func:`~tapestry.training.consortium.state_digest` of the base before and after.
@@ -55,6 +57,7 @@ class ConsortiumRoundResult:
     contributions: dict[str, SovereignContribution] = field(default_factory=dict)
     quality_scores: dict[str, float] = field(default_factory=dict)
     quality_sources: dict[str, QualitySource] = field(default_factory=dict)
+    delta_norms: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, SovereignModelArtifact] = field(default_factory=dict)
     policy: ContributionPolicy | None = None
     previous_base_sha256: str = ""

@@ -42,6 +42,10 @@ OVERFLOW = (
     "strategy's state), so nothing was integrated this round"
 )
 
+NOT_ACCEPTED = "the members did not accept the candidate"
+"""The start of the reason every counted node of a round gets when the members' validation
+commits no step (the validation's own reason follows, after a colon)."""
+
 
 @dataclass(frozen=True)
 class Collected:

@@ -1,0 +1,380 @@
+"""Check a coordinator's ledger offline (``tapestry ledger verify``): everything the journal
+claims, against the consortium CA and the files beside it.
+
+For every round record in ``<data-dir>/rounds`` (journal.proto's RoundRecord says what is
+chained and signed), in order:
+
+- **the chain**: the file's name is the record's round, rounds run 1, 2, 3, … without a gap,
+  and each record carries the digest of the record before it (round 1: the initial base's
+  state digest), so a removed, inserted, reordered or rewritten record breaks it; each
+  round's ``previous_base_sha256`` is the base the round before committed;
+- **the signature**: the coordinator's, by a certificate the consortium CA issued, valid when
+  the round finished, not in the CRL and naming the coordinator (an unsigned record, from a
+  coordinator serving plaintext, fails unless unsigned records are allowed);
+- **the files**: the round's base file, and its momentum file where it names one, have the
+  digest the record holds (the state digest, recomputed from the tensors); a rollback's base
+  is the base of the round it restores;
+- **the decision**: the round's weights and the policy's rejection reasons, decided again by
+  the core's own :class:`~tapestry.training.consortium.ContributionPolicy` from the
+  recorded policy, quality scores and delta norms; and its acceptance, decided again by
+  the core's :func:`~tapestry.training.consortium.governance.acceptance.validate` from the
+  recorded rule and members' evaluations (each step's verdict, the scale committed, a
+  lone objection committed over).
+
+What it cannot check from the journal alone: that the deltas were what their digests say
+(they are not kept) and so that the base is the integration of them, or that the quality
+scores are what a measurement would give; those rest on the members' own records.
+
+Each problem is one line naming the round (or file) and what differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import journal_pb2 as jpb
+from tapestry.coordinator.journal import (
+    IDENTITY,
+    CoordinatorStore,
+    read_identity,
+    record_digest,
+    signed_bytes,
+)
+from tapestry.errors import UserError
+from tapestry.pki.authority import consortium_of
+from tapestry.pki.credentials import CredentialError, revoked_serials
+from tapestry.pki.signing import SignatureError, verify_signature
+from tapestry.state_files import load_state
+from tapestry.training.consortium.governance.acceptance import Verdict, validate
+from tapestry.training.consortium.messages import MemberEvaluation
+from tapestry.training.consortium.round.stages import NOT_ACCEPTED, OVERFLOW
+from tapestry.training.consortium.tensors import state_digest
+from tapestry.wire.codec import (
+    acceptance_policy_from_proto,
+    member_evaluations_from_proto,
+    message_from_json,
+    policy_from_proto,
+    signature_from_proto,
+    timestamp_from_proto,
+)
+
+
+@dataclass
+class LedgerReport:
+    """What a check found: how many rounds it read, the digest of the newest record (the
+    ledger's head), who signed, and one line per problem (none: everything holds)."""
+
+    rounds: int = 0
+    head: str = ""
+    signers: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What signatures are checked against: the consortium CA, the serials its CRL
+    revokes, and whether an unsigned record (a coordinator serving plaintext) is let pass."""
+
+    ca: x509.Certificate
+    revoked: Collection[int] = ()
+    allow_unsigned: bool = False
+
+    @classmethod
+    def from_files(cls, ca: Path, crl: Path | None, *, allow_unsigned: bool = False) -> Trust:
+        try:
+            authority = x509.load_pem_x509_certificate(ca.read_bytes())
+        except FileNotFoundError:
+            raise CredentialError(f"CA certificate {ca} does not exist") from None
+        except ValueError:
+            raise CredentialError(f"CA certificate {ca} is not a PEM certificate") from None
+        revoked = revoked_serials(crl, ca) if crl is not None else frozenset()
+        return cls(authority, revoked, allow_unsigned)
+
+
+def check_ledger(data_dir: Path, trust: Trust) -> LedgerReport:
+    """Every check of the module over the coordinator data directory ``data_dir`` (only
+    read: it may be a live coordinator's)."""
+    if not (data_dir / "rounds").is_dir():
+        raise LedgerError(f"{data_dir} has no rounds/ folder: give a coordinator's --data-dir")
+    store = CoordinatorStore(data_dir, read_only=True)
+    report = LedgerReport()
+    consortium = consortium_of(trust.ca)
+    found = (read_identity(data_dir) or {}).get("consortium_id", consortium)
+    if found != consortium:
+        report.problems.append(
+            f"{data_dir / IDENTITY}: the directory holds consortium {found!r}, the CA is "
+            f"consortium {consortium!r}'s"
+        )
+    genesis, problem = _file_digest(store.base_path(0))
+    if problem:
+        report.problems.append(f"round 0: the initial base {problem}")
+    records = _records(store, report)
+    report.rounds = len(records)
+    bases = {0: genesis}
+    previous: jpb.RoundRecord | None = None
+    for record in records:
+        result = record.result
+        problems = [
+            *_chain(record, previous, genesis),
+            *_signature(record, trust, report.signers),
+            *_files(store, record, bases),
+            *decision_problems(result),
+            *acceptance_problems(result),
+        ]
+        report.problems += [f"round {result.round_num}: {p}" for p in problems]
+        bases[result.round_num] = result.shared_base_sha256
+        previous = record
+    report.head = record_digest(records[-1]) if records else genesis
+    return report
+
+
+class LedgerError(UserError):
+    """A ledger that cannot be checked at all (no journal there)."""
+
+
+def _records(store: CoordinatorStore, report: LedgerReport) -> list[jpb.RoundRecord]:
+    """Every record in the journal's folder in file-name order; a file that does not read,
+    or whose name is not its record's round, is a problem."""
+    records = []
+    for path in sorted(store.rounds_dir.glob("round-*.json")):
+        try:
+            record = message_from_json(path.read_text(encoding="utf-8"), jpb.RoundRecord)
+        except Exception as error:
+            report.problems.append(f"{path.name}: not a readable round record ({error})")
+            continue
+        if path.name != store.record_path(record.result.round_num).name:
+            report.problems.append(
+                f"{path.name}: holds the record of round {record.result.round_num}"
+            )
+        records.append(record)
+    return records
+
+
+def _chain(
+    record: jpb.RoundRecord, previous: jpb.RoundRecord | None, genesis: str
+) -> Iterator[str]:
+    """How ``record`` fails to follow ``previous`` (``None``: it is the first)."""
+    result = record.result
+    expected = 1 if previous is None else previous.result.round_num + 1
+    if result.round_num != expected:
+        after = "the journal starts" if previous is None else f"round {expected - 1}"
+        yield f"follows {after}: round {expected} is missing or the chain is reordered"
+    if not record.previous_record_sha256:
+        yield (
+            "recorded before the ledger (no chain link and no signature): this journal "
+            "cannot be verified"
+        )
+        return
+    link, what = (
+        (genesis, "the initial base's digest")
+        if previous is None
+        else (record_digest(previous), f"the digest of round {previous.result.round_num}'s record")
+    )
+    if record.previous_record_sha256 != link:
+        yield (
+            f"chain broken: previous_record_sha256 {record.previous_record_sha256[:12]} is "
+            f"not {what} {link[:12]}"
+        )
+    before = genesis if previous is None else previous.result.shared_base_sha256
+    if result.previous_base_sha256 != before:
+        yield (
+            f"previous_base_sha256 {result.previous_base_sha256[:12]} is not the base in force "
+            f"before it {before[:12]}"
+        )
+
+
+def _signature(record: jpb.RoundRecord, trust: Trust, signers: set[str]) -> Iterator[str]:
+    """How the coordinator's signature on ``record`` fails to hold."""
+    if not record.previous_record_sha256:
+        return  # recorded before the ledger: said once, by the chain
+    if not record.HasField("signature"):
+        if not trust.allow_unsigned:
+            yield (
+                "not signed (written by a coordinator serving plaintext, --insecure); "
+                "--allow-unsigned lets it pass"
+            )
+        return
+    result = record.result
+    moment = timestamp_from_proto(result.finished_at) if result.HasField("finished_at") else None
+    try:
+        who = verify_signature(
+            signature_from_proto(record.signature),
+            signed_bytes(record),
+            trust.ca,
+            trust.revoked,
+            at=moment,
+        )
+    except SignatureError as error:
+        yield f"coordinator signature: {error}"
+        return
+    if who.role != "coordinator":
+        yield f"signed by {who.uri}, not by the coordinator"
+    signers.add(who.uri)
+
+
+def _files(
+    store: CoordinatorStore, record: jpb.RoundRecord, bases: Mapping[int, str]
+) -> Iterator[str]:
+    """How the round's base and momentum files differ from the digests it records."""
+    result = record.result
+    digest, problem = _file_digest(store.base_path(result.round_num))
+    if problem:
+        yield f"the base {problem}"
+    elif digest != result.shared_base_sha256:
+        yield (
+            f"the base file {store.base_path(result.round_num).name} has digest "
+            f"{digest[:12]}, the record says {result.shared_base_sha256[:12]}"
+        )
+    if result.outer_momentum_sha256:
+        digest, problem = _file_digest(store.momentum_path(result.round_num))
+        if problem:
+            yield f"the momentum {problem}"
+        elif digest != result.outer_momentum_sha256:
+            yield (
+                f"the momentum file {store.momentum_path(result.round_num).name} has digest "
+                f"{digest[:12]}, the record says {result.outer_momentum_sha256[:12]}"
+            )
+    if result.HasField("rolled_back_to"):
+        restored = bases.get(result.rolled_back_to)
+        if restored != result.shared_base_sha256:
+            yield (
+                f"a rollback to round {result.rolled_back_to} whose base "
+                f"{result.shared_base_sha256[:12]} is not that round's "
+                f"{(restored or '(no such round)')[:12]}"
+            )
+
+
+def _file_digest(path: Path) -> tuple[str, str]:
+    """``(state digest, "")`` of a state file, or ``("", what is wrong with it)``."""
+    try:
+        state, _ = load_state(path)
+    except FileNotFoundError:
+        return "", f"file {path.name} is missing"
+    except Exception as error:
+        return "", f"file {path.name} does not read as a state file ({error})"
+    return state_digest(state), ""
+
+
+def decision_problems(result: pb.ConsortiumRoundResult) -> list[str]:
+    """How the round's recorded weights and rejection reasons differ from what its
+    recorded policy decides from its recorded quality scores and delta norms."""
+    if result.HasField("rolled_back_to") or result.aborted_reason:
+        what = "a rollback" if result.HasField("rolled_back_to") else "an aborted round"
+        weighed = sorted({*result.accepted_nodes, *result.contribution_weights})
+        return [f"{what} with accepted nodes or weights {weighed}"] if weighed else []
+    if not result.HasField("policy"):
+        return ["no policy recorded: its weights cannot be decided again"]
+    try:
+        policy = policy_from_proto(result.policy)
+    except ValueError as error:
+        return [f"the recorded policy cannot be read: {error}"]
+    order = [c.node_id for c in result.contributions]  # the order the policy weighed them in
+    missing = [n for n in order if n not in result.quality_scores]
+    if missing or set(result.quality_scores) - set(order):
+        return [
+            f"quality scores {dict(result.quality_scores)} are not one per contribution {order}"
+        ]
+    norms = None
+    if policy.needs_delta_norms:
+        if any(n not in result.delta_norms for n in order):
+            return [
+                f"the policy weighs delta norms, the record holds "
+                f"{dict(result.delta_norms)} for {order}"
+            ]
+        norms = {n: result.delta_norms[n] for n in order}
+    decision = policy.decide({n: result.quality_scores[n] for n in order}, norms)
+    recorded = dict(result.contribution_weights)
+    if decision.weights and not recorded:  # validation refused it, or it overflowed
+        return _unintegrated(result, decision.weights)
+    problems = [
+        f"weight of {node} is {recorded.get(node, 'none')!r} in the record, the policy "
+        f"gives {decision.weights.get(node, 'none')!r}"
+        for node in sorted({*recorded, *decision.weights})
+        if recorded.get(node) != decision.weights.get(node)
+    ]
+    if list(result.accepted_nodes) != [n for n in order if n in decision.weights]:
+        problems.append(
+            f"accepted nodes {list(result.accepted_nodes)}, the policy accepts "
+            f"{[n for n in order if n in decision.weights]}"
+        )
+    problems += [
+        f"rejection reason of {node} is {result.rejection_reasons.get(node, 'none')!r}, "
+        f"the policy gives {reason!r}"
+        for node, reason in decision.rejection_reasons.items()
+        if result.rejection_reasons.get(node) != reason
+    ]
+    return problems
+
+
+def _unintegrated(result: pb.ConsortiumRoundResult, weights: Mapping[str, float]) -> list[str]:
+    """Why a round the policy gave weights integrated nothing, if the record says why."""
+    refused = result.HasField("validation") and not result.validation.HasField("committed_scale")
+    reasons = [result.rejection_reasons.get(node, "") for node in weights]
+    if refused and all(r.startswith(f"{NOT_ACCEPTED}: ") for r in reasons):
+        return []
+    if not refused and all(r == OVERFLOW for r in reasons):
+        return []  # its base overflowed: the deltas are not kept to check it
+    return [
+        f"no weights in the record, the policy gives {dict(weights)} and the record says "
+        "no validation refused them nor overflow"
+    ]
+
+
+def acceptance_problems(result: pb.ConsortiumRoundResult) -> list[str]:
+    """How the round's recorded validation differs from what its recorded rule decides on
+    the recorded evaluations: each step's verdict, the scale committed, the lone objection
+    committed over."""
+    if not result.HasField("validation"):
+        return []
+    recorded = result.validation
+    try:
+        policy = acceptance_policy_from_proto(recorded)
+        steps = [member_evaluations_from_proto(a) for a in recorded.attempts]
+    except ValueError as error:
+        return [f"the recorded validation cannot be read: {error}"]
+    asked: list[float] = []
+
+    def evaluate(scale: float) -> tuple[MemberEvaluation, ...]:
+        asked.append(scale)
+        return steps[len(asked) - 1] if len(asked) <= len(steps) else ()
+
+    outcome = validate(policy, evaluate, max(recorded.quorum, 1))
+    problems = [
+        f"validation step {i + 1}: {what}"
+        for i, (attempt, tried) in enumerate(zip(recorded.attempts, outcome.attempts, strict=False))
+        for what in _step_problems(attempt, tried.scale, tried.verdict)
+    ]
+    if len(outcome.attempts) != len(recorded.attempts):
+        problems.append(
+            f"validation tried {len(recorded.attempts)} step(s), the rule "
+            f"{policy.rule.value} tries {len(outcome.attempts)} on these evaluations"
+        )
+    scale = recorded.committed_scale if recorded.HasField("committed_scale") else None
+    if scale != outcome.scale:
+        problems.append(f"committed scale {scale}, the rule commits {outcome.scale}")
+    if tuple(recorded.committed_over) != outcome.committed_over:
+        problems.append(
+            f"committed over {list(recorded.committed_over)}, the rule commits over "
+            f"{list(outcome.committed_over)}"
+        )
+    if scale is None and (result.accepted_nodes or result.contribution_weights):
+        problems.append("the members' validation committed nothing, yet nodes were accepted")
+    return problems
+
+
+def _step_problems(attempt: pb.ValidationAttempt, scale: float, verdict: Verdict) -> Iterator[str]:
+    if attempt.scale != scale:
+        yield f"scale {attempt.scale}, the rule tries {scale}"
+    if attempt.accepted != verdict.accepted:
+        yield f"accepted is {attempt.accepted}, the rule says {verdict.accepted} ({verdict.reason})"
+    if tuple(attempt.objections) != verdict.objections:
+        yield f"objections {list(attempt.objections)}, the rule finds {list(verdict.objections)}"

@@ -1,0 +1,297 @@
+"""The ledger: the coordinator's journal chained and signed as it commits, and `tapestry
+ledger verify`, which passes an intact journal and names the round and what differs in
+every other: a flipped byte in a base file, a changed weight (even re-signed with the
+coordinator's key), a removed round, a reordered chain, a revoked signer, an unsigned or
+pre-ledger record, a verdict the members' evaluations do not give."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tapestry.cli import main
+from tapestry.consortium.v1 import journal_pb2 as jpb
+from tapestry.coordinator.journal import CoordinatorStore, record_digest, signed_bytes
+from tapestry.coordinator.ledger_check import Trust, acceptance_problems, check_ledger
+from tapestry.pki.authority import init_consortium, revoke_certificate
+from tapestry.pki.signing import Signer
+from tapestry.training.consortium import (
+    ConsortiumCoordinator,
+    ConsortiumRoundResult,
+    ContributionPolicy,
+    ModelSpec,
+    SovereignTrainingNode,
+)
+from tapestry.training.consortium.governance.acceptance import AcceptancePolicy
+from tapestry.training.consortium.strategies.settings import (
+    IntegrationStrategy,
+    OuterOptimizer,
+    StrategyName,
+)
+from tapestry.wire.codec import message_from_json, message_to_json, signature_to_proto
+
+SPEC = ModelSpec(hidden_size=4)
+QUALITY = {"vn": 0.9, "ch": 0.7, "in": 0.8}
+OPERATOR = "spiffe://acme/operator/alice"
+
+
+def _nodes() -> list[SovereignTrainingNode]:
+    model = SPEC.build(seed=0)
+    return [
+        SovereignTrainingNode(
+            n, n.title(), model, [list(f"{n} text for training".encode())], q, 1, seed=5,
+            heldout_corpus=[list(f"{n} held out".encode())],
+        )
+        for n, q in QUALITY.items()
+    ]  # fmt: skip
+
+
+class Journal:
+    """A coordinator's data directory, its rounds committed by the core through a store
+    that signs with the coordinator's key of the consortium ``acme`` (``signed=False``: a
+    coordinator serving plaintext)."""
+
+    def __init__(
+        self, root: Path, *, signed: bool = True, policy: ContributionPolicy | None = None
+    ) -> None:
+        self.pki = init_consortium(root / "pki", "acme", coordinator_hosts=["h"], nodes=[])
+        self.data = root / "data"
+        self.store = CoordinatorStore(self.data, self.signer() if signed else None)
+        self.store.check_identity({"consortium_id": "acme", "seed": 1})
+        policy = policy or ContributionPolicy(max_node_weight=0.6, max_delta_norm_ratio=10.0)
+        self.core = ConsortiumCoordinator(
+            SPEC.build(seed=1), policy, acceptance=AcceptancePolicy(), min_nodes=2
+        )
+        self.store.save_initial_base(self.core.shared_base_state)
+
+    def signer(self) -> Signer:
+        pair = self.pki.coordinator
+        return Signer.from_files(pair / "cert.pem", pair / "key.pem", self.pki.ca_cert)
+
+    def run(self, rounds: int) -> None:
+        for _ in range(rounds):
+            self.core.run_round(_nodes(), commit=self._commit)
+
+    def _commit(self, result: ConsortiumRoundResult) -> None:
+        self.store.commit_round(result, "", OPERATOR)
+
+    def path(self, round_num: int) -> Path:
+        return self.data / "rounds" / f"round-{round_num:06d}.json"
+
+    def record(self, round_num: int) -> jpb.RoundRecord:
+        return message_from_json(self.path(round_num).read_text(), jpb.RoundRecord)
+
+    def write(self, record: jpb.RoundRecord) -> None:
+        self.path(record.result.round_num).write_text(message_to_json(record))
+
+    def problems(self, *, crl: bool = False, allow_unsigned: bool = False) -> list[str]:
+        trust = Trust.from_files(
+            self.pki.ca_cert, self.pki.crl if crl else None, allow_unsigned=allow_unsigned
+        )
+        return check_ledger(self.data, trust).problems
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Journal:
+    journal = Journal(tmp_path)
+    journal.run(3)
+    return journal
+
+
+def _verify(journal: Journal, *extra: str):
+    return CliRunner().invoke(
+        main,
+        ["ledger", "verify", "--data-dir", str(journal.data), "--ca", str(journal.pki.ca_cert),
+         *extra],
+    )  # fmt: skip
+
+
+def test_an_intact_journal_verifies_and_names_its_head(journal: Journal) -> None:
+    records = journal.store.records()
+    assert [r.result.round_num for r in records] == [1, 2, 3]
+    # chained: round 1 to the initial base, each next one to the record before it
+    assert records[0].previous_record_sha256 == records[0].result.previous_base_sha256
+    assert records[1].previous_record_sha256 == record_digest(records[0])
+    assert records[2].previous_record_sha256 == record_digest(records[1])
+    assert all(r.result.operator == OPERATOR and r.HasField("signature") for r in records)
+    assert all(r.result.delta_norms.keys() == QUALITY.keys() for r in records)
+    assert any(r.result.contribution_weights for r in records)
+    assert all(r.result.HasField("validation") for r in records if r.result.accepted_nodes)
+
+    result = _verify(journal, "--crl", str(journal.pki.crl))
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        f"ledger verified: 3 round(s), head {record_digest(records[2])}, signed by "
+        "spiffe://acme/coordinator\n"
+    )
+
+
+def test_a_diloco_journal_with_clipped_deltas_verifies_and_checks_its_momentum(
+    tmp_path: Path,
+) -> None:
+    diloco = IntegrationStrategy(
+        StrategyName.DILOCO, outer=OuterOptimizer(0.5, 0.5), clip_delta_norm=1e-3
+    )
+    journal = Journal(tmp_path, policy=ContributionPolicy(weighting="equal", strategy=diloco))
+    journal.run(2)
+    assert journal.record(2).result.outer_momentum_sha256
+    assert journal.problems() == []
+    (journal.data / "momentum" / "round-000002.safetensors").unlink()
+    assert journal.problems() == ["round 2: the momentum file round-000002.safetensors is missing"]
+
+
+def test_a_flipped_byte_in_a_base_file_names_the_round_and_both_digests(journal: Journal) -> None:
+    path = journal.data / "base" / "round-000002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last tensor's last byte: still a readable file
+    path.write_bytes(bytes(data))
+    recorded = journal.record(2).result.shared_base_sha256
+    [problem] = journal.problems()
+    assert problem.startswith("round 2: the base file round-000002.safetensors has digest ")
+    assert problem.endswith(f", the record says {recorded[:12]}")
+
+    result = _verify(journal)
+    assert result.exit_code == 1
+    assert result.stdout == problem + "\n"
+
+
+def test_a_changed_weight_fails_its_signature_and_the_next_link(journal: Journal) -> None:
+    record = journal.record(2)
+    node = sorted(record.result.contribution_weights)[0]
+    was = record.result.contribution_weights[node]
+    record.result.contribution_weights[node] = was + 0.01
+    journal.write(record)
+    assert journal.problems() == [
+        "round 2: coordinator signature: the signature by spiffe://acme/coordinator does not "
+        "match the signed bytes (changed since signed)",
+        f"round 2: weight of {node} is {was + 0.01!r} in the record, the policy gives {was!r}",
+        f"round 3: chain broken: previous_record_sha256 "
+        f"{journal.record(3).previous_record_sha256[:12]} is not the digest of round 2's "
+        f"record {record_digest(record)[:12]}",
+    ]
+
+
+def test_a_changed_weight_resigned_with_the_coordinators_key_is_still_found(
+    journal: Journal,
+) -> None:
+    """Whoever holds the coordinator's key can re-sign and re-chain: the weights are decided
+    again from the recorded policy, scores and norms, so the change shows anyway."""
+    records = [journal.record(n) for n in (1, 2, 3)]
+    node = sorted(records[0].result.contribution_weights)[0]
+    was = records[0].result.contribution_weights[node]
+    records[0].result.contribution_weights[node] = 0.5
+    signer = journal.signer()
+    for before, record in zip([None, *records], records, strict=False):
+        if before is not None:
+            record.previous_record_sha256 = record_digest(before)
+        record.ClearField("signature")
+        record.signature.CopyFrom(signature_to_proto(signer.sign(signed_bytes(record))))
+        journal.write(record)
+    assert journal.problems() == [
+        f"round 1: weight of {node} is 0.5 in the record, the policy gives {was!r}"
+    ]
+
+
+def test_a_removed_round_is_named(journal: Journal) -> None:
+    journal.path(2).unlink()
+    problems = journal.problems()
+    assert problems[0] == "round 3: follows round 1: round 2 is missing or the chain is reordered"
+    assert problems[1].startswith("round 3: chain broken: previous_record_sha256 ")
+    assert problems[1].endswith("is not the digest of round 1's record " + (
+        record_digest(journal.record(1))[:12]
+    ))  # fmt: skip
+
+
+def test_a_reordered_chain_is_named(journal: Journal) -> None:
+    second, third = journal.path(2).read_text(), journal.path(3).read_text()
+    journal.path(2).write_text(third)
+    journal.path(3).write_text(second)
+    problems = journal.problems()
+    assert problems[:2] == [
+        "round-000002.json: holds the record of round 3",
+        "round-000003.json: holds the record of round 2",
+    ]
+    assert "round 3: follows round 1: round 2 is missing or the chain is reordered" in problems
+    assert "round 2: follows round 3: round 4 is missing or the chain is reordered" in problems
+
+
+def test_a_record_signed_by_a_revoked_certificate_fails(journal: Journal) -> None:
+    serial = revoke_certificate(journal.pki.root, journal.pki.coordinator / "cert.pem")
+    assert journal.problems() == []  # without the CRL nobody knows
+    why = f"the signer's certificate (spiffe://acme/coordinator, serial {serial:x}) is revoked"
+    assert journal.problems(crl=True) == [
+        f"round {n}: coordinator signature: {why}" for n in (1, 2, 3)
+    ]
+    result = _verify(journal, "--crl", str(journal.pki.crl))
+    assert result.exit_code == 1
+    assert result.stderr == "ledger NOT verified: 3 problem(s) in 3 round(s)\n"
+
+
+def test_unsigned_records_fail_unless_allowed(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, signed=False)
+    journal.run(2)
+    why = "not signed (written by a coordinator serving plaintext, --insecure); --allow-unsigned"
+    assert journal.problems() == [f"round {n}: {why} lets it pass" for n in (1, 2)]
+    assert journal.problems(allow_unsigned=True) == []
+    result = _verify(journal, "--allow-unsigned")
+    assert result.exit_code == 0, result.output
+    assert "signed by nobody (unsigned, allowed)" in result.output
+
+
+def test_a_journal_from_before_the_ledger_is_refused_by_name(journal: Journal) -> None:
+    for n in (1, 2):
+        record = journal.record(n)
+        record.ClearField("previous_record_sha256")
+        record.ClearField("signature")
+        journal.write(record)
+    problems = journal.problems()
+    old = "recorded before the ledger (no chain link and no signature): this journal cannot be "
+    assert problems[:2] == [f"round {n}: {old}verified" for n in (1, 2)]
+    assert problems[2].startswith("round 3: chain broken")  # it chained to the original
+    # the coordinator resumes it all the same, and chains its next round to it
+    assert CoordinatorStore(journal.data).latest()[0] == 3  # type: ignore[index]
+
+
+def test_a_damaged_newest_record_is_replaced_and_the_chain_holds(journal: Journal) -> None:
+    """A crash that leaves round 3's base damaged: the coordinator resumes at round 2 and
+    commits round 3 again, chained to round 2's record, not to the one it replaces."""
+    (journal.data / "base" / "round-000003.safetensors").write_bytes(b"\x08\x00")
+    assert journal.problems()[0].startswith("round 3: the base file round-000003.safetensors ")
+    store = CoordinatorStore(journal.data, journal.signer())
+    round_num, state, records = store.latest()  # type: ignore[misc]
+    assert round_num == 2
+    journal.store = store
+    journal.core.load_base_state(state, 2, sha256=records[-1].result.shared_base_sha256)
+    journal.run(1)
+    replaced = journal.record(3)
+    assert replaced.previous_record_sha256 == record_digest(journal.record(2))
+    assert journal.problems() == []
+
+
+def test_a_verdict_the_evaluations_do_not_give_is_named(journal: Journal) -> None:
+    validated = [
+        journal.record(n) for n in (1, 2, 3) if journal.record(n).result.validation.attempts
+    ]
+    result = validated[0].result
+    first = result.validation.attempts[0]
+    first.accepted = not first.accepted
+    problems = acceptance_problems(result)
+    assert problems[0].startswith(
+        f"validation step 1: accepted is {first.accepted}, the rule says {not first.accepted} ("
+    )
+
+
+def test_verify_refuses_a_folder_without_a_journal(tmp_path: Path, journal: Journal) -> None:
+    result = _verify(journal)
+    assert result.exit_code == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(
+        main, ["ledger", "verify", "--data-dir", str(empty), "--ca", str(journal.pki.ca_cert)]
+    )
+    assert result.exit_code == 1
+    assert f"{empty} has no rounds/ folder: give a coordinator's --data-dir" in result.output
+    shutil.rmtree(empty)
