@@ -248,9 +248,7 @@ class ConsortiumCoordinator:
         aborted_reason = decided.aborted_reason
         del decided  # metadata only from here on: the deltas are let go
         voters = [node for node in nodes if node.node_id in received]
-        integrated, validation = self._validate(integrated, voters, report.round_num, base)
-        if validation is not None:
-            report(RoundStage.VALIDATED, "", validation.reason)
+        integrated, validation = self._validate(integrated, voters, report, base)
         if integrated.new_state is not None:
             new_state, new_sha256 = integrated.new_state, known_digest(integrated.new_state)
         else:
@@ -300,19 +298,21 @@ class ConsortiumCoordinator:
         self,
         integrated: Integration,
         voters: Sequence[ConsortiumNode],
-        round_num: int,
+        report: Reporter,
         base: ModelState,
     ) -> tuple[Integration, Validation | None]:
         """The integration as the members' validation leaves it, and the validation
-        (``None`` without an acceptance policy or a candidate)."""
+        (``None`` without an acceptance policy or a candidate), reported."""
         if self.acceptance is None or integrated.new_state is None:
             return integrated, None
+        round_num = report.round_num
         # Hashed once here, for the proxies of remote members, which send the candidate.
         candidate = Snapshot(integrated.new_state, sha256=state_digest(integrated.new_state))
         validation, validated = validate_candidate(
             self.acceptance, voters, round_num, Snapshot(base, sha256=self.base_sha256),
             candidate, self.min_nodes, copies=self.copy_states,
         )  # fmt: skip
+        report(RoundStage.VALIDATED, "", validation.reason)
         return _validated(integrated, validation, validated, self.strategy.state), validation
 
     def _unedited(self, snapshot: Snapshot, base: ModelState) -> Snapshot:
