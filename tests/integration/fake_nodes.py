@@ -55,8 +55,12 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         """Called once the base is in, before the node answers (a hook for subclasses)."""
 
     def RunSovereignCycle(self, request_iterator, context):  # noqa: N802
+        first = next(request_iterator)
+        if first.WhichOneof("item") == "evaluate":
+            yield self.evaluation(first.evaluate, request_iterator)
+            return
         self.cycles += 1
-        start = next(request_iterator).start
+        start = first.start
         base = receive_state(request_iterator, "base_chunk", "base_end", StateAssembler())
         self.before_reply()
         yield from self.progress()
@@ -97,6 +101,15 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         if self.behaviour == "truncated":
             stream = stream[: len(stream) // 2]
         yield from stream
+
+    def evaluation(self, start: pb.EvaluationStart, requests) -> pb.RunSovereignCycleResponse:
+        """Member-validated commit: every step toward the candidate lowers its held-out
+        loss a little (the candidate, when it is sent, is read and dropped)."""
+        if not start.candidate_held:
+            receive_state(requests, "candidate_chunk", "candidate_end", StateAssembler())
+        return pb.RunSovereignCycleResponse(
+            evaluation=pb.MemberEvaluation(node_id=self.node_id, base_loss=3.0, candidate_loss=2.99)
+        )
 
     def delta(self, round_num: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The delta this node sends from ``base``, its fault included."""
@@ -155,6 +168,15 @@ class ReversedNode(FakeNode):
     def __init__(self, node_id: str, trainer: SovereignTrainingNode) -> None:
         super().__init__(node_id, "reversed")
         self.trainer = trainer
+
+    def evaluation(self, start: pb.EvaluationStart, requests) -> pb.RunSovereignCycleResponse:
+        """Member-validated commit: every step toward the candidate lowers its held-out
+        loss a little (the candidate, when it is sent, is read and dropped)."""
+        if not start.candidate_held:
+            receive_state(requests, "candidate_chunk", "candidate_end", StateAssembler())
+        return pb.RunSovereignCycleResponse(
+            evaluation=pb.MemberEvaluation(node_id=self.node_id, base_loss=3.0, candidate_loss=2.99)
+        )
 
     def delta(self, round_num: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         honest = self.trainer.run_sovereign_cycle(round_num, base).contribution.weight_delta

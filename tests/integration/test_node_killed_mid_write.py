@@ -142,10 +142,14 @@ def test_a_node_killed_during_its_cycle_fails_alone_and_restarts_with_complete_a
     with LocalConsortium(tmp_path, specs, policy=POLICY, settings=settings) as consortium:
 
         def kill_india_when_it_starts(event: pb.RoundProgress) -> None:
-            # Its base on its way: its cycle is open (a kill during the identity check
-            # before it fails the node at once, with no cycle to resume).
-            sending = event.progress.phase == pb.CYCLE_PHASE_SENDING_BASE
-            if event.node_id == "india" and sending and not killed.is_set():
+            # Its base on its way, or held and hashed (round 1's committed step, which it
+            # evaluated): its cycle is open (a kill during the identity check before it
+            # fails the node at once, with no cycle to resume).
+            opened = event.progress.phase in (
+                pb.CYCLE_PHASE_SENDING_BASE,
+                pb.CYCLE_PHASE_BASE_RECEIVED,
+            )
+            if event.node_id == "india" and opened and not killed.is_set():
                 consortium.processes["india"].popen.kill()
                 killed.set()
 

@@ -46,10 +46,17 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
     # Described at the session's opening and again before the round sends any weights.
     assert len(described) == 2
     assert all((d.node_id, d.jurisdiction) == ("vietnam", "Vietnam") for d in described)
-    cycle_ids = {m.exchange_id for m in session if m.WhichOneof("item") == "cycle"}
-    assert len(cycle_ids) == 1
-    replies = [m.cycle for m in session if m.WhichOneof("item") == "cycle"]
-    ends = [m.end for m in session if m.WhichOneof("item") == "end"]
+    exchanges: dict[int, list[pb.RunSovereignCycleResponse]] = {}
+    for message in session:
+        if message.WhichOneof("item") == "cycle":
+            exchanges.setdefault(message.exchange_id, []).append(message.cycle)
+    judged = [r for r in exchanges.values() if r[0].WhichOneof("item") == "evaluation"]
+    (cycle_id,) = [k for k, r in exchanges.items() if r[0].WhichOneof("item") != "evaluation"]
+    replies = exchanges[cycle_id]
+    # Member-validated commit: each evaluation is answered with one MemberEvaluation, two
+    # losses and the digest of the state judged: numbers, never a state.
+    assert judged and all(len(r) == 1 and r[0].ByteSize() < 128 for r in judged)
+    ends = [m.end for m in session if m.WhichOneof("item") == "end" and m.exchange_id == cycle_id]
     assert [end.code for end in ends] in ([], [0])  # the reply's end, if it left before the cancel
     # Progress first (numbers only: phase, steps, loss, sizes), then the result and delta.
     progress = [r.progress for r in replies if r.WhichOneof("item") == "progress"]

@@ -136,6 +136,7 @@ class RemoteSovereignNode:
         delta_encoding: DeltaEncoding = DeltaEncoding.FLOAT32,
         sent_deltas: SentDeltas | None = None,
         evaluation_timeout_s: float = DEFAULT_EVALUATION_TIMEOUT_S,
+        count_candidate_sent: ByteCount | None = None,
     ) -> None:
         """``link`` reaches the node: its session (it dialed out) or, given as an address,
         a :class:`~tapestry.coordinator.node_links.DialedLink` to a node that listens
@@ -156,7 +157,7 @@ class RemoteSovereignNode:
         the member's deltas, so that one sent again is refused
         (:mod:`tapestry.coordinator.sent_deltas`). ``evaluation_timeout_s`` bounds each of
         its evaluations of a round's candidate (:meth:`evaluate_step`), the candidate's
-        transfer included."""
+        transfer included; ``count_candidate_sent`` is told the candidate's bytes."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.model = model
@@ -175,6 +176,7 @@ class RemoteSovereignNode:
         # The steps toward the last candidate it evaluated, which it can compute (Describe).
         self.held_step_sha256: frozenset[str] = frozenset()
         self.evaluation_timeout_s = evaluation_timeout_s
+        self._count_candidate_sent = count_candidate_sent
         self._candidate_sent: tuple[int, str] | None = None  # (round, digest) it holds
 
     @property
@@ -294,7 +296,7 @@ class RemoteSovereignNode:
                 None if held else candidate,
                 self.evaluation_timeout_s,
                 self.chunk_bytes,
-                self._count_sent,
+                self._count_candidate_sent,
             )
         except grpc.RpcError as error:
             raise NodeCallFailed(describe_rpc_error(error, self.address, NODE)) from None

@@ -119,6 +119,7 @@ class Roster:
             delta_encoding=DeltaEncoding(config.delta_encoding),
             sent_deltas=self.sent_deltas,
             evaluation_timeout_s=config.policy.acceptance.timeout_s,
+            count_candidate_sent=self._metrics.candidate_sent(member.node_id),
         )
 
     def for_round(self) -> list[RemoteSovereignNode]:

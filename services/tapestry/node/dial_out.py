@@ -540,7 +540,7 @@ class _Cycles:
             if run is None and starts and len(self._runs) >= MAX_SESSION_CYCLES:
                 refused = True
             elif run is None and starts:
-                if self._plaintext:
+                if self._plaintext and message.cycle.WhichOneof("item") == "start":
                     log.warning(
                         "INSECURE: node %s cycle over plaintext, from an unauthenticated "
                         "coordinator",

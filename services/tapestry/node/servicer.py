@@ -235,7 +235,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         scale = start.scale
         if not 0.0 < scale <= 1.0:  # NaN too
             raise WireError(f"EvaluationStart.scale {scale!r} is not in (0, 1]")
-        candidate = self._candidates.take(start, requests, self._metrics.base_received())
+        candidate = self._candidates.take(start, requests, self._metrics.candidate_received())
         state = step(dict(held.state), dict(candidate.state), scale)
         digest = candidate.sha256 if scale == 1.0 else state_digest(state)
         evaluation = self._node.evaluate_candidate(start.round_num, state)

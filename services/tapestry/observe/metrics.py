@@ -138,6 +138,10 @@ class CoordinatorMetrics:
     def base_sent(self, peer: str) -> ByteCount:
         return self.bytes_sent.labels(what="base", peer=peer).inc
 
+    def candidate_sent(self, peer: str) -> ByteCount:
+        """The round's candidate, sent to a member to evaluate (member-validated commit)."""
+        return self.bytes_sent.labels(what="candidate", peer=peer).inc
+
     def _set_base_digest(self, sha256: str) -> None:
         """One series, the base in force: the new one set before the old one goes, so a
         scrape in between never finds none."""
@@ -242,6 +246,12 @@ class NodeMetrics:
 
     def base_received(self) -> ByteCount:
         return self.bytes_received.labels(node=self.node_id, what="base", peer=COORDINATOR_PEER).inc
+
+    def candidate_received(self) -> ByteCount:
+        """A round's candidate, received to evaluate (member-validated commit)."""
+        return self.bytes_received.labels(
+            node=self.node_id, what="candidate", peer=COORDINATOR_PEER
+        ).inc
 
     def delta_sent(self) -> ByteCount:
         return self.bytes_sent.labels(node=self.node_id, what="delta", peer=COORDINATOR_PEER).inc
