@@ -691,6 +691,21 @@ class NodeLimits(_Strict):
     (``round-NNNNNN.superseded-*``); beyond it the oldest are deleted. 0 keeps none."""
 
 
+class TrustConfig(_Strict):
+    """``[trust]``: which bases this node trains from (docs/operating/ledger.md). With mutual
+    TLS, a base it did not train from before must be reached by commits the members
+    accepted: each signed by at least ``min_acceptances`` members whose held-out loss did not
+    rise past ``tolerance`` (member-validated commit). Plaintext nodes hold no CA and take
+    the coordinator's word."""
+
+    min_acceptances: int = Field(2, ge=0, le=MAX_MEMBERS)
+    """Members' signed acceptances each new base needs; 0 takes the coordinator's word (a
+    consortium whose ``[policy.acceptance] rule`` is ``off`` must set 0)."""
+    tolerance: float = Field(DEFAULT_TOLERANCE, ge=0, le=10)
+    """The rise, in nats, up to which a member's signed evaluation counts as accepting: at
+    least the consortium's ``[policy.acceptance] tolerance``."""
+
+
 class NodeConfig(_Strict):
     """A node file (``node serve --config``): the node's corpus, its quality score and its
     training settings."""
@@ -727,6 +742,8 @@ class NodeConfig(_Strict):
     """What the node accepts from whoever calls its cycle."""
     link: LinkConfig = LinkConfig()
     """The network to the coordinator, for the flow-control window of the base's download."""
+    trust: TrustConfig = TrustConfig()
+    """Which bases the node trains from: its own check of the coordinator's word."""
     tls: TlsConfig | None = None
     """Mutual TLS; without it the server starts only with ``--insecure``."""
 

@@ -229,3 +229,12 @@ MAX_SIGNER_CERTIFICATE_BYTES = 16 * 1024
 
 MAX_SIGNATURE_BYTES = 256
 """A P-256 ECDSA signature in DER is at most 72 bytes; anything past this bound is not one."""
+
+MAX_BASE_PROOFS = 32
+"""The validated commits a cycle's start carries to prove its base (CycleStart.base_proofs):
+a node that missed more rounds than this cannot follow the chain and is refused the base
+(its operator then sets [trust] or restarts it from the current base)."""
+
+MAX_TRUSTED_BASES = 256
+"""The bases a node remembers training from ([trust]): a base older than these must be
+proved again."""

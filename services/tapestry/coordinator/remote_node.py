@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -30,6 +30,7 @@ from tapestry.limits import (
 )
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
+from tapestry.pki.statements import SignatureCheck
 from tapestry.training.consortium.deferred import DeferredState
 from tapestry.training.consortium.messages import (
     MemberEvaluation,
@@ -137,6 +138,8 @@ class RemoteSovereignNode:
         sent_deltas: SentDeltas | None = None,
         evaluation_timeout_s: float = DEFAULT_EVALUATION_TIMEOUT_S,
         count_candidate_sent: ByteCount | None = None,
+        signatures: SignatureCheck | None = None,
+        base_proofs: Callable[[int], list[pb.BaseProof]] | None = None,
     ) -> None:
         """``link`` reaches the node: its session (it dialed out) or, given as an address,
         a :class:`~tapestry.coordinator.node_links.DialedLink` to a node that listens
@@ -157,7 +160,11 @@ class RemoteSovereignNode:
         the member's deltas, so that one sent again is refused
         (:mod:`tapestry.coordinator.sent_deltas`). ``evaluation_timeout_s`` bounds each of
         its evaluations of a round's candidate (:meth:`evaluate_step`), the candidate's
-        transfer included; ``count_candidate_sent`` is told the candidate's bytes."""
+        transfer included; ``count_candidate_sent`` is told the candidate's bytes. With
+        ``signatures`` (the consortium CA's check), an evaluation counts only signed by this
+        member (:mod:`tapestry.pki.statements`). ``base_proofs`` gives, for the newest round
+        the node trained, the proofs that lead from its base to the round's
+        (:mod:`tapestry.coordinator.base_proofs`), sent with each cycle's start."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.model = model
@@ -177,6 +184,9 @@ class RemoteSovereignNode:
         self.held_step_sha256: frozenset[str] = frozenset()
         self.evaluation_timeout_s = evaluation_timeout_s
         self._count_candidate_sent = count_candidate_sent
+        self.signatures = signatures
+        self._base_proofs = base_proofs
+        self.latest_round = 0  # the newest round the node trained (Describe)
         self._candidate_sent: tuple[int, str] | None = None  # (round, digest) it holds
 
     @property
@@ -222,6 +232,7 @@ class RemoteSovereignNode:
                 raise MemberMisnamed(message, described.node_id, described.jurisdiction)
             raise NodeMismatch(message)
         self.held_base_sha256 = described.held_base_sha256
+        self.latest_round = described.latest_round
         # A handful at most are honest (one per step tried); a longer list is cut, not read.
         self.held_step_sha256 = frozenset(described.held_step_sha256[:MAX_HELD_STEPS])
         if self.server_check is not None:
@@ -311,6 +322,15 @@ class RemoteSovereignNode:
                 f"node {self.node_id!r} evaluated a state with digest "
                 f"{evaluation.state_sha256}, not the candidate {digest}"
             )
+        if self.signatures is not None:
+            problem = self.signatures.evaluation_problem(
+                self.consortium_id,
+                round_num,
+                start.base_sha256,
+                codec.member_evaluation_to_proto(evaluation),
+            )
+            if problem is not None:
+                raise NodeMismatch(f"node {self.node_id!r}: {problem}")
         return evaluation
 
     def _cycle(
@@ -334,6 +354,7 @@ class RemoteSovereignNode:
                     base_sha256=digest,
                     base_held=held,
                     delta_encoding=codec.encoding_to_proto(self.delta_encoding),
+                    base_proofs=self._base_proofs(self.latest_round) if self._base_proofs else [],
                 )
             )
             if not held:

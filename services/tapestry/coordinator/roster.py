@@ -9,12 +9,14 @@ the next).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
 from tapestry.config import ConsortiumConfig, MemberConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.consortium.v1 import journal_pb2 as jpb
+from tapestry.coordinator.base_proofs import base_proofs
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.members import Members
 from tapestry.coordinator.node_links import CycleCall, DialedLink, LinkError, NodeLink
@@ -23,6 +25,7 @@ from tapestry.coordinator.sent_deltas import SentDeltas
 from tapestry.coordinator.sessions import MemberLink
 from tapestry.observe.metrics import CoordinatorMetrics
 from tapestry.pki.serving import ServerSecurity
+from tapestry.pki.statements import SignatureCheck
 from tapestry.training.consortium.tensors import StateLayout
 from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.windows import window_bytes
@@ -68,10 +71,16 @@ class Roster:
         security: ServerSecurity,
         metrics: CoordinatorMetrics,
         sent_deltas: SentDeltas | None = None,
+        records: Callable[[], Sequence[jpb.RoundRecord]] = list,
     ) -> None:
         """``layout`` is what every member's state must hold; ``security`` gives the
         credentials to dial members that listen, and the CRL that ends a revoked member's
-        session; ``sent_deltas``, the deltas each member sent (one sent again is refused)."""
+        session; ``sent_deltas``, the deltas each member sent (one sent again is refused);
+        ``records``, the journal's committed records now (the proofs of each base a node is
+        sent come from them)."""
+        self._records = records
+        tls = config.tls  # with a CA, a member's evaluation counts only signed by it
+        self._signatures = None if tls is None else SignatureCheck(tls.ca, tls.crl)
         self.sent_deltas = sent_deltas if sent_deltas is not None else SentDeltas()
         self._config = config
         self._layout = layout
@@ -120,6 +129,8 @@ class Roster:
             sent_deltas=self.sent_deltas,
             evaluation_timeout_s=config.policy.acceptance.timeout_s,
             count_candidate_sent=self._metrics.candidate_sent(member.node_id),
+            signatures=self._signatures,
+            base_proofs=lambda since: base_proofs(self._records(), since),
         )
 
     def for_round(self) -> list[RemoteSovereignNode]:

@@ -98,7 +98,9 @@ def build_coordinator_server(
     restore_coordinator_metrics(metrics, records, [member.node_id for member in config.nodes])
     layout = state_layout(model_state(base_model))  # what every member's state must hold
     # every delta a member delivered, from the journal: one sent again is refused
-    roster = Roster(config, layout, store, security, metrics, SentDeltas(records))
+    roster = Roster(
+        config, layout, store, security, metrics, SentDeltas(records), lambda: core.ledger.records()
+    )
     door = SessionDoor(
         roster.members,
         config.consortium_id,

@@ -176,10 +176,19 @@ class LocalConsortium:
                 "limits": spec.limits,
                 # The consortium's link, seen from the node (the base's window).
                 **({"link": self.settings["link"]} if "link" in self.settings else {}),
+                "trust": self._trust(),
                 **self._tls_section("node", spec.node_id),
             },
             f"local node {spec.node_id!r}",
         )
+
+    def _trust(self) -> dict[str, Any]:
+        """The nodes' ``[trust]``, as the consortium validates: the coordinator's word where
+        it validates nothing, else its tolerance."""
+        acceptance = self.policy.get("acceptance", {})
+        if acceptance.get("rule") == "off":
+            return {"min_acceptances": 0}
+        return {"tolerance": acceptance["tolerance"]} if "tolerance" in acceptance else {}
 
     def consortium_config(
         self, members: Sequence[MemberConfig | dict[str, Any]]

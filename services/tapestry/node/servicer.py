@@ -21,10 +21,13 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.errors import Busy, NotFound, WireError, quoted
 from tapestry.limits import NODE_PROGRESS_REPORTS
 from tapestry.node.artifacts import ArtifactStore
+from tapestry.node.base_trust import BaseTrust
 from tapestry.node.candidates import Candidates, assemble, new_assembler
 from tapestry.node.cycle_progress import reporting
 from tapestry.node.guard import CycleRefused, check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
+from tapestry.pki.signing import Signer
+from tapestry.pki.statements import sign_evaluation
 from tapestry.training.consortium.local.node import Persist, SovereignTrainingNode
 from tapestry.training.consortium.messages import SovereignCycleResult, SovereignModelArtifact
 from tapestry.training.consortium.models.spec import ModelSpec
@@ -64,6 +67,8 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         chunk_bytes: int = DELTA_CHUNK_BYTES,
         metrics: NodeMetrics | None = None,
         scratch_dir: Path | None = None,
+        signer: Signer | None = None,
+        trust: BaseTrust | None = None,
     ) -> None:
         """``consortium_id`` is the one this node serves; ``limits`` bound what a caller
         may ask of it (:class:`~tapestry.config.NodeLimits`); cycles are counted in
@@ -71,7 +76,10 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         (:data:`HELD_BASE`) and read back a tensor at a time, not held in memory: the
         node's peak is then its model, its optimizer state and the delta. A base that does
         not arrive whole then leaves the one held before in place (in memory it is dropped
-        first, so that the node never holds two)."""
+        first, so that the node never holds two). ``signer`` signs its evaluations of a
+        round's candidate (:mod:`tapestry.pki.statements`); ``trust`` decides which bases it
+        trains from (:mod:`tapestry.node.base_trust`; without it, any the coordinator
+        sends)."""
         self._node = node
         self._spec = spec
         self._store = store
@@ -95,6 +103,8 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 stale.unlink()
         # The newest round's candidate, while its members validate it.
         self._candidates = Candidates(node.node_id, self._expected, scratch_dir)
+        self._signer = signer
+        self._trust = trust
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
@@ -245,6 +255,11 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 "a candidate ([training] heldout_fraction)"
             )
         self._candidates.evaluated(candidate, digest, scale)
+        answer = codec.member_evaluation_to_proto(replace(evaluation, state_sha256=digest))
+        if self._signer is not None:
+            sign_evaluation(
+                self._signer, self._consortium_id, start.round_num, start.base_sha256, answer
+            )
         log.info(
             "round %d: step %g toward the candidate evaluated, held-out loss %.4f -> %.4f",
             start.round_num,
@@ -252,7 +267,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             evaluation.base_loss,
             evaluation.candidate_loss,
         )
-        return codec.member_evaluation_to_proto(replace(evaluation, state_sha256=digest))
+        return answer
 
     def _trained(
         self,
@@ -366,8 +381,14 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             encoding = codec.encoding_from_proto(start.delta_encoding, "CycleStart.delta_encoding")
         except ValueError as error:
             raise WireError(f"{error} (an encoding this node's release does not know)") from None
+        if self._trust is not None:
+            if self._trust.enforced and not start.base_sha256:
+                raise CycleRefused("a cycle must announce its base's digest (CycleStart)")
+            self._trust.check(start.base_sha256, start.base_proofs)
         if start.base_held:
-            return start.round_num, self._held_base(start.base_sha256), encoding
+            base = self._held_base(start.base_sha256)
+            self._trusted(start.base_sha256)
+            return start.round_num, base, encoding
         if self._scratch is None:
             self._held = None  # dropped before a new base is assembled: one base at a time
             self._candidates.drop()
@@ -385,7 +406,12 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             self._metrics.base_received(),
         )
         self._hold(_Held(base, assembler.digest))
+        self._trusted(assembler.digest)
         return start.round_num, base, encoding
+
+    def _trusted(self, sha256: str) -> None:
+        if self._trust is not None:
+            self._trust.trained_from(sha256)
 
     def _hold(self, held: _Held) -> None:
         """``held`` is the base of this node's newest cycle: the one before, and the

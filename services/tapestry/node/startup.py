@@ -15,11 +15,14 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.corpus import SplitCorpus, load_node_corpus
 from tapestry.errors import UserError
 from tapestry.node.artifacts import ArtifactStore
+from tapestry.node.base_trust import BaseTrust
 from tapestry.node.dial_out import DialOut
 from tapestry.node.processes import training_device
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.observe.metrics import NodeMetrics, restore_node_metrics
 from tapestry.pki.serving import dialing_credentials, server_security
+from tapestry.pki.signing import Signer
+from tapestry.pki.statements import SignatureCheck
 from tapestry.training.consortium.local.distributed import TrainingGroup
 from tapestry.training.consortium.local.node import SovereignTrainingNode
 from tapestry.training.consortium.models.spec import ModelSpec
@@ -126,6 +129,7 @@ def _servicer(
     """The node's cycle servicer, its model built from ``spec``; logs what it trains on."""
     node = build_training_node(config, corpus, group, spec)
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
+    tls = config.tls  # its key signs its evaluations; its CA checks the members' signatures
     restore_node_metrics(metrics, store.newest_manifest())
     servicer = SovereignNodeServicer(
         node,
@@ -136,6 +140,15 @@ def _servicer(
         metrics=metrics,
         # the base waits on disk while the model trains: a model's worth less memory
         scratch_dir=data_dir / "scratch",
+        signer=None if tls is None else Signer.from_files(tls.cert, tls.key, tls.ca),
+        trust=BaseTrust(
+            config.node_id,
+            config.consortium_id,
+            data_dir,
+            None if tls is None else SignatureCheck(tls.ca, tls.crl),
+            config.trust.min_acceptances,
+            config.trust.tolerance,
+        ),
     )
     log.info(
         "node %s (%s) of consortium %s: %d sequences, %d tokens to train on, %d sequences "

@@ -22,7 +22,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.errors import quoted
-from tapestry.limits import MAX_REQUEST_ID_CHARS
+from tapestry.limits import (
+    MAX_REQUEST_ID_CHARS,
+    MAX_SIGNATURE_BYTES,
+    MAX_SIGNER_CERTIFICATE_BYTES,
+)
 from tapestry.pki.signing import Signature
 from tapestry.training.consortium.governance.acceptance import (
     AcceptancePolicy,
@@ -441,12 +445,15 @@ def validation_to_proto(validation: Validation) -> pb.RoundValidation:
 
 def member_evaluation_to_proto(evaluation: MemberEvaluation) -> pb.MemberEvaluation:
     """One member's evaluation of a step toward a round's candidate."""
-    return pb.MemberEvaluation(
+    msg = pb.MemberEvaluation(
         node_id=evaluation.node_id,
         base_loss=evaluation.base_loss,
         candidate_loss=evaluation.candidate_loss,
         state_sha256=evaluation.state_sha256,
     )
+    if evaluation.signature:
+        msg.signature.ParseFromString(evaluation.signature)
+    return msg
 
 
 def member_evaluation_from_proto(msg: pb.MemberEvaluation) -> MemberEvaluation:
@@ -456,7 +463,11 @@ def member_evaluation_from_proto(msg: pb.MemberEvaluation) -> MemberEvaluation:
     digest = msg.state_sha256
     if digest and (len(digest) != 64 or digest.strip("0123456789abcdef")):
         raise ValueError(f"state_sha256 {quoted(digest)} is not a SHA-256 digest")
-    return MemberEvaluation(msg.node_id, msg.base_loss, msg.candidate_loss, digest)
+    signed = msg.signature
+    if signed.ByteSize() > MAX_SIGNER_CERTIFICATE_BYTES + MAX_SIGNATURE_BYTES + 16:
+        raise ValueError(f"its signature is {signed.ByteSize()} bytes, past any signature's")
+    signature = signed.SerializeToString() if msg.HasField("signature") else b""
+    return MemberEvaluation(msg.node_id, msg.base_loss, msg.candidate_loss, digest, signature)
 
 
 def acceptance_policy_from_proto(msg: pb.RoundValidation) -> AcceptancePolicy:

@@ -68,6 +68,9 @@ class MemberEvaluation:
     base_loss: float
     candidate_loss: float
     state_sha256: str = ""  # what the member evaluated, as it hashed it ("": not said)
+    # The member's signature of it, opaque to the core (the services' Signature message,
+    # serialized); empty when unsigned.
+    signature: bytes = b""
 
     def __post_init__(self) -> None:
         for name in ("base_loss", "candidate_loss"):

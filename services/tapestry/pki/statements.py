@@ -1,0 +1,92 @@
+"""Members' signed evaluations (member-validated commit), and what checks them.
+
+A member signs each evaluation of a step toward a round's candidate with its ``[tls]`` key:
+the bytes signed are an ``EvaluationStatement`` (consortium, round, member, the base it
+trained from, the state it judged, its two losses), serialized deterministically. The
+coordinator checks a signature as the evaluation arrives and records it with the round; a
+node checks the signatures of the commits that lead to a base before it trains from it
+(:mod:`tapestry.node.base_trust`). Who signed is the certificate's, checked against the
+consortium CA and its CRL (:func:`~tapestry.pki.signing.verify_signature`): a signature the
+coordinator made with its own key names the coordinator, never a member.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.errors import quoted
+from tapestry.limits import MAX_PEER_NAME_CHARS
+from tapestry.pki.access import Peer
+from tapestry.pki.credentials import revoked_serials
+from tapestry.pki.signing import Signature, SignatureError, Signer, verify_signature
+
+
+def evaluation_statement(
+    consortium_id: str, round_num: int, base_sha256: str, evaluation: pb.MemberEvaluation
+) -> bytes:
+    """The bytes a member signs for ``evaluation`` of round ``round_num`` from the base of
+    digest ``base_sha256``."""
+    statement = pb.EvaluationStatement(
+        consortium_id=consortium_id,
+        round_num=round_num,
+        node_id=evaluation.node_id,
+        base_sha256=base_sha256,
+        state_sha256=evaluation.state_sha256,
+        base_loss=evaluation.base_loss,
+        candidate_loss=evaluation.candidate_loss,
+    )
+    return statement.SerializeToString(deterministic=True)
+
+
+def sign_evaluation(
+    signer: Signer,
+    consortium_id: str,
+    round_num: int,
+    base_sha256: str,
+    evaluation: pb.MemberEvaluation,
+) -> None:
+    """Sign ``evaluation`` in place (its ``signature``)."""
+    signed = signer.sign(evaluation_statement(consortium_id, round_num, base_sha256, evaluation))
+    evaluation.signature.CopyFrom(
+        pb.Signature(certificate=signed.certificate, signature=signed.signature)
+    )
+
+
+class SignatureCheck:
+    """Checks members' signatures against the consortium CA and its CRL (read again at each
+    check, so a revocation counts at once)."""
+
+    def __init__(self, ca: Path, crl: Path | None = None) -> None:
+        self._ca_path = ca
+        self._crl = crl
+        self._ca = x509.load_pem_x509_certificate(ca.read_bytes())
+
+    def signer(self, signature: pb.Signature, payload: bytes) -> Peer:
+        """Who signed ``payload``; :class:`SignatureError` saying why when it does not hold."""
+        revoked = revoked_serials(self._crl, self._ca_path) if self._crl else frozenset()
+        return verify_signature(
+            Signature(signature.certificate, signature.signature), payload, self._ca, revoked
+        )
+
+    def evaluation_problem(
+        self,
+        consortium_id: str,
+        round_num: int,
+        base_sha256: str,
+        evaluation: pb.MemberEvaluation,
+    ) -> str | None:
+        """Why ``evaluation`` is not its member's, signed (``None`` when it is)."""
+        member = quoted(evaluation.node_id, MAX_PEER_NAME_CHARS)
+        if not evaluation.HasField("signature"):
+            return f"the evaluation by {member} is not signed"
+        payload = evaluation_statement(consortium_id, round_num, base_sha256, evaluation)
+        try:
+            who = self.signer(evaluation.signature, payload)
+        except SignatureError as error:
+            return str(error)
+        if (who.role, who.name) != ("node", evaluation.node_id):
+            return f"the evaluation by {member} is signed by {who.uri}, not by that member"
+        return None
