@@ -101,7 +101,7 @@ def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
     nodes = [core_node(consortium, node_id, spec) for node_id in NODES]
     # The services validate each candidate by default (no_regression); so does this core.
     core = ConsortiumCoordinator(
-        spec.build(seed), ContributionPolicy(**POLICY), acceptance=AcceptancePolicy()
+        spec.build(seed), ContributionPolicy(**POLICY), min_nodes=2, acceptance=AcceptancePolicy()
     )
     core_rounds = [core.run_round(nodes) for _ in range(2)]
     expected = core.shared_base_state
@@ -114,7 +114,13 @@ def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
     for over_grpc, in_process in zip(served_rounds, core_rounds, strict=True):
         assert in_process.validation is not None
         validated = codec.validation_to_proto(in_process.validation)
-        for attempt in validated.attempts:  # a member in-process does not hash what it judged
+        served = over_grpc.validation
+        for attempt in served.attempts:  # each member signed (with its [tls] key)
+            for evaluation in attempt.evaluations:
+                assert evaluation.signature.signature, evaluation.node_id
+                evaluation.ClearField("signature")
+        # A member in-process neither hashes nor signs what it judged.
+        for attempt in validated.attempts:
             for evaluation in attempt.evaluations:
                 evaluation.state_sha256 = next(
                     e.state_sha256
@@ -123,7 +129,7 @@ def test_services_give_the_in_process_core_bit_for_bit(consortium_factory):
                     for e in a.evaluations
                     if e.node_id == evaluation.node_id
                 )
-        assert over_grpc.validation == validated
+        assert served == validated
         for c in over_grpc.contributions:
             assert codec.evaluation_from_proto(c.evaluation) == (
                 in_process.contributions[c.node_id].evaluation
