@@ -16,8 +16,9 @@ from tapestry.cli import main
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore, record_digest, signed_bytes
 from tapestry.coordinator.ledger_check import Trust, acceptance_problems, check_ledger
-from tapestry.pki.authority import init_consortium, revoke_certificate
+from tapestry.pki.authority import init_consortium, issue_member, revoke_certificate
 from tapestry.pki.signing import Signer
+from tapestry.pki.statements import sign_evaluation
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ConsortiumRoundResult,
@@ -295,3 +296,38 @@ def test_verify_refuses_a_folder_without_a_journal(tmp_path: Path, journal: Jour
     assert result.exit_code == 1
     assert f"{empty} has no rounds/ folder: give a coordinator's --data-dir" in result.output
     shutil.rmtree(empty)
+
+
+def _resign(journal: Journal, records: list[jpb.RoundRecord]) -> None:
+    """Sign ``records`` again with the coordinator's key and chain them again, as whoever
+    holds that key could."""
+    signer = journal.signer()
+    for before, record in zip([None, *records], records, strict=False):
+        if before is not None:
+            record.previous_record_sha256 = record_digest(before)
+        record.ClearField("signature")
+        record.signature.CopyFrom(signature_to_proto(signer.sign(signed_bytes(record))))
+        journal.write(record)
+
+
+def test_a_members_signed_evaluation_changed_after_the_fact_is_named(journal: Journal) -> None:
+    """Each member's evaluation in a record carries its own signature: the coordinator's
+    key can re-sign the record, not the member's evaluation."""
+    records = [journal.record(n) for n in (1, 2, 3)]
+    result = records[0].result
+    for attempt in result.validation.attempts:
+        for evaluation in attempt.evaluations:
+            holder = issue_member(journal.pki.root, "node", evaluation.node_id, host="h")
+            member = Signer.from_files(holder / "cert.pem", holder / "key.pem", journal.pki.ca_cert)
+            sign_evaluation(member, "acme", 1, result.previous_base_sha256, evaluation)
+    _resign(journal, records)
+    assert journal.problems() == []
+
+    evaluation = result.validation.attempts[0].evaluations[0]
+    evaluation.candidate_loss = evaluation.base_loss  # "it did not rise"
+    _resign(journal, records)
+    assert (
+        f"round 1: step 1, {evaluation.node_id!r}'s evaluation: the signature by "
+        f"spiffe://acme/node/{evaluation.node_id} does not match the signed bytes (changed "
+        "since signed)"
+    ) in journal.problems()

@@ -45,10 +45,12 @@ from tapestry.coordinator.journal import (
     record_digest,
     signed_bytes,
 )
-from tapestry.errors import UserError
+from tapestry.errors import UserError, quoted
+from tapestry.limits import MAX_PEER_NAME_CHARS
 from tapestry.pki.authority import consortium_of
 from tapestry.pki.credentials import CredentialError, revoked_serials
 from tapestry.pki.signing import SignatureError, verify_signature
+from tapestry.pki.statements import evaluation_statement
 from tapestry.state_files import load_state
 from tapestry.training.consortium.governance.acceptance import Verdict, validate
 from tapestry.training.consortium.messages import MemberEvaluation
@@ -126,6 +128,7 @@ def check_ledger(data_dir: Path, trust: Trust) -> LedgerReport:
         problems = [
             *_chain(record, previous, genesis),
             *_signature(record, trust, report.signers),
+            *_member_signatures(result, trust, consortium),
             *_files(store, record, bases),
             *decision_problems(result),
             *acceptance_problems(result),
@@ -219,6 +222,35 @@ def _signature(record: jpb.RoundRecord, trust: Trust, signers: set[str]) -> Iter
     if who.role != "coordinator":
         yield f"signed by {who.uri}, not by the coordinator"
     signers.add(who.uri)
+
+
+def _member_signatures(
+    result: pb.ConsortiumRoundResult, trust: Trust, consortium: str
+) -> Iterator[str]:
+    """How a member's signature on one of its recorded evaluations fails to hold (each is
+    over its EvaluationStatement: this consortium, the round, the base before it)."""
+    moment = timestamp_from_proto(result.finished_at) if result.HasField("finished_at") else None
+    for attempt in result.validation.attempts:
+        for evaluation in attempt.evaluations:
+            if not evaluation.HasField("signature"):
+                continue
+            statement = evaluation_statement(
+                consortium, result.round_num, result.previous_base_sha256, evaluation
+            )
+            member = quoted(evaluation.node_id, MAX_PEER_NAME_CHARS)
+            try:
+                who = verify_signature(
+                    signature_from_proto(evaluation.signature),
+                    statement,
+                    trust.ca,
+                    trust.revoked,
+                    at=moment,
+                )
+            except SignatureError as error:
+                yield f"step {attempt.scale:g}, {member}'s evaluation: {error}"
+                continue
+            if (who.role, who.name) != ("node", evaluation.node_id):
+                yield f"step {attempt.scale:g}, {member}'s evaluation is signed by {who.uri}"
 
 
 def _files(
