@@ -235,6 +235,10 @@ MAX_BASE_PROOFS = 32
 a node that missed more rounds than this cannot follow the chain and is refused the base
 (its operator then sets [trust] or restarts it from the current base)."""
 
+MAX_PROOF_EVALUATIONS = 256
+"""The signed evaluations of one base proof a node checks, at most: each costs a signature
+check, so a coordinator cannot make a node spend more than MAX_BASE_PROOFS times this."""
+
 MAX_TRUSTED_BASES = 256
 """The bases a node remembers training from ([trust]): a base older than these must be
 proved again."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from tapestry.atomic_files import read_json, write_json
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.errors import quoted
-from tapestry.limits import MAX_BASE_PROOFS, MAX_MEMBERS, MAX_TRUSTED_BASES
+from tapestry.limits import MAX_BASE_PROOFS, MAX_PROOF_EVALUATIONS, MAX_TRUSTED_BASES
 from tapestry.node.guard import CycleRefused
 from tapestry.pki.statements import SignatureCheck
 
@@ -109,7 +109,11 @@ class BaseTrust:
         assert self._check is not None
         accepted: set[str] = set()
         refused = []
-        for evaluation in proof.evaluations[:MAX_MEMBERS]:
+        # Each signature costs a check: a coordinator cannot make this node check more than
+        # MAX_PROOF_EVALUATIONS per proof, and it stops once enough accept.
+        for evaluation in proof.evaluations[:MAX_PROOF_EVALUATIONS]:
+            if len(accepted) >= self._min:
+                break
             if evaluation.state_sha256 != proof.to_sha256:
                 continue
             problem = self._check.evaluation_problem(
