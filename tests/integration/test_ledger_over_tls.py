@@ -38,6 +38,12 @@ def test_a_tls_coordinators_rounds_are_signed_chained_and_verify(consortium_fact
     assert [r.result.round_num for r in records] == [1, 2, 3]
     assert [r.result.operator for r in records] == [operator] * 3
     assert all(r.HasField("signature") for r in records)
+    # Each member signed the delta it sent and its evaluations; verify checks those too.
+    for record in records[:2]:
+        fetched = [c for c in record.result.contributions if c.weight_delta_sha256]
+        assert fetched and all(c.HasField("signature") for c in fetched)
+        for attempt in record.result.validation.attempts:
+            assert all(e.HasField("signature") for e in attempt.evaluations)
     # --ca comes from the environment (TAPESTRY_CA), as for every other command
     verified = _tapestry("ledger", "verify", "--data-dir", data_dir,
                          "--crl", str(consortium.certs.crl), env=env)  # fmt: skip

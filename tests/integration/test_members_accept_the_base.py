@@ -115,6 +115,9 @@ def test_members_sign_their_evaluations_and_train_on_the_bases_they_accepted(
     assert validation is not None and validation.scale is not None
     for evaluation in validation.attempts[-1].evaluations:
         assert evaluation.signature, evaluation.node_id
+    # Each delta came signed over its ContributionStatement, checked on arrival.
+    for proxy in served.proxies:
+        assert 2 in proxy.contribution_signatures, proxy.node_id
     # The record's proof of round 1: its step, signed by each member that evaluated it.
     (proof,) = base_proofs(members.records[:1], 1)
     assert (proof.from_sha256, proof.to_sha256) == (
@@ -202,3 +205,19 @@ def test_a_revoked_members_signature_does_not_count(
         fresh.check(proof.to_sha256, [proof])
     assert "1 members' signed evaluations accept it, at least 2 must" in str(refused.value)
     assert "is revoked" in str(refused.value)
+
+
+def test_a_delta_signed_with_another_members_key_is_refused(tmp_path: Path, certs: Layout) -> None:
+    members = Consortium(tmp_path, certs)
+    members.servicers["n0"]._signer = _signer(certs, "node", "n1")  # n0 signs as n1
+    with served_nodes(
+        tmp_path, members.servicers, spec=SPEC, consortium_id=CONSORTIUM, chunk_bytes=CHUNK_BYTES
+    ) as served:
+        result = members.run(served)
+
+    assert list(result.failed_nodes) == ["n0"]
+    assert (
+        "the delta's signature does not hold: signed by spiffe://tapestry-validated/node/n1, "
+        "not by node 'n0'"
+    ) in result.failed_nodes["n0"]
+    assert result.accepted_nodes == ["n1", "n2"]

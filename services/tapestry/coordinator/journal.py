@@ -32,10 +32,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tapestry.atomic_files import read_json, remove_temporaries, write_json, write_text
+from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import NotFound, UserError
 from tapestry.pki.signing import Signer
@@ -154,19 +156,28 @@ class CoordinatorStore:
         save_state(self.base_path(0), state, {"round_num": "0", "sha256": state_digest(state)})
 
     def commit_round(
-        self, result: ConsortiumRoundResult, request_id: str = "", operator: str = ""
+        self,
+        result: ConsortiumRoundResult,
+        request_id: str = "",
+        operator: str = "",
+        signatures: Mapping[str, pb.Signature] | None = None,
     ) -> jpb.RoundRecord:
         """Make a finished round durable and return its journal record: the commit step
         the coordinator's core calls before it moves to the new base. ``request_id`` (the
         trigger's idempotency key) is kept with it, so it outlives a restart; ``operator``
-        is who triggered it (a ``spiffe://`` URI; empty: unknown). The record is chained to
-        the round before and signed (with a signer) before anything is written."""
+        is who triggered it (a ``spiffe://`` URI; empty: unknown); ``signatures``, each
+        member's over its contribution, as its delta's trailer carried it. The record is
+        chained to the round before and signed (with a signer) before anything is written."""
         record = jpb.RoundRecord(
             result=round_result_to_proto(result),
             request_id=request_id,
             previous_record_sha256=self._previous_digest(result.round_num),
         )
         record.result.operator = operator  # the service's knowledge, not the core's
+        for contribution in record.result.contributions:
+            signature = (signatures or {}).get(contribution.node_id)
+            if signature is not None:
+                contribution.signature.CopyFrom(signature)
         record = self._sealed(record)
         if result.strategy_state is not None:  # before the entry that names its digest
             save_state(

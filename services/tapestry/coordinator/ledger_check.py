@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -50,7 +51,7 @@ from tapestry.limits import MAX_PEER_NAME_CHARS
 from tapestry.pki.authority import consortium_of
 from tapestry.pki.credentials import CredentialError, revoked_serials
 from tapestry.pki.signing import SignatureError, verify_signature
-from tapestry.pki.statements import evaluation_statement
+from tapestry.pki.statements import contribution_statement, evaluation_statement
 from tapestry.state_files import load_state
 from tapestry.training.consortium.governance.acceptance import Verdict, validate
 from tapestry.training.consortium.messages import MemberEvaluation
@@ -227,30 +228,56 @@ def _signature(record: jpb.RoundRecord, trust: Trust, signers: set[str]) -> Iter
 def _member_signatures(
     result: pb.ConsortiumRoundResult, trust: Trust, consortium: str
 ) -> Iterator[str]:
-    """How a member's signature on one of its recorded evaluations fails to hold (each is
-    over its EvaluationStatement: this consortium, the round, the base before it)."""
+    """How a member's signature on its recorded contribution or one of its evaluations fails
+    to hold (over its ContributionStatement or EvaluationStatement: this consortium, the
+    round, the base before it)."""
     moment = timestamp_from_proto(result.finished_at) if result.HasField("finished_at") else None
+    for contribution in result.contributions:
+        if contribution.HasField("signature"):
+            statement = contribution_statement(
+                consortium,
+                result.round_num,
+                result.previous_base_sha256,
+                contribution,
+                contribution.weight_delta_sha256,
+            )
+            problem = _signed(
+                contribution.signature, statement, contribution.node_id, trust, moment
+            )
+            if problem:
+                yield f"{quoted(contribution.node_id, MAX_PEER_NAME_CHARS)}'s contribution{problem}"
     for attempt in result.validation.attempts:
         for evaluation in attempt.evaluations:
-            if not evaluation.HasField("signature"):
-                continue
-            statement = evaluation_statement(
-                consortium, result.round_num, result.previous_base_sha256, evaluation
-            )
-            member = quoted(evaluation.node_id, MAX_PEER_NAME_CHARS)
-            try:
-                who = verify_signature(
-                    signature_from_proto(evaluation.signature),
-                    statement,
-                    trust.ca,
-                    trust.revoked,
-                    at=moment,
+            if evaluation.HasField("signature"):
+                statement = evaluation_statement(
+                    consortium, result.round_num, result.previous_base_sha256, evaluation
                 )
-            except SignatureError as error:
-                yield f"step {attempt.scale:g}, {member}'s evaluation: {error}"
-                continue
-            if (who.role, who.name) != ("node", evaluation.node_id):
-                yield f"step {attempt.scale:g}, {member}'s evaluation is signed by {who.uri}"
+                problem = _signed(
+                    evaluation.signature, statement, evaluation.node_id, trust, moment
+                )
+                if problem:
+                    member = quoted(evaluation.node_id, MAX_PEER_NAME_CHARS)
+                    yield f"step {attempt.scale:g}, {member}'s evaluation{problem}"
+
+
+def _signed(
+    signature: pb.Signature,
+    statement: bytes,
+    node_id: str,
+    trust: Trust,
+    moment: datetime | None,
+) -> str:
+    """Why ``signature`` over ``statement`` is not ``node_id``'s, worded to follow what it
+    is on ("": it is)."""
+    try:
+        who = verify_signature(
+            signature_from_proto(signature), statement, trust.ca, trust.revoked, at=moment
+        )
+    except SignatureError as error:
+        return f": {error}"
+    if (who.role, who.name) != ("node", node_id):
+        return f" is signed by {who.uri}"
+    return ""
 
 
 def _files(

@@ -30,7 +30,7 @@ from tapestry.limits import (
 )
 from tapestry.pki.layout import node_server_name
 from tapestry.pki.server_check import ServerCertificateCheck, ServerNotTrusted
-from tapestry.pki.statements import SignatureCheck
+from tapestry.pki.statements import SignatureCheck, contribution_statement
 from tapestry.training.consortium.deferred import DeferredState
 from tapestry.training.consortium.messages import (
     MemberEvaluation,
@@ -187,6 +187,8 @@ class RemoteSovereignNode:
         self.signatures = signatures
         self._base_proofs = base_proofs
         self.latest_round = 0  # the newest round the node trained (Describe)
+        # Round -> the node's signature over its contribution, checked (for the record).
+        self.contribution_signatures: dict[int, pb.Signature] = {}
         self._candidate_sent: tuple[int, str] | None = None  # (round, digest) it holds
 
     @property
@@ -425,12 +427,16 @@ class RemoteSovereignNode:
             meter = self._meter(
                 CyclePhase.SENDING_DELTA, state_nbytes(base_state) if raw else 0, on_progress
             )
-            delta = receive_state(responses, "delta_chunk", "delta_end", assembler, meter)
+            trailers: list[pb.StateTrailer] = []
+            delta = receive_state(
+                _keeping_trailer(responses, trailers), "delta_chunk", "delta_end", assembler, meter
+            )
             # A node may announce the digest in the header; it need not (it then hashes
             # the delta as it streams, one pass fewer), and the trailer's, checked against
             # the bytes received, is the contribution's either way.
             if announced and assembler.digest != announced:
                 raise WireError("delta trailer digest differs from the announced one")
+            self._check_signed(trailers[-1], header, base_state, assembler.digest)
             if self.sent_deltas is not None:
                 self.sent_deltas.check(self.node_id, assembler.digest, round_num)
                 self.sent_deltas.add(self.node_id, assembler.digest, round_num)
@@ -451,6 +457,33 @@ class RemoteSovereignNode:
         finally:
             responses.cancel()  # a grpc call: ends it
             release_free_memory()  # the stream's buffers, before integration allocates
+
+    def _check_signed(
+        self,
+        trailer: pb.StateTrailer,
+        header: pb.SovereignCycleResult,
+        base_state: ModelState,
+        digest: str,
+    ) -> None:
+        """With ``signatures``, refuse a delta its node did not sign over its
+        ContributionStatement; keep the signature for the round's record
+        (:attr:`contribution_signatures`)."""
+        contribution = header.contribution
+        if self.signatures is not None:
+            if not trailer.HasField("signature"):
+                raise WireError("the delta's trailer is not signed (ContributionStatement)")
+            payload = contribution_statement(
+                self.consortium_id,
+                contribution.round_num,
+                known_digest(base_state),
+                contribution,
+                digest,
+            )
+            problem = self.signatures.signed_by(trailer.signature, payload, self.node_id)
+            if problem is not None:
+                raise WireError(f"the delta's signature does not hold: {problem}")
+        if trailer.HasField("signature"):
+            self.contribution_signatures[contribution.round_num] = trailer.signature
 
     def _meter(self, phase: CyclePhase, total: int, on_progress: ProgressCallback) -> TransferMeter:
         """What a state's stream tells its bytes: the metric, and the cycle's progress."""
@@ -488,6 +521,16 @@ class RemoteSovereignNode:
         if isinstance(assembler, SpillingAssembler):
             assembler.close()
             assembler.path.unlink(missing_ok=True)
+
+
+def _keeping_trailer(
+    responses: Iterator[pb.RunSovereignCycleResponse], trailers: list[pb.StateTrailer]
+) -> Iterator[pb.RunSovereignCycleResponse]:
+    """``responses``, each delta trailer also kept in ``trailers``."""
+    for message in responses:
+        if message.WhichOneof("item") == "delta_end":
+            trailers.append(message.delta_end)
+        yield message
 
 
 def _settling(meters: list[TransferMeter], on_progress: ProgressCallback) -> ProgressCallback:

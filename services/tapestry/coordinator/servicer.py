@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -136,10 +136,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             began = time.monotonic()
             try:
                 self._store.clear_spill()
+                nodes = self._nodes()
                 ended = self._core.run_round(
-                    self._nodes(),
+                    nodes,
                     events=events.put,
-                    commit=lambda result: self._commit(result, request_id, operator),
+                    commit=lambda result: self._commit(
+                        result, request_id, operator, _signatures(nodes, result.round_num)
+                    ),
                 ).round_num
             except BaseException as error:
                 log.exception("round failed")
@@ -190,11 +193,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             raise NotFound(f"round {round_num} has no record")
         return record.result
 
-    def _commit(self, result: ConsortiumRoundResult, request_id: str, operator: str) -> None:
+    def _commit(
+        self,
+        result: ConsortiumRoundResult,
+        request_id: str,
+        operator: str,
+        signatures: Mapping[str, pb.Signature] | None = None,
+    ) -> None:
         """The core's commit step: the round is durable once its journal entry lands (with
-        the ``operator`` who triggered it). Runs before the core changes anything, so if it
-        raises there is nothing to undo."""
-        record = self._store.commit_round(result, request_id, operator)
+        the ``operator`` who triggered it and the members' ``signatures`` over their
+        contributions). Runs before the core changes anything, so if it raises there is
+        nothing to undo."""
+        record = self._store.commit_round(result, request_id, operator, signatures)
         # The base first: whoever has seen round N listed then gets round N's base.
         self._committed = (result.round_num, result.shared_base_sha256)
         self._ledger.record(record)
@@ -348,6 +358,16 @@ def _operator(context: grpc.ServicerContext) -> str:
     certificate; empty over plaintext, where nobody is known."""
     peer = calling_peer(context)
     return peer.uri if peer is not None else ""
+
+
+def _signatures(nodes: Sequence[object], round_num: int) -> dict[str, pb.Signature]:
+    """Each remote member's checked signature over its contribution of ``round_num``."""
+    found = {}
+    for node in nodes:
+        signed = getattr(node, "contribution_signatures", {}).pop(round_num, None)
+        if signed is not None:
+            found[getattr(node, "node_id", "")] = signed
+    return found
 
 
 def _summary(result: ConsortiumRoundResult) -> str:

@@ -27,7 +27,7 @@ from tapestry.node.cycle_progress import reporting
 from tapestry.node.guard import CycleRefused, check_cycle_start
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.pki.signing import Signer
-from tapestry.pki.statements import sign_evaluation
+from tapestry.pki.statements import contribution_statement, sign_evaluation
 from tapestry.training.consortium.local.node import Persist, SovereignTrainingNode
 from tapestry.training.consortium.messages import SovereignCycleResult, SovereignModelArtifact
 from tapestry.training.consortium.models.spec import ModelSpec
@@ -188,7 +188,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             for message in send_state(
                 delta,
                 lambda c: pb.RunSovereignCycleResponse(delta_chunk=c),
-                lambda t: pb.RunSovereignCycleResponse(delta_end=t),
+                lambda t: pb.RunSovereignCycleResponse(delta_end=self._signed(t, header)),
                 chunk_bytes=self._chunk_bytes,
                 on_bytes=self._metrics.delta_sent(),
                 encoding=encoding,
@@ -205,6 +205,25 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 sending.stop()
             requests.close()
             self._busy.release()
+
+    def _signed(self, trailer: pb.StateTrailer, header: pb.SovereignCycleResult) -> pb.StateTrailer:
+        """The delta's trailer, signed over its ContributionStatement when this node has a
+        key (:mod:`tapestry.pki.statements`): the base it trained from is the one it holds."""
+        held = self._held
+        if self._signer is not None and held is not None:
+            contribution = header.contribution
+            payload = contribution_statement(
+                self._consortium_id,
+                contribution.round_num,
+                held.sha256,
+                contribution,
+                trailer.sha256,
+            )
+            signed = self._signer.sign(payload)
+            trailer.signature.CopyFrom(
+                pb.Signature(certificate=signed.certificate, signature=signed.signature)
+            )
+        return trailer
 
     def _evaluated(
         self,

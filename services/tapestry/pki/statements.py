@@ -41,6 +41,27 @@ def evaluation_statement(
     return statement.SerializeToString(deterministic=True)
 
 
+def contribution_statement(
+    consortium_id: str,
+    round_num: int,
+    base_sha256: str,
+    contribution: pb.SovereignContribution,
+    delta_sha256: str,
+) -> bytes:
+    """The bytes a node signs for ``contribution`` (its header's; the delta of digest
+    ``delta_sha256``) of round ``round_num``, trained from the base of ``base_sha256``."""
+    statement = pb.ContributionStatement(
+        consortium_id=consortium_id,
+        round_num=round_num,
+        node_id=contribution.node_id,
+        base_sha256=base_sha256,
+        delta_sha256=delta_sha256,
+    )
+    if contribution.HasField("evaluation"):
+        statement.evaluation.CopyFrom(contribution.evaluation)
+    return statement.SerializeToString(deterministic=True)
+
+
 def sign_evaluation(
     signer: Signer,
     consortium_id: str,
@@ -70,6 +91,16 @@ class SignatureCheck:
         return verify_signature(
             Signature(signature.certificate, signature.signature), payload, self._ca, revoked
         )
+
+    def signed_by(self, signature: pb.Signature, payload: bytes, node_id: str) -> str | None:
+        """Why ``signature`` over ``payload`` is not ``node_id``'s (``None`` when it is)."""
+        try:
+            who = self.signer(signature, payload)
+        except SignatureError as error:
+            return str(error)
+        if (who.role, who.name) != ("node", node_id):
+            return f"signed by {who.uri}, not by node {quoted(node_id, MAX_PEER_NAME_CHARS)}"
+        return None
 
     def evaluation_problem(
         self,
