@@ -184,11 +184,15 @@ class LocalConsortium:
 
     def _trust(self) -> dict[str, Any]:
         """The nodes' ``[trust]``, as the consortium validates: the coordinator's word where
-        it validates nothing, else its tolerance."""
+        it validates nothing, else its tolerance, and no more acceptances than it has
+        members that sign (a lone member's own)."""
         acceptance = self.policy.get("acceptance", {})
         if acceptance.get("rule") == "off":
             return {"min_acceptances": 0}
-        return {"tolerance": acceptance["tolerance"]} if "tolerance" in acceptance else {}
+        trust: dict[str, Any] = {"min_acceptances": min(2, len(self.nodes))}
+        if "tolerance" in acceptance:
+            trust["tolerance"] = acceptance["tolerance"]
+        return trust
 
     def consortium_config(
         self, members: Sequence[MemberConfig | dict[str, Any]]
