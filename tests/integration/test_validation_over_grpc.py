@@ -105,6 +105,7 @@ class Member(SovereignNodeServicer):
         self.object_above = object_above
         self.delay_s = delay_s
         self.chunks = {"base_chunk": 0, "candidate_chunk": 0}
+        self.asked = 0  # evaluations asked of it
 
     def RunSovereignCycle(self, request_iterator, context):  # noqa: N802
         def counted() -> Iterator[pb.RunSovereignCycleRequest]:
@@ -117,6 +118,7 @@ class Member(SovereignNodeServicer):
         return super().RunSovereignCycle(counted(), context)
 
     def _evaluate(self, start, requests):
+        self.asked += 1
         time.sleep(self.delay_s)
         answer = super()._evaluate(start, requests)
         if start.scale > self.object_above:
@@ -217,6 +219,24 @@ def test_a_member_that_does_not_answer_in_time_does_not_count(tmp_path: Path) ->
     for attempt in validation.attempts:
         assert sorted(e.node_id for e in attempt.evaluations) == ["n0", "n1"]
     assert result.shared_base_sha256 != result.previous_base_sha256
+
+
+def test_a_silent_member_holds_a_round_up_for_one_timeout_not_one_per_step(
+    tmp_path: Path,
+) -> None:
+    # n1 objects to every step, so the round tries all four; n2 is silent.
+    members = _honest(tmp_path, n1={"object_above": 0.1}, n2={"delay_s": 3.0})
+    with _served(tmp_path, members) as served:
+        for proxy in served.proxies:
+            proxy.evaluation_timeout_s = 1.0
+        result = _coordinator().run_round(served.proxies)
+
+    validation = result.validation
+    assert validation is not None
+    assert len(validation.attempts) == 4
+    assert all("n2" not in [e.node_id for e in a.evaluations] for a in validation.attempts)
+    # Asked once (its first step timed out after 1 s), never again that round.
+    assert members["n2"].asked == 1
 
 
 def test_a_member_that_objects_to_every_step_is_committed_over(tmp_path: Path) -> None:

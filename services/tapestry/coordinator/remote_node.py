@@ -190,6 +190,7 @@ class RemoteSovereignNode:
         # Round -> the node's signature over its contribution, checked (for the record).
         self.contribution_signatures: dict[int, pb.Signature] = {}
         self._candidate_sent: tuple[int, str] | None = None  # (round, digest) it holds
+        self._evaluation_failed = 0  # the round whose validation it failed a step of
 
     @property
     def address(self) -> str:
@@ -291,7 +292,22 @@ class RemoteSovereignNode:
         ``candidate`` from ``base`` (:mod:`~tapestry.coordinator.candidate_evaluation`): the
         candidate is sent with the round's first evaluation and named held after. One that
         is not this member's, or of another state than the candidate at scale 1, is a
-        :class:`NodeMismatch`; a refusal or a timeout is :class:`NodeCallFailed`."""
+        :class:`NodeMismatch`; a refusal or a timeout is :class:`NodeCallFailed`. A member
+        that failed a step of a round is not asked its later ones, so one that never answers
+        holds a round's validation up for one ``evaluation_timeout_s``, not one per step."""
+        if self._evaluation_failed == round_num:
+            raise NodeCallFailed(
+                f"node {self.node_id!r} failed an earlier step of round {round_num}'s validation"
+            )
+        try:
+            return self._evaluate_step(round_num, base, candidate, scale)
+        except Exception:
+            self._evaluation_failed = round_num
+            raise
+
+    def _evaluate_step(
+        self, round_num: int, base: ModelState, candidate: ModelState, scale: float
+    ) -> MemberEvaluation:
         digest = known_digest(candidate)
         held = self._candidate_sent == (round_num, digest)
         start = pb.EvaluationStart(
