@@ -169,15 +169,6 @@ class ReversedNode(FakeNode):
         super().__init__(node_id, "reversed")
         self.trainer = trainer
 
-    def evaluation(self, start: pb.EvaluationStart, requests) -> pb.RunSovereignCycleResponse:
-        """Member-validated commit: every step toward the candidate lowers its held-out
-        loss a little (the candidate, when it is sent, is read and dropped)."""
-        if not start.candidate_held:
-            receive_state(requests, "candidate_chunk", "candidate_end", StateAssembler())
-        return pb.RunSovereignCycleResponse(
-            evaluation=pb.MemberEvaluation(node_id=self.node_id, base_loss=3.0, candidate_loss=2.99)
-        )
-
     def delta(self, round_num: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         honest = self.trainer.run_sovereign_cycle(round_num, base).contribution.weight_delta
         return {name: tensor * -9.9 for name, tensor in honest.items()}

@@ -184,13 +184,7 @@ def test_a_changed_weight_resigned_with_the_coordinators_key_is_still_found(
     node = sorted(records[0].result.contribution_weights)[0]
     was = records[0].result.contribution_weights[node]
     records[0].result.contribution_weights[node] = 0.5
-    signer = journal.signer()
-    for before, record in zip([None, *records], records, strict=False):
-        if before is not None:
-            record.previous_record_sha256 = record_digest(before)
-        record.ClearField("signature")
-        record.signature.CopyFrom(signature_to_proto(signer.sign(signed_bytes(record))))
-        journal.write(record)
+    _resign(journal, records)
     assert journal.problems() == [
         f"round 1: weight of {node} is 0.5 in the record, the policy gives {was!r}"
     ]
