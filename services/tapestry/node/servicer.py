@@ -400,9 +400,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             encoding = codec.encoding_from_proto(start.delta_encoding, "CycleStart.delta_encoding")
         except ValueError as error:
             raise WireError(f"{error} (an encoding this node's release does not know)") from None
-        if self._trust is not None:
-            if self._trust.enforced and not start.base_sha256:
-                raise CycleRefused("a cycle must announce its base's digest (CycleStart)")
+        if self._trust is not None and start.base_sha256:  # refused before it crosses
             self._trust.check(start.base_sha256, start.base_proofs)
         if start.base_held:
             base = self._held_base(start.base_sha256)
@@ -424,6 +422,13 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             "base",
             self._metrics.base_received(),
         )
+        if self._trust is not None and not start.base_sha256:  # unannounced: checked now
+            try:
+                self._trust.check(assembler.digest, start.base_proofs)
+            except CycleRefused:
+                if isinstance(base, SpilledState):
+                    base.discard()
+                raise
         self._hold(_Held(base, assembler.digest))
         self._trusted(assembler.digest)
         return start.round_num, base, encoding
