@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 Losses = Mapping[str, float]  # jurisdiction -> held-out loss
 
@@ -74,3 +75,41 @@ def visibly_harmed(excess: float) -> bool:
 def contained(excess: float, undefended_excess: float) -> bool:
     """The defence leaves at most :data:`CONTAINED_SHARE` of the undefended harm."""
     return excess <= CONTAINED_SHARE * undefended_excess
+
+
+# Member-validated commit: what the fallback did in a round, and the evidence's own check of
+# the rule's promise (no jurisdiction's held-out loss rises past the tolerance).
+
+
+def fallback(validation: Mapping[str, Any] | None) -> str:
+    """What validation did in one round, in words, from a round's ``validation`` as
+    ``evidence.json`` holds it (``None``: the round ran none)."""
+    if validation is None:
+        return "not validated"
+    tries = len(validation["attempts"])
+    scale = validation["committed_scale"]
+    if scale is None:
+        return f"not committed after {tries} tries (base unchanged)"
+    if validation["committed_over"]:
+        over = ", ".join(validation["committed_over"])
+        return f"committed the full step over the lone objection of {over} after {tries} tries"
+    if tries == 1:
+        return "committed the full step"
+    return f"committed at step {scale:g} after {tries} tries"
+
+
+def rises_past(base_by_round: Sequence[Losses], tolerance: float) -> list[dict[str, Any]]:
+    """Every (round, jurisdiction) whose base's held-out loss rose by more than
+    ``tolerance`` nats over the previous round's base (round r: index r)."""
+    return [
+        {
+            "round": r,
+            "jurisdiction": place,
+            "before": before[place],
+            "after": after[place],
+            "rise": after[place] - before[place],
+        }
+        for r, (before, after) in enumerate(zip(base_by_round, base_by_round[1:], strict=False), 1)
+        for place in before
+        if after[place] - before[place] > tolerance
+    ]

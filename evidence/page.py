@@ -70,12 +70,77 @@ def evidence_sections(evidence: Mapping[str, Any]) -> str:
                 ],  # fmt: skip
             ),
         ]
+    parts += _governance(evidence, places)
     checks = evidence.get("checks", {})
     parts += [
         "<h2>Claims</h2>",
         _table(["claim", "holds"], [[k, str(v)] for k, v in checks.items()]),
     ]
     return "\n".join(parts) + "\n"
+
+
+def _governance(evidence: Mapping[str, Any], places: Sequence[str]) -> list[str]:
+    """What validation did per round (and the rounds without it), and the reversed member
+    under self-reported quality, measured quality and validation."""
+    v = evidence["validation"]
+    unvalidated = v.get("unvalidated")
+    rows = [
+        [
+            str(row["round"]),
+            row["fallback"],
+            *(f"{row['measured_change'][p]:+.4f}" for p in places),
+            f"{v['mean_per_round'][row['round']]:.4f}",
+            f"{unvalidated['mean_per_round'][row['round']]:.4f}" if unvalidated else "",
+        ]
+        for row in v["rounds"]
+    ]
+    rises = v["rises_past_tolerance"]
+    parts = [
+        "<h2>Member-validated commit</h2>",
+        f"<p>Rule {escape(v['rule'])}, tolerance {v['tolerance']:g} nats. The change of each "
+        "round's base on each split is the evidence's own score, not the members' word. "
+        + (
+            "No jurisdiction's loss rose past the tolerance in any round."
+            if not rises
+            else "Rises past the tolerance: "
+            + escape(
+                "; ".join(f"round {x['round']} {x['jurisdiction']} {x['rise']:+.4f}" for x in rises)
+            )
+        )
+        + "</p>",
+        _table(["round", "what validation did", *places, "mean", "mean without validation"], rows),
+    ]
+    if "reversed_member" in evidence:
+        rm = evidence["reversed_member"]
+        parts += [
+            "<h2>The reversed member: measured against claimed quality</h2>",
+            f"<p>{escape(rm['hostile_node'])} sends {escape(rm['hostile_delta'])}, claiming "
+            f"quality {rm['claimed_quality']:g}, for {rm['rounds']} rounds; reference corpus "
+            f"{escape(rm['reference_corpus'])}. Its weight per round and the honest members' "
+            "mean held-out loss.</p>",
+            _table(
+                [
+                    "quality",
+                    "its weight per round",
+                    "mean held-out loss",
+                    "without it",
+                    "harm",
+                    "worst round's harm",
+                ],
+                [
+                    [
+                        name,
+                        ", ".join(f"{x['hostile_weight']:.3f}" for x in r["per_round"]),
+                        f"{r['mean_heldout_loss']:.4f}",
+                        f"{r['clean_mean_heldout_loss']:.4f}",
+                        f"{r['harm']:+.4f}",
+                        f"{r['worst_harm']:+.4f}",
+                    ]
+                    for name, r in rm["runs"].items()
+                ],
+            ),  # fmt: skip
+        ]
+    return parts
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from evidence import claims
+from evidence.governance import reversed_member_section, validation_section
 from evidence.heldout import HeldOutScorer
 from evidence.inprocess import (
     HOSTILE,
@@ -30,6 +31,7 @@ from tapestry.demo import DEMO_POLICY
 from tapestry.observe.report_data import report_data
 from tapestry.observe.report_figure import render_png
 from tapestry.observe.report_page import HTML_NAME, PNG_NAME, render_html
+from tapestry.training.consortium.governance.acceptance import AcceptancePolicy
 
 JSON_NAME = "evidence.json"
 
@@ -49,8 +51,13 @@ def run_evidence(
         "round0_base_heldout_loss": service.base_loss[0],
         "cross_eval": service.cross_eval,
     }
+    unvalidated = None
     if settings.experiments:
-        evidence.update(_experiments(settings, service, say))
+        experiments, unvalidated = _experiments(settings, service, say)
+        evidence.update(experiments)
+    evidence["validation"] = validation_section(
+        service.base_loss, [r["validation"] for r in evidence["rounds"]], nodes, unvalidated
+    )
     evidence["checks"] = _checks(evidence)
     evidence["run"] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -81,19 +88,32 @@ def run_evidence(
 
 def _experiments(
     settings: EvidenceSettings, service: ServiceRun, say: Callable[[str], None]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], CoreRun]:
+    """The in-process runs, and the unvalidated fedavg run (the service run's policy with
+    acceptance off) that the validation section compares with."""
     spec = service.spec
     scorer = HeldOutScorer(spec, service.members, settings.seed)
     honest = [NormRecorder(honest_node(m)) for m in service.members]
 
-    def core(label: str, policy: dict[str, Any], nodes: list[Any], rounds: int) -> CoreRun:
-        return run_core(spec, policy, nodes, scorer, rounds, settings.seed, say, label)
+    def core(
+        label: str, policy: dict[str, Any], nodes: list[Any], rounds: int, **kw: Any
+    ) -> CoreRun:
+        return run_core(spec, policy, nodes, scorer, rounds, settings.seed, say, label, **kw)
 
+    # The service run validates (the consortium file's default); so do the strategies run
+    # against it. The poisoning runs below do not: what contains the attack there is the
+    # strategy or the clipping under test, each held against its own unvalidated clean run.
+    validated = AcceptancePolicy()
     fedavg = CoreRun(service.base_loss, [list(r.accepted_nodes) for r in service.rounds])
+    diloco, median = ({**DEMO_POLICY, "strategy": name} for name in ("diloco", "median"))
     strategies = {
         "fedavg": fedavg,
-        "diloco": core("diloco", {**DEMO_POLICY, "strategy": "diloco"}, honest, settings.rounds),
-        "median": core("median", {**DEMO_POLICY, "strategy": "median"}, honest, settings.rounds),
+        "diloco": core("diloco", diloco, honest, settings.rounds, acceptance=validated),
+        "median": core("median", median, honest, settings.rounds, acceptance=validated),
+    }
+    unvalidated = {
+        "fedavg": core("fedavg unvalidated", DEMO_POLICY, honest, settings.rounds),
+        "median": core("median unvalidated", median, honest, settings.poison_rounds),
     }
     norm = sorted(recorder.norms[1] for recorder in honest)[len(honest) // 2]
     hostile = hostile_node(service.members[0], settings.poison_scale)
@@ -117,7 +137,7 @@ def _experiments(
     }
     for name, (extra, clean_name) in variants.items():
         run = core(f"poisoned {name}", {**unbounded, **extra}, [*honest, hostile], r)
-        clean = [claims.mean_loss(b) for b in strategies[clean_name].base_loss[: r + 1]]
+        clean = [claims.mean_loss(b) for b in unvalidated[clean_name].base_loss[: r + 1]]
         poisoned = [claims.mean_loss(b) for b in run.base_loss]
         harms = [claims.harm(p, c) for p, c in zip(poisoned[1:], clean[1:], strict=True)]
         poisoning["runs"][name] = {
@@ -128,15 +148,24 @@ def _experiments(
             "harm_per_round": harms,
             "worst_harm": max(harms),
         }
+    reversed_member = reversed_member_section(
+        core,
+        honest,
+        service.members[0],
+        settings,
+        unvalidated["fedavg"].base_loss,
+        service.base_loss,
+    )
     return {
         "strategies": {
             name: {**run.summary(), "rounds": len(run.base_loss) - 1}
             for name, run in strategies.items()
         },
         "strategies_note": "fedavg is the service run; diloco and median the in-process core "
-        "(same corpora, splits, model, seeds, policy)",
+        "(same corpora, splits, model, seeds, policy, member-validated commit included)",
         "poisoning": poisoning,
-    }
+        "reversed_member": reversed_member,
+    }, unvalidated["fedavg"]
 
 
 def _checks(evidence: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +186,14 @@ def _checks(evidence: dict[str, Any]) -> dict[str, Any]:
             cross["base"], cross["round0"]
         ),
     }
+    checks["validated_base_never_rises_past_tolerance"] = not evidence["validation"][
+        "rises_past_tolerance"
+    ]
+    if "unvalidated" in evidence["validation"]:
+        checks["unvalidated_base_never_rises_past_tolerance"] = not evidence["validation"][
+            "unvalidated"
+        ]["rises_past_tolerance"]
+    checks.update(_reversed_member_checks(evidence.get("reversed_member")))
     poisoning = evidence.get("poisoning")
     if poisoning is not None:
         runs = poisoning["runs"]
@@ -171,6 +208,33 @@ def _checks(evidence: dict[str, Any]) -> dict[str, Any]:
             runs["median"]["worst_harm"], undefended
         )
     return checks
+
+
+def _reversed_member_checks(section: dict[str, Any] | None) -> dict[str, bool]:
+    """The issue's reversed member under self-reported quality, measured quality and
+    validation: whether it visibly harms the honest members (worst round), whether it ever
+    got weight, whether any honest member's loss rose past the tolerance."""
+    if section is None:
+        return {}
+    runs = section["runs"]
+    measured = runs["measured"]["per_round"]
+    return {
+        "reversed_member_harms_under_self_reported_quality": claims.visibly_harmed(
+            runs["self_reported"]["worst_harm"]
+        ),
+        "reversed_member_harmless_under_measured_quality": not claims.visibly_harmed(
+            runs["measured"]["worst_harm"]
+        ),
+        "measured_quality_gives_reversed_member_no_weight": all(
+            row["hostile_weight"] == 0.0 for row in measured
+        ),
+        "reversed_member_harmless_under_validation": not claims.visibly_harmed(
+            runs["validated"]["worst_harm"]
+        ),
+        "validation_keeps_honest_losses_within_tolerance_against_reversed_member": not runs[
+            "validated"
+        ]["rises_past_tolerance"],
+    }
 
 
 def _cpus() -> int:

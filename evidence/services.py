@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evidence import claims
+from evidence.governance import validation_from_pb
 from evidence.heldout import HeldOutScorer, Member, member
 from evidence.settings import EvidenceSettings
 from tapestry.config import ConsortiumConfig, NodeConfig, load_config
@@ -43,15 +45,20 @@ class ServiceRun:
     seconds_per_round: list[float] = field(default_factory=list)
 
     def rounds_json(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "round": r,
-                "base_heldout_loss": self.base_loss[r],
-                "received_base_heldout_loss": self.received_loss[r - 1],
-                "seconds": self.seconds_per_round[r - 1],
-            }
-            for r in range(1, len(self.base_loss))
-        ]
+        rows = []
+        for r in range(1, len(self.base_loss)):
+            validation = validation_from_pb(self.rounds[r - 1])
+            rows.append(
+                {
+                    "round": r,
+                    "base_heldout_loss": self.base_loss[r],
+                    "received_base_heldout_loss": self.received_loss[r - 1],
+                    "seconds": self.seconds_per_round[r - 1],
+                    "fallback": claims.fallback(validation),
+                    "validation": validation,
+                }
+            )
+        return rows
 
 
 def demo_nodes(settings: EvidenceSettings) -> list[LocalNodeSpec]:
@@ -109,6 +116,7 @@ def run_services(
                 run.base_loss.append(scorer.losses(state))
                 say(
                     f"round {number}: accepted {', '.join(result.accepted_nodes) or '-'}, "
+                    f"{claims.fallback(validation_from_pb(result))}, "
                     f"{run.seconds_per_round[-1]:.1f} s; base after it: {_show(run.base_loss[-1])}"
                 )
         run.cross_eval["base"] = run.base_loss[-1]

@@ -52,3 +52,39 @@ def test_harm_is_visible_past_a_threshold_and_contained_within_a_share(
     assert claims.harm(3.5, 3.0) == pytest.approx(0.5)
     assert claims.visibly_harmed(excess) is harmed
     assert claims.contained(excess, undefended) is held
+
+
+def _validation(scales: list[float], committed: float | None, over: list[str]) -> dict[str, object]:
+    return {
+        "attempts": [{"scale": s} for s in scales],
+        "committed_scale": committed,
+        "committed_over": over,
+    }
+
+
+def test_the_fallback_says_what_validation_did_in_a_round() -> None:
+    assert claims.fallback(None) == "not validated"
+    assert claims.fallback(_validation([1.0], 1.0, [])) == "committed the full step"
+    assert (
+        claims.fallback(_validation([1.0, 0.5, 0.25], 0.25, []))
+        == "committed at step 0.25 after 3 tries"
+    )
+    assert (
+        claims.fallback(_validation([1.0, 0.5, 0.25, 0.125], 1.0, ["india"]))
+        == "committed the full step over the lone objection of india after 4 tries"
+    )
+    assert (
+        claims.fallback(_validation([1.0, 0.5, 0.25, 0.125], None, []))
+        == "not committed after 4 tries (base unchanged)"
+    )
+
+
+def test_rises_past_the_tolerance_are_each_round_s_step_on_each_jurisdiction() -> None:
+    bases = [{"A": 3.0, "B": 3.0}, {"A": 3.01, "B": 2.0}, {"A": 3.5, "B": 2.005}]
+
+    rises = claims.rises_past(bases, 0.01)
+
+    # 3.01 - 3.0 is not past 0.01 (within float error of it); B's +0.005 is within it
+    assert [(r["round"], r["jurisdiction"]) for r in rises] == [(2, "A")]
+    assert rises[0]["rise"] == pytest.approx(0.49)
+    assert claims.rises_past(bases, 0.5) == []
