@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.limits import MAX_BASE_PROOFS
 
 
-def base_proofs(records: Sequence[jpb.RoundRecord], since_round: int) -> list[pb.BaseProof]:
+def base_proofs(records: Sequence[pb.RoundRecord], since_round: int) -> list[pb.BaseProof]:
     """The proofs of the commits from round ``since_round`` on (oldest first, the newest
     :data:`~tapestry.limits.MAX_BASE_PROOFS`), a rollback's restored round's in its place."""
     by_round = {record.result.round_num: record for record in records}

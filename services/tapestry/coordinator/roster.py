@@ -15,7 +15,6 @@ import grpc
 
 from tapestry.config import ConsortiumConfig, MemberConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.base_proofs import base_proofs
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.members import Members
@@ -71,7 +70,7 @@ class Roster:
         security: ServerSecurity,
         metrics: CoordinatorMetrics,
         sent_deltas: SentDeltas | None = None,
-        records: Callable[[], Sequence[jpb.RoundRecord]] = list,
+        records: Callable[[], Sequence[pb.RoundRecord]] = list,
     ) -> None:
         """``layout`` is what every member's state must hold; ``security`` gives the
         credentials to dial members that listen, and the CRL that ends a revoked member's
