@@ -19,7 +19,7 @@ from typing import Any
 MARKER = "<!-- wire-reference -->"
 PAGE = "reference/wire.md"
 PROTOS = Path(__file__).resolve().parents[2] / "protos" / "tapestry" / "consortium" / "v1"
-FILES = ("consortium.proto", "journal.proto")
+FILES = ("consortium.proto",)
 
 _RPC = re.compile(
     r"rpc (\w+)\((stream )?([\w.]+)\) returns \((stream )?([\w.]+)\);$"  # one line each

@@ -242,3 +242,11 @@ check, so a coordinator cannot make a node spend more than MAX_BASE_PROOFS times
 MAX_TRUSTED_BASES = 256
 """The bases a node remembers training from ([trust]): a base older than these must be
 proved again."""
+
+MAX_RECEIPT_BYTES = 1 << 20
+"""A member's receipt (CycleStart.receipts: a signed round record) larger than this,
+serialized, is not kept; the coordinator sends at most MAX_BASE_PROOFS of them, at most
+MAX_RECEIPTS_BYTES in all (the oldest dropped first)."""
+
+MAX_RECEIPTS_BYTES = 2 << 20
+"""The receipts one cycle's start carries, serialized, at most (see MAX_RECEIPT_BYTES)."""

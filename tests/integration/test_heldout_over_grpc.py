@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from tapestry.cli import main
 from tapestry.cli.report import WIDTH
 from tapestry.config import NodeConfig, load_config
-from tapestry.consortium.v1 import journal_pb2 as jpb
+from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.corpus import load_node_corpus
 from tapestry.demo import DEMO_NODES
 from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
@@ -71,7 +71,7 @@ def test_get_round_carries_each_nodes_evaluation_of_its_own_heldout_split(
         assert two.base_loss < one.base_loss
     # What GetRound serves is what the coordinator journaled.
     record_path = demo_consortium.coordinator_data_dir / "rounds" / "round-000002.json"
-    record = message_from_json(record_path.read_text(encoding="utf-8"), jpb.RoundRecord)
+    record = message_from_json(record_path.read_text(encoding="utf-8"), pb.RoundRecord)
     assert list(record.result.contributions) == list(got[1].contributions)
 
 

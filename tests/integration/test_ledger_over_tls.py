@@ -9,7 +9,15 @@ import os
 import subprocess
 import sys
 
+import grpc
+import pytest
+
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.coordinator.client import CoordinatorClient
 from tapestry.coordinator.journal import CoordinatorStore, record_digest
+from tapestry.node.receipts import Receipts
+from tapestry.pki.statements import SignatureCheck, signed_bytes
+from tapestry.wire.codec import message_from_json
 from tests.integration.conftest import round_run
 
 
@@ -64,3 +72,48 @@ def test_a_tls_coordinators_rounds_are_signed_chained_and_verify(consortium_fact
     assert lines[0].endswith(f"the record says {records[0].result.shared_base_sha256[:12]}")
     # round 3 restored round 1's base: its own file is intact, and its record still agrees
     assert len(lines) == 1, lines
+
+
+def test_ledger_verify_over_the_coordinators_rpcs_and_members_receipts(
+    consortium_factory,
+) -> None:
+    """The same check over ListRoundRecords and GetBase: as the operator and as a member
+    node's certificate it passes, saying the momentum files were not checked; a caller
+    without a certificate is refused. After two rounds, every member holds round 1's record
+    as its receipt (round 2's start carried it), signed by the coordinator, as the
+    coordinator's journal holds it."""
+    consortium = consortium_factory()
+    ran = round_run(consortium, "--rounds", "2")
+    assert ran.returncode == 0, ran.stderr
+    records = CoordinatorStore(consortium.coordinator_data_dir, read_only=True).records()
+    for node_id in ("vietnam", "switzerland", "india"):
+        kept = Receipts(consortium.node_data_dir(node_id), None).path(1)
+        receipt = message_from_json(kept.read_text(encoding="utf-8"), pb.RoundRecord)
+        assert receipt == records[0] and receipt.HasField("signature")
+        check = SignatureCheck(consortium.certs.ca_cert, consortium.certs.crl)
+        assert check.signer(receipt.signature, signed_bytes(receipt)).role == "coordinator"
+        assert not Receipts(consortium.node_data_dir(node_id), None).path(2).exists()
+    address = consortium.coordinator_address
+    for env in (consortium.cli_env(), consortium.cli_env("node", "india")):
+        verified = _tapestry("ledger", "verify", "--coordinator", address, env=env)
+        assert (verified.returncode, verified.stderr) == (0, ""), verified.stdout
+        assert verified.stdout == (
+            f"ledger verified: 2 round(s), head {record_digest(records[-1])}, signed by "
+            f"spiffe://{consortium.consortium_id}/coordinator (over the RPCs: momentum files "
+            "not served, not checked)\n"
+        )
+    # TLS with the consortium's CA but no certificate of one's own: the handshake is refused
+    ca = consortium.certs.ca_cert.read_bytes()
+    stranger = CoordinatorClient(address, grpc.ssl_channel_credentials(root_certificates=ca))
+    with stranger, pytest.raises(grpc.RpcError) as refused:
+        list(stranger.iter_round_records())
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    # and the command will not call without one
+    no_cert = {
+        "TAPESTRY_CA": str(consortium.certs.ca_cert),
+        "TAPESTRY_CERT": "",
+        "TAPESTRY_KEY": "",
+    }
+    refused_cli = _tapestry("ledger", "verify", "--coordinator", address, env=no_cert)
+    assert refused_cli.returncode == 2
+    assert "--coordinator needs --cert and --key" in refused_cli.stderr

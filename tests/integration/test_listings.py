@@ -12,7 +12,6 @@ import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.client import CoordinatorClient
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.servicer import CoordinatorServicer
@@ -33,9 +32,9 @@ class Member:
     node_id: str
 
 
-def record(round_num: int, metrics: int = 0) -> jpb.RoundRecord:
+def record(round_num: int, metrics: int = 0) -> pb.RoundRecord:
     """A committed round whose member reported ``metrics`` long-named metrics."""
-    return jpb.RoundRecord(
+    return pb.RoundRecord(
         result=pb.ConsortiumRoundResult(
             round_num=round_num,
             accepted_nodes=["vn"],
@@ -60,7 +59,7 @@ class Coordinator:
     """A coordinator servicer behind a real server; its journal and artifacts are set by
     the test."""
 
-    def __init__(self, root: Path, records: list[jpb.RoundRecord], members: list[str]) -> None:
+    def __init__(self, root: Path, records: list[pb.RoundRecord], members: list[str]) -> None:
         self.core = ConsortiumCoordinator(SPEC.build(seed=1))
         self.servicer = CoordinatorServicer(
             self.core,
@@ -85,7 +84,7 @@ class Coordinator:
 def coordinator_with(tmp_path: Path) -> Iterator:
     started: list[Coordinator] = []
 
-    def start(records: list[jpb.RoundRecord], members: Sequence[str] = ()) -> Coordinator:
+    def start(records: list[pb.RoundRecord], members: Sequence[str] = ()) -> Coordinator:
         coordinator = Coordinator(tmp_path / str(len(started)), records, list(members))
         started.append(coordinator)
         return coordinator

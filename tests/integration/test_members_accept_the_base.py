@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.base_proofs import base_proofs
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.base_trust import TRUSTED_BASES, BaseTrust
@@ -77,11 +76,11 @@ class Consortium:
             copy_states=False,
             acceptance=AcceptancePolicy(),
         )
-        self.records: list[jpb.RoundRecord] = []
+        self.records: list[pb.RoundRecord] = []
         self.proofs = lambda since: base_proofs(self.records, since)
 
     def commit(self, result: ConsortiumRoundResult) -> None:
-        self.records.append(jpb.RoundRecord(result=round_result_to_proto(result)))
+        self.records.append(pb.RoundRecord(result=round_result_to_proto(result)))
 
     def run(self, served: Served) -> ConsortiumRoundResult:
         for proxy in served.proxies:

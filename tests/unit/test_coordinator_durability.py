@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tapestry.consortium.v1 import journal_pb2 as jpb
+from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator import journal
 from tapestry.coordinator.journal import CoordinatorStore, StoreError
 from tapestry.training.consortium import (
@@ -37,9 +37,9 @@ class Consortium:
         self.store = CoordinatorStore(root)
         self.core = ConsortiumCoordinator(SPEC.build(seed=1), ContributionPolicy())
         self.store.save_initial_base(self.core.shared_base_state)
-        self.records: list[jpb.RoundRecord] = []
+        self.records: list[pb.RoundRecord] = []
 
-    def run_round(self) -> jpb.RoundRecord:
+    def run_round(self) -> pb.RoundRecord:
         self.core.run_round(_nodes(), commit=self._commit)
         return self.records[-1]
 
@@ -127,7 +127,7 @@ def test_the_journal_holds_each_rounds_record(tmp_path):
     store = consortium.store
     record = consortium.run_round()
     assert store.records() == [record]
-    assert isinstance(store.records()[0], jpb.RoundRecord)
+    assert isinstance(store.records()[0], pb.RoundRecord)
     assert {a.node_id for a in record.result.artifacts} == {"vn", "ch"}
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = [
@@ -19,10 +18,6 @@ FILES = [
     "consortium_pb2.pyi",
     "consortium_pb2_grpc.py",
     "consortium_pb2_grpc.pyi",
-    "journal_pb2.py",
-    "journal_pb2.pyi",
-    "journal_pb2_grpc.py",
-    "journal_pb2_grpc.pyi",
 ]
 
 
@@ -51,16 +46,15 @@ def test_generation_makes_the_code_and_typed_stubs_for_both(regenerated: Path) -
 
 
 def test_package_is_tapestry_consortium_v1() -> None:
-    assert pb.DESCRIPTOR.package == jpb.DESCRIPTOR.package == "tapestry.consortium.v1"
+    assert pb.DESCRIPTOR.package == "tapestry.consortium.v1"
     assert pb.DESCRIPTOR.name == "tapestry/consortium/v1/consortium.proto"
 
 
-def test_storage_records_live_apart_from_the_public_api() -> None:
-    assert jpb.DESCRIPTOR.name == "tapestry/consortium/v1/journal.proto"
-    assert list(jpb.DESCRIPTOR.message_types_by_name) == ["RoundRecord"]
-    assert not jpb.DESCRIPTOR.services_by_name
-    assert "RoundRecord" not in pb.DESCRIPTOR.message_types_by_name
-    result = jpb.RoundRecord.DESCRIPTOR.fields_by_name["result"]
+def test_the_stored_round_record_is_served_by_the_api() -> None:
+    """One file: the coordinator serves its journal's records (ListRoundRecords) and a
+    member's receipts (CycleStart.receipts) as they are stored."""
+    assert pb.RoundRecord.DESCRIPTOR.full_name == "tapestry.consortium.v1.RoundRecord"
+    result = pb.RoundRecord.DESCRIPTOR.fields_by_name["result"]
     assert result.message_type is pb.ConsortiumRoundResult.DESCRIPTOR
 
 
@@ -78,6 +72,7 @@ def test_storage_records_live_apart_from_the_public_api() -> None:
                 "RollBackBase",
                 "OpenSession",
                 "ListMembers",
+                "ListRoundRecords",
             ],
         ),
         ("SovereignNodeService", ["Describe", "RunSovereignCycle", "GetArtifact"]),

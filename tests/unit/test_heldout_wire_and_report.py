@@ -12,7 +12,6 @@ from rich.cells import cell_len
 
 from tapestry.cli import report
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.training.consortium import (
     ConsortiumRoundResult,
     HeldOutEvaluation,
@@ -79,10 +78,10 @@ def test_the_journal_and_get_round_carry_every_evaluation() -> None:
     """GetRound serves the journal's record, which is this proto: what is journaled is
     what is served."""
     result = round_result(contribution("vn", EVALUATION), contribution("ch", None))
-    record = jpb.RoundRecord(result=round_result_to_proto(result))
+    record = pb.RoundRecord(result=round_result_to_proto(result))
 
     text = message_to_json(record)
-    back = message_from_json(text, jpb.RoundRecord)
+    back = message_from_json(text, pb.RoundRecord)
 
     assert back == record
     vn, ch = back.result.contributions

@@ -13,12 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 from tapestry.cli import main
-from tapestry.consortium.v1 import journal_pb2 as jpb
-from tapestry.coordinator.journal import CoordinatorStore, record_digest, signed_bytes
+from tapestry.consortium.v1 import consortium_pb2 as pb
+from tapestry.coordinator.journal import CoordinatorStore, record_digest
 from tapestry.coordinator.ledger_check import Trust, acceptance_problems, check_ledger
 from tapestry.pki.authority import init_consortium, issue_member, revoke_certificate
 from tapestry.pki.signing import Signer
-from tapestry.pki.statements import sign_evaluation
+from tapestry.pki.statements import sign_evaluation, signed_bytes
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ConsortiumRoundResult,
@@ -82,10 +82,10 @@ class Journal:
     def path(self, round_num: int) -> Path:
         return self.data / "rounds" / f"round-{round_num:06d}.json"
 
-    def record(self, round_num: int) -> jpb.RoundRecord:
-        return message_from_json(self.path(round_num).read_text(), jpb.RoundRecord)
+    def record(self, round_num: int) -> pb.RoundRecord:
+        return message_from_json(self.path(round_num).read_text(), pb.RoundRecord)
 
-    def write(self, record: jpb.RoundRecord) -> None:
+    def write(self, record: pb.RoundRecord) -> None:
         self.path(record.result.round_num).write_text(message_to_json(record))
 
     def problems(self, *, crl: bool = False, allow_unsigned: bool = False) -> list[str]:
@@ -292,7 +292,7 @@ def test_verify_refuses_a_folder_without_a_journal(tmp_path: Path, journal: Jour
     shutil.rmtree(empty)
 
 
-def _resign(journal: Journal, records: list[jpb.RoundRecord]) -> None:
+def _resign(journal: Journal, records: list[pb.RoundRecord]) -> None:
     """Sign ``records`` again with the coordinator's key and chain them again, as whoever
     holds that key could."""
     signer = journal.signer()

@@ -13,7 +13,6 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import UserError
 from tapestry.node.artifacts import ArtifactStore
 from tapestry.observe.heldout import HeldOutLosses, heldout_losses
@@ -85,7 +84,7 @@ class _Contribution:
 def test_a_restarted_coordinator_starts_every_counter_at_its_journals_count() -> None:
     journal = recorded_journal()
     restarted = CoordinatorMetrics()
-    restore_coordinator_metrics(restarted, [jpb.RoundRecord(result=r) for r in journal], MEMBERS)
+    restore_coordinator_metrics(restarted, [pb.RoundRecord(result=r) for r in journal], MEMBERS)
     uninterrupted = CoordinatorMetrics()
     for result in journal:
         uninterrupted.round_recorded(result)
@@ -108,7 +107,7 @@ def test_a_restarted_coordinator_starts_every_counter_at_its_journals_count() ->
     # Every series the journal can tell equals the one of the process that recorded it
     # (the duration histogram only counts what this process timed).
     replayed = CoordinatorMetrics()
-    restore_coordinator_metrics(replayed, [jpb.RoundRecord(result=r) for r in journal], [])
+    restore_coordinator_metrics(replayed, [pb.RoundRecord(result=r) for r in journal], [])
     assert _journalled(replayed.registry) == _journalled(uninterrupted.registry)
 
 

@@ -18,7 +18,6 @@ from matplotlib.figure import Figure
 
 from tapestry.cli import main as cli
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.observe import report_data as report_data_module
 from tapestry.observe.heldout import HeldOutLosses
 from tapestry.observe.report_data import model_line, policy_line, report_data, served_model
@@ -377,7 +376,7 @@ def test_report_reads_a_coordinators_data_directory_without_a_certificate(
     data_dir = tmp_path / "coordinator"
     (data_dir / "rounds").mkdir(parents=True)
     for result in recorded_journal():
-        record = jpb.RoundRecord(result=result)
+        record = pb.RoundRecord(result=result)
         path = data_dir / "rounds" / f"round-{result.round_num:06d}.json"
         path.write_text(message_to_json(record), encoding="utf-8")
     (data_dir / "consortium.json").write_text(json.dumps(IDENTITY), encoding="utf-8")

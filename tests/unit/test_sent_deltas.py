@@ -5,18 +5,17 @@ from __future__ import annotations
 import pytest
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.sent_deltas import ReplayedDelta, SentDeltas
 
 A, B = "a" * 64, "b" * 64
 
 
-def _record(round_num: int, **digests: str) -> jpb.RoundRecord:
+def _record(round_num: int, **digests: str) -> pb.RoundRecord:
     contributions = [
         pb.SovereignContribution(node_id=node, round_num=round_num, weight_delta_sha256=digest)
         for node, digest in digests.items()
     ]
-    return jpb.RoundRecord(
+    return pb.RoundRecord(
         result=pb.ConsortiumRoundResult(round_num=round_num, contributions=contributions)
     )
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tapestry.consortium.v1 import journal_pb2 as jpb
+from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.journal import CoordinatorStore, StoreError
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
@@ -191,7 +191,7 @@ class Journaled:
     def __init__(self, root: Path) -> None:
         self.store = CoordinatorStore(root)
         self.core = diloco()
-        self.records: list[jpb.RoundRecord] = []
+        self.records: list[pb.RoundRecord] = []
         resumed = self.store.latest()
         if resumed is None:
             self.store.save_initial_base(self.core.shared_base_state)

@@ -12,7 +12,6 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.training.consortium import (
     ConsortiumRoundResult,
     ContributionPolicy,
@@ -497,12 +496,12 @@ def test_every_quality_source_has_a_wire_value_and_json_names_it() -> None:
 
 def test_round_record_json_round_trip() -> None:
     result = make_round_result()
-    record = jpb.RoundRecord(result=round_result_to_proto(result))
+    record = pb.RoundRecord(result=round_result_to_proto(result))
 
     text = message_to_json(record)
-    back = message_from_json(text, jpb.RoundRecord)
+    back = message_from_json(text, pb.RoundRecord)
 
-    assert isinstance(back, jpb.RoundRecord)
+    assert isinstance(back, pb.RoundRecord)
     assert back == record
     assert back.result.contribution_weights["vn"] == THIRD
     assert back.result.artifacts[0].metrics["tiny"] == TINY
@@ -518,7 +517,7 @@ def test_round_record_json_round_trip() -> None:
 
 def test_message_from_json_refuses_unknown_fields() -> None:
     with pytest.raises(json_format.ParseError, match='has no field named "bogus"'):
-        message_from_json('{"result": {"bogus": 1}}', jpb.RoundRecord)
+        message_from_json('{"result": {"bogus": 1}}', pb.RoundRecord)
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
-from tapestry.limits import MAX_BASE_PROOFS
+from tapestry.limits import MAX_BASE_PROOFS, MAX_RECEIPTS_BYTES
 
 
-def base_proofs(records: Sequence[jpb.RoundRecord], since_round: int) -> list[pb.BaseProof]:
+def base_proofs(records: Sequence[pb.RoundRecord], since_round: int) -> list[pb.BaseProof]:
     """The proofs of the commits from round ``since_round`` on (oldest first, the newest
     :data:`~tapestry.limits.MAX_BASE_PROOFS`), a rollback's restored round's in its place."""
     by_round = {record.result.round_num: record for record in records}
@@ -54,3 +53,14 @@ def _proof(result: pb.ConsortiumRoundResult) -> pb.BaseProof | None:
                 evaluations=[e for e in attempt.evaluations if e.HasField("signature")],
             )
     return None
+
+
+def receipts(records: Sequence[pb.RoundRecord], since_round: int) -> list[pb.RoundRecord]:
+    """A member's receipts (``CycleStart.receipts``): the journal's signed records from round
+    ``since_round`` (the newest it trained) on, oldest first, the newest
+    :data:`~tapestry.limits.MAX_BASE_PROOFS` and at most
+    :data:`~tapestry.limits.MAX_RECEIPTS_BYTES` of them."""
+    chosen = [r for r in records if r.result.round_num >= since_round][-MAX_BASE_PROOFS:]
+    while chosen and sum(r.ByteSize() for r in chosen) > MAX_RECEIPTS_BYTES:
+        chosen.pop(0)
+    return chosen

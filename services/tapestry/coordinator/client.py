@@ -95,6 +95,18 @@ class CoordinatorClient:
     def list_rounds(self, page_size: int = 0) -> list[pb.ConsortiumRoundResult]:
         return list(self.iter_rounds(page_size))
 
+    def iter_round_records(self, page_size: int = 0) -> Iterator[pb.RoundRecord]:
+        """The journal's signed records, oldest first, fetched page by page (an operator's
+        or a member node's certificate)."""
+
+        def fetch(token: str) -> tuple[Sequence[pb.RoundRecord], str]:
+            page = self._stub.ListRoundRecords(
+                pb.ListRoundRecordsRequest(page_size=page_size, page_token=token)
+            )
+            return page.records, page.next_page_token
+
+        return _every_page(fetch)
+
     def list_members(self, timeout_s: float | None = None) -> list[pb.MemberSession]:
         """Every member and its session, in the consortium file's order."""
         reply = self._stub.ListMembers(pb.ListMembersRequest(), timeout=timeout_s)

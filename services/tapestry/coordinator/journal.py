@@ -7,12 +7,12 @@ Layout under ``<data-dir>``::
     momentum/round-000003.safetensors
                                   under diloco: the outer momentum after round 3 (none when
                                   it is zeros); its digest is in the round's journal entry
-    rounds/round-000003.json      RoundRecord (journal.proto, as proto JSON): the round's
+    rounds/round-000003.json      RoundRecord (consortium.proto, as proto JSON): the round's
                                   result, with its artifacts' metadata, and the request id
                                   that triggered it
 
 Each journal entry is a link of a hash chain signed by the coordinator (the ledger,
-journal.proto's RoundRecord says exactly what is signed and hashed): it carries the digest
+consortium.proto's RoundRecord says exactly what is signed and hashed): it carries the digest
 of the entry before it (round 1: the initial base's state digest), the operator who
 triggered it, and the coordinator's signature made with its ``[tls]`` key as it commits (a
 coordinator serving plaintext has none: its entries are chained but unsigned).
@@ -38,9 +38,9 @@ from typing import Any
 
 from tapestry.atomic_files import read_json, remove_temporaries, write_json, write_text
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import NotFound, UserError
 from tapestry.pki.signing import Signer
+from tapestry.pki.statements import signed_bytes
 from tapestry.state_files import load_state, read_metadata, save_state
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.round.result import ConsortiumRoundResult
@@ -62,28 +62,19 @@ class StoreError(UserError, RuntimeError):
     """The data directory belongs to another consortium or cannot be used."""
 
 
-def read_records(rounds_dir: Path) -> list[jpb.RoundRecord]:
+def read_records(rounds_dir: Path) -> list[pb.RoundRecord]:
     """Every journal entry in ``rounds_dir``, oldest first; only reads, so it may be used on
     a live coordinator's data directory (``tapestry report --journal``)."""
     out = []
     for path in sorted(rounds_dir.glob("round-*.json")):
         try:
-            out.append(message_from_json(path.read_text(encoding="utf-8"), jpb.RoundRecord))
+            out.append(message_from_json(path.read_text(encoding="utf-8"), pb.RoundRecord))
         except Exception as error:  # a damaged entry is reported, never fatal
             log.error("ignoring unreadable journal entry %s: %s", path, error)
     return out
 
 
-def signed_bytes(record: jpb.RoundRecord) -> bytes:
-    """What the coordinator signs: the record's deterministic binary serialization with its
-    ``signature`` cleared."""
-    unsigned = jpb.RoundRecord()
-    unsigned.CopyFrom(record)
-    unsigned.ClearField("signature")
-    return unsigned.SerializeToString(deterministic=True)
-
-
-def record_digest(record: jpb.RoundRecord) -> str:
+def record_digest(record: pb.RoundRecord) -> str:
     """The record's link in the chain: SHA-256 (hex) of its whole deterministic binary
     serialization, signature included; the next record's ``previous_record_sha256``."""
     return hashlib.sha256(record.SerializeToString(deterministic=True)).hexdigest()
@@ -161,14 +152,14 @@ class CoordinatorStore:
         request_id: str = "",
         operator: str = "",
         signatures: Mapping[str, pb.Signature] | None = None,
-    ) -> jpb.RoundRecord:
+    ) -> pb.RoundRecord:
         """Make a finished round durable and return its journal record: the commit step
         the coordinator's core calls before it moves to the new base. ``request_id`` (the
         trigger's idempotency key) is kept with it, so it outlives a restart; ``operator``
         is who triggered it (a ``spiffe://`` URI; empty: unknown); ``signatures``, each
         member's over its contribution, as its delta's trailer carried it. The record is
         chained to the round before and signed (with a signer) before anything is written."""
-        record = jpb.RoundRecord(
+        record = pb.RoundRecord(
             result=round_result_to_proto(result),
             request_id=request_id,
             previous_record_sha256=self._previous_digest(result.round_num),
@@ -191,7 +182,7 @@ class CoordinatorStore:
         self.commit(record, result.shared_base_state)
         return record
 
-    def commit(self, record: jpb.RoundRecord, base: ModelState) -> None:
+    def commit(self, record: pb.RoundRecord, base: ModelState) -> None:
         """Write the base file, then the journal entry (the entry landing is the commit)."""
         round_num = record.result.round_num
         save_state(
@@ -202,10 +193,10 @@ class CoordinatorStore:
         write_text(self.record_path(round_num), message_to_json(record))
         self._head = (round_num, record_digest(record))
 
-    def _sealed(self, record: jpb.RoundRecord) -> jpb.RoundRecord:
+    def _sealed(self, record: pb.RoundRecord) -> pb.RoundRecord:
         """``record`` as its file will read back (proto JSON), signed where there is a
         signer: what is signed is exactly what a verifier reads."""
-        sealed: jpb.RoundRecord = message_from_json(message_to_json(record), jpb.RoundRecord)
+        sealed: pb.RoundRecord = message_from_json(message_to_json(record), pb.RoundRecord)
         if self.signer is not None:
             signature = self.signer.sign(signed_bytes(sealed))
             sealed.signature.CopyFrom(signature_to_proto(signature))
@@ -230,7 +221,7 @@ class CoordinatorStore:
             return self._head[1]
         path = self.record_path(round_num - 1)
         try:
-            previous = message_from_json(path.read_text(encoding="utf-8"), jpb.RoundRecord)
+            previous = message_from_json(path.read_text(encoding="utf-8"), pb.RoundRecord)
         except Exception as error:
             raise StoreError(
                 f"round {round_num - 1}'s journal entry {path} cannot be read ({error}): "
@@ -238,11 +229,11 @@ class CoordinatorStore:
             ) from None
         return record_digest(previous)
 
-    def records(self) -> list[jpb.RoundRecord]:
+    def records(self) -> list[pb.RoundRecord]:
         """Every committed round, oldest first."""
         return read_records(self.rounds_dir)
 
-    def latest(self) -> tuple[int, ModelState, list[jpb.RoundRecord]] | None:
+    def latest(self) -> tuple[int, ModelState, list[pb.RoundRecord]] | None:
         """``(round_num, base, records)`` of the newest intact commit, or None when empty."""
         records = self.records()
         while records:
@@ -266,7 +257,7 @@ class CoordinatorStore:
         return None
 
     def committed_base(
-        self, round_num: int, records: list[jpb.RoundRecord]
+        self, round_num: int, records: list[pb.RoundRecord]
     ) -> tuple[ModelState, str]:
         """``(base, digest)`` committed by round ``round_num`` (0: the initial base), read
         back and checked against the digest the journal recorded for it (the initial base:
@@ -283,7 +274,7 @@ class CoordinatorStore:
             )
         return state, sha256
 
-    def committed_digest(self, round_num: int, records: list[jpb.RoundRecord]) -> str:
+    def committed_digest(self, round_num: int, records: list[pb.RoundRecord]) -> str:
         """The digest the journal recorded for the base round ``round_num`` committed (0:
         the initial base's, saved with it), once its base file is known to be there; whoever
         reads the file checks it against this digest. ``records`` are the committed rounds,
@@ -298,7 +289,7 @@ class CoordinatorStore:
             )
         return sha256
 
-    def _recorded_digest(self, round_num: int, records: list[jpb.RoundRecord]) -> str:
+    def _recorded_digest(self, round_num: int, records: list[pb.RoundRecord]) -> str:
         """The digest the journal recorded for round ``round_num``'s base (0: the digest
         saved with the initial base; ``""`` when it cannot be read). Raises
         :class:`NotFound` for a round never committed."""
@@ -311,7 +302,7 @@ class CoordinatorStore:
         raise NotFound(f"round {round_num} not found; committed rounds: 0..{newest}")
 
     def committed_momentum(
-        self, round_num: int, records: list[jpb.RoundRecord]
+        self, round_num: int, records: list[pb.RoundRecord]
     ) -> ModelState | None:
         """The strategy's state (diloco's outer momentum) committed with round
         ``round_num``'s base, checked against its recorded digest; ``None`` when that round
@@ -320,7 +311,7 @@ class CoordinatorStore:
         found = [r for r in records if r.result.round_num == round_num and round_num > 0]
         return self._strategy_state_of(found[0]) if found else None
 
-    def _strategy_state_of(self, record: jpb.RoundRecord) -> ModelState | None:
+    def _strategy_state_of(self, record: pb.RoundRecord) -> ModelState | None:
         """The strategy state a record names (``None``: it names none); :class:`StoreError`
         when its file is missing or damaged. On disk it keeps its first name: the field
         ``outer_momentum_sha256`` and the folder ``momentum/``, so old journals read alike."""

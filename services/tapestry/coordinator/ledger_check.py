@@ -1,7 +1,7 @@
 """Check a coordinator's ledger offline (``tapestry ledger verify``): everything the journal
 claims, against the consortium CA and the files beside it.
 
-For every round record in ``<data-dir>/rounds`` (journal.proto's RoundRecord says what is
+For every round record in ``<data-dir>/rounds`` (consortium.proto's RoundRecord says what is
 chained and signed), in order:
 
 - **the chain**: the file's name is the record's round, rounds run 1, 2, 3, … without a gap,
@@ -38,20 +38,18 @@ from pathlib import Path
 from cryptography import x509
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import (
     IDENTITY,
     CoordinatorStore,
     read_identity,
     record_digest,
-    signed_bytes,
 )
 from tapestry.errors import UserError, quoted
 from tapestry.limits import MAX_PEER_NAME_CHARS
 from tapestry.pki.authority import consortium_of
 from tapestry.pki.credentials import CredentialError, revoked_serials
 from tapestry.pki.signing import SignatureError, verify_signature
-from tapestry.pki.statements import contribution_statement, evaluation_statement
+from tapestry.pki.statements import contribution_statement, evaluation_statement, signed_bytes
 from tapestry.state_files import load_state
 from tapestry.training.consortium.governance.acceptance import Verdict, validate
 from tapestry.training.consortium.messages import MemberEvaluation
@@ -103,15 +101,18 @@ class Trust:
         return cls(authority, revoked, allow_unsigned)
 
 
-def check_ledger(data_dir: Path, trust: Trust) -> LedgerReport:
+def check_ledger(data_dir: Path, trust: Trust, *, momentum: bool = True) -> LedgerReport:
     """Every check of the module over the coordinator data directory ``data_dir`` (only
-    read: it may be a live coordinator's)."""
+    read: it may be a live coordinator's). Without ``momentum`` the momentum files are not
+    checked (a copy fetched over the RPCs, which do not serve them)."""
     if not (data_dir / "rounds").is_dir():
         raise LedgerError(f"{data_dir} has no rounds/ folder: give a coordinator's --data-dir")
     store = CoordinatorStore(data_dir, read_only=True)
     report = LedgerReport()
     consortium = consortium_of(trust.ca)
-    found = (read_identity(data_dir) or {}).get("consortium_id", consortium)
+    # a copy fetched over the RPCs holds none (the server's certificate named the consortium)
+    written = (data_dir / IDENTITY).exists()
+    found = ((read_identity(data_dir) if written else None) or {}).get("consortium_id", consortium)
     if found != consortium:
         report.problems.append(
             f"{data_dir / IDENTITY}: the directory holds consortium {found!r}, the CA is "
@@ -123,14 +124,14 @@ def check_ledger(data_dir: Path, trust: Trust) -> LedgerReport:
     records = _records(store, report)
     report.rounds = len(records)
     bases = {0: genesis}
-    previous: jpb.RoundRecord | None = None
+    previous: pb.RoundRecord | None = None
     for record in records:
         result = record.result
         problems = [
             *_chain(record, previous, genesis),
             *_signature(record, trust, report.signers),
             *_member_signatures(result, trust, consortium),
-            *_files(store, record, bases),
+            *_files(store, record, bases, momentum=momentum),
             *decision_problems(result),
             *acceptance_problems(result),
         ]
@@ -145,13 +146,13 @@ class LedgerError(UserError):
     """A ledger that cannot be checked at all (no journal there)."""
 
 
-def _records(store: CoordinatorStore, report: LedgerReport) -> list[jpb.RoundRecord]:
+def _records(store: CoordinatorStore, report: LedgerReport) -> list[pb.RoundRecord]:
     """Every record in the journal's folder in file-name order; a file that does not read,
     or whose name is not its record's round, is a problem."""
     records = []
     for path in sorted(store.rounds_dir.glob("round-*.json")):
         try:
-            record = message_from_json(path.read_text(encoding="utf-8"), jpb.RoundRecord)
+            record = message_from_json(path.read_text(encoding="utf-8"), pb.RoundRecord)
         except Exception as error:
             report.problems.append(f"{path.name}: not a readable round record ({error})")
             continue
@@ -163,9 +164,7 @@ def _records(store: CoordinatorStore, report: LedgerReport) -> list[jpb.RoundRec
     return records
 
 
-def _chain(
-    record: jpb.RoundRecord, previous: jpb.RoundRecord | None, genesis: str
-) -> Iterator[str]:
+def _chain(record: pb.RoundRecord, previous: pb.RoundRecord | None, genesis: str) -> Iterator[str]:
     """How ``record`` fails to follow ``previous`` (``None``: it is the first)."""
     result = record.result
     expected = 1 if previous is None else previous.result.round_num + 1
@@ -196,7 +195,7 @@ def _chain(
         )
 
 
-def _signature(record: jpb.RoundRecord, trust: Trust, signers: set[str]) -> Iterator[str]:
+def _signature(record: pb.RoundRecord, trust: Trust, signers: set[str]) -> Iterator[str]:
     """How the coordinator's signature on ``record`` fails to hold."""
     if not record.previous_record_sha256:
         return  # recorded before the ledger: said once, by the chain
@@ -281,9 +280,14 @@ def _signed(
 
 
 def _files(
-    store: CoordinatorStore, record: jpb.RoundRecord, bases: Mapping[int, str]
+    store: CoordinatorStore,
+    record: pb.RoundRecord,
+    bases: Mapping[int, str],
+    *,
+    momentum: bool = True,
 ) -> Iterator[str]:
-    """How the round's base and momentum files differ from the digests it records."""
+    """How the round's base and momentum files (unless not ``momentum``) differ from the
+    digests it records."""
     result = record.result
     digest, problem = _file_digest(store.base_path(result.round_num))
     if problem:
@@ -293,7 +297,7 @@ def _files(
             f"the base file {store.base_path(result.round_num).name} has digest "
             f"{digest[:12]}, the record says {result.shared_base_sha256[:12]}"
         )
-    if result.outer_momentum_sha256:
+    if momentum and result.outer_momentum_sha256:
         digest, problem = _file_digest(store.momentum_path(result.round_num))
         if problem:
             yield f"the momentum {problem}"

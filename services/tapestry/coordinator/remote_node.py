@@ -140,6 +140,7 @@ class RemoteSovereignNode:
         count_candidate_sent: ByteCount | None = None,
         signatures: SignatureCheck | None = None,
         base_proofs: Callable[[int], list[pb.BaseProof]] | None = None,
+        receipts: Callable[[int], list[pb.RoundRecord]] | None = None,
     ) -> None:
         """``link`` reaches the node: its session (it dialed out) or, given as an address,
         a :class:`~tapestry.coordinator.node_links.DialedLink` to a node that listens
@@ -164,7 +165,8 @@ class RemoteSovereignNode:
         ``signatures`` (the consortium CA's check), an evaluation counts only signed by this
         member (:mod:`tapestry.pki.statements`). ``base_proofs`` gives, for the newest round
         the node trained, the proofs that lead from its base to the round's
-        (:mod:`tapestry.coordinator.base_proofs`), sent with each cycle's start."""
+        (:mod:`tapestry.coordinator.base_proofs`), sent with each cycle's start, and
+        ``receipts`` the journal's signed records since that round (the member's receipts)."""
         self.node_id = node_id
         self.jurisdiction = jurisdiction
         self.model = model
@@ -186,6 +188,7 @@ class RemoteSovereignNode:
         self._count_candidate_sent = count_candidate_sent
         self.signatures = signatures
         self._base_proofs = base_proofs
+        self._receipts = receipts
         self.latest_round = 0  # the newest round the node trained (Describe)
         # Round -> the node's signature over its contribution, checked (for the record).
         self.contribution_signatures: dict[int, pb.Signature] = {}
@@ -373,6 +376,7 @@ class RemoteSovereignNode:
                     base_held=held,
                     delta_encoding=codec.encoding_to_proto(self.delta_encoding),
                     base_proofs=self._base_proofs(self.latest_round) if self._base_proofs else [],
+                    receipts=self._receipts(self.latest_round) if self._receipts else [],
                 )
             )
             if not held:

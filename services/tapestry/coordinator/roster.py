@@ -15,8 +15,7 @@ import grpc
 
 from tapestry.config import ConsortiumConfig, MemberConfig
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
-from tapestry.coordinator.base_proofs import base_proofs
+from tapestry.coordinator.base_proofs import base_proofs, receipts
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.members import Members
 from tapestry.coordinator.node_links import CycleCall, DialedLink, LinkError, NodeLink
@@ -71,7 +70,7 @@ class Roster:
         security: ServerSecurity,
         metrics: CoordinatorMetrics,
         sent_deltas: SentDeltas | None = None,
-        records: Callable[[], Sequence[jpb.RoundRecord]] = list,
+        records: Callable[[], Sequence[pb.RoundRecord]] = list,
     ) -> None:
         """``layout`` is what every member's state must hold; ``security`` gives the
         credentials to dial members that listen, and the CRL that ends a revoked member's
@@ -131,6 +130,7 @@ class Roster:
             count_candidate_sent=self._metrics.candidate_sent(member.node_id),
             signatures=self._signatures,
             base_proofs=lambda since: base_proofs(self._records(), since),
+            receipts=lambda since: receipts(self._records(), since),
         )
 
     def for_round(self) -> list[RemoteSovereignNode]:

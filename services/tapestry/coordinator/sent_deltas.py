@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from tapestry.consortium.v1 import journal_pb2 as jpb
+from tapestry.consortium.v1 import consortium_pb2 as pb
 
 
 class ReplayedDelta(ValueError):
@@ -24,7 +24,7 @@ class ReplayedDelta(ValueError):
 class SentDeltas:
     """Per member, the digest of every delta it delivered and the round it came in."""
 
-    def __init__(self, records: Iterable[jpb.RoundRecord] = ()) -> None:
+    def __init__(self, records: Iterable[pb.RoundRecord] = ()) -> None:
         self._lock = threading.Lock()
         self._sent: dict[str, dict[str, int]] = {}
         for record in records:

@@ -16,7 +16,6 @@ import grpc
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore, StoreError
 from tapestry.coordinator.members import Members
 from tapestry.coordinator.remote_node import RemoteSovereignNode
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 _RETRY_POLL_S = 1.0
 
 
-def record_key(record: jpb.RoundRecord) -> tuple[int, str]:
+def record_key(record: pb.RoundRecord) -> tuple[int, str]:
     """A journal record's round number and request id, as the round ledger indexes them."""
     return record.result.round_num, record.request_id
 
@@ -55,7 +54,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         nodes: Sequence[RemoteSovereignNode] | Callable[[], Sequence[RemoteSovereignNode]],
         store: CoordinatorStore,
         spec: ModelSpec,
-        records: Sequence[jpb.RoundRecord] = (),
+        records: Sequence[pb.RoundRecord] = (),
         chunk_bytes: int = 1 << 20,
         page_token_key: bytes | None = None,
         metrics: CoordinatorMetrics | None = None,
@@ -69,7 +68,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         ``page_token_key`` seals the listings' page tokens (default: drawn at random, so
         tokens do not outlive this process). Rounds are counted in ``metrics``."""
         self._core = core
-        self._ledger: RoundLedger[jpb.RoundRecord] = RoundLedger(records, key=record_key)
+        self._ledger: RoundLedger[pb.RoundRecord] = RoundLedger(records, key=record_key)
         core.ledger = self._ledger
         self._nodes = nodes if callable(nodes) else (lambda fixed=list(nodes): fixed)
         self._order = [node.node_id for node in self._nodes()]  # the consortium file's
@@ -281,6 +280,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         except ValueError as error:
             abort(context, error)
         return pb.ListRoundsResponse(rounds=rounds, next_page_token=token)
+
+    def ListRoundRecords(
+        self, request: pb.ListRoundRecordsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRoundRecordsResponse:
+        """The journal's records as committed (signed), oldest first; a page token
+        continues after the round number it carries."""
+        entries = ((r.result.round_num, r) for r in self._ledger.records())
+        try:
+            records, token = take_page(
+                entries, "records", request.page_size, request.page_token, self._page_tokens
+            )
+        except ValueError as error:
+            abort(context, error)
+        return pb.ListRoundRecordsResponse(records=records, next_page_token=token)
 
     # -- base and artifacts ----------------------------------------------------------
 

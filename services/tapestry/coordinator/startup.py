@@ -15,7 +15,6 @@ from torch.nn import Module
 from tapestry.config import ConfigError, ConsortiumConfig, TlsConfig, model_table
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.coordinator.journal import CoordinatorStore
 from tapestry.coordinator.remote_node import (
     MemberMisnamed,
@@ -31,6 +30,7 @@ from tapestry.corpus import CorpusError, file_or_folder, trainable_documents, wi
 from tapestry.errors import UserError, quoted
 from tapestry.limits import MAX_CALLS_PER_MEMBER, MAX_CALLS_PER_NODE
 from tapestry.observe.metrics import CoordinatorMetrics, restore_coordinator_metrics
+from tapestry.pki.access import PeerRole
 from tapestry.pki.call_limits import worker_threads
 from tapestry.pki.server_check import served_node_id
 from tapestry.pki.serving import server_security
@@ -47,6 +47,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 # What only an operator may call: everything else reads.
 OPERATOR_METHODS = [f"/{SERVICE_NAME}/{name}" for name in ("RunRound", "RollBackBase")]
 SESSION_METHOD = f"/{SERVICE_NAME}/OpenSession"
+# The signed journal, for ledger verify over the RPCs: operators and members' nodes.
+RECORDS_METHOD = f"/{SERVICE_NAME}/ListRoundRecords"
+# Who may call what; a method not named admits any member of the consortium.
+ACCESS_RULES: dict[str, list[PeerRole]] = {
+    **{method: ["operator"] for method in OPERATOR_METHODS},
+    SESSION_METHOD: ["node"],
+    RECORDS_METHOD: ["operator", "node"],
+}
 log = logging.getLogger(__name__)
 
 
@@ -84,7 +92,7 @@ def build_coordinator_server(
         insecure=insecure,
         consortium=config.consortium_id,
         identity=("coordinator", ""),
-        rules={**{method: ["operator"] for method in OPERATOR_METHODS}, SESSION_METHOD: ["node"]},
+        rules=ACCESS_RULES,
         rounds=OPERATOR_METHODS,
         what="coordinator",
         calls_per_node=MAX_CALLS_PER_NODE * config.link.streams,
@@ -223,7 +231,7 @@ def reference_node(
 
 def _resume(
     core: ConsortiumCoordinator, store: CoordinatorStore, base_model: Module, consortium_id: str
-) -> list[jpb.RoundRecord]:
+) -> list[pb.RoundRecord]:
     """Load the last intact commit into ``core`` (or save ``base_model`` as the initial
     base of a new consortium); the committed rounds, oldest first."""
     resumed = store.latest()

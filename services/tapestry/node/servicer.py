@@ -8,7 +8,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from tapestry.node.base_trust import BaseTrust
 from tapestry.node.candidates import Candidates, assemble, new_assembler
 from tapestry.node.cycle_progress import reporting
 from tapestry.node.guard import CycleRefused, check_cycle_start
+from tapestry.node.receipts import Receipts
 from tapestry.observe.metrics import NodeMetrics
 from tapestry.pki.signing import Signer
 from tapestry.pki.statements import contribution_statement, sign_evaluation
@@ -69,6 +70,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         scratch_dir: Path | None = None,
         signer: Signer | None = None,
         trust: BaseTrust | None = None,
+        receipts: Receipts | None = None,
     ) -> None:
         """``consortium_id`` is the one this node serves; ``limits`` bound what a caller
         may ask of it (:class:`~tapestry.config.NodeLimits`); cycles are counted in
@@ -79,7 +81,8 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         first, so that the node never holds two). ``signer`` signs its evaluations of a
         round's candidate (:mod:`tapestry.pki.statements`); ``trust`` decides which bases it
         trains from (:mod:`tapestry.node.base_trust`; without it, any the coordinator
-        sends)."""
+        sends); ``receipts`` keeps the coordinator's signed records each cycle's start
+        carries (:mod:`tapestry.node.receipts`)."""
         self._node = node
         self._spec = spec
         self._store = store
@@ -105,6 +108,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         self._candidates = Candidates(node.node_id, self._expected, scratch_dir)
         self._signer = signer
         self._trust = trust
+        self._receipts = receipts
 
     def Describe(
         self, request: pb.DescribeRequest, context: grpc.ServicerContext
@@ -373,6 +377,15 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         )
         context.cancel()
 
+    def _keep_receipts(self, receipts: Sequence[pb.RoundRecord]) -> None:
+        """Keep the receipts whose signature holds; nothing about them fails the cycle."""
+        if self._receipts is None:
+            return
+        try:
+            self._receipts.keep(receipts)
+        except Exception:
+            log.exception("the cycle's receipts could not be kept")
+
     def _receive_base(
         self,
         first: pb.RunSovereignCycleRequest | None,
@@ -396,6 +409,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             max_round_gap=self._limits.max_round_gap,
         )
         start = first.start
+        self._keep_receipts(start.receipts)
         try:
             encoding = codec.encoding_from_proto(start.delta_encoding, "CycleStart.delta_encoding")
         except ValueError as error:

@@ -18,6 +18,7 @@ from tapestry.node.artifacts import ArtifactStore
 from tapestry.node.base_trust import BaseTrust
 from tapestry.node.dial_out import DialOut
 from tapestry.node.processes import training_device
+from tapestry.node.receipts import Receipts
 from tapestry.node.servicer import SovereignNodeServicer
 from tapestry.observe.metrics import NodeMetrics, restore_node_metrics
 from tapestry.pki.serving import dialing_credentials, server_security
@@ -149,6 +150,7 @@ def _servicer(
             config.trust.min_acceptances,
             config.trust.tolerance,
         ),
+        receipts=Receipts(data_dir, None if tls is None else SignatureCheck(tls.ca, tls.crl)),
     )
     log.info(
         "node %s (%s) of consortium %s: %d sequences, %d tokens to train on, %d sequences "

@@ -36,7 +36,6 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from tapestry.consortium.v1 import consortium_pb2 as pb
-from tapestry.consortium.v1 import journal_pb2 as jpb
 from tapestry.errors import UserError
 from tapestry.observe.heldout import HeldOutLosses, heldout_losses
 from tapestry.wire.tensor_stream import ByteCount
@@ -184,7 +183,7 @@ class CoordinatorMetrics:
 
 
 def restore_coordinator_metrics(
-    metrics: CoordinatorMetrics, records: Iterable[jpb.RoundRecord], members: Iterable[str]
+    metrics: CoordinatorMetrics, records: Iterable[pb.RoundRecord], members: Iterable[str]
 ) -> None:
     """Start ``metrics`` where the journal stands: its ``records`` (oldest first, the ones
     the coordinator resumed from) counted as if this process had recorded each, so every

@@ -24,6 +24,15 @@ from tapestry.pki.credentials import revoked_serials
 from tapestry.pki.signing import Signature, SignatureError, Signer, verify_signature
 
 
+def signed_bytes(record: pb.RoundRecord) -> bytes:
+    """What the coordinator signs of a journal record (the ledger; a member's receipt): the
+    record's deterministic binary serialization with its ``signature`` cleared."""
+    unsigned = pb.RoundRecord()
+    unsigned.CopyFrom(record)
+    unsigned.ClearField("signature")
+    return unsigned.SerializeToString(deterministic=True)
+
+
 def evaluation_statement(
     consortium_id: str, round_num: int, base_sha256: str, evaluation: pb.MemberEvaluation
 ) -> bytes:
