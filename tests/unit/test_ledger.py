@@ -325,3 +325,20 @@ def test_a_members_signed_evaluation_changed_after_the_fact_is_named(journal: Jo
         f"spiffe://acme/node/{evaluation.node_id} does not match the signed bytes (changed "
         "since signed)"
     ) in journal.problems()
+
+
+def test_a_revoked_members_signature_on_its_evaluation_is_named(journal: Journal) -> None:
+    records = [journal.record(n) for n in (1, 2, 3)]
+    result = records[0].result
+    evaluation = result.validation.attempts[0].evaluations[0]
+    holder = issue_member(journal.pki.root, "node", evaluation.node_id, host="h")
+    member = Signer.from_files(holder / "cert.pem", holder / "key.pem", journal.pki.ca_cert)
+    sign_evaluation(member, "acme", 1, result.previous_base_sha256, evaluation)
+    _resign(journal, records)
+    assert journal.problems(crl=True) == []
+
+    revoke_certificate(journal.pki.root, holder / "cert.pem")
+    problems = journal.problems(crl=True)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"round 1: step 1, {evaluation.node_id!r}'s evaluation: ")
+    assert "is revoked" in problems[0]
