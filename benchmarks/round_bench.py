@@ -61,6 +61,9 @@ TRAINING = {
     "lr": 0.001,
     "heldout_percent": 0,
 }
+# Member-validated commit (on by default in a consortium file) evaluates each candidate on
+# held-out text: off here, as before it existed, unless --validate asks for its cost.
+UNVALIDATED = {"acceptance": {"rule": "off"}}
 CYCLE = re.compile(r"INFO tapestry\.node\.servicer: round (\d+): cycle took ([0-9.]+) s")
 BYTES = re.compile(r"^tapestry_bytes_(sent|received)_total\{[^}]*\} ([0-9.e+]+)$", re.M)
 
@@ -128,17 +131,29 @@ def consortium(
     trainer: str,
     encoding: str = "float32",
     link: dict[str, Any] | None = None,
+    validate: bool = False,
 ) -> Iterator[LocalConsortium]:
+    """``validate``: the consortium file's default member-validated commit, each node
+    holding 10% of its lines out to evaluate on; else no validation and nothing held out."""
     corpus = root / "corpus.txt"
-    corpus.write_text(CORPUS_LINE * 16)
-    training = {**TRAINING, "trainer": trainer}
+    if validate:  # lines that differ, so some can be held out
+        corpus.write_text("".join(f"{i}: {CORPUS_LINE}" for i in range(16)))
+    else:
+        corpus.write_text(CORPUS_LINE * 16)
+    training = {**TRAINING, "trainer": trainer, **({"heldout_percent": 10} if validate else {})}
     specs = [LocalNodeSpec(f"n{i}", f"J{i}", 0.9, [corpus], training) for i in range(nodes)]
     model = {"architecture": "tiny-causal", "vocab_size": VOCAB, "hidden_size": hidden}
     settings: dict[str, Any] = {"delta_encoding": encoding}
     if link:
         settings["link"] = link
     with LocalConsortium(
-        root / "c", specs, model=model, seed=SEED, metrics=True, settings=settings
+        root / "c",
+        specs,
+        model=model,
+        seed=SEED,
+        metrics=True,
+        settings=settings,
+        policy=None if validate else UNVALIDATED,
     ) as local:
         yield local
 
@@ -151,10 +166,11 @@ def served_rounds(
     trainer: str,
     encoding: str,
     link: dict[str, Any] | None = None,
+    validate: bool = False,
 ) -> dict[str, Any]:
     """Rounds through the services; the peak RSS of every process once they are done."""
     walls, slowest, overhead = [], [], []
-    with consortium(root, hidden, nodes, trainer, encoding, link) as local:
+    with consortium(root, hidden, nodes, trainer, encoding, link, validate) as local:
         url = local.metrics_url("coordinator")
         with local.client() as client:
             for _ in range(rounds):
@@ -237,7 +253,7 @@ def one_run(params: int, nodes: int, args: argparse.Namespace) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="round-bench-") as tmp:
         link = {"window_budget_mib": args.window_budget_mib} if args.window_budget_mib else None
         served = served_rounds(
-            Path(tmp), hidden, nodes, args.rounds, args.trainer, args.encoding, link
+            Path(tmp), hidden, nodes, args.rounds, args.trainer, args.encoding, link, args.validate
         )
     tls = served.pop("_tls")
     wire = served["wire_bytes"]
@@ -258,6 +274,7 @@ def one_run(params: int, nodes: int, args: argparse.Namespace) -> dict[str, Any]
         "hidden_size": hidden,
         "nodes": nodes,
         "model_bytes": actual * 4,
+        "validated": args.validate,
         **served,
         "loopback_s": {"plain": plain, "tls": secure},
         "inprocess_s": inprocess,
@@ -309,6 +326,11 @@ def main() -> None:
     parser.add_argument("--trainer", choices=["synthetic", "real"], default="synthetic")
     parser.add_argument(
         "--window-budget-mib", type=int, help="[link] window_budget_mib (default: the config's)"
+    )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="member-validated commit on (nodes hold 10%% out): its cost; off by default",
     )
     parser.add_argument("--json", type=Path, help="append one object per run to this list")
     parser.add_argument("--table", type=Path, help="print this --json file as Markdown, run none")

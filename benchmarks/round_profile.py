@@ -21,6 +21,7 @@ from pathlib import Path
 from tapestry.demo.launcher import LocalConsortium, LocalNodeSpec
 
 TRAINING = {"local_epochs": 1, "batch_size": 8, "max_seq_len": 64, "lr": 0.001}
+UNVALIDATED = {"acceptance": {"rule": "off"}}  # a round's transport, as before validation
 STAMP = re.compile(
     r"^(\S+ \S+) INFO tapestry.node.servicer: round (\d+): (base .* received|artifact stored)"
 )
@@ -54,7 +55,7 @@ def bench_consortium(hidden: int, nodes: int) -> Iterator[LocalConsortium]:
         specs = [
             LocalNodeSpec(f"n{i}", f"J{i}", 0.9, [corpus], dict(TRAINING)) for i in range(nodes)
         ]
-        with LocalConsortium(root / "c", specs, model=model) as consortium:
+        with LocalConsortium(root / "c", specs, model=model, policy=UNVALIDATED) as consortium:
             yield consortium
 
 

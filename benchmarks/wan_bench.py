@@ -51,6 +51,7 @@ from round_bench import (
     CORPUS_LINE,
     SEED,
     TRAINING,
+    UNVALIDATED,
     VOCAB,
     coordinator_bytes,
     cycle_seconds,
@@ -109,6 +110,7 @@ def wan_consortium(
             metrics=True,
             settings=settings,
             route=through_link,
+            policy=UNVALIDATED,
         )
         with local:
             yield local
