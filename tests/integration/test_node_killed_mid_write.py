@@ -35,6 +35,7 @@ ASIDE = re.compile(r"round-\d{6}\.superseded-[0-9a-f]{16}")
 FILES = {"model.safetensors", "manifest.json"}
 NODES = ["vietnam", "switzerland", "india"]
 SCRATCH_BASE = re.compile(HELD_BASE.replace(".", r"\.").format(r"\d+"))
+RECEIPT = re.compile(r"round-\d{6}\.json")  # a coordinator's signed record, kept whole
 
 
 def layout_problems(data_dir: Path) -> list[str]:
@@ -45,6 +46,10 @@ def layout_problems(data_dir: Path) -> list[str]:
         parts = relative.parts
         if parts == ("scratch",) or (parts[0] == "scratch" and SCRATCH_BASE.fullmatch(parts[1])):
             continue  # the base of the last cycle (not an artifact), removed at start-up
+        if parts in (("trusted-bases.json",), ("receipts",)) or (
+            parts[0] == "receipts" and RECEIPT.fullmatch(parts[1])
+        ):
+            continue  # the node's ledger ([trust], receipts), each file written whole
         if parts[0] != "artifacts":
             problems.append(f"{relative}: not the artifact store's")
         elif len(parts) == 1:

@@ -437,9 +437,10 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             self._metrics.base_received(),
         )
         if self._trust is not None and not start.base_sha256:  # unannounced: checked now
-            try:
+            try:  # a malformed base is said to be one first (the core's check)
+                self._node.check_base(start.round_num, base)
                 self._trust.check(assembler.digest, start.base_proofs)
-            except CycleRefused:
+            except Exception:
                 if isinstance(base, SpilledState):
                     base.discard()
                 raise
