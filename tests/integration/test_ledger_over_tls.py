@@ -50,6 +50,9 @@ def test_a_tls_coordinators_rounds_are_signed_chained_and_verify(consortium_fact
     for record in records[:2]:
         fetched = [c for c in record.result.contributions if c.weight_delta_sha256]
         assert fetched and all(c.HasField("signature") for c in fetched)
+        # Each member's certificate kept once in the record, not in each signature.
+        assert sorted(record.result.member_certificates) == sorted(c.node_id for c in fetched)
+        assert not any(c.signature.certificate for c in fetched)
         for attempt in record.result.validation.attempts:
             assert all(e.HasField("signature") for e in attempt.evaluations)
     # --ca comes from the environment (TAPESTRY_CA), as for every other command

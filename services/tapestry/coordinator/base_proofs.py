@@ -46,11 +46,14 @@ def _proof(result: pb.ConsortiumRoundResult) -> pb.BaseProof | None:
         return None
     for attempt in validation.attempts:
         if attempt.scale == validation.committed_scale:
+            signed = [e for e in attempt.evaluations if e.HasField("signature")]
+            kept = result.member_certificates
             return pb.BaseProof(
                 round_num=result.round_num,
                 from_sha256=result.previous_base_sha256,
                 to_sha256=result.shared_base_sha256,
-                evaluations=[e for e in attempt.evaluations if e.HasField("signature")],
+                evaluations=signed,
+                certificates={e.node_id: kept[e.node_id] for e in signed if e.node_id in kept},
             )
     return None
 

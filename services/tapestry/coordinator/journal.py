@@ -40,7 +40,7 @@ from tapestry.atomic_files import read_json, remove_temporaries, write_json, wri
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.errors import NotFound, UserError
 from tapestry.pki.signing import Signer
-from tapestry.pki.statements import signed_bytes
+from tapestry.pki.statements import hoist_certificates, signed_bytes
 from tapestry.state_files import load_state, read_metadata, save_state
 from tapestry.training.consortium.messages import ModelState
 from tapestry.training.consortium.round.result import ConsortiumRoundResult
@@ -169,6 +169,7 @@ class CoordinatorStore:
             signature = (signatures or {}).get(contribution.node_id)
             if signature is not None:
                 contribution.signature.CopyFrom(signature)
+        hoist_certificates(record.result)  # each member's certificate once, not per signature
         record = self._sealed(record)
         if result.strategy_state is not None:  # before the entry that names its digest
             save_state(

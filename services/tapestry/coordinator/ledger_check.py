@@ -49,7 +49,12 @@ from tapestry.limits import MAX_PEER_NAME_CHARS
 from tapestry.pki.authority import consortium_of
 from tapestry.pki.credentials import CredentialError, revoked_serials
 from tapestry.pki.signing import SignatureError, verify_signature
-from tapestry.pki.statements import contribution_statement, evaluation_statement, signed_bytes
+from tapestry.pki.statements import (
+    contribution_statement,
+    evaluation_statement,
+    signed_bytes,
+    with_certificate,
+)
 from tapestry.state_files import load_state
 from tapestry.training.consortium.governance.acceptance import Verdict, validate
 from tapestry.training.consortium.messages import MemberEvaluation
@@ -241,7 +246,7 @@ def _member_signatures(
                 contribution.weight_delta_sha256,
             )
             problem = _signed(
-                contribution.signature, statement, contribution.node_id, trust, moment
+                contribution.signature, statement, contribution.node_id, trust, moment, result
             )
             if problem:
                 yield f"{quoted(contribution.node_id, MAX_PEER_NAME_CHARS)}'s contribution{problem}"
@@ -252,7 +257,7 @@ def _member_signatures(
                     consortium, result.round_num, result.previous_base_sha256, evaluation
                 )
                 problem = _signed(
-                    evaluation.signature, statement, evaluation.node_id, trust, moment
+                    evaluation.signature, statement, evaluation.node_id, trust, moment, result
                 )
                 if problem:
                     member = quoted(evaluation.node_id, MAX_PEER_NAME_CHARS)
@@ -265,9 +270,12 @@ def _signed(
     node_id: str,
     trust: Trust,
     moment: datetime | None,
+    result: pb.ConsortiumRoundResult,
 ) -> str:
     """Why ``signature`` over ``statement`` is not ``node_id``'s, worded to follow what it
-    is on ("": it is)."""
+    is on ("": it is); its certificate, where it carries none, is the one the record keeps
+    for that member (``member_certificates``)."""
+    signature = with_certificate(signature, result.member_certificates, node_id)
     try:
         who = verify_signature(
             signature_from_proto(signature), statement, trust.ca, trust.revoked, at=moment

@@ -30,7 +30,7 @@ from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.errors import quoted
 from tapestry.limits import MAX_BASE_PROOFS, MAX_PROOF_EVALUATIONS, MAX_TRUSTED_BASES
 from tapestry.node.guard import CycleRefused
-from tapestry.pki.statements import SignatureCheck
+from tapestry.pki.statements import SignatureCheck, with_certificate
 
 log = logging.getLogger(__name__)
 TRUSTED_BASES = "trusted-bases.json"
@@ -117,7 +117,7 @@ class BaseTrust:
             if evaluation.state_sha256 != proof.to_sha256:
                 continue
             problem = self._check.evaluation_problem(
-                self._consortium_id, proof.round_num, proof.from_sha256, evaluation
+                self._consortium_id, proof.round_num, proof.from_sha256, _whole(evaluation, proof)
             )
             if problem is not None:
                 refused.append(problem)
@@ -138,3 +138,14 @@ class BaseTrust:
         known = [b for b in self._known if b != base_sha256] + [base_sha256]
         self._known = known[-MAX_TRUSTED_BASES:]
         write_json(self._path, {"bases": self._known})
+
+
+def _whole(evaluation: pb.MemberEvaluation, proof: pb.BaseProof) -> pb.MemberEvaluation:
+    """``evaluation`` with its signer's certificate, from the proof's where it carries none."""
+    signature = with_certificate(evaluation.signature, proof.certificates, evaluation.node_id)
+    if signature is evaluation.signature:
+        return evaluation
+    whole = pb.MemberEvaluation()
+    whole.CopyFrom(evaluation)
+    whole.signature.CopyFrom(signature)
+    return whole

@@ -12,6 +12,7 @@ coordinator made with its own key names the coordinator, never a member.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from cryptography import x509
@@ -130,3 +131,41 @@ class SignatureCheck:
         if (who.role, who.name) != ("node", evaluation.node_id):
             return f"the evaluation by {member} is signed by {who.uri}, not by that member"
         return None
+
+
+def _signed_parts(result: pb.ConsortiumRoundResult) -> Iterator[tuple[pb.Signature, str]]:
+    """Every member signature a round's result holds, with whose it says it is."""
+    for contribution in result.contributions:
+        if contribution.HasField("signature"):
+            yield contribution.signature, contribution.node_id
+    for attempt in result.validation.attempts:
+        for evaluation in attempt.evaluations:
+            if evaluation.HasField("signature"):
+                yield evaluation.signature, evaluation.node_id
+
+
+def hoist_certificates(result: pb.ConsortiumRoundResult) -> None:
+    """Keep each signing member's certificate once in ``result.member_certificates`` and
+    clear it from its signatures (a member signs its delta and each step it evaluated: the
+    same certificate several times a round). A signature whose certificate is not the one
+    kept for its member keeps its own."""
+    kept = result.member_certificates
+    for signature, node_id in _signed_parts(result):
+        if not signature.certificate:
+            continue
+        if node_id not in kept:
+            kept[node_id] = signature.certificate
+        if kept[node_id] == signature.certificate:
+            signature.certificate = b""
+
+
+def with_certificate(
+    signature: pb.Signature, certificates: Mapping[str, bytes], node_id: str
+) -> pb.Signature:
+    """``signature``, with the certificate kept for ``node_id`` where it carries none."""
+    if signature.certificate or node_id not in certificates:
+        return signature
+    full = pb.Signature()
+    full.CopyFrom(signature)
+    full.certificate = certificates[node_id]
+    return full
