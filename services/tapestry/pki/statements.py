@@ -20,8 +20,7 @@ from cryptography import x509
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.errors import quoted
 from tapestry.limits import MAX_PEER_NAME_CHARS
-from tapestry.pki.access import Peer
-from tapestry.pki.credentials import revoked_serials
+from tapestry.pki.access import Peer, RevocationList
 from tapestry.pki.signing import Signature, SignatureError, Signer, verify_signature
 
 
@@ -87,17 +86,17 @@ def sign_evaluation(
 
 
 class SignatureCheck:
-    """Checks members' signatures against the consortium CA and its CRL (read again at each
-    check, so a revocation counts at once)."""
+    """Checks members' signatures against the consortium CA and its CRL (read again when
+    the file changes, :class:`~tapestry.pki.access.RevocationList`, so a revocation counts
+    at once)."""
 
     def __init__(self, ca: Path, crl: Path | None = None) -> None:
-        self._ca_path = ca
-        self._crl = crl
         self._ca = x509.load_pem_x509_certificate(ca.read_bytes())
+        self._revocations = None if crl is None else RevocationList(crl, ca)
 
     def signer(self, signature: pb.Signature, payload: bytes) -> Peer:
         """Who signed ``payload``; :class:`SignatureError` saying why when it does not hold."""
-        revoked = revoked_serials(self._crl, self._ca_path) if self._crl else frozenset()
+        revoked = self._revocations.serials() if self._revocations else frozenset()
         return verify_signature(
             Signature(signature.certificate, signature.signature), payload, self._ca, revoked
         )
