@@ -297,23 +297,10 @@ def _files(
     """How the round's base and momentum files (unless not ``momentum``) differ from the
     digests it records."""
     result = record.result
-    digest, problem = _file_digest(store.base_path(result.round_num))
-    if problem:
-        yield f"the base {problem}"
-    elif digest != result.shared_base_sha256:
-        yield (
-            f"the base file {store.base_path(result.round_num).name} has digest "
-            f"{digest[:12]}, the record says {result.shared_base_sha256[:12]}"
-        )
+    yield from _file_problem(store.base_path(result.round_num), result.shared_base_sha256, "base")
     if momentum and result.outer_momentum_sha256:
-        digest, problem = _file_digest(store.momentum_path(result.round_num))
-        if problem:
-            yield f"the momentum {problem}"
-        elif digest != result.outer_momentum_sha256:
-            yield (
-                f"the momentum file {store.momentum_path(result.round_num).name} has digest "
-                f"{digest[:12]}, the record says {result.outer_momentum_sha256[:12]}"
-            )
+        path = store.momentum_path(result.round_num)
+        yield from _file_problem(path, result.outer_momentum_sha256, "momentum")
     if result.HasField("rolled_back_to"):
         restored = bases.get(result.rolled_back_to)
         if restored != result.shared_base_sha256:
@@ -322,6 +309,17 @@ def _files(
                 f"{result.shared_base_sha256[:12]} is not that round's "
                 f"{(restored or '(no such round)')[:12]}"
             )
+
+
+def _file_problem(path: Path, recorded: str, what: str) -> Iterator[str]:
+    """How the ``what`` file at ``path`` differs from the digest its record holds."""
+    digest, problem = _file_digest(path)
+    if problem:
+        yield f"the {what} {problem}"
+    elif digest != recorded:
+        yield (
+            f"the {what} file {path.name} has digest {digest[:12]}, the record says {recorded[:12]}"
+        )
 
 
 def _file_digest(path: Path) -> tuple[str, str]:
