@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from tapestry.cli.options import Address, EnvOption, friendly_errors
-from tapestry.errors import UserError
+from tapestry.cli.options import Address, EnvOption, checked_credentials, friendly_errors
 
 if TYPE_CHECKING:
     from tapestry.coordinator.ledger_check import Trust
@@ -104,17 +103,13 @@ def _verify_remote(
     """Fetch the coordinator's ledger into a temporary directory and check it there."""
     from tapestry.coordinator.client import CoordinatorClient
     from tapestry.coordinator.ledger_copy import copy_ledger
-    from tapestry.pki.serving import client_credentials
 
     if cert is None or key is None:
         raise click.UsageError(
             "--coordinator needs --cert and --key (or TAPESTRY_CERT, TAPESTRY_KEY): an "
             "operator's or a member node's certificate"
         )
-    try:
-        credentials = client_credentials(ca, cert, key)
-    except UserError as error:
-        raise click.ClickException(str(error)) from None
+    credentials = checked_credentials(ca, cert, key)
     with tempfile.TemporaryDirectory(prefix="tapestry-ledger-") as folder:
         with CoordinatorClient(address, credentials) as client:
             fetched = copy_ledger(client, Path(folder))

@@ -103,6 +103,19 @@ page_size_option = click.option(
 )
 
 
+def checked_credentials(
+    ca: Path | None, cert: Path | None, key: Path | None
+) -> grpc.ChannelCredentials | None:
+    """The ``grpc.ChannelCredentials`` of a member's certificate, or a
+    :class:`click.ClickException` saying what is wrong with the files."""
+    from tapestry.pki.serving import client_credentials  # cryptography: when needed
+
+    try:
+        return client_credentials(ca, cert, key)
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
+
+
 def client_tls_options(command: Callable[..., R]) -> Callable[..., R]:
     """``--ca``, ``--cert``, ``--key`` (a member's certificate from `tapestry certs`; an
     operator's to run rounds or roll back) or ``--insecure``, turned into the command's
@@ -113,8 +126,6 @@ def client_tls_options(command: Callable[..., R]) -> Callable[..., R]:
     def run(
         *args: Any, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool, **kw: Any
     ) -> R:
-        from tapestry.pki.serving import client_credentials  # cryptography: when needed
-
         if insecure and (ca or cert or key):
             raise click.UsageError("--insecure goes without --ca, --cert and --key")
         if not insecure and not (ca or cert or key):
@@ -125,11 +136,7 @@ def client_tls_options(command: Callable[..., R]) -> Callable[..., R]:
                 "TAPESTRY_CA, TAPESTRY_CERT, TAPESTRY_KEY), e.g. an operator's from `tapestry "
                 "certs init`; or --insecure for a server that serves plaintext"
             )
-        try:
-            credentials = client_credentials(ca, cert, key)
-        except UserError as error:
-            raise click.ClickException(str(error)) from None
-        return command(*args, credentials=credentials, **kw)
+        return command(*args, credentials=checked_credentials(ca, cert, key), **kw)
 
     path = click.Path(dir_okay=False, path_type=Path)
     for flag, what in (("key", "Its private key"), ("cert", "Your certificate"),
