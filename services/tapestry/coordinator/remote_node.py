@@ -190,7 +190,8 @@ class RemoteSovereignNode:
         self._base_proofs = base_proofs
         self._receipts = receipts
         self.latest_round = 0  # the newest round the node trained (Describe)
-        # Round -> the node's signature over its contribution, checked (for the record).
+        # Round -> the node's signature over its newest contribution, checked (for the
+        # record); a dialed member's proxy outlives rounds, so it holds one at most.
         self.contribution_signatures: dict[int, pb.Signature] = {}
         self._candidate_sent: tuple[int, str] | None = None  # (round, digest) it holds
         self._evaluation_failed = 0  # the round whose validation it failed a step of
@@ -502,8 +503,8 @@ class RemoteSovereignNode:
             problem = self.signatures.signed_by(trailer.signature, payload, self.node_id)
             if problem is not None:
                 raise WireError(f"the delta's signature does not hold: {problem}")
-        if trailer.HasField("signature"):
-            self.contribution_signatures[contribution.round_num] = trailer.signature
+        if trailer.HasField("signature"):  # the newest only: a failed round's is never read
+            self.contribution_signatures = {contribution.round_num: trailer.signature}
 
     def _meter(self, phase: CyclePhase, total: int, on_progress: ProgressCallback) -> TransferMeter:
         """What a state's stream tells its bytes: the metric, and the cycle's progress."""
