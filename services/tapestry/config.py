@@ -375,6 +375,12 @@ class AcceptanceConfig(_Strict):
     max_halvings: int = DEFAULT_MAX_HALVINGS
     """How many times a refused step is halved and evaluated again before the round gives
     up with the base unchanged, in [0, 10]."""
+    drop_one: bool = False
+    """When no step is accepted: integrate again without each accepted contribution in
+    turn, have the members evaluate each such candidate, and commit the accepted one whose
+    members' mean change is lowest. Costs one candidate per accepted member, sent to every
+    member, and lets a member tell the dropped contribution's weighted delta from the
+    difference of two candidates (docs/concepts/policy.md)."""
     timeout_s: float = Field(DEFAULT_EVALUATION_TIMEOUT_S, gt=0, le=MAX_NODE_TIMEOUT_S)
     """Deadline of one member's evaluation of one step, the candidate's transfer included,
     in seconds; a member that does not answer in time does not count for that step."""
@@ -388,7 +394,9 @@ class AcceptanceConfig(_Strict):
         """The core's acceptance policy (``None``: off)."""
         if self.rule == "off":
             return None
-        return AcceptancePolicy(AcceptanceRule(self.rule), self.tolerance, self.max_halvings)
+        return AcceptancePolicy(
+            AcceptanceRule(self.rule), self.tolerance, self.max_halvings, self.drop_one
+        )
 
 
 class LocalTraining(_Strict):

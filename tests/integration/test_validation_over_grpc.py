@@ -207,6 +207,32 @@ def test_the_reversed_member_cannot_raise_an_honest_members_held_out_loss(
                 assert evaluation.change <= 0.01, evaluation
 
 
+def test_with_drop_one_the_reversed_member_is_left_out_over_the_wire_and_the_base_moves(
+    tmp_path: Path,
+) -> None:
+    members: dict[str, SovereignNodeServicer] = dict(_honest(tmp_path))
+    members["rogue"] = Member(Reversed(_node("rogue", "vn", quality=1.0)), tmp_path)
+    policy = ContributionPolicy(max_delta_norm_ratio=None, max_node_weight=0.5)
+    with _served(tmp_path, members) as served:
+        coordinator = _coordinator(policy)
+        coordinator.acceptance = AcceptancePolicy(max_halvings=1, drop_one=True)
+        results = [coordinator.run_round(served.proxies) for _ in range(2)]
+
+    for result in results:
+        validation = result.validation
+        assert validation is not None and validation.dropped == "rogue"
+        assert [a.dropped for a in validation.attempts] == ["", "", "n0", "n1", "n2", "rogue"]
+        assert result.accepted_nodes == ["n0", "n1", "n2"] and "rogue" in result.rejected_nodes
+        assert result.shared_base_sha256 != result.previous_base_sha256
+        (chosen,) = [a for a in validation.attempts if a.dropped == "rogue"]
+        # every member judged the very state committed, and no honest loss rose
+        assert {e.state_sha256 for e in chosen.evaluations} == {result.shared_base_sha256}
+        assert all(e.change <= 0.01 for e in chosen.evaluations if e.node_id in MEMBERS)
+    assert results[1].previous_base_sha256 == results[0].shared_base_sha256
+    # the candidate without the rogue crossed to each member once, like every candidate
+    assert all(m.asked == 2 * 6 for m in members.values())  # type: ignore[attr-defined]
+
+
 def test_a_member_that_does_not_answer_in_time_does_not_count(tmp_path: Path) -> None:
     members = _honest(tmp_path, n2={"delay_s": 3.0})
     with _served(tmp_path, members) as served:

@@ -206,3 +206,88 @@ def test_a_member_counted_twice_or_none_at_all_decides_nothing() -> None:
 def test_an_acceptance_policy_out_of_bounds_is_refused(fields, message) -> None:
     with pytest.raises(ValueError, match=message):
         AcceptancePolicy(**fields)
+
+
+def _dropping(table: dict[str, dict[str, float]]):
+    dropped: list[str] = []
+
+    def evaluate_without(node_id: str) -> list[MemberEvaluation]:
+        dropped.append(node_id)
+        return _evaluations(table[node_id])
+
+    return evaluate_without, dropped
+
+
+ROGUE_ROUND = {s: {"vietnam": 0.5, "switzerland": 0.2, "india": -0.3} for s in (1.0, 0.5)}
+
+
+def test_drop_one_commits_without_the_contribution_whose_removal_helps_most() -> None:
+    evaluate, asked = _by_scale(ROGUE_ROUND)
+    without, dropped = _dropping(
+        {
+            "vietnam": {"vietnam": 0.3, "switzerland": 0.1, "india": -0.2},  # rejected
+            "switzerland": {"vietnam": -0.1, "switzerland": -0.05, "india": -0.2},
+            "india": {"vietnam": -0.2, "switzerland": -0.1, "india": -0.1},  # lowest mean
+        }
+    )
+    policy = AcceptancePolicy(max_halvings=1, drop_one=True)
+    outcome = validate(policy, evaluate, drops=["vietnam", "switzerland", "india"],
+                       evaluate_without=without)  # fmt: skip
+
+    assert (outcome.scale, outcome.dropped, outcome.committed_over) == (1.0, "india", ())
+    assert asked == [1.0, 0.5] and dropped == ["vietnam", "switzerland", "india"]
+    assert [a.dropped for a in outcome.attempts] == ["", "", "vietnam", "switzerland", "india"]
+    assert [a.verdict.accepted for a in outcome.attempts] == [False, False, False, True, True]
+    assert outcome.reason.startswith("committed without india's contribution")
+
+
+def test_the_dropped_member_cannot_keep_its_delta_in_by_objecting_to_its_removal() -> None:
+    evaluate, _ = _by_scale(ROGUE_ROUND)
+    without, _ = _dropping(
+        {
+            "vietnam": {"vietnam": 9.0, "switzerland": -0.1, "india": -0.3},  # its lie alone
+            "india": {"vietnam": 0.4, "switzerland": 0.2, "india": -0.3},
+        }
+    )
+    policy = AcceptancePolicy(max_halvings=1, drop_one=True)
+    outcome = validate(policy, evaluate, drops=["vietnam", "india"], evaluate_without=without)
+    assert (outcome.scale, outcome.dropped, outcome.committed_over) == (
+        1.0,
+        "vietnam",
+        ("vietnam",),
+    )
+
+
+def test_another_members_lone_objection_to_a_drop_still_refuses_it() -> None:
+    evaluate, _ = _by_scale(ROGUE_ROUND)
+    # Without india, vietnam alone objects: that objection is not india's own, so it stands.
+    without, _ = _dropping({"india": {"vietnam": 0.3, "switzerland": -0.1, "india": -0.3}})
+    policy = AcceptancePolicy(max_halvings=1, drop_one=True)
+    outcome = validate(policy, evaluate, drops=["india"], evaluate_without=without)
+    assert outcome.scale is None and outcome.dropped == ""
+    assert len(outcome.attempts) == 3
+
+
+def test_drop_one_is_off_unless_asked_and_never_tried_before_the_shorter_steps() -> None:
+    evaluate, _ = _by_scale(ROGUE_ROUND)
+    without, dropped = _dropping({})
+    outcome = validate(AcceptancePolicy(max_halvings=1), evaluate, drops=["vietnam"],
+                       evaluate_without=without)  # fmt: skip
+    assert outcome.scale is None and dropped == []
+    accepting, _ = _by_scale({1.0: ALL_BETTER})
+    outcome = validate(AcceptancePolicy(drop_one=True), accepting, drops=["vietnam"],
+                       evaluate_without=without)  # fmt: skip
+    assert outcome.scale == 1.0 and dropped == []
+
+
+def test_a_drop_candidate_too_few_members_evaluated_is_not_committed() -> None:
+    evaluate, _ = _by_scale(ROGUE_ROUND)
+    without, _ = _dropping({"vietnam": {"switzerland": -0.1}})
+    policy = AcceptancePolicy(max_halvings=1, drop_one=True)
+    outcome = validate(policy, evaluate, 2, drops=["vietnam"], evaluate_without=without)
+    assert outcome.scale is None
+
+
+def test_drop_one_must_be_a_boolean() -> None:
+    with pytest.raises(ValueError, match="drop_one"):
+        AcceptancePolicy(drop_one="yes")  # type: ignore[arg-type]

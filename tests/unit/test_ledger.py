@@ -342,3 +342,43 @@ def test_a_revoked_members_signature_on_its_evaluation_is_named(journal: Journal
     assert len(problems) == 1
     assert problems[0].startswith(f"round 1: step 1, {evaluation.node_id!r}'s evaluation: ")
     assert "is revoked" in problems[0]
+
+
+def _dropping_journal(root: Path) -> Journal:
+    """A journal whose round 1 the drop-one fallback committed without the member whose
+    delta spoils it (members judge by how near a weight is to 1)."""
+    from .test_member_validation import Judge
+
+    journal = Journal(root)
+    journal.core = ConsortiumCoordinator(
+        SPEC.build(seed=1),
+        ContributionPolicy(max_node_weight=0.5),
+        acceptance=AcceptancePolicy(max_halvings=1, drop_one=True),
+        min_nodes=2,
+    )
+    members = [Judge("vn", 1.0, 1.0), Judge("ch", 1.0, 1.0), Judge("rogue", -9.9, 1.0, True)]
+    journal.core.run_round(members, commit=journal._commit)
+    return journal
+
+
+def test_a_round_committed_without_one_member_verifies_and_a_changed_drop_is_named(
+    tmp_path: Path,
+) -> None:
+    journal = _dropping_journal(tmp_path)
+    result = journal.record(1).result
+    assert result.validation.dropped == "rogue" and result.validation.drop_one
+    assert [a.dropped for a in result.validation.attempts] == ["", "", "vn", "ch", "rogue"]
+    assert list(result.accepted_nodes) == ["vn", "ch"]
+    assert journal.problems(allow_unsigned=True) == []
+
+    forged = pb.ConsortiumRoundResult()
+    forged.CopyFrom(result)
+    forged.validation.dropped = "vn"  # says it left out another member
+    assert "committed without 'vn', the rule commits without 'rogue'" in acceptance_problems(forged)
+    forged.CopyFrom(result)
+    del forged.validation.attempts[2]  # hides that leaving out vn was tried
+    assert any("tries leaving out 'vn'" in p for p in acceptance_problems(forged))
+    forged.CopyFrom(result)
+    forged.contribution_weights["rogue"] = 0.1  # weighs the member it says it left out
+    journal.write(pb.RoundRecord(result=forged))
+    assert any("weight of rogue" in p for p in journal.problems(allow_unsigned=True))

@@ -279,3 +279,93 @@ def test_a_member_that_edits_the_candidate_in_place_changes_neither_the_base_nor
     assert torch.equal(result.shared_base_state["weight"], torch.ones(2, 2))  # 0 + mean(+1)
     # the member whose evaluation edited what it judged is not counted
     assert [e.node_id for e in result.validation.attempts[0].evaluations] == ["b", "c"]
+
+
+class Judge:
+    """A member whose delta is ``value`` everywhere and who judges a candidate by how far its
+    first weight is from ``target``, against how far the base's is. ``flatter``: it says
+    every candidate is better (the hostile member's evaluation)."""
+
+    def __init__(self, node_id: str, value: float, target: float, flatter: bool = False) -> None:
+        self.node_id, self.value, self.target, self.flatter = node_id, value, target, flatter
+        self.judged: list[float] = []
+        self.base = 0.0
+
+    def run_sovereign_cycle(self, round_num, base_state, *, on_progress=None):
+        self.base = next(iter(base_state.values())).flatten()[0].item()
+        from tapestry.training.consortium.messages import (
+            SovereignContribution,
+            SovereignModelArtifact,
+        )
+
+        delta = {k: torch.full_like(v, self.value) for k, v in base_state.items()}
+        return SovereignCycleResult(
+            artifact=SovereignModelArtifact(self.node_id, self.node_id, "cpt", {}, {}, round_num),
+            contribution=SovereignContribution(self.node_id, round_num, delta, 1.0, 1, {}),
+        )
+
+    def evaluate_candidate(self, round_num, candidate_state) -> MemberEvaluation:
+        value = next(iter(candidate_state.values())).flatten()[0].item()
+        self.judged.append(value)
+        after = 0.5 if self.flatter else 1.0 + abs(value - self.target)
+        return MemberEvaluation(self.node_id, 1.0 + abs(self.base - self.target), after)
+
+
+def test_drop_one_commits_the_round_without_the_member_whose_delta_spoils_it() -> None:
+    from tapestry.training.consortium.round.stages import DROPPED
+
+    base = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+    members = [Judge("a", 1.0, 1.0), Judge("b", 1.0, 1.0), Judge("rogue", -9.9, 1.0, True)]
+    policy = ContributionPolicy(max_node_weight=0.5)
+    result = ConsortiumCoordinator(
+        base, policy, acceptance=AcceptancePolicy(max_halvings=1, drop_one=True), min_nodes=2
+    ).run_round(members)
+
+    validation = result.validation
+    assert validation is not None and (validation.scale, validation.dropped) == (1.0, "rogue")
+    assert [a.dropped for a in validation.attempts] == ["", "", "a", "b", "rogue"]
+    assert [a.verdict.accepted for a in validation.attempts] == [False, False, False, False, True]
+    assert torch.equal(result.shared_base_state["weight"], torch.ones(2, 2))  # a and b alone
+    assert result.accepted_nodes == ["a", "b"] and result.rejected_nodes == ["rogue"]
+    assert result.contribution_weights == {"a": 0.5, "b": 0.5}
+    assert result.rejection_reasons == {"rogue": DROPPED}
+    # every member judged the full step, the half step, then each candidate without one
+    assert members[0].judged == pytest.approx([-2.6333, -1.3167, -4.45, -4.45, 1.0], abs=1e-3)
+    wire = round_result_to_proto(result).validation
+    assert [a.dropped for a in wire.attempts] == ["", "", "a", "b", "rogue"]
+    assert wire.dropped == "rogue" and wire.drop_one
+
+
+def test_drop_one_never_leaves_fewer_members_than_the_quorum() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    members = [Judge("a", 1.0, 1.0), Judge("b", 1.0, 1.0), Judge("rogue", -9.9, 1.0, True)]
+    policy = ContributionPolicy(max_node_weight=0.5)
+    result = ConsortiumCoordinator(
+        base, policy, acceptance=AcceptancePolicy(max_halvings=0, drop_one=True), min_nodes=3
+    ).run_round(members)
+    assert result.validation is not None and result.validation.scale is None
+    assert [a.dropped for a in result.validation.attempts] == [""]  # no candidate without one
+    assert result.shared_base_sha256 == result.previous_base_sha256
+
+
+def test_with_drop_one_the_reversed_member_is_left_out_and_the_base_still_moves(
+    make_node: MakeNode, base_model: nn.Module
+) -> None:
+    honest = _members(make_node)
+    coordinator = ConsortiumCoordinator(
+        base_model,
+        ContributionPolicy(max_delta_norm_ratio=10.0, max_node_weight=0.5),
+        acceptance=AcceptancePolicy(drop_one=True),
+    )
+    probe = type(base_model)()
+    for _ in range(2):
+        result = coordinator.run_round([*honest, rogue_member(make_node)])
+        assert result.validation is not None and result.validation.scale is not None
+        assert "rogue" not in result.accepted_nodes
+        assert result.shared_base_sha256 != result.previous_base_sha256  # not stalled
+        for node_id in ("vn", "ch", "in"):
+            before = _loss(probe, result.previous_base_state, node_id)
+            after = _loss(probe, result.shared_base_state, node_id)
+            assert after - before <= 0.01

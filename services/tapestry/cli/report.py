@@ -380,6 +380,8 @@ def _accepted(r: pb.ConsortiumRoundResult) -> str:
     validation = r.validation
     if not validation.HasField("committed_scale"):
         return "- (the members refused it)"
+    if validation.dropped:
+        return f"{accepted} (without {validation.dropped})"
     if validation.committed_over:
         return f"{accepted} (over {', '.join(validation.committed_over)})"
     if validation.committed_scale != 1.0:
@@ -394,7 +396,8 @@ def validation_lines(validation: pb.RoundValidation) -> list[str]:
     for attempt in validation.attempts:
         verdict = "accepted" if attempt.accepted else "refused"
         objections = f", objections: {', '.join(attempt.objections)}" if attempt.objections else ""
-        lines.append(f"  step {attempt.scale:g}: {verdict}{objections}")
+        what = f"without {attempt.dropped}" if attempt.dropped else f"step {attempt.scale:g}"
+        lines.append(f"  {what}: {verdict}{objections}")
     return lines
 
 

@@ -45,7 +45,11 @@ def _proof(result: pb.ConsortiumRoundResult) -> pb.BaseProof | None:
     ):
         return None
     for attempt in validation.attempts:
-        if attempt.scale == validation.committed_scale:
+        committed = (attempt.scale, attempt.dropped) == (
+            validation.committed_scale,
+            validation.dropped,
+        )
+        if committed:
             signed = [e for e in attempt.evaluations if e.HasField("signature")]
             kept = result.member_certificates
             return pb.BaseProof(

@@ -56,9 +56,13 @@ from tapestry.pki.statements import (
     with_certificate,
 )
 from tapestry.state_files import load_state
-from tapestry.training.consortium.governance.acceptance import Verdict, validate
+from tapestry.training.consortium.governance.acceptance import (
+    AcceptancePolicy,
+    Attempt,
+    validate,
+)
 from tapestry.training.consortium.messages import MemberEvaluation
-from tapestry.training.consortium.round.stages import NOT_ACCEPTED, OVERFLOW
+from tapestry.training.consortium.round.stages import NOT_ACCEPTED, OVERFLOW, decision_without
 from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire.codec import (
     acceptance_policy_from_proto,
@@ -360,7 +364,15 @@ def decision_problems(result: pb.ConsortiumRoundResult) -> list[str]:
                 f"{dict(result.delta_norms)} for {order}"
             ]
         norms = {n: result.delta_norms[n] for n in order}
-    decision = policy.decide({n: result.quality_scores[n] for n in order}, norms)
+    scores = {n: result.quality_scores[n] for n in order}
+    decision = policy.decide(scores, norms)
+    dropped = result.validation.dropped if result.HasField("validation") else ""
+    if dropped:  # validation committed the round without one contribution
+        quorum = max(result.validation.quorum, 1)
+        again = decision_without(policy, decision, scores, norms, dropped, quorum)
+        if again is None:
+            return [f"the round is committed without {dropped!r}, which the policy cannot do"]
+        decision = again
     recorded = dict(result.contribution_weights)
     if decision.weights and not recorded:  # validation refused it, or it overflowed
         return _unintegrated(result, decision.weights)
@@ -401,13 +413,17 @@ def _unintegrated(result: pb.ConsortiumRoundResult, weights: Mapping[str, float]
 def acceptance_problems(result: pb.ConsortiumRoundResult) -> list[str]:
     """How the round's recorded validation differs from what its recorded rule decides on
     the recorded evaluations: each step's verdict, the scale committed, the lone objection
-    committed over."""
+    committed over, the contributions the drop-one fallback tried leaving out and the one
+    it left out."""
     if not result.HasField("validation"):
         return []
     recorded = result.validation
     try:
         policy = acceptance_policy_from_proto(recorded)
-        steps = [member_evaluations_from_proto(a) for a in recorded.attempts]
+        steps = [member_evaluations_from_proto(a) for a in recorded.attempts if not a.dropped]
+        drops = {
+            a.dropped: member_evaluations_from_proto(a) for a in recorded.attempts if a.dropped
+        }
     except ValueError as error:
         return [f"the recorded validation cannot be read: {error}"]
     asked: list[float] = []
@@ -416,11 +432,14 @@ def acceptance_problems(result: pb.ConsortiumRoundResult) -> list[str]:
         asked.append(scale)
         return steps[len(asked) - 1] if len(asked) <= len(steps) else ()
 
-    outcome = validate(policy, evaluate, max(recorded.quorum, 1))
+    outcome = validate(
+        policy, evaluate, max(recorded.quorum, 1), drops=_droppable(result, policy),
+        evaluate_without=lambda node_id: drops.get(node_id, ()),
+    )  # fmt: skip
     problems = [
         f"validation step {i + 1}: {what}"
         for i, (attempt, tried) in enumerate(zip(recorded.attempts, outcome.attempts, strict=False))
-        for what in _step_problems(attempt, tried.scale, tried.verdict)
+        for what in _step_problems(attempt, tried)
     ]
     if len(outcome.attempts) != len(recorded.attempts):
         problems.append(
@@ -435,12 +454,48 @@ def acceptance_problems(result: pb.ConsortiumRoundResult) -> list[str]:
             f"committed over {list(recorded.committed_over)}, the rule commits over "
             f"{list(outcome.committed_over)}"
         )
+    if recorded.dropped != outcome.dropped:
+        problems.append(
+            f"committed without {recorded.dropped!r}, the rule commits without {outcome.dropped!r}"
+        )
     if scale is None and (result.accepted_nodes or result.contribution_weights):
         problems.append("the members' validation committed nothing, yet nodes were accepted")
     return problems
 
 
-def _step_problems(attempt: pb.ValidationAttempt, scale: float, verdict: Verdict) -> Iterator[str]:
+def _droppable(result: pb.ConsortiumRoundResult, policy: AcceptancePolicy) -> list[str]:
+    """The contributions the drop-one fallback may leave out, as the round decides them:
+    each accepted one whose removal leaves enough for the policy to integrate (none when
+    the record cannot say, which its other checks then report)."""
+    if not policy.drop_one or not result.HasField("policy"):
+        return []
+    try:
+        weighing = policy_from_proto(result.policy)
+    except ValueError:
+        return []
+    order = [c.node_id for c in result.contributions]
+    if any(n not in result.quality_scores for n in order):
+        return []
+    scores = {n: result.quality_scores[n] for n in order}
+    norms = None
+    if weighing.needs_delta_norms:
+        if any(n not in result.delta_norms for n in order):
+            return []
+        norms = {n: result.delta_norms[n] for n in order}
+    decision = weighing.decide(scores, norms)
+    quorum = max(result.validation.quorum, 1)
+    return [
+        n
+        for n in order
+        if n in decision.weights
+        and decision_without(weighing, decision, scores, norms, n, quorum) is not None
+    ]
+
+
+def _step_problems(attempt: pb.ValidationAttempt, tried: Attempt) -> Iterator[str]:
+    if attempt.dropped != tried.dropped:
+        yield f"left out {attempt.dropped!r}, the rule tries leaving out {tried.dropped!r}"
+    scale, verdict = tried.scale, tried.verdict
     if attempt.scale != scale:
         yield f"scale {attempt.scale}, the rule tries {scale}"
     if attempt.accepted != verdict.accepted:

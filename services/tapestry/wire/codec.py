@@ -431,12 +431,15 @@ def validation_to_proto(validation: Validation) -> pb.RoundValidation:
                 objections=attempt.verdict.objections,
                 reason=attempt.verdict.reason,
                 evaluations=[member_evaluation_to_proto(e) for e in attempt.evaluations],
+                dropped=attempt.dropped,
             )
             for attempt in validation.attempts
         ],
         committed_over=validation.committed_over,
         reason=validation.reason,
         quorum=validation.quorum,
+        drop_one=policy.drop_one,
+        dropped=validation.dropped,
     )
     if validation.scale is not None:
         msg.committed_scale = validation.scale
@@ -478,7 +481,7 @@ def acceptance_policy_from_proto(msg: pb.RoundValidation) -> AcceptancePolicy:
     except ValueError:
         known = ", ".join(r.value for r in AcceptanceRule)
         raise ValueError(f"validation rule must be one of {known}; got {msg.rule!r}") from None
-    return AcceptancePolicy(rule, msg.tolerance, msg.max_halvings)
+    return AcceptancePolicy(rule, msg.tolerance, msg.max_halvings, msg.drop_one)
 
 
 def member_evaluations_from_proto(msg: pb.ValidationAttempt) -> tuple[MemberEvaluation, ...]:

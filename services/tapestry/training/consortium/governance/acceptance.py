@@ -12,11 +12,23 @@ the candidate. The round's :class:`AcceptanceRule` decides on those numbers:
 A rejected candidate is not committed. The fallback shortens the step, ``base + s·(candidate
 - base)`` for s = 1/2, 1/4, … (:attr:`AcceptancePolicy.max_halvings` times), each evaluated
 the same way; the first accepted step is committed. Otherwise the round aborts with the
-base bitwise unchanged, except in one case: **a lone objection** (under ``no_regression``,
-whose objections are its verdict). When a single member alone objects to the full step and
-is still the only objector to every shortened one, the full candidate is committed over it
-and its objection recorded. So under the default rule
-one lying member (its evaluations are its own word) can:
+base bitwise unchanged, except in two cases:
+
+- **a lone objection** (under ``no_regression``, whose objections are its verdict). When a
+  single member alone objects to the full step and is still the only objector to every
+  shortened one, the full candidate is committed over it and its objection recorded;
+- **drop one** (:attr:`AcceptancePolicy.drop_one`, off by default). The round integrates
+  again without each accepted contribution in turn (the policy weighing the others), and
+  the members evaluate each of those candidates in full. Of the ones accepted, the one
+  whose members' mean change is lowest is committed: the contribution whose removal most
+  helps is left out, and recorded as dropped. A candidate's only objection being the
+  dropped member's own does not refuse it (under ``no_regression``): a member cannot keep
+  its own delta in by objecting to its removal. Off by default because it costs one
+  candidate per accepted member, sent to every member, and because a member that holds the
+  full candidate and one without a contribution can tell that contribution's weighted
+  delta: the consortium turns it on knowing that.
+
+So under the default rule one lying member (its evaluations are its own word) can:
 - make the round try shorter steps (at most ``max_halvings`` more evaluations);
 - shrink the committed step to any of them, by objecting to the longer ones only.
 
@@ -72,9 +84,12 @@ class AcceptancePolicy:
     rule: AcceptanceRule = AcceptanceRule.NO_REGRESSION
     tolerance: float = DEFAULT_TOLERANCE
     max_halvings: int = DEFAULT_MAX_HALVINGS
+    drop_one: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule", AcceptanceRule(self.rule))
+        if not isinstance(self.drop_one, bool):
+            raise ValueError(f"drop_one {self.drop_one!r} must be true or false")
         tolerance, halvings = self.tolerance, self.max_halvings
         if (
             isinstance(tolerance, bool)
@@ -129,24 +144,34 @@ class AcceptancePolicy:
 @dataclass(frozen=True)
 class Attempt:
     """One candidate tried: the step's scale (1 is the full candidate), the members'
-    evaluations of it, and the verdict on them."""
+    evaluations of it, the verdict on them, and the contribution it was integrated without
+    (``""``: none; drop one)."""
 
     scale: float
     verdict: Verdict
     evaluations: tuple[MemberEvaluation, ...] = ()
+    dropped: str = ""
+
+    @property
+    def mean_change(self) -> float:
+        """The members' mean change of held-out loss (``inf`` without evaluations)."""
+        changes = [e.change for e in self.evaluations]
+        return math.fsum(changes) / len(changes) if changes else math.inf
 
 
 @dataclass(frozen=True)
 class Validation:
     """What validation decided under ``policy``: the scale committed (``None``: abort, the
     base unchanged), every attempt in order, the objection committed over (a lone
-    objector's id), and how many evaluations each step needed (``quorum``)."""
+    objector's id, or the dropped member's own), how many evaluations each step needed
+    (``quorum``), and the contribution the committed candidate leaves out (``""``: none)."""
 
     scale: float | None
     attempts: tuple[Attempt, ...]
     committed_over: tuple[str, ...] = field(default=())
     policy: AcceptancePolicy = field(default_factory=lambda: AcceptancePolicy())
     quorum: int = 1
+    dropped: str = ""
 
     @property
     def reason(self) -> str:
@@ -154,6 +179,12 @@ class Validation:
         last = self.attempts[-1]
         if self.scale is None:
             return f"not committed: {last.verdict.reason} (after {len(self.attempts)} tries)"
+        if self.dropped:
+            chosen = next(a for a in self.attempts if a.dropped == self.dropped)
+            return (
+                f"committed without {self.dropped}'s contribution, the removal that helps "
+                f"most: {chosen.verdict.reason}"
+            )
         if self.committed_over:
             return (
                 f"committed over the lone objection of {self.committed_over[0]} "
@@ -165,12 +196,24 @@ class Validation:
 Evaluate = Callable[[float], Sequence["MemberEvaluation"]]
 """The members' evaluations of ``base + scale·(candidate - base)``."""
 
+EvaluateWithout = Callable[[str], Sequence["MemberEvaluation"]]
+"""The members' evaluations of the candidate integrated without one member's contribution."""
 
-def validate(policy: AcceptancePolicy, evaluate: Evaluate, quorum: int = 1) -> Validation:
-    """Try the full candidate, then each shorter step, as the module says; ``evaluate`` is
-    asked once per step tried, and each step needs ``quorum`` evaluations."""
+
+def validate(
+    policy: AcceptancePolicy,
+    evaluate: Evaluate,
+    quorum: int = 1,
+    *,
+    drops: Sequence[str] = (),
+    evaluate_without: EvaluateWithout | None = None,
+) -> Validation:
+    """Try the full candidate, then each shorter step, then (with ``drop_one``) the
+    candidate without each of ``drops`` in turn, as the module says; ``evaluate`` is asked
+    once per step tried, ``evaluate_without`` once per contribution dropped, and each
+    candidate needs ``quorum`` evaluations. ``drops`` are the accepted contributions whose
+    removal leaves a round the policy can integrate, in the nodes' order."""
     attempts: list[Attempt] = []
-    scale = 1.0
     for halving in range(policy.max_halvings + 1):
         scale = 0.5**halving
         evaluations = tuple(evaluate(scale))
@@ -191,4 +234,30 @@ def validate(policy: AcceptancePolicy, evaluate: Evaluate, quorum: int = 1) -> V
     )
     if lone:
         return Validation(1.0, tuple(attempts), first, policy, quorum)
+    if policy.drop_one and evaluate_without is not None:
+        for node_id in drops:
+            evaluations = tuple(evaluate_without(node_id))
+            verdict = policy.judge(evaluations, quorum)
+            attempts.append(Attempt(1.0, verdict, evaluations, node_id))
+        chosen = _best_drop(policy, attempts)
+        if chosen is not None:
+            over = chosen.verdict.objections if not chosen.verdict.accepted else ()
+            return Validation(1.0, tuple(attempts), over, policy, quorum, chosen.dropped)
     return Validation(None, tuple(attempts), policy=policy, quorum=quorum)
+
+
+def _best_drop(policy: AcceptancePolicy, attempts: Sequence[Attempt]) -> Attempt | None:
+    """The acceptable candidate without one contribution whose members' mean change is
+    lowest (the first of equals); acceptable: accepted, or under ``no_regression`` objected
+    to by the dropped member alone, with another member answering."""
+
+    def acceptable(attempt: Attempt) -> bool:
+        verdict = attempt.verdict
+        return verdict.accepted or (
+            policy.rule is AcceptanceRule.NO_REGRESSION
+            and verdict.objections == (attempt.dropped,)
+            and len(attempt.evaluations) > 1
+        )
+
+    candidates = [a for a in attempts if a.dropped and acceptable(a)]
+    return min(candidates, key=lambda a: a.mean_change, default=None)

@@ -231,14 +231,9 @@ class ConsortiumCoordinator:
         if measure is not None:
             snapshot = self._unedited(snapshot, base)
         decided = stages.decide(
-            collected,
-            self.contribution_policy,
-            self.assessed_quality,
-            self.min_nodes,
-            base,
-            report,
-            measure,
-        )
+            collected, self.contribution_policy, self.assessed_quality, self.min_nodes, base,
+            report, measure,
+        )  # fmt: skip
         artifacts = collected.artifacts
         del collected  # only the accepted deltas are held from here on
         integrated = stages.integrate(decided, self.strategy, base)
@@ -246,9 +241,12 @@ class ConsortiumCoordinator:
         sources = decided.sources
         norms = decided.norms or {}
         aborted_reason = decided.aborted_reason
-        del decided  # metadata only from here on: the deltas are let go
+        # The deltas are let go here, unless validation may integrate again without one.
+        kept = decided if self.acceptance is not None and self.acceptance.drop_one else None
+        del decided  # metadata only from here on
         voters = [node for node in nodes if node.node_id in received]
-        integrated, validation = self._validate(integrated, voters, report, base)
+        integrated, validation = self._validate(integrated, voters, report, base, kept)
+        del kept
         if integrated.new_state is not None:
             new_state, new_sha256 = integrated.new_state, known_digest(integrated.new_state)
         else:
@@ -300,19 +298,37 @@ class ConsortiumCoordinator:
         voters: Sequence[ConsortiumNode],
         report: Reporter,
         base: ModelState,
+        decided: stages.Decided | None = None,
     ) -> tuple[Integration, Validation | None]:
         """The integration as the members' validation leaves it, and the validation
-        (``None`` without an acceptance policy or a candidate), reported."""
+        (``None`` without an acceptance policy or a candidate), reported. With ``decided``
+        (its deltas held) the fallback may integrate again without one of them."""
         if self.acceptance is None or integrated.new_state is None:
             return integrated, None
-        round_num = report.round_num
         # Hashed once here, for the proxies of remote members, which send the candidate.
         candidate = Snapshot(integrated.new_state, sha256=state_digest(integrated.new_state))
+        built: dict[str, Integration] = {}  # the newest integration without one member
+        policy, quorum = self.contribution_policy, self.min_nodes
+
+        def without(node_id: str) -> ModelState | None:
+            again = stages.without(decided, policy, node_id, quorum) if decided else None
+            made = stages.integrate(again, self.strategy, base) if again else None
+            built.clear()
+            if made is None or made.new_state is None:  # too few left, or it overflowed
+                return None
+            built[node_id] = made
+            return made.new_state
+
+        drops: list[str] = []  # whose removal leaves a round the policy can integrate
+        if decided is not None:
+            drops = [n for n in decided.accepted if stages.without(decided, policy, n, quorum)]
         validation, validated = validate_candidate(
-            self.acceptance, voters, round_num, Snapshot(base, sha256=self.base_sha256),
-            candidate, self.min_nodes, copies=self.copy_states,
+            self.acceptance, voters, report.round_num, Snapshot(base, sha256=self.base_sha256),
+            candidate, quorum, copies=self.copy_states, drops=drops, without=without,
         )  # fmt: skip
         report(RoundStage.VALIDATED, "", validation.reason)
+        if validation.dropped:
+            return built[validation.dropped], validation
         return _validated(integrated, validation, validated, self.strategy.state), validation
 
     def _unedited(self, snapshot: Snapshot, base: ModelState) -> Snapshot:

@@ -42,6 +42,9 @@ OVERFLOW = (
     "strategy's state), so nothing was integrated this round"
 )
 
+DROPPED = "left out by the members' validation: the round is committed without it"
+"""The reason a contribution gets when validation's drop-one fallback commits without it."""
+
 NOT_ACCEPTED = "the members did not accept the candidate"
 """The start of the reason every counted node of a round gets when the members' validation
 commits no step (the validation's own reason follows, after a colon)."""
@@ -305,6 +308,47 @@ def _received(
         )
         for n, c in contributions.items()
     }
+
+
+def decision_without(
+    policy: ContributionPolicy,
+    decision: PolicyDecision,
+    scores: Mapping[str, float],
+    norms: Mapping[str, float] | None,
+    node_id: str,
+    quorum: int,
+) -> PolicyDecision | None:
+    """``decision`` as the policy makes it again over the contributions it accepted but
+    ``node_id``'s (drop one), which is rejected as :data:`DROPPED`, in the order of
+    ``scores``; ``None`` when it weighs fewer than ``quorum`` of them (or none). The round
+    and ``ledger verify`` both decide with this."""
+    rest = [n for n in scores if n in decision.weights and n != node_id]
+    again = policy.decide(
+        {n: scores[n] for n in rest}, {n: norms[n] for n in rest} if norms is not None else None
+    )
+    if len(again.weights) < max(quorum, 1):
+        return None
+    reasons = {**decision.rejection_reasons, **again.rejection_reasons, node_id: DROPPED}
+    return PolicyDecision(again.weights, reasons)
+
+
+def without(
+    decided: Decided, policy: ContributionPolicy, node_id: str, quorum: int
+) -> Decided | None:
+    """``decided`` as the policy decides it again without ``node_id``'s contribution
+    (:func:`decision_without`; ``None`` when the others are too few to integrate)."""
+    again = decision_without(
+        policy, decided.decision, decided.scores, decided.norms, node_id, quorum
+    )
+    if again is None:
+        return None
+    accepted = [n for n in decided.accepted if n in again.weights]
+    return dataclasses.replace(
+        decided,
+        decision=again,
+        accepted=accepted,
+        rejected=[n for n in decided.received if n not in accepted],
+    )
 
 
 def integrate(

@@ -6,7 +6,7 @@ commits whatever the weighted deltas give.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
@@ -18,7 +18,7 @@ from tapestry.training.consortium.governance.acceptance import (
     validate,
 )
 from tapestry.training.consortium.messages import MemberEvaluation, ModelState
-from tapestry.training.consortium.tensors import clone_state
+from tapestry.training.consortium.tensors import Snapshot, clone_state, state_digest
 
 
 @runtime_checkable
@@ -61,6 +61,10 @@ def step(base: ModelState, candidate: ModelState, scale: float) -> ModelState:
     }
 
 
+Without = Callable[[str], ModelState | None]
+"""The candidate integrated without one member's contribution (``None``: it cannot be)."""
+
+
 def validate_candidate(
     policy: AcceptancePolicy,
     members: Sequence[object],
@@ -70,6 +74,8 @@ def validate_candidate(
     quorum: int = 1,
     *,
     copies: bool = True,
+    drops: Sequence[str] = (),
+    without: Without | None = None,
 ) -> tuple[Validation, ModelState | None]:
     """Ask every member that can (a :class:`StepEvaluator`, all at once, or an
     :class:`Evaluator`, in turn) to evaluate each step tried; the validation and the state
@@ -77,49 +83,83 @@ def validate_candidate(
     another member, or that has no held-out split does not count (as one that did not
     answer); at least ``quorum`` must answer each step. ``base`` and ``candidate`` may be
     :class:`~tapestry.training.consortium.tensors.Snapshot` s, so a remote member's proxy
-    need not hash them again.
+    need not hash them again. With the policy's ``drop_one``, ``without`` builds the
+    candidate without each of ``drops`` in turn, evaluated in full; the one committed is
+    built again, and must be the very state the members judged.
 
     With ``copies`` (the coordinator's ``copy_states``) the members are handed a copy of
     each step, never the candidate that is committed: a member that edits it in place
     (the full step is the candidate's very tensors) does not count, and the next member
     gets a fresh copy, so no member changes what is committed or what the others judge.
     Without it the members must only read what they are handed."""
+    judged: dict[str, str] = {}  # dropped member -> the digest of the candidate judged
+
+    def evaluate_without(node_id: str) -> list[MemberEvaluation]:
+        state = without(node_id) if without is not None else None
+        if state is None:
+            return []
+        judged[node_id] = state_digest(state)
+        snapshot = Snapshot(state, sha256=judged[node_id])
+        return _evaluations(members, round_num, base, snapshot, 1.0, copies)
+
+    outcome = validate(
+        policy,
+        lambda scale: _evaluations(members, round_num, base, candidate, scale, copies),
+        max(quorum, 1),
+        drops=drops,
+        evaluate_without=evaluate_without,
+    )
+    if outcome.scale is None:
+        return outcome, None
+    if not outcome.dropped:
+        return outcome, step(base, candidate, outcome.scale)
+    state = without(outcome.dropped) if without is not None else None
+    if state is None or state_digest(state) != judged[outcome.dropped]:
+        raise RuntimeError(
+            f"the candidate without {outcome.dropped!r} came out differently when built "
+            "again: it is not committed unjudged"
+        )
+    return outcome, state
+
+
+def _evaluations(
+    members: Sequence[object],
+    round_num: int,
+    base: ModelState,
+    candidate: ModelState,
+    scale: float,
+    copies: bool,
+) -> list[MemberEvaluation]:
+    """The members' evaluations of the step of ``scale`` toward ``candidate``: the remote
+    members at once, each on its own side; the in-process ones in turn, each handed its own
+    copy (see :func:`validate_candidate`)."""
     remote = [member for member in members if isinstance(member, StepEvaluator)]
     evaluators = [
         member
         for member in members
         if isinstance(member, Evaluator) and not isinstance(member, StepEvaluator)
     ]
-
-    def evaluate(scale: float) -> list[MemberEvaluation]:
-        # The remote members evaluate at once, each on its own side; the in-process ones
-        # in turn, each handed its own copy.
-        with ThreadPoolExecutor(max(len(remote), 1), thread_name_prefix="evaluate") as pool:
-            asked = [
-                (member, pool.submit(member.evaluate_step, round_num, base, candidate, scale))
-                for member in remote
-            ]
-            answers = [answer for answer in map(_answer, asked) if answer is not None]
-        if not evaluators:
-            return answers
-        state = step(base, candidate, scale)
-        given = clone_state(state) if copies else state
-        for member in evaluators:
-            try:
-                answer: object = member.evaluate_candidate(round_num, given)
-            except Exception:  # a member's failure must not sink the round
-                answer = None
-            if copies and any(not torch.equal(given[name], state[name]) for name in state):
-                given = clone_state(state)  # it judged something else: not counted
-                continue
-            if isinstance(answer, MemberEvaluation) and answer.node_id == member.node_id:
-                answers.append(answer)
+    with ThreadPoolExecutor(max(len(remote), 1), thread_name_prefix="evaluate") as pool:
+        asked = [
+            (member, pool.submit(member.evaluate_step, round_num, base, candidate, scale))
+            for member in remote
+        ]
+        answers = [answer for answer in map(_answer, asked) if answer is not None]
+    if not evaluators:
         return answers
-
-    outcome = validate(policy, evaluate, max(quorum, 1))
-    if outcome.scale is None:
-        return outcome, None
-    return outcome, step(base, candidate, outcome.scale)
+    state = step(base, candidate, scale)
+    given = clone_state(state) if copies else state
+    for member in evaluators:
+        try:
+            answer: object = member.evaluate_candidate(round_num, given)
+        except Exception:  # a member's failure must not sink the round
+            answer = None
+        if copies and any(not torch.equal(given[name], state[name]) for name in state):
+            given = clone_state(state)  # it judged something else: not counted
+            continue
+        if isinstance(answer, MemberEvaluation) and answer.node_id == member.node_id:
+            answers.append(answer)
+    return answers
 
 
 def _answer(asked: tuple[object, Future[MemberEvaluation | None]]) -> MemberEvaluation | None:
