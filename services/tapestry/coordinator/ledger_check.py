@@ -138,10 +138,11 @@ def check_ledger(data_dir: Path, trust: Trust, *, momentum: bool = True) -> Ledg
     previous: pb.RoundRecord | None = None
     for record in records:
         result = record.result
+        link = record.previous_record_sha256
         problems = [
             *_chain(record, previous, genesis),
             *_signature(record, trust, report.signers),
-            *_member_signatures(result, trust, consortium),
+            *_member_signatures(result, trust, consortium, before_ledger=not link),
             *_files(store, record, bases, momentum=momentum),
             *decision_problems(result),
             *acceptance_problems(result),
@@ -236,13 +237,15 @@ def _signature(record: pb.RoundRecord, trust: Trust, signers: set[str]) -> Itera
 
 
 def _member_signatures(
-    result: pb.ConsortiumRoundResult, trust: Trust, consortium: str
+    result: pb.ConsortiumRoundResult, trust: Trust, consortium: str, *, before_ledger: bool
 ) -> Iterator[str]:
     """How a member's signature on its recorded contribution or one of its evaluations fails
     to hold (over its ContributionStatement or EvaluationStatement: this consortium, the
-    round, the base before it)."""
+    round, the base before it). A record from ``before_ledger`` is not asked for any (that
+    it cannot be verified is said once, by the chain)."""
     moment = timestamp_from_proto(result.finished_at) if result.HasField("finished_at") else None
-    yield from _contribution_signatures(result, trust, consortium, moment)
+    required = not (trust.allow_unsigned or before_ledger)
+    yield from _contribution_signatures(result, trust, consortium, moment, required=required)
     for attempt in result.validation.attempts:
         for evaluation in attempt.evaluations:
             if evaluation.HasField("signature"):
@@ -258,18 +261,24 @@ def _member_signatures(
 
 
 def _contribution_signatures(
-    result: pb.ConsortiumRoundResult, trust: Trust, consortium: str, moment: datetime | None
+    result: pb.ConsortiumRoundResult,
+    trust: Trust,
+    consortium: str,
+    moment: datetime | None,
+    *,
+    required: bool,
 ) -> Iterator[str]:
-    """How the members' signatures on the round's contributions fail to hold. Every
-    contribution the round accepted (weighed into its base) must carry its member's, unless
-    unsigned records are let pass (a plaintext consortium signs nothing; a journal written
-    before members signed their deltas). A contribution the policy declined before its delta
-    was fetched carries none: it is checked only where it does."""
+    """How the members' signatures on the round's contributions fail to hold. With
+    ``required`` (unless unsigned records are let pass: a plaintext consortium signs
+    nothing, a journal written before members signed their deltas), every contribution the
+    round accepted (weighed into its base) must carry its member's. A contribution the
+    policy declined before its delta was fetched carries none: it is checked only where it
+    does."""
     accepted = {*result.accepted_nodes, *result.contribution_weights}
     for contribution in result.contributions:
         member = quoted(contribution.node_id, MAX_PEER_NAME_CHARS)
         if not contribution.HasField("signature"):
-            if contribution.node_id in accepted and not trust.allow_unsigned:
+            if required and contribution.node_id in accepted:
                 yield (
                     f"node {member}'s accepted contribution carries no signature; "
                     "--allow-unsigned lets it pass"
