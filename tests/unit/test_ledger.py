@@ -2,12 +2,15 @@
 ledger verify`, which passes an intact journal and names the round and what differs in
 every other: a flipped byte in a base file, a changed weight (even re-signed with the
 coordinator's key), a removed round, a reordered chain, a revoked signer, an unsigned or
-pre-ledger record, a verdict the members' evaluations do not give."""
+pre-ledger record, a verdict the members' evaluations do not give, an accepted contribution
+without its member's signature (offline and over the RPCs)."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Collection
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -16,9 +19,11 @@ from tapestry.cli import main
 from tapestry.consortium.v1 import consortium_pb2 as pb
 from tapestry.coordinator.journal import CoordinatorStore, record_digest
 from tapestry.coordinator.ledger_check import Trust, acceptance_problems, check_ledger
-from tapestry.pki.authority import init_consortium, issue_member, revoke_certificate
+from tapestry.coordinator.ledger_copy import copy_ledger
+from tapestry.pki.authority import init_consortium, revoke_certificate
 from tapestry.pki.signing import Signer
-from tapestry.pki.statements import sign_evaluation, signed_bytes
+from tapestry.pki.statements import contribution_statement, sign_evaluation, signed_bytes
+from tapestry.state_files import load_state
 from tapestry.training.consortium import (
     ConsortiumCoordinator,
     ConsortiumRoundResult,
@@ -32,7 +37,13 @@ from tapestry.training.consortium.strategies.settings import (
     OuterOptimizer,
     StrategyName,
 )
-from tapestry.wire.codec import message_from_json, message_to_json, signature_to_proto
+from tapestry.training.consortium.tensors import state_digest
+from tapestry.wire.codec import (
+    message_from_json,
+    message_to_json,
+    round_result_to_proto,
+    signature_to_proto,
+)
 
 SPEC = ModelSpec(hidden_size=4)
 QUALITY = {"vn": 0.9, "ch": 0.7, "in": 0.8}
@@ -53,12 +64,23 @@ def _nodes() -> list[SovereignTrainingNode]:
 class Journal:
     """A coordinator's data directory, its rounds committed by the core through a store
     that signs with the coordinator's key of the consortium ``acme`` (``signed=False``: a
-    coordinator serving plaintext)."""
+    coordinator serving plaintext, whose members sign nothing either). Each member signs
+    its contribution over its ContributionStatement, as its delta's trailer carries it over
+    the services; the members in ``unsigned`` never do (as for a delta never fetched)."""
 
     def __init__(
-        self, root: Path, *, signed: bool = True, policy: ContributionPolicy | None = None
+        self,
+        root: Path,
+        *,
+        signed: bool = True,
+        policy: ContributionPolicy | None = None,
+        unsigned: Collection[str] = (),
     ) -> None:
-        self.pki = init_consortium(root / "pki", "acme", coordinator_hosts=["h"], nodes=[])
+        nodes = [(n, "h") for n in QUALITY]
+        self.pki = init_consortium(root / "pki", "acme", coordinator_hosts=["h"], nodes=nodes)
+        self.members = (
+            {} if not signed else {n: self.signer(n) for n in QUALITY if n not in unsigned}
+        )
         self.data = root / "data"
         self.store = CoordinatorStore(self.data, self.signer() if signed else None)
         self.store.check_identity({"consortium_id": "acme", "seed": 1})
@@ -68,8 +90,9 @@ class Journal:
         )
         self.store.save_initial_base(self.core.shared_base_state)
 
-    def signer(self) -> Signer:
-        pair = self.pki.coordinator
+    def signer(self, node_id: str = "") -> Signer:
+        """The coordinator's signer, or member ``node_id``'s."""
+        pair = self.pki.member("node", node_id) if node_id else self.pki.coordinator
         return Signer.from_files(pair / "cert.pem", pair / "key.pem", self.pki.ca_cert)
 
     def run(self, rounds: int) -> None:
@@ -77,7 +100,20 @@ class Journal:
             self.core.run_round(_nodes(), commit=self._commit)
 
     def _commit(self, result: ConsortiumRoundResult) -> None:
-        self.store.commit_round(result, "", OPERATOR)
+        self.store.commit_round(result, "", OPERATOR, self._signatures(result))
+
+    def _signatures(self, result: ConsortiumRoundResult) -> dict[str, pb.Signature]:
+        """Each signing member's signature over its contribution to ``result``."""
+        signed = {}
+        for contribution in round_result_to_proto(result).contributions:
+            member = self.members.get(contribution.node_id)
+            if member is not None:
+                statement = contribution_statement(
+                    "acme", result.round_num, result.previous_base_sha256, contribution,
+                    contribution.weight_delta_sha256,
+                )  # fmt: skip
+                signed[contribution.node_id] = signature_to_proto(member.sign(statement))
+        return signed
 
     def path(self, round_num: int) -> Path:
         return self.data / "rounds" / f"round-{round_num:06d}.json"
@@ -121,6 +157,13 @@ def test_an_intact_journal_verifies_and_names_its_head(journal: Journal) -> None
     assert all(r.result.delta_norms.keys() == QUALITY.keys() for r in records)
     assert any(r.result.contribution_weights for r in records)
     assert all(r.result.HasField("validation") for r in records if r.result.accepted_nodes)
+    # every accepted contribution carries its member's signature, the certificate kept once
+    for record in records:
+        weighed = [
+            c for c in record.result.contributions if c.node_id in record.result.accepted_nodes
+        ]
+        assert weighed and all(c.HasField("signature") for c in weighed)
+        assert sorted(record.result.member_certificates) == sorted(QUALITY)
 
     result = _verify(journal, "--crl", str(journal.pki.crl))
     assert result.exit_code == 0, result.output
@@ -226,10 +269,24 @@ def test_a_record_signed_by_a_revoked_certificate_fails(journal: Journal) -> Non
 
 
 def test_unsigned_records_fail_unless_allowed(tmp_path: Path) -> None:
+    """A plaintext consortium: neither the coordinator nor its members sign anything, and
+    --allow-unsigned lets both pass."""
     journal = Journal(tmp_path, signed=False)
     journal.run(2)
     why = "not signed (written by a coordinator serving plaintext, --insecure); --allow-unsigned"
-    assert journal.problems() == [f"round {n}: {why} lets it pass" for n in (1, 2)]
+    unsigned = "accepted contribution carries no signature; --allow-unsigned lets it pass"
+    assert journal.problems() == [
+        line
+        for n in (1, 2)
+        for line in [
+            f"round {n}: {why} lets it pass",
+            *(
+                f"round {n}: node {node!r}'s {unsigned}"
+                for node in journal.record(n).result.accepted_nodes
+            ),
+        ]
+    ]
+    assert all(journal.record(n).result.accepted_nodes for n in (1, 2))
     assert journal.problems(allow_unsigned=True) == []
     result = _verify(journal, "--allow-unsigned")
     assert result.exit_code == 0, result.output
@@ -241,11 +298,14 @@ def test_a_journal_from_before_the_ledger_is_refused_by_name(journal: Journal) -
         record = journal.record(n)
         record.ClearField("previous_record_sha256")
         record.ClearField("signature")
+        for contribution in record.result.contributions:  # members did not sign then either
+            contribution.ClearField("signature")
         journal.write(record)
     problems = journal.problems()
     old = "recorded before the ledger (no chain link and no signature): this journal cannot be "
-    assert problems[:2] == [f"round {n}: {old}verified" for n in (1, 2)]
+    assert problems[:2] == [f"round {n}: {old}verified" for n in (1, 2)]  # said once a round
     assert problems[2].startswith("round 3: chain broken")  # it chained to the original
+    assert len(problems) == 3
     # the coordinator resumes it all the same, and chains its next round to it
     assert CoordinatorStore(journal.data).latest()[0] == 3  # type: ignore[index]
 
@@ -311,8 +371,7 @@ def test_a_members_signed_evaluation_changed_after_the_fact_is_named(journal: Jo
     result = records[0].result
     for attempt in result.validation.attempts:
         for evaluation in attempt.evaluations:
-            holder = issue_member(journal.pki.root, "node", evaluation.node_id, host="h")
-            member = Signer.from_files(holder / "cert.pem", holder / "key.pem", journal.pki.ca_cert)
+            member = journal.signer(evaluation.node_id)
             sign_evaluation(member, "acme", 1, result.previous_base_sha256, evaluation)
     _resign(journal, records)
     assert journal.problems() == []
@@ -331,17 +390,114 @@ def test_a_revoked_members_signature_on_its_evaluation_is_named(journal: Journal
     records = [journal.record(n) for n in (1, 2, 3)]
     result = records[0].result
     evaluation = result.validation.attempts[0].evaluations[0]
-    holder = issue_member(journal.pki.root, "node", evaluation.node_id, host="h")
-    member = Signer.from_files(holder / "cert.pem", holder / "key.pem", journal.pki.ca_cert)
+    member = journal.signer(evaluation.node_id)
     sign_evaluation(member, "acme", 1, result.previous_base_sha256, evaluation)
     _resign(journal, records)
     assert journal.problems(crl=True) == []
 
-    revoke_certificate(journal.pki.root, holder / "cert.pem")
+    revoke_certificate(
+        journal.pki.root, journal.pki.member("node", evaluation.node_id) / "cert.pem"
+    )
     problems = journal.problems(crl=True)
-    assert len(problems) == 1
-    assert problems[0].startswith(f"round 1: step 1, {evaluation.node_id!r}'s evaluation: ")
-    assert "is revoked" in problems[0]
+    # its evaluation in round 1, and its contribution in every round: it signed both
+    assert problems[0].startswith("round 1: ")
+    evaluations = [p for p in problems if "'s evaluation: " in p]
+    assert len(evaluations) == 1
+    assert evaluations[0].startswith(f"round 1: step 1, {evaluation.node_id!r}'s evaluation: ")
+    contributions = [p for p in problems if "'s contribution: " in p]
+    assert [p.split(":")[0] for p in contributions] == [f"round {n}" for n in (1, 2, 3)]
+    assert all(f"{evaluation.node_id!r}'s contribution" in p for p in contributions)
+    assert all("is revoked" in p for p in problems) and len(problems) == 4
+
+
+def _strip_accepted_signature(journal: Journal) -> tuple[list[pb.RoundRecord], str]:
+    """Round 2's record with one accepted contribution's signature removed, re-signed and
+    re-chained with the coordinator's key (as its thief could forge a round): the records,
+    and the problem verify must name."""
+    records = [journal.record(n) for n in (1, 2, 3)]
+    result = records[1].result
+    [contribution] = [c for c in result.contributions if c.node_id == result.accepted_nodes[0]]
+    contribution.ClearField("signature")
+    _resign(journal, records)
+    problem = (
+        f"round 2: node {contribution.node_id!r}'s accepted contribution carries no signature; "
+        "--allow-unsigned lets it pass"
+    )
+    return records, problem
+
+
+def test_an_accepted_contribution_without_its_members_signature_fails_unless_allowed(
+    journal: Journal,
+) -> None:
+    """The coordinator's key can re-sign a record, not make a member's signature: a round
+    whose accepted contribution carries none fails, naming the round and the member."""
+    _, problem = _strip_accepted_signature(journal)
+    assert journal.problems() == [problem]
+    result = _verify(journal)
+    assert (result.exit_code, result.stdout) == (1, problem + "\n")
+    assert result.stderr == "ledger NOT verified: 1 problem(s) in 3 round(s)\n"
+
+    # a journal written before members signed their deltas: allowed, said so on the command
+    allowed = _verify(journal, "--allow-unsigned")
+    assert allowed.exit_code == 0, allowed.output
+    assert allowed.output.startswith("ledger verified: 3 round(s), head ")
+
+
+def test_a_declined_contribution_never_fetched_needs_no_signature(tmp_path: Path) -> None:
+    """A member the policy declines (below the quality floor) never sends its delta, so
+    its contribution carries no signature: that passes. The same member accepted, unsigned,
+    does not."""
+    floor = ContributionPolicy(quality_floor=0.75, max_node_weight=0.6, max_delta_norm_ratio=10.0)
+    journal = Journal(tmp_path / "declined", policy=floor, unsigned=["ch"])
+    journal.run(2)
+    for n in (1, 2):
+        result = journal.record(n).result
+        assert "ch" in result.rejected_nodes and "ch" not in result.accepted_nodes
+        [declined] = [c for c in result.contributions if c.node_id == "ch"]
+        assert not declined.HasField("signature")
+        assert all(c.HasField("signature") for c in result.contributions if c.node_id != "ch")
+    assert journal.problems() == []
+    assert _verify(journal).exit_code == 0
+
+    accepted = Journal(tmp_path / "accepted", unsigned=["ch"])
+    accepted.run(1)
+    assert "ch" in accepted.record(1).result.accepted_nodes
+    assert accepted.problems() == [
+        "round 1: node 'ch''s accepted contribution carries no signature; --allow-unsigned "
+        "lets it pass"
+    ]
+
+
+class _Served:
+    """A coordinator's RPCs as CoordinatorClient gives them (ListRoundRecords, GetBase),
+    serving ``records`` and the journal's base files."""
+
+    def __init__(self, journal: Journal, records: list[pb.RoundRecord]) -> None:
+        self.journal, self.records = journal, records
+
+    def iter_round_records(self) -> list[pb.RoundRecord]:
+        return self.records
+
+    def fetch_base(self, round_num: int) -> SimpleNamespace:
+        state, _ = load_state(self.journal.store.base_path(round_num))
+        return SimpleNamespace(state=state, sha256=state_digest(state))
+
+
+def test_over_the_rpcs_an_accepted_contribution_must_be_signed_too(
+    journal: Journal, tmp_path: Path
+) -> None:
+    """`ledger verify --coordinator` checks its copy (ledger_copy) with the same rule."""
+    trust = Trust.from_files(journal.pki.ca_cert, journal.pki.crl)
+    intact = tmp_path / "intact"
+    assert copy_ledger(_Served(journal, journal.store.records()), intact) == []  # type: ignore[arg-type]
+    assert check_ledger(intact, trust, momentum=False).problems == []
+
+    records, problem = _strip_accepted_signature(journal)
+    forged = tmp_path / "forged"
+    assert copy_ledger(_Served(journal, records), forged) == []  # type: ignore[arg-type]
+    assert check_ledger(forged, trust, momentum=False).problems == [problem]
+    allowed = Trust.from_files(journal.pki.ca_cert, journal.pki.crl, allow_unsigned=True)
+    assert check_ledger(forged, allowed, momentum=False).problems == []
 
 
 def _dropping_journal(root: Path) -> Journal:

@@ -68,8 +68,10 @@ def ledger_group() -> None:
 @click.option(
     "--allow-unsigned",
     is_flag=True,
-    help="Let records without a signature pass (a coordinator serving plaintext, --insecure, "
-    "signs none); everything else is still checked.",
+    help="Let records without the coordinator's signature pass (a coordinator serving "
+    "plaintext, --insecure, signs none), and accepted contributions without their member's "
+    "(members serving plaintext, or a journal written before members signed their deltas); "
+    "every signature present, and everything else, is still checked.",
 )
 @friendly_errors
 def verify(
@@ -81,10 +83,11 @@ def verify(
     key: Path | None,
     allow_unsigned: bool,
 ) -> None:
-    """Exit 0 only when every round's chain link, signature, base and momentum files,
-    weights and acceptance hold; else print one line per problem, naming the round and
-    what differs, and exit 1. With --coordinator the records and bases are fetched into a
-    temporary directory and checked the same way, momentum files apart."""
+    """Exit 0 only when every round's chain link, signatures (the coordinator's, and its
+    members' on every contribution it accepted), base and momentum files, weights and
+    acceptance hold; else print one line per problem, naming the round and what differs,
+    and exit 1. With --coordinator the records and bases are fetched into a temporary
+    directory and checked the same way, momentum files apart."""
     from tapestry.coordinator.ledger_check import Trust
 
     if (data_dir is None) == (address is None):

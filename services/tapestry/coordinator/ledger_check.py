@@ -11,6 +11,10 @@ chained and signed), in order:
 - **the signature**: the coordinator's, by a certificate the consortium CA issued, valid when
   the round finished, not in the CRL and naming the coordinator (an unsigned record, from a
   coordinator serving plaintext, fails unless unsigned records are allowed);
+- **the members' signatures**: each contribution and evaluation a member signed, over its
+  ContributionStatement or EvaluationStatement, by that member (against the CA and CRL);
+  every contribution the round accepted must carry one (unless unsigned records are
+  allowed); one the policy declined before its delta was fetched carries none;
 - **the files**: the round's base file, and its momentum file where it names one, have the
   digest the record holds (the state digest, recomputed from the tensors); a rollback's base
   is the base of the round it restores;
@@ -92,7 +96,9 @@ class LedgerReport:
 @dataclass(frozen=True)
 class Trust:
     """What signatures are checked against: the consortium CA, the serials its CRL
-    revokes, and whether an unsigned record (a coordinator serving plaintext) is let pass."""
+    revokes, and whether an unsigned record (a coordinator serving plaintext) and an
+    accepted contribution without its member's signature (members serving plaintext, or a
+    journal written before members signed their deltas) are let pass."""
 
     ca: x509.Certificate
     revoked: Collection[int] = ()
@@ -136,10 +142,11 @@ def check_ledger(data_dir: Path, trust: Trust, *, momentum: bool = True) -> Ledg
     previous: pb.RoundRecord | None = None
     for record in records:
         result = record.result
+        link = record.previous_record_sha256
         problems = [
             *_chain(record, previous, genesis),
             *_signature(record, trust, report.signers),
-            *_member_signatures(result, trust, consortium),
+            *_member_signatures(result, trust, consortium, before_ledger=not link),
             *_files(store, record, bases, momentum=momentum),
             *decision_problems(result),
             *acceptance_problems(result),
@@ -234,26 +241,15 @@ def _signature(record: pb.RoundRecord, trust: Trust, signers: set[str]) -> Itera
 
 
 def _member_signatures(
-    result: pb.ConsortiumRoundResult, trust: Trust, consortium: str
+    result: pb.ConsortiumRoundResult, trust: Trust, consortium: str, *, before_ledger: bool
 ) -> Iterator[str]:
     """How a member's signature on its recorded contribution or one of its evaluations fails
     to hold (over its ContributionStatement or EvaluationStatement: this consortium, the
-    round, the base before it)."""
+    round, the base before it). A record from ``before_ledger`` is not asked for any (that
+    it cannot be verified is said once, by the chain)."""
     moment = timestamp_from_proto(result.finished_at) if result.HasField("finished_at") else None
-    for contribution in result.contributions:
-        if contribution.HasField("signature"):
-            statement = contribution_statement(
-                consortium,
-                result.round_num,
-                result.previous_base_sha256,
-                contribution,
-                contribution.weight_delta_sha256,
-            )
-            problem = _signed(
-                contribution.signature, statement, contribution.node_id, trust, moment, result
-            )
-            if problem:
-                yield f"{quoted(contribution.node_id, MAX_PEER_NAME_CHARS)}'s contribution{problem}"
+    required = not (trust.allow_unsigned or before_ledger)
+    yield from _contribution_signatures(result, trust, consortium, moment, required=required)
     for attempt in result.validation.attempts:
         for evaluation in attempt.evaluations:
             if evaluation.HasField("signature"):
@@ -266,6 +262,44 @@ def _member_signatures(
                 if problem:
                     member = quoted(evaluation.node_id, MAX_PEER_NAME_CHARS)
                     yield f"step {attempt.scale:g}, {member}'s evaluation{problem}"
+
+
+def _contribution_signatures(
+    result: pb.ConsortiumRoundResult,
+    trust: Trust,
+    consortium: str,
+    moment: datetime | None,
+    *,
+    required: bool,
+) -> Iterator[str]:
+    """How the members' signatures on the round's contributions fail to hold. With
+    ``required`` (unless unsigned records are let pass: a plaintext consortium signs
+    nothing, a journal written before members signed their deltas), every contribution the
+    round accepted (weighed into its base) must carry its member's. A contribution the
+    policy declined before its delta was fetched carries none: it is checked only where it
+    does."""
+    accepted = {*result.accepted_nodes, *result.contribution_weights}
+    for contribution in result.contributions:
+        member = quoted(contribution.node_id, MAX_PEER_NAME_CHARS)
+        if not contribution.HasField("signature"):
+            if required and contribution.node_id in accepted:
+                yield (
+                    f"node {member}'s accepted contribution carries no signature; "
+                    "--allow-unsigned lets it pass"
+                )
+            continue
+        statement = contribution_statement(
+            consortium,
+            result.round_num,
+            result.previous_base_sha256,
+            contribution,
+            contribution.weight_delta_sha256,
+        )
+        problem = _signed(
+            contribution.signature, statement, contribution.node_id, trust, moment, result
+        )
+        if problem:
+            yield f"{member}'s contribution{problem}"
 
 
 def _signed(
