@@ -90,6 +90,8 @@ def fallback(validation: Mapping[str, Any] | None) -> str:
     scale = validation["committed_scale"]
     if scale is None:
         return f"not committed after {tries} tries (base unchanged)"
+    if validation.get("dropped"):
+        return f"committed without {validation['dropped']} after {tries} tries"
     if validation["committed_over"]:
         over = ", ".join(validation["committed_over"])
         return f"committed the full step over the lone objection of {over} after {tries} tries"

@@ -44,6 +44,7 @@ def validation_from_pb(result: pb.ConsortiumRoundResult) -> dict[str, Any] | Non
         "attempts": [
             {
                 "scale": a.scale,
+                "dropped": a.dropped,
                 "accepted": a.accepted,
                 "objections": list(a.objections),
                 "reason": a.reason,
@@ -56,6 +57,7 @@ def validation_from_pb(result: pb.ConsortiumRoundResult) -> dict[str, Any] | Non
         ],
         "committed_scale": v.committed_scale if v.HasField("committed_scale") else None,
         "committed_over": list(v.committed_over),
+        "dropped": v.dropped,
         "reason": v.reason,
     }
 
@@ -71,6 +73,7 @@ def validation_from_core(v: Validation | None) -> dict[str, Any] | None:
         "attempts": [
             {
                 "scale": a.scale,
+                "dropped": a.dropped,
                 "accepted": a.verdict.accepted,
                 "objections": list(a.verdict.objections),
                 "reason": a.verdict.reason,
@@ -83,6 +86,7 @@ def validation_from_core(v: Validation | None) -> dict[str, Any] | None:
         ],
         "committed_scale": v.scale,
         "committed_over": list(v.committed_over),
+        "dropped": v.dropped,
         "reason": v.reason,
     }
 
@@ -139,7 +143,10 @@ def _committed_attempt(v: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     if v is None or v["committed_scale"] is None:
         return None
     attempts: list[Mapping[str, Any]] = v["attempts"]
-    return next(a for a in attempts if a["scale"] == v["committed_scale"])
+    dropped = v.get("dropped", "")
+    return next(
+        a for a in attempts if (a["scale"], a.get("dropped", "")) == (v["committed_scale"], dropped)
+    )
 
 
 CoreRunner = Callable[..., CoreRun]
@@ -156,8 +163,9 @@ def reversed_member_section(
     """The issue's reversed member (its honest delta x -9.9, claiming quality 1.0) with
     three honest members under the demo's policy (relative norm bound 10 on) for
     ``settings.poison_rounds`` rounds: (a) self-reported quality, (b) measured quality
-    against a reference update on :data:`REFERENCE_CORPUS`, (c) member-validated commit.
-    ``clean``/``clean_validated``: the honest members' bases without it, per round."""
+    against a reference update on :data:`REFERENCE_CORPUS`, (c) member-validated commit,
+    (d) the same with the drop-one fallback. ``clean``/``clean_validated``: the honest
+    members' bases without it, per round."""
     r = settings.poison_rounds
     hostile = hostile_node(like, REVERSED_SCALE, REVERSED_QUALITY)
     nodes = [*honest, hostile]
@@ -177,6 +185,16 @@ def reversed_member_section(
         ),
         "validated": (
             core("reversed validated", DEMO_POLICY, nodes, r, acceptance=AcceptancePolicy()),
+            clean_validated,
+        ),
+        "validated_drop_one": (
+            core(
+                "reversed validated, drop one",
+                DEMO_POLICY,
+                nodes,
+                r,
+                acceptance=AcceptancePolicy(drop_one=True),
+            ),
             clean_validated,
         ),
     }

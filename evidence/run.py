@@ -234,6 +234,12 @@ def _reversed_member_checks(section: dict[str, Any] | None) -> dict[str, bool]:
         "validation_keeps_honest_losses_within_tolerance_against_reversed_member": not runs[
             "validated"
         ]["rises_past_tolerance"],
+        "reversed_member_harmless_under_validation_with_drop_one": not claims.visibly_harmed(
+            runs["validated_drop_one"]["worst_harm"]
+        ),
+        "drop_one_leaves_the_reversed_member_out_every_round": all(
+            row["hostile_weight"] == 0.0 for row in runs["validated_drop_one"]["per_round"]
+        ),
     }
 
 

@@ -77,6 +77,8 @@ def test_the_fallback_says_what_validation_did_in_a_round() -> None:
         claims.fallback(_validation([1.0, 0.5, 0.25, 0.125], None, []))
         == "not committed after 4 tries (base unchanged)"
     )
+    dropped = {**_validation([1.0, 0.5, 1.0, 1.0], 1.0, []), "dropped": "mallory"}
+    assert claims.fallback(dropped) == "committed without mallory after 4 tries"
 
 
 def test_rises_past_the_tolerance_are_each_round_s_step_on_each_jurisdiction() -> None:
