@@ -86,12 +86,19 @@ def fallback(validation: Mapping[str, Any] | None) -> str:
     ``evidence.json`` holds it (``None``: the round ran none)."""
     if validation is None:
         return "not validated"
+    probed = sum(1 for p in validation.get("probes", []) if p["dropped"])
+    said = _tried(validation)
+    return f"scored by probes without each of {probed} members; {said}" if probed else said
+
+
+def _tried(validation: Mapping[str, Any]) -> str:
     tries = len(validation["attempts"])
     scale = validation["committed_scale"]
     if scale is None:
         return f"not committed after {tries} tries (base unchanged)"
     if validation.get("dropped"):
-        return f"committed without {validation['dropped']} after {tries} tries"
+        at = f" at step {scale:g}" if scale != 1.0 else ""
+        return f"committed without {validation['dropped']}{at} after {tries} tries"
     if validation["committed_over"]:
         over = ", ".join(validation["committed_over"])
         return f"committed the full step over the lone objection of {over} after {tries} tries"

@@ -41,25 +41,15 @@ def validation_from_pb(result: pb.ConsortiumRoundResult) -> dict[str, Any] | Non
         "rule": v.rule,
         "tolerance": v.tolerance,
         "max_halvings": v.max_halvings,
-        "attempts": [
-            {
-                "scale": a.scale,
-                "dropped": a.dropped,
-                "accepted": a.accepted,
-                "objections": list(a.objections),
-                "reason": a.reason,
-                "evaluations": {
-                    e.node_id: {"base_loss": e.base_loss, "candidate_loss": e.candidate_loss}
-                    for e in a.evaluations
-                },
-            }
-            for a in v.attempts
-        ],
+        "attempts": [_attempt(a.scale, a.dropped, a.accepted, a.objections, a.reason,
+                              a.evaluations) for a in v.attempts],
+        "probes": [_attempt(a.scale, a.dropped, a.accepted, a.objections, a.reason,
+                            a.evaluations) for a in v.probes],
         "committed_scale": v.committed_scale if v.HasField("committed_scale") else None,
         "committed_over": list(v.committed_over),
         "dropped": v.dropped,
         "reason": v.reason,
-    }
+    }  # fmt: skip
 
 
 def validation_from_core(v: Validation | None) -> dict[str, Any] | None:
@@ -70,24 +60,36 @@ def validation_from_core(v: Validation | None) -> dict[str, Any] | None:
         "rule": str(v.policy.rule),
         "tolerance": v.policy.tolerance,
         "max_halvings": v.policy.max_halvings,
-        "attempts": [
-            {
-                "scale": a.scale,
-                "dropped": a.dropped,
-                "accepted": a.verdict.accepted,
-                "objections": list(a.verdict.objections),
-                "reason": a.verdict.reason,
-                "evaluations": {
-                    e.node_id: {"base_loss": e.base_loss, "candidate_loss": e.candidate_loss}
-                    for e in a.evaluations
-                },
-            }
-            for a in v.attempts
-        ],
+        "attempts": [_attempt(a.scale, a.dropped, a.verdict.accepted, a.verdict.objections,
+                              a.verdict.reason, a.evaluations) for a in v.attempts],
+        "probes": [_attempt(a.scale, a.dropped, a.verdict.accepted, a.verdict.objections,
+                            a.verdict.reason, a.evaluations) for a in v.probes],
         "committed_scale": v.scale,
         "committed_over": list(v.committed_over),
         "dropped": v.dropped,
         "reason": v.reason,
+    }  # fmt: skip
+
+
+def _attempt(
+    scale: float,
+    dropped: str,
+    accepted: bool,
+    objections: Sequence[str],
+    reason: str,
+    evaluations: Sequence[Any],
+) -> dict[str, Any]:
+    """One step tried (or probed), with each member's two losses."""
+    return {
+        "scale": scale,
+        "dropped": dropped,
+        "accepted": accepted,
+        "objections": list(objections),
+        "reason": reason,
+        "evaluations": {
+            e.node_id: {"base_loss": e.base_loss, "candidate_loss": e.candidate_loss}
+            for e in evaluations
+        },
     }
 
 
@@ -164,8 +166,9 @@ def reversed_member_section(
     three honest members under the demo's policy (relative norm bound 10 on) for
     ``settings.poison_rounds`` rounds: (a) self-reported quality, (b) measured quality
     against a reference update on :data:`REFERENCE_CORPUS`, (c) member-validated commit,
-    (d) the same with the drop-one fallback. ``clean``/``clean_validated``: the honest
-    members' bases without it, per round."""
+    (d) the same with the drop-one fallback, (e) quality evaluated by the members (probes,
+    validated). ``clean``/``clean_validated``: the honest members' bases without it, per
+    round."""
     r = settings.poison_rounds
     hostile = hostile_node(like, REVERSED_SCALE, REVERSED_QUALITY)
     nodes = [*honest, hostile]
@@ -197,6 +200,16 @@ def reversed_member_section(
             ),
             clean_validated,
         ),
+        "evaluated": (
+            core(
+                "reversed evaluated",
+                measured_policy,
+                nodes,
+                r,
+                acceptance=AcceptancePolicy(measure=True),
+            ),
+            clean_validated,
+        ),
     }
     return {
         "rounds": r,
@@ -204,8 +217,9 @@ def reversed_member_section(
         "hostile_delta": f"{REVERSED_SCALE:g} x its own trained delta",
         "claimed_quality": REVERSED_QUALITY,
         "reference_corpus": REFERENCE_CORPUS.name,
-        "measured_policy_note": "measured quality runs with quality_floor 0: the demo's "
-        "floor (0.75) is a bar for claimed scores, and measured scores are cosines",
+        "measured_policy_note": "measured and evaluated quality run with quality_floor 0: the "
+        "demo's floor (0.75) is a bar for claimed scores; measured scores are cosines, and "
+        "evaluated ones each member's share of the best member's help",
         "runs": {
             name: _reversed_run(run, base[: r + 1], AcceptancePolicy().tolerance)
             for name, (run, base) in runs.items()

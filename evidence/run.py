@@ -240,6 +240,12 @@ def _reversed_member_checks(section: dict[str, Any] | None) -> dict[str, bool]:
         "drop_one_leaves_the_reversed_member_out_every_round": all(
             row["hostile_weight"] == 0.0 for row in runs["validated_drop_one"]["per_round"]
         ),
+        "reversed_member_harmless_under_evaluated_quality": not claims.visibly_harmed(
+            runs["evaluated"]["worst_harm"]
+        ),
+        "evaluated_quality_gives_reversed_member_no_weight": all(
+            row["hostile_weight"] == 0.0 for row in runs["evaluated"]["per_round"]
+        ),
     }
 
 

@@ -381,6 +381,12 @@ class AcceptanceConfig(_Strict):
     members' mean change is lowest. Costs one candidate per accepted member, sent to every
     member, and lets a member tell the dropped contribution's weighted delta from the
     difference of two candidates (docs/concepts/policy.md)."""
+    measure_quality: bool = False
+    """Weigh each contribution by what leaving it out does to the other members' held-out
+    losses, from their evaluations of the round's probes (the candidate, and the candidate
+    without each contribution), in place of the quality scores claimed or assessed. Costs
+    one candidate per accepted member each round, sent to every member, and shows each
+    member every accepted contribution's weighted delta (docs/concepts/policy.md)."""
     timeout_s: float = Field(DEFAULT_EVALUATION_TIMEOUT_S, gt=0, le=MAX_NODE_TIMEOUT_S)
     """Deadline of one member's evaluation of one step, the candidate's transfer included,
     in seconds; a member that does not answer in time does not count for that step."""
@@ -388,6 +394,11 @@ class AcceptanceConfig(_Strict):
     @model_validator(mode="after")
     def _the_core_accepts_it(self) -> AcceptanceConfig:
         self.policy()
+        if self.rule == "off" and (self.drop_one or self.measure_quality):
+            raise ValueError(
+                "drop_one and measure_quality work through the members' evaluations, which "
+                'rule = "off" turns off'
+            )
         return self
 
     def policy(self) -> AcceptancePolicy | None:
@@ -395,7 +406,11 @@ class AcceptanceConfig(_Strict):
         if self.rule == "off":
             return None
         return AcceptancePolicy(
-            AcceptanceRule(self.rule), self.tolerance, self.max_halvings, self.drop_one
+            AcceptanceRule(self.rule),
+            self.tolerance,
+            self.max_halvings,
+            self.drop_one,
+            self.measure_quality,
         )
 
 
@@ -495,6 +510,11 @@ class PolicyConfig(_Strict):
             raise ValueError(
                 "[policy.reference] trains the reference update on reference_corpus, which "
                 "is unset; set policy.reference_corpus or remove [policy.reference]"
+            )
+        if self.reference_corpus is not None and self.acceptance.measure_quality:
+            raise ValueError(
+                "policy.reference_corpus and policy.acceptance.measure_quality each replace "
+                "the members' quality scores; choose one"
             )
         return self
 

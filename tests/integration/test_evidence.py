@@ -79,13 +79,18 @@ def test_evidence_writes_the_report_and_the_documented_json(tmp_path: Path) -> N
     reversed_member = evidence["reversed_member"]
     assert reversed_member["hostile_delta"] == "-9.9 x its own trained delta"
     runs = reversed_member["runs"]
-    assert set(runs) == {"self_reported", "measured", "validated", "validated_drop_one"}
+    assert set(runs) == {
+        "self_reported", "measured", "validated", "validated_drop_one", "evaluated",
+    }  # fmt: skip
     for run in runs.values():
         assert [r["round"] for r in run["per_round"]] == [1]
     assert runs["self_reported"]["per_round"][0]["quality_sources"]["mallory"] == "self_reported"
     assert runs["measured"]["per_round"][0]["quality_sources"]["mallory"] == "measured"
     assert runs["validated"]["per_round"][0]["fallback"] != "not validated"
     assert runs["validated_drop_one"]["per_round"][0]["fallback"] != "not validated"
+    evaluated = runs["evaluated"]["per_round"][0]
+    assert set(evaluated["quality_sources"].values()) == {"evaluated"}
+    assert evaluated["fallback"].startswith("scored by probes without each of 4 members; ")
     assert "Member-validated commit" in html and "measured against claimed" in html
     assert all(isinstance(v, bool | dict) for v in evidence["checks"].values())
     numbers = _numbers({k: v for k, v in evidence.items() if k != "run"})

@@ -233,6 +233,31 @@ def test_with_drop_one_the_reversed_member_is_left_out_over_the_wire_and_the_bas
     assert all(m.asked == 2 * 6 for m in members.values())  # type: ignore[attr-defined]
 
 
+def test_evaluated_quality_over_the_wire_gives_the_reversed_member_no_weight(
+    tmp_path: Path,
+) -> None:
+    from tapestry.training.consortium.governance.measured import QualitySource
+
+    members: dict[str, SovereignNodeServicer] = dict(_honest(tmp_path))
+    members["rogue"] = Member(Reversed(_node("rogue", "vn", quality=1.0)), tmp_path)
+    policy = ContributionPolicy(max_delta_norm_ratio=None, max_node_weight=0.5)
+    with _served(tmp_path, members) as served:
+        coordinator = _coordinator(policy)
+        coordinator.acceptance = AcceptancePolicy(measure=True)
+        result = coordinator.run_round(served.proxies)
+
+    validation = result.validation
+    assert validation is not None
+    assert [p.dropped for p in validation.probes] == ["", "n0", "n1", "n2", "rogue"]
+    assert result.quality_scores["rogue"] == 0.0 and "rogue" not in result.accepted_nodes
+    assert max(result.quality_scores[n] for n in MEMBERS) == 1.0
+    assert set(result.quality_sources.values()) == {QualitySource.EVALUATED}
+    assert validation.scale is not None  # the round commits without the rogue's weight
+    committed = [a for a in validation.attempts if a.scale == validation.scale][0]
+    assert {e.state_sha256 for e in committed.evaluations} == {result.shared_base_sha256}
+    assert all(e.change <= 0.01 for e in committed.evaluations if e.node_id in MEMBERS)
+
+
 def test_a_member_that_does_not_answer_in_time_does_not_count(tmp_path: Path) -> None:
     members = _honest(tmp_path, n2={"delay_s": 3.0})
     with _served(tmp_path, members) as served:

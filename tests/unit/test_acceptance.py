@@ -208,12 +208,19 @@ def test_an_acceptance_policy_out_of_bounds_is_refused(fields, message) -> None:
         AcceptancePolicy(**fields)
 
 
-def _dropping(table: dict[str, dict[str, float]]):
+def _dropping(
+    table: dict[str, dict[str, float]], steps: dict[float, dict[str, float]] | None = None
+):
+    """``evaluate_without`` from fixed evaluations: ``table`` by member left out, at the
+    full step; ``steps`` by scale, for the shorter steps (the rise of the full one when not
+    given: a shorter step changes nothing)."""
     dropped: list[str] = []
 
-    def evaluate_without(node_id: str) -> list[MemberEvaluation]:
-        dropped.append(node_id)
-        return _evaluations(table[node_id])
+    def evaluate_without(node_id: str, scale: float) -> list[MemberEvaluation]:
+        dropped.append(node_id if scale == 1.0 else f"{node_id}@{scale:g}")
+        return _evaluations(
+            table[node_id] if scale == 1.0 else (steps or {}).get(scale, table[node_id])
+        )
 
     return evaluate_without, dropped
 
@@ -260,12 +267,36 @@ def test_the_dropped_member_cannot_keep_its_delta_in_by_objecting_to_its_removal
 
 def test_another_members_lone_objection_to_a_drop_still_refuses_it() -> None:
     evaluate, _ = _by_scale(ROGUE_ROUND)
-    # Without india, vietnam alone objects: that objection is not india's own, so it stands.
-    without, _ = _dropping({"india": {"vietnam": 0.3, "switzerland": -0.1, "india": -0.3}})
+    # Without india, vietnam alone objects: that objection is not india's own, so it stands,
+    # at the full step and at half of it.
+    objects = {"vietnam": 0.3, "switzerland": -0.1, "india": -0.3}
+    without, dropped = _dropping({"india": objects}, {0.5: objects})
     policy = AcceptancePolicy(max_halvings=1, drop_one=True)
     outcome = validate(policy, evaluate, drops=["india"], evaluate_without=without)
     assert outcome.scale is None and outcome.dropped == ""
-    assert len(outcome.attempts) == 3
+    assert dropped == ["india", "india@0.5"] and len(outcome.attempts) == 4
+
+
+def test_when_no_drop_is_accepted_the_nearest_is_shortened_until_accepted() -> None:
+    evaluate, _ = _by_scale({**ROGUE_ROUND, 0.25: ROGUE_ROUND[1.0]})
+    without, dropped = _dropping(
+        {
+            "vietnam": {"vietnam": 0.3, "switzerland": 0.1, "india": -0.2},  # mean +0.067
+            "india": {"vietnam": 0.05, "switzerland": 0.02, "india": -0.2},  # mean -0.043
+        },
+        {
+            0.5: {"vietnam": 0.02, "switzerland": 0.0, "india": -0.1},
+            0.25: {"vietnam": -0.01, "switzerland": -0.01, "india": -0.05},
+        },
+    )
+    policy = AcceptancePolicy(max_halvings=2, drop_one=True)
+    outcome = validate(policy, evaluate, drops=["vietnam", "india"], evaluate_without=without)
+    assert dropped == ["vietnam", "india", "india@0.5", "india@0.25"]
+    assert (outcome.scale, outcome.dropped) == (0.25, "india")
+    assert [(a.dropped, a.scale) for a in outcome.attempts[3:]] == [
+        ("vietnam", 1.0), ("india", 1.0), ("india", 0.5), ("india", 0.25),
+    ]  # fmt: skip
+    assert outcome.reason.startswith("committed without india's contribution at step 0.25")
 
 
 def test_drop_one_is_off_unless_asked_and_never_tried_before_the_shorter_steps() -> None:

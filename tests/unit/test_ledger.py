@@ -538,3 +538,42 @@ def test_a_round_committed_without_one_member_verifies_and_a_changed_drop_is_nam
     forged.contribution_weights["rogue"] = 0.1  # weighs the member it says it left out
     journal.write(pb.RoundRecord(result=forged))
     assert any("weight of rogue" in p for p in journal.problems(allow_unsigned=True))
+
+
+def test_a_round_weighed_by_evaluations_verifies_and_a_changed_probe_is_named(
+    tmp_path: Path,
+) -> None:
+    from tapestry.coordinator.ledger_check import evaluated_problems
+
+    from .test_member_validation import Judge
+
+    journal = Journal(tmp_path)
+    journal.core = ConsortiumCoordinator(
+        SPEC.build(seed=1),
+        ContributionPolicy(max_node_weight=0.5),
+        acceptance=AcceptancePolicy(measure=True),
+        min_nodes=2,
+    )
+    members = [Judge("vn", 1.0, 1.0), Judge("ch", 1.0, 1.0), Judge("rogue", -9.9, 1.0, True)]
+    journal.core.run_round(members, commit=journal._commit)
+    result = journal.record(1).result
+    assert [p.dropped for p in result.validation.probes] == ["", "vn", "ch", "rogue"]
+    assert dict(result.quality_scores) == {"vn": 1.0, "ch": 1.0, "rogue": 0.0}
+    assert set(result.quality_sources.values()) == {pb.QUALITY_SOURCE_EVALUATED}
+    assert journal.problems(allow_unsigned=True) == []
+
+    forged = pb.ConsortiumRoundResult()
+    forged.CopyFrom(result)
+    # the rogue's "without me the others are worse": 9 nats on each other member
+    for evaluation in forged.validation.probes[3].evaluations:
+        evaluation.candidate_loss += 9.0
+    problems = evaluated_problems(forged)
+    assert problems[0].startswith("probe 4: accepted is True, the rule says False")
+    assert "rogue's evaluated score is 0.0, the probes give 1.0" in problems
+    assert any(p.startswith("vn's evaluated score is 1.0, the probes give 0.16") for p in problems)
+    forged.CopyFrom(result)
+    forged.quality_sources["vn"] = pb.QUALITY_SOURCE_SELF_REPORTED
+    assert evaluated_problems(forged) == ["vn is weighed by another score than the probes give"]
+    forged.CopyFrom(result)
+    del forged.validation.probes[3]  # hides the probe that scored the rogue 0
+    assert "rogue's evaluated score is 0.0, the probes give None" in evaluated_problems(forged)

@@ -369,3 +369,54 @@ def test_with_drop_one_the_reversed_member_is_left_out_and_the_base_still_moves(
             before = _loss(probe, result.previous_base_state, node_id)
             after = _loss(probe, result.shared_base_state, node_id)
             assert after - before <= 0.01
+
+
+def test_evaluated_quality_weighs_members_by_what_leaving_them_out_does_to_the_others() -> None:
+    from tapestry.training.consortium.governance.measured import QualitySource
+
+    base = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+    members = [Judge("a", 1.0, 1.0), Judge("b", 1.0, 1.0), Judge("rogue", -9.9, 1.0, True)]
+    result = ConsortiumCoordinator(
+        base,
+        ContributionPolicy(max_node_weight=0.5),
+        acceptance=AcceptancePolicy(measure=True),
+        min_nodes=2,
+    ).run_round(members)
+
+    validation = result.validation
+    assert validation is not None
+    assert [p.dropped for p in validation.probes] == ["", "a", "b", "rogue"]
+    # Without a (or b) the others are worse: b's loss rises 1.8167 (from |-2.633-1| to
+    # |-4.45-1|), the rogue says nothing changed (0): median 0.908, the top, so 1. Without
+    # the rogue, a and b are 3.633 better: it scores 0 and the policy refuses it.
+    assert result.quality_scores == {"a": 1.0, "b": 1.0, "rogue": 0.0}
+    assert set(result.quality_sources.values()) == {QualitySource.EVALUATED}
+    assert result.contribution_weights == {"a": 0.5, "b": 0.5}
+    assert "rogue" in result.rejected_nodes
+    assert validation.scale == 1.0 and [a.scale for a in validation.attempts] == [1.0]
+    assert torch.equal(result.shared_base_state["weight"], torch.ones(2, 2))
+    # every member judged the four probes, then the candidate the scores give
+    assert members[0].judged == pytest.approx([-2.6333, -4.45, -4.45, 1.0, 1.0], abs=1e-3)
+    wire = round_result_to_proto(result)
+    assert [p.dropped for p in wire.validation.probes] == ["", "a", "b", "rogue"]
+    assert wire.validation.measure
+
+
+def test_evaluated_quality_that_scores_nobody_above_zero_commits_nothing_and_says_so() -> None:
+    base = nn.Linear(2, 2, bias=False)
+    before = state_digest(model_state(base))
+    # each says the candidate is as good with or without anyone: no one helps anyone
+    members = [Judge(n, 1.0, 1.0, flatter=True) for n in ("a", "b", "c")]
+    result = ConsortiumCoordinator(
+        base, acceptance=AcceptancePolicy(measure=True), min_nodes=2
+    ).run_round(members)
+
+    assert result.quality_scores == {"a": 0.0, "b": 0.0, "c": 0.0}
+    assert result.accepted_nodes == [] and result.shared_base_sha256 == before
+    validation = result.validation
+    assert validation is not None and validation.scale is None and len(validation.probes) == 4
+    assert validation.reason == (
+        "not committed: the members' evaluations scored no contribution above 0"
+    )

@@ -167,6 +167,7 @@ def round_table(result: pb.ConsortiumRoundResult) -> Group:
 
 # Where a weighed score came from, in words and in a word (pb.QualitySource).
 QUALITY_SOURCES: dict[int, tuple[str, str]] = {
+    pb.QUALITY_SOURCE_EVALUATED: ("evaluated by the other members", "evaluated"),
     pb.QUALITY_SOURCE_MEASURED: ("measured against the reference corpus", "measured"),
     pb.QUALITY_SOURCE_ASSESSED: ("assessed by the consortium", "assessed"),
     pb.QUALITY_SOURCE_SELF_REPORTED: ("self-reported", "self"),
@@ -393,6 +394,9 @@ def validation_lines(validation: pb.RoundValidation) -> list[str]:
     """The members' validation in words: the rule, then each step with its verdict."""
     lines = [f"validation ({validation.rule}, tolerance {validation.tolerance:g}): "
              f"{validation.reason}"]  # fmt: skip
+    if validation.probes:
+        probed = ", ".join(p.dropped for p in validation.probes if p.dropped)
+        lines.append(f"  probed without each of {probed}: the scores evaluated")
     for attempt in validation.attempts:
         verdict = "accepted" if attempt.accepted else "refused"
         objections = f", objections: {', '.join(attempt.objections)}" if attempt.objections else ""

@@ -63,6 +63,8 @@ from tapestry.state_files import load_state
 from tapestry.training.consortium.governance.acceptance import (
     AcceptancePolicy,
     Attempt,
+    Verdict,
+    evaluated_scores,
     validate,
 )
 from tapestry.training.consortium.messages import MemberEvaluation
@@ -150,6 +152,7 @@ def check_ledger(data_dir: Path, trust: Trust, *, momentum: bool = True) -> Ledg
             *_files(store, record, bases, momentum=momentum),
             *decision_problems(result),
             *acceptance_problems(result),
+            *evaluated_problems(result),
         ]
         report.problems += [f"round {result.round_num}: {p}" for p in problems]
         bases[result.round_num] = result.shared_base_sha256
@@ -456,7 +459,9 @@ def acceptance_problems(result: pb.ConsortiumRoundResult) -> list[str]:
         policy = acceptance_policy_from_proto(recorded)
         steps = [member_evaluations_from_proto(a) for a in recorded.attempts if not a.dropped]
         drops = {
-            a.dropped: member_evaluations_from_proto(a) for a in recorded.attempts if a.dropped
+            (a.dropped, a.scale): member_evaluations_from_proto(a)
+            for a in recorded.attempts
+            if a.dropped
         }
     except ValueError as error:
         return [f"the recorded validation cannot be read: {error}"]
@@ -466,9 +471,12 @@ def acceptance_problems(result: pb.ConsortiumRoundResult) -> list[str]:
         asked.append(scale)
         return steps[len(asked) - 1] if len(asked) <= len(steps) else ()
 
+    if not recorded.attempts and recorded.probes:  # probed, and no one scored above 0
+        accepted = bool(result.accepted_nodes or result.contribution_weights)
+        return ["nodes were accepted, yet no candidate was validated"] if accepted else []
     outcome = validate(
         policy, evaluate, max(recorded.quorum, 1), drops=_droppable(result, policy),
-        evaluate_without=lambda node_id: drops.get(node_id, ()),
+        evaluate_without=lambda node_id, scale: drops.get((node_id, scale), ()),
     )  # fmt: skip
     problems = [
         f"validation step {i + 1}: {what}"
@@ -495,6 +503,50 @@ def acceptance_problems(result: pb.ConsortiumRoundResult) -> list[str]:
     if scale is None and (result.accepted_nodes or result.contribution_weights):
         problems.append("the members' validation committed nothing, yet nodes were accepted")
     return problems
+
+
+def evaluated_problems(result: pb.ConsortiumRoundResult) -> list[str]:
+    """How the round's evaluated quality scores differ from what its recorded probes give
+    (:func:`evaluated_scores`), each probe's verdict from what its rule says, and a member
+    weighed by another score where the round probed."""
+    if not result.HasField("validation") or not result.validation.probes:
+        return []
+    recorded = result.validation
+    try:
+        policy = acceptance_policy_from_proto(recorded)
+        probes = [
+            Attempt(p.scale, _verdict(p), member_evaluations_from_proto(p), p.dropped)
+            for p in recorded.probes
+        ]
+    except ValueError as error:
+        return [f"the recorded probes cannot be read: {error}"]
+    problems = [
+        f"probe {i + 1}: {what}"
+        for i, probe in enumerate(probes)
+        for what in _step_problems(
+            recorded.probes[i],
+            Attempt(1.0, policy.judge(probe.evaluations, max(recorded.quorum, 1)),
+                    probe.evaluations, probe.dropped),
+        )
+    ]  # fmt: skip
+    if probes[0].dropped or len({p.dropped for p in probes}) != len(probes):
+        problems.append("the probes are not the candidate then one without each member")
+    evaluated = pb.QUALITY_SOURCE_EVALUATED
+    scores = evaluated_scores(probes)
+    claimed = [n for n, source in result.quality_sources.items() if source == evaluated]
+    for node in sorted({*scores, *result.accepted_nodes, *claimed}):
+        if result.quality_sources.get(node) != evaluated:
+            problems.append(f"{node} is weighed by another score than the probes give")
+        elif result.quality_scores.get(node) != scores.get(node):
+            problems.append(
+                f"{node}'s evaluated score is {result.quality_scores.get(node)!r}, the probes "
+                f"give {scores.get(node)!r}"
+            )
+    return problems
+
+
+def _verdict(attempt: pb.ValidationAttempt) -> Verdict:
+    return Verdict(attempt.accepted, tuple(attempt.objections), attempt.reason)
 
 
 def _droppable(result: pb.ConsortiumRoundResult, policy: AcceptancePolicy) -> list[str]:

@@ -31,6 +31,7 @@ from tapestry.pki.signing import Signature
 from tapestry.training.consortium.governance.acceptance import (
     AcceptancePolicy,
     AcceptanceRule,
+    Attempt,
     Validation,
 )
 from tapestry.training.consortium.governance.checks import progress_problem
@@ -206,6 +207,7 @@ _QUALITY_SOURCES = {
     QualitySource.SELF_REPORTED: pb.QUALITY_SOURCE_SELF_REPORTED,
     QualitySource.ASSESSED: pb.QUALITY_SOURCE_ASSESSED,
     QualitySource.MEASURED: pb.QUALITY_SOURCE_MEASURED,
+    QualitySource.EVALUATED: pb.QUALITY_SOURCE_EVALUATED,
 }
 
 
@@ -424,26 +426,30 @@ def validation_to_proto(validation: Validation) -> pb.RoundValidation:
         rule=policy.rule.value,
         tolerance=policy.tolerance,
         max_halvings=policy.max_halvings,
-        attempts=[
-            pb.ValidationAttempt(
-                scale=attempt.scale,
-                accepted=attempt.verdict.accepted,
-                objections=attempt.verdict.objections,
-                reason=attempt.verdict.reason,
-                evaluations=[member_evaluation_to_proto(e) for e in attempt.evaluations],
-                dropped=attempt.dropped,
-            )
-            for attempt in validation.attempts
-        ],
+        attempts=[attempt_to_proto(attempt) for attempt in validation.attempts],
         committed_over=validation.committed_over,
         reason=validation.reason,
         quorum=validation.quorum,
         drop_one=policy.drop_one,
         dropped=validation.dropped,
+        measure=policy.measure,
+        probes=[attempt_to_proto(probe) for probe in validation.probes],
     )
     if validation.scale is not None:
         msg.committed_scale = validation.scale
     return msg
+
+
+def attempt_to_proto(attempt: Attempt) -> pb.ValidationAttempt:
+    """One candidate tried (or probed), its verdict and the members' evaluations of it."""
+    return pb.ValidationAttempt(
+        scale=attempt.scale,
+        accepted=attempt.verdict.accepted,
+        objections=attempt.verdict.objections,
+        reason=attempt.verdict.reason,
+        evaluations=[member_evaluation_to_proto(e) for e in attempt.evaluations],
+        dropped=attempt.dropped,
+    )
 
 
 def member_evaluation_to_proto(evaluation: MemberEvaluation) -> pb.MemberEvaluation:
@@ -481,7 +487,7 @@ def acceptance_policy_from_proto(msg: pb.RoundValidation) -> AcceptancePolicy:
     except ValueError:
         known = ", ".join(r.value for r in AcceptanceRule)
         raise ValueError(f"validation rule must be one of {known}; got {msg.rule!r}") from None
-    return AcceptancePolicy(rule, msg.tolerance, msg.max_halvings, msg.drop_one)
+    return AcceptancePolicy(rule, msg.tolerance, msg.max_halvings, msg.drop_one, msg.measure)
 
 
 def member_evaluations_from_proto(msg: pb.ValidationAttempt) -> tuple[MemberEvaluation, ...]:

@@ -21,12 +21,28 @@ base bitwise unchanged, except in two cases:
   again without each accepted contribution in turn (the policy weighing the others), and
   the members evaluate each of those candidates in full. Of the ones accepted, the one
   whose members' mean change is lowest is committed: the contribution whose removal most
-  helps is left out, and recorded as dropped. A candidate's only objection being the
+  helps is left out, and recorded as dropped. When none is accepted, the round tries the
+  shorter steps toward the one whose mean change is lowest, as for its own candidate, and
+  commits the first accepted. A candidate's only objection being the
   dropped member's own does not refuse it (under ``no_regression``): a member cannot keep
   its own delta in by objecting to its removal. Off by default because it costs one
   candidate per accepted member, sent to every member, and because a member that holds the
   full candidate and one without a contribution can tell that contribution's weighted
   delta: the consortium turns it on knowing that.
+
+**Quality evaluated** (:attr:`AcceptancePolicy.measure`, off by default). Before the rule
+decides, the members evaluate the candidate and, for each contribution the policy accepted,
+the candidate integrated without it (the others' weights scaled up to sum to 1): the
+round's *probes*. A member's score is the median, over the *other* members, of how much
+their held-out loss rises when its contribution is left out (its own word about itself is
+not counted), divided by the largest such median; one that does not help, or hurts, scores
+0 (:func:`evaluated_scores`). The policy then weighs the members by those scores (the
+quality source ``evaluated``), and the rule judges the candidate that gives. It costs one
+candidate per accepted member each round, sent to every member, and shows each member
+every accepted contribution's weighted delta (the difference of two probes): a consortium
+turns it on knowing that. With three members a single liar's number is half of each
+other member's median, so it can zero one member's score; with four or more it cannot
+move a median past the honest members' numbers.
 
 So under the default rule one lying member (its evaluations are its own word) can:
 - make the round try shorter steps (at most ``max_halvings`` more evaluations);
@@ -45,6 +61,7 @@ caller's (the services' validation phase).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -85,11 +102,13 @@ class AcceptancePolicy:
     tolerance: float = DEFAULT_TOLERANCE
     max_halvings: int = DEFAULT_MAX_HALVINGS
     drop_one: bool = False
+    measure: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule", AcceptanceRule(self.rule))
-        if not isinstance(self.drop_one, bool):
-            raise ValueError(f"drop_one {self.drop_one!r} must be true or false")
+        for name in ("drop_one", "measure"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} {getattr(self, name)!r} must be true or false")
         tolerance, halvings = self.tolerance, self.max_halvings
         if (
             isinstance(tolerance, bool)
@@ -164,7 +183,9 @@ class Validation:
     """What validation decided under ``policy``: the scale committed (``None``: abort, the
     base unchanged), every attempt in order, the objection committed over (a lone
     objector's id, or the dropped member's own), how many evaluations each step needed
-    (``quorum``), and the contribution the committed candidate leaves out (``""``: none)."""
+    (``quorum``), the contribution the committed candidate leaves out (``""``: none), and
+    the probes its members' scores were evaluated from (:attr:`AcceptancePolicy.measure`:
+    the round's first candidate, then one without each contribution)."""
 
     scale: float | None
     attempts: tuple[Attempt, ...]
@@ -172,17 +193,23 @@ class Validation:
     policy: AcceptancePolicy = field(default_factory=lambda: AcceptancePolicy())
     quorum: int = 1
     dropped: str = ""
+    probes: tuple[Attempt, ...] = ()
 
     @property
     def reason(self) -> str:
         """One line for the round's record."""
+        if not self.attempts:
+            return "not committed: the members' evaluations scored no contribution above 0"
         last = self.attempts[-1]
         if self.scale is None:
             return f"not committed: {last.verdict.reason} (after {len(self.attempts)} tries)"
         if self.dropped:
-            chosen = next(a for a in self.attempts if a.dropped == self.dropped)
+            at = f" at step {self.scale:g}" if self.scale != 1.0 else ""
+            chosen = next(
+                a for a in self.attempts if (a.dropped, a.scale) == (self.dropped, self.scale)
+            )
             return (
-                f"committed without {self.dropped}'s contribution, the removal that helps "
+                f"committed without {self.dropped}'s contribution{at}, the removal that helps "
                 f"most: {chosen.verdict.reason}"
             )
         if self.committed_over:
@@ -196,8 +223,9 @@ class Validation:
 Evaluate = Callable[[float], Sequence["MemberEvaluation"]]
 """The members' evaluations of ``base + scale·(candidate - base)``."""
 
-EvaluateWithout = Callable[[str], Sequence["MemberEvaluation"]]
-"""The members' evaluations of the candidate integrated without one member's contribution."""
+EvaluateWithout = Callable[[str, float], Sequence["MemberEvaluation"]]
+"""The members' evaluations of the step of a scale toward the candidate integrated without
+one member's contribution."""
 
 
 def validate(
@@ -209,9 +237,9 @@ def validate(
     evaluate_without: EvaluateWithout | None = None,
 ) -> Validation:
     """Try the full candidate, then each shorter step, then (with ``drop_one``) the
-    candidate without each of ``drops`` in turn, as the module says; ``evaluate`` is asked
-    once per step tried, ``evaluate_without`` once per contribution dropped, and each
-    candidate needs ``quorum`` evaluations. ``drops`` are the accepted contributions whose
+    candidate without each of ``drops`` in turn and the shorter steps toward the nearest of
+    them, as the module says; ``evaluate`` and ``evaluate_without`` are asked once per step
+    tried, and each needs ``quorum`` evaluations. ``drops`` are the accepted contributions whose
     removal leaves a round the policy can integrate, in the nodes' order."""
     attempts: list[Attempt] = []
     for halving in range(policy.max_halvings + 1):
@@ -235,15 +263,40 @@ def validate(
     if lone:
         return Validation(1.0, tuple(attempts), first, policy, quorum)
     if policy.drop_one and evaluate_without is not None:
-        for node_id in drops:
-            evaluations = tuple(evaluate_without(node_id))
-            verdict = policy.judge(evaluations, quorum)
-            attempts.append(Attempt(1.0, verdict, evaluations, node_id))
-        chosen = _best_drop(policy, attempts)
-        if chosen is not None:
-            over = chosen.verdict.objections if not chosen.verdict.accepted else ()
-            return Validation(1.0, tuple(attempts), over, policy, quorum, chosen.dropped)
+        return _drop_one(policy, evaluate_without, quorum, drops, attempts)
     return Validation(None, tuple(attempts), policy=policy, quorum=quorum)
+
+
+def _drop_one(
+    policy: AcceptancePolicy,
+    evaluate_without: EvaluateWithout,
+    quorum: int,
+    drops: Sequence[str],
+    attempts: list[Attempt],
+) -> Validation:
+    """The drop-one fallback after ``attempts``: each candidate without one of ``drops``,
+    the acceptable one whose mean change is lowest committed; when none is acceptable, the
+    shorter steps toward the one whose mean change is lowest, as for the round's candidate
+    (no lone objection is committed over there: it had its turn)."""
+    tried = []
+    for node_id in drops:
+        evaluations = tuple(evaluate_without(node_id, 1.0))
+        tried.append(Attempt(1.0, policy.judge(evaluations, quorum), evaluations, node_id))
+    attempts += tried
+    chosen = _best_drop(policy, tried)
+    nearest = min((a for a in tried if a.evaluations), key=lambda a: a.mean_change, default=None)
+    for halving in range(1, policy.max_halvings + 1):
+        if chosen is not None or nearest is None:
+            break
+        scale = 0.5**halving
+        evaluations = tuple(evaluate_without(nearest.dropped, scale))
+        step = Attempt(scale, policy.judge(evaluations, quorum), evaluations, nearest.dropped)
+        attempts.append(step)
+        chosen = _best_drop(policy, [step])
+    if chosen is None:
+        return Validation(None, tuple(attempts), policy=policy, quorum=quorum)
+    over = chosen.verdict.objections if not chosen.verdict.accepted else ()
+    return Validation(chosen.scale, tuple(attempts), over, policy, quorum, chosen.dropped)
 
 
 def _best_drop(policy: AcceptancePolicy, attempts: Sequence[Attempt]) -> Attempt | None:
@@ -261,3 +314,26 @@ def _best_drop(policy: AcceptancePolicy, attempts: Sequence[Attempt]) -> Attempt
 
     candidates = [a for a in attempts if a.dropped and acceptable(a)]
     return min(candidates, key=lambda a: a.mean_change, default=None)
+
+
+def evaluated_scores(probes: Sequence[Attempt]) -> dict[str, float]:
+    """Each probed member's score in [0, 1] from the round's ``probes`` (the first the
+    candidate, each next one the candidate without its ``dropped`` member): the median over
+    the other members that evaluated both of their loss without it minus their loss with
+    it, over the largest such median; 0 for one whose median is not above 0, or that no
+    other member evaluated. The round and ``ledger verify`` both score with this."""
+    if not probes:
+        return {}
+    full = {e.node_id: e.candidate_loss for e in probes[0].evaluations}
+    medians = {}
+    for probe in probes[1:]:
+        rises = [
+            e.candidate_loss - full[e.node_id]
+            for e in probe.evaluations
+            if e.node_id != probe.dropped and e.node_id in full
+        ]
+        medians[probe.dropped] = statistics.median(rises) if rises else 0.0
+    top = max(medians.values(), default=0.0)
+    if not top > 0.0:
+        return dict.fromkeys(medians, 0.0)
+    return {n: min(1.0, max(0.0, m / top)) for n, m in medians.items()}

@@ -41,6 +41,10 @@ class QualitySource(StrEnum):
     ``assessed_quality``: a consortium file's ``[[nodes]] quality_score``)."""
     MEASURED = "measured"
     """Its delta's direction and size against the reference update (:func:`reference_scores`)."""
+    EVALUATED = "evaluated"
+    """What its contribution does to the other members' held-out losses, measured by their
+    evaluations in the validation phase
+    (:func:`~tapestry.training.consortium.governance.acceptance.evaluated_scores`)."""
 
 
 def reference_scores(deltas: Mapping[str, State], reference: State) -> dict[str, float]:

@@ -24,7 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tapestry.training.consortium.governance.acceptance import AcceptancePolicy, Validation
+from tapestry.training.consortium.governance.acceptance import (
+    AcceptancePolicy,
+    Attempt,
+    Validation,
+    evaluated_scores,
+)
 from tapestry.training.consortium.governance.measured import reference_scores
 from tapestry.training.consortium.governance.policy import ContributionPolicy
 from tapestry.training.consortium.messages import (
@@ -44,7 +49,7 @@ from tapestry.training.consortium.round.ledger import RoundLedger
 from tapestry.training.consortium.round.relay import as_consortium_node
 from tapestry.training.consortium.round.result import ConsortiumRoundResult
 from tapestry.training.consortium.round.stages import Integration
-from tapestry.training.consortium.round.validation import validate_candidate
+from tapestry.training.consortium.round.validation import probe_round, validate_candidate
 from tapestry.training.consortium.strategies.base import Strategy
 from tapestry.training.consortium.strategies.registry import make_strategy
 from tapestry.training.consortium.tensors import (
@@ -236,7 +241,7 @@ class ConsortiumCoordinator:
         )  # fmt: skip
         artifacts = collected.artifacts
         del collected  # only the accepted deltas are held from here on
-        integrated = stages.integrate(decided, self.strategy, base)
+        decided, integrated, probes = self._integrated(decided, nodes, base, report)
         received, failed, scores = decided.received, decided.failed, decided.scores
         sources = decided.sources
         norms = decided.norms or {}
@@ -245,7 +250,7 @@ class ConsortiumCoordinator:
         kept = decided if self.acceptance is not None and self.acceptance.drop_one else None
         del decided  # metadata only from here on
         voters = [node for node in nodes if node.node_id in received]
-        integrated, validation = self._validate(integrated, voters, report, base, kept)
+        integrated, validation = self._validate(integrated, voters, report, base, kept, probes)
         del kept
         if integrated.new_state is not None:
             new_state, new_sha256 = integrated.new_state, known_digest(integrated.new_state)
@@ -299,12 +304,17 @@ class ConsortiumCoordinator:
         report: Reporter,
         base: ModelState,
         decided: stages.Decided | None = None,
+        probes: tuple[Attempt, ...] = (),
     ) -> tuple[Integration, Validation | None]:
         """The integration as the members' validation leaves it, and the validation
         (``None`` without an acceptance policy or a candidate), reported. With ``decided``
-        (its deltas held) the fallback may integrate again without one of them."""
-        if self.acceptance is None or integrated.new_state is None:
+        (its deltas held) the fallback may integrate again without one of them; ``probes``
+        are recorded with it."""
+        if self.acceptance is None:
             return integrated, None
+        if integrated.new_state is None:  # probed, and no contribution scored above 0
+            nothing = Validation(None, (), (), self.acceptance, self.min_nodes, probes=probes)
+            return integrated, nothing if probes else None
         # Hashed once here, for the proxies of remote members, which send the candidate.
         candidate = Snapshot(integrated.new_state, sha256=state_digest(integrated.new_state))
         built: dict[str, Integration] = {}  # the newest integration without one member
@@ -326,10 +336,45 @@ class ConsortiumCoordinator:
             self.acceptance, voters, report.round_num, Snapshot(base, sha256=self.base_sha256),
             candidate, quorum, copies=self.copy_states, drops=drops, without=without,
         )  # fmt: skip
+        validation = dataclasses.replace(validation, probes=probes)
         report(RoundStage.VALIDATED, "", validation.reason)
-        if validation.dropped:
-            return built[validation.dropped], validation
+        if validation.dropped:  # the candidate without it, or a shorter step toward it
+            return dataclasses.replace(built[validation.dropped], new_state=validated), validation
         return _validated(integrated, validation, validated, self.strategy.state), validation
+
+    def _integrated(
+        self,
+        decided: stages.Decided,
+        nodes: Sequence[ConsortiumNode],
+        base: ModelState,
+        report: Reporter,
+    ) -> tuple[stages.Decided, Integration, tuple[Attempt, ...]]:
+        """The accepted deltas integrated. With the acceptance policy's ``measure`` and two
+        contributions or more, the members first evaluate the probes (the candidate, and
+        the candidate without each contribution), and the policy weighs the contributions
+        again by the scores those give
+        (:func:`~tapestry.training.consortium.governance.acceptance.evaluated_scores`)."""
+        integrated = stages.integrate(decided, self.strategy, base)
+        acceptance = self.acceptance
+        if not (acceptance and acceptance.measure and integrated.new_state is not None):
+            return decided, integrated, ()
+        if len(decided.accepted) < 2:  # nothing to leave out
+            return decided, integrated, ()
+
+        def without(node_id: str) -> ModelState | None:
+            probe = stages.probe_without(decided, node_id)
+            made = stages.integrate(probe, self.strategy, base) if probe else None
+            return made.new_state if made is not None else None
+
+        voters = [node for node in nodes if node.node_id in decided.received]
+        candidate = Snapshot(integrated.new_state, sha256=state_digest(integrated.new_state))
+        probes = probe_round(
+            acceptance, voters, report.round_num, Snapshot(base, sha256=self.base_sha256),
+            candidate, decided.accepted, without, self.min_nodes, copies=self.copy_states,
+        )  # fmt: skip
+        decided = stages.reweighed(decided, self.contribution_policy, evaluated_scores(probes))
+        report(RoundStage.VALIDATED, "", f"evaluated scores {_scores(decided, probes)}")
+        return decided, stages.integrate(decided, self.strategy, base), probes
 
     def _unedited(self, snapshot: Snapshot, base: ModelState) -> Snapshot:
         """``snapshot``, or a fresh copy of the base where whoever was handed it edited it
@@ -472,3 +517,9 @@ def _validated(
     rejected = [*integrated.accepted, *integrated.rejected]
     reasons = {**{n: why for n in integrated.accepted}, **integrated.rejection_reasons}
     return Integration(None, strategy_state, [], rejected, {}, reasons)
+
+
+def _scores(decided: stages.Decided, probes: Sequence[Attempt]) -> str:
+    """The evaluated scores, for the round's progress."""
+    probed = [p.dropped for p in probes if p.dropped]
+    return ", ".join(f"{n} {decided.scores[n]:.2f}" for n in probed) or "none"

@@ -10,6 +10,7 @@ are integrated.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -346,6 +347,53 @@ def without(
     return dataclasses.replace(
         decided,
         decision=again,
+        accepted=accepted,
+        rejected=[n for n in decided.received if n not in accepted],
+    )
+
+
+PROBED = "left out of a probe: the members' evaluations of the round without it"
+
+
+def probe_without(decided: Decided, node_id: str) -> Decided | None:
+    """``decided`` without ``node_id``'s contribution, the others' weights scaled up to sum
+    to 1: a probe of what that contribution does, evaluated and never committed (so no
+    policy decides it); ``None`` when no other contribution is accepted."""
+    rest = {n: w for n, w in decided.decision.weights.items() if n != node_id}
+    total = math.fsum(rest.values())
+    if not rest or not total > 0.0:
+        return None
+    accepted = [n for n in decided.accepted if n in rest]
+    reasons = {**decided.decision.rejection_reasons, node_id: PROBED}
+    return dataclasses.replace(
+        decided,
+        decision=PolicyDecision({n: w / total for n, w in rest.items()}, reasons),
+        accepted=accepted,
+        rejected=[n for n in decided.received if n not in accepted],
+    )
+
+
+def reweighed(
+    decided: Decided, policy: ContributionPolicy, evaluated: Mapping[str, float]
+) -> Decided:
+    """``decided`` as ``policy`` decides it again once the members ``evaluated`` scored are
+    weighed by those scores (source ``evaluated``), the others by theirs as before. Scores
+    and norms of the others do not change, so no contribution the first decision refused
+    (its delta never fetched) can be accepted now."""
+    scores = {**decided.scores, **evaluated}
+    sources = {
+        **decided.sources,
+        **{n: QualitySource.EVALUATED for n in evaluated if n in decided.scores},
+    }
+    decision = policy.decide(scores, decided.norms)
+    if any(n not in decided.accepted for n in decision.weights):
+        raise RuntimeError("evaluated scores accepted a contribution the round did not fetch")
+    accepted = [n for n in decided.accepted if n in decision.weights]
+    return dataclasses.replace(
+        decided,
+        decision=decision,
+        scores=scores,
+        sources=sources,
         accepted=accepted,
         rejected=[n for n in decided.received if n not in accepted],
     )

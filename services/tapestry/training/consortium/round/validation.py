@@ -14,6 +14,7 @@ import torch
 
 from tapestry.training.consortium.governance.acceptance import (
     AcceptancePolicy,
+    Attempt,
     Validation,
     validate,
 )
@@ -94,13 +95,13 @@ def validate_candidate(
     Without it the members must only read what they are handed."""
     judged: dict[str, str] = {}  # dropped member -> the digest of the candidate judged
 
-    def evaluate_without(node_id: str) -> list[MemberEvaluation]:
+    def evaluate_without(node_id: str, scale: float) -> list[MemberEvaluation]:
         state = without(node_id) if without is not None else None
         if state is None:
             return []
         judged[node_id] = state_digest(state)
         snapshot = Snapshot(state, sha256=judged[node_id])
-        return _evaluations(members, round_num, base, snapshot, 1.0, copies)
+        return _evaluations(members, round_num, base, snapshot, scale, copies)
 
     outcome = validate(
         policy,
@@ -119,7 +120,33 @@ def validate_candidate(
             f"the candidate without {outcome.dropped!r} came out differently when built "
             "again: it is not committed unjudged"
         )
-    return outcome, state
+    return outcome, step(base, state, outcome.scale)
+
+
+def probe_round(
+    policy: AcceptancePolicy,
+    members: Sequence[object],
+    round_num: int,
+    base: ModelState,
+    candidate: ModelState,
+    probed: Sequence[str],
+    without: Without,
+    quorum: int = 1,
+    *,
+    copies: bool = True,
+) -> tuple[Attempt, ...]:
+    """The round's probes (:attr:`AcceptancePolicy.measure`): the members' evaluations of
+    ``candidate``, then of the candidate ``without`` each of ``probed`` in turn (one that
+    cannot be built is not probed), each judged by the rule for the record."""
+    probes = []
+    for node_id in ["", *probed]:
+        state = without(node_id) if node_id else candidate
+        if state is None:
+            continue
+        snapshot = state if node_id == "" else Snapshot(state, sha256=state_digest(state))
+        evaluations = tuple(_evaluations(members, round_num, base, snapshot, 1.0, copies))
+        probes.append(Attempt(1.0, policy.judge(evaluations, quorum), evaluations, node_id))
+    return tuple(probes)
 
 
 def _evaluations(
