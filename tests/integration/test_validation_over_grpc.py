@@ -207,16 +207,24 @@ def test_the_reversed_member_cannot_raise_an_honest_members_held_out_loss(
                 assert evaluation.change <= 0.01, evaluation
 
 
+def _with_the_rogue(
+    root: Path, acceptance: AcceptancePolicy, rounds: int
+) -> tuple[list[ConsortiumRoundResult], dict[str, Member]]:
+    """``rounds`` rounds of the honest members and the reversed one under ``acceptance``,
+    cap 0.5 and no norm bound (only validation stands between its delta and the base)."""
+    members = _honest(root)
+    members["rogue"] = Member(Reversed(_node("rogue", "vn", quality=1.0)), root)
+    policy = ContributionPolicy(max_delta_norm_ratio=None, max_node_weight=0.5)
+    with _served(root, dict(members)) as served:
+        coordinator = _coordinator(policy)
+        coordinator.acceptance = acceptance
+        return [coordinator.run_round(served.proxies) for _ in range(rounds)], members
+
+
 def test_with_drop_one_the_reversed_member_is_left_out_over_the_wire_and_the_base_moves(
     tmp_path: Path,
 ) -> None:
-    members: dict[str, SovereignNodeServicer] = dict(_honest(tmp_path))
-    members["rogue"] = Member(Reversed(_node("rogue", "vn", quality=1.0)), tmp_path)
-    policy = ContributionPolicy(max_delta_norm_ratio=None, max_node_weight=0.5)
-    with _served(tmp_path, members) as served:
-        coordinator = _coordinator(policy)
-        coordinator.acceptance = AcceptancePolicy(max_halvings=1, drop_one=True)
-        results = [coordinator.run_round(served.proxies) for _ in range(2)]
+    results, members = _with_the_rogue(tmp_path, AcceptancePolicy(max_halvings=1, drop_one=True), 2)
 
     for result in results:
         validation = result.validation
@@ -230,7 +238,7 @@ def test_with_drop_one_the_reversed_member_is_left_out_over_the_wire_and_the_bas
         assert all(e.change <= 0.01 for e in chosen.evaluations if e.node_id in MEMBERS)
     assert results[1].previous_base_sha256 == results[0].shared_base_sha256
     # the candidate without the rogue crossed to each member once, like every candidate
-    assert all(m.asked == 2 * 6 for m in members.values())  # type: ignore[attr-defined]
+    assert all(m.asked == 2 * 6 for m in members.values())
 
 
 def test_evaluated_quality_over_the_wire_gives_the_reversed_member_no_weight(
@@ -238,13 +246,7 @@ def test_evaluated_quality_over_the_wire_gives_the_reversed_member_no_weight(
 ) -> None:
     from tapestry.training.consortium.governance.measured import QualitySource
 
-    members: dict[str, SovereignNodeServicer] = dict(_honest(tmp_path))
-    members["rogue"] = Member(Reversed(_node("rogue", "vn", quality=1.0)), tmp_path)
-    policy = ContributionPolicy(max_delta_norm_ratio=None, max_node_weight=0.5)
-    with _served(tmp_path, members) as served:
-        coordinator = _coordinator(policy)
-        coordinator.acceptance = AcceptancePolicy(measure=True)
-        result = coordinator.run_round(served.proxies)
+    (result,), _ = _with_the_rogue(tmp_path, AcceptancePolicy(measure=True), 1)
 
     validation = result.validation
     assert validation is not None

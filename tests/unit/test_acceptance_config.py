@@ -10,14 +10,7 @@ import pytest
 from tapestry.config import ConfigError, ConsortiumConfig, load_config
 from tapestry.training.consortium.governance.acceptance import AcceptancePolicy
 
-MEMBERS = """
-[[nodes]]
-node_id = "vietnam"
-jurisdiction = "Vietnam"
-[[nodes]]
-node_id = "india"
-jurisdiction = "India"
-"""
+from .test_reference_corpus_config import MEMBERS
 
 
 def _load(folder: Path, policy: str) -> ConsortiumConfig:
