@@ -3,12 +3,14 @@ ledger verify`, which passes an intact journal and names the round and what diff
 every other: a flipped byte in a base file, a changed weight (even re-signed with the
 coordinator's key), a removed round, a reordered chain, a revoked signer, an unsigned or
 pre-ledger record, a verdict the members' evaluations do not give, an accepted contribution
-without its member's signature (offline and over the RPCs)."""
+without its member's signature (offline and over the RPCs), an evaluation without its
+member's."""
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +33,8 @@ from tapestry.training.consortium import (
     ModelSpec,
     SovereignTrainingNode,
 )
-from tapestry.training.consortium.governance.acceptance import AcceptancePolicy
+from tapestry.training.consortium.governance.acceptance import AcceptancePolicy, Attempt
+from tapestry.training.consortium.messages import MemberEvaluation
 from tapestry.training.consortium.strategies.settings import (
     IntegrationStrategy,
     OuterOptimizer,
@@ -39,6 +42,7 @@ from tapestry.training.consortium.strategies.settings import (
 )
 from tapestry.training.consortium.tensors import state_digest
 from tapestry.wire.codec import (
+    member_evaluation_to_proto,
     message_from_json,
     message_to_json,
     round_result_to_proto,
@@ -64,9 +68,12 @@ def _nodes() -> list[SovereignTrainingNode]:
 class Journal:
     """A coordinator's data directory, its rounds committed by the core through a store
     that signs with the coordinator's key of the consortium ``acme`` (``signed=False``: a
-    coordinator serving plaintext, whose members sign nothing either). Each member signs
-    its contribution over its ContributionStatement, as its delta's trailer carries it over
-    the services; the members in ``unsigned`` never do (as for a delta never fetched)."""
+    coordinator serving plaintext, whose members sign nothing either). Each member of
+    ``nodes`` signs its contribution over its ContributionStatement, as its delta's trailer
+    carries it over the services, and each of its evaluations over its EvaluationStatement,
+    as its node service answers. The members in ``unsigned`` never sign their contribution
+    (as for a delta never fetched); their node services sign their evaluations all the
+    same."""
 
     def __init__(
         self,
@@ -75,12 +82,12 @@ class Journal:
         signed: bool = True,
         policy: ContributionPolicy | None = None,
         unsigned: Collection[str] = (),
+        nodes: Collection[str] = tuple(QUALITY),
     ) -> None:
-        nodes = [(n, "h") for n in QUALITY]
-        self.pki = init_consortium(root / "pki", "acme", coordinator_hosts=["h"], nodes=nodes)
-        self.members = (
-            {} if not signed else {n: self.signer(n) for n in QUALITY if n not in unsigned}
-        )
+        hosts = [(n, "h") for n in nodes]
+        self.pki = init_consortium(root / "pki", "acme", coordinator_hosts=["h"], nodes=hosts)
+        self.members = {} if not signed else {n: self.signer(n) for n in nodes}
+        self.unsigned = set(unsigned)
         self.data = root / "data"
         self.store = CoordinatorStore(self.data, self.signer() if signed else None)
         self.store.check_identity({"consortium_id": "acme", "seed": 1})
@@ -100,14 +107,44 @@ class Journal:
             self.core.run_round(_nodes(), commit=self._commit)
 
     def _commit(self, result: ConsortiumRoundResult) -> None:
-        self.store.commit_round(result, "", OPERATOR, self._signatures(result))
+        signed = self._evaluations_signed(result)
+        self.store.commit_round(signed, "", OPERATOR, self._signatures(result))
+
+    def _evaluations_signed(self, result: ConsortiumRoundResult) -> ConsortiumRoundResult:
+        """``result`` with each signing member's evaluations signed, over the
+        EvaluationStatement of the round and the base it trained from, as a member's node
+        service signs each evaluation it answers."""
+        if result.validation is None:
+            return result
+
+        def signed(evaluation: MemberEvaluation) -> MemberEvaluation:
+            member = self.members.get(evaluation.node_id)
+            if member is None:
+                return evaluation
+            answer = member_evaluation_to_proto(evaluation)
+            base = result.previous_base_sha256
+            sign_evaluation(member, "acme", result.round_num, base, answer)
+            return replace(evaluation, signature=answer.signature.SerializeToString())
+
+        def each(attempts: tuple[Attempt, ...]) -> tuple[Attempt, ...]:
+            return tuple(
+                replace(a, evaluations=tuple(map(signed, a.evaluations))) for a in attempts
+            )
+
+        validation = result.validation
+        return replace(
+            result,
+            validation=replace(
+                validation, attempts=each(validation.attempts), probes=each(validation.probes)
+            ),
+        )
 
     def _signatures(self, result: ConsortiumRoundResult) -> dict[str, pb.Signature]:
         """Each signing member's signature over its contribution to ``result``."""
         signed = {}
         for contribution in round_result_to_proto(result).contributions:
             member = self.members.get(contribution.node_id)
-            if member is not None:
+            if member is not None and contribution.node_id not in self.unsigned:
                 statement = contribution_statement(
                     "acme", result.round_num, result.previous_base_sha256, contribution,
                     contribution.weight_delta_sha256,
@@ -164,6 +201,9 @@ def test_an_intact_journal_verifies_and_names_its_head(journal: Journal) -> None
         ]
         assert weighed and all(c.HasField("signature") for c in weighed)
         assert sorted(record.result.member_certificates) == sorted(QUALITY)
+    # and every evaluation its validation recorded, its member's
+    evaluations = [e for r in records for a in r.result.validation.attempts for e in a.evaluations]
+    assert evaluations and all(e.HasField("signature") for e in evaluations)
 
     result = _verify(journal, "--crl", str(journal.pki.crl))
     assert result.exit_code == 0, result.output
@@ -274,19 +314,25 @@ def test_unsigned_records_fail_unless_allowed(tmp_path: Path) -> None:
     journal = Journal(tmp_path, signed=False)
     journal.run(2)
     why = "not signed (written by a coordinator serving plaintext, --insecure); --allow-unsigned"
-    unsigned = "accepted contribution carries no signature; --allow-unsigned lets it pass"
+    unsigned = "carries no signature; --allow-unsigned lets it pass"
     assert journal.problems() == [
         line
         for n in (1, 2)
         for line in [
             f"round {n}: {why} lets it pass",
             *(
-                f"round {n}: node {node!r}'s {unsigned}"
+                f"round {n}: node {node!r}'s accepted contribution {unsigned}"
                 for node in journal.record(n).result.accepted_nodes
+            ),
+            *(
+                f"round {n}: step {attempt.scale:g}, {e.node_id!r}'s evaluation {unsigned}"
+                for attempt in journal.record(n).result.validation.attempts
+                for e in attempt.evaluations
             ),
         ]
     ]
     assert all(journal.record(n).result.accepted_nodes for n in (1, 2))
+    assert all(journal.record(n).result.validation.attempts for n in (1, 2))
     assert journal.problems(allow_unsigned=True) == []
     result = _verify(journal, "--allow-unsigned")
     assert result.exit_code == 0, result.output
@@ -369,14 +415,8 @@ def test_a_members_signed_evaluation_changed_after_the_fact_is_named(journal: Jo
     key can re-sign the record, not the member's evaluation."""
     records = [journal.record(n) for n in (1, 2, 3)]
     result = records[0].result
-    for attempt in result.validation.attempts:
-        for evaluation in attempt.evaluations:
-            member = journal.signer(evaluation.node_id)
-            sign_evaluation(member, "acme", 1, result.previous_base_sha256, evaluation)
-    _resign(journal, records)
-    assert journal.problems() == []
-
     evaluation = result.validation.attempts[0].evaluations[0]
+    assert evaluation.HasField("signature")
     evaluation.candidate_loss = evaluation.base_loss  # "it did not rise"
     _resign(journal, records)
     assert (
@@ -387,27 +427,58 @@ def test_a_members_signed_evaluation_changed_after_the_fact_is_named(journal: Jo
 
 
 def test_a_revoked_members_signature_on_its_evaluation_is_named(journal: Journal) -> None:
-    records = [journal.record(n) for n in (1, 2, 3)]
-    result = records[0].result
-    evaluation = result.validation.attempts[0].evaluations[0]
-    member = journal.signer(evaluation.node_id)
-    sign_evaluation(member, "acme", 1, result.previous_base_sha256, evaluation)
-    _resign(journal, records)
+    """A member signs its contribution and each of its evaluations every round: revoked,
+    each of its signatures is named."""
     assert journal.problems(crl=True) == []
-
-    revoke_certificate(
-        journal.pki.root, journal.pki.member("node", evaluation.node_id) / "cert.pem"
-    )
+    node = journal.record(1).result.validation.attempts[0].evaluations[0].node_id
+    revoke_certificate(journal.pki.root, journal.pki.member("node", node) / "cert.pem")
     problems = journal.problems(crl=True)
-    # its evaluation in round 1, and its contribution in every round: it signed both
-    assert problems[0].startswith("round 1: ")
     evaluations = [p for p in problems if "'s evaluation: " in p]
-    assert len(evaluations) == 1
-    assert evaluations[0].startswith(f"round 1: step 1, {evaluation.node_id!r}'s evaluation: ")
+    assert [p.split(": the signer")[0] for p in evaluations] == [
+        f"round {n}: step {attempt.scale:g}, {node!r}'s evaluation"
+        for n in (1, 2, 3)
+        for attempt in journal.record(n).result.validation.attempts
+        for e in attempt.evaluations
+        if e.node_id == node
+    ]
     contributions = [p for p in problems if "'s contribution: " in p]
     assert [p.split(":")[0] for p in contributions] == [f"round {n}" for n in (1, 2, 3)]
-    assert all(f"{evaluation.node_id!r}'s contribution" in p for p in contributions)
-    assert all("is revoked" in p for p in problems) and len(problems) == 4
+    assert all(f"{node!r}'s contribution" in p for p in contributions)
+    assert all("is revoked" in p for p in problems)
+    assert len(problems) == len(evaluations) + len(contributions)
+
+
+def _strip_evaluation_signature(
+    journal: Journal, round_num: int, attempt: int, evaluation: int
+) -> pb.MemberEvaluation:
+    """Remove one recorded evaluation's signature, and re-sign and re-chain the records with
+    the coordinator's key (as its thief could forge a round): the evaluation."""
+    records = journal.store.records()
+    stripped = records[round_num - 1].result.validation.attempts[attempt].evaluations[evaluation]
+    assert stripped.HasField("signature")
+    stripped.ClearField("signature")
+    _resign(journal, records)
+    return stripped
+
+
+def test_an_evaluation_without_its_members_signature_fails_unless_allowed(
+    journal: Journal,
+) -> None:
+    """The acceptance is decided again from the recorded evaluations: the coordinator's key
+    can re-sign a record, not make an evaluation a member's. An unsigned one fails, naming
+    the round, the step and the member."""
+    assert journal.record(2).result.validation.attempts[0].scale == 1.0
+    stripped = _strip_evaluation_signature(journal, 2, 0, 1)
+    problem = (
+        f"round 2: step 1, {stripped.node_id!r}'s evaluation carries no signature; "
+        "--allow-unsigned lets it pass"
+    )
+    assert journal.problems() == [problem]
+    result = _verify(journal)
+    assert (result.exit_code, result.stdout) == (1, problem + "\n")
+
+    assert journal.problems(allow_unsigned=True) == []
+    assert _verify(journal, "--allow-unsigned").exit_code == 0
 
 
 def _strip_accepted_signature(journal: Journal) -> tuple[list[pb.RoundRecord], str]:
@@ -500,18 +571,20 @@ def test_over_the_rpcs_an_accepted_contribution_must_be_signed_too(
     assert check_ledger(forged, allowed, momentum=False).problems == []
 
 
-def _dropping_journal(root: Path) -> Journal:
+DROP_ONE = AcceptancePolicy(max_halvings=1, drop_one=True)
+
+
+def _dropping_journal(root: Path, acceptance: AcceptancePolicy = DROP_ONE) -> Journal:
     """A journal whose round 1 the drop-one fallback committed without the member whose
-    delta spoils it (members judge by how near a weight is to 1)."""
+    delta spoils it (members judge by how near a weight is to 1), each member's
+    contribution and evaluations signed; or another ``acceptance`` decided it."""
     from .test_member_validation import Judge
 
-    journal = Journal(root)
+    journal = Journal(root, nodes=("vn", "ch", "rogue"))
     journal.core = ConsortiumCoordinator(
-        SPEC.build(seed=1),
-        ContributionPolicy(max_node_weight=0.5),
-        acceptance=AcceptancePolicy(max_halvings=1, drop_one=True),
+        SPEC.build(seed=1), ContributionPolicy(max_node_weight=0.5), acceptance=acceptance,
         min_nodes=2,
-    )
+    )  # fmt: skip
     members = [Judge("vn", 1.0, 1.0), Judge("ch", 1.0, 1.0), Judge("rogue", -9.9, 1.0, True)]
     journal.core.run_round(members, commit=journal._commit)
     return journal
@@ -525,7 +598,8 @@ def test_a_round_committed_without_one_member_verifies_and_a_changed_drop_is_nam
     assert result.validation.dropped == "rogue" and result.validation.drop_one
     assert [a.dropped for a in result.validation.attempts] == ["", "", "vn", "ch", "rogue"]
     assert list(result.accepted_nodes) == ["vn", "ch"]
-    assert journal.problems(allow_unsigned=True) == []
+    assert all(e.HasField("signature") for a in result.validation.attempts for e in a.evaluations)
+    assert journal.problems() == []
 
     forged = pb.ConsortiumRoundResult()
     forged.CopyFrom(result)
@@ -537,7 +611,25 @@ def test_a_round_committed_without_one_member_verifies_and_a_changed_drop_is_nam
     forged.CopyFrom(result)
     forged.contribution_weights["rogue"] = 0.1  # weighs the member it says it left out
     journal.write(pb.RoundRecord(result=forged))
-    assert any("weight of rogue" in p for p in journal.problems(allow_unsigned=True))
+    assert any("weight of rogue" in p for p in journal.problems())
+
+
+def test_an_unsigned_evaluation_names_the_step_or_the_contribution_left_out(
+    tmp_path: Path,
+) -> None:
+    """An evaluation of a shorter step is named by its scale; one of the drop-one
+    fallback's candidates, by the contribution that candidate leaves out."""
+    journal = _dropping_journal(tmp_path)
+    attempts = journal.record(1).result.validation.attempts
+    assert (attempts[1].scale, attempts[1].dropped, attempts[2].dropped) == (0.5, "", "vn")
+    half = _strip_evaluation_signature(journal, 1, 1, 0)
+    without = _strip_evaluation_signature(journal, 1, 2, 1)
+    unsigned = "evaluation carries no signature; --allow-unsigned lets it pass"
+    assert journal.problems() == [
+        f"round 1: step 0.5, {half.node_id!r}'s {unsigned}",
+        f"round 1: without 'vn', {without.node_id!r}'s {unsigned}",
+    ]
+    assert journal.problems(allow_unsigned=True) == []
 
 
 def test_a_round_weighed_by_evaluations_verifies_and_a_changed_probe_is_named(
@@ -545,22 +637,12 @@ def test_a_round_weighed_by_evaluations_verifies_and_a_changed_probe_is_named(
 ) -> None:
     from tapestry.coordinator.ledger_check import evaluated_problems
 
-    from .test_member_validation import Judge
-
-    journal = Journal(tmp_path)
-    journal.core = ConsortiumCoordinator(
-        SPEC.build(seed=1),
-        ContributionPolicy(max_node_weight=0.5),
-        acceptance=AcceptancePolicy(measure=True),
-        min_nodes=2,
-    )
-    members = [Judge("vn", 1.0, 1.0), Judge("ch", 1.0, 1.0), Judge("rogue", -9.9, 1.0, True)]
-    journal.core.run_round(members, commit=journal._commit)
+    journal = _dropping_journal(tmp_path, AcceptancePolicy(measure=True))
     result = journal.record(1).result
     assert [p.dropped for p in result.validation.probes] == ["", "vn", "ch", "rogue"]
     assert dict(result.quality_scores) == {"vn": 1.0, "ch": 1.0, "rogue": 0.0}
     assert set(result.quality_sources.values()) == {pb.QUALITY_SOURCE_EVALUATED}
-    assert journal.problems(allow_unsigned=True) == []
+    assert journal.problems() == []
 
     forged = pb.ConsortiumRoundResult()
     forged.CopyFrom(result)
@@ -577,3 +659,11 @@ def test_a_round_weighed_by_evaluations_verifies_and_a_changed_probe_is_named(
     forged.CopyFrom(result)
     del forged.validation.probes[3]  # hides the probe that scored the rogue 0
     assert "rogue's evaluated score is 0.0, the probes give None" in evaluated_problems(forged)
+    # a probe's evaluation the coordinator wrote itself, unsigned, is named
+    records = [journal.record(1)]
+    records[0].result.validation.probes[1].evaluations[0].ClearField("signature")
+    _resign(journal, records)
+    assert journal.problems() == [
+        "round 1: probe without 'vn', 'vn''s evaluation carries no signature; "
+        "--allow-unsigned lets it pass"
+    ]

@@ -69,9 +69,9 @@ def ledger_group() -> None:
     "--allow-unsigned",
     is_flag=True,
     help="Let records without the coordinator's signature pass (a coordinator serving "
-    "plaintext, --insecure, signs none), and accepted contributions without their member's "
-    "(members serving plaintext, or a journal written before members signed their deltas); "
-    "every signature present, and everything else, is still checked.",
+    "plaintext, --insecure, signs none), and accepted contributions and recorded evaluations "
+    "without their member's (members serving plaintext, or a journal written before members "
+    "signed them); every signature present, and everything else, is still checked.",
 )
 @friendly_errors
 def verify(
@@ -84,7 +84,8 @@ def verify(
     allow_unsigned: bool,
 ) -> None:
     """Exit 0 only when every round's chain link, signatures (the coordinator's, and its
-    members' on every contribution it accepted), base and momentum files, weights and
+    members' on every contribution it accepted and every evaluation it recorded), base and
+    momentum files, weights and
     acceptance hold; else print one line per problem, naming the round and what differs,
     and exit 1. With --coordinator the records and bases are fetched into a temporary
     directory and checked the same way, momentum files apart."""

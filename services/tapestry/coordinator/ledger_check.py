@@ -13,8 +13,9 @@ chained and signed), in order:
   coordinator serving plaintext, fails unless unsigned records are allowed);
 - **the members' signatures**: each contribution and evaluation a member signed, over its
   ContributionStatement or EvaluationStatement, by that member (against the CA and CRL);
-  every contribution the round accepted must carry one (unless unsigned records are
-  allowed); one the policy declined before its delta was fetched carries none;
+  every contribution the round accepted, and every evaluation its validation recorded,
+  must carry one (unless unsigned records are allowed); a contribution the policy declined
+  before its delta was fetched carries none;
 - **the files**: the round's base file, and its momentum file where it names one, have the
   digest the record holds (the state digest, recomputed from the tensors); a rollback's base
   is the base of the round it restores;
@@ -99,8 +100,8 @@ class LedgerReport:
 class Trust:
     """What signatures are checked against: the consortium CA, the serials its CRL
     revokes, and whether an unsigned record (a coordinator serving plaintext) and an
-    accepted contribution without its member's signature (members serving plaintext, or a
-    journal written before members signed their deltas) are let pass."""
+    accepted contribution or a recorded evaluation without its member's signature (members
+    serving plaintext, or a journal written before members signed them) are let pass."""
 
     ca: x509.Certificate
     revoked: Collection[int] = ()
@@ -253,18 +254,7 @@ def _member_signatures(
     moment = timestamp_from_proto(result.finished_at) if result.HasField("finished_at") else None
     required = not (trust.allow_unsigned or before_ledger)
     yield from _contribution_signatures(result, trust, consortium, moment, required=required)
-    for attempt in result.validation.attempts:
-        for evaluation in attempt.evaluations:
-            if evaluation.HasField("signature"):
-                statement = evaluation_statement(
-                    consortium, result.round_num, result.previous_base_sha256, evaluation
-                )
-                problem = _signed(
-                    evaluation.signature, statement, evaluation.node_id, trust, moment, result
-                )
-                if problem:
-                    member = quoted(evaluation.node_id, MAX_PEER_NAME_CHARS)
-                    yield f"step {attempt.scale:g}, {member}'s evaluation{problem}"
+    yield from _evaluation_signatures(result, trust, consortium, moment, required=required)
 
 
 def _contribution_signatures(
@@ -303,6 +293,52 @@ def _contribution_signatures(
         )
         if problem:
             yield f"{member}'s contribution{problem}"
+
+
+def _evaluation_signatures(
+    result: pb.ConsortiumRoundResult,
+    trust: Trust,
+    consortium: str,
+    moment: datetime | None,
+    *,
+    required: bool,
+) -> Iterator[str]:
+    """How the members' signatures on the evaluations the round's validation recorded fail
+    to hold. With ``required``, every evaluation must carry its member's: its acceptance
+    is decided again from them, so an evaluation the coordinator wrote itself (an invented
+    acceptance) must not pass as a member's. So must every probe's: the members' weights
+    are scored again from them."""
+    validation = result.validation
+    labelled = [(_attempt_label(a), a) for a in validation.attempts] + [
+        ("probe " + (_attempt_label(p) if p.dropped else "of the candidate"), p)
+        for p in validation.probes
+    ]
+    for label, attempt in labelled:
+        for evaluation in attempt.evaluations:
+            member = quoted(evaluation.node_id, MAX_PEER_NAME_CHARS)
+            if not evaluation.HasField("signature"):
+                if required:
+                    yield (
+                        f"{label}, {member}'s evaluation carries no "
+                        "signature; --allow-unsigned lets it pass"
+                    )
+                continue
+            statement = evaluation_statement(
+                consortium, result.round_num, result.previous_base_sha256, evaluation
+            )
+            problem = _signed(
+                evaluation.signature, statement, evaluation.node_id, trust, moment, result
+            )
+            if problem:
+                yield f"{label}, {member}'s evaluation{problem}"
+
+
+def _attempt_label(attempt: pb.ValidationAttempt) -> str:
+    """How a problem names a validation attempt: the step toward the candidate it tried
+    (``step 0.5``), or the drop-one fallback's candidate it judged (``without 'x'``)."""
+    if attempt.dropped:
+        return f"without {quoted(attempt.dropped, MAX_PEER_NAME_CHARS)}"
+    return f"step {attempt.scale:g}"
 
 
 def _signed(
