@@ -153,6 +153,10 @@ def _committed_attempt(v: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
 
 CoreRunner = Callable[..., CoreRun]
 
+EVALUATED_FLOOR = 0.05
+"""The quality floor of the evaluated-quality run: a contribution whose removal makes the
+other members 0.3 nats better (with the default harm scale, 0.1) is refused."""
+
 
 def reversed_member_section(
     core: CoreRunner,
@@ -203,7 +207,7 @@ def reversed_member_section(
         "evaluated": (
             core(
                 "reversed evaluated",
-                measured_policy,
+                {**DEMO_POLICY, "quality_floor": EVALUATED_FLOOR},
                 nodes,
                 r,
                 acceptance=AcceptancePolicy(measure=True),
@@ -217,9 +221,10 @@ def reversed_member_section(
         "hostile_delta": f"{REVERSED_SCALE:g} x its own trained delta",
         "claimed_quality": REVERSED_QUALITY,
         "reference_corpus": REFERENCE_CORPUS.name,
-        "measured_policy_note": "measured and evaluated quality run with quality_floor 0: the "
-        "demo's floor (0.75) is a bar for claimed scores; measured scores are cosines, and "
-        "evaluated ones each member's share of the best member's help",
+        "measured_policy_note": "measured quality runs with quality_floor 0 and evaluated "
+        f"quality with {EVALUATED_FLOOR:g}: the demo's floor (0.75) is a bar for claimed "
+        "scores; measured scores are cosines, and an evaluated score of 0.05 is a harm of "
+        "0.3 nats to the other members",
         "runs": {
             name: _reversed_run(run, base[: r + 1], AcceptancePolicy().tolerance)
             for name, (run, base) in runs.items()

@@ -61,6 +61,7 @@ from tapestry.limits import (
     MIN_CHUNK_BYTES,
 )
 from tapestry.training.consortium.governance.acceptance import (
+    DEFAULT_HARM_SCALE,
     DEFAULT_MAX_HALVINGS,
     DEFAULT_TOLERANCE,
     AcceptancePolicy,
@@ -387,6 +388,10 @@ class AcceptanceConfig(_Strict):
     without each contribution), in place of the quality scores claimed or assessed. Costs
     one candidate per accepted member each round, sent to every member, and shows each
     member every accepted contribution's weighted delta (docs/concepts/policy.md)."""
+    harm_scale: float = DEFAULT_HARM_SCALE
+    """With ``measure_quality``: nats of harm to the other members (how much lower their
+    held-out loss is without a contribution, the median over them) that cut its score to
+    1/e, in (0, 10]."""
     timeout_s: float = Field(DEFAULT_EVALUATION_TIMEOUT_S, gt=0, le=MAX_NODE_TIMEOUT_S)
     """Deadline of one member's evaluation of one step, the candidate's transfer included,
     in seconds; a member that does not answer in time does not count for that step."""
@@ -411,6 +416,7 @@ class AcceptanceConfig(_Strict):
             self.max_halvings,
             self.drop_one,
             self.measure_quality,
+            self.harm_scale,
         )
 
 

@@ -5,6 +5,7 @@ it, a shorter step toward it, or nothing, as the acceptance rule says."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import pytest
@@ -380,7 +381,7 @@ def test_evaluated_quality_weighs_members_by_what_leaving_them_out_does_to_the_o
     members = [Judge("a", 1.0, 1.0), Judge("b", 1.0, 1.0), Judge("rogue", -9.9, 1.0, True)]
     result = ConsortiumCoordinator(
         base,
-        ContributionPolicy(max_node_weight=0.5),
+        ContributionPolicy(quality_floor=0.01, max_node_weight=0.5),
         acceptance=AcceptancePolicy(measure=True),
         min_nodes=2,
     ).run_round(members)
@@ -388,10 +389,11 @@ def test_evaluated_quality_weighs_members_by_what_leaving_them_out_does_to_the_o
     validation = result.validation
     assert validation is not None
     assert [p.dropped for p in validation.probes] == ["", "a", "b", "rogue"]
-    # Without a (or b) the others are worse: b's loss rises 1.8167 (from |-2.633-1| to
-    # |-4.45-1|), the rogue says nothing changed (0): median 0.908, the top, so 1. Without
-    # the rogue, a and b are 3.633 better: it scores 0 and the policy refuses it.
-    assert result.quality_scores == {"a": 1.0, "b": 1.0, "rogue": 0.0}
+    # Without a (or b) the others are no better: b's loss rises 1.8167 (from |-2.633-1|
+    # to |-4.45-1|), the rogue says nothing changed: harm median(-1.82, 0) < 0, score 1.
+    # Without the rogue, a and b are 3.633 nats better: exp(-3.633 / 0.1), under the floor.
+    assert result.quality_scores["a"] == result.quality_scores["b"] == 1.0
+    assert result.quality_scores["rogue"] == pytest.approx(math.exp(-36.333), rel=1e-3)
     assert set(result.quality_sources.values()) == {QualitySource.EVALUATED}
     assert result.contribution_weights == {"a": 0.5, "b": 0.5}
     assert "rogue" in result.rejected_nodes
@@ -404,19 +406,30 @@ def test_evaluated_quality_weighs_members_by_what_leaving_them_out_does_to_the_o
     assert wire.validation.measure
 
 
-def test_evaluated_quality_that_scores_nobody_above_zero_commits_nothing_and_says_so() -> None:
+class Spiteful(Judge):
+    """A member that says every candidate after the first it is asked (the round's
+    candidate) is a nat better for it: everyone else's contribution harms it."""
+
+    def evaluate_candidate(self, round_num, candidate_state) -> MemberEvaluation:
+        super().evaluate_candidate(round_num, candidate_state)
+        return MemberEvaluation(self.node_id, 3.0, 3.0 if len(self.judged) == 1 else 2.0)
+
+
+def test_evaluated_quality_that_weighs_nobody_commits_nothing_and_says_so() -> None:
     base = nn.Linear(2, 2, bias=False)
     before = state_digest(model_state(base))
-    # each says the candidate is as good with or without anyone: no one helps anyone
-    members = [Judge(n, 1.0, 1.0, flatter=True) for n in ("a", "b", "c")]
+    members = [Spiteful(n, 1.0, 1.0) for n in ("a", "b", "c")]
     result = ConsortiumCoordinator(
-        base, acceptance=AcceptancePolicy(measure=True), min_nodes=2
+        base,
+        ContributionPolicy(quality_floor=0.01),
+        acceptance=AcceptancePolicy(measure=True),
+        min_nodes=2,
     ).run_round(members)
 
-    assert result.quality_scores == {"a": 0.0, "b": 0.0, "c": 0.0}
+    assert result.quality_scores == pytest.approx(dict.fromkeys("abc", math.exp(-10.0)))
     assert result.accepted_nodes == [] and result.shared_base_sha256 == before
     validation = result.validation
     assert validation is not None and validation.scale is None and len(validation.probes) == 4
     assert validation.reason == (
-        "not committed: the members' evaluations scored no contribution above 0"
+        "not committed: the policy weighs no contribution by its evaluated score"
     )

@@ -568,7 +568,7 @@ def evaluated_problems(result: pb.ConsortiumRoundResult) -> list[str]:
     if probes[0].dropped or len({p.dropped for p in probes}) != len(probes):
         problems.append("the probes are not the candidate then one without each member")
     evaluated = pb.QUALITY_SOURCE_EVALUATED
-    scores = evaluated_scores(probes)
+    scores = evaluated_scores(probes, policy.harm_scale)
     claimed = [n for n, source in result.quality_sources.items() if source == evaluated]
     for node in sorted({*scores, *result.accepted_nodes, *claimed}):
         if result.quality_sources.get(node) != evaluated:

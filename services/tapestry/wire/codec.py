@@ -29,6 +29,7 @@ from tapestry.limits import (
 )
 from tapestry.pki.signing import Signature
 from tapestry.training.consortium.governance.acceptance import (
+    DEFAULT_HARM_SCALE,
     AcceptancePolicy,
     AcceptanceRule,
     Attempt,
@@ -434,6 +435,7 @@ def validation_to_proto(validation: Validation) -> pb.RoundValidation:
         dropped=validation.dropped,
         measure=policy.measure,
         probes=[attempt_to_proto(probe) for probe in validation.probes],
+        harm_scale=policy.harm_scale if policy.measure else 0.0,
     )
     if validation.scale is not None:
         msg.committed_scale = validation.scale
@@ -487,7 +489,10 @@ def acceptance_policy_from_proto(msg: pb.RoundValidation) -> AcceptancePolicy:
     except ValueError:
         known = ", ".join(r.value for r in AcceptanceRule)
         raise ValueError(f"validation rule must be one of {known}; got {msg.rule!r}") from None
-    return AcceptancePolicy(rule, msg.tolerance, msg.max_halvings, msg.drop_one, msg.measure)
+    harm_scale = msg.harm_scale if msg.measure else DEFAULT_HARM_SCALE
+    return AcceptancePolicy(
+        rule, msg.tolerance, msg.max_halvings, msg.drop_one, msg.measure, harm_scale
+    )
 
 
 def member_evaluations_from_proto(msg: pb.ValidationAttempt) -> tuple[MemberEvaluation, ...]:

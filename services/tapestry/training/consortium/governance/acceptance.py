@@ -33,16 +33,20 @@ base bitwise unchanged, except in two cases:
 **Quality evaluated** (:attr:`AcceptancePolicy.measure`, off by default). Before the rule
 decides, the members evaluate the candidate and, for each contribution the policy accepted,
 the candidate integrated without it (the others' weights scaled up to sum to 1): the
-round's *probes*. A member's score is the median, over the *other* members, of how much
-their held-out loss rises when its contribution is left out (its own word about itself is
-not counted), divided by the largest such median; one that does not help, or hurts, scores
-0 (:func:`evaluated_scores`). The policy then weighs the members by those scores (the
+round's *probes*. What the other members' held-out losses do without a contribution is what
+it measurably does to them; its own member's word about itself is not counted. In a
+consortium of jurisdictions each delta mostly helps its own, so the others' numbers can
+show harm, not help: a member's **harm** is the median, over the *other* members, of how
+much lower their loss is without its contribution, and its score is
+``exp(-max(0, harm) / harm_scale)`` (1 for a contribution the others are no better
+without, 1/e for one whose removal makes them ``harm_scale`` nats better, 0.1 nats by
+default; :func:`evaluated_scores`). The policy then weighs the members by those scores (the
 quality source ``evaluated``), and the rule judges the candidate that gives. It costs one
 candidate per accepted member each round, sent to every member, and shows each member
 every accepted contribution's weighted delta (the difference of two probes): a consortium
-turns it on knowing that. With three members a single liar's number is half of each
-other member's median, so it can zero one member's score; with four or more it cannot
-move a median past the honest members' numbers.
+turns it on knowing that. With three members each median is over two numbers, so a single
+liar can lower one other member's score at will; with four or more it cannot move a median
+past the honest members' numbers.
 
 So under the default rule one lying member (its evaluations are its own word) can:
 - make the round try shorter steps (at most ``max_halvings`` more evaluations);
@@ -76,6 +80,8 @@ DEFAULT_MAX_HALVINGS = 3
 MAX_HALVINGS = 10
 """At most 2**-10 of the step: past that a shorter step is no step."""
 MAX_TOLERANCE = 10.0
+DEFAULT_HARM_SCALE = 0.1
+"""Nats of harm to the other members that cut an evaluated score to 1/e."""
 
 
 class AcceptanceRule(StrEnum):
@@ -103,12 +109,20 @@ class AcceptancePolicy:
     max_halvings: int = DEFAULT_MAX_HALVINGS
     drop_one: bool = False
     measure: bool = False
+    harm_scale: float = DEFAULT_HARM_SCALE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rule", AcceptanceRule(self.rule))
         for name in ("drop_one", "measure"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} {getattr(self, name)!r} must be true or false")
+        scale = self.harm_scale
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not (0.0 < scale <= MAX_TOLERANCE and math.isfinite(scale))
+        ):
+            raise ValueError(f"harm_scale {scale!r} must be in (0, {MAX_TOLERANCE:g}] nats")
         tolerance, halvings = self.tolerance, self.max_halvings
         if (
             isinstance(tolerance, bool)
@@ -199,7 +213,7 @@ class Validation:
     def reason(self) -> str:
         """One line for the round's record."""
         if not self.attempts:
-            return "not committed: the members' evaluations scored no contribution above 0"
+            return "not committed: the policy weighs no contribution by its evaluated score"
         last = self.attempts[-1]
         if self.scale is None:
             return f"not committed: {last.verdict.reason} (after {len(self.attempts)} tries)"
@@ -316,24 +330,22 @@ def _best_drop(policy: AcceptancePolicy, attempts: Sequence[Attempt]) -> Attempt
     return min(candidates, key=lambda a: a.mean_change, default=None)
 
 
-def evaluated_scores(probes: Sequence[Attempt]) -> dict[str, float]:
-    """Each probed member's score in [0, 1] from the round's ``probes`` (the first the
-    candidate, each next one the candidate without its ``dropped`` member): the median over
-    the other members that evaluated both of their loss without it minus their loss with
-    it, over the largest such median; 0 for one whose median is not above 0, or that no
-    other member evaluated. The round and ``ledger verify`` both score with this."""
+def evaluated_scores(probes: Sequence[Attempt], harm_scale: float) -> dict[str, float]:
+    """Each probed member's score in (0, 1] from the round's ``probes`` (the first the
+    candidate, each next one the candidate without its ``dropped`` member):
+    ``exp(-max(0, harm) / harm_scale)``, its harm the median over the other members that
+    evaluated both of their loss with it minus their loss without it (0 when no other did).
+    The round and ``ledger verify`` both score with this."""
     if not probes:
         return {}
     full = {e.node_id: e.candidate_loss for e in probes[0].evaluations}
-    medians = {}
+    scores = {}
     for probe in probes[1:]:
-        rises = [
-            e.candidate_loss - full[e.node_id]
+        harms = [
+            full[e.node_id] - e.candidate_loss
             for e in probe.evaluations
             if e.node_id != probe.dropped and e.node_id in full
         ]
-        medians[probe.dropped] = statistics.median(rises) if rises else 0.0
-    top = max(medians.values(), default=0.0)
-    if not top > 0.0:
-        return dict.fromkeys(medians, 0.0)
-    return {n: min(1.0, max(0.0, m / top)) for n, m in medians.items()}
+        harm = statistics.median(harms) if harms else 0.0
+        scores[probe.dropped] = math.exp(-max(0.0, harm) / harm_scale)
+    return scores

@@ -372,7 +372,8 @@ class ConsortiumCoordinator:
             acceptance, voters, report.round_num, Snapshot(base, sha256=self.base_sha256),
             candidate, decided.accepted, without, self.min_nodes, copies=self.copy_states,
         )  # fmt: skip
-        decided = stages.reweighed(decided, self.contribution_policy, evaluated_scores(probes))
+        scores = evaluated_scores(probes, acceptance.harm_scale)
+        decided = stages.reweighed(decided, self.contribution_policy, scores)
         report(RoundStage.VALIDATED, "", f"evaluated scores {_scores(decided, probes)}")
         return decided, stages.integrate(decided, self.strategy, base), probes
 
