@@ -493,12 +493,8 @@ def acceptance_problems(result: pb.ConsortiumRoundResult) -> list[str]:
     recorded = result.validation
     try:
         policy = acceptance_policy_from_proto(recorded)
-        steps = [member_evaluations_from_proto(a) for a in recorded.attempts if not a.dropped]
-        drops = {
-            (a.dropped, a.scale): member_evaluations_from_proto(a)
-            for a in recorded.attempts
-            if a.dropped
-        }
+        steps = [_evaluations(a) for a in recorded.attempts if not a.dropped]
+        drops = {(a.dropped, a.scale): _evaluations(a) for a in recorded.attempts if a.dropped}
     except ValueError as error:
         return [f"the recorded validation cannot be read: {error}"]
     asked: list[float] = []
@@ -551,8 +547,7 @@ def evaluated_problems(result: pb.ConsortiumRoundResult) -> list[str]:
     try:
         policy = acceptance_policy_from_proto(recorded)
         probes = [
-            Attempt(p.scale, _verdict(p), member_evaluations_from_proto(p), p.dropped)
-            for p in recorded.probes
+            Attempt(p.scale, _verdict(p), _evaluations(p), p.dropped) for p in recorded.probes
         ]
     except ValueError as error:
         return [f"the recorded probes cannot be read: {error}"]
@@ -579,6 +574,18 @@ def evaluated_problems(result: pb.ConsortiumRoundResult) -> list[str]:
                 f"give {scores.get(node)!r}"
             )
     return problems
+
+
+def _evaluations(attempt: pb.ValidationAttempt) -> tuple[MemberEvaluation, ...]:
+    """The members' evaluations of ``attempt``; ``ValueError`` naming a member listed twice
+    (the rule judges one evaluation per member, and would stop the check rather than name
+    the round)."""
+    evaluations = member_evaluations_from_proto(attempt)
+    ids = [e.node_id for e in evaluations]
+    twice = sorted({quoted(n, MAX_PEER_NAME_CHARS) for n in ids if ids.count(n) > 1})
+    if twice:
+        raise ValueError(f"{_attempt_label(attempt)} counts {', '.join(twice)} twice")
+    return evaluations
 
 
 def _verdict(attempt: pb.ValidationAttempt) -> Verdict:
