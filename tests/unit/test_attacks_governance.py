@@ -352,3 +352,16 @@ def test_a_node_refuses_a_base_the_members_only_probed(tmp_path: Path) -> None:
     trust.trained_from(result.previous_base_sha256)
     with pytest.raises(CycleRefused):
         trust.check(probed, [proof])
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), -1.0, 1e400, MAX_HELDOUT_LOSS + 1])
+def test_an_evaluation_out_of_bounds_off_the_wire_is_refused(loss: float) -> None:
+    """A member's evaluation of a probe or a step decodes through the core's checks: a
+    number past the bounds is a ValueError (the member is counted as not answering)."""
+    from tapestry.consortium.v1 import consortium_pb2 as pb
+    from tapestry.wire.codec import member_evaluation_from_proto
+
+    with pytest.raises(ValueError, match="held-out loss"):
+        member_evaluation_from_proto(
+            pb.MemberEvaluation(node_id="rogue", base_loss=3.0, candidate_loss=loss)
+        )
