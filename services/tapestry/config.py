@@ -379,7 +379,7 @@ class AcceptanceConfig(_Strict):
     drop_one: bool = False
     """When no step is accepted: integrate again without each accepted contribution in
     turn, have the members evaluate each such candidate, and commit the accepted one whose
-    members' mean change is lowest. Costs one candidate per accepted member, sent to every
+    members' median change is lowest. Costs one candidate per accepted member, sent to every
     member, and lets a member tell the dropped contribution's weighted delta from the
     difference of two candidates (docs/concepts/policy.md)."""
     measure_quality: bool = False
@@ -656,6 +656,20 @@ class ConsortiumConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _evaluated_quality_has_members_enough(self) -> ConsortiumConfig:
+        """Evaluated quality scores each member by the median of the other members'
+        numbers: with fewer than four members, one liar's number is half of it or all of
+        it, and so decides another member's score (docs/concepts/policy.md)."""
+        k = len(self.nodes)
+        if self.policy.acceptance.measure_quality and k < MIN_EVALUATED_MEMBERS:
+            raise ValueError(
+                f"policy.acceptance.measure_quality needs at least {MIN_EVALUATED_MEMBERS} "
+                f"members, the consortium has {k}: with fewer, one member's evaluations "
+                "decide another member's score"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _quorum_can_be_met(self) -> ConsortiumConfig:
         """A quorum above the number of members would abort every round."""
         need, k = self.policy.min_nodes, len(self.nodes)
@@ -665,6 +679,11 @@ class ConsortiumConfig(_Strict):
                 f"node(s): every round would be aborted; lower it to at most {k} or add members"
             )
         return self
+
+
+MIN_EVALUATED_MEMBERS = 4
+"""The fewest members a consortium file may weigh by evaluated quality: each score is a
+median over the other members, of which one liar must be no more than a minority."""
 
 
 def cap_quorum(max_node_weight: float) -> int:

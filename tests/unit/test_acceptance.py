@@ -234,7 +234,7 @@ def test_drop_one_commits_without_the_contribution_whose_removal_helps_most() ->
         {
             "vietnam": {"vietnam": 0.3, "switzerland": 0.1, "india": -0.2},  # rejected
             "switzerland": {"vietnam": -0.1, "switzerland": -0.05, "india": -0.2},
-            "india": {"vietnam": -0.2, "switzerland": -0.1, "india": -0.1},  # lowest mean
+            "india": {"vietnam": -0.2, "switzerland": -0.15, "india": -0.1},  # lowest median
         }
     )
     policy = AcceptancePolicy(max_halvings=1, drop_one=True)
@@ -281,8 +281,8 @@ def test_when_no_drop_is_accepted_the_nearest_is_shortened_until_accepted() -> N
     evaluate, _ = _by_scale({**ROGUE_ROUND, 0.25: ROGUE_ROUND[1.0]})
     without, dropped = _dropping(
         {
-            "vietnam": {"vietnam": 0.3, "switzerland": 0.1, "india": -0.2},  # mean +0.067
-            "india": {"vietnam": 0.05, "switzerland": 0.02, "india": -0.2},  # mean -0.043
+            "vietnam": {"vietnam": 0.3, "switzerland": 0.1, "india": -0.2},  # median +0.1
+            "india": {"vietnam": 0.05, "switzerland": 0.02, "india": -0.2},  # median +0.02
         },
         {
             0.5: {"vietnam": 0.02, "switzerland": 0.0, "india": -0.1},

@@ -154,6 +154,7 @@ def check_ledger(data_dir: Path, trust: Trust, *, momentum: bool = True) -> Ledg
             *decision_problems(result),
             *acceptance_problems(result),
             *evaluated_problems(result),
+            *committed_step_problems(result),
         ]
         report.problems += [f"round {result.round_num}: {p}" for p in problems]
         bases[result.round_num] = result.shared_base_sha256
@@ -541,9 +542,16 @@ def evaluated_problems(result: pb.ConsortiumRoundResult) -> list[str]:
     """How the round's evaluated quality scores differ from what its recorded probes give
     (:func:`evaluated_scores`), each probe's verdict from what its rule says, and a member
     weighed by another score where the round probed."""
-    if not result.HasField("validation") or not result.validation.probes:
+    if not result.HasField("validation"):
         return []
     recorded = result.validation
+    weighed = {*result.accepted_nodes, *result.contribution_weights}
+    if recorded.measure and not recorded.probes and len(weighed) > 1:
+        return [f"measure_quality is on, yet {len(weighed)} members were weighed unprobed"]
+    if recorded.probes and not recorded.measure:
+        return ["the round holds probes, yet says measure_quality was off"]
+    if not recorded.probes:
+        return []
     try:
         policy = acceptance_policy_from_proto(recorded)
         probes = [
@@ -586,6 +594,27 @@ def _evaluations(attempt: pb.ValidationAttempt) -> tuple[MemberEvaluation, ...]:
     if twice:
         raise ValueError(f"{_attempt_label(attempt)} counts {', '.join(twice)} twice")
     return evaluations
+
+
+def committed_step_problems(result: pb.ConsortiumRoundResult) -> list[str]:
+    """The committed step's evaluations that do not name the base the round committed (each
+    counted evaluation names the state it judged): a base no member judged, written in
+    after the fact, is named by what they did judge."""
+    validation = result.validation
+    if not result.HasField("validation") or not validation.HasField("committed_scale"):
+        return []
+    chosen = (validation.committed_scale, validation.dropped)
+    committed = next((a for a in validation.attempts if (a.scale, a.dropped) == chosen), None)
+    if committed is None:
+        return []  # the replay of the rule names it
+    base = result.shared_base_sha256
+    return [
+        f"{_attempt_label(committed)}, {quoted(e.node_id, MAX_PEER_NAME_CHARS)}'s evaluation "
+        f"judged {e.state_sha256[:12] or 'a state it did not name'}, not the committed base "
+        f"{base[:12]}"
+        for e in committed.evaluations
+        if e.state_sha256 != base
+    ]
 
 
 def _verdict(attempt: pb.ValidationAttempt) -> Verdict:

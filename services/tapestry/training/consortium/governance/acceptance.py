@@ -20,15 +20,17 @@ base bitwise unchanged, except in two cases:
 - **drop one** (:attr:`AcceptancePolicy.drop_one`, off by default). The round integrates
   again without each accepted contribution in turn (the policy weighing the others), and
   the members evaluate each of those candidates in full. Of the ones accepted, the one
-  whose members' mean change is lowest is committed: the contribution whose removal most
-  helps is left out, and recorded as dropped. When none is accepted, the round tries the
-  shorter steps toward the one whose mean change is lowest, as for its own candidate, and
-  commits the first accepted. A candidate's only objection being the
-  dropped member's own does not refuse it (under ``no_regression``): a member cannot keep
-  its own delta in by objecting to its removal. Off by default because it costs one
-  candidate per accepted member, sent to every member, and because a member that holds the
-  full candidate and one without a contribution can tell that contribution's weighted
-  delta: the consortium turns it on knowing that.
+  whose members' median change is lowest is committed: the contribution whose removal
+  most helps is left out, and recorded as dropped. When none is accepted, the round tries
+  the shorter steps toward the one whose median change is lowest, as for its own
+  candidate, and commits the first accepted. The median, not the mean: one liar's number
+  (down to -700 nats) would choose a mean, and so which honest member is left out. A
+  candidate's only objection being the dropped member's own does not refuse it (under
+  ``no_regression``): a member cannot keep its own delta in by objecting to its removal.
+  Off by default because it costs one candidate per accepted member, sent to every
+  member, and because a member that holds the full candidate and one without a
+  contribution can tell that contribution's weighted delta: the consortium turns it on
+  knowing that.
 
 **Quality evaluated** (:attr:`AcceptancePolicy.measure`, off by default). Before the rule
 decides, the members evaluate the candidate and, for each contribution the policy accepted,
@@ -45,8 +47,10 @@ quality source ``evaluated``), and the rule judges the candidate that gives. It 
 candidate per accepted member each round, sent to every member, and shows each member
 every accepted contribution's weighted delta (the difference of two probes): a consortium
 turns it on knowing that. With three members each median is over two numbers, so a single
-liar can lower one other member's score at will; with four or more it cannot move a median
-past the honest members' numbers.
+liar can zero another member's score at will: that member is refused, and when the round
+without it raises its loss, it objects alone and the lone-objection rule commits over it.
+With four or more, one liar cannot move a median past the honest members' numbers (a
+consortium file refuses ``measure_quality`` with fewer than four members).
 
 So under the default rule one lying member (its evaluations are its own word) can:
 - make the round try shorter steps (at most ``max_halvings`` more evaluations);
@@ -56,7 +60,10 @@ It cannot veto the round: objecting to every step commits the full candidate ove
 provided another member answered each step (the only member that evaluated is no lone
 objector: its objection stands). Nor can it hide a rise that another member reports, since
 a flattering evaluation does not remove that member's objection. Two members objecting
-together can abort a round.
+together can abort a round. With ``drop_one``, once another member objects too (so the
+fallback runs), it can also refuse every candidate without one member but the one without
+itself (its objection there is excused); which of the candidates left is committed follows
+the median of all the members' numbers, not its own.
 
 This module decides; it evaluates nothing. Who asks the members and how they answer is the
 caller's (the services' validation phase).
@@ -186,10 +193,11 @@ class Attempt:
     dropped: str = ""
 
     @property
-    def mean_change(self) -> float:
-        """The members' mean change of held-out loss (``inf`` without evaluations)."""
+    def median_change(self) -> float:
+        """The members' median change of held-out loss (``inf`` without evaluations): one
+        member's number, however large, moves it no further than the others' numbers."""
         changes = [e.change for e in self.evaluations]
-        return math.fsum(changes) / len(changes) if changes else math.inf
+        return statistics.median(changes) if changes else math.inf
 
 
 @dataclass(frozen=True)
@@ -289,8 +297,8 @@ def _drop_one(
     attempts: list[Attempt],
 ) -> Validation:
     """The drop-one fallback after ``attempts``: each candidate without one of ``drops``,
-    the acceptable one whose mean change is lowest committed; when none is acceptable, the
-    shorter steps toward the one whose mean change is lowest, as for the round's candidate
+    the acceptable one whose median change is lowest committed; when none is acceptable,
+    the shorter steps toward the one whose median change is lowest, as for the round's candidate
     (no lone objection is committed over there: it had its turn)."""
     tried = []
     for node_id in drops:
@@ -298,7 +306,7 @@ def _drop_one(
         tried.append(Attempt(1.0, policy.judge(evaluations, quorum), evaluations, node_id))
     attempts += tried
     chosen = _best_drop(policy, tried)
-    nearest = min((a for a in tried if a.evaluations), key=lambda a: a.mean_change, default=None)
+    nearest = min((a for a in tried if a.evaluations), key=lambda a: a.median_change, default=None)
     for halving in range(1, policy.max_halvings + 1):
         if chosen is not None or nearest is None:
             break
@@ -314,7 +322,7 @@ def _drop_one(
 
 
 def _best_drop(policy: AcceptancePolicy, attempts: Sequence[Attempt]) -> Attempt | None:
-    """The acceptable candidate without one contribution whose members' mean change is
+    """The acceptable candidate without one contribution whose members' median change is
     lowest (the first of equals); acceptable: accepted, or under ``no_regression`` objected
     to by the dropped member alone, with another member answering."""
 
@@ -327,7 +335,7 @@ def _best_drop(policy: AcceptancePolicy, attempts: Sequence[Attempt]) -> Attempt
         )
 
     candidates = [a for a in attempts if a.dropped and acceptable(a)]
-    return min(candidates, key=lambda a: a.mean_change, default=None)
+    return min(candidates, key=lambda a: a.median_change, default=None)
 
 
 def evaluated_scores(probes: Sequence[Attempt], harm_scale: float) -> dict[str, float]:

@@ -6,9 +6,10 @@ commits whatever the weighted deltas give.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import torch
 
@@ -19,7 +20,12 @@ from tapestry.training.consortium.governance.acceptance import (
     validate,
 )
 from tapestry.training.consortium.messages import MemberEvaluation, ModelState
-from tapestry.training.consortium.tensors import Snapshot, clone_state, state_digest
+from tapestry.training.consortium.tensors import (
+    Snapshot,
+    clone_state,
+    known_digest,
+    state_digest,
+)
 
 
 @runtime_checkable
@@ -159,7 +165,10 @@ def _evaluations(
 ) -> list[MemberEvaluation]:
     """The members' evaluations of the step of ``scale`` toward ``candidate``: the remote
     members at once, each on its own side; the in-process ones in turn, each handed its own
-    copy (see :func:`validate_candidate`)."""
+    copy (see :func:`validate_candidate`). Each counted evaluation names the state judged:
+    a remote member's must name the step's digest (it computes the step itself), and an
+    in-process member's is given it. So the committed step's evaluations name the base it
+    becomes, and ``ledger verify`` can tie them to it."""
     remote = [member for member in members if isinstance(member, StepEvaluator)]
     evaluators = [
         member
@@ -172,9 +181,11 @@ def _evaluations(
             for member in remote
         ]
         answers = [answer for answer in map(_answer, asked) if answer is not None]
+    state = step(base, candidate, scale)
+    digest = known_digest(state)
+    answers = [a for a in answers if a.state_sha256 == digest]  # judged another state
     if not evaluators:
         return answers
-    state = step(base, candidate, scale)
     given = clone_state(state) if copies else state
     for member in evaluators:
         try:
@@ -184,9 +195,19 @@ def _evaluations(
         if copies and any(not torch.equal(given[name], state[name]) for name in state):
             given = clone_state(state)  # it judged something else: not counted
             continue
-        if isinstance(answer, MemberEvaluation) and answer.node_id == member.node_id:
-            answers.append(answer)
+        if _judged(answer, member, digest):
+            answers.append(dataclasses.replace(answer, state_sha256=digest))
     return answers
+
+
+def _judged(answer: object, member: object, digest: str) -> TypeGuard[MemberEvaluation]:
+    """Whether ``answer`` is ``member``'s own evaluation of the state ``digest`` names (or
+    of one it does not name: an in-process member need not hash what it was handed)."""
+    return (
+        isinstance(answer, MemberEvaluation)
+        and answer.node_id == getattr(member, "node_id", None)
+        and answer.state_sha256 in ("", digest)
+    )
 
 
 def _answer(asked: tuple[object, Future[MemberEvaluation | None]]) -> MemberEvaluation | None:
