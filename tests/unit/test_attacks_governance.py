@@ -289,12 +289,6 @@ def test_evaluated_quality_switched_off_in_one_round_by_deleting_its_probes_is_n
 # --- node trust: a state the members only probed -------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/operating/ledger.md, what it cannot check): an "
-    "EvaluationStatement does not say whether the state was a probe, a drop-one candidate "
-    "or a step; any state two members signed without a rise is a proof",
-)
 def test_a_node_refuses_a_base_the_members_only_probed(tmp_path: Path) -> None:
     """Round 1 of a consortium weighing by evaluated quality probed the candidate without
     the rogue and committed another state (the rogue at weight 1.7e-16). vn's and ch's
@@ -303,7 +297,9 @@ def test_a_node_refuses_a_base_the_members_only_probed(tmp_path: Path) -> None:
     and a node that trained from round 1's base trains from the probe, a base the ledger
     never shows committed (the issue: "a node trains only on a base the ledger shows
     committed"). The same holds for a drop-one candidate not chosen, and for a step the
-    rule refused over one member's objection."""
+    rule refused over one member's objection. A node with receipts asks the coordinator's
+    signed record of the round to show the commit: it shows another base, so the proof
+    does not count. (A node that keeps no receipts, without a CA, checks nothing.)"""
     from tapestry.consortium.v1 import consortium_pb2 as pb
     from tapestry.node.base_trust import BaseTrust
     from tapestry.node.guard import CycleRefused
@@ -327,11 +323,19 @@ def test_a_node_refuses_a_base_the_members_only_probed(tmp_path: Path) -> None:
         sign_evaluation(journal.signer(node_id), "acme", 1, proof.from_sha256, evaluation)
         proof.evaluations.append(evaluation)
 
+    from tapestry.node.receipts import Receipts
+
     check = SignatureCheck(journal.pki.ca_cert)
-    trust = BaseTrust("vn", "acme", tmp_path / "vn", check, 2, 0.01)
+    receipts = Receipts(tmp_path / "vn", check)
+    assert receipts.keep([journal.record(1)]) == [1]  # as the cycle's start carries it
+    trust = BaseTrust("vn", "acme", tmp_path / "vn", check, 2, 0.01, receipts.committed)
     trust.trained_from(result.previous_base_sha256)
-    with pytest.raises(CycleRefused):
+    with pytest.raises(CycleRefused, match="no receipt of the coordinator's shows '5eed5eed"):
         trust.check(probed, [proof])
+    # the proof itself holds: asked for no record, the node would take the probe
+    unasked = BaseTrust("ch", "acme", tmp_path / "ch", check, 2, 0.01)
+    unasked.trained_from(result.previous_base_sha256)
+    unasked.check(probed, [proof])
 
 
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), -1.0, 1e400, MAX_HELDOUT_LOSS + 1])

@@ -12,6 +12,12 @@ own key (:mod:`tapestry.pki.statements`). A node whose ``[trust]`` asks for it
   did not rise past ``tolerance`` on the exact step, from the exact base before it, in this
   consortium.
 
+With receipts kept (a node with a CA keeps them, :mod:`tapestry.node.receipts`), each such
+commit must also be one the coordinator's signed record of that round shows: a state the
+members judged without it being committed (a probe, a step the rule refused) is no base,
+unless the coordinator signs a record saying it committed it, which every member then holds
+and ``ledger verify`` checks.
+
 So whoever holds the coordinator's key can still replay a base the members accepted, but
 cannot make a node train on one they did not. A node that has trained from no base yet
 trusts the first it is sent (trust on first use, logged): it has nothing to chain from.
@@ -22,7 +28,7 @@ newest :data:`~tapestry.limits.MAX_TRUSTED_BASES`), so a restart keeps them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tapestry.atomic_files import read_json, write_json
@@ -48,8 +54,13 @@ class BaseTrust:
         check: SignatureCheck | None,
         min_acceptances: int,
         tolerance: float,
+        committed: Callable[[int], tuple[str, str] | None] | None = None,
     ) -> None:
+        """``committed``: what the coordinator's signed record of a round shows it
+        committed, ``(base before, base after)`` (the node's receipts); ``None`` asks no
+        record."""
         self._node_id = node_id
+        self._committed = committed
         self._consortium_id = consortium_id
         self._path = data_dir / TRUSTED_BASES
         self._check = check
@@ -91,7 +102,7 @@ class BaseTrust:
         for proof in proofs:
             if proof.from_sha256 not in reachable:
                 continue
-            problem = self._proof_problem(proof)
+            problem = self._unrecorded(proof) or self._proof_problem(proof)
             if problem is None:
                 reachable.add(proof.to_sha256)
             else:
@@ -103,6 +114,19 @@ class BaseTrust:
                 f"train from it before, and no commit accepted by at least {self._min} "
                 f"members' signed evaluations leads to it from a base it did{why}"
             )
+
+    def _unrecorded(self, proof: pb.BaseProof) -> str | None:
+        """Why no signed record of the coordinator's shows ``proof``'s commit (``None``:
+        one does, or no record is asked)."""
+        if self._committed is None:
+            return None
+        step = (proof.from_sha256, proof.to_sha256)
+        if self._committed(proof.round_num) == step:
+            return None
+        return (
+            f"no receipt of the coordinator's shows {quoted(proof.to_sha256[:12])} committed "
+            f"from {quoted(proof.from_sha256[:12])}"
+        )
 
     def _proof_problem(self, proof: pb.BaseProof) -> str | None:
         """Why ``proof`` does not show ``min_acceptances`` members accepting its step."""

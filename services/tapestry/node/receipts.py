@@ -52,6 +52,19 @@ class Receipts:
                 kept.append(record.result.round_num)
         return kept
 
+    def committed(self, round_num: int) -> tuple[str, str] | None:
+        """What the kept receipt of round ``round_num`` shows committed, as ``(base before,
+        base after)``; ``None`` without one (or one that no longer reads)."""
+        try:
+            text = self.path(round_num).read_text(encoding="utf-8")
+            result = message_from_json(text, pb.RoundRecord).result
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # a damaged receipt file: it shows nothing
+            log.error("cannot read the receipt of round %d: %s", round_num, error)
+            return None
+        return result.previous_base_sha256, result.shared_base_sha256
+
     def _problem(self, record: pb.RoundRecord) -> str:
         """Why ``record`` is no receipt of the coordinator's (``""`` when it is)."""
         assert self._check is not None

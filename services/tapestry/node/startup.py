@@ -132,6 +132,7 @@ def _servicer(
     store = ArtifactStore(data_dir, max_superseded=config.limits.max_superseded)
     tls = config.tls  # its key signs its evaluations; its CA checks the members' signatures
     restore_node_metrics(metrics, store.newest_manifest())
+    receipts = Receipts(data_dir, None if tls is None else SignatureCheck(tls.ca, tls.crl))
     servicer = SovereignNodeServicer(
         node,
         spec,
@@ -149,8 +150,9 @@ def _servicer(
             None if tls is None else SignatureCheck(tls.ca, tls.crl),
             config.trust.min_acceptances,
             config.trust.tolerance,
+            receipts.committed,
         ),
-        receipts=Receipts(data_dir, None if tls is None else SignatureCheck(tls.ca, tls.crl)),
+        receipts=receipts,
     )
     log.info(
         "node %s (%s) of consortium %s: %d sequences, %d tokens to train on, %d sequences "
