@@ -273,6 +273,21 @@ def test_a_changed_weight_resigned_with_the_coordinators_key_is_still_found(
     ]
 
 
+def test_a_members_claimed_quality_changed_after_it_signed_is_named(journal: Journal) -> None:
+    """A member's signature covers the quality score and token count its header claimed:
+    whoever holds the coordinator's key cannot change what a member said it was worth."""
+    records = [journal.record(n) for n in (1, 2, 3)]
+    contribution = records[0].result.contributions[0]
+    contribution.quality_score = 0.01
+    _resign(journal, records)
+    member = repr(contribution.node_id)
+    assert [p for p in journal.problems() if "contribution" in p] == [
+        f"round 1: {member}'s contribution: the signature by "
+        f"spiffe://acme/node/{contribution.node_id} does not match the signed bytes (changed "
+        "since signed)"
+    ]
+
+
 def test_a_removed_round_is_named(journal: Journal) -> None:
     journal.path(2).unlink()
     problems = journal.problems()

@@ -57,14 +57,17 @@ def contribution_statement(
     contribution: pb.SovereignContribution,
     delta_sha256: str,
 ) -> bytes:
-    """The bytes a node signs for ``contribution`` (its header's; the delta of digest
-    ``delta_sha256``) of round ``round_num``, trained from the base of ``base_sha256``."""
+    """The bytes a node signs for ``contribution`` (its header's: the held-out numbers,
+    quality score and token count it claims; the delta of digest ``delta_sha256``) of round
+    ``round_num``, trained from the base of ``base_sha256``."""
     statement = pb.ContributionStatement(
         consortium_id=consortium_id,
         round_num=round_num,
         node_id=contribution.node_id,
         base_sha256=base_sha256,
         delta_sha256=delta_sha256,
+        quality_score=contribution.quality_score,
+        token_count=contribution.token_count,
     )
     if contribution.HasField("evaluation"):
         statement.evaluation.CopyFrom(contribution.evaluation)
