@@ -206,7 +206,7 @@ def test_a_revoked_members_signature_does_not_count(
     assert "is revoked" in str(refused.value)
 
 
-def test_a_delta_signed_with_another_members_key_is_refused(tmp_path: Path, certs: Layout) -> None:
+def test_a_result_signed_with_another_members_key_is_refused(tmp_path: Path, certs: Layout) -> None:
     members = Consortium(tmp_path, certs)
     members.servicers["n0"]._signer = _signer(certs, "node", "n1")  # n0 signs as n1
     with served_nodes(
@@ -215,8 +215,24 @@ def test_a_delta_signed_with_another_members_key_is_refused(tmp_path: Path, cert
         result = members.run(served)
 
     assert list(result.failed_nodes) == ["n0"]
+    # its result header is refused before any of its delta is asked for
     assert (
-        "the delta's signature does not hold: signed by spiffe://tapestry-validated/node/n1, "
-        "not by node 'n0'"
+        "the result header's signature does not hold: signed by "
+        "spiffe://tapestry-validated/node/n1, not by node 'n0'"
     ) in result.failed_nodes["n0"]
     assert result.accepted_nodes == ["n1", "n2"]
+
+
+def test_a_result_header_its_node_did_not_sign_is_refused(tmp_path: Path, certs: Layout) -> None:
+    """What a member claims (its held-out numbers, quality, tokens) is its signed word: a
+    header without its signature fails the member, before its delta is asked for."""
+    members = Consortium(tmp_path, certs)
+    members.servicers["n2"]._sign_header = lambda contribution: None  # type: ignore[method-assign]
+    with served_nodes(
+        tmp_path, members.servicers, spec=SPEC, consortium_id=CONSORTIUM, chunk_bytes=CHUNK_BYTES
+    ) as served:
+        result = members.run(served)
+
+    assert list(result.failed_nodes) == ["n2"]
+    assert "the result header is not signed (ContributionStatement)" in result.failed_nodes["n2"]
+    assert result.accepted_nodes == ["n0", "n1"]

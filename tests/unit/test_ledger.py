@@ -108,7 +108,9 @@ class Journal:
 
     def _commit(self, result: ConsortiumRoundResult) -> None:
         signed = self._evaluations_signed(result)
-        self.store.commit_round(signed, "", OPERATOR, self._signatures(result))
+        self.store.commit_round(
+            signed, "", OPERATOR, self._signatures(result), self._signatures(result, header=True)
+        )
 
     def _evaluations_signed(self, result: ConsortiumRoundResult) -> ConsortiumRoundResult:
         """``result`` with each signing member's evaluations signed, over the
@@ -139,17 +141,22 @@ class Journal:
             ),
         )
 
-    def _signatures(self, result: ConsortiumRoundResult) -> dict[str, pb.Signature]:
-        """Each signing member's signature over its contribution to ``result``."""
+    def _signatures(
+        self, result: ConsortiumRoundResult, *, header: bool = False
+    ) -> dict[str, pb.Signature]:
+        """Each signing member's signature over its contribution to ``result``: over its
+        delta (``unsigned`` members never sign one, as for a delta never fetched), or with
+        ``header`` over its result header (every signing member signs that)."""
         signed = {}
         for contribution in round_result_to_proto(result).contributions:
             member = self.members.get(contribution.node_id)
-            if member is not None and contribution.node_id not in self.unsigned:
-                statement = contribution_statement(
-                    "acme", result.round_num, result.previous_base_sha256, contribution,
-                    contribution.weight_delta_sha256,
-                )  # fmt: skip
-                signed[contribution.node_id] = signature_to_proto(member.sign(statement))
+            if member is None or (contribution.node_id in self.unsigned and not header):
+                continue
+            digest = "" if header else contribution.weight_delta_sha256
+            statement = contribution_statement(
+                "acme", result.round_num, result.previous_base_sha256, contribution, digest
+            )
+            signed[contribution.node_id] = signature_to_proto(member.sign(statement))
         return signed
 
     def path(self, round_num: int) -> Path:
@@ -281,10 +288,13 @@ def test_a_members_claimed_quality_changed_after_it_signed_is_named(journal: Jou
     contribution.quality_score = 0.01
     _resign(journal, records)
     member = repr(contribution.node_id)
+    changed = (
+        f"the signature by spiffe://acme/node/{contribution.node_id} does not match the signed "
+        "bytes (changed since signed)"
+    )
     assert [p for p in journal.problems() if "contribution" in p] == [
-        f"round 1: {member}'s contribution: the signature by "
-        f"spiffe://acme/node/{contribution.node_id} does not match the signed bytes (changed "
-        "since signed)"
+        f"round 1: {member}'s contribution: {changed}",
+        f"round 1: {member}'s contribution header: {changed}",
     ]
 
 
@@ -336,9 +346,17 @@ def test_unsigned_records_fail_unless_allowed(tmp_path: Path) -> None:
         for line in [
             f"round {n}: {why} lets it pass",
             *(
-                f"round {n}: node {node!r}'s accepted contribution {unsigned}"
-                for node in journal.record(n).result.accepted_nodes
-            ),
+                line
+                for c in journal.record(n).result.contributions
+                for line in [
+                    *(
+                        [f"round {n}: node {c.node_id!r}'s accepted contribution {unsigned}"]
+                        if c.node_id in journal.record(n).result.accepted_nodes
+                        else []
+                    ),
+                    f"round {n}: node {c.node_id!r}'s contribution header {unsigned}",
+                ]
+            ),  # fmt: skip
             *(
                 f"round {n}: step {attempt.scale:g}, {e.node_id!r}'s evaluation {unsigned}"
                 for attempt in journal.record(n).result.validation.attempts
@@ -459,8 +477,10 @@ def test_a_revoked_members_signature_on_its_evaluation_is_named(journal: Journal
     contributions = [p for p in problems if "'s contribution: " in p]
     assert [p.split(":")[0] for p in contributions] == [f"round {n}" for n in (1, 2, 3)]
     assert all(f"{node!r}'s contribution" in p for p in contributions)
+    headers = [p for p in problems if "'s contribution header: " in p]
+    assert [p.split(":")[0] for p in headers] == [f"round {n}" for n in (1, 2, 3)]
     assert all("is revoked" in p for p in problems)
-    assert len(problems) == len(evaluations) + len(contributions)
+    assert len(problems) == len(evaluations) + len(contributions) + len(headers)
 
 
 def _strip_evaluation_signature(
@@ -544,6 +564,15 @@ def test_a_declined_contribution_never_fetched_needs_no_signature(tmp_path: Path
         assert all(c.HasField("signature") for c in result.contributions if c.node_id != "ch")
     assert journal.problems() == []
     assert _verify(journal).exit_code == 0
+    # what it claimed in its header is still its signed word: changed, it is named
+    records = journal.store.records()
+    [declined] = [c for c in records[0].result.contributions if c.node_id == "ch"]
+    assert declined.HasField("header_signature")
+    declined.quality_score = 0.1
+    _resign(journal, records)
+    assert [p.split(": the signature")[0] for p in journal.problems()] == [
+        "round 1: 'ch''s contribution header"
+    ]
 
     accepted = Journal(tmp_path / "accepted", unsigned=["ch"])
     accepted.run(1)

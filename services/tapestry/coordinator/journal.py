@@ -152,12 +152,14 @@ class CoordinatorStore:
         request_id: str = "",
         operator: str = "",
         signatures: Mapping[str, pb.Signature] | None = None,
+        header_signatures: Mapping[str, pb.Signature] | None = None,
     ) -> pb.RoundRecord:
         """Make a finished round durable and return its journal record: the commit step
         the coordinator's core calls before it moves to the new base. ``request_id`` (the
         trigger's idempotency key) is kept with it, so it outlives a restart; ``operator``
         is who triggered it (a ``spiffe://`` URI; empty: unknown); ``signatures``, each
-        member's over its contribution, as its delta's trailer carried it. The record is
+        member's over its contribution, as its delta's trailer carried it, and
+        ``header_signatures``, as its result header carried it. The record is
         chained to the round before and signed (with a signer) before anything is written."""
         record = pb.RoundRecord(
             result=round_result_to_proto(result),
@@ -169,6 +171,9 @@ class CoordinatorStore:
             signature = (signatures or {}).get(contribution.node_id)
             if signature is not None:
                 contribution.signature.CopyFrom(signature)
+            signature = (header_signatures or {}).get(contribution.node_id)
+            if signature is not None:
+                contribution.header_signature.CopyFrom(signature)
         hoist_certificates(record.result)  # each member's certificate once, not per signature
         record = self._sealed(record)
         if result.strategy_state is not None:  # before the entry that names its digest

@@ -268,32 +268,37 @@ def _contribution_signatures(
 ) -> Iterator[str]:
     """How the members' signatures on the round's contributions fail to hold. With
     ``required`` (unless unsigned records are let pass: a plaintext consortium signs
-    nothing, a journal written before members signed their deltas), every contribution the
-    round accepted (weighed into its base) must carry its member's. A contribution the
-    policy declined before its delta was fetched carries none: it is checked only where it
-    does."""
+    nothing, a journal written before members signed), every contribution must carry its
+    member's signature over its result header (what it claimed), and every one the round
+    accepted (weighed into its base) its signature over its delta too. A contribution the
+    policy declined before its delta was fetched carries no delta signature."""
     accepted = {*result.accepted_nodes, *result.contribution_weights}
     for contribution in result.contributions:
         member = quoted(contribution.node_id, MAX_PEER_NAME_CHARS)
-        if not contribution.HasField("signature"):
-            if required and contribution.node_id in accepted:
-                yield (
-                    f"node {member}'s accepted contribution carries no signature; "
-                    "--allow-unsigned lets it pass"
-                )
-            continue
-        statement = contribution_statement(
-            consortium,
-            result.round_num,
-            result.previous_base_sha256,
-            contribution,
-            contribution.weight_delta_sha256,
+        delta = contribution.signature if contribution.HasField("signature") else None
+        header = (
+            contribution.header_signature if contribution.HasField("header_signature") else None
         )
-        problem = _signed(
-            contribution.signature, statement, contribution.node_id, trust, moment, result
-        )
-        if problem:
-            yield f"{member}'s contribution{problem}"
+        parts = (
+            (delta, "contribution", "accepted contribution", contribution.weight_delta_sha256,
+             contribution.node_id in accepted),
+            (header, "contribution header", "contribution header", "", True),
+        )  # fmt: skip
+        for signature, what, unsigned, delta_sha256, needed in parts:
+            if signature is None:
+                if required and needed:
+                    yield (
+                        f"node {member}'s {unsigned} carries no signature; --allow-unsigned "
+                        "lets it pass"
+                    )
+                continue
+            statement = contribution_statement(
+                consortium, result.round_num, result.previous_base_sha256, contribution,
+                delta_sha256,
+            )  # fmt: skip
+            problem = _signed(signature, statement, contribution.node_id, trust, moment, result)
+            if problem:
+                yield f"{member}'s {what}{problem}"
 
 
 def _evaluation_signatures(

@@ -193,6 +193,7 @@ class RemoteSovereignNode:
         # Round -> the node's signature over its newest contribution, checked (for the
         # record); a dialed member's proxy outlives rounds, so it holds one at most.
         self.contribution_signatures: dict[int, pb.Signature] = {}
+        self.header_signatures: dict[int, pb.Signature] = {}
         self._candidate_sent: tuple[int, str] | None = None  # (round, digest) it holds
         self._evaluation_failed = 0  # the round whose validation it failed a step of
 
@@ -405,6 +406,7 @@ class RemoteSovereignNode:
         responses = self._link.cycle(requests(), self.timeout_s)
         try:
             header = _result_after_progress(responses, _settling(meters, on_progress))
+            self._check_header(header, base_state)
             for meter in meters:
                 meter.finish()  # a node that reported nothing before its result
             specs = {name: (t.dtype, tuple(t.shape)) for name, t in base_state.items()}
@@ -418,6 +420,28 @@ class RemoteSovereignNode:
             responses.cancel()
             _offer(decisions, False)  # frees the sending thread, if it waits for one
             raise
+
+    def _check_header(self, header: pb.SovereignCycleResult, base_state: ModelState) -> None:
+        """With ``signatures``, refuse a result header its node did not sign over its
+        ContributionStatement (no delta digest yet); keep the signature for the round's
+        record (:attr:`header_signatures`)."""
+        contribution = header.contribution
+        signature = contribution.header_signature
+        if self.signatures is not None:
+            if not contribution.HasField("header_signature"):
+                raise WireError("the result header is not signed (ContributionStatement)")
+            payload = contribution_statement(
+                self.consortium_id,
+                contribution.round_num,
+                known_digest(base_state),
+                contribution,
+                "",
+            )
+            problem = self.signatures.signed_by(signature, payload, self.node_id)
+            if problem is not None:
+                raise WireError(f"the result header's signature does not hold: {problem}")
+        if contribution.HasField("header_signature"):  # the newest only, as for the delta's
+            self.header_signatures = {contribution.round_num: signature}
 
     def _receive_delta(
         self,

@@ -140,8 +140,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     nodes,
                     events=events.put,
                     commit=lambda result: self._commit(
-                        result, request_id, operator, _signatures(nodes, result.round_num)
-                    ),
+                        result,
+                        request_id,
+                        operator,
+                        _signatures(nodes, result.round_num),
+                        _signatures(nodes, result.round_num, "header_signatures"),
+                    ),  # fmt: skip
                 ).round_num
             except BaseException as error:
                 log.exception("round failed")
@@ -198,12 +202,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         request_id: str,
         operator: str,
         signatures: Mapping[str, pb.Signature] | None = None,
+        header_signatures: Mapping[str, pb.Signature] | None = None,
     ) -> None:
         """The core's commit step: the round is durable once its journal entry lands (with
         the ``operator`` who triggered it and the members' ``signatures`` over their
-        contributions). Runs before the core changes anything, so if it raises there is
-        nothing to undo."""
-        record = self._store.commit_round(result, request_id, operator, signatures)
+        contributions, and ``header_signatures`` over their result headers). Runs before the
+        core changes anything, so if it raises there is nothing to undo."""
+        record = self._store.commit_round(
+            result, request_id, operator, signatures, header_signatures
+        )
         # The base first: whoever has seen round N listed then gets round N's base.
         self._committed = (result.round_num, result.shared_base_sha256)
         self._ledger.record(record)
@@ -373,11 +380,14 @@ def _operator(context: grpc.ServicerContext) -> str:
     return peer.uri if peer is not None else ""
 
 
-def _signatures(nodes: Sequence[object], round_num: int) -> dict[str, pb.Signature]:
-    """Each remote member's checked signature over its contribution of ``round_num``."""
+def _signatures(
+    nodes: Sequence[object], round_num: int, kept: str = "contribution_signatures"
+) -> dict[str, pb.Signature]:
+    """Each remote member's checked signature over its contribution of ``round_num``: its
+    delta's, or (``kept="header_signatures"``) its result header's."""
     found = {}
     for node in nodes:
-        signed = getattr(node, "contribution_signatures", {}).pop(round_num, None)
+        signed = getattr(node, kept, {}).pop(round_num, None)
         if signed is not None:
             found[getattr(node, "node_id", "")] = signed
     return found

@@ -210,6 +210,21 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             requests.close()
             self._busy.release()
 
+    def _sign_header(self, contribution: pb.SovereignContribution) -> None:
+        """Sign what the result header claims (its ContributionStatement, with no delta
+        digest yet) when this node has a key: the claims the policy weighs are the node's
+        signed word, whether or not its delta is then wanted."""
+        held = self._held
+        if self._signer is None or held is None:
+            return
+        payload = contribution_statement(
+            self._consortium_id, contribution.round_num, held.sha256, contribution, ""
+        )
+        signed = self._signer.sign(payload)
+        contribution.header_signature.CopyFrom(
+            pb.Signature(certificate=signed.certificate, signature=signed.signature)
+        )
+
     def _signed(self, trailer: pb.StateTrailer, header: pb.SovereignCycleResult) -> pb.StateTrailer:
         """The delta's trailer, signed over its ContributionStatement when this node has a
         key (:mod:`tapestry.pki.statements`): the base it trained from is the one it holds."""
@@ -328,6 +343,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         # The delta's digest goes in its trailer, hashed as it streams: announcing
         # it in the header would cost a whole extra pass over the delta.
         header = codec.cycle_result_to_proto(result, "")
+        self._sign_header(header.contribution)
         return round_num, result, header, encoding
 
     def _train(

@@ -140,7 +140,9 @@ def _signed_parts(result: pb.ConsortiumRoundResult) -> Iterator[tuple[pb.Signatu
     for contribution in result.contributions:
         if contribution.HasField("signature"):
             yield contribution.signature, contribution.node_id
-    for attempt in result.validation.attempts:
+        if contribution.HasField("header_signature"):
+            yield contribution.header_signature, contribution.node_id
+    for attempt in [*result.validation.attempts, *result.validation.probes]:
         for evaluation in attempt.evaluations:
             if evaluation.HasField("signature"):
                 yield evaluation.signature, evaluation.node_id
