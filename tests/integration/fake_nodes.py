@@ -17,6 +17,7 @@ from tapestry.consortium.v1 import consortium_pb2_grpc as pb_grpc
 from tapestry.limits import MAX_PROGRESS_MESSAGES
 from tapestry.training.consortium import ModelSpec, SovereignTrainingNode, state_digest
 from tapestry.training.consortium.models.state import model_state
+from tapestry.training.consortium.round.validation import step as step_toward
 from tapestry.training.consortium.tensors import state_layout
 from tapestry.wire.codec import model_spec_to_proto, state_layout_to_proto
 from tapestry.wire.delta_encoding import DeltaEncoding
@@ -42,6 +43,8 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         self.jurisdiction = jurisdiction
         self.model = model or ModelSpec()
         self.cycles = 0  # how many bases this node has been sent
+        self.base: dict[str, torch.Tensor] = {}  # the newest base, which it judges steps from
+        self.candidate: dict[str, torch.Tensor] = {}
 
     def Describe(self, request, context):  # noqa: N802
         return pb.DescribeResponse(
@@ -62,6 +65,7 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
         self.cycles += 1
         start = first.start
         base = receive_state(request_iterator, "base_chunk", "base_end", StateAssembler())
+        self.base = dict(base)
         self.before_reply()
         yield from self.progress()
         delta = self.delta(start.round_num, base)
@@ -104,11 +108,20 @@ class FakeNode(pb_grpc.SovereignNodeServiceServicer):
 
     def evaluation(self, start: pb.EvaluationStart, requests) -> pb.RunSovereignCycleResponse:
         """Member-validated commit: every step toward the candidate lowers its held-out
-        loss a little (the candidate, when it is sent, is read and dropped)."""
+        loss a little; it names the step it judged, computed as a node computes it."""
         if not start.candidate_held:
-            receive_state(requests, "candidate_chunk", "candidate_end", StateAssembler())
+            assembler = StateAssembler()
+            self.candidate = dict(
+                receive_state(requests, "candidate_chunk", "candidate_end", assembler)
+            )
+        judged = step_toward(self.base, self.candidate, start.scale) if self.base else {}
         return pb.RunSovereignCycleResponse(
-            evaluation=pb.MemberEvaluation(node_id=self.node_id, base_loss=3.0, candidate_loss=2.99)
+            evaluation=pb.MemberEvaluation(
+                node_id=self.node_id,
+                base_loss=3.0,
+                candidate_loss=2.99,
+                state_sha256=state_digest(judged) if judged else "",
+            )
         )
 
     def delta(self, round_num: int, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
