@@ -152,10 +152,10 @@ class Journal:
             member = self.members.get(contribution.node_id)
             if member is None or (contribution.node_id in self.unsigned and not header):
                 continue
-            digest = "" if header else contribution.weight_delta_sha256
             statement = contribution_statement(
-                "acme", result.round_num, result.previous_base_sha256, contribution, digest
-            )
+                "acme", result.round_num, result.previous_base_sha256, contribution,
+                contribution.weight_delta_sha256,
+            )  # fmt: skip
             signed[contribution.node_id] = signature_to_proto(member.sign(statement))
         return signed
 

@@ -603,3 +603,21 @@ def test_tensors_out_of_sorted_order_are_refused() -> None:
         WireError, match="tensor 'a' arrived after 'b': tensors must be sent in sorted key order"
     ):
         assembler.add(chunks[0])
+
+
+@pytest.mark.parametrize("encoding", ["float32", "bfloat16", "float16", "int8_block"])
+def test_the_digest_announced_before_a_stream_is_the_one_its_trailer_carries(encoding) -> None:
+    """A node hashes its delta before its header (``stream_digest``), then streams it with
+    the digest given: the trailer must carry what a receiver hashes of the bytes."""
+    from tapestry.wire.delta_encoding import DeltaEncoding
+    from tapestry.wire.tensor_stream import send_state, stream_digest
+
+    state = {
+        "w": torch.linspace(-3, 3, 5000).reshape(50, 100),
+        "b": torch.arange(7, dtype=torch.int64),
+    }
+    chosen = DeltaEncoding(encoding)
+    streamed = list(send_state(state, lambda c: c, lambda t: t, chunk_bytes=4096, encoding=chosen))
+    assert stream_digest(state, chosen) == streamed[-1].sha256
+    if chosen is DeltaEncoding.FLOAT32:
+        assert stream_digest(state, chosen) == state_digest(state)

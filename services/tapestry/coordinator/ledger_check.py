@@ -282,7 +282,8 @@ def _contribution_signatures(
         parts = (
             (delta, "contribution", "accepted contribution", contribution.weight_delta_sha256,
              contribution.node_id in accepted),
-            (header, "contribution header", "contribution header", "", True),
+            (header, "contribution header", "contribution header",
+             contribution.weight_delta_sha256, True),
         )  # fmt: skip
         for signature, what, unsigned, delta_sha256, needed in parts:
             if signature is None:

@@ -423,19 +423,22 @@ class RemoteSovereignNode:
 
     def _check_header(self, header: pb.SovereignCycleResult, base_state: ModelState) -> None:
         """With ``signatures``, refuse a result header its node did not sign over its
-        ContributionStatement (no delta digest yet); keep the signature for the round's
-        record (:attr:`header_signatures`)."""
+        ContributionStatement (with the digest it announces for its delta, which the delta
+        must then match); keep the signature for the round's record
+        (:attr:`header_signatures`)."""
         contribution = header.contribution
         signature = contribution.header_signature
         if self.signatures is not None:
             if not contribution.HasField("header_signature"):
                 raise WireError("the result header is not signed (ContributionStatement)")
+            if not contribution.weight_delta_sha256:
+                raise WireError("the signed result header announces no delta digest")
             payload = contribution_statement(
                 self.consortium_id,
                 contribution.round_num,
                 known_digest(base_state),
                 contribution,
-                "",
+                contribution.weight_delta_sha256,
             )
             problem = self.signatures.signed_by(signature, payload, self.node_id)
             if problem is not None:

@@ -45,7 +45,7 @@ from tapestry.wire.deadlines import ReceiveDeadline, SendDeadline
 from tapestry.wire.delta_encoding import DeltaEncoding
 from tapestry.wire.spill import SpilledState
 from tapestry.wire.status import abort
-from tapestry.wire.tensor_stream import send_state, spec_of
+from tapestry.wire.tensor_stream import send_state, spec_of, stream_digest
 
 log = logging.getLogger(__name__)
 HELD_BASE = "held-base-{}.spill"  # in the scratch directory, numbered by arrival
@@ -193,6 +193,7 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
                 delta,
                 lambda c: pb.RunSovereignCycleResponse(delta_chunk=c),
                 lambda t: pb.RunSovereignCycleResponse(delta_end=self._signed(t, header)),
+                sha256=header.contribution.weight_delta_sha256,
                 chunk_bytes=self._chunk_bytes,
                 on_bytes=self._metrics.delta_sent(),
                 encoding=encoding,
@@ -211,14 +212,18 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
             self._busy.release()
 
     def _sign_header(self, contribution: pb.SovereignContribution) -> None:
-        """Sign what the result header claims (its ContributionStatement, with no delta
-        digest yet) when this node has a key: the claims the policy weighs are the node's
-        signed word, whether or not its delta is then wanted."""
+        """Sign what the result header claims (its ContributionStatement: the delta's
+        digest it announces, its held-out numbers, quality and tokens) when this node has a
+        key: the node's signed word, whether or not its delta is then wanted."""
         held = self._held
         if self._signer is None or held is None:
             return
         payload = contribution_statement(
-            self._consortium_id, contribution.round_num, held.sha256, contribution, ""
+            self._consortium_id,
+            contribution.round_num,
+            held.sha256,
+            contribution,
+            contribution.weight_delta_sha256,
         )
         signed = self._signer.sign(payload)
         contribution.header_signature.CopyFrom(
@@ -340,9 +345,10 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
         log.info("round %d: artifact saved in %.6f s", round_num, persisting.seconds)
         self._store.record_evaluation(round_num, result.contribution.evaluation)
         self._metrics.trained(round_num, result.contribution)
-        # The delta's digest goes in its trailer, hashed as it streams: announcing
-        # it in the header would cost a whole extra pass over the delta.
-        header = codec.cycle_result_to_proto(result, "")
+        # The delta's digest is announced, and signed, in the header: hashed here, so the
+        # stream that may follow hashes nothing again (raw deltas: no extra pass).
+        digest = stream_digest(result.contribution.weight_delta, encoding)
+        header = codec.cycle_result_to_proto(result, digest)
         self._sign_header(header.contribution)
         return round_num, result, header, encoding
 

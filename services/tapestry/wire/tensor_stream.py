@@ -128,16 +128,8 @@ def send_state(
     for header, piece in _pieces(state, chunk_bytes, encoding):
         if header.offset == 0:
             count, total = count + 1, total + header.total_bytes
-            if hasher is not None:
-                hasher.tensor(
-                    header.name,
-                    header.dtype,
-                    header.shape,
-                    header.total_bytes,
-                    _encoding_label(encoding_from_proto(header.encoding)),
-                )
         if hasher is not None:
-            hasher.data(piece)
+            _hash(hasher, header, piece)
         if on_bytes is not None:
             on_bytes(len(piece))
         message = chunk(header)
@@ -145,6 +137,32 @@ def send_state(
         yield message
     digest = sha256 or (hasher.hexdigest() if hasher is not None else "")
     yield end(pb.StateTrailer(tensor_count=count, total_bytes=total, sha256=digest))
+
+
+def stream_digest(
+    state: Mapping[str, torch.Tensor], encoding: DeltaEncoding = DeltaEncoding.FLOAT32
+) -> str:
+    """The digest :func:`send_state` puts in ``state``'s trailer with ``encoding``, without
+    sending it: a raw state's is its :func:`state_digest`; an encoded one is encoded once to
+    hash it (so a node can announce, and sign, its delta's digest in its result header, and
+    stream it after with ``sha256`` given, hashing nothing twice)."""
+    hasher = StateHasher()
+    for header, piece in _pieces(state, DEFAULT_CHUNK_BYTES, encoding):
+        _hash(hasher, header, piece)
+    return hasher.hexdigest()
+
+
+def _hash(hasher: StateHasher, header: pb.TensorChunk, piece: memoryview) -> None:
+    """Feed one chunk of a stream to ``hasher``: its tensor's header with its first piece."""
+    if header.offset == 0:
+        hasher.tensor(
+            header.name,
+            header.dtype,
+            header.shape,
+            header.total_bytes,
+            _encoding_label(encoding_from_proto(header.encoding)),
+        )
+    hasher.data(piece)
 
 
 def _encoding_label(encoding: DeltaEncoding) -> str:
