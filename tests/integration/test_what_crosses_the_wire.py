@@ -86,8 +86,9 @@ def test_a_node_sends_its_delta_and_never_its_state_or_corpus(consortium_factory
             assert fragment not in bytes(recording.upstream)
     header = replies[0].result
     assert header.artifact.model_state_sha256  # the state is described, not sent
-    # The delta is hashed as it streams: its digest is in the trailer, not the header.
-    assert header.contribution.weight_delta_sha256 == ""
+    # The delta's digest is announced in the header (hashed before it, so the node signs
+    # it there), and the trailer carries the same.
+    assert header.contribution.weight_delta_sha256 == state_digest(delta)
     assert replies[-1].delta_end.sha256 == state_digest(delta)
     recorded = {c.node_id: c for c in result.contributions}["vietnam"]
     assert recorded.weight_delta_sha256 == replies[-1].delta_end.sha256
