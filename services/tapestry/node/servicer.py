@@ -232,21 +232,11 @@ class SovereignNodeServicer(pb_grpc.SovereignNodeServiceServicer):
 
     def _signed(self, trailer: pb.StateTrailer, header: pb.SovereignCycleResult) -> pb.StateTrailer:
         """The delta's trailer, signed over its ContributionStatement when this node has a
-        key (:mod:`tapestry.pki.statements`): the base it trained from is the one it holds."""
-        held = self._held
-        if self._signer is not None and held is not None:
-            contribution = header.contribution
-            payload = contribution_statement(
-                self._consortium_id,
-                contribution.round_num,
-                held.sha256,
-                contribution,
-                trailer.sha256,
-            )
-            signed = self._signer.sign(payload)
-            trailer.signature.CopyFrom(
-                pb.Signature(certificate=signed.certificate, signature=signed.signature)
-            )
+        key (:mod:`tapestry.pki.statements`): the header's signature, over the very same
+        statement (the trailer carries the digest the header announced)."""
+        contribution = header.contribution
+        if contribution.HasField("header_signature"):
+            trailer.signature.CopyFrom(contribution.header_signature)
         return trailer
 
     def _evaluated(
